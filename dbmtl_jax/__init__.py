@@ -1,0 +1,32 @@
+"""dbmtl_jax: dual-balancing multi-task learning (DB-MTL) and friends for JAX/Optax.
+
+Reference: Lin et al., "Dual-Balancing for Multi-Task Learning".
+"""
+
+from dbmtl_jax._version import __version__
+from dbmtl_jax.dbmtl import ALPHA_MODES, DBMTLState, dbmtl
+from dbmtl_jax.task_axis import check_task_axis, flatten_tasks, resolve_shared, sum_tasks, task_norms
+from dbmtl_jax.task_gradients import (
+    STRATEGIES,
+    heads_to_task_axis,
+    transform_losses,
+    trunk_heads_task_grads,
+    value_and_task_grads,
+)
+
+__all__ = [
+    "__version__",
+    "ALPHA_MODES",
+    "DBMTLState",
+    "dbmtl",
+    "check_task_axis",
+    "flatten_tasks",
+    "resolve_shared",
+    "sum_tasks",
+    "task_norms",
+    "STRATEGIES",
+    "heads_to_task_axis",
+    "transform_losses",
+    "trunk_heads_task_grads",
+    "value_and_task_grads",
+]

@@ -1,0 +1,206 @@
+"""DB-MTL: dual-balancing multi-task learning as an Optax transform.
+
+Reference: B. Lin, W. Jiang, F. Ye, Y. Zhang, P. Chen, Y.-C. Chen, S. Liu,
+J. T. Kwok, "Dual-Balancing for Multi-Task Learning", Algorithm 1.
+
+Given per-task gradients ``g_t = ∇_θ log(ℓ_t + ε)`` of the shared parameters
+θ (the *loss-scale* balancing), DB-MTL keeps an exponential moving average of
+each task's gradient and rescales every task to the largest EMA norm (the
+*gradient-magnitude* balancing)::
+
+    β_k   = β / k^σ                       (k = 1, 2, …; σ = 0: constant β)
+    ĝ_t  ← β_k ĝ_t + (1 − β_k) g_t        (ĝ_t starts at 0, no bias correction)
+    α     = max_t ‖ĝ_t‖                   (global L2 norm over all shared leaves)
+    ũ     = α Σ_t ĝ_t / (‖ĝ_t‖ + ε)
+
+Task-specific (head) parameters ψ get the plain ``Σ_t ∇_ψ log(ℓ_t + ε)``.
+The output is meant to be chained into an optimizer, as in the paper::
+
+    tx = optax.chain(dbmtl(num_tasks=3), optax.adam(1e-4))
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional, Union
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+
+from dbmtl_jax import task_axis as ta
+
+PyTree = Any
+ScalarOrSchedule = Union[float, jax.Array, Callable[[jax.Array], jax.Array]]
+
+ALPHA_MODES = ("max", "min", "mean", "median")
+
+__all__ = ["DBMTLState", "dbmtl", "ALPHA_MODES", "aggregate_alpha"]
+
+
+class DBMTLState(NamedTuple):
+    """State of :func:`dbmtl`.
+
+    Attributes:
+      count: number of updates applied so far (int32 scalar); the next update
+        uses ``k = count + 1``.
+      ema: per-task EMA ``ĝ_t`` of the shared leaves, each of shape
+        ``[T, *param_shape]``; head leaves hold ``optax.MaskedNode()``.
+      norms: ``‖ĝ_t‖`` after the last update, shape ``[T]`` (for logging).
+    """
+
+    count: chex.Array
+    ema: PyTree
+    norms: chex.Array
+
+
+def aggregate_alpha(norms: jax.Array, alpha: Union[str, float, jax.Array]) -> jax.Array:
+    """The update magnitude α from the EMA norms ``[T]`` (paper Fig. 6 ablation)."""
+    if isinstance(alpha, str):
+        if alpha == "max":
+            return jnp.max(norms)
+        if alpha == "min":
+            return jnp.min(norms)
+        if alpha == "mean":
+            return jnp.mean(norms)
+        if alpha == "median":
+            return jnp.median(norms)
+        raise ValueError(f"unknown alpha {alpha!r}; expected one of {ALPHA_MODES} or a float constant.")
+    return jnp.asarray(alpha, norms.dtype)
+
+
+def _stacked_zeros(leaf: Any, num_tasks: int, dtype: Any) -> Any:
+    """Zeros of shape ``[T, *leaf.shape]`` that keep ``leaf``'s sharding with the task axis unsharded."""
+    if ta.is_variable(leaf):
+        value = leaf.get_value()
+        updates = {}
+        for key, spec in leaf.get_metadata().items():
+            if key in ("out_sharding", "sharding", "sharding_names", "optimizer_sharding") and spec is not None:
+                updates[key] = (None,) + tuple(spec)
+        return leaf.replace(_stacked_zeros(value, num_tasks, dtype), **updates)
+    value = jnp.asarray(leaf)
+    dtype = jnp.promote_types(value.dtype, jnp.float32) if dtype is None else dtype
+    shape = (num_tasks,) + tuple(value.shape)
+    sharding = getattr(value, "sharding", None) if not isinstance(value, jax.core.Tracer) else None
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        spec = tuple(sharding.spec) + (None,) * (value.ndim - len(sharding.spec))
+        target = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(None, *spec))
+        return jax.device_put(jnp.zeros(shape, dtype), target)
+    return jnp.zeros(shape, dtype)
+
+
+def _check_alpha(alpha: Any) -> None:
+    if isinstance(alpha, str):
+        if alpha not in ALPHA_MODES:
+            raise ValueError(f"unknown alpha {alpha!r}; expected one of {ALPHA_MODES} or a float constant.")
+    elif not (isinstance(alpha, (int, float)) or hasattr(alpha, "dtype")):
+        raise TypeError(f"alpha must be one of {ALPHA_MODES} or a float constant, got {type(alpha).__name__}.")
+
+
+def dbmtl(
+    num_tasks: int,
+    *,
+    beta: ScalarOrSchedule = 0.9,
+    beta_sigma: Union[float, jax.Array] = 0.0,
+    alpha: Union[str, float, jax.Array] = "max",
+    eps: Union[float, jax.Array] = 1e-8,
+    shared: ta.SharedSpec = None,
+    ema_dtype: Optional[Any] = None,
+) -> optax.GradientTransformationExtraArgs:
+    """DB-MTL gradient-magnitude balancing (Lin et al., Algorithm 1, steps 7–9).
+
+    Args:
+      num_tasks: ``T``, the size of the leading task axis of every update leaf.
+        It sizes the EMA state, so it is static (with ``optax.inject_hyperparams``
+        pass ``static_args=("num_tasks",)``).
+      beta: EMA forgetting rate β, a float or an optax schedule of the step count.
+        β weights the old value: ``ĝ ← β_k ĝ + (1 − β_k) g``.  Paper default 0.9.
+      beta_sigma: σ in ``β_k = β / k^σ`` with ``k = 1, 2, …``; 0 keeps β constant.
+        The paper's grid also uses 0.5.
+      alpha: ``"max"`` (DB-MTL), ``"min"``, ``"mean"``, ``"median"`` of the EMA
+        norms, or a float constant (the paper's Fig. 6 ablation).
+      eps: ε in ``ĝ_t / (‖ĝ_t‖ + ε)``.
+      shared: which leaves are shared parameters θ.  ``None`` (default): all.  A
+        pytree of bools with the parameters' structure, or a callable taking a
+        leaf's '/'-joined path (``"heads/0/kernel"``) and returning True for
+        shared leaves.  Non-shared (head) leaves get ``Σ_t g_t``.
+      ema_dtype: dtype of the EMA state; default: the parameter dtype promoted
+        to at least float32 (so bf16 parameters get float32 state).
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``.  ``update(updates, state,
+      params=None, **extra_args)`` takes updates whose leaves are
+      ``[T, *param_shape]`` and returns updates of shape ``param_shape``.
+      Extra args (``losses=``, ``key=``) are accepted and ignored, so the
+      transform is interchangeable with the other methods of this library.
+    """
+    if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
+        raise ValueError(
+            f"num_tasks must be a positive Python int (it sizes the EMA state), got {num_tasks!r}; "
+            "under optax.inject_hyperparams pass static_args=('num_tasks',)."
+        )
+    _check_alpha(alpha)
+    if ema_dtype is not None:
+        ema_dtype = jnp.dtype(ema_dtype)
+
+    def init_fn(params: PyTree) -> DBMTLState:
+        mask = ta.resolve_shared(shared, params)
+        flat, treedef = jax.tree_util.tree_flatten(params, is_leaf=ta.is_variable)
+        flags = jax.tree_util.tree_leaves(mask)
+        ema = [
+            _stacked_zeros(p, num_tasks, ema_dtype) if f else optax.MaskedNode()
+            for p, f in zip(flat, flags)
+        ]
+        return DBMTLState(
+            count=jnp.zeros([], jnp.int32),
+            ema=jax.tree_util.tree_unflatten(treedef, ema),
+            norms=jnp.zeros([num_tasks], jnp.float32),
+        )
+
+    def update_fn(
+        updates: PyTree, state: DBMTLState, params: Optional[PyTree] = None, **extra_args: Any
+    ) -> tuple[PyTree, DBMTLState]:
+        del extra_args
+        ta.check_task_axis(updates, num_tasks)
+        mask = ta.resolve_shared(shared, updates if params is None else params)
+        g_shared, g_heads, treedef = ta.split_shared(updates, mask)
+        ema_leaves = jax.tree_util.tree_leaves(state.ema)
+        if len(ema_leaves) != len(g_shared):
+            raise ValueError(
+                f"updates have {len(g_shared)} shared leaves but the DB-MTL state has {len(ema_leaves)}; "
+                "the shared mask or the parameter structure changed since init."
+            )
+        paths = [p for p, f in zip(ta.leaf_paths(updates), jax.tree_util.tree_leaves(mask)) if f]
+        for path, g, m in zip(paths, g_shared, ema_leaves):
+            if g.shape != m.shape:
+                hint = " (does this leaf lack the leading task axis?)" if g.ndim + 1 == m.ndim else ""
+                raise ValueError(
+                    f"update leaf '{path}' has shape {g.shape} but its DB-MTL state has shape "
+                    f"{m.shape} = [num_tasks, *param_shape]{hint}."
+                )
+
+        count = optax.safe_increment(state.count)
+        k = count.astype(jnp.float32)
+        beta_k = beta(count) if callable(beta) else beta
+        beta_k = jnp.asarray(beta_k, jnp.float32) / k ** jnp.asarray(beta_sigma, jnp.float32)
+
+        new_ema = [
+            (beta_k.astype(m.dtype) * m + (1 - beta_k).astype(m.dtype) * g.astype(m.dtype))
+            for g, m in zip(g_shared, ema_leaves)
+        ]
+        if new_ema:
+            norms = jnp.sqrt(ta.task_sq_norms(new_ema, jnp.float32))
+            scale = aggregate_alpha(norms, alpha) / (norms + eps)
+            out_shared = [
+                jnp.tensordot(scale.astype(jnp.promote_types(m.dtype, jnp.float32)), m, axes=(0, 0)).astype(g.dtype)
+                for g, m in zip(g_shared, new_ema)
+            ]
+        else:
+            norms, out_shared = state.norms, []
+        out_heads = [jnp.sum(g, axis=0) for g in g_heads]
+        out = ta.merge_shared(out_shared, out_heads, mask, treedef)
+
+        ema_tree = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(state.ema), new_ema)
+        return out, DBMTLState(count=count, ema=ema_tree, norms=norms.astype(jnp.float32))
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,0 +1,72 @@
+"""Registry of multi-task methods: ``get_method(name, num_tasks, **hyperparameters)``.
+
+Every method is an ``optax.GradientTransformationExtraArgs`` factory whose
+``update(updates, state, params=None, *, losses=None, key=None)`` takes
+task-axis updates (leaves ``[T, *shape]``) and returns one update per leaf.
+Modules are imported lazily so that importing the package stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from typing import Any, Callable
+
+import optax
+
+__all__ = ["METHODS", "METHOD_GROUPS", "get_method"]
+
+# name -> (group, module under dbmtl_jax.methods, factory attribute)
+_REGISTRY: dict[str, tuple[str, str, str]] = {
+    "dbmtl": ("dbmtl", "dbmtl_jax.dbmtl", "dbmtl"),
+    # loss balancing
+    "ew": ("loss", "dbmtl_jax.methods.ew", "ew"),
+    "gls": ("loss", "dbmtl_jax.methods.gls", "gls"),
+    "rlw": ("loss", "dbmtl_jax.methods.rlw", "rlw"),
+    "uw": ("loss", "dbmtl_jax.methods.uw", "uw"),
+    "dwa": ("loss", "dbmtl_jax.methods.dwa", "dwa"),
+    "imtl_l": ("loss", "dbmtl_jax.methods.imtl_l", "imtl_l"),
+    "igbv2": ("loss", "dbmtl_jax.methods.igbv2", "igbv2"),
+    # gradient balancing
+    "mgda": ("gradient", "dbmtl_jax.methods.mgda", "mgda"),
+    "gradnorm": ("gradient", "dbmtl_jax.methods.gradnorm", "gradnorm"),
+    "pcgrad": ("gradient", "dbmtl_jax.methods.pcgrad", "pcgrad"),
+    "graddrop": ("gradient", "dbmtl_jax.methods.graddrop", "graddrop"),
+    "gradvac": ("gradient", "dbmtl_jax.methods.gradvac", "gradvac"),
+    "imtl_g": ("gradient", "dbmtl_jax.methods.imtl_g", "imtl_g"),
+    "cagrad": ("gradient", "dbmtl_jax.methods.cagrad", "cagrad"),
+    "mtadam": ("gradient", "dbmtl_jax.methods.mtadam", "mtadam"),
+    "nash_mtl": ("gradient", "dbmtl_jax.methods.nash_mtl", "nash_mtl"),
+    "metabalance": ("gradient", "dbmtl_jax.methods.metabalance", "metabalance"),
+    "moco": ("gradient", "dbmtl_jax.methods.moco", "moco"),
+    "aligned_mtl": ("gradient", "dbmtl_jax.methods.aligned_mtl", "aligned_mtl"),
+    # hybrid
+    "imtl": ("hybrid", "dbmtl_jax.methods.imtl", "imtl"),
+    # beyond the paper
+    "famo": ("loss", "dbmtl_jax.methods.famo", "famo"),
+    "upgrad": ("gradient", "dbmtl_jax.methods.upgrad", "upgrad"),
+    "fairgrad": ("gradient", "dbmtl_jax.methods.fairgrad", "fairgrad"),
+    "stch": ("loss", "dbmtl_jax.methods.stch", "stch"),
+    "excessmtl": ("gradient", "dbmtl_jax.methods.excessmtl", "excessmtl"),
+}
+
+
+def _available() -> dict[str, tuple[str, str, str]]:
+    out = {}
+    for name, entry in _REGISTRY.items():
+        if importlib.util.find_spec(entry[1]) is not None:
+            out[name] = entry
+    return out
+
+
+METHODS: tuple[str, ...] = tuple(_available())
+METHOD_GROUPS: dict[str, str] = {name: _REGISTRY[name][0] for name in METHODS}
+
+
+def get_method(name: str, num_tasks: int, **hyperparameters: Any) -> optax.GradientTransformationExtraArgs:
+    """Builds the method ``name`` for ``num_tasks`` tasks with the given hyperparameters."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; available: {', '.join(METHODS)}.")
+    _, module, attr = _REGISTRY[name]
+    factory: Callable[..., optax.GradientTransformationExtraArgs] = getattr(importlib.import_module(module), attr)
+    return factory(num_tasks, **hyperparameters)

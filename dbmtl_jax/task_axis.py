@@ -1,0 +1,201 @@
+"""Pytree utilities for updates that carry a leading task axis.
+
+Every multi-task transform in this library receives an updates pytree whose
+leaves have shape ``[T, *param_shape]``: row ``t`` is the gradient of task
+``t``.  This module holds the pieces they share: validating the task axis,
+deciding which leaves are *shared* (trunk) and which are *task-specific*
+(heads), global per-task norms, and flattening to a ``[T, P]`` matrix.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import optax
+
+PyTree = Any
+SharedSpec = Union[None, bool, PyTree, Callable[[str], bool]]
+
+__all__ = [
+    "SharedSpec",
+    "leaf_paths",
+    "check_task_axis",
+    "resolve_shared",
+    "split_shared",
+    "merge_shared",
+    "task_sq_norms",
+    "task_norms",
+    "flatten_tasks",
+    "unflatten_tasks",
+    "sum_tasks",
+    "weighted_sum_tasks",
+    "is_variable",
+]
+
+
+def is_variable(x: Any) -> bool:
+    """True for a Flax NNX ``Variable`` (duck-typed so flax stays optional)."""
+    return type(x).__module__.startswith("flax.") and hasattr(x, "get_metadata") and hasattr(x, "get_value")
+
+
+def _path_str(path: tuple) -> str:
+    return jax.tree_util.keystr(path, simple=True, separator="/")
+
+
+def leaf_paths(tree: PyTree) -> list[str]:
+    """'/'-joined key paths of the leaves of ``tree`` (NNX Variables count as leaves)."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_variable)
+    return [_path_str(p) for p, _ in flat]
+
+
+def check_task_axis(updates: PyTree, num_tasks: Optional[int], name: str = "updates") -> int:
+    """Checks that every leaf of ``updates`` has the same leading (task) size.
+
+    Returns that size ``T``.  Raises ``ValueError`` naming the first offending
+    leaf when a leaf is a scalar, when leading sizes differ, or when they differ
+    from ``num_tasks``.  Runs at trace time (shapes are static).
+    """
+    flat, _ = jax.tree_util.tree_flatten_with_path(updates)
+    if not flat:
+        raise ValueError(f"{name} is an empty pytree; there is nothing to update.")
+    sizes = {}
+    for path, leaf in flat:
+        shape = jnp.shape(leaf)
+        if len(shape) == 0:
+            raise ValueError(
+                f"{name} leaf '{_path_str(path)}' is a scalar and has no leading task axis; "
+                f"every leaf must have shape [T, *param_shape]."
+            )
+        sizes.setdefault(shape[0], _path_str(path))
+    if len(sizes) > 1:
+        desc = ", ".join(f"'{p}' has {s}" for s, p in sizes.items())
+        raise ValueError(f"{name} leaves disagree on the leading task-axis size: {desc}.")
+    (t,) = sizes
+    if num_tasks is not None and t != num_tasks:
+        raise ValueError(
+            f"{name} have a leading task axis of size {t} (leaf '{sizes[t]}'), "
+            f"but the transform was built for num_tasks={num_tasks}."
+        )
+    return int(t)
+
+
+def resolve_shared(shared: SharedSpec, tree: PyTree) -> PyTree:
+    """Turns a ``shared`` specification into a bool pytree with ``tree``'s structure.
+
+    ``shared`` may be ``None`` or ``True`` (every leaf shared), ``False`` (no leaf
+    shared), a pytree of bools with the same structure as ``tree``, or a callable
+    taking a leaf's '/'-joined path (for example ``"heads/0/kernel"``) and
+    returning ``True`` for shared leaves.  Flax NNX Variables in ``tree`` are
+    treated as leaves, so the same callable works for ``init`` (Variables) and
+    ``update`` (raw arrays).
+    """
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_variable)
+    if shared is None or shared is True or shared is False:
+        value = shared is not False
+        return jax.tree_util.tree_unflatten(treedef, [value] * len(flat))
+    if callable(shared):
+        values = []
+        for path, _ in flat:
+            p = _path_str(path)
+            if p.endswith("/value"):
+                p = p[: -len("/value")]
+            v = shared(p)
+            if not isinstance(v, (bool, jnp.bool_)):
+                raise TypeError(f"shared(path) must return a bool; got {type(v).__name__} for '{p}'.")
+            values.append(bool(v))
+        return jax.tree_util.tree_unflatten(treedef, values)
+    mask_flat, mask_def = jax.tree_util.tree_flatten(shared)
+    if mask_def.num_leaves != len(flat) or len(mask_flat) != len(flat):
+        raise ValueError(
+            f"the shared mask has {len(mask_flat)} leaves but the parameters have {len(flat)}; "
+            f"it must be a bool pytree with the parameters' structure."
+        )
+    for m in mask_flat:
+        if not isinstance(m, (bool, jnp.bool_)):
+            raise TypeError(f"the shared mask must hold Python bools; found {type(m).__name__}.")
+    return jax.tree_util.tree_unflatten(treedef, [bool(m) for m in mask_flat])
+
+
+def split_shared(tree: PyTree, mask: PyTree) -> tuple[list, list, Any]:
+    """Flattens ``tree`` and returns ``(shared_leaves, head_leaves, treedef)``."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    flags = jax.tree_util.tree_leaves(mask)
+    if len(flags) != len(leaves):
+        raise ValueError(f"shared mask has {len(flags)} leaves but the tree has {len(leaves)}.")
+    shared = [x for x, f in zip(leaves, flags) if f]
+    heads = [x for x, f in zip(leaves, flags) if not f]
+    return shared, heads, treedef
+
+
+def merge_shared(shared: list, heads: list, mask: PyTree, treedef: Any) -> PyTree:
+    """Inverse of :func:`split_shared`."""
+    flags = jax.tree_util.tree_leaves(mask)
+    it_s, it_h = iter(shared), iter(heads)
+    return jax.tree_util.tree_unflatten(treedef, [next(it_s) if f else next(it_h) for f in flags])
+
+
+def task_sq_norms(leaves: list, dtype: Any = jnp.float32) -> jax.Array:
+    """Squared global L2 norm of each task row over all ``leaves``: shape ``[T]``."""
+    total = None
+    for x in leaves:
+        x = x.astype(jnp.promote_types(x.dtype, dtype))
+        s = jnp.sum(jnp.square(x).reshape(x.shape[0], -1), axis=1)
+        total = s if total is None else total + s
+    return total
+
+
+def task_norms(tree: PyTree, dtype: Any = jnp.float32) -> jax.Array:
+    """Global L2 norm of each task's slice of ``tree``: ``‖g_t‖`` over all leaves, shape ``[T]``."""
+    return jnp.sqrt(task_sq_norms(jax.tree_util.tree_leaves(tree), dtype))
+
+
+def flatten_tasks(tree: PyTree) -> tuple[jax.Array, Callable[[jax.Array], PyTree]]:
+    """Concatenates every leaf into a ``[T, P]`` matrix; returns it and an inverse.
+
+    The inverse maps a ``[P]`` vector back to the tree without task axis, or a
+    ``[T, P]`` matrix back to the tree with it.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    t = leaves[0].shape[0]
+    shapes = [x.shape[1:] for x in leaves]
+    dtypes = [x.dtype for x in leaves]
+    sizes = [math.prod(s) for s in shapes]
+    mat = jnp.concatenate([x.reshape(t, -1) for x in leaves], axis=1)
+
+    def unflatten(v: jax.Array) -> PyTree:
+        lead = v.shape[:-1]
+        out, start = [], 0
+        for s, d, n in zip(shapes, dtypes, sizes):
+            out.append(v[..., start : start + n].reshape(lead + tuple(s)).astype(d))
+            start += n
+        return jax.tree_util.tree_unflatten(treedef, out)
+
+    return mat, unflatten
+
+
+def unflatten_tasks(vec: jax.Array, like: PyTree) -> PyTree:
+    """Maps a ``[P]`` vector back to the structure of ``like`` minus its task axis."""
+    return flatten_tasks(like)[1](vec)
+
+
+def sum_tasks(tree: PyTree) -> PyTree:
+    """Sum over the leading task axis of every leaf."""
+    return jax.tree_util.tree_map(lambda x: jnp.sum(x, axis=0), tree)
+
+
+def weighted_sum_tasks(tree: PyTree, weights: jax.Array) -> PyTree:
+    """``Σ_t w_t x_t`` for every leaf, computed in float32 or wider and cast back."""
+
+    def f(x):
+        acc = jnp.promote_types(x.dtype, jnp.float32)
+        w = weights.astype(acc)
+        return jnp.tensordot(w, x.astype(acc), axes=(0, 0)).astype(x.dtype)
+
+    return jax.tree_util.tree_map(f, tree)
+
+
+# Placeholder used in optimizer state for leaves a transform keeps no state for.
+MaskedNode = optax.MaskedNode
