@@ -21,6 +21,7 @@ The output is meant to be chained into an optimizer, as in the paper::
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple, Optional, Union
 
 import chex
@@ -180,19 +181,20 @@ def dbmtl(
                 )
 
         count = optax.safe_increment(state.count)
-        k = count.astype(jnp.float32)
+        # Scalars in the widest EMA dtype (float64 under jax_enable_x64), at least float32.
+        acc = functools.reduce(jnp.promote_types, [m.dtype for m in ema_leaves], jnp.dtype(jnp.float32))
         beta_k = beta(count) if callable(beta) else beta
-        beta_k = jnp.asarray(beta_k, jnp.float32) / k ** jnp.asarray(beta_sigma, jnp.float32)
+        beta_k = jnp.asarray(beta_k, acc) / count.astype(acc) ** jnp.asarray(beta_sigma, acc)
 
         new_ema = [
             (beta_k.astype(m.dtype) * m + (1 - beta_k).astype(m.dtype) * g.astype(m.dtype))
             for g, m in zip(g_shared, ema_leaves)
         ]
         if new_ema:
-            norms = jnp.sqrt(ta.task_sq_norms(new_ema, jnp.float32))
-            scale = aggregate_alpha(norms, alpha) / (norms + eps)
+            norms = jnp.sqrt(ta.task_sq_norms(new_ema, acc))
+            scale = aggregate_alpha(norms, alpha) / (norms + jnp.asarray(eps, acc))
             out_shared = [
-                jnp.tensordot(scale.astype(jnp.promote_types(m.dtype, jnp.float32)), m, axes=(0, 0)).astype(g.dtype)
+                jnp.tensordot(scale.astype(jnp.promote_types(m.dtype, acc)), m, axes=(0, 0)).astype(g.dtype)
                 for g, m in zip(g_shared, new_ema)
             ]
         else:
