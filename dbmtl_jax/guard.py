@@ -1,0 +1,145 @@
+"""Skip invalid multi-task steps without losing anything.
+
+``skip_invalid_steps(tx)`` wraps a whole optimizer (for example
+``optax.chain(dbmtl(3), optax.adam(1e-4))``) the way ``optax.apply_if_finite``
+does, but it also looks at the task losses: a step is *invalid* when any
+per-task gradient is NaN/inf, or when a loss passed as ``losses=`` is NaN/inf or,
+with ``log_losses=True``, negative (``log(ℓ + ε)`` is undefined there, yet its
+gradient ``∇ℓ / (ℓ + ε)`` would still be finite and silently wrong).
+
+An invalid step returns zero updates and leaves the inner state (EMA, Adam
+moments, counts, learnable weights) exactly as it was; the skip is counted in
+``SkipState``.  With ``debug=True`` an invalid step raises an error naming the
+offending task and the step instead (through ``jax.debug.callback``, so it works
+under ``jit``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+__all__ = ["SkipState", "skip_invalid_steps", "InvalidStepError"]
+
+PyTree = Any
+
+
+class InvalidStepError(FloatingPointError):
+    """Raised in ``debug=True`` mode when a step has invalid losses or gradients."""
+
+
+class SkipState(NamedTuple):
+    """State of :func:`skip_invalid_steps`.
+
+    Attributes:
+      inner_state: the wrapped optimizer's state, untouched by skipped steps.
+      step: steps seen, valid or not (int32).
+      num_skipped: total skipped steps (int32).
+      consecutive_skipped: skipped steps since the last valid one (int32).
+      last_valid: whether the last step was applied (bool).
+    """
+
+    inner_state: PyTree
+    step: chex.Array
+    num_skipped: chex.Array
+    consecutive_skipped: chex.Array
+    last_valid: chex.Array
+
+
+def _per_task_bad(updates: PyTree, losses: Optional[jax.Array], log_losses: bool, task_axis: bool) -> jax.Array:
+    """Bool flags of invalid tasks: ``[T]`` (or ``[1]`` when nothing has a task axis)."""
+    bad = jnp.zeros([1], bool)
+    for x in jax.tree_util.tree_leaves(updates):
+        if task_axis:
+            bad = bad | jnp.any(~jnp.isfinite(x.reshape(x.shape[0], -1)), axis=1)
+        else:
+            bad = bad | jnp.any(~jnp.isfinite(x))
+    if losses is not None:
+        lb = ~jnp.isfinite(losses)
+        if log_losses:
+            lb = lb | (losses < 0)
+        bad = bad | lb
+    return bad
+
+
+def _raise(bad: np.ndarray, losses: Optional[np.ndarray], step: np.ndarray) -> None:
+    if not np.any(bad):
+        return
+    tasks = [int(i) for i in np.flatnonzero(bad)]
+    detail = ""
+    if losses is not None:
+        detail = "; losses of those tasks: " + ", ".join(f"task {t}: {losses[t]!r}" for t in tasks)
+    raise InvalidStepError(
+        f"invalid multi-task step {int(step)}: task(s) {tasks} have a NaN/inf gradient or a NaN/inf/negative "
+        f"loss{detail}."
+    )
+
+
+def skip_invalid_steps(
+    inner: optax.GradientTransformation,
+    *,
+    log_losses: bool = True,
+    task_axis: bool = True,
+    debug: bool = False,
+    max_consecutive_skips: Optional[int] = None,
+) -> optax.GradientTransformationExtraArgs:
+    """Wraps ``inner`` so that invalid steps are skipped (or raise, with ``debug=True``).
+
+    Args:
+      inner: the optimizer to protect, usually ``optax.chain(method, adam)``.
+      log_losses: treat negative losses as invalid (they are when the method takes
+        ``log(ℓ + ε)``, as DB-MTL does).
+      task_axis: the updates carry a leading task axis (per-task gradients), so
+        a non-finite gradient can be blamed on its task.  Set False when the
+        inner transform takes one already-combined gradient.
+      debug: raise :class:`InvalidStepError` naming the task(s) and the step
+        instead of skipping.
+      max_consecutive_skips: after this many consecutive invalid steps, apply the
+        update anyway (like ``optax.apply_if_finite``), so a persistent problem
+        shows up as NaN parameters instead of a silently frozen model.  ``None``:
+        always skip.
+
+    The validity check uses the updates' leading task axis and, when given, the
+    ``losses=`` extra argument.
+    """
+    inner = optax.with_extra_args_support(inner)
+
+    def init_fn(params: PyTree) -> SkipState:
+        z = jnp.zeros([], jnp.int32)
+        return SkipState(inner.init(params), z, z, z, jnp.array(True))
+
+    def update_fn(updates: PyTree, state: SkipState, params: Optional[PyTree] = None, **extra_args: Any):
+        losses = extra_args.get("losses")
+        losses = None if losses is None else jnp.asarray(losses)
+        bad = _per_task_bad(updates, losses, log_losses, task_axis)
+        invalid = jnp.any(bad)
+        step = optax.safe_increment(state.step)
+        if debug:
+            jax.debug.callback(_raise, bad, losses, step, ordered=True)
+        apply = ~invalid
+        if max_consecutive_skips is not None:
+            apply = apply | (state.consecutive_skipped >= max_consecutive_skips)
+
+        def do_apply(_):
+            return inner.update(updates, state.inner_state, params, **extra_args)
+
+        def do_skip(_):
+            shapes = jax.eval_shape(do_apply, None)[0]
+            zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+            return zeros, state.inner_state
+
+        new_updates, new_inner = jax.lax.cond(apply, do_apply, do_skip, None)
+        return new_updates, SkipState(
+            inner_state=new_inner,
+            step=step,
+            num_skipped=state.num_skipped + invalid.astype(jnp.int32),
+            consecutive_skipped=jnp.where(invalid, state.consecutive_skipped + 1, 0).astype(jnp.int32),
+            last_valid=~invalid,
+        )
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
