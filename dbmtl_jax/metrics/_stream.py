@@ -1,0 +1,97 @@
+"""Shared plumbing of the streaming metrics (private).
+
+Every metric of :mod:`dbmtl_jax.metrics` is a frozen dataclass holding its static
+configuration, with the clu/optax-like protocol::
+
+    state = metric.init()
+    state = metric.update(state, pred, target, mask=None)   # once per batch, jit-able
+    values = metric.compute(state)                          # dict of scalars / small arrays
+
+States are NamedTuples of sufficient statistics (counts, sums, histograms) with
+shapes and dtypes fixed at ``init``; they are additive, so two states of the same
+metric (e.g. from two hosts) combine with :meth:`StreamingMetric.merge`.
+Counts are int32 (exact up to 2**31 - 1 per cell); float sums are float32.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+
+ACC_DTYPE = jnp.float32
+COUNT_DTYPE = jnp.int32
+
+
+class StreamingMetric:
+    """Mixin giving :meth:`merge` and a one-shot ``__call__`` to the metric dataclasses."""
+
+    def init(self) -> Any:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def update(self, state: Any, *args: Any, **kwargs: Any) -> Any:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def compute(self, state: Any) -> dict[str, jax.Array]:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def merge(self, a: Any, b: Any) -> Any:
+        """The state of the union of the data behind ``a`` and ``b``."""
+        return jax.tree_util.tree_map(jnp.add, a, b)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> dict[str, jax.Array]:
+        """One-shot evaluation: ``compute(update(init(), *args, **kwargs))``."""
+        return self.compute(self.update(self.init(), *args, **kwargs))
+
+
+def valid_mask(mask: Optional[Any], shape: tuple[int, ...], name: str = "mask") -> jax.Array:
+    """``mask`` (broadcastable to ``shape`` under NumPy rules) as a bool array of ``shape``; all True if None."""
+    if mask is None:
+        return jnp.ones(shape, bool)
+    mask = jnp.asarray(mask)
+    try:
+        return jnp.broadcast_to(mask, shape).astype(bool)
+    except ValueError as err:
+        raise ValueError(f"{name} of shape {mask.shape} does not broadcast to {shape}.") from err
+
+
+def safe_ratio(num: jax.Array, den: jax.Array, empty: float = 0.0) -> jax.Array:
+    """``num / den`` in float32, with ``empty`` where ``den == 0`` (no NaN, no gradient trouble)."""
+    num = jnp.asarray(num, ACC_DTYPE)
+    den = jnp.asarray(den, ACC_DTYPE)
+    ok = den != 0
+    return jnp.where(ok, num / jnp.where(ok, den, 1.0), jnp.asarray(empty, ACC_DTYPE))
+
+
+def count(valid: jax.Array) -> jax.Array:
+    """Number of True entries as an int32 scalar."""
+    return jnp.sum(valid, dtype=COUNT_DTYPE)
+
+
+def masked_sum(x: jax.Array, valid: jax.Array) -> jax.Array:
+    """``Σ x[valid]`` in float32 (invalid entries, even NaN ones, contribute 0)."""
+    return jnp.sum(jnp.where(valid, x.astype(ACC_DTYPE), 0.0), dtype=ACC_DTYPE)
+
+
+def check_positive_int(value: Any, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive Python int, got {value!r}.")
+
+
+def labels_from(pred: Any, target_ndim: int, class_axis: int, name: str = "pred") -> jax.Array:
+    """Integer labels from ``pred``: argmax over ``class_axis`` if ``pred`` has one more axis than the target."""
+    pred = jnp.asarray(pred)
+    if pred.ndim == target_ndim + 1:
+        return jnp.argmax(pred, axis=class_axis).astype(jnp.int32)
+    if pred.ndim == target_ndim:
+        if not (jnp.issubdtype(pred.dtype, jnp.integer) or pred.dtype == jnp.bool_):
+            raise TypeError(
+                f"{name} has the target's rank but dtype {pred.dtype}; pass integer labels, or scores/logits "
+                "with an extra class axis."
+            )
+        return pred.astype(jnp.int32)
+    raise ValueError(
+        f"{name} must have the target's rank ({target_ndim}, integer labels) or one more axis (scores over "
+        f"classes), got rank {pred.ndim}."
+    )
