@@ -1,0 +1,236 @@
+"""Private helpers shared by the projection / closed-form / stateful gradient methods.
+
+Most of these methods only ever form linear combinations of the task gradients
+``g_1 … g_T`` of the shared parameters.  They are therefore computed in *Gram
+space*: the ``[T, T]`` Gram matrix ``G_ij = ⟨g_i, g_j⟩`` (summed over all shared
+leaves, without concatenating them) drives a small solver that returns mixing
+coefficients ``c``, and the update is ``Σ_t c_t g_t`` leaf by leaf.  The Gram
+matrix is formed from gradients pre-divided by their largest absolute entry and
+then rescaled so that its largest diagonal entry is 1, which keeps float32
+reductions finite for gradients anywhere between 1e-10 and 1e10; all the
+solvers used here are invariant to that common scale.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from dbmtl_jax import task_axis as ta
+from dbmtl_jax.dbmtl import _stacked_zeros
+
+PyTree = Any
+HIGHEST = jax.lax.Precision.HIGHEST
+
+GRANULARITIES = ("global", "leaf")
+
+__all__ = [
+    "GRANULARITIES",
+    "check_num_tasks",
+    "check_choice",
+    "require_losses",
+    "require_key",
+    "acc_dtype",
+    "split_updates",
+    "check_state_leaves",
+    "stacked_zeros_tree",
+    "zeros_tree",
+    "max_abs",
+    "leaf_grams",
+    "normalized_gram",
+    "combine",
+    "combine_per_leaf",
+    "task_orders",
+    "project_simplex",
+    "safe_div",
+    "sum_heads",
+]
+
+
+def check_num_tasks(num_tasks: Any, method: str) -> int:
+    """Validates ``num_tasks`` (a static positive Python int)."""
+    if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
+        raise ValueError(
+            f"{method}: num_tasks must be a positive Python int (it sizes the state), got {num_tasks!r}; "
+            "under optax.inject_hyperparams pass static_args=('num_tasks',)."
+        )
+    return num_tasks
+
+
+def check_choice(value: Any, options: Sequence[str], option: str, method: str) -> str:
+    """Raises ``ValueError`` naming ``option`` when ``value`` is not one of ``options``."""
+    if not isinstance(value, str) or value not in options:
+        raise ValueError(f"{method}: unknown {option}={value!r}; expected one of {tuple(options)}.")
+    return value
+
+
+def require_losses(losses: Any, num_tasks: int, method: str) -> jax.Array:
+    """The ``losses=`` extra argument as a float ``[T]`` vector (float32 or wider)."""
+    if losses is None:
+        raise ValueError(
+            f"{method} needs the task losses: call update(..., losses=<array of shape [{num_tasks}]>)."
+        )
+    losses = jnp.asarray(losses)
+    if losses.shape != (num_tasks,):
+        raise ValueError(f"{method}: losses= must have shape [{num_tasks}] (one per task), got {losses.shape}.")
+    if not jnp.issubdtype(losses.dtype, jnp.floating):
+        losses = losses.astype(jnp.float32)
+    return losses.astype(jnp.promote_types(losses.dtype, jnp.float32))
+
+
+def require_key(key: Any, method: str) -> jax.Array:
+    """The ``key=`` extra argument (a JAX PRNG key, new-style or raw uint32)."""
+    if key is None:
+        raise ValueError(f"{method} is randomised and needs a PRNG key: call update(..., key=jax.random.key(...)).")
+    return key
+
+
+def acc_dtype(leaves: Sequence[jax.Array]) -> Any:
+    """Accumulation dtype: the leaves' common dtype promoted to at least float32."""
+    dt = jnp.float32
+    for x in leaves:
+        dt = jnp.promote_types(dt, x.dtype)
+    return dt
+
+
+def split_updates(
+    updates: PyTree, params: Optional[PyTree], shared: ta.SharedSpec, num_tasks: int
+) -> tuple[list, list, PyTree, Any]:
+    """Validates the task axis and splits ``updates`` into shared and head leaves."""
+    ta.check_task_axis(updates, num_tasks)
+    mask = ta.resolve_shared(shared, updates if params is None else params)
+    g_shared, g_heads, treedef = ta.split_shared(updates, mask)
+    return g_shared, g_heads, mask, treedef
+
+
+def check_state_leaves(
+    updates: PyTree, mask: PyTree, g_shared: list, state_leaves: list, method: str, what: str
+) -> None:
+    """Checks that per-shared-leaf state matches the shared update leaves (trace time)."""
+    if len(state_leaves) != len(g_shared):
+        raise ValueError(
+            f"updates have {len(g_shared)} shared leaves but the {method} state ({what}) has "
+            f"{len(state_leaves)}; the shared mask or the parameter structure changed since init."
+        )
+    paths = [p for p, f in zip(ta.leaf_paths(updates), jax.tree_util.tree_leaves(mask)) if f]
+    for path, g, m in zip(paths, g_shared, state_leaves):
+        if g.shape != m.shape:
+            hint = " (does this leaf lack the leading task axis?)" if g.ndim + 1 == m.ndim else ""
+            raise ValueError(
+                f"update leaf '{path}' has shape {g.shape} but its {method} state ({what}) has shape "
+                f"{m.shape} = [num_tasks, *param_shape]{hint}."
+            )
+
+
+def stacked_zeros_tree(params: PyTree, mask: PyTree, num_tasks: int) -> PyTree:
+    """``[T, *shape]`` float32-or-wider zeros for shared leaves, ``MaskedNode`` for heads."""
+    flat, treedef = jax.tree_util.tree_flatten(params, is_leaf=ta.is_variable)
+    flags = jax.tree_util.tree_leaves(mask)
+    out = [_stacked_zeros(p, num_tasks, None) if f else optax.MaskedNode() for p, f in zip(flat, flags)]
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def zeros_tree(params: PyTree, mask: PyTree, want_shared: bool) -> PyTree:
+    """``[*shape]`` float32-or-wider zeros for the leaves selected by ``mask == want_shared``."""
+    flat, treedef = jax.tree_util.tree_flatten(params, is_leaf=ta.is_variable)
+    flags = jax.tree_util.tree_leaves(mask)
+
+    def z(p: Any) -> jax.Array:
+        v = jnp.asarray(p.get_value() if ta.is_variable(p) else p)
+        return jnp.zeros(v.shape, jnp.promote_types(v.dtype, jnp.float32))
+
+    out = [z(p) if f == want_shared else optax.MaskedNode() for p, f in zip(flat, flags)]
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def sum_heads(leaves: Sequence[jax.Array]) -> list:
+    """Plain ``Σ_t g_t`` per leaf, accumulated in float32 or wider, cast back."""
+    return [jnp.sum(x.astype(jnp.promote_types(x.dtype, jnp.float32)), axis=0).astype(x.dtype) for x in leaves]
+
+
+def safe_div(num: jax.Array, den: jax.Array) -> jax.Array:
+    """``num / den`` where ``den != 0``, else 0 (no NaN/Inf leaks through ``where``)."""
+    ok = den != 0
+    return jnp.where(ok, num / jnp.where(ok, den, 1), 0)
+
+
+def max_abs(leaves: Sequence[jax.Array], dtype: Any) -> jax.Array:
+    """Largest absolute entry over ``leaves`` (1 when all are zero), as ``dtype``."""
+    m = jnp.zeros([], dtype)
+    for x in leaves:
+        if x.size:
+            m = jnp.maximum(m, jnp.max(jnp.abs(x)).astype(dtype))
+    return jnp.where(m > 0, m, jnp.ones([], dtype))
+
+
+def leaf_grams(leaves: Sequence[jax.Array], dtype: Any) -> tuple[jax.Array, jax.Array]:
+    """Per-leaf Gram matrices of ``g / a`` with ``a`` the largest absolute entry.
+
+    Returns ``(grams [L, T, T], a)``: ``grams[l] = X_l X_lᵀ / a²`` with ``X_l``
+    leaf ``l`` reshaped to ``[T, -1]``.
+    """
+    a = max_abs(leaves, dtype)
+    out = []
+    for x in leaves:
+        y = (x.astype(dtype) / a).reshape(x.shape[0], -1)
+        out.append(jnp.matmul(y, y.T, precision=HIGHEST))
+    return jnp.stack(out), a
+
+
+def normalized_gram(gram: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Rescales a Gram matrix to a largest diagonal of 1; returns ``(gram / s, s)`` (``s = 1`` for zeros)."""
+    s = jnp.max(jnp.diagonal(gram, axis1=-2, axis2=-1), axis=-1)
+    s = jnp.where(s > 0, s, jnp.ones_like(s))
+    return gram / s[..., None, None], s
+
+
+def combine(leaves: Sequence[jax.Array], coeffs: jax.Array) -> list:
+    """``Σ_t c_t g_t`` for every leaf, computed in float32 or wider, cast back to the leaf dtype."""
+    out = []
+    for x in leaves:
+        acc = jnp.promote_types(jnp.promote_types(x.dtype, jnp.float32), coeffs.dtype)
+        out.append(jnp.tensordot(coeffs.astype(acc), x.astype(acc), axes=(0, 0), precision=HIGHEST).astype(x.dtype))
+    return out
+
+
+def combine_per_leaf(leaves: Sequence[jax.Array], coeffs: jax.Array) -> list:
+    """Like :func:`combine` with one coefficient row per leaf: ``coeffs`` is ``[L, T]``."""
+    return [combine([x], coeffs[i])[0] for i, x in enumerate(leaves)]
+
+
+def task_orders(key: jax.Array, num_tasks: int) -> jax.Array:
+    """Random order of the *other* tasks for every task: int32 ``[T, T-1]``.
+
+    Row ``i`` is ``others_i[jax.random.permutation(jax.random.split(key, T)[i], T-1)]``
+    with ``others_i = [j for j in range(T) if j != i]`` (this exact recipe is
+    part of the contract, so results are reproducible from ``key``).
+    """
+    t = num_tasks
+    if t == 1:
+        return jnp.zeros((1, 0), jnp.int32)
+    keys = jax.random.split(key, t)
+    base = jnp.arange(t - 1, dtype=jnp.int32)
+
+    def row(i: jax.Array, k: jax.Array) -> jax.Array:
+        others = base + (base >= i).astype(jnp.int32)
+        return others[jax.random.permutation(k, t - 1)]
+
+    return jax.vmap(row)(jnp.arange(t, dtype=jnp.int32), keys)
+
+
+def project_simplex(v: jax.Array) -> jax.Array:
+    """Euclidean projection of ``v`` ``[T]`` onto the probability simplex (sort-based, exact)."""
+    t = v.shape[0]
+    v = jnp.where(jnp.isfinite(v), v, jnp.where(v > 0, jnp.finfo(v.dtype).max, jnp.finfo(v.dtype).min))
+    # shift by the max so that huge entries do not lose the simplex offset to rounding
+    v = v - jnp.max(v)
+    u = jnp.sort(v)[::-1]
+    css = jnp.cumsum(u) - 1.0
+    idx = jnp.arange(1, t + 1, dtype=v.dtype)
+    cond = u - css / idx > 0
+    rho = jnp.max(jnp.where(cond, jnp.arange(t), 0))
+    theta = css[rho] / (rho + 1).astype(v.dtype)
+    return jnp.maximum(v - theta, 0)
