@@ -1,0 +1,133 @@
+"""IMTL: the hybrid of IMTL-L (learnable loss scales) and IMTL-G.
+
+Reference: L. Liu, Y. Li, Z. Kuang, J.-H. Xue, Y. Chen, W. Yang, Q. Liao,
+W. Zhang, "Towards Impartial Multi-task Learning", ICLR 2021.
+
+IMTL-L replaces each raw task loss ``ℓ_t`` by ``e^{s_t} ℓ_t − s_t`` with a
+learnable ``s_t`` (initialised to 0); its gradients are ``e^{s_t} g_t`` for the
+model and ``e^{s_t} ℓ_t − 1`` for ``s_t``.  IMTL-G (see :mod:`.imtl_g`) is then
+applied to the scaled shared gradients ``ĝ_t = e^{s_t} g_t``::
+
+    shared update = Σ_t α_t e^{s_t} g_t       (α from IMTL-G on {ĝ_t})
+    head update   = Σ_t e^{s_t} g_t           (the loss scale is part of the loss)
+    s ← s + inner_optimizer(e^{s} ℓ − 1)      (after the update, from the same step)
+
+Inputs: the ``updates`` must be gradients of the *raw* losses ``ℓ_t`` (use
+``value_and_task_grads(..., log=False)``) and ``losses=`` the raw losses
+(required extra argument).  The step uses the current ``s``; ``s`` is then
+updated by one step of ``scale_optimizer`` (state holds ``s`` and the inner
+optimizer's state), as LibMTL does through the model optimizer.
+
+Defaults: ``scale_optimizer=None`` means ``optax.adam(1e-4)``, the optimizer
+and learning rate LibMTL's NYUv2 recipe trains the loss scales with (the
+scales are ordinary parameters there).  ``s`` is clipped to
+``±max_log_scale`` (default 30) so that ``e^s`` stays finite in float32, a
+guard the paper does not need.  The IMTL-G solve uses the same numerically
+safe least-squares system as :func:`dbmtl_jax.methods.imtl_g.imtl_g`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+
+from dbmtl_jax import task_axis as ta
+from dbmtl_jax.methods import _gradient_common as gc
+from dbmtl_jax.methods.imtl_g import imtl_g_weights
+
+PyTree = Any
+
+__all__ = ["IMTLState", "imtl"]
+
+
+class IMTLState(NamedTuple):
+    """State of :func:`imtl`.
+
+    Attributes:
+      count: number of updates so far (int32).
+      log_scales: the learnable ``s`` (float32 ``[T]``); the next update uses ``e^s``.
+      inner_state: state of the inner optimizer of ``s``.
+      weights: IMTL-G ``α`` of the last update, float32 ``[T]``.
+      residual: least-squares residual of the last IMTL-G solve (float32).
+    """
+
+    count: chex.Array
+    log_scales: chex.Array
+    inner_state: Any
+    weights: chex.Array
+    residual: chex.Array
+
+
+def imtl(
+    num_tasks: int,
+    *,
+    shared: ta.SharedSpec = None,
+    scale_optimizer: Optional[optax.GradientTransformation] = None,
+    max_log_scale: float = 30.0,
+) -> optax.GradientTransformationExtraArgs:
+    """IMTL = IMTL-L + IMTL-G (Liu et al., ICLR 2021).
+
+    Args:
+      num_tasks: ``T``, the size of the leading task axis of every update leaf.
+      shared: which leaves are shared; default all.
+      scale_optimizer: optax optimizer for the loss scales ``s``; default
+        ``optax.adam(1e-4)``.
+      max_log_scale: ``s`` is clipped to ``[-max_log_scale, max_log_scale]``.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose ``update`` requires the
+      extra argument ``losses=`` (raw task losses, shape ``[T]``).
+    """
+    gc.check_num_tasks(num_tasks, "imtl")
+    inner = optax.adam(1e-4) if scale_optimizer is None else scale_optimizer
+    if not (max_log_scale > 0):
+        raise ValueError(f"imtl: max_log_scale must be positive, got {max_log_scale!r}.")
+
+    def init_fn(params: PyTree) -> IMTLState:
+        del params
+        s = jnp.zeros([num_tasks], jnp.float32)
+        return IMTLState(
+            count=jnp.zeros([], jnp.int32),
+            log_scales=s,
+            inner_state=inner.init(s),
+            weights=jnp.full([num_tasks], 1.0 / num_tasks, jnp.float32),
+            residual=jnp.zeros([], jnp.float32),
+        )
+
+    def update_fn(
+        updates: PyTree, state: IMTLState, params: Optional[PyTree] = None, *, losses: Any = None, **extra: Any
+    ) -> tuple[PyTree, IMTLState]:
+        del extra
+        g_shared, g_heads, mask, treedef = gc.split_updates(updates, params, shared, num_tasks)
+        losses = gc.require_losses(losses, num_tasks, "imtl")
+        s = state.log_scales
+        scales = jnp.exp(s)
+        weights, resid, out_shared = state.weights, state.residual, []
+        if g_shared:
+            dt = gc.acc_dtype(g_shared)
+            gram, _ = gc.normalized_gram(jnp.sum(gc.leaf_grams(g_shared, dt)[0], axis=0))
+            sc = scales.astype(dt)
+            gram, _ = gc.normalized_gram(gram * sc[:, None] * sc[None, :])
+            alpha, r = imtl_g_weights(gram)
+            out_shared = gc.combine(g_shared, alpha * sc)
+            weights, resid = alpha.astype(jnp.float32), r.astype(jnp.float32)
+        out_heads = gc.combine(g_heads, scales)
+        out = ta.merge_shared(out_shared, out_heads, mask, treedef)
+
+        grad_s = (scales * losses.astype(jnp.float32) - 1.0).astype(jnp.float32)
+        grad_s = jnp.where(jnp.isfinite(grad_s), grad_s, 0.0)
+        step, inner_state = inner.update(grad_s, state.inner_state, s)
+        new_s = jnp.clip(optax.apply_updates(s, step), -max_log_scale, max_log_scale).astype(jnp.float32)
+        return out, IMTLState(
+            count=optax.safe_increment(state.count),
+            log_scales=new_s,
+            inner_state=inner_state,
+            weights=weights,
+            residual=resid,
+        )
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
