@@ -1,0 +1,159 @@
+"""Jittable training steps for the benchmark: EW + Adam and DB-MTL + Adam per strategy.
+
+Every step has the signature ``step(params, opt_state, batch) -> (params,
+opt_state, losses)`` and is meant to be jitted with ``donate_argnums=(0, 1)``.
+
+Variants (``VARIANTS``):
+
+* ``ew``: one backward pass of ``Σ_t ℓ_t`` (equal weighting), then Adam.
+* ``vmap`` / ``jacrev`` / ``loop``: DB-MTL with
+  :func:`dbmtl_jax.value_and_task_grads` and that ``strategy``.
+* ``chunk``: ``strategy="vmap"`` with ``chunk_size`` (``lax.map`` over task chunks).
+* ``trunk-vmap`` / ``trunk-loop`` / ``trunk-chunk``: DB-MTL with
+  :func:`dbmtl_jax.trunk_heads_task_grads` (each head differentiated once, only
+  the trunk pull-back is per task) and that trunk strategy.
+
+A ``sum:`` prefix (``sum:trunk-loop``) computes the same per-task gradients but
+replaces the DB-MTL transform by a plain sum over tasks; the difference in step
+time is the marginal cost of the transform (EMA, norms, scaling).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import dbmtl_jax
+from dbmtl_jax import task_axis as ta
+
+from models import Problem, is_shared
+
+__all__ = ["VARIANTS", "StepFns", "build_step", "to_jax", "grads_fn"]
+
+PyTree = Any
+
+VARIANTS = ("ew", "vmap", "jacrev", "loop", "chunk", "trunk-vmap", "trunk-loop", "trunk-chunk")
+
+
+class StepFns(NamedTuple):
+    """``init(params) -> opt_state`` and the un-jitted ``step``."""
+
+    init: Callable[[PyTree], PyTree]
+    step: Callable[[PyTree, PyTree, Any], tuple]
+
+
+def to_jax(tree: PyTree) -> PyTree:
+    """NumPy leaves to (fresh, donatable) JAX arrays."""
+    return jax.tree_util.tree_map(jnp.array, tree)
+
+
+def _split_variant(variant: str) -> tuple[bool, str]:
+    plain_sum = variant.startswith("sum:")
+    base = variant[4:] if plain_sum else variant
+    if base not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS} (optionally 'sum:'-prefixed).")
+    if plain_sum and base == "ew":
+        raise ValueError("'sum:ew' is meaningless; EW already sums the losses.")
+    return plain_sum, base
+
+
+def grads_fn(problem: Problem, base: str, *, chunk_size: Optional[int] = None) -> Callable:
+    """``(params, batch) -> (losses, task-axis grads)`` for a per-task-gradient variant."""
+    if base in ("vmap", "jacrev", "loop", "chunk"):
+        strategy = "vmap" if base == "chunk" else base
+        vg = dbmtl_jax.value_and_task_grads(
+            problem.loss_fn, strategy=strategy, chunk_size=chunk_size if base == "chunk" else None
+        )
+        return vg
+    if base.startswith("trunk-"):
+        sub = base[len("trunk-"):]
+        strategy = "vmap" if sub == "chunk" else sub
+        th = dbmtl_jax.trunk_heads_task_grads(
+            problem.trunk_fn,
+            problem.head_loss_fns,
+            strategy=strategy,
+            chunk_size=chunk_size if sub == "chunk" else None,
+        )
+
+        def f(params: PyTree, batch: Any) -> tuple:
+            losses, (g_trunk, g_heads) = th(params["trunk"], params["heads"], batch)
+            return losses, {"trunk": g_trunk, "heads": dbmtl_jax.heads_to_task_axis(g_heads)}
+
+        return f
+    raise ValueError(f"variant {base!r} has no per-task gradients.")
+
+
+def build_step(
+    problem: Problem,
+    variant: str,
+    *,
+    chunk_size: Optional[int] = None,
+    learning_rate: float = 1e-4,
+    beta: float = 0.9,
+) -> StepFns:
+    """The init and step functions of ``variant`` (see module docstring) on ``problem``."""
+    plain_sum, base = _split_variant(variant)
+    if base.endswith("chunk") and chunk_size is None:
+        raise ValueError(f"variant {variant!r} needs chunk_size.")
+    adam = optax.adam(learning_rate)
+
+    if base == "ew":
+
+        def ew_step(params: PyTree, opt_state: PyTree, batch: Any) -> tuple:
+            def total(p: PyTree) -> tuple:
+                losses = problem.loss_fn(p, batch)
+                return jnp.sum(losses), losses
+
+            (_, losses), g = jax.value_and_grad(total, has_aux=True)(params)
+            updates, opt_state = adam.update(g, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state, losses
+
+        return StepFns(adam.init, ew_step)
+
+    vg = grads_fn(problem, base, chunk_size=chunk_size)
+    if plain_sum:
+        tx = adam
+
+        def aggregate(g: PyTree, state: PyTree, params: PyTree) -> tuple:
+            return tx.update(ta.sum_tasks(g), state, params)
+
+        init = tx.init
+    else:
+        tx = optax.chain(dbmtl_jax.dbmtl(problem.num_tasks, beta=beta, shared=is_shared), adam)
+
+        def aggregate(g: PyTree, state: PyTree, params: PyTree) -> tuple:
+            return tx.update(g, state, params)
+
+        init = tx.init
+
+    def step(params: PyTree, opt_state: PyTree, batch: Any) -> tuple:
+        losses, g = vg(params, batch)
+        updates, opt_state = aggregate(g, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, losses
+
+    return StepFns(init, step)
+
+
+def transform_only(problem: Problem, *, beta: float = 0.9) -> tuple[Callable, Callable, Callable]:
+    """The DB-MTL transform alone: ``(init, update(grads, state) -> (out, state), make_grads())``.
+
+    ``make_grads()`` returns random task-axis gradients with the problem's
+    parameter shapes, to time the transform (EMA, norms, scaling) in isolation.
+    """
+    tx = dbmtl_jax.dbmtl(problem.num_tasks, beta=beta, shared=is_shared)
+    params = to_jax(problem.params)
+
+    def update(g: PyTree, state: PyTree) -> tuple:
+        return tx.update(g, state, params)
+
+    def make_grads() -> PyTree:
+        leaves, treedef = jax.tree_util.tree_flatten(params)
+        keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
+        return jax.tree_util.tree_unflatten(
+            treedef, [jax.random.normal(k, (problem.num_tasks,) + x.shape, x.dtype) for k, x in zip(keys, leaves)]
+        )
+
+    return (lambda: tx.init(params)), update, make_grads
