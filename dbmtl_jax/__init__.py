@@ -6,6 +6,7 @@ Reference: Lin et al., "Dual-Balancing for Multi-Task Learning".
 from dbmtl_jax._version import __version__
 from dbmtl_jax.dbmtl import ALPHA_MODES, DBMTLState, dbmtl
 from dbmtl_jax.methods.registry import METHOD_GROUPS, METHODS, get_method
+from dbmtl_jax.multi_steps import TaskMultiSteps
 from dbmtl_jax.guard import InvalidStepError, SkipState, skip_invalid_steps
 from dbmtl_jax.task_axis import check_task_axis, flatten_tasks, resolve_shared, sum_tasks, task_norms
 from dbmtl_jax.task_gradients import (
@@ -27,6 +28,7 @@ __all__ = [
     "InvalidStepError",
     "SkipState",
     "skip_invalid_steps",
+    "TaskMultiSteps",
     "check_task_axis",
     "flatten_tasks",
     "resolve_shared",

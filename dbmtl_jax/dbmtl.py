@@ -202,6 +202,14 @@ def dbmtl(
         out_heads = [jnp.sum(g, axis=0) for g in g_heads]
         out = ta.merge_shared(out_shared, out_heads, mask, treedef)
 
+        # A non-finite gradient never enters the EMA: the state is kept as it was and
+        # the (non-finite) update is passed on for a wrapper such as
+        # optax.apply_if_finite or skip_invalid_steps to reject.
+        if new_ema:
+            finite = jnp.all(jnp.isfinite(norms))
+            new_ema = [jnp.where(finite, n, m) for n, m in zip(new_ema, ema_leaves)]
+            count = jnp.where(finite, count, state.count)
+            norms = jnp.where(finite, norms, state.norms)
         ema_tree = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(state.ema), new_ema)
         return out, DBMTLState(count=count, ema=ema_tree, norms=norms.astype(jnp.float32))
 
