@@ -41,6 +41,8 @@ __all__ = [
     "max_abs",
     "leaf_grams",
     "normalized_gram",
+    "leaf_task_norms",
+    "task_norms",
     "combine",
     "combine_per_leaf",
     "task_orders",
@@ -180,6 +182,27 @@ def leaf_grams(leaves: Sequence[jax.Array], dtype: Any) -> tuple[jax.Array, jax.
     return jnp.stack(out), a
 
 
+def leaf_task_norms(leaves: Sequence[jax.Array], dtype: Any) -> jax.Array:
+    """``‖g_t‖`` of every task on every leaf, ``[L, T]`` in ``dtype`` (each leaf pre-scaled by its max)."""
+    out = []
+    for x in leaves:
+        a = max_abs([x], dtype)
+        y = (x.astype(dtype) / a).reshape(x.shape[0], -1)
+        out.append(a * jnp.sqrt(jnp.sum(y * y, axis=1)))
+    return jnp.stack(out)
+
+
+def task_norms(leaves: Sequence[jax.Array], dtype: Any) -> jax.Array:
+    """Global ``‖g_t‖`` over all ``leaves``, ``[T]`` in ``dtype`` (pre-scaled by the global max)."""
+    a = max_abs(leaves, dtype)
+    total = None
+    for x in leaves:
+        y = (x.astype(dtype) / a).reshape(x.shape[0], -1)
+        s = jnp.sum(y * y, axis=1)
+        total = s if total is None else total + s
+    return a * jnp.sqrt(total)
+
+
 def normalized_gram(gram: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Rescales a Gram matrix to a largest diagonal of 1; returns ``(gram / s, s)`` (``s = 1`` for zeros)."""
     s = jnp.max(jnp.diagonal(gram, axis1=-2, axis2=-1), axis=-1)
@@ -224,7 +247,8 @@ def task_orders(key: jax.Array, num_tasks: int) -> jax.Array:
 def project_simplex(v: jax.Array) -> jax.Array:
     """Euclidean projection of ``v`` ``[T]`` onto the probability simplex (sort-based, exact)."""
     t = v.shape[0]
-    v = jnp.where(jnp.isfinite(v), v, jnp.where(v > 0, jnp.finfo(v.dtype).max, jnp.finfo(v.dtype).min))
+    big = jnp.finfo(v.dtype).max / 4
+    v = jnp.where(jnp.isnan(v), -big, jnp.clip(v, -big, big))
     # shift by the max so that huge entries do not lose the simplex offset to rounding
     v = v - jnp.max(v)
     u = jnp.sort(v)[::-1]

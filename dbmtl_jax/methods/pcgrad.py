@@ -65,6 +65,8 @@ def pcgrad_coefficients(gram: jax.Array, orders: jax.Array) -> tuple[jax.Array, 
     """
     t = gram.shape[0]
     eye = jnp.eye(t, dtype=gram.dtype)
+    if orders.shape[1] == 0:  # a single task: nothing to project
+        return eye, jnp.zeros([], jnp.int32)
 
     def one_task(i: jax.Array, order: jax.Array) -> tuple[jax.Array, jax.Array]:
         def body(p, carry):

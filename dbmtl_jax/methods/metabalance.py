@@ -1,0 +1,144 @@
+"""MetaBalance: adapting the gradient magnitudes of auxiliary tasks to the main task.
+
+Reference: Y. He, X. Feng, C. Cheng, G. Ji, Y. Guo, J. Caverlee,
+"MetaBalance: Improving Multi-Task Recommendations via Adapting Gradient
+Magnitudes of Auxiliary Tasks", The Web Conference (WWW) 2022.
+
+One task is the *main* (target) task (``main_task``, default the first); all
+others are auxiliary.  Per group of shared parameters keep moving averages of
+the task-gradient norms (state, initialised to 0, no bias correction)::
+
+    m_t ← β m_t + (1 − β) ‖g_t‖
+    g_t ← r (m_main / m_t) g_t + (1 − r) g_t        (the relax factor r)
+    update = Σ_t g_t
+
+The main task's factor is 1.  ``strategy`` (paper Sec. 4): ``"adapt"`` rescales
+every auxiliary gradient (default, the official code); ``"reduce"`` only those
+with ``m_t > m_main``; ``"enlarge"`` only those with ``m_t < m_main``.
+
+Defaults: ``relax_factor=0.7`` and ``beta=0.9`` (paper and official code).
+``granularity="leaf"`` keeps one norm per parameter tensor (the official
+optimizer works per parameter tensor); ``"global"`` uses one norm over all
+shared leaves.  Head leaves get the plain ``Σ_t g_t`` (MetaBalance is meant
+for the shared parameters).  Where ``m_t = 0`` the task gradient is zero and
+its factor is irrelevant (it is set to ``1 − r``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+
+from dbmtl_jax import task_axis as ta
+from dbmtl_jax.methods import _gradient_common as gc
+
+PyTree = Any
+STRATEGIES = ("adapt", "reduce", "enlarge")
+
+__all__ = ["MetaBalanceState", "metabalance", "STRATEGIES"]
+
+
+class MetaBalanceState(NamedTuple):
+    """State of :func:`metabalance`.
+
+    Attributes:
+      count: number of updates so far (int32).
+      norms: moving averages ``m`` of the task-gradient norms, float32 ``[G, T]``
+        (``G = 1`` global, else one row per shared leaf).
+      factors: the factors applied in the last update, float32 ``[G, T]``.
+    """
+
+    count: chex.Array
+    norms: chex.Array
+    factors: chex.Array
+
+
+def metabalance(
+    num_tasks: int,
+    *,
+    shared: ta.SharedSpec = None,
+    relax_factor: float = 0.7,
+    beta: float = 0.9,
+    main_task: int = 0,
+    strategy: str = "adapt",
+    granularity: str = "leaf",
+) -> optax.GradientTransformationExtraArgs:
+    """MetaBalance (He et al., WWW 2022).
+
+    Args:
+      num_tasks: ``T``, the size of the leading task axis of every update leaf.
+      shared: which leaves are shared; default all.  Head leaves get ``Σ_t g_t``.
+      relax_factor: ``r`` in [0, 1]; 0 leaves the gradients unchanged, 1 matches
+        the auxiliary norms to the main task exactly.  Default 0.7.
+      beta: moving-average rate β in [0, 1) (weight of the old value); default 0.9.
+      main_task: index of the main task; default 0.
+      strategy: ``"adapt"`` (default), ``"reduce"`` or ``"enlarge"``.
+      granularity: ``"leaf"`` (default, per parameter tensor) or ``"global"``.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``; extra args are ignored.
+    """
+    gc.check_num_tasks(num_tasks, "metabalance")
+    gc.check_choice(strategy, STRATEGIES, "strategy", "metabalance")
+    gc.check_choice(granularity, gc.GRANULARITIES, "granularity", "metabalance")
+    if not 0.0 <= relax_factor <= 1.0:
+        raise ValueError(f"metabalance: relax_factor must be in [0, 1], got {relax_factor!r}.")
+    if not 0.0 <= beta < 1.0:
+        raise ValueError(f"metabalance: beta must be in [0, 1), got {beta!r}.")
+    if isinstance(main_task, bool) or not isinstance(main_task, int) or not 0 <= main_task < num_tasks:
+        raise ValueError(f"metabalance: main_task must be an int in [0, {num_tasks}), got {main_task!r}.")
+
+    def num_groups(tree: PyTree) -> int:
+        if granularity == "global":
+            return 1
+        return max(1, sum(bool(f) for f in jax.tree_util.tree_leaves(ta.resolve_shared(shared, tree))))
+
+    def init_fn(params: PyTree) -> MetaBalanceState:
+        g = num_groups(params)
+        return MetaBalanceState(
+            count=jnp.zeros([], jnp.int32),
+            norms=jnp.zeros([g, num_tasks], jnp.float32),
+            factors=jnp.ones([g, num_tasks], jnp.float32),
+        )
+
+    def update_fn(
+        updates: PyTree, state: MetaBalanceState, params: Optional[PyTree] = None, **extra: Any
+    ) -> tuple[PyTree, MetaBalanceState]:
+        del extra
+        g_shared, g_heads, mask, treedef = gc.split_updates(updates, params, shared, num_tasks)
+        groups = 1 if granularity == "global" else max(1, len(g_shared))
+        if state.norms.shape != (groups, num_tasks):
+            raise ValueError(
+                f"metabalance: state.norms has shape {state.norms.shape} but the updates need "
+                f"{(groups, num_tasks)}; the shared mask or parameter structure changed since init."
+            )
+        norms, factors, out_shared = state.norms, state.factors, []
+        if g_shared:
+            dt = gc.acc_dtype(g_shared)
+            if granularity == "global":
+                cur = gc.task_norms(g_shared, dt)[None]
+            else:
+                cur = gc.leaf_task_norms(g_shared, dt)
+            m = beta * norms.astype(dt) + (1 - beta) * cur
+            m_main = m[:, main_task : main_task + 1]
+            ratio = gc.safe_div(jnp.broadcast_to(m_main, m.shape), m)
+            ratio = jnp.minimum(ratio, jnp.finfo(dt).max / 4)
+            f = relax_factor * ratio + (1 - relax_factor)
+            if strategy == "reduce":
+                f = jnp.where(m > m_main, f, 1)
+            elif strategy == "enlarge":
+                f = jnp.where(m < m_main, f, 1)
+            f = f.at[:, main_task].set(1)
+            if granularity == "global":
+                out_shared = gc.combine(g_shared, f[0])
+            else:
+                out_shared = gc.combine_per_leaf(g_shared, f)
+            norms, factors = m.astype(jnp.float32), f.astype(jnp.float32)
+        out = ta.merge_shared(out_shared, gc.sum_heads(g_heads), mask, treedef)
+        return out, MetaBalanceState(count=optax.safe_increment(state.count), norms=norms, factors=factors)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
