@@ -1,0 +1,167 @@
+"""The cheap path of the loss-weighting methods: one forward, one backward pass.
+
+Loss-weighting methods (``ew``, ``gls``, ``rlw``, ``uw``, ``dwa``, ``imtl_l``,
+``igbv2``, ``famo``, ``stch``) only reweight the task losses: their update is
+``Σ_t w_t ∇ℓ_t = ∇ Σ_t stop_gradient(w_t) ℓ_t``.  So instead of T per-task
+gradients, differentiate the weighted loss once, with the weights read from the
+optimizer state, and build the method with ``grads="weighted"``::
+
+    tx = optax.chain(dbmtl_jax.methods.get_method("dwa", 3, grads="weighted",
+                                                  steps_per_epoch=100),
+                     optax.adam(1e-4))
+    opt_state = tx.init(params)
+    step_grad = value_and_weighted_grad(loss_fn)       # loss_fn(params, batch) -> [T]
+
+    @jax.jit
+    def step(params, opt_state, batch, key):
+        losses, grads = step_grad(opt_state, params, batch, key=key)
+        updates, opt_state = tx.update(grads, opt_state, params, losses=losses, key=key)
+        return optax.apply_updates(params, updates), opt_state
+
+The weights are a pure function of the method's state (found anywhere inside
+the Optax state: ``chain``, ``inject_hyperparams``, ``masked``, ``MultiSteps``,
+...), the losses of the current batch and, for randomised methods (``rlw``,
+``igbv2``), the key; ``update`` recomputes what it needs from the same
+arguments, so the key given to :func:`loss_weights` must be the one given to
+``update``.
+
+FAMO needs the losses *after* the parameter update.  Either call
+:func:`observe_losses` with them (a second forward pass on the same batch, as
+in the official FAMO code), or do nothing and FAMO uses the next step's losses
+instead (the lagged variant; see :mod:`dbmtl_jax.methods.famo`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+
+PyTree = Any
+
+__all__ = [
+    "is_loss_weighting_state",
+    "find_loss_weighting_state",
+    "loss_weights",
+    "weighted_loss",
+    "observe_losses",
+    "value_and_weighted_grad",
+]
+
+
+def is_loss_weighting_state(x: Any) -> bool:
+    """True for the state of a loss-weighting method (a NamedTuple with ``loss_weights``)."""
+    return isinstance(x, tuple) and hasattr(x, "_fields") and callable(getattr(type(x), "loss_weights", None))
+
+
+def find_loss_weighting_state(opt_state: PyTree) -> Any:
+    """Returns the single loss-weighting state inside an Optax state tree.
+
+    Raises ``ValueError`` when there is none or more than one.
+    """
+    if is_loss_weighting_state(opt_state):
+        return opt_state
+    leaves = jax.tree_util.tree_leaves(opt_state, is_leaf=is_loss_weighting_state)
+    found = [x for x in leaves if is_loss_weighting_state(x)]
+    if not found:
+        raise ValueError(
+            "no loss-weighting state found in the optimizer state; build the transform with one of "
+            "ew, gls, rlw, uw, dwa, imtl_l, igbv2, famo, stch."
+        )
+    if len(found) > 1:
+        names = ", ".join(type(x).__name__ for x in found)
+        raise ValueError(f"the optimizer state holds {len(found)} loss-weighting states ({names}); expected one.")
+    return found[0]
+
+
+def loss_weights(opt_state: PyTree, losses: Optional[jax.Array] = None, key: Optional[jax.Array] = None) -> jax.Array:
+    """The task weights ``w`` (``[T]``, float32) of the current step.
+
+    Args:
+      opt_state: an Optax state containing exactly one loss-weighting state.
+      losses: the raw task losses ``[T]`` of the current batch (required by
+        every method except ``ew`` and ``rlw``).
+      key: PRNG key (required by ``rlw`` and ``igbv2``); pass the same key to
+        ``update``.
+    """
+    state = find_loss_weighting_state(opt_state)
+    name = type(state).__name__
+    if losses is None and type(state).needs_losses:
+        raise ValueError(f"{name}: loss_weights needs the raw task losses (losses=[T]).")
+    if key is None and type(state).needs_key:
+        raise ValueError(f"{name}: loss_weights needs a PRNG key (key=...), the same one given to update.")
+    if losses is not None:
+        losses = jnp.asarray(losses)
+        if losses.ndim != 1:
+            raise ValueError(f"{name}: losses must be a [T] vector, got shape {losses.shape}.")
+        losses = losses.astype(jnp.promote_types(losses.dtype, jnp.float32))
+    return state.loss_weights(losses, key)
+
+
+def weighted_loss(opt_state: PyTree, losses: jax.Array, key: Optional[jax.Array] = None) -> jax.Array:
+    """``Σ_t stop_gradient(w_t) ℓ_t`` (float32 or wider): differentiate this once for the cheap path."""
+    losses = jnp.asarray(losses)
+    w = jax.lax.stop_gradient(loss_weights(opt_state, jax.lax.stop_gradient(losses), key))
+    acc = jnp.promote_types(losses.dtype, jnp.float32)
+    return jnp.sum(w.astype(acc) * losses.astype(acc))
+
+
+def observe_losses(opt_state: PyTree, next_losses: jax.Array) -> PyTree:
+    """Feeds the losses measured *after* the parameter update to the method (FAMO).
+
+    Returns ``opt_state`` with its loss-weighting state replaced by
+    ``state.observe(next_losses)`` when the method defines ``observe`` (FAMO),
+    unchanged otherwise.  Call it after ``optax.apply_updates`` with the losses
+    of the same batch at the new parameters.
+    """
+    find_loss_weighting_state(opt_state)  # exactly one, or a clear error
+
+    def f(x: Any) -> Any:
+        if is_loss_weighting_state(x) and callable(getattr(type(x), "observe", None)):
+            return x.observe(next_losses)
+        return x
+
+    if is_loss_weighting_state(opt_state):
+        return f(opt_state)
+    return jax.tree_util.tree_map(f, opt_state, is_leaf=is_loss_weighting_state)
+
+
+def value_and_weighted_grad(
+    loss_fn: Callable[..., Any], argnums: int = 0, *, has_aux: bool = False
+) -> Callable[..., Any]:
+    """One-backward-pass gradient of the loss-weighted objective.
+
+    Args:
+      loss_fn: returns the ``[T]`` vector of raw task losses (or
+        ``(losses, aux)`` with ``has_aux=True``).
+      argnums: which positional argument of ``loss_fn`` to differentiate.
+      has_aux: whether ``loss_fn`` returns ``(losses, aux)``.
+
+    Returns:
+      ``wrapped(opt_state, *args, key=None, **kwargs)`` returning
+      ``(losses, grads)`` (or ``((losses, aux), grads)``) where ``grads`` is the
+      gradient of ``Σ_t stop_gradient(w_t) ℓ_t`` with the weights
+      ``w = loss_weights(opt_state, losses, key)`` (no task axis).  ``key`` is
+      consumed here and not passed to ``loss_fn``.  Feed ``grads`` and
+      ``losses`` (and ``key``) to a transform built with ``grads="weighted"``.
+    """
+    if not isinstance(argnums, int):
+        raise TypeError(f"argnums must be a single int, got {argnums!r}.")
+
+    def wrapped(opt_state: PyTree, *args: Any, key: Optional[jax.Array] = None, **kwargs: Any) -> Any:
+        args = list(args)
+
+        def f(p: PyTree) -> Any:
+            call_args = args[:argnums] + [p] + args[argnums + 1 :]
+            out = loss_fn(*call_args, **kwargs)
+            losses, aux = out if has_aux else (out, None)
+            losses = jnp.asarray(losses)
+            if losses.ndim != 1:
+                raise ValueError(f"loss_fn must return a [T] vector of task losses, got shape {losses.shape}.")
+            return weighted_loss(opt_state, losses, key), (losses, aux)
+
+        grads, (losses, aux) = jax.grad(f, has_aux=True)(args[argnums])
+        return ((losses, aux), grads) if has_aux else (losses, grads)
+
+    return wrapped

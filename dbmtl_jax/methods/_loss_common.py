@@ -1,0 +1,239 @@
+"""Shared machinery of the loss-weighting methods (EW, GLS, RLW, UW, DWA, IMTL-L, IGBv2, FAMO, STCH).
+
+A loss-weighting method minimises ``Σ_t w_t ℓ_t`` for task weights ``w`` that
+are computed from the method's state, the raw task losses ``ℓ`` (``[T]``) and,
+for randomised methods, a PRNG key.  Each method's state is a NamedTuple that
+implements the *loss-weighting state protocol*:
+
+* ``loss_weights(self, losses=None, key=None) -> [T]``: the weights ``w`` of
+  the current step (float32), a pure function of the state and its arguments;
+* ``advance(self, losses, key, **extra_args) -> state``: the state after the
+  current step (counts, histories, learnable loss parameters);
+* class attributes ``needs_losses`` / ``needs_key``: whether ``losses=`` /
+  ``key=`` are required.
+
+Every hyperparameter that ``loss_weights`` or ``advance`` needs lives in a state
+field, so the weights can be recomputed from the optimizer state alone
+(:func:`dbmtl_jax.loss_weighting.loss_weights`) and a checkpoint holds all of it.
+
+:func:`make_loss_transform` turns such a state into an Optax transform with two
+modes (``grads=``):
+
+* ``"per_task"``: ``update`` receives per-task gradients (leaves
+  ``[T, *param_shape]``) and returns ``Σ_t w_t g_t``;
+* ``"weighted"``: ``update`` receives the plain gradient of
+  ``Σ_t stop_gradient(w_t) ℓ_t`` (leaves ``param_shape``, one backward pass)
+  and passes it through; it only advances the state.
+
+Both modes advance the state identically, so for the same losses and key they
+give the same update.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from dbmtl_jax import task_axis as ta
+
+PyTree = Any
+
+GRADS_MODES = ("per_task", "weighted")
+
+__all__ = [
+    "GRADS_MODES",
+    "InnerAdam",
+    "adam_init",
+    "adam_step",
+    "check_num_tasks",
+    "check_grads_mode",
+    "check_losses",
+    "f32",
+    "clamped_log",
+    "make_loss_transform",
+]
+
+
+def check_num_tasks(num_tasks: Any) -> int:
+    """``num_tasks`` must be a positive Python int (it sizes the state)."""
+    if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
+        raise ValueError(
+            f"num_tasks must be a positive Python int (it sizes the state), got {num_tasks!r}; "
+            "under optax.inject_hyperparams pass static_args=('num_tasks',)."
+        )
+    return num_tasks
+
+
+def check_grads_mode(grads: str) -> str:
+    if grads not in GRADS_MODES:
+        raise ValueError(f"unknown grads {grads!r}; expected one of {GRADS_MODES}.")
+    return grads
+
+
+def f32(x: Any) -> jax.Array:
+    """A float hyperparameter as a float32 scalar state field."""
+    return jnp.asarray(x, jnp.float32)
+
+
+def check_losses(losses: Any, num_tasks: int, name: str) -> jax.Array:
+    """Validates ``losses`` (a ``[T]`` float vector) and returns it in float32 or wider."""
+    losses = jnp.asarray(losses)
+    if losses.shape != (num_tasks,):
+        raise ValueError(
+            f"{name}: losses must be a [T] vector of the raw task losses with T = {num_tasks}, "
+            f"got shape {losses.shape}."
+        )
+    if not jnp.issubdtype(losses.dtype, jnp.floating):
+        raise TypeError(f"{name}: losses must be floating point, got dtype {losses.dtype}.")
+    return losses.astype(jnp.promote_types(losses.dtype, jnp.float32))
+
+
+def clamped_log(losses: jax.Array, eps: jax.Array) -> jax.Array:
+    """``log(max(ℓ, 0) + ε)``: the log of a loss, finite for zero (and negative) losses."""
+    return jnp.log(jnp.maximum(losses, 0) + eps)
+
+
+class InnerAdam(NamedTuple):
+    """Adam moments of a small ``[T]`` parameter vector held inside a method's state."""
+
+    m: jax.Array
+    v: jax.Array
+    count: jax.Array
+
+
+def adam_init(num_tasks: int) -> InnerAdam:
+    z = jnp.zeros([num_tasks], jnp.float32)
+    return InnerAdam(m=z, v=z, count=jnp.zeros([], jnp.int32))
+
+
+def adam_step(
+    params: jax.Array,
+    grad: jax.Array,
+    adam: InnerAdam,
+    lr: jax.Array,
+    b1: jax.Array,
+    b2: jax.Array,
+    eps: jax.Array,
+    weight_decay: jax.Array,
+) -> tuple[jax.Array, InnerAdam]:
+    """One Adam step (PyTorch ``torch.optim.Adam`` semantics: L2 ``weight_decay`` added to the gradient)."""
+    grad = grad.astype(jnp.float32) + weight_decay * params
+    # A non-finite gradient (an overflowing loss) must not poison the state.
+    grad = jnp.where(jnp.isfinite(grad), grad, 0.0)
+    count = optax.safe_increment(adam.count)
+    m = b1 * adam.m + (1 - b1) * grad
+    v = b2 * adam.v + (1 - b2) * jnp.square(grad)
+    k = count.astype(jnp.float32)
+    m_hat = m / (1 - b1**k)
+    v_hat = v / (1 - b2**k)
+    step = lr * m_hat / (jnp.sqrt(v_hat) + eps)
+    step = jnp.where(jnp.isfinite(step), step, 0.0)
+    return params - step, InnerAdam(m=m, v=v, count=count)
+
+
+def _check_plain_grads(updates: PyTree, params: Optional[PyTree], num_tasks: int, name: str) -> None:
+    """In ``grads="weighted"`` mode the update leaves must not carry the task axis."""
+    if params is None:
+        return
+    u_flat = jax.tree_util.tree_leaves(updates)
+    p_flat = jax.tree_util.tree_leaves(params, is_leaf=ta.is_variable)
+    if len(u_flat) != len(p_flat):
+        return  # structure mismatches are optax's business, not ours
+    for path, u, p in zip(ta.leaf_paths(updates), u_flat, p_flat):
+        p_shape = jnp.shape(p.get_value() if ta.is_variable(p) else p)
+        u_shape = jnp.shape(u)
+        if u_shape == p_shape:
+            continue
+        if u_shape == (num_tasks,) + tuple(p_shape):
+            raise ValueError(
+                f"{name}(grads='weighted'): update leaf '{path}' has shape {u_shape} = [T, *param_shape]; "
+                "this mode takes the plain gradient of the weighted loss. Pass per-task gradients "
+                "with grads='per_task'."
+            )
+        raise ValueError(
+            f"{name}(grads='weighted'): update leaf '{path}' has shape {u_shape} but the parameter has "
+            f"shape {p_shape}."
+        )
+
+
+def make_loss_transform(
+    num_tasks: int,
+    name: str,
+    init_state: Callable[[], NamedTuple],
+    hparams: Mapping[str, Any],
+    *,
+    grads: str,
+    weight_heads: bool,
+    shared: ta.SharedSpec,
+) -> optax.GradientTransformationExtraArgs:
+    """Builds the Optax transform of a loss-weighting method.
+
+    Args:
+      num_tasks: ``T``.
+      name: the method name (for error messages).
+      init_state: returns the initial state (it does not depend on the parameters).
+      hparams: float hyperparameter fields of the state that are refreshed from
+        the factory arguments at the end of every update, so that
+        ``optax.inject_hyperparams`` schedules take effect (from the next step
+        on, identically in both ``grads`` modes).
+      grads: ``"per_task"`` or ``"weighted"`` (see the module docstring).
+      weight_heads: in ``"per_task"`` mode, whether task-specific (head) leaves
+        get ``Σ_t w_t g_t`` (True, the loss-weighting objective) or the plain
+        ``Σ_t g_t`` (False).
+      shared: which leaves are shared (only used with ``weight_heads=False``).
+    """
+    check_grads_mode(grads)
+    if not weight_heads and grads != "per_task":
+        raise ValueError(
+            f"{name}: weight_heads=False needs grads='per_task' (the weighted-loss gradient cannot "
+            "separate the tasks' head gradients)."
+        )
+    refresh = {k: f32(v) for k, v in hparams.items()}
+
+    def init_fn(params: PyTree) -> NamedTuple:
+        del params
+        return init_state()
+
+    def update_fn(
+        updates: PyTree,
+        state: NamedTuple,
+        params: Optional[PyTree] = None,
+        *,
+        losses: Optional[jax.Array] = None,
+        key: Optional[jax.Array] = None,
+        **extra_args: Any,
+    ) -> tuple[PyTree, NamedTuple]:
+        if losses is None:
+            if type(state).needs_losses:
+                raise ValueError(
+                    f"{name} needs the raw task losses: call update(..., losses=losses) with the [T] vector."
+                )
+        else:
+            losses = check_losses(losses, num_tasks, name)
+        if key is None and type(state).needs_key:
+            raise ValueError(f"{name} is randomised and needs a PRNG key: call update(..., key=key).")
+
+        if grads == "per_task":
+            ta.check_task_axis(updates, num_tasks)
+            w = state.loss_weights(losses, key)
+            if weight_heads:
+                out = ta.weighted_sum_tasks(updates, w)
+            else:
+                mask = ta.resolve_shared(shared, updates if params is None else params)
+                g_shared, g_heads, treedef = ta.split_shared(updates, mask)
+                out_shared = jax.tree_util.tree_leaves(ta.weighted_sum_tasks(g_shared, w))
+                out_heads = [jnp.sum(g, axis=0) for g in g_heads]
+                out = ta.merge_shared(out_shared, out_heads, mask, treedef)
+        else:
+            _check_plain_grads(updates, params, num_tasks, name)
+            out = updates
+
+        new_state = state.advance(losses, key, **extra_args)
+        if refresh:
+            new_state = new_state._replace(**refresh)
+        return out, new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
