@@ -12,6 +12,8 @@ import itertools
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as hs
 
 from dbmtl_jax.metrics import delta_p, delta_p_per_task
 
@@ -277,3 +279,31 @@ def test_negative_baseline_keeps_sign_convention():
 def test_clear_errors(metrics, stl, spec, match):
     with pytest.raises(ValueError, match=match):
         delta_p(metrics, stl, spec)
+
+_pos = hs.floats(min_value=1e-3, max_value=1e3, allow_nan=False)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    stl=hs.lists(_pos, min_size=3, max_size=3),
+    a=hs.lists(_pos, min_size=3, max_size=3),
+    b=hs.lists(_pos, min_size=3, max_size=3),
+    bump=hs.floats(min_value=1e-3, max_value=10.0),
+)
+def test_property_affine_in_metrics_and_monotone(stl, a, b, bump):
+    spec = {"t0": {"x": True, "y": False}, "t1": {"z": True}}
+
+    def nest(v):
+        return {"t0": {"x": v[0], "y": v[1]}, "t1": {"z": v[2]}}
+
+    # Δp is affine in the metric values: the Δp of the mean of two results is the mean of their Δp.
+    mean = [(u + v) / 2 for u, v in zip(a, b)]
+    lhs = delta_p(nest(mean), nest(stl), spec)
+    rhs = (delta_p(nest(a), nest(stl), spec) + delta_p(nest(b), nest(stl), spec)) / 2
+    assert lhs == pytest.approx(rhs, rel=1e-9, abs=1e-9)
+    # raising a higher-is-better metric raises Δp; raising a lower-is-better one lowers it
+    base = delta_p(nest(a), nest(stl), spec)
+    assert delta_p(nest([a[0] + bump, a[1], a[2]]), nest(stl), spec) > base
+    assert delta_p(nest([a[0], a[1] + bump, a[2]]), nest(stl), spec) < base
+    # the STL row against itself is 0
+    assert delta_p(nest(stl), nest(stl), spec) == 0.0
