@@ -3,8 +3,10 @@
 Reference: Lin et al., "Dual-Balancing for Multi-Task Learning".
 """
 
+from dbmtl_jax import datasets, metrics
 from dbmtl_jax._version import __version__
 from dbmtl_jax.dbmtl import ALPHA_MODES, DBMTLState, dbmtl
+from dbmtl_jax.metrics import delta_p
 from dbmtl_jax.methods.registry import METHOD_GROUPS, METHODS, get_method
 from dbmtl_jax.multi_steps import TaskMultiSteps
 from dbmtl_jax.guard import InvalidStepError, SkipState, skip_invalid_steps
@@ -19,6 +21,9 @@ from dbmtl_jax.task_gradients import (
 
 __all__ = [
     "__version__",
+    "datasets",
+    "metrics",
+    "delta_p",
     "ALPHA_MODES",
     "DBMTLState",
     "dbmtl",
