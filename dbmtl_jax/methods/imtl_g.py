@@ -70,7 +70,7 @@ def imtl_g_weights(gram: jax.Array) -> tuple[jax.Array, jax.Array]:
     m = jnp.where(active[:, None], a[ref][None, :] - a, eye)
     m = jnp.where((jnp.arange(t) == ref)[:, None], jnp.ones_like(m), m)
     b = eye[ref]
-    alpha = jnp.linalg.lstsq(m, b)[0]
+    alpha = jnp.where(active, jnp.linalg.lstsq(m, b)[0], 0)
     resid = jnp.linalg.norm(jnp.matmul(m, alpha, precision=gc.HIGHEST) - b)
     any_active = jnp.any(active)
     alpha = jnp.where(any_active, alpha, jnp.full([t], 1.0 / t, dt))
