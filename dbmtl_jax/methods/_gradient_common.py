@@ -35,6 +35,7 @@ __all__ = [
     "require_key",
     "acc_dtype",
     "split_updates",
+    "state_dtype",
     "check_state_leaves",
     "stacked_zeros_tree",
     "zeros_tree",
@@ -95,6 +96,18 @@ def acc_dtype(leaves: Sequence[jax.Array]) -> Any:
     dt = jnp.float32
     for x in leaves:
         dt = jnp.promote_types(dt, x.dtype)
+    return dt
+
+
+def state_dtype(params: PyTree, mask: PyTree) -> Any:
+    """Dtype for small float state (norms, targets, weights): float32 or the widest shared dtype."""
+    flat = jax.tree_util.tree_leaves(params, is_leaf=ta.is_variable)
+    flags = jax.tree_util.tree_leaves(mask)
+    dt = jnp.dtype(jnp.float32)
+    for p, f in zip(flat, flags):
+        if f:
+            v = p.get_value() if ta.is_variable(p) else p
+            dt = jnp.promote_types(dt, jnp.asarray(v).dtype)
     return dt
 
 

@@ -61,10 +61,12 @@ class GradNormState(NamedTuple):
 
     Attributes:
       count: number of updates so far (int32).
-      weights: task weights ``w`` for the next update, float32 ``[T]`` summing to ``T``.
-      initial_losses: ``ℓ(0)``, float32 ``[T]`` (set by the first update).
+      weights: task weights ``w`` for the next update, ``[T]`` summing to ``T``.
+      initial_losses: ``ℓ(0)``, ``[T]`` (set by the first update).
       inner_state: state of ``weight_optimizer``.
-      gradnorm_loss: ``L_grad`` of the last update (float32).
+      gradnorm_loss: ``L_grad`` of the last update.
+
+    The float fields are float32, or the widest shared parameter dtype.
     """
 
     count: chex.Array
@@ -106,14 +108,14 @@ def gradnorm(
         raise ValueError(f"gradnorm: min_weight must be positive, got {min_weight!r}.")
 
     def init_fn(params: PyTree) -> GradNormState:
-        del params
-        w = jnp.ones([num_tasks], jnp.float32)
+        dt = gc.state_dtype(params, ta.resolve_shared(shared, params))
+        w = jnp.ones([num_tasks], dt)
         return GradNormState(
             count=jnp.zeros([], jnp.int32),
             weights=w,
-            initial_losses=jnp.ones([num_tasks], jnp.float32),
+            initial_losses=jnp.ones([num_tasks], dt),
             inner_state=inner.init(w),
-            gradnorm_loss=jnp.zeros([], jnp.float32),
+            gradnorm_loss=jnp.zeros([], dt),
         )
 
     def update_fn(
@@ -121,7 +123,8 @@ def gradnorm(
     ) -> tuple[PyTree, GradNormState]:
         del extra
         g_shared, g_heads, mask, treedef = gc.split_updates(updates, params, shared, num_tasks)
-        losses = gc.require_losses(losses, num_tasks, "gradnorm").astype(jnp.float32)
+        sdt = state.weights.dtype
+        losses = gc.require_losses(losses, num_tasks, "gradnorm").astype(sdt)
         w = state.weights
         out_shared = gc.combine(g_shared, w)
         out_heads = gc.combine(g_heads, w) if weight_heads else gc.sum_heads(g_heads)
@@ -135,9 +138,9 @@ def gradnorm(
             if g_shared and not sel:
                 raise ValueError("gradnorm: norm_leaves selected none of the shared leaves.")
         if sel:
-            n = gc.task_norms(sel, gc.acc_dtype(sel)).astype(jnp.float32)
+            n = gc.task_norms(sel, gc.acc_dtype(sel)).astype(sdt)
         else:
-            n = jnp.zeros([num_tasks], jnp.float32)
+            n = jnp.zeros([num_tasks], sdt)
 
         init_l = jnp.where(state.count == 0, losses, state.initial_losses)
         rel = jnp.where(init_l != 0, gc.safe_div(losses, init_l), 1.0)
@@ -152,13 +155,13 @@ def gradnorm(
         step, inner_state = inner.update(grad_w, state.inner_state, w)
         new_w = jnp.maximum(optax.apply_updates(w, step), min_weight)
         new_w = jnp.where(jnp.isfinite(new_w), new_w, 1.0)
-        new_w = (num_tasks * new_w / jnp.sum(new_w)).astype(jnp.float32)
+        new_w = (num_tasks * new_w / jnp.sum(new_w)).astype(sdt)
         return out, GradNormState(
             count=optax.safe_increment(state.count),
             weights=new_w,
-            initial_losses=init_l.astype(jnp.float32),
+            initial_losses=init_l.astype(sdt),
             inner_state=inner_state,
-            gradnorm_loss=jnp.where(jnp.isfinite(loss), loss, jnp.finfo(jnp.float32).max).astype(jnp.float32),
+            gradnorm_loss=jnp.where(jnp.isfinite(loss), loss, jnp.finfo(sdt).max).astype(sdt),
         )
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

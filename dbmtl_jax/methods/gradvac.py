@@ -61,7 +61,8 @@ class GradVacState(NamedTuple):
 
     Attributes:
       count: number of updates so far (int32).
-      targets: EMA cosine targets ``φ̂``, float32 ``[G, T, T]`` with ``G = 1``
+      targets: EMA cosine targets ``φ̂``, ``[G, T, T]`` (float32, or the widest
+        shared parameter dtype) with ``G = 1``
         (global) or the number of shared leaves (``granularity="leaf"``);
         ``targets[g, i, j]`` is the target of ``g_i`` towards ``g_j``.
       weights: coefficients ``c`` of the last update ``Σ_t c_t g_t``, float32
@@ -152,9 +153,10 @@ def gradvac(
 
     def init_fn(params: PyTree) -> GradVacState:
         g = num_groups(params)
+        dt = gc.state_dtype(params, ta.resolve_shared(shared, params))
         return GradVacState(
             count=jnp.zeros([], jnp.int32),
-            targets=jnp.zeros([g, num_tasks, num_tasks], jnp.float32),
+            targets=jnp.zeros([g, num_tasks, num_tasks], dt),
             weights=jnp.ones([g, num_tasks], jnp.float32),
         )
 
@@ -187,7 +189,7 @@ def gradvac(
                 out_shared = gc.combine(g_shared, coeffs[0])
             else:
                 out_shared = gc.combine_per_leaf(g_shared, coeffs)
-            targets, weights = new_t.astype(jnp.float32), coeffs.astype(jnp.float32)
+            targets, weights = new_t.astype(state.targets.dtype), coeffs.astype(jnp.float32)
         out = ta.merge_shared(out_shared, gc.sum_heads(g_heads), mask, treedef)
         return out, GradVacState(count=optax.safe_increment(state.count), targets=targets, weights=weights)
 

@@ -47,7 +47,8 @@ class MetaBalanceState(NamedTuple):
 
     Attributes:
       count: number of updates so far (int32).
-      norms: moving averages ``m`` of the task-gradient norms, float32 ``[G, T]``
+      norms: moving averages ``m`` of the task-gradient norms, ``[G, T]`` (float32,
+        or the widest shared parameter dtype)
         (``G = 1`` global, else one row per shared leaf).
       factors: the factors applied in the last update, float32 ``[G, T]``.
     """
@@ -99,9 +100,10 @@ def metabalance(
 
     def init_fn(params: PyTree) -> MetaBalanceState:
         g = num_groups(params)
+        dt = gc.state_dtype(params, ta.resolve_shared(shared, params))
         return MetaBalanceState(
             count=jnp.zeros([], jnp.int32),
-            norms=jnp.zeros([g, num_tasks], jnp.float32),
+            norms=jnp.zeros([g, num_tasks], dt),
             factors=jnp.ones([g, num_tasks], jnp.float32),
         )
 
@@ -137,7 +139,7 @@ def metabalance(
                 out_shared = gc.combine(g_shared, f[0])
             else:
                 out_shared = gc.combine_per_leaf(g_shared, f)
-            norms, factors = m.astype(jnp.float32), f.astype(jnp.float32)
+            norms, factors = m.astype(state.norms.dtype), f.astype(jnp.float32)
         out = ta.merge_shared(out_shared, gc.sum_heads(g_heads), mask, treedef)
         return out, MetaBalanceState(count=optax.safe_increment(state.count), norms=norms, factors=factors)
 

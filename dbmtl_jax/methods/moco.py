@@ -53,7 +53,8 @@ class MoCoState(NamedTuple):
     Attributes:
       count: number of updates so far (int32); the next uses ``k = count + 1``.
       y: tracking variables of the shared leaves, ``[T, *shape]`` (heads: ``MaskedNode``).
-      lambd: the task weights ``λ`` on the simplex, float32 ``[T]``.
+      lambd: the task weights ``λ`` on the simplex, ``[T]`` (float32, or the widest
+        shared parameter dtype).
     """
 
     count: chex.Array
@@ -97,7 +98,7 @@ def moco(
         return MoCoState(
             count=jnp.zeros([], jnp.int32),
             y=gc.stacked_zeros_tree(params, mask, num_tasks),
-            lambd=jnp.full([num_tasks], 1.0 / num_tasks, jnp.float32),
+            lambd=jnp.full([num_tasks], 1.0 / num_tasks, gc.state_dtype(params, mask)),
         )
 
     def update_fn(
@@ -135,7 +136,7 @@ def moco(
                 big = jnp.finfo(dt).max / 4
                 z = jnp.where(jnp.isnan(z), -big, jnp.clip(z, -big, big))
                 lambd = jax.nn.softmax(z)
-            lambd = lambd.astype(jnp.float32)
+            lambd = lambd.astype(state.lambd.dtype)
             out_shared = [c.astype(g.dtype) for c, g in zip(gc.combine(new_y, lambd.astype(dt)), g_shared)]
             new_y = [y.astype(old.dtype) for y, old in zip(new_y, y_l)]
         out = ta.merge_shared(out_shared, gc.sum_heads(g_heads), mask, treedef)

@@ -48,7 +48,8 @@ class MTAdamState(NamedTuple):
 
     Attributes:
       count: number of updates so far (int32).
-      norms: moving averages of the task-gradient norms, float32 ``[G, T]``.
+      norms: moving averages of the task-gradient norms, ``[G, T]`` (float32, or the
+        widest shared parameter dtype).
       mu: per-task first moments of the shared leaves, ``[T, *shape]`` (heads: ``MaskedNode``).
       nu: per-task second moments of the shared leaves, ``[T, *shape]``.
       mu_heads: first moments of the head leaves, ``[*shape]`` (shared: ``MaskedNode``).
@@ -108,7 +109,7 @@ def mtadam(
         mask = ta.resolve_shared(shared, params)
         return MTAdamState(
             count=jnp.zeros([], jnp.int32),
-            norms=jnp.zeros([num_groups(params), num_tasks], jnp.float32),
+            norms=jnp.zeros([num_groups(params), num_tasks], gc.state_dtype(params, mask)),
             mu=gc.stacked_zeros_tree(params, mask, num_tasks),
             nu=gc.stacked_zeros_tree(params, mask, num_tasks),
             mu_heads=gc.zeros_tree(params, mask, want_shared=False),
@@ -137,9 +138,10 @@ def mtadam(
             )
 
         count = optax.safe_increment(state.count)
-        k = count.astype(jnp.float32)
-        bc1 = 1 - jnp.asarray(b1, jnp.float32) ** k
-        bc2 = 1 - jnp.asarray(b2, jnp.float32) ** k
+        sdt = state.norms.dtype
+        k = count.astype(sdt)
+        bc1 = 1 - jnp.asarray(b1, sdt) ** k
+        bc2 = 1 - jnp.asarray(b2, sdt) ** k
         first = state.count == 0
 
         norms = state.norms
@@ -153,7 +155,7 @@ def mtadam(
             anchor = jnp.take_along_axis(n, jnp.argmax(ok, axis=1)[:, None], axis=1)
             ratio = jnp.minimum(gc.safe_div(jnp.broadcast_to(anchor, n.shape), n), jnp.finfo(dt).max / 4)
             scale = jnp.where(ok & has_anchor, rank_arr.astype(dt)[None] * ratio, 1)
-            norms = n.astype(jnp.float32)
+            norms = n.astype(state.norms.dtype)
             for i, (g, m, v) in enumerate(zip(g_shared, mu_l, nu_l)):
                 acc = jnp.promote_types(m.dtype, dt)
                 s = scale[0 if granularity == "global" else i].astype(acc)
