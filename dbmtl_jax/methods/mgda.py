@@ -28,7 +28,9 @@ Choices (see the report table in the docs):
   ``"frank_wolfe"`` is Frank–Wolfe with exact line search from the best pair of
   tasks with at most ``max_iter`` (default 250, the official ``MAX_ITER``)
   iterations and stopping tolerance ``tol`` on the duality gap, as the
-  official ``MinNormSolver`` FW variant.
+  official ``MinNormSolver`` FW variant, plus away steps (so interior
+  solutions converge linearly; the official solver in use is a projected
+  gradient variant without them).
 * scale: ``λ*`` sums to 1, so the update is on the scale of one task gradient
   (official code and LibMTL; the Nash-MTL repository's re-implementation
   multiplies by T).
