@@ -1,0 +1,84 @@
+"""Private helpers shared by the offline loaders: cached ``.npz`` artefacts,
+package-file lookup and error messages.
+
+Cache files live in :func:`dbmtl_jax.datasets.adult.cache_dir` (``$DBMTL_JAX_CACHE``,
+else ``$XDG_CACHE_HOME/dbmtl_jax``, else ``~/.cache/dbmtl_jax``) under one
+sub-folder per data set.  A file's name carries a hash of everything that
+determines its content (loader version, options, source file sizes), so
+changing an option never reads a stale artefact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import numpy as np
+
+from dbmtl_jax.datasets.adult import DatasetUnavailableError, cache_dir
+
+__all__ = ["artefact_path", "load_artefact", "package_file", "save_artefact", "unavailable"]
+
+
+def unavailable(dataset: str, reason: str, how: str) -> DatasetUnavailableError:
+    """A :class:`DatasetUnavailableError` whose message says what is missing and how to provide it."""
+    return DatasetUnavailableError(f"{dataset} data unavailable: {reason}\n{how}")
+
+
+def artefact_path(dataset: str, key: Mapping[str, Any], root: Optional[Path] = None) -> Path:
+    """``<cache>/<dataset>/<dataset>-<hash of key>.npz``; ``key`` must be JSON-serialisable."""
+    blob = json.dumps(dict(key), sort_keys=True, default=str).encode()
+    digest = hashlib.sha256(blob).hexdigest()[:16]
+    base = cache_dir() if root is None else Path(root)
+    return base / dataset / f"{dataset}-{digest}.npz"
+
+
+def save_artefact(path: Path, arrays: Mapping[str, np.ndarray]) -> bool:
+    """Writes ``arrays`` to ``path`` atomically (temp file + rename); returns False if the cache is not writable."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=path.parent)
+    except OSError:
+        return False
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
+        os.replace(tmp, path)  # concurrent writers never expose a partial file
+        return True
+    except OSError:
+        return False
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load_artefact(path: Path) -> Optional[dict[str, np.ndarray]]:
+    """The arrays of a cached ``.npz``, or None if it is missing or unreadable (then it is rebuilt)."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError):
+        return None
+
+
+def package_file(distribution: str, suffix: str) -> Optional[Path]:
+    """The installed file of ``distribution`` whose path ends with ``suffix`` (read via
+    ``importlib.metadata``, never by importing the package), or None."""
+    try:
+        files = importlib.metadata.files(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for f in files or ():
+        if str(f).replace("\\", "/").endswith(suffix):
+            p = Path(f.locate())
+            if p.is_file():
+                return p
+    return None
