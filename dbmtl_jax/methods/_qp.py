@@ -28,11 +28,10 @@ callers can store them in their optimizer state.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple, Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
-import optax
 
 PyTree = Any
 
@@ -442,6 +441,3 @@ def power_balance(
     w, it, _, _ = jax.lax.while_loop(cond, body, init)
     return SolverResult(w, it, power_balance_residual(gram, w, p))
 
-
-# Placeholder used in optimizer state for leaves a transform keeps no state for.
-MaskedNode = optax.MaskedNode
