@@ -49,6 +49,7 @@ def save_artefact(path: Path, arrays: Mapping[str, np.ndarray]) -> bool:
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)  # concurrent writers never expose a partial file
         return True
     except OSError:
