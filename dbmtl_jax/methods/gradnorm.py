@@ -21,7 +21,8 @@ same per-task gradients, so the new weights act from the next step on.
 
 Choices and defaults:
 
-* ``alpha=1.5`` (LibMTL's default; the paper tunes α per task set).
+* ``alpha=1.5`` (LibMTL's default and the value the paper uses on NYUv2; the
+  paper tunes α per task set).
 * The norms ``n_t`` are taken over the full shared gradient (all shared
   leaves, or the subset selected by ``norm_leaves``).  The paper uses the
   last shared layer to save compute; pass ``norm_leaves=lambda path: ...`` to

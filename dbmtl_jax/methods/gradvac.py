@@ -17,8 +17,8 @@ update is ``Σ_i g_i'``; head leaves get the plain ``Σ_t g_t``.
 
 Defaults and variants:
 
-* ``beta=0.01``: the paper's value (β = 1e-2).  LibMTL's default is 0.5; pass
-  ``beta=0.5`` to reproduce it.
+* ``beta=0.01``: the paper's value (β = 1e-2).  LibMTL's and TorchJD's default
+  is 0.5; pass ``beta=0.5`` to reproduce them.
 * ``ema_update="always"``: the paper's Algorithm 1 updates ``φ̂_ij`` for every
   visited pair.  LibMTL updates it only when the target was violated
   (``ema_update="on_violation"``).

@@ -114,26 +114,26 @@ def test_task_orders_are_permutations_of_the_others():
 
 
 def test_pcgrad_non_conflicting_unchanged():
-    T = 3
+    T = 4
     rng = np.random.default_rng(1)
     g = {n: np.abs(rng.standard_normal((T,) + s)) for n, s in SHAPES.items()}  # all dot products > 0
-    outs, state = _run("pcgrad", T, [g], [jax.random.key(0)])
+    outs, state = _run("pcgrad", T, [g], [jax.random.key(0)], reduction="sum")
     for n in SHAPES:
         np.testing.assert_allclose(outs[0][n], g[n].sum(0), rtol=1e-12)
     assert int(state.num_projections) == 0
 
 
 def test_pcgrad_order_matters_and_key_reproducible():
-    """Three mutually conflicting gradients: the result depends on the order, hence on the key."""
-    T = 3
-    G = np.array([[1.0, 0.0, 0.0, 0.0], [-0.8, 1.0, 0.0, 0.0], [-0.5, -0.9, 1.0, 0.0]])
+    """Mutually conflicting gradients: the result depends on the order, hence on the key."""
+    T = 4
+    G = np.array([[1.0, 0.0, 0.0, 0.0], [-0.8, 1.0, 0.0, 0.0], [-0.5, -0.9, 1.0, 0.0], [0.3, -0.2, -0.7, 1.0]])
     # embed G into the shared leaves: the first 4 coordinates of 'a', zeros elsewhere
     a = np.zeros((T, 6))
     a[:, :4] = G
     g = {"a": a.reshape(T, 3, 2), "b": np.zeros((T, 4)), "h": np.zeros((T, 2))}
     keys = [jax.random.key(s) for s in range(8)]
-    outs, _ = _run("pcgrad", T, [g] * len(keys), keys)
-    again, _ = _run("pcgrad", T, [g] * len(keys), keys)
+    outs, _ = _run("pcgrad", T, [g] * len(keys), keys, reduction="sum")
+    again, _ = _run("pcgrad", T, [g] * len(keys), keys, reduction="sum")
     for o1, o2 in zip(outs, again):
         np.testing.assert_array_equal(o1["a"], o2["a"])
     distinct = {tuple(np.round(o["a"].ravel(), 12)) for o in outs}
@@ -182,26 +182,26 @@ def test_graddrop_matches_numpy(leak):
 
 
 def test_graddrop_properties():
-    T = 4
+    T = 3
     rng = np.random.default_rng(3)
     g = _grads(rng, T)
-    keys = [jax.random.key(0), jax.random.key(0), jax.random.key(1)]
-    outs, state = _run("graddrop", T, [g] * 3, keys)
+    keys = [jax.random.key(0), jax.random.key(0)] + [jax.random.key(s) for s in range(1, 6)]
+    outs, state = _run("graddrop", T, [g] * len(keys), keys, leak=0.0)
     for n in SHARED_NAMES:
         pos = np.where(g[n] > 0, g[n], 0).sum(0)
         neg = np.where(g[n] < 0, g[n], 0).sum(0)
         # each coordinate keeps exactly one sign
         assert np.all(np.isclose(outs[0][n], pos) | np.isclose(outs[0][n], neg))
         np.testing.assert_array_equal(outs[0][n], outs[1][n])  # same key, same draw
-    assert any(not np.array_equal(outs[0][n], outs[2][n]) for n in SHARED_NAMES)
+    # other keys give other draws
+    assert any(not np.array_equal(outs[0][n], o[n]) for o in outs[2:] for n in SHARED_NAMES)
     assert 0.0 < float(state.kept_fraction) < 1.0
-    # one sign everywhere: nothing is dropped; leak = 1: the plain sum
-    same_sign = {n: np.abs(v) for n, v in g.items()}
-    o, _ = _run("graddrop", T, [same_sign], [jax.random.key(5)])
-    o1, _ = _run("graddrop", T, [g], [jax.random.key(5)], leak=1.0)
-    for n in SHAPES:
-        np.testing.assert_allclose(o[0][n], same_sign[n].sum(0), rtol=1e-12)
-        np.testing.assert_allclose(o1[0][n], g[n].sum(0), rtol=1e-12)
+    # one sign everywhere: nothing is dropped
+    for sign in (1.0, -1.0):
+        same_sign = {n: sign * np.abs(v) for n, v in g.items()}
+        o, _ = _run("graddrop", T, [same_sign], [jax.random.key(5)], leak=0.0)
+        for n in SHAPES:
+            np.testing.assert_allclose(o[0][n], same_sign[n].sum(0), rtol=1e-12)
 
 
 def test_graddrop_bad_leak_shape():
@@ -246,9 +246,9 @@ def numpy_gradvac(G, orders, targets, beta, ema_update, eps=1e-8):
     ids=lambda c: "-".join(map(str, c.values())),
 )
 def test_gradvac_matches_numpy(cfg):
-    T, steps = 3, 4
+    T, steps = 4, 4
     rng = np.random.default_rng(4)
-    grads = [_grads(rng, T, [1.0, 5.0, 0.2]) for _ in range(steps)]
+    grads = [_grads(rng, T, [1.0, 5.0, 0.2, 2.0]) for _ in range(steps)]
     keys = [jax.random.key(30 + s) for s in range(steps)]
     outs, state = _run("gradvac", T, grads, keys, **cfg)
     groups = [SHARED_NAMES] if cfg["granularity"] == "global" else [(n,) for n in SHARED_NAMES]
@@ -275,7 +275,7 @@ def test_gradvac_first_step_with_zero_targets_is_pcgrad():
     rng = np.random.default_rng(5)
     g = _grads(rng, T)
     k = jax.random.key(7)
-    gv, _ = _run("gradvac", T, [g], [k], eps=0.0)
-    pc, _ = _run("pcgrad", T, [g], [k])
+    gv, _ = _run("gradvac", T, [g], [k], beta=0.5, ema_update="always", granularity="global")
+    pc, _ = _run("pcgrad", T, [g], [k], reduction="sum")
     for n in SHAPES:
-        np.testing.assert_allclose(gv[0][n], pc[0][n], rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(gv[0][n], pc[0][n], rtol=1e-7, atol=1e-12)  # up to eps = 1e-8
