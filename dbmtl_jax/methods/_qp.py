@@ -27,8 +27,9 @@ callers can store them in their optimizer state.
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Any, NamedTuple, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +37,7 @@ import jax.numpy as jnp
 PyTree = Any
 
 __all__ = [
+    "highest_precision",
     "SolverResult",
     "compute_dtype",
     "shared_gram",
@@ -54,6 +56,23 @@ __all__ = [
 
 MIN_NORM_SOLVERS = ("active_set", "frank_wolfe")
 _HIGHEST = jax.lax.Precision.HIGHEST
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def highest_precision(fn: _F) -> _F:
+    """Traces ``fn`` with full-float32 matmuls (no TF32/bf16 passes on accelerators).
+
+    The solvers work with T×T matrices, so the cost is negligible, while the
+    default reduced-precision matmuls of some GPUs/TPUs (~1e-3 relative) would
+    spoil the KKT conditions they are meant to satisfy.
+    """
+
+    @functools.wraps(fn)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        with jax.default_matmul_precision("highest"):
+            return fn(*args, **kwargs)
+
+    return wrapped  # type: ignore[return-value]
 
 
 class SolverResult(NamedTuple):
@@ -136,7 +155,7 @@ def weighted_sum(leaves: Sequence[jax.Array], weights: jax.Array) -> list[jax.Ar
     out = []
     for x in leaves:
         acc = jnp.promote_types(x.dtype, jnp.float32)
-        out.append(jnp.tensordot(weights.astype(acc), x.astype(acc), axes=(0, 0)).astype(x.dtype))
+        out.append(jnp.tensordot(weights.astype(acc), x.astype(acc), axes=(0, 0), precision=_HIGHEST).astype(x.dtype))
     return out
 
 
@@ -185,6 +204,7 @@ def _restricted_solve(h: jax.Array, c: jax.Array, passive: jax.Array, ridge: jax
     return jnp.where(passive, s, 0.0) * jnp.ones((n,), h.dtype)
 
 
+@highest_precision
 def nnls_gram(
     h: jax.Array,
     c: jax.Array,
@@ -257,6 +277,7 @@ def nnls_gram(
 # ----------------------------------------------------------------------------
 
 
+@highest_precision
 def min_norm_kkt_gap(gram: jax.Array, lam: jax.Array) -> jax.Array:
     """Frank–Wolfe gap ``λᵀGλ − min_t (Gλ)_t`` (≥ 0; 0 iff ``λ`` is a min-norm point)."""
     g = gram @ lam
@@ -312,6 +333,7 @@ def _frank_wolfe(gram: jax.Array, *, max_iter: int, tol: float) -> SolverResult:
     return SolverResult(lam, it, gap)
 
 
+@highest_precision
 def min_norm_simplex(
     gram: jax.Array,
     *,
@@ -355,12 +377,14 @@ def min_norm_simplex(
 # ----------------------------------------------------------------------------
 
 
+@highest_precision
 def power_balance_residual(gram: jax.Array, w: jax.Array, p: float) -> jax.Array:
     """``max_t |w_t^p (G w)_t − 1|``: 0 exactly when ``G w = w^{-p}``."""
     w = jnp.maximum(w, jnp.finfo(w.dtype).tiny)
     return jnp.max(jnp.abs(w**p * (gram @ w) - 1.0))
 
 
+@highest_precision
 def power_balance(
     gram: jax.Array,
     p: float,

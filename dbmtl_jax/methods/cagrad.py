@@ -79,6 +79,7 @@ class CAGradState(NamedTuple):
     iterations: chex.Array
 
 
+@_qp.highest_precision
 def cagrad_dual_objective(gram: jax.Array, c: float, w: jax.Array, eps: float = 1e-8) -> tuple[jax.Array, jax.Array]:
     """The (smoothed) dual ``F(w) = wᵀGb + c‖g₀‖ sqrt(wᵀGw + ε)`` and its gradient, ``b = 1/T``."""
     t = gram.shape[0]
@@ -90,6 +91,7 @@ def cagrad_dual_objective(gram: jax.Array, c: float, w: jax.Array, eps: float = 
     return jnp.dot(w, gb) + radius * root, gb + radius * gw / root
 
 
+@_qp.highest_precision
 def cagrad_weights(
     gram: jax.Array,
     c: float,

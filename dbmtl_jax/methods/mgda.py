@@ -79,6 +79,7 @@ class MGDAState(NamedTuple):
     iterations: chex.Array
 
 
+@_qp.highest_precision
 def mgda_weights(
     gram: jax.Array,
     *,

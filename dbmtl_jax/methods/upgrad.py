@@ -72,6 +72,7 @@ class UPGradState(NamedTuple):
     iterations: chex.Array
 
 
+@_qp.highest_precision
 def upgrad_weights(
     gram: jax.Array,
     pref: jax.Array,

@@ -229,6 +229,18 @@ def test_state_structure_stable_across_steps(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_all_matmuls_use_full_float32_precision(name):
+    # accelerators default to reduced-precision (TF32/bf16-pass) float32 matmuls, which would spoil the
+    # solvers' KKT conditions; every dot in the traced update must request HIGHEST precision.
+    tx, update = method(name, 3)
+    j, head = conflicting(np.random.default_rng(5), 3)
+    text = update.lower(make_grads(j, head), tx.init(params_like()), params_like()).as_text()
+    dots = [line for line in text.splitlines() if "dot_general" in line]
+    assert dots or name == "excessmtl"
+    assert all("HIGHEST" in line for line in dots), [d for d in dots if "HIGHEST" not in d][:2]
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_rejects_wrong_task_axis(name):
     tx, _ = method(name, 3)
     state = tx.init(params_like())
