@@ -1,0 +1,159 @@
+"""Console entry point ``dbmtl-jax`` (also ``python -m dbmtl_jax.experiments``).
+
+Commands::
+
+    dbmtl-jax run <benchmark> --methods stl,ew,dbmtl --seeds 3 [--quick] [--out results/]
+                  [--hp dbmtl.beta=0.5 ...] [--log] [--grad-stats] [--import my_module]
+    dbmtl-jax report <dir> [--out DIR] [--no-plots]
+    dbmtl-jax list [--import my_module]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+__all__ = ["main", "build_parser"]
+
+
+def _import_user(specs: Sequence[str]) -> None:
+    """Imports modules (dotted names or .py files) that register benchmarks."""
+    for spec in specs:
+        path = Path(spec)
+        if spec.endswith(".py") or path.is_file():
+            if not path.is_file():
+                raise SystemExit(f"--import: {spec} does not exist.")
+            name = f"dbmtl_jax_user_{abs(hash(str(path.resolve())))}"
+            mod_spec = importlib.util.spec_from_file_location(name, path)
+            assert mod_spec is not None and mod_spec.loader is not None
+            module = importlib.util.module_from_spec(mod_spec)
+            sys.modules[name] = module
+            mod_spec.loader.exec_module(module)
+        else:
+            importlib.import_module(spec)
+
+
+def _seeds(text: str) -> list[int]:
+    """``3`` -> [0, 1, 2]; ``0,5,7`` -> [0, 5, 7]."""
+    text = text.strip()
+    if "," in text:
+        return [int(s) for s in text.split(",") if s.strip()]
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError("--seeds must be a positive count or a comma-separated list.")
+    return list(range(n))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dbmtl-jax", description="Multi-task learning experiments with dbmtl_jax.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="train methods on a benchmark (resumable; one JSON per run)")
+    r.add_argument("benchmark", help="registered benchmark name (see `dbmtl-jax list`)")
+    r.add_argument("--methods", default="stl,ew,dbmtl",
+                   help="comma-separated: stl, registry names, NAME+log / NAME+nolog, or 'all' (default stl,ew,dbmtl)")
+    r.add_argument("--seeds", type=_seeds, default=[0], help="number of seeds (0..n-1) or a list like 0,3,7")
+    r.add_argument("--quick", action="store_true", help="the benchmark's quick recipe (under 2 minutes per run)")
+    r.add_argument("--out", default="results", help="output directory (default results/)")
+    r.add_argument("--hp", action="append", default=[], metavar="METHOD.NAME=VALUE",
+                   help="method hyperparameter, repeatable (e.g. dbmtl.beta=0.5)")
+    r.add_argument("--log", action="store_true", help="log-transform the losses of every method (Fig. 1)")
+    r.add_argument("--grad-stats", action="store_true",
+                   help="per-task gradients for loss-weighting methods too, to record gradient norms/cosines")
+    r.add_argument("--epochs", type=int, help="override the recipe's epochs")
+    r.add_argument("--lr", type=float, help="override the recipe's learning rate")
+    r.add_argument("--batch-size", type=int, help="override the recipe's batch size")
+    r.add_argument("--test-curve", action="store_true",
+                   help="also evaluate test after every epoch (diagnostic only, never used for selection)")
+    r.add_argument("--no-resume", action="store_true", help="rerun finished runs")
+    r.add_argument("--no-progress", action="store_true", help="no progress bars")
+    r.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                   help="module or .py file that registers more benchmarks (repeatable)")
+
+    rp = sub.add_parser("report", help="markdown table, CSV and plots from a results directory")
+    rp.add_argument("dir", help="results directory (searched recursively)")
+    rp.add_argument("--out", help="where to write the report (default: the results directory)")
+    rp.add_argument("--no-plots", action="store_true")
+
+    ls = sub.add_parser("list", help="list benchmarks and methods")
+    ls.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE")
+    return p
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from dbmtl_jax import experiments as ex
+
+    _import_user(args.imports)
+    try:
+        bench = ex.get_benchmark(args.benchmark)
+        methods = ex.parse_methods(args.methods, force_log=args.log)
+        hparams = ex.parse_hparams(args.hp)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    recipe = bench.quick if args.quick else bench.recipe
+    changes = {k: v for k, v in (("epochs", args.epochs), ("learning_rate", args.lr),
+                                 ("batch_size", args.batch_size)) if v is not None}
+    try:
+        recipe = recipe.replace(**changes) if changes else recipe
+        paths = ex.run_experiments(
+            bench, methods, args.seeds, args.out, quick=args.quick, recipe=recipe, hparams=hparams,
+            grad_stats=args.grad_stats, test_curve=args.test_curve, resume=not args.no_resume,
+            progress=not args.no_progress,
+        )
+    except ex.RunError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{len(paths)} result file(s) under {Path(args.out) / bench.name}; "
+          f"`dbmtl-jax report {args.out}` summarises them.")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from dbmtl_jax.experiments.report import write_report
+
+    if not Path(args.dir).is_dir():
+        print(f"error: {args.dir} is not a directory.", file=sys.stderr)
+        return 2
+    res = write_report(args.dir, args.out, plots=not args.no_plots)
+    print(res["markdown"])
+    files = [res["report"], *res["csv"], *res["plots"]]
+    print(f"\n{res['num_runs']} run(s); wrote " + ", ".join(str(f) for f in files))
+    return 0 if res["num_runs"] else 1
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    import dbmtl_jax
+    from dbmtl_jax import experiments as ex
+
+    _import_user(args.imports)
+    print("Benchmarks:")
+    for name in sorted(ex.BENCHMARKS):
+        try:
+            b = ex.get_benchmark(name)
+            print(f"  {name:<14} {b.num_tasks} tasks ({', '.join(b.task_names)}): {b.description}")
+        except Exception as e:  # noqa: BLE001 - a broken user benchmark must not hide the others
+            print(f"  {name:<14} (cannot be built: {type(e).__name__}: {e})")
+    print("Methods: stl, " + ", ".join(f"{m} [{dbmtl_jax.METHOD_GROUPS[m]}]" for m in dbmtl_jax.METHODS))
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Runs the ``dbmtl-jax`` command; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    if args.command == "run":
+        return _cmd_run(args)
+    if args.command == "report":
+        return _cmd_report(args)
+    return _cmd_list(args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

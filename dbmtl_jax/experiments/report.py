@@ -1,0 +1,381 @@
+"""Reports from the runner's JSON files: a markdown table, CSV files and plots.
+
+Runs are grouped into *settings* (benchmark + training recipe + quick flag:
+quick and full runs never mix) and, within a setting, into rows (method label +
+config hash: the same method with other hyperparameters is another row).  Per
+row and metric the table gives the mean ± sample standard deviation (ddof 1)
+of the test metric over seeds, and Δp (Eq. 3–4 of the DB-MTL paper, via
+:func:`dbmtl_jax.delta_p`, in percent) of every seed's test metrics against the
+STL row's mean metrics, as mean ± std over seeds.  The best mean of each
+column is in bold (all rows, STL included, as in the paper's tables).
+
+Files written by :func:`write_report` (into the results directory unless
+``out`` is given): ``report.md``, ``summary.csv`` (long format: one line per
+setting, row, task and metric, plus ``delta_p`` and timing lines),
+``runs.csv`` (one line per run, task and metric) and, per setting, the plots
+``<setting>_train_loss.png`` (per-task training loss), ``<setting>_grad_norm.png``
+(per-task norm of the raw-loss shared gradient ``‖∇_θ ℓ_t‖``, the paper's Fig. 8)
+and ``<setting>_grad_cosine.png`` (pairwise cosine similarity of the task
+gradients, Fig. 10), all averaged over seeds.  Gradient plots only show runs
+that computed per-task gradients.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import os
+import statistics
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional, Sequence
+
+import numpy as np
+
+from dbmtl_jax.metrics import delta_p
+
+__all__ = ["load_results", "summarize", "markdown_table", "write_report", "Setting", "Row"]
+
+
+def load_results(directory: os.PathLike) -> list[dict[str, Any]]:
+    """All finished run records under ``directory`` (recursively), sorted by benchmark, method, seed."""
+    from dbmtl_jax.experiments.train import RESULT_FORMAT
+
+    out = []
+    for path in sorted(Path(directory).rglob("*.json")):
+        try:
+            with open(path) as f:
+                rec = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if isinstance(rec, dict) and rec.get("format") == RESULT_FORMAT and rec.get("status") == "done":
+            rec["_path"] = str(path)
+            out.append(rec)
+    out.sort(key=lambda r: (r["benchmark"], r["method"], r["config_hash"], r["seed"]))
+    return out
+
+
+class Row:
+    """One table row: the runs of one (method, config) over seeds."""
+
+    def __init__(self, method: str, config_hash: str, config: Mapping[str, Any]) -> None:
+        self.method = method
+        self.config_hash = config_hash
+        self.config = config
+        self.runs: list[dict[str, Any]] = []
+        self.delta_p: list[float] = []
+
+    @property
+    def label(self) -> str:
+        hp = self.config.get("hparams") or {}
+        if not hp:
+            return self.method
+        return f"{self.method} ({', '.join(f'{k}={v}' for k, v in sorted(hp.items()))})"
+
+    @property
+    def seeds(self) -> list[int]:
+        return [r["seed"] for r in self.runs]
+
+    def values(self, task: str, metric: str) -> list[float]:
+        out = []
+        for r in self.runs:
+            v = r["metrics"]["test"].get(task, {}).get(metric)
+            out.append(float("nan") if v is None else float(v))
+        return out
+
+    def mean_metrics(self, tasks: Mapping[str, Mapping[str, bool]]) -> dict[str, dict[str, float]]:
+        return {t: {m: _mean(self.values(t, m)) for m in ms} for t, ms in tasks.items()}
+
+    def timing(self, key: str) -> list[float]:
+        return [float(r[key]) for r in self.runs if isinstance(r.get(key), (int, float))]
+
+
+class Setting:
+    """The rows of one benchmark under one recipe."""
+
+    def __init__(self, key: str, benchmark: str, recipe: Mapping[str, Any], quick: bool,
+                 tasks: Mapping[str, Any]) -> None:
+        self.key = key
+        self.benchmark = benchmark
+        self.recipe = recipe
+        self.quick = quick
+        self.tasks = tasks  # task -> {"metrics": {name: hib}, "select_metric": ..., "units": ...}
+        self.rows: dict[tuple[str, str], Row] = {}
+
+    @property
+    def higher_is_better(self) -> dict[str, dict[str, bool]]:
+        return {t: dict(info["metrics"]) for t, info in self.tasks.items()}
+
+    @property
+    def stl(self) -> Optional[Row]:
+        rows = [r for r in self.rows.values() if r.method == "stl"]
+        return rows[0] if rows else None
+
+
+def _mean(xs: Sequence[float]) -> float:
+    xs = [x for x in xs if x is not None]
+    return float(np.mean(xs)) if xs else float("nan")
+
+
+def _std(xs: Sequence[float]) -> float:
+    return float(np.std(xs, ddof=1)) if len(xs) > 1 else float("nan")
+
+
+def _setting_key(rec: Mapping[str, Any]) -> str:
+    cfg = rec["config"]
+    text = json.dumps({"b": cfg["benchmark"], "r": cfg["recipe"], "q": cfg["quick"]}, sort_keys=True)
+    return f"{cfg['benchmark']}-{'quick' if cfg['quick'] else 'full'}-{hashlib.sha256(text.encode()).hexdigest()[:6]}"
+
+
+def summarize(records: Iterable[Mapping[str, Any]]) -> list[Setting]:
+    """Groups run records into settings and rows and computes Δp against each setting's STL row."""
+    settings: dict[str, Setting] = {}
+    for rec in records:
+        key = _setting_key(rec)
+        cfg = rec["config"]
+        st = settings.get(key)
+        if st is None:
+            st = settings[key] = Setting(key, cfg["benchmark"], cfg["recipe"], cfg["quick"], rec["tasks"])
+        rk = (rec["method"], rec["config_hash"])
+        row = st.rows.get(rk)
+        if row is None:
+            row = st.rows[rk] = Row(rec["method"], rec["config_hash"], cfg)
+        row.runs.append(dict(rec))
+    for st in settings.values():
+        stl = st.stl
+        if stl is None:
+            continue
+        hib = st.higher_is_better
+        base = stl.mean_metrics(hib)
+        for row in st.rows.values():
+            row.delta_p = []
+            for r in row.runs:
+                try:
+                    row.delta_p.append(delta_p(r["metrics"]["test"], base, hib))
+                except ValueError:
+                    row.delta_p.append(float("nan"))
+    ordered = sorted(settings.values(), key=lambda s: s.key)
+    for st in ordered:
+        st.rows = dict(sorted(st.rows.items(), key=lambda kv: (kv[0][0] != "stl", kv[0][0], kv[0][1])))
+    return ordered
+
+
+def _fmt(x: Optional[float]) -> str:
+    if x is None or not math.isfinite(x):
+        return "—"
+    return f"{x:.4g}"
+
+
+def _cell(xs: Sequence[float], bold: bool, signed: bool = False) -> str:
+    m, s = _mean(xs), _std(xs)
+    if signed and math.isfinite(m):
+        text = f"{m:+.2f}"
+        text += f" ± {s:.2f}" if math.isfinite(s) else ""
+    else:
+        text = _fmt(m) + (f" ± {s:.2g}" if math.isfinite(s) else "")
+    return f"**{text}**" if bold else text
+
+
+def _best(means: list[float], higher: bool) -> Optional[float]:
+    finite = [m for m in means if math.isfinite(m)]
+    if not finite:
+        return None
+    return max(finite) if higher else min(finite)
+
+
+def markdown_table(st: Setting) -> str:
+    """The paper-style table of one setting (see the module docstring)."""
+    hib = st.higher_is_better
+    rows = list(st.rows.values())
+    cols: list[tuple[str, str, bool]] = [(t, m, h) for t, ms in hib.items() for m, h in ms.items()]
+    header = ["Method"]
+    for t, m, h in cols:
+        unit = st.tasks[t].get("units", {}).get(m)
+        header.append(f"{t} {m}{f' ({unit})' if unit else ''} {'↑' if h else '↓'}")
+    has_stl = st.stl is not None
+    header += ["Δp ↑ (%)", "seeds", "step (ms)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    best = {(t, m): _best([_mean(r.values(t, m)) for r in rows], h) for t, m, h in cols}
+    best_dp = _best([_mean(r.delta_p) for r in rows], True) if has_stl else None
+    for r in rows:
+        cells = [r.label]
+        for t, m, h in cols:
+            xs = r.values(t, m)
+            cells.append(_cell(xs, best[(t, m)] is not None and _mean(xs) == best[(t, m)]))
+        if has_stl:
+            cells.append(_cell(r.delta_p, best_dp is not None and _mean(r.delta_p) == best_dp, signed=True))
+        else:
+            cells.append("—")
+        cells.append(",".join(str(s) for s in r.seeds))
+        steps = r.timing("median_step_time_s")
+        cells.append(f"{1e3 * statistics.median(steps):.2f}" if steps else "—")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _setting_title(st: Setting) -> str:
+    rc = st.recipe
+    parts = [f"lr {rc.get('learning_rate')}", f"batch {rc.get('batch_size')}", f"{rc.get('epochs')} epochs"]
+    if rc.get("max_steps_per_epoch"):
+        parts.append(f"≤{rc['max_steps_per_epoch']} steps/epoch")
+    if rc.get("max_train_examples"):
+        parts.append(f"≤{rc['max_train_examples']} train examples")
+    if rc.get("weight_decay"):
+        parts.append(f"weight decay {rc['weight_decay']}")
+    return f"{st.benchmark} ({'quick' if st.quick else 'full'} recipe: {', '.join(parts)}) [{st.key}]"
+
+
+def render_markdown(settings: Sequence[Setting]) -> str:
+    out = ["# Results", ""]
+    if not settings:
+        out.append("No finished runs found.")
+    for st in settings:
+        out += [f"## {_setting_title(st)}", ""]
+        out.append(markdown_table(st))
+        out.append("")
+        notes = ["Test metrics at the validation-selected epoch, mean ± std (ddof 1) over seeds."]
+        if st.stl is None:
+            notes.append("No STL run in this setting: Δp is not available (run `--methods stl,...`).")
+        else:
+            notes.append("Δp: Eq. (3)–(4) of each seed vs the mean STL metrics; positive is better than STL.")
+        bad = [f"{r.label} seed {x['seed']}" for r in st.rows.values() for x in r.runs if x.get("nonfinite_steps")]
+        if bad:
+            notes.append(f"Non-finite training losses occurred in: {', '.join(bad)}.")
+        out += [" ".join(notes), ""]
+    return "\n".join(out)
+
+
+def _write_csvs(settings: Sequence[Setting], out: Path) -> list[Path]:
+    summary, runs = out / "summary.csv", out / "runs.csv"
+    with open(summary, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["setting", "benchmark", "quick", "method", "config_hash", "hparams", "task", "metric",
+                    "higher_is_better", "mean", "std", "n"])
+        for st in settings:
+            for r in st.rows.values():
+                hp = json.dumps(r.config.get("hparams") or {}, sort_keys=True)
+                base = [st.key, st.benchmark, st.quick, r.method, r.config_hash, hp]
+                for t, ms in st.higher_is_better.items():
+                    for m, h in ms.items():
+                        xs = r.values(t, m)
+                        w.writerow(base + [t, m, h, _mean(xs), _std(xs), len(xs)])
+                if r.delta_p:
+                    w.writerow(base + ["", "delta_p", True, _mean(r.delta_p), _std(r.delta_p), len(r.delta_p)])
+                for key in ("median_step_time_s", "wall_time_s"):
+                    xs = r.timing(key)
+                    if xs:
+                        w.writerow(base + ["", key, False, _mean(xs), _std(xs), len(xs)])
+    with open(runs, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["setting", "benchmark", "method", "config_hash", "seed", "split", "task", "metric", "value",
+                    "selected_epoch"])
+        for st in settings:
+            for r in st.rows.values():
+                for rec in r.runs:
+                    for split in ("val", "test"):
+                        for t, ms in rec["metrics"][split].items():
+                            for m, v in ms.items():
+                                w.writerow([st.key, st.benchmark, r.method, r.config_hash, rec["seed"], split, t,
+                                            m, v, rec["selected_epoch"].get(t)])
+    return [summary, runs]
+
+
+def _curve(row: Row, key: str) -> tuple[Optional[np.ndarray], Optional[np.ndarray]]:
+    """Seed-averaged step curve ``key`` of a row (steps, values) or (None, None)."""
+    curves = [(r.get("curve") or {}) for r in row.runs]
+    curves = [c for c in curves if c.get(key) and all(v is not None for v in c[key])]
+    if not curves:
+        return None, None
+    n = min(len(c["step"]) for c in curves)
+    steps = np.asarray(curves[0]["step"][:n])
+    vals = np.stack([np.asarray(c[key][:n], dtype=float) for c in curves])
+    return steps, np.nanmean(vals, axis=0)
+
+
+def _plots(st: Setting, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(st.tasks)
+    T = len(tasks)
+    written = []
+    rows = list(st.rows.values())
+    ncols = min(T, 4)
+    nrows = math.ceil(T / ncols)
+    for key, ylabel, fname in (("train_loss", "training loss", "train_loss"),
+                               ("raw_grad_norm", "‖∇θ ℓ_t‖ (shared)", "grad_norm")):
+        series = [(r, *_curve(r, key)) for r in rows]
+        series = [s for s in series if s[1] is not None]
+        if not series:
+            continue
+        fig, axes = plt.subplots(nrows, ncols, figsize=(4 * ncols, 3 * nrows), squeeze=False)
+        for t, name in enumerate(tasks):
+            ax = axes[t // ncols][t % ncols]
+            for r, steps, vals in series:
+                y = vals[:, t]
+                ax.plot(steps, y, label=r.label)
+            if all(np.all(v[:, t][np.isfinite(v[:, t])] > 0) for _, _, v in series):
+                ax.set_yscale("log")
+            ax.set_title(name)
+            ax.set_xlabel("step")
+            ax.set_ylabel(ylabel)
+        for k in range(T, nrows * ncols):
+            axes[k // ncols][k % ncols].axis("off")
+        axes[0][0].legend(fontsize="small")
+        fig.suptitle(f"{st.benchmark}: {ylabel} (mean over seeds)")
+        fig.tight_layout()
+        path = out / f"{st.key}_{fname}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+
+    series = [(r, *_curve(r, "grad_cosine")) for r in rows]
+    series = [s for s in series if s[1] is not None]
+    if series and T > 1:
+        pairs = [(i, j) for i in range(T) for j in range(i + 1, T)]
+        per_pair = len(pairs) <= 6
+        panels = pairs if per_pair else [None]
+        nc = min(len(panels), 3)
+        nr = math.ceil(len(panels) / nc)
+        fig, axes = plt.subplots(nr, nc, figsize=(4 * nc, 3 * nr), squeeze=False)
+        iu = np.triu_indices(T, 1)
+        for k, pair in enumerate(panels):
+            ax = axes[k // nc][k % nc]
+            for r, steps, vals in series:
+                y = vals[:, pair[0], pair[1]] if pair else vals[:, iu[0], iu[1]].mean(axis=1)
+                ax.plot(steps, y, label=r.label)
+            ax.axhline(0.0, color="gray", lw=0.5)
+            ax.set_title(f"{tasks[pair[0]]} vs {tasks[pair[1]]}" if pair else "mean over task pairs")
+            ax.set_xlabel("step")
+            ax.set_ylabel("cosine similarity")
+        for k in range(len(panels), nr * nc):
+            axes[k // nc][k % nc].axis("off")
+        axes[0][0].legend(fontsize="small")
+        fig.suptitle(f"{st.benchmark}: task gradient cosine similarity (mean over seeds)")
+        fig.tight_layout()
+        path = out / f"{st.key}_grad_cosine.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def write_report(directory: os.PathLike, out: Optional[os.PathLike] = None, *, plots: bool = True) -> dict[str, Any]:
+    """Writes ``report.md``, ``summary.csv``, ``runs.csv`` and the plots; returns paths and the markdown."""
+    records = load_results(directory)
+    settings = summarize(records)
+    out_dir = Path(out) if out is not None else Path(directory)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md = render_markdown(settings)
+    md_path = out_dir / "report.md"
+    md_path.write_text(md + "\n")
+    csvs = _write_csvs(settings, out_dir)
+    figs: list[Path] = []
+    if plots:
+        for st in settings:
+            figs += _plots(st, out_dir)
+    return {"markdown": md, "report": md_path, "csv": csvs, "plots": figs, "settings": settings,
+            "num_runs": len(records)}

@@ -1,0 +1,859 @@
+"""Training and evaluation loop of the experiment runner.
+
+One *run* trains one model of a :class:`~dbmtl_jax.experiments.benchmark.Benchmark`
+with one method and one seed, and writes one JSON file.  Only the public API
+of the library is used:
+
+* gradient-balancing, hybrid and DB-MTL methods (and loss-weighting methods
+  with the log transform or ``grad_stats=True``): per-task gradients from
+  ``dbmtl_jax.value_and_task_grads(loss_fn, log=...)``, then
+  ``optax.chain(get_method(name, T, shared=..., **hp), [add_decayed_weights], adam(lr))``
+  with ``losses=`` (the raw task losses) and ``key=`` passed as extra args;
+* loss-weighting methods (``METHOD_GROUPS[name] == "loss"``): the cheap path
+  of :mod:`dbmtl_jax.loss_weighting` (one backward pass of
+  ``Σ_t stop_gradient(w_t) ℓ_t``, the method built with ``grads="weighted"``);
+* ``stl``: single-task learning, T independent copies of the benchmark's model
+  (each with all heads, only head ``t`` of copy ``t`` is trained and used),
+  trained together by minimising ``Σ_t ℓ_t(copy_t)`` with one Adam.  Copies
+  share no parameter and Adam is per-coordinate, so this is exactly T separate
+  single-task runs on the same batches; model selection is done per task (each
+  copy at its own best validation epoch), as for separate runs.
+
+Method labels: ``name`` uses the method's natural loss transform (log for
+``dbmtl``, raw losses for the others); ``name+log`` / ``name+nolog`` force
+``log(ℓ_t + ε)`` gradients or raw gradients (the paper's Fig. 1 and Table 5).
+With the log transform, ``losses=`` still receives the raw losses.
+
+Model selection: after every epoch the validation split is evaluated; the
+selected epoch maximises the mean over tasks of the signed relative change of
+each task's ``select_metric`` with respect to the first epoch (LibMTL's
+validation-based selection, restricted to the selection metrics).  The
+parameters of the best epoch are kept in host memory and the test split is
+evaluated once, at the end, with them: test data never influences selection.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import inspect
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import dbmtl_jax
+from dbmtl_jax import loss_weighting
+from dbmtl_jax.experiments.benchmark import Benchmark, Recipe, Task
+
+__all__ = [
+    "RESULT_FORMAT",
+    "MethodSpec",
+    "parse_method",
+    "parse_methods",
+    "parse_hparams",
+    "RunConfig",
+    "make_config",
+    "config_hash",
+    "result_path",
+    "is_finished",
+    "train_run",
+    "run_experiments",
+]
+
+RESULT_FORMAT = "dbmtl_jax.experiment/1"
+LOG_EPS = 1e-8  # the ε of log(ℓ + ε), value_and_task_grads' default
+
+
+# --------------------------------------------------------------------------- methods
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodSpec:
+    """A method as the runner trains it.
+
+    Attributes:
+      name: registry name (``dbmtl_jax.METHODS``) or ``"stl"``.
+      log: differentiate ``log(ℓ_t + ε)`` instead of ``ℓ_t``.
+      label: canonical label (``"pcgrad+log"``; the suffix only when ``log``
+        differs from the method's default), used in file names and tables.
+    """
+
+    name: str
+    log: bool
+    label: str
+
+    @property
+    def group(self) -> str:
+        return "stl" if self.name == "stl" else dbmtl_jax.METHOD_GROUPS[self.name]
+
+
+def default_log(name: str) -> bool:
+    """Whether a method differentiates the log losses by default (DB-MTL only)."""
+    return dbmtl_jax.METHOD_GROUPS.get(name) == "dbmtl"
+
+
+def parse_method(spec: str) -> MethodSpec:
+    """Parses ``name``, ``name+log`` or ``name+nolog``."""
+    spec = spec.strip()
+    base, _, suffix = spec.partition("+")
+    base = base.strip().lower()
+    if base == "stl":
+        if suffix:
+            raise ValueError(f"method {spec!r}: stl takes no '+{suffix}' suffix.")
+        return MethodSpec("stl", False, "stl")
+    if base not in dbmtl_jax.METHODS:
+        raise ValueError(f"unknown method {base!r}; available: stl, {', '.join(dbmtl_jax.METHODS)}.")
+    if suffix not in ("", "log", "nolog"):
+        raise ValueError(f"method {spec!r}: unknown suffix '+{suffix}'; expected '+log' or '+nolog'.")
+    log = default_log(base) if not suffix else suffix == "log"
+    label = base if log == default_log(base) else f"{base}+{'log' if log else 'nolog'}"
+    return MethodSpec(base, log, label)
+
+
+def parse_methods(text: str, *, force_log: bool = False) -> list[MethodSpec]:
+    """Comma-separated method labels; ``all`` expands to stl and every registered method.
+
+    ``force_log`` turns on the log transform for every method but ``stl``
+    (the CLI's ``--log``).
+    """
+    out: list[MethodSpec] = []
+    for item in (s.strip() for s in text.split(",")):
+        if not item:
+            continue
+        items = ["stl", *dbmtl_jax.METHODS] if item.lower() == "all" else [item]
+        for it in items:
+            spec = parse_method(it)
+            if force_log and spec.name != "stl" and not spec.log:
+                spec = parse_method(f"{spec.name}+log")
+            if spec not in out:
+                out.append(spec)
+    if not out:
+        raise ValueError("no method given.")
+    return out
+
+
+def _literal(text: str) -> Any:
+    import ast
+
+    low = text.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    try:
+        return ast.literal_eval(text.strip())
+    except (ValueError, SyntaxError):
+        return text.strip()
+
+
+def parse_hparams(items: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """``["dbmtl.beta=0.5", "pcgrad+log.reduction=mean"]`` -> ``{method: {name: value}}``.
+
+    The method part is a registry name (applies to all its variants) or a full
+    label (applies to that variant only, after the name's values).
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        head, eq, value = item.partition("=")
+        method, dot, key = head.partition(".")
+        if not eq or not dot or not method.strip() or not key.strip():
+            raise ValueError(f"--hp {item!r}: expected METHOD.NAME=VALUE, e.g. dbmtl.beta=0.5.")
+        out.setdefault(method.strip().lower(), {})[key.strip()] = _literal(value)
+    return out
+
+
+def _factory(name: str) -> Optional[Callable[..., Any]]:
+    """The registered factory of ``name`` (for signature inspection only)."""
+    from dbmtl_jax.methods import registry
+
+    entry = getattr(registry, "_REGISTRY", {}).get(name)
+    if entry is None:
+        return None
+    try:
+        return getattr(importlib.import_module(entry[1]), entry[2])
+    except (ImportError, AttributeError):
+        return None
+
+
+def _accepts(name: str, arg: str) -> bool:
+    f = _factory(name)
+    if f is None:
+        return False
+    try:
+        return arg in inspect.signature(f).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def uses_cheap_path(spec: MethodSpec, grad_stats: bool) -> bool:
+    """Loss-weighting methods on raw losses use the one-backward-pass weighted loss."""
+    return (
+        spec.name != "stl"
+        and spec.group == "loss"
+        and not spec.log
+        and not grad_stats
+        and _accepts(spec.name, "grads")
+    )
+
+
+def method_hparams(
+    spec: MethodSpec, benchmark: Benchmark, user: Mapping[str, Mapping[str, Any]]
+) -> dict[str, Any]:
+    """The method's hyperparameters: benchmark defaults, then ``--hp NAME.*``, then ``--hp LABEL.*``."""
+    hp: dict[str, Any] = {}
+    for key in dict.fromkeys([spec.name, spec.label]):
+        hp.update(benchmark.method_hparams.get(key, {}))
+    for key in dict.fromkeys([spec.name, spec.label]):
+        hp.update(user.get(key, {}))
+    return hp
+
+
+# --------------------------------------------------------------------------- configs and files
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Everything that defines a run except the seed (hashed into the file name)."""
+
+    benchmark: str
+    method: str
+    base_method: str
+    log: bool
+    hparams: Mapping[str, Any]
+    recipe: Mapping[str, Any]
+    quick: bool
+    grad_path: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "benchmark": self.benchmark,
+            "method": self.method,
+            "base_method": self.base_method,
+            "log": self.log,
+            "hparams": dict(self.hparams),
+            "recipe": dict(self.recipe),
+            "quick": self.quick,
+            "grad_path": self.grad_path,
+        }
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, Mapping):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (np.generic,)):
+        return x.item()
+    if isinstance(x, (np.ndarray, jax.Array)):
+        return np.asarray(x).tolist()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None if math.isnan(x) else ("inf" if x > 0 else "-inf")
+    if x is None or isinstance(x, (bool, int, float, str)):
+        return x
+    return repr(x)
+
+
+def make_config(
+    benchmark: Benchmark,
+    spec: MethodSpec,
+    recipe: Recipe,
+    *,
+    quick: bool,
+    hparams: Mapping[str, Any],
+    grad_stats: bool = False,
+) -> RunConfig:
+    grad_path = "stl" if spec.name == "stl" else ("weighted" if uses_cheap_path(spec, grad_stats) else "per_task")
+    return RunConfig(
+        benchmark=benchmark.name,
+        method=spec.label,
+        base_method=spec.name,
+        log=spec.log,
+        hparams=_jsonable(dict(hparams)),
+        recipe=_jsonable(recipe.to_dict()),
+        quick=quick,
+        grad_path=grad_path,
+    )
+
+
+def config_hash(config: RunConfig) -> str:
+    """10 hex digits of the SHA-256 of the canonical JSON of ``config`` (seed excluded)."""
+    text = json.dumps(config.to_dict(), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+def result_path(out_dir: os.PathLike, config: RunConfig, seed: int) -> Path:
+    """``out/<benchmark>/<benchmark>__<method>__seed<seed>__<hash>.json``."""
+    name = f"{config.benchmark}__{config.method}__seed{seed}__{config_hash(config)}.json"
+    return Path(out_dir) / config.benchmark / name
+
+
+def is_finished(path: Path) -> bool:
+    """Whether ``path`` holds a finished run (resume skips it)."""
+    try:
+        with open(path) as f:
+            return json.load(f).get("status") == "done"
+    except (OSError, ValueError):
+        return False
+
+
+def _write_json(path: Path, data: Mapping[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(_jsonable(data), f, indent=1)
+    os.replace(tmp, path)  # atomic: an interrupted run never leaves a half-written result
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version(), "dbmtl_jax": dbmtl_jax.__version__}
+    for mod in ("jax", "jaxlib", "optax", "flax", "numpy", "chex"):
+        try:
+            out[mod] = importlib.import_module(mod).__version__
+        except (ImportError, AttributeError):
+            pass
+    return out
+
+
+# --------------------------------------------------------------------------- models and steps
+
+
+def _nnx():
+    try:
+        from flax import nnx
+    except ImportError as e:  # pragma: no cover - flax is in every extra
+        raise ImportError("the experiment runner needs flax (pip install 'dbmtl-jax[examples]').") from e
+    return nnx
+
+
+def _stl_model(benchmark: Benchmark, rngs: Any) -> Any:
+    """T independent copies of the benchmark's model; output ``t`` comes from copy ``t``."""
+    nnx = _nnx()
+
+    class STLModel(nnx.Module):
+        def __init__(self) -> None:
+            self.members = nnx.List([benchmark.model(rngs) for _ in range(benchmark.num_tasks)])
+
+        def __call__(self, inputs: Any) -> tuple:
+            return tuple(m(inputs)[t] for t, m in enumerate(self.members))
+
+    return STLModel()
+
+
+def _set_mode(model: Any, train: bool) -> None:
+    fn = getattr(model, "train" if train else "eval", None)
+    if callable(fn):
+        fn()
+
+
+def _task_losses(tasks: Sequence[Task], outputs: Any, targets: Sequence[Any]) -> jax.Array:
+    if not isinstance(outputs, (tuple, list)) or len(outputs) != len(tasks):
+        raise ValueError(
+            f"the model must return a tuple of {len(tasks)} per-task outputs, got "
+            f"{type(outputs).__name__}{'' if not isinstance(outputs, (tuple, list)) else f' of {len(outputs)}'}."
+        )
+    if len(targets) != len(tasks):
+        raise ValueError(f"a batch holds {len(targets)} targets for {len(tasks)} tasks.")
+    losses = []
+    for task, out, y in zip(tasks, outputs, targets):
+        loss = jnp.asarray(task.loss(out, y))
+        if loss.ndim != 0:
+            raise ValueError(f"task {task.name!r}: loss must return a scalar, got shape {loss.shape}.")
+        losses.append(loss.astype(jnp.promote_types(loss.dtype, jnp.float32)))
+    return jnp.stack(losses)
+
+
+def _path_str(path: tuple) -> str:
+    return jax.tree_util.keystr(path, simple=True, separator="/")
+
+
+class _Trainer:
+    """Builds the jitted train / eval steps of one run."""
+
+    def __init__(
+        self,
+        benchmark: Benchmark,
+        spec: MethodSpec,
+        recipe: Recipe,
+        hparams: Mapping[str, Any],
+        seed: int,
+        steps_per_epoch: int,
+        grad_stats: bool,
+    ) -> None:
+        nnx = _nnx()
+        self.nnx = nnx
+        self.benchmark = benchmark
+        self.tasks = benchmark.tasks
+        self.spec = spec
+        self.seed = seed
+        T = benchmark.num_tasks
+        rngs = nnx.Rngs(seed)
+        model = _stl_model(benchmark, rngs) if spec.name == "stl" else benchmark.model(rngs)
+        _set_mode(model, True)
+        self.graphdef, self.params, self.rest = nnx.split(model, nnx.Param, ...)
+        _set_mode(model, False)
+        self.eval_graphdef, _, _ = nnx.split(model, nnx.Param, ...)
+        del model
+
+        lr: Any = recipe.learning_rate
+        if recipe.lr_decay_epoch is not None:
+            lr = optax.piecewise_constant_schedule(
+                recipe.learning_rate, {recipe.lr_decay_epoch * steps_per_epoch: recipe.lr_decay_factor}
+            )
+        tail = [optax.add_decayed_weights(recipe.weight_decay)] if recipe.weight_decay else []
+        tail.append(optax.adam(lr))
+
+        self.cheap = uses_cheap_path(spec, grad_stats)
+        if spec.name == "stl":
+            self.tx = optax.chain(*tail)
+        else:
+            hp = dict(hparams)
+            if "shared" not in hp and _accepts(spec.name, "shared"):
+                hp["shared"] = benchmark.shared
+            if "steps_per_epoch" not in hp and _accepts(spec.name, "steps_per_epoch"):
+                hp["steps_per_epoch"] = steps_per_epoch
+            if self.cheap:
+                hp["grads"] = "weighted"
+            try:
+                method = dbmtl_jax.get_method(spec.name, T, **hp)
+            except TypeError as e:
+                raise ValueError(f"method {spec.label!r}: bad hyperparameters {sorted(hparams)} ({e}).") from e
+            self.tx = optax.chain(method, *tail)
+        self.opt_state = self.tx.init(self.params)
+        self.metrics = [t.metric() for t in benchmark.tasks]
+        self.record_grads = spec.name != "stl" and not self.cheap
+        mask = dbmtl_jax.resolve_shared(benchmark.shared, self.params)
+        self.shared_flags = [bool(f) for f in jax.tree_util.tree_leaves(mask)]
+        self.train_step = jax.jit(self._make_train_step())
+        self.eval_step = jax.jit(self._make_eval_step())
+
+    # -- steps
+
+    def _loss_fn(self, params: Any, rest: Any, inputs: Any, targets: Any) -> tuple[jax.Array, Any]:
+        nnx = self.nnx
+        model = nnx.merge(self.graphdef, params, rest, copy=True)
+        losses = _task_losses(self.tasks, model(inputs), targets)
+        _, _, new_rest = nnx.split(model, nnx.Param, ...)
+        return losses, new_rest
+
+    def _grad_stats(self, grads: Any, losses: jax.Array) -> dict[str, jax.Array]:
+        """Per-task norms and pairwise cosines of the shared gradients (global over shared leaves)."""
+        leaves = [g for g, f in zip(jax.tree_util.tree_leaves(grads), self.shared_flags) if f]
+        T = self.benchmark.num_tasks
+        gram = jnp.zeros((T, T), jnp.float32)
+        for g in leaves:
+            flat = g.reshape(T, -1).astype(jnp.float32)
+            gram = gram + flat @ flat.T
+        norms = jnp.sqrt(jnp.maximum(jnp.diagonal(gram), 0.0))
+        den = norms[:, None] * norms[None, :]
+        cos = jnp.where(den > 0, gram / jnp.where(den > 0, den, 1.0), 0.0)
+        # With the log transform the gradients are ∇ℓ_t / (ℓ_t + ε); the raw norm is rescaled back.
+        raw = norms * (losses.astype(jnp.float32) + LOG_EPS) if self.spec.log else norms
+        return {"grad_norm": norms, "raw_grad_norm": raw, "grad_cosine": cos}
+
+    def _make_train_step(self) -> Callable:
+        tx, spec = self.tx, self.spec
+        base_key = jax.random.PRNGKey(self.seed)
+
+        def step(params, rest, opt_state, inputs, targets, step_idx):
+            key = jax.random.fold_in(base_key, step_idx)
+            stats: dict[str, jax.Array] = {}
+            if spec.name == "stl":
+                def total(p, r):
+                    losses, new_rest = self._loss_fn(p, r, inputs, targets)
+                    return jnp.sum(losses), (losses, new_rest)
+
+                (_, (losses, new_rest)), grads = jax.value_and_grad(total, has_aux=True)(params, rest)
+            elif self.cheap:
+                vg = loss_weighting.value_and_weighted_grad(self._loss_fn, has_aux=True)
+                (losses, new_rest), grads = vg(opt_state, params, rest, inputs, targets, key=key)
+            else:
+                vg = dbmtl_jax.value_and_task_grads(self._loss_fn, log=spec.log, eps=LOG_EPS, has_aux=True)
+                (losses, new_rest), grads = vg(params, rest, inputs, targets)
+                stats = self._grad_stats(grads, losses)
+            updates, opt_state = tx.update(grads, opt_state, params, losses=losses, key=key)
+            params = optax.apply_updates(params, updates)
+            return params, new_rest, opt_state, losses, stats
+
+        return step
+
+    def _make_eval_step(self) -> Callable:
+        nnx, tasks, metrics = self.nnx, self.tasks, self.metrics
+
+        def step(params, rest, states, inputs, targets):
+            model = nnx.merge(self.eval_graphdef, params, rest, copy=True)
+            outputs = model(inputs)
+            if not isinstance(outputs, (tuple, list)) or len(outputs) != len(tasks):
+                raise ValueError(f"the model must return a tuple of {len(tasks)} per-task outputs.")
+            new = []
+            for task, metric, st, out, y in zip(tasks, metrics, states, outputs, targets):
+                pred, tgt = task.metric_input(out, y)
+                new.append(metric.update(st, pred, tgt))
+            return tuple(new)
+
+        return step
+
+
+def evaluate(trainer: _Trainer, data: Any, split: str, params: Any, rest: Any) -> dict[str, dict[str, float]]:
+    """Metrics of every task on ``split`` (``task -> metric -> float``)."""
+    tasks = trainer.tasks
+    states = tuple(m.init() for m in trainer.metrics)
+    n = 0
+    for inputs, targets in data.eval_batches(split):
+        states = trainer.eval_step(params, rest, states, inputs, tuple(targets))
+        n += 1
+    if n == 0:
+        raise ValueError(f"the {split} split yielded no batch.")
+    out: dict[str, dict[str, float]] = {}
+    for task, metric, st in zip(tasks, trainer.metrics, states):
+        values = metric.compute(st)
+        row = {}
+        for name in task.metrics:
+            if name not in values:
+                raise ValueError(f"task {task.name!r}: the metric's compute() has no {name!r} (has {sorted(values)}).")
+            v = np.asarray(values[name])
+            if v.size != 1:
+                raise ValueError(f"task {task.name!r}: metric {name!r} is not a scalar (shape {v.shape}).")
+            row[name] = float(v.reshape(()))
+        out[task.name] = row
+    return out
+
+
+def _signed_change(value: float, base: float, higher: bool) -> float:
+    if not (math.isfinite(value) and math.isfinite(base)):
+        return -math.inf
+    d = (value - base) / abs(base) if base != 0 else (value - base)
+    return d if higher else -d
+
+
+def selection_score(val: Mapping[str, Mapping[str, float]], first: Mapping[str, Mapping[str, float]],
+                    tasks: Sequence[Task]) -> float:
+    """Mean over tasks of the signed relative change of ``select_metric`` w.r.t. the first epoch."""
+    changes = [
+        _signed_change(val[t.name][t.select_metric], first[t.name][t.select_metric], t.metrics[t.select_metric])
+        for t in tasks
+    ]
+    return sum(changes) / len(changes)
+
+
+def _better(value: float, best: Optional[float], higher: bool) -> bool:
+    if not math.isfinite(value):
+        return False
+    if best is None or not math.isfinite(best):
+        return True
+    return value > best if higher else value < best
+
+
+class _Snapshots:
+    """Host copies of the best parameters, per selection group (all leaves, or STL copy ``t``)."""
+
+    def __init__(self, params: Any, rest: Any, groups: Sequence[Optional[str]]) -> None:
+        flat, self.treedef = jax.tree_util.tree_flatten_with_path((params, rest))
+        self.paths = [_path_str(p) for p, _ in flat]
+        # "" for the (params, rest) tuple index prefix, e.g. "0/members/1/..."
+        self.groups = list(groups)
+        self.members = []
+        for g in self.groups:
+            if g is None:
+                self.members.append(list(range(len(flat))))
+            else:
+                self.members.append([i for i, p in enumerate(self.paths) if p.split("/", 1)[-1].startswith(g)])
+        self.saved: list[Optional[dict[int, np.ndarray]]] = [None] * len(self.groups)
+
+    def save(self, group: int, params: Any, rest: Any) -> None:
+        leaves = jax.tree_util.tree_leaves((params, rest))
+        idx = self.members[group]
+        host = jax.device_get([leaves[i] for i in idx])
+        self.saved[group] = {i: np.array(h, copy=True) for i, h in zip(idx, host)}
+
+    def restore(self, params: Any, rest: Any) -> tuple[Any, Any]:
+        leaves = list(jax.tree_util.tree_leaves((params, rest)))
+        for saved in self.saved:
+            if saved is None:
+                continue
+            for i, v in saved.items():
+                leaves[i] = jnp.asarray(v)
+        return jax.tree_util.tree_unflatten(self.treedef, leaves)
+
+
+def _mean_rows(rows: list[np.ndarray]) -> Optional[list]:
+    if not rows:
+        return None
+    return np.mean(np.stack(rows), axis=0).tolist()
+
+
+def train_run(
+    benchmark: Benchmark,
+    spec: MethodSpec,
+    seed: int,
+    data: Any,
+    recipe: Recipe,
+    *,
+    hparams: Mapping[str, Any],
+    grad_stats: bool = False,
+    test_curve: bool = False,
+    log_points: int = 100,
+    progress: bool = True,
+    desc: str = "",
+) -> dict[str, Any]:
+    """Trains and evaluates one run; returns the result record (without config/file fields).
+
+    Args:
+      benchmark: the benchmark.
+      spec: the method.
+      seed: initialisation, batch-order and method-key seed.
+      data: the benchmark's ``DataSplits`` for ``recipe``.
+      recipe: the training recipe.
+      hparams: method hyperparameters (``shared`` and ``steps_per_epoch`` are
+        filled in when the method takes them and they are not given).
+      grad_stats: force the per-task gradient path for loss-weighting
+        methods, to record gradient norms and cosines.
+      test_curve: also evaluate the test split after every epoch and record
+        it as ``history.test`` (a diagnostic; never used for selection).
+      log_points: about how many points the step-level curve keeps.
+      progress: show a tqdm bar.
+    """
+    from tqdm.auto import tqdm
+
+    steps_per_epoch = int(data.steps_per_epoch)
+    if steps_per_epoch < 1:
+        raise ValueError("the data provider reports no training step per epoch.")
+    tr = _Trainer(benchmark, spec, recipe, hparams, seed, steps_per_epoch, grad_stats)
+    params, rest, opt_state = tr.params, tr.rest, tr.opt_state
+    tasks = benchmark.tasks
+    T = len(tasks)
+    total = recipe.epochs * steps_per_epoch
+    interval = max(1, total // max(1, log_points))
+    order_rng = np.random.default_rng(seed)
+
+    groups = [f"members/{t}/" for t in range(T)] if spec.name == "stl" else [None]
+    snaps = _Snapshots(params, rest, groups)
+    best_score: list[Optional[float]] = [None] * len(groups)
+    selected = [0] * len(groups)
+    first_val: Optional[dict] = None
+
+    hist: dict[str, list] = {k: [] for k in ("epoch", "step", "train_loss", "grad_norm", "raw_grad_norm",
+                                             "grad_cosine", "val", "selection_score", "epoch_time_s")}
+    if test_curve:
+        hist["test"] = []
+    curve: dict[str, list] = {k: [] for k in ("step", "train_loss", "grad_norm", "raw_grad_norm", "grad_cosine")}
+    step_times: list[float] = []
+    nonfinite = 0
+    step = 0
+    t_start = time.perf_counter()
+    bar = tqdm(total=total, desc=desc or f"{benchmark.name} {spec.label} s{seed}", unit="step",
+               disable=not progress, leave=False, dynamic_ncols=True)
+    try:
+        for epoch in range(1, recipe.epochs + 1):
+            t_epoch = time.perf_counter()
+            ep_loss: list[np.ndarray] = []
+            ep_stats: dict[str, list[np.ndarray]] = {"grad_norm": [], "raw_grad_norm": [], "grad_cosine": []}
+            win_loss: list[np.ndarray] = []
+            win_stats: dict[str, list[np.ndarray]] = {"grad_norm": [], "raw_grad_norm": [], "grad_cosine": []}
+            for inputs, targets in data.train_batches(order_rng):
+                t0 = time.perf_counter()
+                params, rest, opt_state, losses, stats = tr.train_step(
+                    params, rest, opt_state, inputs, tuple(targets), jnp.asarray(step, jnp.int32)
+                )
+                losses = np.asarray(jax.device_get(losses))  # waits for the step
+                step_times.append(time.perf_counter() - t0)
+                step += 1
+                if not np.all(np.isfinite(losses)):
+                    nonfinite += 1
+                ep_loss.append(losses)
+                win_loss.append(losses)
+                if stats:
+                    host = jax.device_get(stats)
+                    for k in ep_stats:
+                        ep_stats[k].append(np.asarray(host[k]))
+                        win_stats[k].append(np.asarray(host[k]))
+                if step % interval == 0 or step == total:
+                    curve["step"].append(step)
+                    curve["train_loss"].append(_mean_rows(win_loss))
+                    for k in win_stats:
+                        curve[k].append(_mean_rows(win_stats[k]))
+                    win_loss = []
+                    win_stats = {k: [] for k in win_stats}
+                bar.update()
+                if step % max(1, min(20, steps_per_epoch)) == 0 or step == total:
+                    bar.set_postfix_str(f"ep {epoch} loss " + " ".join(f"{v:.3g}" for v in losses), refresh=False)
+            val = evaluate(tr, data, "val", params, rest)
+            if first_val is None:
+                first_val = val
+            if spec.name == "stl":
+                scores = []
+                for g, task in enumerate(tasks):
+                    v = val[task.name][task.select_metric]
+                    scores.append(v)
+                    if _better(v, best_score[g], task.metrics[task.select_metric]):
+                        best_score[g], selected[g] = v, epoch
+                        snaps.save(g, params, rest)
+                score = float("nan")
+            else:
+                score = selection_score(val, first_val, tasks)
+                if best_score[0] is None or (math.isfinite(score) and score > best_score[0]):
+                    best_score[0], selected[0] = score, epoch
+                    snaps.save(0, params, rest)
+            hist["epoch"].append(epoch)
+            hist["step"].append(step)
+            hist["train_loss"].append(_mean_rows(ep_loss))
+            for k in ep_stats:
+                hist[k].append(_mean_rows(ep_stats[k]))
+            hist["val"].append(val)
+            hist["selection_score"].append(score)
+            if test_curve:
+                hist["test"].append(evaluate(tr, data, "test", params, rest))
+            hist["epoch_time_s"].append(time.perf_counter() - t_epoch)
+    finally:
+        bar.close()
+
+    best_params, best_rest = snaps.restore(params, rest)
+    test = evaluate(tr, data, "test", best_params, best_rest)
+    if spec.name == "stl":
+        sel = {t.name: selected[g] for g, t in enumerate(tasks)}
+    else:
+        sel = {t.name: selected[0] for t in tasks}
+    val_sel = {t.name: hist["val"][sel[t.name] - 1][t.name] for t in tasks}
+    if not tr.record_grads:
+        for k in ("grad_norm", "raw_grad_norm", "grad_cosine"):
+            hist[k] = None
+            curve[k] = None
+    wall = time.perf_counter() - t_start
+    return {
+        "metrics": {"val": val_sel, "test": test},
+        "selected_epoch": sel,
+        "selection": ("per task: best select_metric on val" if spec.name == "stl"
+                      else "mean signed relative change of select_metric on val vs epoch 1"),
+        "history": hist,
+        "curve": curve,
+        "wall_time_s": wall,
+        "median_step_time_s": statistics.median(step_times[1:]) if len(step_times) > 1 else None,
+        "first_step_time_s": step_times[0] if step_times else None,
+        "steps": step,
+        "steps_per_epoch": steps_per_epoch,
+        "nonfinite_steps": nonfinite,
+        "num_params": int(sum(np.size(x) for x in jax.tree_util.tree_leaves(params))),
+    }
+
+
+def _device() -> str:
+    d = jax.devices()[0]
+    return f"{d.platform}:{getattr(d, 'device_kind', '')}".rstrip(":")
+
+
+def run_experiments(
+    benchmark: Benchmark,
+    methods: Sequence[MethodSpec],
+    seeds: Sequence[int],
+    out_dir: os.PathLike,
+    *,
+    quick: bool = False,
+    recipe: Optional[Recipe] = None,
+    hparams: Optional[Mapping[str, Mapping[str, Any]]] = None,
+    grad_stats: bool = False,
+    test_curve: bool = False,
+    resume: bool = True,
+    progress: bool = True,
+    stop_on_error: bool = False,
+    echo: Callable[[str], None] = print,
+) -> list[Path]:
+    """Runs every (method, seed) pair not finished yet and writes one JSON per run.
+
+    Returns the result paths of all pairs (skipped ones included).  A failing
+    run is reported through ``echo`` and skipped (nothing written), unless
+    ``stop_on_error``; :class:`RunError` lists the failures at the end.
+    """
+    from tqdm.auto import tqdm
+
+    hparams = hparams or {}
+    recipe = recipe or (benchmark.quick if quick else benchmark.recipe)
+    specs = list(methods)
+    # Fail fast on unknown methods or hyperparameters, before any data is loaded.
+    for spec in specs:
+        if spec.name != "stl":
+            hp = method_hparams(spec, benchmark, hparams)
+            if _accepts(spec.name, "shared"):
+                hp.setdefault("shared", benchmark.shared)
+            if _accepts(spec.name, "steps_per_epoch"):
+                hp.setdefault("steps_per_epoch", 1)
+            if uses_cheap_path(spec, grad_stats):
+                hp["grads"] = "weighted"
+            try:
+                dbmtl_jax.get_method(spec.name, benchmark.num_tasks, **hp)
+            except TypeError as e:
+                raise ValueError(f"method {spec.label!r}: bad hyperparameters ({e}).") from e
+    known = {s.name for s in specs} | {s.label for s in specs}
+    unused = sorted(set(hparams) - known)
+    if unused:
+        raise ValueError(f"--hp names method(s) {unused} that are not being run ({sorted(known)}).")
+
+    jobs = []
+    for spec in specs:
+        hp = method_hparams(spec, benchmark, hparams) if spec.name != "stl" else {}
+        cfg = make_config(benchmark, spec, recipe, quick=quick, hparams=hp, grad_stats=grad_stats)
+        for seed in seeds:
+            jobs.append((spec, hp, cfg, int(seed), result_path(out_dir, cfg, int(seed))))
+    todo = [j for j in jobs if not (resume and is_finished(j[4]))]
+    skipped = len(jobs) - len(todo)
+    if skipped:
+        echo(f"{benchmark.name}: {skipped} finished run(s) skipped (resume).")
+    if not todo:
+        return [j[4] for j in jobs]
+
+    data = benchmark.data(recipe)
+    failures = []
+    outer = tqdm(todo, desc=f"{benchmark.name} runs", unit="run", disable=not progress or len(todo) < 2,
+                 dynamic_ncols=True)
+    for spec, hp, cfg, seed, path in outer:
+        try:
+            res = train_run(benchmark, spec, seed, data, recipe, hparams=hp, grad_stats=grad_stats,
+                            test_curve=test_curve, progress=progress, desc=f"{spec.label} s{seed}")
+        except Exception as e:  # noqa: BLE001 - one failing run must not lose the others
+            if stop_on_error:
+                raise
+            failures.append((cfg.method, seed, f"{type(e).__name__}: {e}"))
+            echo(f"FAILED {benchmark.name} {cfg.method} seed {seed}: {type(e).__name__}: {e}")
+            continue
+        record = {
+            "format": RESULT_FORMAT,
+            "status": "done",
+            "benchmark": benchmark.name,
+            "method": cfg.method,
+            "seed": seed,
+            "config_hash": config_hash(cfg),
+            "config": cfg.to_dict(),
+            "tasks": {t.name: {"metrics": dict(t.metrics), "select_metric": t.select_metric,
+                               "units": dict(t.units)} for t in benchmark.tasks},
+            "versions": package_versions(),
+            "device": _device(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            **res,
+        }
+        _write_json(path, record)
+        summary = " ".join(
+            f"{t}:{'/'.join(f'{v:.4g}' for v in m.values())}" for t, m in res["metrics"]["test"].items()
+        )
+        echo(f"{benchmark.name} {cfg.method} seed {seed}: test {summary} ({res['wall_time_s']:.1f}s) -> {path}")
+    if failures:
+        raise RunError(failures)
+    return [j[4] for j in jobs]
+
+
+class RunError(RuntimeError):
+    """Some runs failed; ``failures`` lists ``(method, seed, message)``."""
+
+    def __init__(self, failures: list[tuple[str, int, str]]) -> None:
+        self.failures = failures
+        lines = "\n".join(f"  {m} seed {s}: {msg}" for m, s, msg in failures)
+        super().__init__(f"{len(failures)} run(s) failed:\n{lines}")
