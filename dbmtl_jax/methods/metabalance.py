@@ -12,9 +12,10 @@ the task-gradient norms (state, initialised to 0, no bias correction)::
     g_t ← r (m_main / m_t) g_t + (1 − r) g_t        (the relax factor r)
     update = Σ_t g_t
 
-The main task's factor is 1.  ``strategy`` (paper Sec. 4): ``"adapt"`` rescales
-every auxiliary gradient (default, the official code); ``"reduce"`` only those
-with ``m_t > m_main``; ``"enlarge"`` only those with ``m_t < m_main``.
+The main task's factor is 1.  ``strategy`` picks one of the paper's three
+strategies: ``"adapt"`` rescales every auxiliary gradient (default, the
+official code); ``"reduce"`` only those with ``m_t > m_main``; ``"enlarge"``
+only those with ``m_t < m_main``.
 
 Defaults: ``relax_factor=0.7`` and ``beta=0.9`` (paper and official code).
 ``granularity="leaf"`` keeps one norm per parameter tensor (the official

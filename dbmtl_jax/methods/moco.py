@@ -14,7 +14,8 @@ projected-gradient step on the MGDA weights ``λ`` (state) at each iteration
     shared update = Σ_t λ_t y_t
 
 with ``y = 0`` and ``λ = 1/T`` initially.  ``Y Yᵀ`` is over the global shared
-gradient (all shared leaves).  Head leaves get the plain ``Σ_t g_t`` (the
+gradient (all shared leaves).  The paper's projection of ``y_t`` onto a bounded
+set (a device of its convergence analysis) is omitted, as in LibMTL.  Head leaves get the plain ``Σ_t g_t`` (the
 weights act on the shared parameters only, as in LibMTL).
 
 Defaults (LibMTL, from the authors' code): ``beta=0.5, beta_sigma=0.5,
