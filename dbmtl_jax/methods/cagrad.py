@@ -18,9 +18,9 @@ update is the single weighted sum ``Σ_t (1/T + λ w*_t) g_t / rescale`` with
 
 Choices:
 
-* ``c = 0.5`` by default (the paper's main setting and LibMTL's ``calpha``
-  default); the official NYUv2/Cityscapes runs and the Nash-MTL repository
-  use ``c = 0.4``.
+* ``c = 0.5`` by default (LibMTL's ``calpha`` default and the default
+  ``alpha=0.5`` of the official ``cagrad()`` function); the official
+  NYUv2/Cityscapes runs and the Nash-MTL repository use ``c = 0.4``.
 * solver: the official code calls SciPy's SLSQP on the dual.  Here the dual
   is solved in-graph, exactly up to a 1-D search: with ``r = c‖g₀‖`` and
   ``√q = min_{t>0} (q/t + t)/2``, the dual is ``min_{t>0} ψ(t)`` with the
@@ -33,8 +33,8 @@ Choices:
   ``[√ε, max_t ‖g_t‖]``.  Being gradient-based, this is accurate in float32,
   where value-based first-order solvers stall.  As in the official code
   ``‖g_w‖`` is smoothed as ``sqrt(‖g_w‖² + ε)`` and ``λ`` uses ``‖g_w‖ + ε``
-  with ``ε = 1e-8``, here relative to the mean squared task-gradient norm (so
-  the result is scale-invariant).  The state keeps the Frank–Wolfe gap of
+  with ``ε = 1e-8``, here in units where the mean squared task-gradient norm
+  is 1 (so the result is scale-invariant).  The state keeps the Frank–Wolfe gap of
   ``w*`` for the dual (the residual; ~0 when solved).
 * scale: ``g₀`` is the mean, so the update is on the scale of one task
   gradient (official code and LibMTL; the Nash-MTL repository multiplies by

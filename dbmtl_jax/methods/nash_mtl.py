@@ -67,7 +67,7 @@ class NashMTLState(NamedTuple):
       weights: the last ``α`` (``[T]`` float32, raw gradient scale), reused
         between recomputations and as the solver's warm start.
       residual: ``max_t |α_t (Gα)_t − 1|`` of the last solve (float32).
-      iterations: Newton iterations of the last solve (int32).
+      iterations: Newton iterations of the last update (int32; 0 when ``α`` was reused).
     """
 
     count: chex.Array
