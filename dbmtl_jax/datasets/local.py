@@ -1,0 +1,341 @@
+"""Lazy loaders for user copies of the DB-MTL paper's image benchmarks (nothing is downloaded).
+
+These data sets cannot be fetched from a package registry; point the loaders at
+a local copy.  Items are read from disk on access (``ds[i]``,
+``ds.get_batch(indices)``, ``ds.iterate_batches(...)``), so the sets are never
+loaded into memory at once.  Arrays are NumPy, channel-last (NHWC).
+
+NYUv2 and Cityscapes: the preprocessed ``.npy`` trees of MTAN (Liu et al.,
+CVPR 2019) that LibMTL's ``examples/nyu`` and ``examples/cityscapes`` read::
+
+    <root>/train/image/0.npy ... <root>/val/image/<n-1>.npy
+    NYUv2:      {train,val}/{image,label,depth,normal}/<i>.npy
+                image [288, 384, 3] in [0, 1]; label [288, 384], 13 classes, -1 = ignore;
+                depth [288, 384, 1], 0 = missing; normal [288, 384, 3], unit, 0 = missing
+    Cityscapes: {train,val}/{image,label,depth}/<i>.npy   (LibMTL; 7 classes)
+                or MTAN's {label_7, label_19} folders instead of label
+                image [128, 256, 3]; label [128, 256], -1 = ignore; depth [128, 256, 1]
+
+Files are numbered ``0 .. n-1`` (n = number of ``.npy`` files in ``image/``).
+LibMTL evaluates on ``val`` (NYUv2: 795 train / 654 val; Cityscapes: 2,975 /
+500); ``split="test"`` is accepted as an alias of ``val``.  Returned items:
+``image`` float32, ``segmentation`` int32 (-1 ignore), ``depth`` float32
+``[H, W, 1]``, ``normal`` float32 ``[H, W, 3]`` (NYUv2 only), unchanged
+otherwise.
+
+Office-31 (Saenko et al., 2010; domains amazon, dslr, webcam; 31 classes) and
+Office-Home (Venkateswara et al., 2017; Art, Clipart, Product, Real_World; 65
+classes): one task per domain (multi-input), images in folders per domain and
+class, plus LibMTL's split lists (``examples/office/data_txt/<dataset>/``),
+one file per domain and split, ``<domain>_{train,val,test}.txt``, each line
+``<path relative to root> <label>``, e.g. ``dslr/images/back_pack/frame_0011.jpg
+0`` or ``Art/Calendar/00016.jpg 0``.  The list directory defaults to
+``<root>/data_txt/<dataset>``, then ``<root>/data_txt``, then ``<root>``.
+``trval`` = train + val, as LibMTL.  Images are decoded with Pillow (``pip
+install pillow``; needed only when pixels are read), converted to RGB, resized
+to ``image_size`` (224, bilinear) and, by default, normalised with the ImageNet
+mean / std, as LibMTL's transform.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence, Union
+
+import numpy as np
+
+from dbmtl_jax.datasets._cache import unavailable
+from dbmtl_jax.datasets.adult import TaskInfo
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "ImageListDataset",
+    "NpyDenseDataset",
+    "OFFICE_DOMAINS",
+    "OfficeData",
+    "load_cityscapes",
+    "load_nyuv2",
+    "load_office",
+    "read_split_list",
+]
+
+IMAGENET_MEAN = np.asarray([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.asarray([0.229, 0.224, 0.225], np.float32)
+OFFICE_DOMAINS: dict[str, tuple[str, ...]] = {
+    "office-31": ("amazon", "dslr", "webcam"),
+    "office-home": ("Art", "Clipart", "Product", "Real_World"),
+}
+OFFICE_CLASSES = {"office-31": 31, "office-home": 65}
+NYU_TASKS: tuple[TaskInfo, ...] = (
+    TaskInfo("segmentation", "cross_entropy", "miou", True),
+    TaskInfo("depth", "l1", "abs_err", False, "m"),
+    TaskInfo("normal", "cosine", "mean_angle", False, "degrees"),
+)
+CITYSCAPES_TASKS: tuple[TaskInfo, ...] = NYU_TASKS[:2]
+_NPY_HOW = (
+    "Copy the MTAN/LibMTL preprocessed {name} (.npy files) to a local folder with the layout\n"
+    "  <root>/{{train,val}}/{{{dirs}}}/<i>.npy\n"
+    "and pass its path (see LibMTL's examples/{example}/README.md for where the preprocessed files come from)."
+)
+
+
+class NpyDenseDataset:
+    """Lazy dense-prediction split over ``<root>/<split>/<folder>/<i>.npy`` files.
+
+    Attributes:
+      root: the split directory.
+      folders: ``{output key: folder name}``, ``"image"`` first.
+      tasks: task metadata.
+      num_classes: segmentation classes.
+    """
+
+    def __init__(self, split_dir: Path, folders: dict[str, str], tasks: tuple[TaskInfo, ...], num_classes: int):
+        self.root = split_dir
+        self.folders = dict(folders)
+        self.tasks = tasks
+        self.num_classes = num_classes
+        files = {k: {f.name for f in (split_dir / d).glob("*.npy")} for k, d in self.folders.items()}
+        n = len(files["image"])
+        want = {f"{i}.npy" for i in range(n)}
+        for k, have in files.items():
+            missing = sorted(want - have, key=lambda s: int(s[:-4]))
+            if missing:
+                raise ValueError(f"{split_dir / self.folders[k]} lacks {len(missing)} of the files 0..{n - 1}.npy "
+                                 f"(first: {missing[0]}); the image folder has {n} .npy files.")
+        self._n = n
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        i = int(i)
+        if not -self._n <= i < self._n:
+            raise IndexError(f"index {i} out of range for {self._n} items.")
+        i %= self._n
+        out = {}
+        for key, d in self.folders.items():
+            a = np.load(self.root / d / f"{i}.npy", allow_pickle=False)
+            if key == "segmentation":
+                a = np.rint(a).astype(np.int32)
+                if a.ndim == 3 and a.shape[-1] == 1:
+                    a = a[..., 0]
+            else:
+                a = np.asarray(a, np.float32)
+                if key == "depth" and a.ndim == 2:
+                    a = a[..., None]
+            out[key] = a
+        return out
+
+    def get_batch(self, indices: Sequence[int]) -> dict[str, np.ndarray]:
+        """Items ``indices`` stacked along a new leading axis."""
+        items = [self[i] for i in indices]
+        return {k: np.stack([it[k] for it in items]) for k in self.folders}
+
+    def iterate_batches(self, batch_size: int, *, shuffle: bool = False, seed: int = 0,
+                        drop_last: bool = False) -> Iterator[dict[str, np.ndarray]]:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        order = np.random.default_rng(seed).permutation(self._n) if shuffle else np.arange(self._n)
+        for s in range(0, self._n, batch_size):
+            chunk = order[s:s + batch_size]
+            if drop_last and len(chunk) < batch_size:
+                return
+            yield self.get_batch(chunk)
+
+
+def _split_dir(root: Union[str, os.PathLike], split: str, name: str, how: str) -> Path:
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split must be 'train', 'val' or 'test' (alias of 'val'), got {split!r}.")
+    base = Path(root).expanduser()
+    d = base / ("val" if split == "test" else split)
+    if not (d / "image").is_dir():
+        raise unavailable(name, f"{d / 'image'} is not a directory.", how)
+    return d
+
+
+def load_nyuv2(root: Union[str, os.PathLike], split: str = "train") -> NpyDenseDataset:
+    """NYUv2 (13-class segmentation, depth, normals) from a local MTAN/LibMTL ``.npy`` tree."""
+    how = _NPY_HOW.format(name="NYUv2", dirs="image,label,depth,normal", example="nyu")
+    d = _split_dir(root, split, "NYUv2", how)
+    for sub in ("label", "depth", "normal"):
+        if not (d / sub).is_dir():
+            raise unavailable("NYUv2", f"{d / sub} is not a directory.", how)
+    folders = {"image": "image", "segmentation": "label", "depth": "depth", "normal": "normal"}
+    return NpyDenseDataset(d, folders, NYU_TASKS, 13)
+
+
+def load_cityscapes(root: Union[str, os.PathLike], split: str = "train", *, num_classes: int = 7) -> NpyDenseDataset:
+    """Cityscapes (7- or 19-class segmentation, depth) from a local MTAN/LibMTL ``.npy`` tree.
+
+    The labels are read from ``label_<num_classes>/`` if present, else (7 classes only) from
+    LibMTL's ``label/``.
+    """
+    if num_classes not in (7, 19):
+        raise ValueError(f"num_classes must be 7 or 19, got {num_classes!r}.")
+    how = _NPY_HOW.format(name="Cityscapes", dirs="image,label,depth", example="cityscapes")
+    d = _split_dir(root, split, "Cityscapes", how)
+    candidates = [f"label_{num_classes}"] + (["label"] if num_classes == 7 else [])
+    label = next((c for c in candidates if (d / c).is_dir()), None)
+    if label is None:
+        raise unavailable("Cityscapes", f"none of {', '.join(str(d / c) for c in candidates)} is a directory.", how)
+    if not (d / "depth").is_dir():
+        raise unavailable("Cityscapes", f"{d / 'depth'} is not a directory.", how)
+    return NpyDenseDataset(d, {"image": "image", "segmentation": label, "depth": "depth"}, CITYSCAPES_TASKS,
+                           num_classes)
+
+
+# --------------------------------------------------------------------------- Office-31 / Office-Home
+
+
+def read_split_list(path: Union[str, os.PathLike]) -> list[tuple[str, int]]:
+    """Parses a LibMTL split list: ``<relative path> <integer label>`` per line (blank lines skipped)."""
+    out = []
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        line = line.strip()
+        if not line:
+            continue
+        m = re.fullmatch(r"(.+?)\s+(-?\d+)", line)
+        if m is None:
+            raise ValueError(f"{path}:{n}: expected '<relative path> <label>', got {line[:80]!r}.")
+        out.append((m.group(1), int(m.group(2))))
+    return out
+
+
+def _pillow() -> Any:
+    try:
+        from PIL import Image  # type: ignore
+    except ImportError as e:
+        raise unavailable("Office image", "Pillow is not installed; it decodes the images.",
+                          "  pip install pillow") from e
+    return Image
+
+
+class ImageListDataset:
+    """Lazy (image, label) items of one domain and split; pixels are decoded on access.
+
+    Attributes:
+      root: directory the list paths are relative to.
+      paths: relative image paths; labels: int32 ``[N]`` (available without decoding).
+      image_size: output side; normalize: whether ImageNet mean / std are applied.
+    """
+
+    def __init__(self, root: Path, entries: Sequence[tuple[str, int]], image_size: int = 224,
+                 normalize: bool = True):
+        self.root = root
+        self.paths = tuple(p for p, _ in entries)
+        self.labels = np.asarray([lb for _, lb in entries], np.int32)
+        self.image_size = int(image_size)
+        self.normalize = normalize
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load_image(self, i: int) -> np.ndarray:
+        """Float32 ``[S, S, 3]``: RGB, bilinear resize, /255, optional ImageNet normalisation."""
+        image_mod = _pillow()
+        path = self.root / self.paths[i]
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} (listed in the split file) does not exist.")
+        with image_mod.open(path) as im:
+            im = im.convert("RGB").resize((self.image_size, self.image_size), image_mod.BILINEAR)
+            x = np.asarray(im, dtype=np.float32) / 255.0
+        if self.normalize:
+            x = (x - IMAGENET_MEAN) / IMAGENET_STD
+        return x.astype(np.float32)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
+        return self.load_image(int(i)), int(self.labels[int(i)])
+
+    def get_batch(self, indices: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        idx = np.asarray(indices, np.int64).reshape(-1)
+        images = np.stack([self.load_image(int(i)) for i in idx]) if len(idx) else np.zeros(
+            (0, self.image_size, self.image_size, 3), np.float32)
+        return images, self.labels[idx]
+
+    def iterate_batches(self, batch_size: int, *, shuffle: bool = False, seed: int = 0,
+                        drop_last: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        order = np.random.default_rng(seed).permutation(len(self)) if shuffle else np.arange(len(self))
+        for s in range(0, len(self), batch_size):
+            chunk = order[s:s + batch_size]
+            if drop_last and len(chunk) < batch_size:
+                return
+            yield self.get_batch(chunk)
+
+
+@dataclasses.dataclass(frozen=True)
+class OfficeData:
+    """Office-31 / Office-Home: ``splits[domain][mode]`` (mode ``train``, ``val``, ``test``,
+    ``trval``) are :class:`ImageListDataset`; one classification task per domain."""
+
+    name: str
+    domains: tuple[str, ...]
+    num_classes: int
+    splits: dict[str, dict[str, ImageListDataset]]
+    tasks: tuple[TaskInfo, ...]
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.domains)
+
+    @property
+    def task_names(self) -> tuple[str, ...]:
+        return self.domains
+
+
+def load_office(root: Union[str, os.PathLike], dataset: str = "office-31", *,
+                list_dir: Optional[Union[str, os.PathLike]] = None, image_size: int = 224,
+                normalize: bool = True, check_files: bool = True) -> OfficeData:
+    """Office-31 or Office-Home from a local copy (see the module docstring).
+
+    Args:
+      root: directory the list paths are relative to (holding ``amazon/``, ``dslr/``, ... or
+        ``Art/``, ``Clipart/``, ...).
+      dataset: ``"office-31"`` or ``"office-home"``.
+      list_dir: directory of the ``<domain>_<split>.txt`` lists (default: see the module docstring).
+      image_size: side of the resized images.
+      normalize: apply the ImageNet mean / std.
+      check_files: verify that every listed image exists (a directory scan; no decoding).
+
+    Raises:
+      DatasetUnavailableError: ``root`` or a list file is missing.
+      ValueError: a list is malformed or a label is out of range.
+    """
+    if dataset not in OFFICE_DOMAINS:
+        raise ValueError(f"dataset must be one of {sorted(OFFICE_DOMAINS)}, got {dataset!r}.")
+    base = Path(root).expanduser()
+    how = (f"Provide a local copy of {dataset}: the image folders per domain and class under <root>, and "
+           f"LibMTL's split lists (examples/office/data_txt/{dataset}/<domain>_{{train,val,test}}.txt, lines "
+           "'<path relative to root> <label>') in list_dir (default <root>/data_txt/<dataset>).")
+    if not base.is_dir():
+        raise unavailable(dataset, f"{base} is not a directory.", how)
+    domains = OFFICE_DOMAINS[dataset]
+    candidates = [Path(list_dir).expanduser()] if list_dir is not None else [
+        base / "data_txt" / dataset, base / "data_txt", base]
+    lists = next((c for c in candidates if all((c / f"{d}_{m}.txt").is_file() for d in domains
+                                               for m in ("train", "val", "test"))), None)
+    if lists is None:
+        raise unavailable(dataset, f"no directory among {', '.join(map(str, candidates))} holds all of "
+                                   f"{{{','.join(domains)}}}_{{train,val,test}}.txt.", how)
+    n_cls = OFFICE_CLASSES[dataset]
+    splits: dict[str, dict[str, ImageListDataset]] = {}
+    for d in domains:
+        entries = {m: read_split_list(lists / f"{d}_{m}.txt") for m in ("train", "val", "test")}
+        entries["trval"] = entries["train"] + entries["val"]
+        for m, es in entries.items():
+            bad = [lb for _, lb in es if not 0 <= lb < n_cls]
+            if bad:
+                raise ValueError(f"{d}_{m}: label {bad[0]} outside 0..{n_cls - 1}.")
+            if check_files and m != "trval":
+                missing = [p for p, _ in es if not (base / p).is_file()]
+                if missing:
+                    raise unavailable(dataset, f"{len(missing)} image(s) of {d}_{m}.txt are missing under {base} "
+                                               f"(first: {missing[0]}).", how)
+        splits[d] = {m: ImageListDataset(base, es, image_size, normalize) for m, es in entries.items()}
+    tasks = tuple(TaskInfo(d, "cross_entropy", "accuracy", True) for d in domains)
+    return OfficeData(name=dataset, domains=domains, num_classes=n_cls, splits=splits, tasks=tasks)
