@@ -13,7 +13,8 @@ solvers used here are invariant to that common scale.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+import functools
+from typing import Any, Callable, Optional, Sequence, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -26,9 +27,11 @@ PyTree = Any
 HIGHEST = jax.lax.Precision.HIGHEST
 
 GRANULARITIES = ("global", "leaf")
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 __all__ = [
     "GRANULARITIES",
+    "full_precision",
     "check_num_tasks",
     "check_choice",
     "require_losses",
@@ -51,6 +54,21 @@ __all__ = [
     "safe_div",
     "sum_heads",
 ]
+
+
+def full_precision(fn: _F) -> _F:
+    """Traces ``fn`` with full-float32 matmuls (accelerators default to TF32/bf16 passes).
+
+    Used for the small ``T × T`` solvers (eigh, lstsq, projections), where the
+    cost is negligible and ~1e-3 relative matmul errors would be visible.
+    """
+
+    @functools.wraps(fn)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        with jax.default_matmul_precision("highest"):
+            return fn(*args, **kwargs)
+
+    return wrapped  # type: ignore[return-value]
 
 
 def check_num_tasks(num_tasks: Any, method: str) -> int:

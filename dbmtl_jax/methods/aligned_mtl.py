@@ -62,6 +62,7 @@ class AlignedMTLState(NamedTuple):
     eigenvalues: chex.Array
 
 
+@gc.full_precision
 def aligned_mtl_weights(gram: jax.Array, scale_mode: str = "min") -> tuple[jax.Array, jax.Array, jax.Array]:
     """Aligned-MTL weights from a Gram matrix: ``(α [T], rank, eigenvalues)``."""
     t = gram.shape[0]

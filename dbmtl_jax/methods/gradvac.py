@@ -74,6 +74,7 @@ class GradVacState(NamedTuple):
     weights: chex.Array
 
 
+@gc.full_precision
 def gradvac_coefficients(
     gram: jax.Array,
     targets: jax.Array,

@@ -57,6 +57,7 @@ class IMTLGState(NamedTuple):
     residual: chex.Array
 
 
+@gc.full_precision
 def imtl_g_weights(gram: jax.Array) -> tuple[jax.Array, jax.Array]:
     """IMTL-G weights from a (normalised) Gram matrix: ``(α [T], residual)``."""
     t = gram.shape[0]

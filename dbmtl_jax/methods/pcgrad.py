@@ -57,6 +57,7 @@ class PCGradState(NamedTuple):
     num_projections: chex.Array
 
 
+@gc.full_precision
 def pcgrad_coefficients(gram: jax.Array, orders: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Projection in Gram space: returns ``(W [T, T], num_projections)``.
 
