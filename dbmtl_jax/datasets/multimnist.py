@@ -235,9 +235,13 @@ def load_mnist_5k(path: Optional[Union[str, os.PathLike]] = None) -> tuple[np.nd
             p = p / "mnist_5k.csv.gz"
         if not p.is_file():
             raise unavailable("MultiMNIST", f"{p} does not exist.", _MNIST_HOW)
-    table = np.loadtxt(p, delimiter=",", dtype=np.float64, ndmin=2)
-    if table.shape[1] != 785:
-        raise ValueError(f"{p}: expected 785 columns (784 pixels + label), got {table.shape[1]}.")
+    raw = p.read_bytes()
+    text = (gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw).decode("ascii")
+    lines = text.split()
+    widths = {line.count(",") + 1 for line in lines}
+    if widths != {785}:
+        raise ValueError(f"{p}: expected 785 columns (784 pixels + label), got {sorted(widths)}.")
+    table = np.asarray(",".join(lines).split(","), dtype=np.float64).reshape(len(lines), 785)
     pixels, labels = table[:, :-1], table[:, -1]
     if pixels.min(initial=0) < 0 or pixels.max(initial=0) > 255 or np.any(labels != np.round(labels)):
         raise ValueError(f"{p}: pixels must be in 0..255 and labels integers.")
