@@ -36,9 +36,11 @@ Deviations, all forced by a pure, fixed-shape Optax state or by the cheap path:
 * the SAC minibatch has a fixed shape (256 rows, of which the official
   ``⌊256 κ / 2⌋`` enter the losses);
 * ``reward_scale`` is a hyperparameter (official: ``lr₀ / lr_current`` of the
-  model's learning-rate schedule); an ``update(..., reward_scale=x)`` extra
-  argument overrides it for that step;
-* the networks are initialised from ``seed`` (PyTorch ``nn.Linear`` scheme).
+  model's learning-rate schedule); to follow a schedule, wrap the factory in
+  ``optax.inject_hyperparams`` (the value is read into the state at the end of
+  every update and used from the next step on);
+* the networks are initialised from ``seed`` (PyTorch ``nn.Linear`` scheme,
+  drawn with NumPy).
 
 All randomness (the action, the SAC minibatches and noise) comes from the
 ``key`` passed to ``update``; :func:`dbmtl_jax.loss_weighting.loss_weights`
@@ -56,6 +58,8 @@ from typing import Any, NamedTuple, Optional
 import chex
 import jax
 import jax.numpy as jnp
+import jax.scipy.special
+import numpy as np
 import optax
 
 from dbmtl_jax import task_axis as ta
@@ -95,6 +99,8 @@ class IGBv2State(NamedTuple):
       sac: the agent (:class:`SACState`).
       train_rounds: SAC training rounds run so far (int32 scalar).
       last_q_loss: critic loss of the last SAC iteration (float32, for logging).
+      sac_skipped: SAC iterations discarded because they produced a non-finite
+        loss, parameter or Adam moment (int32 scalar; the agent is left as before).
       steps_per_epoch, base_epoch, start_epoch, update_after, update_every: schedule (int32).
       eps, reward_scale, sac_lr, discount, tau: float32 hyperparameters.
     """
@@ -113,6 +119,7 @@ class IGBv2State(NamedTuple):
     sac: SACState
     train_rounds: chex.Array
     last_q_loss: chex.Array
+    sac_skipped: chex.Array
     steps_per_epoch: chex.Array
     base_epoch: chex.Array
     start_epoch: chex.Array
@@ -147,8 +154,8 @@ class IGBv2State(NamedTuple):
     def advance(
         self, losses: Optional[jax.Array], key: Optional[jax.Array], **extra_args: Any
     ) -> "IGBv2State":
+        del extra_args
         losses = losses.astype(jnp.float32)
-        reward_scale = jnp.asarray(extra_args.get("reward_scale", self.reward_scale), jnp.float32)
         action = self.action(losses, key)
         epoch = self.epoch()
         n = self.buf_state.shape[0]
@@ -162,7 +169,7 @@ class IGBv2State(NamedTuple):
         # Replay buffer: (prev losses, prev action, reward, losses) once the base is known.
         add = (epoch > self.base_epoch) & (self.count > 0)
         safe_base = jnp.where(self.base_losses > 0, self.base_losses, 1.0)
-        reward = reward_scale * jnp.min((self.prev_losses - losses) / safe_base)
+        reward = self.reward_scale * jnp.min((self.prev_losses - losses) / safe_base)
         reward = jnp.where(jnp.isfinite(reward), reward, 0.0)
         ptr = self.buf_ptr
 
@@ -186,10 +193,10 @@ class IGBv2State(NamedTuple):
             & (self.count % self.update_every == 0)
             & (s.buf_size > 0)
         )
-        sac, q_loss = jax.lax.cond(
+        sac, q_loss, skipped = jax.lax.cond(
             train,
             lambda: _train_round(s, jax.random.fold_in(key, 1)),
-            lambda: (s.sac, s.last_q_loss),
+            lambda: (s.sac, s.last_q_loss, s.sac_skipped),
         )
         return s._replace(
             count=optax.safe_increment(self.count),
@@ -198,6 +205,7 @@ class IGBv2State(NamedTuple):
             sac=sac,
             train_rounds=jnp.where(train, s.train_rounds + 1, s.train_rounds),
             last_q_loss=q_loss,
+            sac_skipped=skipped,
         )
 
 
@@ -205,32 +213,28 @@ class IGBv2State(NamedTuple):
 # The SAC agent (pure functions of parameter pytrees).
 
 
-def _linear_init(key: jax.Array, fan_in: int, fan_out: int) -> dict:
+def _linear_init(rng: np.random.Generator, fan_in: int, fan_out: int) -> dict:
     """PyTorch ``nn.Linear`` initialisation: U(±1/√fan_in) for weights and bias."""
-    kw, kb = jax.random.split(key)
     bound = 1.0 / math.sqrt(fan_in)
     return {
-        "w": jax.random.uniform(kw, (fan_in, fan_out), jnp.float32, -bound, bound),
-        "b": jax.random.uniform(kb, (fan_out,), jnp.float32, -bound, bound),
+        "w": rng.uniform(-bound, bound, (fan_in, fan_out)).astype(np.float32),
+        "b": rng.uniform(-bound, bound, (fan_out,)).astype(np.float32),
     }
 
 
-def _mlp_init(key: jax.Array, sizes: list[int]) -> list:
-    keys = jax.random.split(key, len(sizes) - 1)
-    return [_linear_init(k, a, b) for k, a, b in zip(keys, sizes[:-1], sizes[1:])]
+def _mlp_init(rng: np.random.Generator, sizes: list[int]) -> list:
+    return [_linear_init(rng, a, b) for a, b in zip(sizes[:-1], sizes[1:])]
 
 
 def _dense(p: dict, x: jax.Array) -> jax.Array:
     return x @ p["w"] + p["b"]
 
 
-def _actor_init(key: jax.Array, num_tasks: int, hidden: tuple[int, ...]) -> dict:
-    k1, k2, k3 = jax.random.split(key, 3)
-    return {
-        "trunk": _mlp_init(k1, [num_tasks, *hidden]),
-        "mu": _linear_init(k2, hidden[-1], num_tasks),
-        "log_std": _linear_init(k3, hidden[-1], num_tasks),
-    }
+def _actor_init(rng: np.random.Generator, num_tasks: int, hidden: tuple[int, ...]) -> dict:
+    """Actor MLP; its output layer holds the μ and log σ heads side by side (``2T`` outputs)."""
+    trunk = _mlp_init(rng, [num_tasks, *hidden])
+    mu, log_std = _linear_init(rng, hidden[-1], num_tasks), _linear_init(rng, hidden[-1], num_tasks)
+    return {"trunk": trunk, "out": {k: np.concatenate([mu[k], log_std[k]], axis=-1) for k in mu}}
 
 
 def _actor_sample(actor: dict, state: jax.Array, noise: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -238,10 +242,10 @@ def _actor_sample(actor: dict, state: jax.Array, noise: jax.Array) -> tuple[jax.
     h = state
     for p in actor["trunk"]:
         h = jax.nn.relu(_dense(p, h))
-    mu = _dense(actor["mu"], h)
-    log_std = jnp.clip(_dense(actor["log_std"], h), _LOG_STD_MIN, _LOG_STD_MAX)
-    u = mu + jnp.exp(log_std) * noise
     t = state.shape[-1]
+    out = _dense(actor["out"], h)
+    mu, log_std = out[..., :t], jnp.clip(out[..., t:], _LOG_STD_MIN, _LOG_STD_MAX)
+    u = mu + jnp.exp(log_std) * noise
     a = t * jax.nn.softmax(u, axis=-1)
     normal_logp = -0.5 * jnp.square(noise) - log_std - 0.5 * math.log(2 * math.pi)
     correction = 2.0 * (math.log(2.0) - u - jax.nn.softplus(-2.0 * u))
@@ -249,28 +253,31 @@ def _actor_sample(actor: dict, state: jax.Array, noise: jax.Array) -> tuple[jax.
     return a, logp
 
 
-def _critic_init(key: jax.Array, num_tasks: int, hidden: tuple[int, ...]) -> dict:
-    k1, k2 = jax.random.split(key)
+def _critic_init(rng: np.random.Generator, num_tasks: int, hidden: tuple[int, ...]) -> list:
+    """The twin Q networks, stacked: every layer has a leading axis of size 2 (Q1, Q2)."""
     sizes = [2 * num_tasks, *hidden, 1]
-    return {"q1": _mlp_init(k1, sizes), "q2": _mlp_init(k2, sizes)}
+    q1, q2 = _mlp_init(rng, sizes), _mlp_init(rng, sizes)
+    return [{k: np.stack([a[k], b[k]]) for k in a} for a, b in zip(q1, q2)]
 
 
-def _q_net(layers: list, x: jax.Array) -> jax.Array:
-    for p in layers[:-1]:
-        x = jax.nn.relu(_dense(p, x))
-    return _dense(layers[-1], x)[..., 0]
-
-
-def _critic(critic: dict, state: jax.Array, action: jax.Array) -> tuple[jax.Array, jax.Array]:
-    sa = jnp.concatenate([state, action], axis=-1)
-    return _q_net(critic["q1"], sa), _q_net(critic["q2"], sa)
+def _critic(critic: list, state: jax.Array, action: jax.Array) -> jax.Array:
+    """``[2, B]``: Q1 and Q2 of the ``[B, T]`` states and actions."""
+    x = jnp.concatenate([state, action], axis=-1)
+    x = jnp.broadcast_to(x, (2,) + x.shape)
+    for i, p in enumerate(critic):
+        x = jnp.einsum("kbi,kio->kbo", x, p["w"]) + p["b"][:, None, :]
+        if i < len(critic) - 1:
+            x = jax.nn.relu(x)
+    return x[..., 0]
 
 
 def _masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
-    return jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+    """Mean over the used rows (the last axis) and any leading axes."""
+    lead = math.prod(x.shape[:-1])
+    return jnp.sum(x * mask) / (lead * jnp.maximum(jnp.sum(mask), 1.0))
 
 
-def _train_round(s: IGBv2State, key: jax.Array) -> tuple[SACState, jax.Array]:
+def _train_round(s: IGBv2State, key: jax.Array) -> tuple[SACState, jax.Array, jax.Array]:
     """``⌊update_every κ / 2⌋`` SAC iterations on the replay buffer (official schedule)."""
     n, t = s.buf_state.shape
     batch = _SAC_BATCH
@@ -282,33 +289,35 @@ def _train_round(s: IGBv2State, key: jax.Array) -> tuple[SACState, jax.Array]:
     lr = s.sac_lr
     adam = optax.adam(lr)
 
-    def one(i: jax.Array, carry: tuple[SACState, jax.Array]) -> tuple[SACState, jax.Array]:
-        sac, _ = carry
-        k_idx, k1, k2 = jax.random.split(jax.random.fold_in(key, i), 3)
-        idx = jax.random.randint(k_idx, (batch,), 0, jnp.maximum(s.buf_size, 1))
+    def one(i: jax.Array, carry: tuple[SACState, jax.Array, jax.Array]) -> tuple[SACState, jax.Array, jax.Array]:
+        sac, _, skipped = carry
+        # One draw per iteration: uniform row indices and two standard-normal noise blocks.
+        unif = jax.random.uniform(jax.random.fold_in(key, i), (batch, 1 + 2 * t), jnp.float32)
+        size = jnp.maximum(s.buf_size, 1)
+        idx = jnp.minimum(jnp.floor(unif[:, 0] * size).astype(jnp.int32), size - 1)
+        gauss = jax.scipy.special.ndtri(jnp.clip(unif[:, 1:], 1e-7, 1 - 1e-7))
+        noise_next, noise = gauss[:, :t], gauss[:, t:]
         st, ac, rw, nx = s.buf_state[idx], s.buf_action[idx], s.buf_reward[idx], s.buf_next[idx]
         alpha = jnp.exp(sac.log_alpha)
 
         # Critic.
-        a2, logp2 = _actor_sample(sac.actor, nx, jax.random.normal(k1, (batch, t), jnp.float32))
-        tq1, tq2 = _critic(sac.critic_target, nx, a2)
-        target = jax.lax.stop_gradient(rw + s.discount * (jnp.minimum(tq1, tq2) - alpha * logp2))
+        a2, logp2 = _actor_sample(sac.actor, nx, noise_next)
+        tq = _critic(sac.critic_target, nx, a2)
+        target = jax.lax.stop_gradient(rw + s.discount * (jnp.min(tq, axis=0) - alpha * logp2))
 
-        def q_loss_fn(critic: dict) -> jax.Array:
-            q1, q2 = _critic(critic, st, ac)
-            return _masked_mean(jnp.square(q1 - target), mask) + _masked_mean(jnp.square(q2 - target), mask)
+        def q_loss_fn(critic: list) -> jax.Array:
+            # mse(Q1, target) + mse(Q2, target)
+            return 2.0 * _masked_mean(jnp.square(_critic(critic, st, ac) - target), mask)
 
         q_loss, g_c = jax.value_and_grad(q_loss_fn)(sac.critic)
         upd, critic_opt = adam.update(g_c, sac.critic_opt, sac.critic)
         critic = optax.apply_updates(sac.critic, upd)
 
         # Actor (against the updated critic).
-        noise = jax.random.normal(k2, (batch, t), jnp.float32)
 
         def a_loss_fn(actor: dict) -> tuple[jax.Array, jax.Array]:
             a, logp = _actor_sample(actor, st, noise)
-            q1, q2 = _critic(critic, st, a)
-            return _masked_mean(alpha * logp - jnp.minimum(q1, q2), mask), logp
+            return _masked_mean(alpha * logp - jnp.min(_critic(critic, st, a), axis=0), mask), logp
 
         (_, logp), g_a = jax.value_and_grad(a_loss_fn, has_aux=True)(sac.actor)
         upd, actor_opt = adam.update(g_a, sac.actor_opt, sac.actor)
@@ -323,14 +332,35 @@ def _train_round(s: IGBv2State, key: jax.Array) -> tuple[SACState, jax.Array]:
             lambda p, q: s.tau * p + (1 - s.tau) * q, critic, sac.critic_target
         )
         new = SACState(actor, critic, critic_target, log_alpha, actor_opt, critic_opt, alpha_opt)
-        # Never let a diverged iteration (non-finite loss) into the state.
-        ok = jnp.isfinite(q_loss)
-        for x in jax.tree_util.tree_leaves((actor, critic, log_alpha)):
-            ok = ok & jnp.all(jnp.isfinite(x))
+        # Never let a diverged iteration (a non-finite loss, parameter or Adam moment) into the
+        # state: it is dropped and counted in `sac_skipped`.
+        zero = sum(jnp.sum(x * 0) for x in jax.tree_util.tree_leaves(new) if jnp.issubdtype(x.dtype, jnp.floating))
+        ok = jnp.isfinite(q_loss) & (zero == 0)  # x * 0 is NaN exactly for a non-finite x
         new = jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, sac)
-        return new, q_loss.astype(jnp.float32)
+        return new, q_loss.astype(jnp.float32), skipped + (~ok).astype(jnp.int32)
 
-    return jax.lax.fori_loop(0, iters, one, (s.sac, s.last_q_loss))
+    return jax.lax.fori_loop(0, iters, one, (s.sac, s.last_q_loss, s.sac_skipped))
+
+
+def _init_sac(seed: int, init_alpha: float, num_tasks: int, hidden: tuple[int, ...]) -> SACState:
+    """The initial agent, drawn with NumPy from ``seed`` (no compilation at init)."""
+    rng = np.random.default_rng(seed)
+    to_jnp = lambda tree: jax.tree_util.tree_map(jnp.asarray, tree)  # noqa: E731
+    actor = _actor_init(rng, num_tasks, hidden)
+    critic = _critic_init(rng, num_tasks, hidden)
+    log_alpha = np.float32(math.log(init_alpha))
+
+    adam = optax.adam(1.0)  # Adam's state does not depend on the learning rate
+    sac = SACState(
+        actor=to_jnp(actor),
+        critic=to_jnp(critic),
+        critic_target=to_jnp(critic),
+        log_alpha=jnp.asarray(log_alpha),
+        actor_opt=adam.init(to_jnp(actor)),
+        critic_opt=adam.init(to_jnp(critic)),
+        alpha_opt=adam.init(jnp.asarray(log_alpha)),
+    )
+    return sac
 
 
 def igbv2(
@@ -367,7 +397,8 @@ def igbv2(
       sac_lr: Adam learning rate of actor, critic and temperature (official 3e-4).
       sac_hidden: hidden layer widths of actor and critics (official (128, 128)).
       discount, tau, init_alpha: SAC discount, Polyak rate, initial temperature.
-      reward_scale: reward multiplier (official ``lr₀ / lr_current``; see module doc).
+      reward_scale: reward multiplier (official ``lr₀ / lr_current``; see the module
+        docstring for schedules).
       eps: ``ε`` of the log losses.
       seed: initialisation seed of the networks.
       grads: ``"per_task"`` or ``"weighted"`` (see :mod:`dbmtl_jax.loss_weighting`).
@@ -397,20 +428,7 @@ def igbv2(
     hp = dict(eps=eps, reward_scale=reward_scale, sac_lr=sac_lr, discount=discount, tau=tau)
 
     def init_state() -> IGBv2State:
-        k_actor, k_critic = jax.random.split(jax.random.PRNGKey(seed))
-        actor = _actor_init(k_actor, num_tasks, sac_hidden)
-        critic = _critic_init(k_critic, num_tasks, sac_hidden)
-        log_alpha = jnp.asarray(math.log(init_alpha), jnp.float32)
-        adam = optax.adam(sac_lr)
-        sac = SACState(
-            actor=actor,
-            critic=critic,
-            critic_target=jax.tree_util.tree_map(jnp.copy, critic),
-            log_alpha=log_alpha,
-            actor_opt=adam.init(actor),
-            critic_opt=adam.init(critic),
-            alpha_opt=adam.init(log_alpha),
-        )
+        sac = _init_sac(seed, init_alpha, num_tasks, sac_hidden)
         z = jnp.zeros([num_tasks], jnp.float32)
         zb = jnp.zeros([buffer_size, num_tasks], jnp.float32)
         i0 = jnp.zeros([], jnp.int32)
@@ -430,6 +448,7 @@ def igbv2(
             sac=sac,
             train_rounds=i0,
             last_q_loss=jnp.zeros([], jnp.float32),
+            sac_skipped=i0,
             steps_per_epoch=i32(steps_per_epoch),
             base_epoch=i32(base_epoch),
             start_epoch=i32(start_epoch),
