@@ -385,3 +385,27 @@ def test_real_qm9pack():
     if HAS_RDKIT:
         assert d.bond_orders_known.all()
     assert d.n_node.max() <= 29 and (len(d.val_idx), len(d.test_idx)) == (23, 23)
+
+
+def test_batches_feed_the_mpnn_encoder(csv_dir):
+    pytest.importorskip("flax")
+    from flax import nnx
+
+    from dbmtl_jax.architectures import MPNN
+
+    d = load_qm9(csv_dir, featurizer=FEATURIZERS[-1], progress=False)
+    model = MPNN(11, 5, dim=8, edge_hidden=8, steps=2, rngs=nnx.Rngs(0))
+    fwd = nnx.jit(lambda m, g: m(g))
+    outs = []
+    for b in d.iterate_batches("train", 6, complete=True):
+        g = qm9_mod.to_graph_batch({k: jnp.asarray(v) for k, v in b.items()})
+        assert g.num_graphs == 7
+        out = np.asarray(fwd(model, g))
+        assert out.shape == (7, 8) and np.all(np.isfinite(out))
+        assert np.all(out[~b["graph_mask"]] == 0)  # padding graph slots give zero features
+        outs.append(out[b["graph_mask"]])
+    # a molecule's features do not depend on its batch-mates (padding and packing are inert)
+    k = int(d.train_idx[0])
+    alone = d.graph_batch([k], *d.batch_budget("train", 6, complete=True), max_graphs=7, complete=True)
+    g = qm9_mod.to_graph_batch({kk: jnp.asarray(v) for kk, v in alone.items()})
+    np.testing.assert_allclose(np.asarray(fwd(model, g))[0], outs[0][0], rtol=1e-4, atol=1e-5)

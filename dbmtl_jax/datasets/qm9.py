@@ -76,7 +76,9 @@ node and the last graph of every batch are padding, so segment sums need no
 masks): ``node_features [N, 11]``, ``positions [N, 3]``, ``edge_index [2, E]``
 (``edge_index[0]`` source, ``[1]`` target), ``edge_features [E, 5]``,
 ``node_graph [N]``, ``node_mask``, ``edge_mask``, ``graph_mask``, ``n_node``,
-``n_edge``, ``targets [G, 11]`` (standardised) and ``targets_raw``.
+``n_edge``, ``targets [G, 11]`` (standardised) and ``targets_raw``;
+:func:`to_graph_batch` turns one into the :class:`dbmtl_jax.architectures.GraphBatch`
+that the MPNN encoder takes.
 """
 
 from __future__ import annotations
@@ -104,6 +106,7 @@ __all__ = [
     "load_qm9",
     "process_qm9_rows",
     "read_qm9_csv",
+    "to_graph_batch",
 ]
 
 QM9_PACKAGE = "qm9pack==1.0.3"
@@ -560,6 +563,18 @@ class QM9Data:
                 return
             yield self.graph_batch(idx[start:stop], max_nodes, max_edges, batch_size + 1, complete)
             start = stop
+
+
+def to_graph_batch(batch: dict[str, np.ndarray]) -> Any:
+    """A batch dict of :meth:`QM9Data.graph_batch` as :class:`dbmtl_jax.architectures.GraphBatch`
+    (same padding convention; needs Flax, which ``dbmtl_jax.architectures`` uses)."""
+    from dbmtl_jax.architectures.mpnn import GraphBatch
+
+    return GraphBatch(
+        node_features=batch["node_features"], edge_index=batch["edge_index"], edge_features=batch["edge_features"],
+        node_graph=batch["node_graph"], num_graphs=int(batch["graph_mask"].shape[0]), node_mask=batch["node_mask"],
+        edge_mask=batch["edge_mask"], graph_mask=batch["graph_mask"],
+    )
 
 
 def _split(m: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
