@@ -62,7 +62,7 @@ from dbmtl_jax.datasets.multimnist import FASHION_CLASSES, load_fashion_mnist, r
 
 __all__ = ["DENSE_TASKS", "DenseData", "DenseSplit", "load_dense_fashion", "normals_from_height"]
 
-_VERSION = 1
+_VERSION = 2
 DENSE_TASKS: tuple[TaskInfo, ...] = (
     TaskInfo("segmentation", "cross_entropy", "miou", True),
     TaskInfo("depth", "l1", "abs_err", False, "depth units"),
