@@ -49,6 +49,7 @@ __all__ = [
     "adam_init",
     "adam_step",
     "check_num_tasks",
+    "check_int",
     "check_grads_mode",
     "check_losses",
     "f32",
@@ -65,6 +66,22 @@ def check_num_tasks(num_tasks: Any) -> int:
             "under optax.inject_hyperparams pass static_args=('num_tasks',)."
         )
     return num_tasks
+
+
+def check_int(name: str, value: Any, lo: int) -> Any:
+    """An integer hyperparameter ``>= lo`` as a Python int.
+
+    A concrete integer array (``optax.inject_hyperparams`` passes those at init) is
+    converted; a tracer (the same wrapper's calls inside ``update``, which only
+    refresh float hyperparameters) is returned as is.
+    """
+    if isinstance(value, jax.core.Tracer):
+        return value
+    if hasattr(value, "dtype") and jnp.ndim(value) == 0 and jnp.issubdtype(value.dtype, jnp.integer):
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        raise ValueError(f"{name} must be an int >= {lo}, got {value!r}.")
+    return value
 
 
 def check_grads_mode(grads: str) -> str:
@@ -105,8 +122,9 @@ class InnerAdam(NamedTuple):
 
 
 def adam_init(num_tasks: int) -> InnerAdam:
-    z = jnp.zeros([num_tasks], jnp.float32)
-    return InnerAdam(m=z, v=z, count=jnp.zeros([], jnp.int32))
+    return InnerAdam(
+        m=jnp.zeros([num_tasks], jnp.float32), v=jnp.zeros([num_tasks], jnp.float32), count=jnp.zeros([], jnp.int32)
+    )
 
 
 def adam_step(
@@ -132,6 +150,19 @@ def adam_step(
     step = lr * m_hat / (jnp.sqrt(v_hat) + eps)
     step = jnp.where(jnp.isfinite(step), step, 0.0)
     return params - step, InnerAdam(m=m, v=v, count=count)
+
+
+def _unalias(tree: PyTree) -> PyTree:
+    """Copies leaves that occur more than once in ``tree`` (the same array object)."""
+    seen: set[int] = set()
+
+    def f(x: Any) -> Any:
+        if id(x) in seen:
+            return jnp.copy(x)
+        seen.add(id(x))
+        return x
+
+    return jax.tree_util.tree_map(f, tree)
 
 
 def _check_plain_grads(updates: PyTree, params: Optional[PyTree], num_tasks: int, name: str) -> None:
@@ -191,11 +222,11 @@ def make_loss_transform(
             f"{name}: weight_heads=False needs grads='per_task' (the weighted-loss gradient cannot "
             "separate the tasks' head gradients)."
         )
-    refresh = {k: f32(v) for k, v in hparams.items()}
-
     def init_fn(params: PyTree) -> NamedTuple:
         del params
-        return init_state()
+        # One buffer per leaf (init_state may reuse a zeros array for several fields), so the state
+        # can be donated to a jitted step.
+        return _unalias(init_state())
 
     def update_fn(
         updates: PyTree,
@@ -232,8 +263,8 @@ def make_loss_transform(
             out = updates
 
         new_state = state.advance(losses, key, **extra_args)
-        if refresh:
-            new_state = new_state._replace(**refresh)
+        if hparams:
+            new_state = new_state._replace(**{k: f32(v) for k, v in hparams.items()})
         return out, new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

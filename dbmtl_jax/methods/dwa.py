@@ -107,8 +107,7 @@ def dwa(
       An ``optax.GradientTransformationExtraArgs``; ``update`` requires ``losses=``.
     """
     lc.check_num_tasks(num_tasks)
-    if isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, int) or steps_per_epoch < 1:
-        raise ValueError(f"steps_per_epoch must be a positive int, got {steps_per_epoch!r}.")
+    steps_per_epoch = lc.check_int("steps_per_epoch", steps_per_epoch, 1)
 
     def init_state() -> DWAState:
         z = jnp.zeros([num_tasks], jnp.float32)

@@ -33,21 +33,19 @@ class EWState(NamedTuple):
 
     Attributes:
       count: number of updates applied (int32 scalar).
-      scale: the weight of every task, 1 (sum) or 1/T (mean), float32 scalar.
-      num_tasks_arr: ``[T]`` zeros, carrying ``T`` in the state's shape.
+      weights: the constant task weights, all 1 (sum) or 1/T (mean), ``[T]`` float32.
     """
 
     count: chex.Array
-    scale: chex.Array
-    num_tasks_arr: chex.Array
+    weights: chex.Array
 
     needs_losses = False
     needs_key = False
 
     def loss_weights(self, losses: Optional[jax.Array] = None, key: Optional[jax.Array] = None) -> jax.Array:
-        """``w = scale · 1``."""
+        """The constant weights."""
         del losses, key
-        return jnp.ones_like(self.num_tasks_arr) * self.scale
+        return self.weights
 
     def advance(self, losses: Optional[jax.Array], key: Optional[jax.Array], **extra_args: Any) -> "EWState":
         del losses, key, extra_args
@@ -82,11 +80,7 @@ def ew(
     scale = 1.0 if reduction == "sum" else 1.0 / num_tasks
 
     def init_state() -> EWState:
-        return EWState(
-            count=jnp.zeros([], jnp.int32),
-            scale=lc.f32(scale),
-            num_tasks_arr=jnp.zeros([num_tasks], jnp.float32),
-        )
+        return EWState(count=jnp.zeros([], jnp.int32), weights=jnp.full([num_tasks], scale, jnp.float32))
 
     return lc.make_loss_transform(
         num_tasks, "ew", init_state, {}, grads=grads, weight_heads=weight_heads, shared=shared

@@ -160,9 +160,9 @@ def famo(
     if min_losses is None:
         min_arr = np.zeros([num_tasks], np.float32)
     else:
-        min_arr = np.asarray(min_losses, np.float32)
-        if min_arr.shape != (num_tasks,):
-            raise ValueError(f"min_losses must have shape ({num_tasks},), got {min_arr.shape}.")
+        if np.shape(min_losses) != (num_tasks,):
+            raise ValueError(f"min_losses must have shape ({num_tasks},), got {np.shape(min_losses)}.")
+        min_arr = min_losses
     hp = dict(learning_rate=learning_rate, gamma=gamma, b1=b1, b2=b2, adam_eps=adam_eps, eps=eps)
 
     def init_state() -> FAMOState:
@@ -173,7 +173,7 @@ def famo(
             adam=lc.adam_init(num_tasks),
             prev_losses=z,
             pending=jnp.zeros([], bool),
-            min_losses=jnp.asarray(min_arr),
+            min_losses=jnp.asarray(min_arr, jnp.float32),
             **{k: lc.f32(v) for k, v in hp.items()},
         )
 

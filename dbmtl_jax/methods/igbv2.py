@@ -410,18 +410,13 @@ def igbv2(
       ``losses=`` and ``key=``.
     """
     lc.check_num_tasks(num_tasks)
-    ints = dict(
-        steps_per_epoch=(steps_per_epoch, 1),
-        base_epoch=(base_epoch, 0),
-        start_epoch=(start_epoch, 0),
-        update_after=(update_after, 0),
-        update_every=(update_every, 1),
-        buffer_size=(buffer_size, 1),
-        seed=(seed, 0),
-    )
-    for name, (v, lo) in ints.items():
-        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-            raise ValueError(f"{name} must be an int >= {lo}, got {v!r}.")
+    steps_per_epoch = lc.check_int("steps_per_epoch", steps_per_epoch, 1)
+    base_epoch = lc.check_int("base_epoch", base_epoch, 0)
+    start_epoch = lc.check_int("start_epoch", start_epoch, 0)
+    update_after = lc.check_int("update_after", update_after, 0)
+    update_every = lc.check_int("update_every", update_every, 1)
+    buffer_size = lc.check_int("buffer_size", buffer_size, 1)
+    seed = lc.check_int("seed", seed, 0)
     sac_hidden = tuple(sac_hidden)
     if not sac_hidden or any((not isinstance(h, int)) or h < 1 for h in sac_hidden):
         raise ValueError(f"sac_hidden must be a non-empty tuple of positive ints, got {sac_hidden!r}.")

@@ -142,22 +142,20 @@ def stch(
       An ``optax.GradientTransformationExtraArgs``; ``update`` requires ``losses=``.
     """
     lc.check_num_tasks(num_tasks)
-    for name, v in (("steps_per_epoch", steps_per_epoch), ("warmup_epochs", warmup_epochs)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < (1 if name == "steps_per_epoch" else 0):
-            raise ValueError(f"{name} must be a {'positive' if name == 'steps_per_epoch' else 'non-negative'} int, got {v!r}.")
+    steps_per_epoch = lc.check_int("steps_per_epoch", steps_per_epoch, 1)
+    warmup_epochs = lc.check_int("warmup_epochs", warmup_epochs, 0)
     if isinstance(mu, (int, float)) and not mu > 0:
         raise ValueError(f"mu must be positive, got {mu!r}.")
     if nadir is not None:
-        nadir_arr = np.asarray(nadir, np.float32)
-        if nadir_arr.shape != (num_tasks,):
-            raise ValueError(f"nadir must have shape ({num_tasks},), got {nadir_arr.shape}.")
-        if not np.all(nadir_arr > 0):
+        if np.shape(nadir) != (num_tasks,):
+            raise ValueError(f"nadir must have shape ({num_tasks},), got {np.shape(nadir)}.")
+        if not isinstance(nadir, jax.core.Tracer) and not np.all(np.asarray(nadir) > 0):
             raise ValueError("nadir must be positive (it divides the losses).")
 
     def init_state() -> STCHState:
         return STCHState(
             count=jnp.zeros([], jnp.int32),
-            nadir=jnp.zeros([num_tasks], jnp.float32) if nadir is None else jnp.asarray(nadir_arr),
+            nadir=jnp.zeros([num_tasks], jnp.float32) if nadir is None else jnp.asarray(nadir, jnp.float32),
             nadir_count=jnp.zeros([], jnp.int32),
             fixed_nadir=jnp.asarray(nadir is not None),
             mu=lc.f32(mu),

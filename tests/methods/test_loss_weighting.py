@@ -375,6 +375,29 @@ def test_value_and_weighted_grad_and_loss_weights_through_wrappers():
     np.testing.assert_allclose(lw.weighted_loss(state, losses), np.sum(np.asarray(w) * np.asarray(losses)), rtol=1e-6)
 
 
+@pytest.mark.parametrize("name,kw", [("uw", dict(learning_rate=0.1)), ("dwa", dict(temperature=0.5)),
+                                     ("stch", dict(mu=0.5, nadir=jnp.array([1.0, 2.0, 3.0]))),
+                                     ("famo", dict(min_losses=jnp.full(3, 0.01)))])
+def test_inject_hyperparams_matches_plain(name, kw):
+    import importlib
+
+    factory = getattr(importlib.import_module(f"dbmtl_jax.methods.{name}"), name)
+    wrapped = optax.inject_hyperparams(factory, static_args=("num_tasks",))(num_tasks=T, **kw)
+    plain = factory(T, **kw)
+    p = {"g": jnp.zeros((T,))}
+    sw, sp = wrapped.init(p), plain.init(p)
+
+    @jax.jit
+    def both(sw, sp, l):
+        uw_, sw = wrapped.update({"g": jnp.eye(T)}, sw, p, losses=l)
+        up_, sp = plain.update({"g": jnp.eye(T)}, sp, p, losses=l)
+        return uw_, sw, up_, sp
+
+    for i in range(4):
+        a, sw, b, sp = both(sw, sp, jnp.array([1.0, 2.0, 3.0]) / (i + 1))
+        np.testing.assert_allclose(a["g"], b["g"], rtol=1e-6)
+
+
 def test_find_state_errors_and_observe_noop():
     p = params_like()
     with pytest.raises(ValueError, match="no loss-weighting state"):
@@ -413,7 +436,9 @@ def test_robust_scales_zero_grads_and_stable_state(name):
     p = params_like()
     tx = make(name, **({"steps_per_epoch": 1, "warmup_epochs": 0} if name == "stch" else {}))
     state0 = tx.init(p)
-    upd = jax.jit(tx.update)
+    leaves0 = jax.tree_util.tree_leaves(state0)
+    assert len({id(x) for x in leaves0}) == len(leaves0)  # no shared buffers: the state can be donated
+    upd = jax.jit(tx.update, donate_argnums=(1,))
     key = jax.random.PRNGKey(1)
     struct = jax.tree_util.tree_structure(state0)
     shapes = [(x.shape, x.dtype) for x in jax.tree_util.tree_leaves(state0)]

@@ -151,6 +151,8 @@ def test_robust_scales_and_stable_state():
     tx, step = tx_and_step()
     rng = np.random.default_rng(1)
     state0 = tx.init(P)
+    leaves0 = jax.tree_util.tree_leaves(state0)
+    assert len({id(x) for x in leaves0}) == len(leaves0)  # no shared buffers: the state can be donated
     struct = jax.tree_util.tree_structure(state0)
     shapes = [(x.shape, x.dtype) for x in jax.tree_util.tree_leaves(state0)]
     state = state0
