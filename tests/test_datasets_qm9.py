@@ -394,7 +394,7 @@ def test_batches_feed_the_mpnn_encoder(csv_dir):
     from dbmtl_jax.architectures import MPNN
 
     d = load_qm9(csv_dir, featurizer=FEATURIZERS[-1], progress=False)
-    model = MPNN(11, 5, dim=8, edge_hidden=8, steps=2, rngs=nnx.Rngs(0))
+    model = MPNN(11, 5, dim=8, edge_hidden=8, steps=1, readout="sum", rngs=nnx.Rngs(0))
     fwd = nnx.jit(lambda m, g: m(g))
     outs = []
     for b in d.iterate_batches("train", 6, complete=True):
