@@ -20,7 +20,7 @@ Defaults follow LibMTL (the code base of the DB-MTL paper's experiments):
 ``s`` initialised to −0.5 and trained by the model's optimizer, Adam with
 learning rate 1e-4 (LibMTL also applies its weight decay 1e-5 to ``s``; here
 ``weight_decay`` defaults to 0).  Other implementations initialise ``s = 0``
-and use larger learning rates (e.g. 0.025 in the Nash-MTL/FAMO code): set
+and use larger learning rates (e.g. 0.025 in Nash-MTL-derived code such as IGB4MTL): set
 ``init`` and ``learning_rate``.  Every leaf, shared or head, gets the weighting.
 """
 

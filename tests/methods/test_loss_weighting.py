@@ -5,7 +5,6 @@ IGBv2's agent is tested in test_lw_igbv2.py.
 
 from __future__ import annotations
 
-import math
 
 import jax
 import jax.numpy as jnp

@@ -6,12 +6,10 @@ One configuration and one compiled update serve most tests (the agent is costly 
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from dbmtl_jax import loss_weighting as lw
 from dbmtl_jax.methods import get_method
