@@ -12,6 +12,8 @@ Variants (``VARIANTS``):
 * ``trunk-vmap`` / ``trunk-loop`` / ``trunk-chunk``: DB-MTL with
   :func:`dbmtl_jax.trunk_heads_task_grads` (each head differentiated once, only
   the trunk pull-back is per task) and that trunk strategy.
+* ``fused``: trunk-once gradients streamed ``chunk_size`` tasks at a time into
+  the EMA (``fused_step.py``; same update and state as the library chain).
 
 A ``sum:`` prefix (``sum:trunk-loop``) computes the same per-task gradients but
 replaces the DB-MTL transform by a plain sum over tasks; the difference in step
@@ -35,7 +37,7 @@ __all__ = ["VARIANTS", "StepFns", "build_step", "to_jax", "grads_fn"]
 
 PyTree = Any
 
-VARIANTS = ("ew", "vmap", "jacrev", "loop", "chunk", "trunk-vmap", "trunk-loop", "trunk-chunk")
+VARIANTS = ("ew", "vmap", "jacrev", "loop", "chunk", "trunk-vmap", "trunk-loop", "trunk-chunk", "fused")
 
 
 class StepFns(NamedTuple):
@@ -55,8 +57,8 @@ def _split_variant(variant: str) -> tuple[bool, str]:
     base = variant[4:] if plain_sum else variant
     if base not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS} (optionally 'sum:'-prefixed).")
-    if plain_sum and base == "ew":
-        raise ValueError("'sum:ew' is meaningless; EW already sums the losses.")
+    if plain_sum and base in ("ew", "fused"):
+        raise ValueError(f"'sum:{base}' is not a variant.")
     return plain_sum, base
 
 
@@ -96,7 +98,7 @@ def build_step(
 ) -> StepFns:
     """The init and step functions of ``variant`` (see module docstring) on ``problem``."""
     plain_sum, base = _split_variant(variant)
-    if base.endswith("chunk") and chunk_size is None:
+    if (base.endswith("chunk") or base == "fused") and chunk_size is None:
         raise ValueError(f"variant {variant!r} needs chunk_size.")
     adam = optax.adam(learning_rate)
 
@@ -112,6 +114,12 @@ def build_step(
             return optax.apply_updates(params, updates), opt_state, losses
 
         return StepFns(adam.init, ew_step)
+
+    if base == "fused":
+        from fused_step import build_fused
+
+        init, step = build_fused(problem, chunk_size=chunk_size, learning_rate=learning_rate, beta=beta)
+        return StepFns(init, step)
 
     vg = grads_fn(problem, base, chunk_size=chunk_size)
     if plain_sum:

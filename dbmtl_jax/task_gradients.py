@@ -12,6 +12,10 @@ batched matrix products.
   separately: each head is differentiated once for its own task and only the
   trunk VJP is batched over tasks, so heavy heads (dense decoders) are not
   back-propagated T times.
+* :func:`fold_task_grads` and :func:`trunk_heads_fold_task_grads` stream the
+  per-task gradients, ``chunk_size`` tasks at a time inside a ``fori_loop``,
+  into a user fold (for example an in-place EMA update) instead of returning
+  the ``[T, P]`` stack, so the transient gradient memory is ``chunk_size × P``.
 
 The log transform can be turned off (``log=False``) for the paper's ablation and
 for methods that want raw-loss gradients.
@@ -32,6 +36,8 @@ __all__ = [
     "heads_to_task_axis",
     "transform_losses",
     "STRATEGIES",
+    "fold_task_grads",
+    "trunk_heads_fold_task_grads",
 ]
 
 STRATEGIES = ("vmap", "jacrev", "loop")
@@ -195,3 +201,144 @@ def heads_to_task_axis(head_grads: Sequence[PyTree]) -> tuple[PyTree, ...]:
         return jnp.zeros((num_tasks,) + g.shape, g.dtype).at[t].set(g)
 
     return tuple(jax.tree_util.tree_map(lambda g, t=t: place(t, g), hg) for t, hg in enumerate(head_grads))
+
+
+def _fold_chunks(
+    vjp_fn: Callable,
+    cotangents: PyTree,
+    fold_fn: Callable[[Any, jax.Array, PyTree], Any],
+    carry: Any,
+    chunk_size: int,
+) -> Any:
+    """Feeds ``vjp_fn`` of consecutive row chunks of ``cotangents`` (leaves ``[T, ...]``) to ``fold_fn``.
+
+    Full chunks run in a ``lax.fori_loop`` (one compiled body whatever T); a
+    last, smaller chunk (when ``chunk_size`` does not divide T) runs after it.
+    """
+    t = jax.tree_util.tree_leaves(cotangents)[0].shape[0]
+    c = min(chunk_size, t)
+    n_full, rem = divmod(t, c)
+
+    def pull(rows: PyTree, size: int) -> PyTree:
+        # One VJP call per task, unrolled inside the chunk: a vmapped pull-back makes
+        # XLA transpose every batched weight gradient (measured slower on CPU).
+        outs = [vjp_fn(jax.tree_util.tree_map(lambda r, i=i: r[i], rows)) for i in range(size)]
+        return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *outs)
+
+    def body(i: jax.Array, carry: Any) -> Any:
+        start = (i * c).astype(jnp.int32)
+        rows = jax.tree_util.tree_map(lambda x: jax.lax.dynamic_slice_in_dim(x, start, c, axis=0), cotangents)
+        return fold_fn(carry, start, pull(rows, c))
+
+    if n_full == 1:
+        carry = body(jnp.zeros([], jnp.int32), carry)
+    else:
+        carry = jax.lax.fori_loop(0, n_full, body, carry)
+    if rem:
+        start = n_full * c
+        rows = jax.tree_util.tree_map(lambda x: x[start:], cotangents)
+        carry = fold_fn(carry, jnp.asarray(start, jnp.int32), pull(rows, rem))
+    return carry
+
+
+def _check_chunk(chunk_size: Any) -> int:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}.")
+    return chunk_size
+
+
+def fold_task_grads(
+    loss_fn: Callable[..., Any],
+    fold_fn: Callable[[Any, jax.Array, PyTree], Any],
+    argnums: int = 0,
+    *,
+    log: bool = True,
+    eps: float = 1e-8,
+    has_aux: bool = False,
+    chunk_size: int = 1,
+) -> Callable[..., Any]:
+    """Like :func:`value_and_task_grads`, but streams the gradients into ``fold_fn``.
+
+    One forward pass, then the T one-hot cotangents are pulled back
+    ``chunk_size`` at a time inside a ``lax.fori_loop``; each chunk's gradients
+    go straight to ``carry = fold_fn(carry, start, grads)``, where every leaf of
+    ``grads`` has shape ``[c, *param_shape]`` (rows ``start … start+c−1``;
+    ``start`` is a traced int32 and ``c`` is ``chunk_size`` except for a smaller
+    last chunk when ``chunk_size`` does not divide T).  Nothing of size
+    ``T × P`` is allocated unless ``fold_fn`` keeps it, e.g. a
+    ``lax.dynamic_update_slice`` into a donated EMA buffer.
+
+    Returns ``f(carry, *args, **kwargs) -> (losses, carry)`` (``((losses, aux),
+    carry)`` with ``has_aux``), where ``args`` are ``loss_fn``'s arguments.
+    """
+    if not isinstance(argnums, int):
+        raise TypeError(f"argnums must be a single int, got {argnums!r}.")
+    chunk_size = _check_chunk(chunk_size)
+
+    def wrapped(carry: Any, *args: Any, **kwargs: Any) -> Any:
+        args = list(args)
+
+        def f(p: PyTree) -> Any:
+            call_args = args[:argnums] + [p] + args[argnums + 1 :]
+            out = loss_fn(*call_args, **kwargs)
+            losses, aux = out if has_aux else (out, None)
+            losses = _check_losses(losses, "loss_fn")
+            return transform_losses(losses, log=log, eps=eps), (losses, aux)
+
+        tl, vjp_fn, (losses, aux) = jax.vjp(f, args[argnums], has_aux=True)
+        eye = jnp.eye(tl.shape[0], dtype=tl.dtype)
+        carry = _fold_chunks(lambda c: vjp_fn(c)[0], eye, fold_fn, carry, chunk_size)
+        return ((losses, aux), carry) if has_aux else (losses, carry)
+
+    return wrapped
+
+
+def trunk_heads_fold_task_grads(
+    trunk_fn: Callable[[PyTree, Any], Any],
+    head_loss_fns: Sequence[Callable[[PyTree, Any, Any], jax.Array]],
+    fold_fn: Callable[[Any, jax.Array, PyTree], Any],
+    *,
+    log: bool = True,
+    eps: float = 1e-8,
+    chunk_size: int = 1,
+) -> Callable[[Any, PyTree, Sequence[PyTree], Any], tuple[jax.Array, tuple, Any]]:
+    """:func:`trunk_heads_task_grads` with the trunk gradients streamed into ``fold_fn``.
+
+    Each head is differentiated once (as in :func:`trunk_heads_task_grads`);
+    the T feature cotangents are then pulled back through the trunk
+    ``chunk_size`` at a time and each chunk of trunk gradients (leaves
+    ``[c, *shape]``, rows ``start …``) goes to ``carry = fold_fn(carry, start,
+    grads)``.
+
+    Returns ``f(carry, trunk_params, head_params, batch) -> (losses,
+    head_grads, carry)`` with ``head_grads[t]`` the plain gradient of head ``t``.
+    """
+    chunk_size = _check_chunk(chunk_size)
+    num_tasks = len(head_loss_fns)
+    if num_tasks == 0:
+        raise ValueError("head_loss_fns is empty; give one head loss per task.")
+
+    def wrapped(carry: Any, trunk_params: PyTree, head_params: Sequence[PyTree], batch: Any) -> Any:
+        if len(head_params) != num_tasks:
+            raise ValueError(
+                f"got {len(head_params)} head parameter sets for {num_tasks} head losses; "
+                "the task axis must match."
+            )
+        features, trunk_vjp = jax.vjp(lambda p: trunk_fn(p, batch), trunk_params)
+        losses, head_grads, feat_cts = [], [], []
+        for t, (fn, hp) in enumerate(zip(head_loss_fns, head_params)):
+            def head_obj(hp_, z_, fn=fn, t=t):
+                loss = jnp.asarray(fn(hp_, z_, batch))
+                if loss.ndim != 0:
+                    raise ValueError(f"head_loss_fns[{t}] must return a scalar loss, got shape {loss.shape}.")
+                return transform_losses(loss[None], log=log, eps=eps)[0], loss
+
+            (_, loss), (g_head, g_feat) = jax.value_and_grad(head_obj, argnums=(0, 1), has_aux=True)(hp, features)
+            losses.append(loss)
+            head_grads.append(g_head)
+            feat_cts.append(g_feat)
+        stacked = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *feat_cts)
+        carry = _fold_chunks(lambda c: trunk_vjp(c)[0], stacked, fold_fn, carry, chunk_size)
+        return jnp.stack(losses), tuple(head_grads), carry
+
+    return wrapped
