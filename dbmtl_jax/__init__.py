@@ -7,7 +7,7 @@ from dbmtl_jax import datasets, metrics
 from dbmtl_jax._version import __version__
 from dbmtl_jax.dbmtl import ALPHA_MODES, DBMTLState, dbmtl
 from dbmtl_jax.metrics import delta_p
-from dbmtl_jax.methods.registry import METHOD_GROUPS, METHODS, get_method
+from dbmtl_jax.methods.registry import METHOD_GROUPS, METHODS, get_factory, get_method
 from dbmtl_jax.multi_steps import TaskMultiSteps
 from dbmtl_jax.guard import InvalidStepError, SkipState, skip_invalid_steps
 from dbmtl_jax.task_axis import check_task_axis, flatten_tasks, resolve_shared, sum_tasks, task_norms
@@ -30,6 +30,7 @@ __all__ = [
     "METHODS",
     "METHOD_GROUPS",
     "get_method",
+    "get_factory",
     "InvalidStepError",
     "SkipState",
     "skip_invalid_steps",

@@ -9,12 +9,11 @@ Modules are imported lazily so that importing the package stays cheap.
 from __future__ import annotations
 
 import importlib
-import importlib.util
 from typing import Any, Callable
 
 import optax
 
-__all__ = ["METHODS", "METHOD_GROUPS", "get_method"]
+__all__ = ["METHODS", "METHOD_GROUPS", "get_method", "get_factory"]
 
 # name -> (group, module under dbmtl_jax.methods, factory attribute)
 _REGISTRY: dict[str, tuple[str, str, str]] = {
@@ -51,22 +50,22 @@ _REGISTRY: dict[str, tuple[str, str, str]] = {
 }
 
 
-def _available() -> dict[str, tuple[str, str, str]]:
-    out = {}
-    for name, entry in _REGISTRY.items():
-        if importlib.util.find_spec(entry[1]) is not None:
-            out[name] = entry
-    return out
-
-
-METHODS: tuple[str, ...] = tuple(_available())
+METHODS: tuple[str, ...] = tuple(_REGISTRY)
 METHOD_GROUPS: dict[str, str] = {name: _REGISTRY[name][0] for name in METHODS}
+
+
+def get_factory(name: str) -> Callable[..., optax.GradientTransformationExtraArgs]:
+    """The factory of method ``name`` (``factory(num_tasks, **hyperparameters)``).
+
+    Use it where a factory is needed, e.g.
+    ``optax.inject_hyperparams(get_factory("uw"), static_args=("num_tasks",))``.
+    """
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; available: {', '.join(METHODS)}.")
+    _, module, attr = _REGISTRY[name]
+    return getattr(importlib.import_module(module), attr)
 
 
 def get_method(name: str, num_tasks: int, **hyperparameters: Any) -> optax.GradientTransformationExtraArgs:
     """Builds the method ``name`` for ``num_tasks`` tasks with the given hyperparameters."""
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; available: {', '.join(METHODS)}.")
-    _, module, attr = _REGISTRY[name]
-    factory: Callable[..., optax.GradientTransformationExtraArgs] = getattr(importlib.import_module(module), attr)
-    return factory(num_tasks, **hyperparameters)
+    return get_factory(name)(num_tasks, **hyperparameters)
