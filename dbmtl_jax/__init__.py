@@ -3,7 +3,7 @@
 Reference: Lin et al., "Dual-Balancing for Multi-Task Learning".
 """
 
-from dbmtl_jax import datasets, metrics
+from dbmtl_jax import datasets, loss_weighting, metrics
 from dbmtl_jax._version import __version__
 from dbmtl_jax.dbmtl import ALPHA_MODES, DBMTLState, dbmtl
 from dbmtl_jax.metrics import delta_p
@@ -22,6 +22,7 @@ from dbmtl_jax.task_gradients import (
 __all__ = [
     "__version__",
     "datasets",
+    "loss_weighting",
     "metrics",
     "delta_p",
     "ALPHA_MODES",
