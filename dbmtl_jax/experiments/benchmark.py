@@ -72,7 +72,9 @@ class Task:
       select_metric: the metric used for model selection on the validation
         split (default: the first of ``metrics``).
       metric_input: maps ``(pred, target)`` to the arguments of
-        ``metric.update`` (e.g. logits to 0/1 labels); default identity.
+        ``metric.update``: ``(pred, target)`` or ``(pred, target, mask)``
+        (e.g. logits to 0/1 labels, or a padding mask); default identity.
+        Targets may be any pytree (e.g. ``(values, mask)`` for padded batches).
       units: optional unit of each metric, for the tables (``{"mae": "years"}``).
     """
 
@@ -122,6 +124,8 @@ class Recipe:
       lr_decay_epoch, lr_decay_factor: multiply the learning rate by
         ``lr_decay_factor`` from epoch ``lr_decay_epoch`` on (the paper's NYUv2
         recipe halves it after 100 of 200 epochs); ``None``: constant.
+      data_options: free-form options for the benchmark's data provider
+        (e.g. ``{"limit": 13000}`` molecules for a quick QM9 run); JSON values.
     """
 
     learning_rate: float
@@ -134,6 +138,7 @@ class Recipe:
     max_eval_examples: Optional[int] = None
     lr_decay_epoch: Optional[int] = None
     lr_decay_factor: float = 1.0
+    data_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "epochs"):
@@ -150,12 +155,16 @@ class Recipe:
             raise ValueError(f"Recipe.learning_rate must be a positive float, got {self.learning_rate!r}.")
         if self.weight_decay < 0:
             raise ValueError(f"Recipe.weight_decay must be >= 0, got {self.weight_decay!r}.")
+        object.__setattr__(self, "data_options", dict(self.data_options))
 
     def replace(self, **changes: Any) -> "Recipe":
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        if not out["data_options"]:
+            del out["data_options"]  # keeps the config hashes of recipes without options unchanged
+        return out
 
 
 class DataSplits(Protocol):

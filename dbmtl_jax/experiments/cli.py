@@ -11,6 +11,7 @@ Commands::
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib
 import importlib.util
 import sys
@@ -27,7 +28,9 @@ def _import_user(specs: Sequence[str]) -> None:
         if spec.endswith(".py") or path.is_file():
             if not path.is_file():
                 raise SystemExit(f"--import: {spec} does not exist.")
-            name = f"dbmtl_jax_user_{abs(hash(str(path.resolve())))}"
+            name = "dbmtl_jax_user_" + hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
+            if name in sys.modules:  # imported already (registering twice would fail)
+                continue
             mod_spec = importlib.util.spec_from_file_location(name, path)
             assert mod_spec is not None and mod_spec.loader is not None
             module = importlib.util.module_from_spec(mod_spec)

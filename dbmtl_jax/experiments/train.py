@@ -498,8 +498,8 @@ class _Trainer:
                 raise ValueError(f"the model must return a tuple of {len(tasks)} per-task outputs.")
             new = []
             for task, metric, st, out, y in zip(tasks, metrics, states, outputs, targets):
-                pred, tgt = task.metric_input(out, y)
-                new.append(metric.update(st, pred, tgt))
+                args = task.metric_input(out, y)  # (pred, target) or (pred, target, mask)
+                new.append(metric.update(st, *args))
             return tuple(new)
 
         return step

@@ -1,0 +1,498 @@
+"""The experiment runner: CLI end to end, resume, report (Δp vs STL), selection on val, BYO benchmarks.
+
+The end-to-end tests run the built-in ``toy`` benchmark through ``dbmtl-jax``'s
+``main``; the others use a tiny benchmark defined here, whose data can be
+built so that validation and test disagree.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import textwrap
+import uuid
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+pytest.importorskip("flax")
+pytest.importorskip("matplotlib")
+from flax import nnx  # noqa: E402
+
+import dbmtl_jax  # noqa: E402
+from dbmtl_jax import experiments as ex  # noqa: E402
+from dbmtl_jax.experiments import benchmark as bm  # noqa: E402
+from dbmtl_jax.experiments.benchmarks import MLPHPS, encoder_shared, mse_loss  # noqa: E402
+from dbmtl_jax.experiments.cli import main  # noqa: E402
+from dbmtl_jax.experiments.train import parse_method, train_run  # noqa: E402
+from dbmtl_jax.metrics import MeanAbsoluteError  # noqa: E402
+
+# --------------------------------------------------------------------------- helpers
+
+
+def tiny_benchmark(name: str = "tiny", *, val_sign=(1.0, 1.0), test_sign=(1.0, 1.0), epochs: int = 3,
+                   lr: float = 0.03) -> ex.Benchmark:
+    """Two linear regression tasks on 4-d inputs; val/test targets can be sign-flipped per task."""
+    w = np.array([[1.0, -2.0, 0.5, 1.5], [-1.0, 0.5, 2.0, -0.5]], np.float32)
+
+    def make(n: int, seed: int, sign) -> tuple:
+        x = np.random.default_rng(seed).normal(size=(n, 4)).astype(np.float32)
+        return x, tuple((s * (x @ w[t])).astype(np.float32) for t, s in enumerate(sign))
+
+    splits = {"train": make(128, 0, (1.0, 1.0)), "val": make(48, 1, val_sign), "test": make(48, 2, test_sign)}
+    tasks = tuple(ex.Task(t, mse_loss, MeanAbsoluteError, {"mae": False}) for t in ("a", "b"))
+    recipe = ex.Recipe(learning_rate=lr, batch_size=16, epochs=epochs)
+    return ex.Benchmark(
+        name=name,
+        tasks=tasks,
+        data=lambda r: ex.ArraySplits(splits["train"], splits["val"], splits["test"], r),
+        model=lambda rngs: MLPHPS(4, (16,), 2, rngs=rngs),
+        shared=encoder_shared,
+        recipe=recipe,
+        quick=recipe,
+    )
+
+
+def np_delta_p(metrics: dict, stl: dict, hib: dict) -> float:
+    """Independent NumPy Δp (Eq. 3-4): mean over tasks of the mean signed relative change, in %."""
+    per_task = []
+    for t, ms in hib.items():
+        ch = [(1 if up else -1) * (metrics[t][m] - stl[t][m]) / abs(stl[t][m]) for m, up in ms.items()]
+        per_task.append(100.0 * np.mean(ch))
+    return float(np.mean(per_task))
+
+
+def np_selected_epoch(val_history: list, tasks) -> int:
+    """Independent reference of the MTL selection rule (1-based epoch, earliest on ties)."""
+    first = val_history[0]
+    scores = []
+    for v in val_history:
+        ch = []
+        for t in tasks:
+            m, up = t.select_metric, t.metrics[t.select_metric]
+            d = (v[t.name][m] - first[t.name][m]) / abs(first[t.name][m])
+            ch.append(d if up else -d)
+        scores.append(np.mean(ch))
+    return int(np.argmax(scores)) + 1
+
+
+def _run(bench, method: str, data=None, **kw):
+    recipe = kw.pop("recipe", bench.recipe)
+    data = data if data is not None else bench.data(recipe)
+    return train_run(bench, parse_method(method), 0, data, recipe, hparams=kw.pop("hparams", {}), progress=False,
+                     **kw)
+
+
+# --------------------------------------------------------------------------- end to end on `toy`
+
+METHODS = ("stl", "ew", "dbmtl")
+
+
+@pytest.fixture(scope="module")
+def toy_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("results")
+    rc = main(["run", "toy", "--methods", ",".join(METHODS), "--seeds", "2", "--quick", "--epochs", "2",
+               "--out", str(out), "--no-progress"])
+    assert rc == 0
+    return out
+
+
+def _records(out: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((out / "toy").glob("*.json"))]
+
+
+def test_json_files_written(toy_results):
+    files = sorted((toy_results / "toy").glob("*.json"))
+    assert len(files) == len(METHODS) * 2
+    seen = set()
+    for f in files:
+        rec = json.loads(f.read_text())
+        m = re.fullmatch(r"toy__(.+)__seed(\d+)__([0-9a-f]{10})\.json", f.name)
+        assert m and m.group(1) == rec["method"] and int(m.group(2)) == rec["seed"]
+        assert m.group(3) == rec["config_hash"] == ex.config_hash(ex.train.RunConfig(**rec["config"]))
+        seen.add((rec["method"], rec["seed"]))
+        assert rec["status"] == "done" and rec["config"]["quick"] is True
+        assert rec["config"]["recipe"]["epochs"] == 2
+        assert {"jax", "optax", "flax", "numpy", "dbmtl_jax"} <= set(rec["versions"])
+        for split in ("val", "test"):
+            assert set(rec["metrics"][split]) == {"big", "cls", "small"}
+            assert set(rec["metrics"][split]["cls"]) == {"accuracy"}
+            assert all(np.isfinite(v) for t in rec["metrics"][split].values() for v in t.values())
+        assert 0.0 <= rec["metrics"]["test"]["cls"]["accuracy"] <= 1.0
+        assert rec["wall_time_s"] > 0 and rec["median_step_time_s"] > 0
+        assert rec["steps"] == 2 * rec["steps_per_epoch"] == 32
+        h = rec["history"]
+        assert h["epoch"] == [1, 2] and np.shape(h["train_loss"]) == (2, 3)
+        assert all(1 <= e <= 2 for e in rec["selected_epoch"].values())
+        grads = rec["method"] == "dbmtl"  # ew takes the one-backward cheap path, stl has no shared trunk
+        assert rec["config"]["grad_path"] == {"stl": "stl", "ew": "weighted", "dbmtl": "per_task"}[rec["method"]]
+        if grads:
+            assert np.shape(h["grad_norm"]) == (2, 3) and np.shape(h["grad_cosine"]) == (2, 3, 3)
+        else:
+            assert h["grad_norm"] is None and h["grad_cosine"] is None
+    assert seen == {(m, s) for m in METHODS for s in (0, 1)}
+
+
+def test_gradient_statistics(toy_results):
+    rec = next(r for r in _records(toy_results) if r["method"] == "dbmtl")
+    c = rec["curve"]
+    assert c["step"] == list(range(1, 33))  # 32 steps < 100 points: one point per step
+    cos = np.asarray(c["grad_cosine"])
+    assert np.allclose(np.diagonal(cos, axis1=1, axis2=2), 1.0, atol=1e-5)
+    assert np.allclose(cos, np.swapaxes(cos, 1, 2), atol=1e-6) and np.all(np.abs(cos) <= 1 + 1e-5)
+    # DB-MTL differentiates log(ℓ + ε): ‖∇ℓ_t‖ = ‖∇ log(ℓ_t + ε)‖ (ℓ_t + ε).
+    loss, norm, raw = (np.asarray(c[k]) for k in ("train_loss", "grad_norm", "raw_grad_norm"))
+    assert np.all(norm > 0)
+    np.testing.assert_allclose(raw, norm * (loss + 1e-8), rtol=1e-5)
+    # the per-epoch history is the mean of the steps of the epoch
+    np.testing.assert_allclose(rec["history"]["train_loss"][0], loss[:16].mean(axis=0), rtol=1e-5)
+
+
+def test_resume_skips_finished_runs(toy_results, capsys):
+    files = sorted((toy_results / "toy").glob("*.json"))
+    before = {f: f.stat().st_mtime_ns for f in files}
+    rc = main(["run", "toy", "--methods", ",".join(METHODS), "--seeds", "2", "--quick", "--epochs", "2",
+               "--out", str(toy_results), "--no-progress"])
+    assert rc == 0
+    assert f"{len(files)} finished run(s) skipped" in capsys.readouterr().out
+    assert {f: f.stat().st_mtime_ns for f in sorted((toy_results / "toy").glob("*.json"))} == before
+
+
+def test_report_table_csv_plots_and_delta_p(toy_results, tmp_path, capsys):
+    rc = main(["report", str(toy_results), "--out", str(tmp_path)])
+    assert rc == 0
+    md = (tmp_path / "report.md").read_text()
+    assert md in capsys.readouterr().out
+    recs = _records(toy_results)
+    hib = {t: dict(info["metrics"]) for t, info in recs[0]["tasks"].items()}
+    stl_runs = [r["metrics"]["test"] for r in recs if r["method"] == "stl"]
+    stl = {t: {m: np.mean([r[t][m] for r in stl_runs]) for m in ms} for t, ms in hib.items()}
+
+    with open(tmp_path / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    for method in METHODS:
+        runs = [r for r in recs if r["method"] == method]
+        expected = [np_delta_p(r["metrics"]["test"], stl, hib) for r in runs]
+        got = [r for r in rows if r["method"] == method and r["metric"] == "delta_p"]
+        assert len(got) == 1 and int(got[0]["n"]) == 2
+        assert float(got[0]["mean"]) == pytest.approx(np.mean(expected), rel=1e-6, abs=1e-9)
+        assert float(got[0]["std"]) == pytest.approx(np.std(expected, ddof=1), rel=1e-6, abs=1e-9)
+        acc = [r for r in rows if r["method"] == method and r["task"] == "cls"]
+        assert float(acc[0]["mean"]) == pytest.approx(np.mean([r["metrics"]["test"]["cls"]["accuracy"] for r in runs]))
+    stl_dp = [r for r in rows if r["method"] == "stl" and r["metric"] == "delta_p"][0]
+    assert float(stl_dp["mean"]) == pytest.approx(0.0, abs=1e-9)  # Δp is linear: STL's mean is 0
+
+    # markdown: one row per method; the best mean of every column is bold, nothing else
+    table = [ln for ln in md.splitlines() if ln.startswith("| ") and not ln.startswith("| Method")]
+    cells = {ln.split(" | ")[0][2:]: [c.strip() for c in ln.strip("| ").split(" | ")] for ln in table}
+    assert set(cells) == set(METHODS)
+    cols = [(t, m, up) for t, ms in hib.items() for m, up in ms.items()]
+    for k, (t, m, up) in enumerate(cols, start=1):
+        means = {meth: np.mean([r["metrics"]["test"][t][m] for r in recs if r["method"] == meth]) for meth in METHODS}
+        best = (max if up else min)(means.values())
+        for meth in METHODS:
+            assert cells[meth][k].startswith("**") == (means[meth] == best), (t, m, meth)
+
+    with open(tmp_path / "runs.csv") as f:
+        assert len(list(csv.DictReader(f))) == len(recs) * 2 * 3  # runs x {val, test} x one metric per task
+    pngs = {p.name.split("_", 1)[1] for p in tmp_path.glob("*.png")}
+    assert pngs == {"train_loss.png", "grad_norm.png", "grad_cosine.png"}
+    assert all(p.stat().st_size > 1000 for p in tmp_path.glob("*.png"))
+
+
+# --------------------------------------------------------------------------- model selection
+
+
+def test_selection_uses_val_not_test():
+    # Val agrees with training, test is sign-flipped: the more the model learns, the better on
+    # val and the worse on test, so the val-selected epoch is late and the test-best one early.
+    bench = tiny_benchmark(test_sign=(-1.0, -1.0), epochs=4)
+    res = _run(bench, "ew", test_curve=True)
+    h = res["history"]
+    sel = np_selected_epoch(h["val"], bench.tasks)
+    assert set(res["selected_epoch"].values()) == {sel}
+    test_curve = [np.mean([e[t]["mae"] for t in ("a", "b")]) for e in h["test"]]
+    assert int(np.argmin(test_curve)) + 1 != sel  # selecting on test would pick another epoch
+    for t in ("a", "b"):
+        # the reported test metrics are those of the restored val-selected parameters
+        assert res["metrics"]["test"][t]["mae"] == pytest.approx(h["test"][sel - 1][t]["mae"], rel=1e-6)
+        assert res["metrics"]["test"][t]["mae"] > min(e[t]["mae"] for e in h["test"])
+        assert res["metrics"]["val"][t] == h["val"][sel - 1][t]
+
+
+def test_stl_selects_each_task_on_its_own_val_metric():
+    # Task a's val agrees with training (best late), task b's is flipped (best at epoch 1).
+    bench = tiny_benchmark(val_sign=(1.0, -1.0), epochs=4)
+    res = _run(bench, "stl", test_curve=True)
+    h = res["history"]
+    for t in ("a", "b"):
+        val = [e[t]["mae"] for e in h["val"]]
+        sel = int(np.argmin(val)) + 1
+        assert res["selected_epoch"][t] == sel
+        # each STL copy is restored from its own best epoch
+        assert res["metrics"]["test"][t]["mae"] == pytest.approx(h["test"][sel - 1][t]["mae"], rel=1e-6)
+    assert res["selected_epoch"]["b"] == 1 and res["selected_epoch"]["a"] > 1
+
+
+# --------------------------------------------------------------------------- training steps vs references
+
+
+def _manual_batches(bench, seed=0):
+    data = bench.data(bench.recipe)
+    rng = np.random.default_rng(seed)
+    for _ in range(bench.recipe.epochs):
+        yield from data.train_batches(rng)
+
+
+def test_stl_equals_separate_single_task_training():
+    bench = tiny_benchmark(epochs=2)
+    res = _run(bench, "stl")
+    stl_losses = np.asarray(res["curve"]["train_loss"])
+    rngs = nnx.Rngs(0)
+    models = [bench.model(rngs) for _ in range(2)]  # the STL copies are built in this order
+    for t, model in enumerate(models):
+        tx = optax.adam(bench.recipe.learning_rate)
+        graphdef, params = nnx.split(model, nnx.Param)
+        state = tx.init(params)
+
+        @jax.jit
+        def step(p, s, x, y, t=t):
+            loss, g = jax.value_and_grad(lambda p: mse_loss(nnx.merge(graphdef, p)(x)[t], y[t]))(p)
+            u, s = tx.update(g, s, p)
+            return optax.apply_updates(p, u), s, loss
+
+        losses = []
+        for x, y in _manual_batches(bench):
+            params, state, loss = step(params, state, x, y)
+            losses.append(float(loss))
+        np.testing.assert_allclose(stl_losses[:, t], losses, rtol=2e-5, atol=1e-6)
+
+
+def test_dbmtl_step_matches_manual_optax_chain():
+    bench = tiny_benchmark(epochs=2)
+    res = _run(bench, "dbmtl", hparams={"beta": 0.5})
+    model = bench.model(nnx.Rngs(0))
+    graphdef, params = nnx.split(model, nnx.Param)
+    tx = optax.chain(dbmtl_jax.dbmtl(2, beta=0.5, shared=lambda p: p.startswith("encoder")),
+                     optax.adam(bench.recipe.learning_rate))
+    state = tx.init(params)
+
+    @jax.jit
+    def step(p, s, x, y):
+        def losses(p):
+            out = nnx.merge(graphdef, p)(x)
+            return jnp.stack([mse_loss(out[t], y[t]) for t in range(2)])
+
+        ls, g = dbmtl_jax.value_and_task_grads(losses)(p)
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s, ls
+
+    got = []
+    for x, y in _manual_batches(bench):
+        params, state, ls = step(params, state, x, y)
+        got.append(np.asarray(ls))
+    np.testing.assert_allclose(res["curve"]["train_loss"], got, rtol=2e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["ew", "dwa"])
+def test_cheap_path_equals_per_task_path(method):
+    bench = tiny_benchmark(epochs=2)
+    data = bench.data(bench.recipe)
+    cheap = _run(bench, method, data=data)
+    full = _run(bench, method, data=data, grad_stats=True)
+    assert cheap["history"]["grad_norm"] is None and full["history"]["grad_norm"] is not None
+    np.testing.assert_allclose(cheap["curve"]["train_loss"], full["curve"]["train_loss"], rtol=1e-4, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- bring your own benchmark
+
+
+def test_register_and_get_benchmark():
+    name = f"byo_{uuid.uuid4().hex[:8]}"
+    try:
+        @ex.register_benchmark(name)
+        def factory() -> ex.Benchmark:
+            return tiny_benchmark(name)
+
+        assert name in ex.BENCHMARKS and ex.get_benchmark(name).name == name
+        with pytest.raises(ValueError, match="already registered"):
+            ex.register_benchmark(name, factory)
+        ex.register_benchmark(name, tiny_benchmark(name, epochs=1), overwrite=True)
+        assert ex.get_benchmark(name).recipe.epochs == 1
+        ex.register_benchmark(name, lambda: "not a benchmark", overwrite=True)
+        with pytest.raises(TypeError, match="not a Benchmark"):
+            ex.get_benchmark(name)
+    finally:
+        ex.BENCHMARKS.pop(name, None)
+    with pytest.raises(ValueError, match="unknown benchmark"):
+        ex.get_benchmark(name)
+    with pytest.raises(ValueError, match="name"):
+        ex.register_benchmark("has space", tiny_benchmark)
+
+
+def test_byo_benchmark_through_cli_import(tmp_path, capsys):
+    name = f"byo_{uuid.uuid4().hex[:8]}"
+    module = tmp_path / "my_bench.py"
+    module.write_text(textwrap.dedent(f"""
+        import numpy as np
+        from dbmtl_jax.experiments import ArraySplits, Benchmark, Recipe, Task, register_benchmark
+        from dbmtl_jax.experiments.benchmarks import MLPHPS, bce_loss, binary_labels, mse_loss
+        from dbmtl_jax.metrics import Accuracy, MeanAbsoluteError
+
+        def split(n, seed):
+            x = np.random.default_rng(seed).normal(size=(n, 3)).astype(np.float32)
+            return x, (x[:, 0] * 2, (x[:, 1] > 0).astype(np.float32))
+
+        @register_benchmark("{name}")
+        def make():
+            return Benchmark(
+                name="{name}",
+                tasks=(Task("reg", mse_loss, MeanAbsoluteError, {{"mae": False}}),
+                       Task("clf", bce_loss, Accuracy, {{"accuracy": True}}, metric_input=binary_labels)),
+                data=lambda r: ArraySplits(split(64, 0), split(32, 1), split(32, 2), r),
+                model=lambda rngs: MLPHPS(3, (8,), 2, rngs=rngs),
+                shared=lambda p: p.startswith("encoder"),
+                recipe=Recipe(learning_rate=1e-2, batch_size=16, epochs=2),
+                quick=Recipe(learning_rate=1e-2, batch_size=16, epochs=1),
+                description="user benchmark",
+            )
+    """))
+    try:
+        assert main(["list", "--import", str(module)]) == 0
+        assert name in capsys.readouterr().out
+        out = tmp_path / "res"
+        assert main(["run", name, "--import", str(module), "--methods", "pcgrad+log", "--quick", "--out", str(out),
+                     "--no-progress", "--hp", "pcgrad.reduction=mean"]) == 0
+        (f,) = (out / name).glob("*.json")
+        rec = json.loads(f.read_text())
+        assert rec["method"] == "pcgrad+log" and rec["config"]["log"] is True
+        assert rec["config"]["hparams"] == {"reduction": "mean"} and rec["config"]["grad_path"] == "per_task"
+        assert set(rec["metrics"]["test"]) == {"reg", "clf"}
+    finally:
+        ex.BENCHMARKS.pop(name, None)
+
+
+# --------------------------------------------------------------------------- parsing and validation
+
+
+def test_parse_method_labels_and_log_defaults():
+    assert parse_method("dbmtl") == ex.MethodSpec("dbmtl", True, "dbmtl")
+    assert parse_method("dbmtl+nolog") == ex.MethodSpec("dbmtl", False, "dbmtl+nolog")
+    assert parse_method("dbmtl+log").label == "dbmtl"
+    assert parse_method("PCGrad+log") == ex.MethodSpec("pcgrad", True, "pcgrad+log")
+    assert parse_method("ew+nolog").label == "ew"
+    assert parse_method("stl") == ex.MethodSpec("stl", False, "stl")
+    with pytest.raises(ValueError, match="unknown method 'nope'"):
+        parse_method("nope")
+    with pytest.raises(ValueError, match="suffix"):
+        parse_method("ew+sqrt")
+    with pytest.raises(ValueError, match="stl"):
+        parse_method("stl+log")
+    specs = ex.parse_methods("stl, ew, pcgrad", force_log=True)
+    assert [s.label for s in specs] == ["stl", "ew+log", "pcgrad+log"]
+    assert [s.label for s in ex.parse_methods("all")] == ["stl", *dbmtl_jax.METHODS]
+
+
+def test_parse_hparams():
+    hp = ex.parse_hparams(["dbmtl.beta=0.5", "dbmtl.alpha=mean", "pcgrad+log.reduction=sum", "cagrad.c=1e-1",
+                           "x.flag=true", "x.n=none"])
+    assert hp == {"dbmtl": {"beta": 0.5, "alpha": "mean"}, "pcgrad+log": {"reduction": "sum"},
+                  "cagrad": {"c": 0.1}, "x": {"flag": True, "n": None}}
+    for bad in ("dbmtl=0.5", "dbmtl.beta", ".beta=1"):
+        with pytest.raises(ValueError, match="METHOD.NAME=VALUE"):
+            ex.parse_hparams([bad])
+
+
+def test_config_hash_ignores_seed_and_tracks_config():
+    bench = tiny_benchmark()
+    spec = parse_method("dbmtl")
+    base = ex.train.make_config(bench, spec, bench.recipe, quick=False, hparams={})
+    same = ex.train.make_config(bench, spec, bench.recipe, quick=False, hparams={})
+    assert ex.config_hash(base) == ex.config_hash(same)
+    p0 = ex.train.result_path("out", base, 0)
+    p1 = ex.train.result_path("out", base, 1)
+    assert p0 != p1 and p0.name.split("__")[-1] == p1.name.split("__")[-1]
+    others = [
+        ex.train.make_config(bench, spec, bench.recipe, quick=False, hparams={"beta": 0.5}),
+        ex.train.make_config(bench, spec, bench.recipe, quick=True, hparams={}),
+        ex.train.make_config(bench, spec, bench.recipe.replace(epochs=5), quick=False, hparams={}),
+        ex.train.make_config(bench, parse_method("dbmtl+nolog"), bench.recipe, quick=False, hparams={}),
+    ]
+    assert len({ex.config_hash(c) for c in [base, *others]}) == 5
+
+
+def test_bad_method_hyperparameters_fail_before_training(tmp_path):
+    bench = tiny_benchmark()
+    with pytest.raises(ValueError, match="dbmtl"):
+        ex.run_experiments(bench, [parse_method("dbmtl")], [0], tmp_path, hparams={"dbmtl": {"nope": 1}},
+                           progress=False)
+    with pytest.raises(ValueError, match="not being run"):
+        ex.run_experiments(bench, [parse_method("ew")], [0], tmp_path, hparams={"pcgrad": {"reduction": "sum"}},
+                           progress=False)
+    with pytest.raises(ValueError, match="alpha"):
+        ex.run_experiments(bench, [parse_method("dbmtl")], [0], tmp_path, hparams={"dbmtl": {"alpha": "bogus"}},
+                           progress=False)
+    assert not list(tmp_path.rglob("*.json"))
+
+
+def test_task_and_recipe_validation():
+    with pytest.raises(ValueError, match="select_metric"):
+        ex.Task("t", mse_loss, MeanAbsoluteError, {"mae": False}, select_metric="rmse")
+    with pytest.raises(ValueError, match="bool"):
+        ex.Task("t", mse_loss, MeanAbsoluteError, {"mae": "low"})
+    with pytest.raises(ValueError, match="no metric"):
+        ex.Task("t", mse_loss, MeanAbsoluteError, {})
+    assert ex.Task("t", mse_loss, MeanAbsoluteError, {"mae": False, "count": True}).select_metric == "mae"
+    with pytest.raises(ValueError, match="batch_size"):
+        ex.Recipe(learning_rate=1e-3, batch_size=0, epochs=1)
+    with pytest.raises(ValueError, match="learning_rate"):
+        ex.Recipe(learning_rate=-1.0, batch_size=1, epochs=1)
+    with pytest.raises(ValueError, match="duplicate"):
+        b = tiny_benchmark()
+        ex.Benchmark(name="x", tasks=(b.tasks[0], b.tasks[0]), data=b.data, model=b.model, recipe=b.recipe,
+                     quick=b.quick)
+
+
+def test_array_splits_batches():
+    x = np.arange(50, dtype=np.float32)[:, None]
+    ys = (np.arange(50), np.arange(50) * 2)
+    split = (x, ys)
+    r = ex.Recipe(learning_rate=1e-3, batch_size=8, epochs=1, eval_batch_size=16)
+    data = ex.ArraySplits(split, split, split, r)
+    assert data.steps_per_epoch == 6  # ragged last batch dropped
+    batches = list(data.train_batches(np.random.default_rng(0)))
+    assert len(batches) == 6 and all(b[0].shape == (8, 1) for b in batches)
+    seen = np.concatenate([b[1][0] for b in batches])
+    assert len(set(seen.tolist())) == 48
+    for bx, (y0, y1) in batches:  # inputs and every target stay aligned
+        np.testing.assert_array_equal(bx[:, 0], y0)
+        np.testing.assert_array_equal(y1, 2 * y0)
+    ev = list(data.eval_batches("test"))
+    assert [len(b[0]) for b in ev] == [16, 16, 16, 2]
+    np.testing.assert_array_equal(np.concatenate([b[1][0] for b in ev]), np.arange(50))
+    capped = ex.ArraySplits(split, split, split, r.replace(max_train_examples=20, max_eval_examples=10,
+                                                           max_steps_per_epoch=1))
+    assert capped.steps_per_epoch == 1 and capped.size("train") == 20 and capped.size("val") == 10
+    again = ex.ArraySplits(split, split, split, r.replace(max_train_examples=20, max_eval_examples=10))
+    a = np.concatenate([b[1][0] for b in capped.eval_batches("val")])
+    assert np.array_equal(a, np.concatenate([b[1][0] for b in again.eval_batches("val")]))  # fixed subset
+    with pytest.raises(ValueError, match="fewer than the batch size"):
+        ex.ArraySplits(split, split, split, r.replace(batch_size=64))
+    with pytest.raises(ValueError, match="leading"):
+        ex.ArraySplits((x, (np.arange(3),)), split, split, r)
+
+
+def test_report_without_stl_has_no_delta_p(tmp_path):
+    bench = tiny_benchmark(epochs=1)
+    ex.run_experiments(bench, [parse_method("ew")], [0], tmp_path, progress=False, echo=lambda s: None)
+    res = ex.write_report(tmp_path, plots=False)
+    assert res["num_runs"] == 1
+    assert "No STL run" in res["markdown"]
+    row = [ln for ln in res["markdown"].splitlines() if ln.startswith("| ew")][0]
+    assert row.split(" | ")[-3] == "—"
