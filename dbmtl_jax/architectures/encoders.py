@@ -242,11 +242,15 @@ class DenseHead(nnx.Module):
 
 
 class _ImagePooling(nnx.Module):
-    """ASPP's image-level branch: global average → 1×1 conv → norm → ReLU → broadcast."""
+    """ASPP's image-level branch: global average → 1×1 conv → norm → ReLU → broadcast.
+
+    The pooled map is 1×1, so group norm would normalise groups of a few
+    scalars; ``norm="group"`` uses layer norm here instead.
+    """
 
     def __init__(self, in_channels: int, out_channels: int, *, norm: str, rngs: nnx.Rngs):
         self.proj = nnx.Linear(in_channels, out_channels, use_bias=norm == "none", rngs=rngs)
-        self.norm = make_norm(norm, out_channels, rngs=rngs)
+        self.norm = make_norm("layer" if norm == "group" else norm, out_channels, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         g = jnp.mean(x, axis=(-3, -2), keepdims=True)
@@ -271,6 +275,9 @@ class ASPPHead(nnx.Module):
         output stride 16; LibMTL uses ``(12, 24, 36)`` at output stride 8).
       image_pooling: include the global-average branch (default True).
       norm: ``"batch"`` (default, as DeepLab), ``"group"``, ``"layer"``, ``"none"``.
+        With ``"batch"`` the image-pooling branch is normalised over the batch
+        of pooled vectors, which is ill-conditioned for very small batches
+        (as in DeepLab); prefer ``"layer"`` there.
       rngs: ``nnx.Rngs``.
     """
 

@@ -107,13 +107,13 @@ def hps_task_grads(
         head_splits = [nnx.split(h, nnx.Param, ...) for h in model.heads]
 
         def trunk_fn(p: nnx.State, batch: Any) -> Any:
-            return nnx.merge(enc_def, p, enc_rest)(batch[0])
+            return nnx.merge(enc_def, p, enc_rest, copy=True)(batch[0])
 
         def head_fn(t: int) -> Callable[[nnx.State, Any, Any], jax.Array]:
             h_def, _, h_rest = head_splits[t]
 
             def loss(hp: nnx.State, z: Any, batch: Any) -> jax.Array:
-                return head_losses[t](nnx.merge(h_def, hp, h_rest)(z), batch[1])
+                return head_losses[t](nnx.merge(h_def, hp, h_rest, copy=True)(z), batch[1])
 
             return loss
 
@@ -123,7 +123,15 @@ def hps_task_grads(
         )
         losses, (trunk_g, head_g) = grad_fn(enc_params, [s[1] for s in head_splits], (x, targets))
         head_g = heads_to_task_axis(head_g)
-        grads = nnx.State({"encoder": trunk_g, "heads": nnx.State({t: g for t, g in enumerate(head_g)})})
-        return losses, grads
+        # Reassemble in the layout of nnx.split(model, nnx.Param): 'encoder' leaves, then heads 0, 1, ….
+        full = nnx.split(model, nnx.Param, ...)[1]
+        leaves = jax.tree.leaves(trunk_g) + [x for g in head_g for x in jax.tree.leaves(g)]
+        treedef = jax.tree.structure(full)
+        if treedef.num_leaves != len(leaves):
+            raise ValueError(
+                "the model has parameters outside 'encoder' and 'heads'; hps_task_grads only handles the "
+                "HPS layout."
+            )
+        return losses, jax.tree.unflatten(treedef, leaves)
 
     return fn
