@@ -98,7 +98,7 @@ METHODS = ("stl", "ew", "dbmtl")
 def toy_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("results")
     rc = main(["run", "toy", "--methods", ",".join(METHODS), "--seeds", "2", "--quick", "--epochs", "2",
-               "--out", str(out), "--no-progress"])
+               "--out", str(out), "--no-progress", "--no-compile-cache"])
     assert rc == 0
     return out
 
@@ -158,7 +158,7 @@ def test_resume_skips_finished_runs(toy_results, capsys):
     files = sorted((toy_results / "toy").glob("*.json"))
     before = {f: f.stat().st_mtime_ns for f in files}
     rc = main(["run", "toy", "--methods", ",".join(METHODS), "--seeds", "2", "--quick", "--epochs", "2",
-               "--out", str(toy_results), "--no-progress"])
+               "--out", str(toy_results), "--no-progress", "--no-compile-cache"])
     assert rc == 0
     assert f"{len(files)} finished run(s) skipped" in capsys.readouterr().out
     assert {f: f.stat().st_mtime_ns for f in sorted((toy_results / "toy").glob("*.json"))} == before
@@ -368,7 +368,7 @@ def test_byo_benchmark_through_cli_import(tmp_path, capsys):
         assert name in capsys.readouterr().out
         out = tmp_path / "res"
         assert main(["run", name, "--import", str(module), "--methods", "pcgrad+log", "--quick", "--out", str(out),
-                     "--no-progress", "--hp", "pcgrad.reduction=mean"]) == 0
+                     "--no-progress", "--no-compile-cache", "--hp", "pcgrad.reduction=mean"]) == 0
         (f,) = (out / name).glob("*.json")
         rec = json.loads(f.read_text())
         assert rec["method"] == "pcgrad+log" and rec["config"]["log"] is True

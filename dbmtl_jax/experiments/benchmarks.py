@@ -488,7 +488,7 @@ def qm9_benchmark() -> Benchmark:
         model=model,
         shared=encoder_shared,
         recipe=Recipe(learning_rate=1e-3, batch_size=128, epochs=20, max_train_examples=20_000),
-        quick=Recipe(learning_rate=1e-3, batch_size=64, epochs=2, max_steps_per_epoch=15, max_eval_examples=256,
+        quick=Recipe(learning_rate=1e-3, batch_size=64, epochs=2, max_steps_per_epoch=10, max_eval_examples=256,
                      data_options={"limit": QM9_QUICK_LIMIT}),
         description="QM9 (qm9pack + RDKit): 11 molecular property regressions, MPNN HPS (the paper's Table 3)",
     )

@@ -464,9 +464,9 @@ class _Trainer:
 
     def _make_train_step(self) -> Callable:
         tx, spec = self.tx, self.spec
-        base_key = jax.random.PRNGKey(self.seed)
-
-        def step(params, rest, opt_state, inputs, targets, step_idx):
+        # The seed's key is an argument, not a constant, so runs that differ only by the seed
+        # trace to the same program (and hit the persistent compilation cache).
+        def step(params, rest, opt_state, inputs, targets, base_key, step_idx):
             key = jax.random.fold_in(base_key, step_idx)
             stats: dict[str, jax.Array] = {}
             if spec.name == "stl":
@@ -636,6 +636,7 @@ def train_run(
     total = recipe.epochs * steps_per_epoch
     interval = max(1, total // max(1, log_points))
     order_rng = np.random.default_rng(seed)
+    base_key = jax.random.PRNGKey(seed)
 
     groups = [f"members/{t}/" for t in range(T)] if spec.name == "stl" else [None]
     snaps = _Snapshots(params, rest, groups)
@@ -664,7 +665,7 @@ def train_run(
             for inputs, targets in data.train_batches(order_rng):
                 t0 = time.perf_counter()
                 params, rest, opt_state, losses, stats = tr.train_step(
-                    params, rest, opt_state, inputs, tuple(targets), jnp.asarray(step, jnp.int32)
+                    params, rest, opt_state, inputs, tuple(targets), base_key, jnp.asarray(step, jnp.int32)
                 )
                 losses = np.asarray(jax.device_get(losses))  # waits for the step
                 step_times.append(time.perf_counter() - t0)
