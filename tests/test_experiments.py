@@ -496,3 +496,17 @@ def test_report_without_stl_has_no_delta_p(tmp_path):
     assert "No STL run" in res["markdown"]
     row = [ln for ln in res["markdown"].splitlines() if ln.startswith("| ew")][0]
     assert row.split(" | ")[-3] == "—"
+
+
+def test_builtin_benchmarks_are_registered_and_cheap_to_build():
+    expected = {"toy": 3, "adult": 4, "qm9": 11, "multimnist": 2, "multifashion": 2, "dense": 3}
+    assert set(expected) <= set(ex.BENCHMARKS)
+    for name, num_tasks in expected.items():
+        bench = ex.get_benchmark(name)  # factories load no data
+        assert bench.name == name and bench.num_tasks == num_tasks
+        assert bench.quick.epochs <= bench.recipe.epochs
+        hib = bench.higher_is_better
+        assert all(t.select_metric in hib[t.name] for t in bench.tasks)
+    dense = ex.get_benchmark("dense").higher_is_better
+    assert dense["normal"] == {"mean": False, "median": False, "within_11.25": True, "within_22.5": True,
+                               "within_30": True}

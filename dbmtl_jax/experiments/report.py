@@ -198,8 +198,12 @@ def markdown_table(st: Setting) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     best = {(t, m): _best([_mean(r.values(t, m)) for r in rows], h) for t, m, h in cols}
     best_dp = _best([_mean(r.delta_p) for r in rows], True) if has_stl else None
+    labels = [r.label for r in rows]
     for r in rows:
-        cells = [r.label]
+        label = r.label
+        if labels.count(label) > 1:  # same method and hyperparameters, other settings (e.g. --grad-stats)
+            label += f" [{r.config.get('grad_path', '')} {r.config_hash}]"
+        cells = [label]
         for t, m, h in cols:
             xs = r.values(t, m)
             cells.append(_cell(xs, best[(t, m)] is not None and _mean(xs) == best[(t, m)]))

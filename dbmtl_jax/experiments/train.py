@@ -767,7 +767,7 @@ def run_experiments(
     resume: bool = True,
     progress: bool = True,
     stop_on_error: bool = False,
-    echo: Callable[[str], None] = print,
+    echo: Optional[Callable[[str], None]] = None,
 ) -> list[Path]:
     """Runs every (method, seed) pair not finished yet and writes one JSON per run.
 
@@ -777,6 +777,7 @@ def run_experiments(
     """
     from tqdm.auto import tqdm
 
+    echo = echo or tqdm.write  # prints above the progress bars
     hparams = hparams or {}
     recipe = recipe or (benchmark.quick if quick else benchmark.recipe)
     specs = list(methods)
