@@ -297,6 +297,28 @@ def _curve(row: Row, key: str) -> tuple[Optional[np.ndarray], Optional[np.ndarra
     return steps, np.nanmean(vals, axis=0)
 
 
+_LINESTYLES = ("-", "--", "-.", ":")
+
+
+def _style(i: int) -> dict[str, Any]:
+    """Distinct colour/line-style pairs for up to 40 methods."""
+    return {"color": f"C{i % 10}", "linestyle": _LINESTYLES[(i // 10) % 4]}
+
+
+def _finish(fig: Any, axes: Any, title: str, path: Path) -> None:
+    """Legend outside the panels (right), title, save, close."""
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.suptitle(title)
+    if handles:
+        fig.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.0, 0.95), fontsize="small",
+                   ncol=max(1, math.ceil(len(labels) / 24)), frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
 def _plots(st: Setting, out: Path) -> list[Path]:
     import matplotlib
 
@@ -318,9 +340,8 @@ def _plots(st: Setting, out: Path) -> list[Path]:
         fig, axes = plt.subplots(nrows, ncols, figsize=(4 * ncols, 3 * nrows), squeeze=False)
         for t, name in enumerate(tasks):
             ax = axes[t // ncols][t % ncols]
-            for r, steps, vals in series:
-                y = vals[:, t]
-                ax.plot(steps, y, label=r.label)
+            for i, (r, steps, vals) in enumerate(series):
+                ax.plot(steps, vals[:, t], label=r.label, **_style(i))
             if all(np.all(v[:, t][np.isfinite(v[:, t])] > 0) for _, _, v in series):
                 ax.set_yscale("log")
             ax.set_title(name)
@@ -328,12 +349,8 @@ def _plots(st: Setting, out: Path) -> list[Path]:
             ax.set_ylabel(ylabel)
         for k in range(T, nrows * ncols):
             axes[k // ncols][k % ncols].axis("off")
-        axes[0][0].legend(fontsize="small")
-        fig.suptitle(f"{st.benchmark}: {ylabel} (mean over seeds)")
-        fig.tight_layout()
         path = out / f"{st.key}_{fname}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
+        _finish(fig, axes, f"{st.benchmark}: {ylabel} (mean over seeds)", path)
         written.append(path)
 
     series = [(r, *_curve(r, "grad_cosine")) for r in rows]
@@ -348,21 +365,17 @@ def _plots(st: Setting, out: Path) -> list[Path]:
         iu = np.triu_indices(T, 1)
         for k, pair in enumerate(panels):
             ax = axes[k // nc][k % nc]
-            for r, steps, vals in series:
+            for i, (r, steps, vals) in enumerate(series):
                 y = vals[:, pair[0], pair[1]] if pair else vals[:, iu[0], iu[1]].mean(axis=1)
-                ax.plot(steps, y, label=r.label)
+                ax.plot(steps, y, label=r.label, **_style(i))
             ax.axhline(0.0, color="gray", lw=0.5)
             ax.set_title(f"{tasks[pair[0]]} vs {tasks[pair[1]]}" if pair else "mean over task pairs")
             ax.set_xlabel("step")
             ax.set_ylabel("cosine similarity")
         for k in range(len(panels), nr * nc):
             axes[k // nc][k % nc].axis("off")
-        axes[0][0].legend(fontsize="small")
-        fig.suptitle(f"{st.benchmark}: task gradient cosine similarity (mean over seeds)")
-        fig.tight_layout()
         path = out / f"{st.key}_grad_cosine.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
+        _finish(fig, axes, f"{st.benchmark}: task gradient cosine similarity (mean over seeds)", path)
         written.append(path)
     return written
 
