@@ -300,6 +300,11 @@ def _dense() -> Any:
     return load_dense_fashion()
 
 
+@functools.lru_cache(maxsize=None)
+def _dense_mean_depth() -> float:
+    return float(np.mean(_dense().train.depth))
+
+
 def dense_benchmark() -> Benchmark:
     """Layered Fashion-MNIST scenes (:func:`dbmtl_jax.datasets.load_dense_fashion`, a NYUv2 stand-in).
 
@@ -308,7 +313,8 @@ def dense_benchmark() -> Benchmark:
     relative error) and ``normal`` (cosine loss; mean / median angle and the
     fractions within 11.25°, 22.5°, 30°): NYUv2's tasks, losses and metrics.
     Model: HPS with a small U-Net-style encoder-decoder (16-32-64 channels,
-    batch norm) and per-task heads (3×3 block + 1×1 conv).
+    batch norm) and per-task heads (3×3 block + 1×1 conv); the depth head's
+    bias starts at the mean training depth.
     """
     from dbmtl_jax.architectures import HPS, ConvEncoderDecoder, DenseHead
     from dbmtl_jax.metrics import DepthMetric, NormalMetric, SegmentationMetric
@@ -334,6 +340,9 @@ def dense_benchmark() -> Benchmark:
     def model(rngs: Any) -> Any:
         enc = ConvEncoderDecoder(1, (16, 32, 64), norm="batch", rngs=rngs)
         heads = [DenseHead(16, c, hidden=16, rngs=rngs) for c in (num_classes, 1, 3)]
+        # The depth head starts at the mean training depth (the background's far plane dominates),
+        # as the Adult regression heads start at their means.
+        heads[1].out.bias[...] = jnp.full((1,), _dense_mean_depth(), jnp.float32)
         return HPS(enc, heads)
 
     return Benchmark(
