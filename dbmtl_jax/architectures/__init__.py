@@ -14,6 +14,14 @@
 Every architecture exposes the ``shared=`` path predicate for the
 gradient-balancing transforms (``HPS.is_shared``, ``CrossStitch.is_shared``,
 ``MTAN.is_shared``), matching the paths of ``nnx.split(model, nnx.Param)``.
+Every model returns the tuple of its T task outputs.
+
+Per-task gradients of a model with batch norm in training mode: differentiate
+through ``nnx.merge(graphdef, params, rest, copy=True)`` (or pass
+``nnx.as_pure(rest)``); merging the original ``rest`` Variables inside a JAX
+transform makes Flax raise ``TraceContextError`` when batch norm updates its
+statistics.  Statistics updated inside such a copy are discarded; run a plain
+forward pass (or use ``model.eval()``) to maintain them.
 """
 
 from dbmtl_jax.architectures._layers import NORMS, prefix_predicate

@@ -11,7 +11,6 @@ import math
 from typing import Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 __all__ = ["NORMS", "Identity", "make_norm", "ConvBlock", "resize_to", "check_norm", "prefix_predicate"]
