@@ -195,7 +195,7 @@ def segment_softmax(logits: jax.Array, segment_ids: jax.Array, mask: jax.Array, 
     acc = jnp.promote_types(logits.dtype, jnp.float32)
     z = jnp.where(mask, logits.astype(acc), -jnp.inf)
     zmax = jax.ops.segment_max(z, segment_ids, num_segments=num_segments)
-    zmax = jnp.where(jnp.isfinite(zmax), zmax, 0.0)
+    zmax = jax.lax.stop_gradient(jnp.where(jnp.isfinite(zmax), zmax, 0.0))  # softmax is shift-invariant
     ex = jnp.where(mask, jnp.exp(z - zmax[segment_ids]), 0.0)
     den = jax.ops.segment_sum(ex, segment_ids, num_segments=num_segments)
     return ex / jnp.maximum(den[segment_ids], jnp.finfo(acc).tiny)
