@@ -175,15 +175,9 @@ def parse_hparams(items: Iterable[str]) -> dict[str, dict[str, Any]]:
 
 def _factory(name: str) -> Optional[Callable[..., Any]]:
     """The registered factory of ``name`` (for signature inspection only)."""
-    from dbmtl_jax.methods import registry
+    from dbmtl_jax.methods.registry import METHODS, get_factory
 
-    entry = getattr(registry, "_REGISTRY", {}).get(name)
-    if entry is None:
-        return None
-    try:
-        return getattr(importlib.import_module(entry[1]), entry[2])
-    except (ImportError, AttributeError):
-        return None
+    return get_factory(name) if name in METHODS else None
 
 
 def _accepts(name: str, arg: str) -> bool:
