@@ -186,13 +186,20 @@ def dbmtl(
         beta_k = beta(count) if callable(beta) else beta
         beta_k = jnp.asarray(beta_k, acc) / count.astype(acc) ** jnp.asarray(beta_sigma, acc)
 
+        # A non-finite gradient never enters the EMA: the state is kept as it was and
+        # the (non-finite) update is passed on for a wrapper such as
+        # optax.apply_if_finite or skip_invalid_steps to reject.  The check reads the
+        # gradients first, so the EMA update stays one elementwise pass (in place
+        # when the state is donated).
+        finite = functools.reduce(jnp.logical_and, [jnp.all(jnp.isfinite(g)) for g in g_shared], jnp.asarray(True))
         new_ema = [
-            (beta_k.astype(m.dtype) * m + (1 - beta_k).astype(m.dtype) * g.astype(m.dtype))
+            jnp.where(finite, beta_k.astype(m.dtype) * m + (1 - beta_k).astype(m.dtype) * g.astype(m.dtype), m)
             for g, m in zip(g_shared, ema_leaves)
         ]
         if new_ema:
             norms = jnp.sqrt(ta.task_sq_norms(new_ema, acc))
             scale = aggregate_alpha(norms, alpha) / (norms + jnp.asarray(eps, acc))
+            scale = jnp.where(finite, scale, jnp.nan)  # keep the step visibly invalid
             out_shared = [
                 jnp.tensordot(scale.astype(jnp.promote_types(m.dtype, acc)), m, axes=(0, 0)).astype(g.dtype)
                 for g, m in zip(g_shared, new_ema)
@@ -202,12 +209,7 @@ def dbmtl(
         out_heads = [jnp.sum(g, axis=0) for g in g_heads]
         out = ta.merge_shared(out_shared, out_heads, mask, treedef)
 
-        # A non-finite gradient never enters the EMA: the state is kept as it was and
-        # the (non-finite) update is passed on for a wrapper such as
-        # optax.apply_if_finite or skip_invalid_steps to reject.
         if new_ema:
-            finite = jnp.all(jnp.isfinite(norms))
-            new_ema = [jnp.where(finite, n, m) for n, m in zip(new_ema, ema_leaves)]
             count = jnp.where(finite, count, state.count)
             norms = jnp.where(finite, norms, state.norms)
         ema_tree = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(state.ema), new_ema)

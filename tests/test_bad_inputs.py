@@ -110,7 +110,12 @@ def test_max_consecutive_skips_lets_problem_surface():
         assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(params))
     params, state = step(params, state, _corrupt("nan_loss"))
     assert int(state.num_skipped) == 3
-    assert int(state.inner_state[0].count) == 1  # the third invalid step was applied
+    # The third invalid step was applied: Adam counted it and the NaN reached the parameters,
+    # while dbmtl still kept the NaN out of its EMA.
+    assert int(state.inner_state[1][0].count) == 1
+    assert not all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(params))
+    assert int(state.inner_state[0].count) == 0
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(state.inner_state[0].ema))
 
 
 def test_changed_task_axis_is_a_trace_time_error():
