@@ -115,7 +115,7 @@ def torch_rss_child(problem: str, num_tasks: int, kind: str, threads: int, tiny:
 
     One warm-up step first (so that lazily loaded kernels and libraries are
     resident), then the peak-RSS counter is reset (``/proc/self/clear_refs``)
-    and three steps run; transient = VmHWM − VmRSS before them.
+    and two steps run; transient = VmHWM − VmRSS before them.
     """
     import torch
 
@@ -139,7 +139,7 @@ def torch_rss_child(problem: str, num_tasks: int, kind: str, threads: int, tiny:
         reset = True
     except OSError:
         reset = False
-    for _ in range(3):
+    for _ in range(2):
         stepper.step()
     peak = _status_kib("VmHWM")
     print(json.dumps({"persistent_bytes": persistent, "rss_before_kib": before, "hwm_kib": peak, "hwm_reset": reset}))
@@ -150,7 +150,7 @@ def torch_rss(problem: str, num_tasks: int, kind: str, threads: int, tiny: bool 
     if tiny:
         cmd.append("--tiny")
     try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=True).stdout
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=True).stdout
         return json.loads(out.strip().splitlines()[-1])
     except Exception as e:  # noqa: BLE001
         return {"error": str(e)[-300:]}
