@@ -38,7 +38,7 @@ PyTree = Any
 
 
 def build_fused(problem: Problem, *, chunk_size: int, learning_rate: float = 1e-4, beta: float = 0.9,
-                eps: float = 1e-8) -> tuple:
+                eps: float = 1e-8, unroll: bool = False) -> tuple:
     """``(init, step)`` of the fused DB-MTL + Adam step (same state as the library chain)."""
     num_tasks = problem.num_tasks
     tx = optax.chain(dbmtl_jax.dbmtl(num_tasks, beta=beta, shared=is_shared, eps=eps), optax.adam(learning_rate))
@@ -58,7 +58,8 @@ def build_fused(problem: Problem, *, chunk_size: int, learning_rate: float = 1e-
         sq = jax.lax.dynamic_update_slice_in_dim(sq, sq_rows, start, axis=0)
         return new_leaves, sq, beta_k
 
-    grads = trunk_heads_fold_task_grads(problem.trunk_fn, problem.head_loss_fns, fold, chunk_size=chunk_size)
+    grads = trunk_heads_fold_task_grads(problem.trunk_fn, problem.head_loss_fns, fold, chunk_size=chunk_size,
+                                        unroll=unroll)
 
     def step(params: PyTree, state: tuple, batch: Any) -> tuple:
         db, adam_state = state

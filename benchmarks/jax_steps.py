@@ -13,7 +13,8 @@ Variants (``VARIANTS``):
   :func:`dbmtl_jax.trunk_heads_task_grads` (each head differentiated once, only
   the trunk pull-back is per task) and that trunk strategy.
 * ``fused``: trunk-once gradients streamed ``chunk_size`` tasks at a time into
-  the EMA (``fused_step.py``; same update and state as the library chain).
+  the EMA (``fused_step.py``; same update and state as the library chain);
+  ``fused-unroll``: the same with the task loop unrolled (no while loop).
 
 A ``sum:`` prefix (``sum:trunk-loop``) computes the same per-task gradients but
 replaces the DB-MTL transform by a plain sum over tasks; the difference in step
@@ -37,7 +38,7 @@ __all__ = ["VARIANTS", "StepFns", "build_step", "to_jax", "grads_fn"]
 
 PyTree = Any
 
-VARIANTS = ("ew", "vmap", "jacrev", "loop", "chunk", "trunk-vmap", "trunk-loop", "trunk-chunk", "fused")
+VARIANTS = ("ew", "vmap", "jacrev", "loop", "chunk", "trunk-vmap", "trunk-loop", "trunk-chunk", "fused", "fused-unroll")
 
 
 class StepFns(NamedTuple):
@@ -57,7 +58,7 @@ def _split_variant(variant: str) -> tuple[bool, str]:
     base = variant[4:] if plain_sum else variant
     if base not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS} (optionally 'sum:'-prefixed).")
-    if plain_sum and base in ("ew", "fused"):
+    if plain_sum and base in ("ew", "fused", "fused-unroll"):
         raise ValueError(f"'sum:{base}' is not a variant.")
     return plain_sum, base
 
@@ -98,7 +99,7 @@ def build_step(
 ) -> StepFns:
     """The init and step functions of ``variant`` (see module docstring) on ``problem``."""
     plain_sum, base = _split_variant(variant)
-    if (base.endswith("chunk") or base == "fused") and chunk_size is None:
+    if (base.endswith("chunk") or base.startswith("fused")) and chunk_size is None:
         raise ValueError(f"variant {variant!r} needs chunk_size.")
     adam = optax.adam(learning_rate)
 
@@ -115,10 +116,11 @@ def build_step(
 
         return StepFns(adam.init, ew_step)
 
-    if base == "fused":
+    if base in ("fused", "fused-unroll"):
         from fused_step import build_fused
 
-        init, step = build_fused(problem, chunk_size=chunk_size, learning_rate=learning_rate, beta=beta)
+        init, step = build_fused(problem, chunk_size=chunk_size, learning_rate=learning_rate, beta=beta,
+                                 unroll=base == "fused-unroll")
         return StepFns(init, step)
 
     vg = grads_fn(problem, base, chunk_size=chunk_size)

@@ -116,7 +116,8 @@ def render(results: dict) -> str:
         "via `lax.map`); `jax:trunk-<strategy>` = `trunk_heads_task_grads` (every head differentiated once, "
         "trunk pulled back per task); `jax:fused@c` = trunk-once gradients streamed c tasks at a time into "
         "the EMA through the new `task_gradients.trunk_heads_fold_task_grads` (`benchmarks/fused_step.py`, "
-        "same update and optimizer state as the library chain); `jax:sum:<s>` = the same gradients summed "
+        "same update and optimizer state as the library chain; in a `fori_loop`, or unrolled for "
+        "`fused-unroll@c`); `jax:sum:<s>` = the same gradients summed "
         "instead of DB-MTL (transform cost); `jax:transform-only` = the `dbmtl` transform alone on "
         "precomputed gradients; `torch:dbmtl` = LibMTL's DB-MTL procedure (T backward passes with "
         "`retain_graph`, flattened shared gradients, EMA, max-norm rescale, Adam); `torch:ew` = Σℓ_t backward "
@@ -294,7 +295,7 @@ def targets_section(groups: list) -> list:
         g = by.get(("mlp", t))
         if not g:
             continue
-        for label, names in (("library", LIB_STRATEGIES + TRUNK_STRATEGIES), ("fused", ("fused@1", "fused@2", "fused@4"))):
+        for label, names in (("library", LIB_STRATEGIES + TRUNK_STRATEGIES), ("fused", ("fused@1", "fused@2", "fused@4", "fused-unroll@1"))):
             bt, bn = _best(g, names)
             if bn is None:
                 continue
@@ -306,7 +307,7 @@ def targets_section(groups: list) -> list:
         if not g or "torch:dbmtl" not in g["variants"]:
             continue
         ref = _ms(g, "torch:dbmtl")
-        for label, names in (("library", LIB_STRATEGIES + TRUNK_STRATEGIES), ("fused", ("fused@1", "fused@2", "fused@4"))):
+        for label, names in (("library", LIB_STRATEGIES + TRUNK_STRATEGIES), ("fused", ("fused@1", "fused@2", "fused@4", "fused-unroll@1"))):
             bt, bn = _best(g, names)
             if bn is None:
                 continue

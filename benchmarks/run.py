@@ -47,7 +47,9 @@ MLP_VARIANTS = (
     "ew", "vmap", "jacrev", "loop", "chunk@4", "trunk-vmap", "trunk-loop", "trunk-chunk@4",
     "fused@1", "fused@2", "fused@4", "sum:trunk-loop",
 )
-CONV_VARIANTS = ("ew", "vmap", "jacrev", "loop", "trunk-vmap", "trunk-loop", "trunk-chunk@4", "fused@1")
+CONV_VARIANTS = (
+    "ew", "vmap", "jacrev", "loop", "trunk-vmap", "trunk-loop", "trunk-chunk@4", "fused@1", "fused-unroll@1",
+)
 # Naive strategies back-propagate all T heads for every task (T² head passes); on the conv problem at
 # large T that is minutes of compile/run time for a known answer, so they are skipped above this T.
 NAIVE = ("vmap", "jacrev", "loop", "chunk")
@@ -212,7 +214,7 @@ def run_group(problem_name: str, num_tasks: int, variants: tuple, args: argparse
         if base.endswith("chunk") and chunk is not None and chunk >= num_tasks:
             res["skipped"][v] = f"chunk {chunk} ≥ T (same as the unchunked strategy)"
             continue
-        if base == "fused" and chunk is not None and chunk > 1 and num_tasks < 10:
+        if base.startswith("fused") and chunk is not None and chunk > 1 and num_tasks < 10:
             res["skipped"][v] = "fused chunk sweep (memory) only at T ≥ 10"
             continue
         log(f"{problem_name} T={num_tasks}: compiling {v}")

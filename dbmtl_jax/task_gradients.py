@@ -209,11 +209,13 @@ def _fold_chunks(
     fold_fn: Callable[[Any, jax.Array, PyTree], Any],
     carry: Any,
     chunk_size: int,
+    unroll: bool = False,
 ) -> Any:
     """Feeds ``vjp_fn`` of consecutive row chunks of ``cotangents`` (leaves ``[T, ...]``) to ``fold_fn``.
 
-    Full chunks run in a ``lax.fori_loop`` (one compiled body whatever T); a
-    last, smaller chunk (when ``chunk_size`` does not divide T) runs after it.
+    Full chunks run in a ``lax.fori_loop`` (one compiled body whatever T;
+    ``unroll=True`` unrolls it); a last, smaller chunk (when ``chunk_size``
+    does not divide T) runs after it.
     """
     t = jax.tree_util.tree_leaves(cotangents)[0].shape[0]
     c = min(chunk_size, t)
@@ -232,6 +234,9 @@ def _fold_chunks(
 
     if n_full == 1:
         carry = body(jnp.zeros([], jnp.int32), carry)
+    elif unroll:
+        for i in range(n_full):
+            carry = body(jnp.asarray(i, jnp.int32), carry)
     else:
         carry = jax.lax.fori_loop(0, n_full, body, carry)
     if rem:
@@ -256,6 +261,7 @@ def fold_task_grads(
     eps: float = 1e-8,
     has_aux: bool = False,
     chunk_size: int = 1,
+    unroll: bool = False,
 ) -> Callable[..., Any]:
     """Like :func:`value_and_task_grads`, but streams the gradients into ``fold_fn``.
 
@@ -267,6 +273,11 @@ def fold_task_grads(
     last chunk when ``chunk_size`` does not divide T).  Nothing of size
     ``T × P`` is allocated unless ``fold_fn`` keeps it, e.g. a
     ``lax.dynamic_update_slice`` into a donated EMA buffer.
+
+    ``unroll=True`` replaces the ``fori_loop`` by a Python loop (T/chunk_size
+    copies of the body in the program): XLA's CPU backend compiles
+    convolutions inside a while-loop body to a much slower kernel (measured
+    15–20× on the conv benchmark), so unroll for convolutional models.
 
     Returns ``f(carry, *args, **kwargs) -> (losses, carry)`` (``((losses, aux),
     carry)`` with ``has_aux``), where ``args`` are ``loss_fn``'s arguments.
@@ -287,7 +298,7 @@ def fold_task_grads(
 
         tl, vjp_fn, (losses, aux) = jax.vjp(f, args[argnums], has_aux=True)
         eye = jnp.eye(tl.shape[0], dtype=tl.dtype)
-        carry = _fold_chunks(lambda c: vjp_fn(c)[0], eye, fold_fn, carry, chunk_size)
+        carry = _fold_chunks(lambda c: vjp_fn(c)[0], eye, fold_fn, carry, chunk_size, unroll)
         return ((losses, aux), carry) if has_aux else (losses, carry)
 
     return wrapped
@@ -301,6 +312,7 @@ def trunk_heads_fold_task_grads(
     log: bool = True,
     eps: float = 1e-8,
     chunk_size: int = 1,
+    unroll: bool = False,
 ) -> Callable[[Any, PyTree, Sequence[PyTree], Any], tuple[jax.Array, tuple, Any]]:
     """:func:`trunk_heads_task_grads` with the trunk gradients streamed into ``fold_fn``.
 
@@ -308,7 +320,7 @@ def trunk_heads_fold_task_grads(
     the T feature cotangents are then pulled back through the trunk
     ``chunk_size`` at a time and each chunk of trunk gradients (leaves
     ``[c, *shape]``, rows ``start …``) goes to ``carry = fold_fn(carry, start,
-    grads)``.
+    grads)``.  ``unroll`` as in :func:`fold_task_grads`.
 
     Returns ``f(carry, trunk_params, head_params, batch) -> (losses,
     head_grads, carry)`` with ``head_grads[t]`` the plain gradient of head ``t``.
@@ -338,7 +350,7 @@ def trunk_heads_fold_task_grads(
             head_grads.append(g_head)
             feat_cts.append(g_feat)
         stacked = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *feat_cts)
-        carry = _fold_chunks(lambda c: trunk_vjp(c)[0], stacked, fold_fn, carry, chunk_size)
+        carry = _fold_chunks(lambda c: trunk_vjp(c)[0], stacked, fold_fn, carry, chunk_size, unroll)
         return jnp.stack(losses), tuple(head_grads), carry
 
     return wrapped

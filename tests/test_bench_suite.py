@@ -116,11 +116,12 @@ def _zeros_like_tasks(tree, num_tasks):
 # --------------------------------------------------------------------------- streaming helpers
 
 
-@pytest.mark.parametrize("num_tasks,chunk", [(1, 1), (3, 1), (3, 2), (4, 4), (5, 2), (5, 3), (3, 7)])
-def test_fold_task_grads_matches_numpy(num_tasks, chunk):
+@pytest.mark.parametrize("num_tasks,chunk,unroll", [(1, 1, False), (3, 1, False), (3, 2, False), (4, 4, False),
+                                                    (5, 2, False), (5, 3, False), (3, 7, False), (5, 2, True)])
+def test_fold_task_grads_matches_numpy(num_tasks, chunk, unroll):
     pr = models.make_mlp(num_tasks, **TINY_MLP)
     params, batch = jax_steps.to_jax(pr.params), jax_steps.to_jax(pr.batch)
-    f = jax.jit(fold_task_grads(pr.loss_fn, _collect_fold(num_tasks), chunk_size=chunk))
+    f = jax.jit(fold_task_grads(pr.loss_fn, _collect_fold(num_tasks), chunk_size=chunk, unroll=unroll))
     losses, got = f(_zeros_like_tasks(params, num_tasks), params, batch)
     ref_l, ref_trunk, ref_heads = np_mlp_task_grads(pr.params, pr.batch)
     np.testing.assert_allclose(losses, ref_l, rtol=1e-5)
@@ -134,11 +135,13 @@ def test_fold_task_grads_matches_numpy(num_tasks, chunk):
                 np.testing.assert_allclose(got["heads"][s][n][t], exp, rtol=2e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("num_tasks,chunk", [(1, 1), (3, 1), (3, 2), (5, 2), (4, 4)])
-def test_trunk_heads_fold_matches_numpy(num_tasks, chunk):
+@pytest.mark.parametrize("num_tasks,chunk,unroll", [(1, 1, False), (3, 1, False), (3, 2, False), (5, 2, False),
+                                                    (4, 4, False), (3, 1, True), (5, 2, True)])
+def test_trunk_heads_fold_matches_numpy(num_tasks, chunk, unroll):
     pr = models.make_mlp(num_tasks, **TINY_MLP)
     params, batch = jax_steps.to_jax(pr.params), jax_steps.to_jax(pr.batch)
-    f = jax.jit(trunk_heads_fold_task_grads(pr.trunk_fn, pr.head_loss_fns, _collect_fold(num_tasks), chunk_size=chunk))
+    f = jax.jit(trunk_heads_fold_task_grads(pr.trunk_fn, pr.head_loss_fns, _collect_fold(num_tasks), chunk_size=chunk,
+                                            unroll=unroll))
     losses, head_grads, got = f(_zeros_like_tasks(params["trunk"], num_tasks), params["trunk"], params["heads"], batch)
     ref_l, ref_trunk, ref_heads = np_mlp_task_grads(pr.params, pr.batch)
     np.testing.assert_allclose(losses, ref_l, rtol=1e-5)
@@ -203,7 +206,7 @@ def test_fold_finite_across_loss_scales(scale):
 # --------------------------------------------------------------------------- benchmark steps
 
 
-STEP_VARIANTS = ["vmap", "jacrev", "loop", "chunk", "trunk-vmap", "trunk-loop", "trunk-chunk", "fused"]
+STEP_VARIANTS = ["vmap", "jacrev", "loop", "chunk", "trunk-vmap", "trunk-loop", "trunk-chunk", "fused", "fused-unroll"]
 
 
 @pytest.mark.parametrize("variant", STEP_VARIANTS)
@@ -236,18 +239,20 @@ def test_ew_step_matches_numpy():
 
 
 @pytest.mark.parametrize(
-    "maker,kw,num_tasks,chunk",
+    "maker,kw,num_tasks,chunk,fused",
     [
-        (models.make_mlp, TINY_MLP, 1, 1),
-        (models.make_mlp, TINY_MLP, 3, 1),
-        (models.make_mlp, TINY_MLP, 5, 2),
-        (models.make_conv, TINY_CONV, 2, 1),
+        (models.make_mlp, TINY_MLP, 1, 1, "fused"),
+        (models.make_mlp, TINY_MLP, 3, 1, "fused"),
+        (models.make_mlp, TINY_MLP, 5, 2, "fused"),
+        (models.make_mlp, TINY_MLP, 3, 1, "fused-unroll"),
+        (models.make_mlp, TINY_MLP, 5, 2, "fused-unroll"),
+        (models.make_conv, TINY_CONV, 2, 1, "fused"),
     ],
 )
-def test_fused_step_equals_library_chain(maker, kw, num_tasks, chunk):
+def test_fused_step_equals_library_chain(maker, kw, num_tasks, chunk, fused):
     pr = maker(num_tasks, **kw)
     outs = []
-    for variant in ("trunk-loop", "fused"):
+    for variant in ("trunk-loop", fused):
         fns = jax_steps.build_step(pr, variant, chunk_size=chunk, learning_rate=1e-2)
         params, batch = jax_steps.to_jax(pr.params), jax_steps.to_jax(pr.batch)
         state = fns.init(params)
