@@ -16,6 +16,9 @@ The update is exactly DB-MTL's (Lin et al., Algorithm 1; ``β`` constant,
 ``α = max`` as in :func:`dbmtl_jax.dbmtl` with its defaults): the state is the
 library's ``optax.chain(dbmtl(T, shared=trunk), adam)`` state, so the two paths
 are interchangeable and are compared in ``tests/test_bench_suite.py``.
+One difference: the library transform keeps its EMA when the new norms are
+non-finite; this step writes the EMA rows in place while streaming, so it has
+no such guard (a benchmark, not a library path).
 """
 
 from __future__ import annotations
