@@ -13,6 +13,8 @@ from dbmtl_jax.guard import InvalidStepError, SkipState, skip_invalid_steps
 from dbmtl_jax.task_axis import check_task_axis, flatten_tasks, resolve_shared, sum_tasks, task_norms
 from dbmtl_jax.task_gradients import (
     STRATEGIES,
+    fold_task_grads,
+    trunk_heads_fold_task_grads,
     heads_to_task_axis,
     transform_losses,
     trunk_heads_task_grads,
@@ -42,6 +44,8 @@ __all__ = [
     "sum_tasks",
     "task_norms",
     "STRATEGIES",
+    "fold_task_grads",
+    "trunk_heads_fold_task_grads",
     "heads_to_task_axis",
     "transform_losses",
     "trunk_heads_task_grads",

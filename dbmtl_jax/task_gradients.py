@@ -64,12 +64,12 @@ def _check_losses(losses: Any, what: str) -> jax.Array:
 
 def _pullback(vjp_fn: Callable, cotangents: jax.Array, strategy: str, chunk_size: Optional[int]) -> PyTree:
     """Applies ``vjp_fn`` to each row of ``cotangents`` and stacks the results."""
-    t = cotangents.shape[0]
-    if strategy == "loop":
-        rows = [vjp_fn(cotangents[i]) for i in range(t)]
-        return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *rows)
+    t = jax.tree_util.tree_leaves(cotangents)[0].shape[0]
     if chunk_size is not None and chunk_size < t:
         return jax.lax.map(vjp_fn, cotangents, batch_size=int(chunk_size))
+    if strategy == "loop":
+        rows = [vjp_fn(jax.tree_util.tree_map(lambda c, i=i: c[i], cotangents)) for i in range(t)]
+        return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *rows)
     return jax.vmap(vjp_fn)(cotangents)
 
 
@@ -87,7 +87,7 @@ def value_and_task_grads(
     log: bool = True,
     eps: float = 1e-8,
     has_aux: bool = False,
-    strategy: str = "vmap",
+    strategy: str = "loop",
     chunk_size: Optional[int] = None,
 ) -> Callable[..., Any]:
     """Transforms ``loss_fn`` into a function returning losses and per-task gradients.
@@ -99,11 +99,16 @@ def value_and_task_grads(
       log: differentiate ``log(ℓ_t + ε)`` (DB-MTL) rather than ``ℓ_t``.
       eps: the ε inside the log.
       has_aux: whether ``loss_fn`` returns ``(losses, aux)``.
-      strategy: ``"vmap"`` (vmap of one VJP, default), ``"jacrev"`` (the same
-        through ``jax.jacrev``) or ``"loop"`` (T VJP calls unrolled in the graph).
+      strategy: ``"loop"`` (default: T VJP calls of the one forward pass,
+        unrolled in the graph), ``"vmap"`` (vmap of the VJP) or ``"jacrev"``
+        (compiles to the same program as ``"vmap"``).  On CPU ``"loop"`` was
+        fastest (MLP, T=3/10/40: 35/154/1237 ms vs 49/249/2461 ms for
+        ``"vmap"``; see benchmarks/RESULTS.md): the vmapped pull-back makes
+        XLA materialise transposed weight gradients.  ``"loop"`` compiles
+        more slowly as T grows.
       chunk_size: pull back at most this many tasks at a time (``lax.map`` with
-        ``batch_size``), bounding the transient Jacobian memory to
-        ``chunk_size × P``.  ``None``: all T at once.
+        ``batch_size``, vmapped within a chunk), bounding the transient
+        Jacobian memory to ``chunk_size × P``.  ``None``: all T at once.
 
     Returns:
       A function with ``loss_fn``'s signature returning ``(losses, grads)`` or
@@ -141,7 +146,7 @@ def trunk_heads_task_grads(
     *,
     log: bool = True,
     eps: float = 1e-8,
-    strategy: str = "vmap",
+    strategy: str = "loop",
     chunk_size: Optional[int] = None,
 ) -> Callable[[PyTree, Sequence[PyTree], Any], tuple[jax.Array, tuple[PyTree, tuple]]]:
     """Per-task gradients for a hard-parameter-sharing model given as trunk + heads.
