@@ -51,33 +51,41 @@ class SkipState(NamedTuple):
     last_valid: chex.Array
 
 
-def _per_task_bad(updates: PyTree, losses: Optional[jax.Array], log_losses: bool, task_axis: bool) -> jax.Array:
-    """Bool flags of invalid tasks: ``[T]`` (or ``[1]`` when nothing has a task axis)."""
-    bad = jnp.zeros([1], bool)
+def _invalid_flags(
+    updates: PyTree, losses: Optional[jax.Array], log_losses: bool, task_axis: bool
+) -> tuple[jax.Array, jax.Array]:
+    """``(grad_bad, loss_bad)``: per-task flags of non-finite gradients (``[T]``, or ``[1]``
+    without a task axis) and of invalid losses (``[T]``, or ``[1]`` without losses)."""
+    grad_bad = jnp.zeros([1], bool)
     for x in jax.tree_util.tree_leaves(updates):
         if task_axis:
-            bad = bad | jnp.any(~jnp.isfinite(x.reshape(x.shape[0], -1)), axis=1)
+            grad_bad = grad_bad | jnp.any(~jnp.isfinite(x.reshape(x.shape[0], -1)), axis=1)
         else:
-            bad = bad | jnp.any(~jnp.isfinite(x))
+            grad_bad = grad_bad | jnp.any(~jnp.isfinite(x))
+    loss_bad = jnp.zeros([1], bool)
     if losses is not None:
-        lb = ~jnp.isfinite(losses)
+        loss_bad = ~jnp.isfinite(losses)
         if log_losses:
-            lb = lb | (losses < 0)
-        bad = bad | lb
-    return bad
+            loss_bad = loss_bad | (losses < 0)
+    return grad_bad, loss_bad
 
 
-def _raise(bad: np.ndarray, losses: Optional[np.ndarray], step: np.ndarray) -> None:
-    if not np.any(bad):
+def _raise(grad_bad: np.ndarray, loss_bad: np.ndarray, losses: Optional[np.ndarray], step: np.ndarray) -> None:
+    if not (np.any(grad_bad) or np.any(loss_bad)):
         return
-    tasks = [int(i) for i in np.flatnonzero(bad)]
-    detail = ""
-    if losses is not None:
-        detail = "; losses of those tasks: " + ", ".join(f"task {t}: {losses[t]!r}" for t in tasks)
-    raise InvalidStepError(
-        f"invalid multi-task step {int(step)}: task(s) {tasks} have a NaN/inf gradient or a NaN/inf/negative "
-        f"loss{detail}."
-    )
+    parts = []
+    if np.any(loss_bad) and losses is not None:
+        tasks = [int(i) for i in np.flatnonzero(loss_bad)]
+        parts.append(
+            f"task(s) {tasks} have a NaN/inf/negative loss ("
+            + ", ".join(f"task {t}: {float(losses[t])!r}" for t in tasks)
+            + ")"
+        )
+    if np.any(grad_bad):
+        # A NaN loss usually makes every task's gradient NaN (0 · NaN in the pull-back), so the
+        # loss flags above are the better pointer to the culprit.
+        parts.append(f"task(s) {[int(i) for i in np.flatnonzero(grad_bad)]} have a NaN/inf gradient")
+    raise InvalidStepError(f"invalid multi-task step {int(step)}: " + "; ".join(parts) + ".")
 
 
 def skip_invalid_steps(
@@ -116,11 +124,11 @@ def skip_invalid_steps(
     def update_fn(updates: PyTree, state: SkipState, params: Optional[PyTree] = None, **extra_args: Any):
         losses = extra_args.get("losses")
         losses = None if losses is None else jnp.asarray(losses)
-        bad = _per_task_bad(updates, losses, log_losses, task_axis)
-        invalid = jnp.any(bad)
+        grad_bad, loss_bad = _invalid_flags(updates, losses, log_losses, task_axis)
+        invalid = jnp.any(grad_bad) | jnp.any(loss_bad)
         step = optax.safe_increment(state.step)
         if debug:
-            jax.debug.callback(_raise, bad, losses, step, ordered=True)
+            jax.debug.callback(_raise, grad_bad, loss_bad, losses, step, ordered=True)
         apply = ~invalid
         if max_consecutive_skips is not None:
             apply = apply | (state.consecutive_skipped >= max_consecutive_skips)

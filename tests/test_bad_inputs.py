@@ -97,7 +97,7 @@ def test_debug_mode_names_task_and_step():
     params, tx, step = _setup(debug=True)
     state = tx.init(params)
     params, state = step(params, state, CLEAN)
-    with pytest.raises(Exception, match=r"step 2: task\(s\) \[1\]"):
+    with pytest.raises(Exception, match=r"step 2: task\(s\) \[1\] have a NaN/inf/negative loss \(task 1: nan\)"):
         out = step(params, state, _corrupt("nan_loss"))
         jax.block_until_ready(out)
 
