@@ -3,6 +3,7 @@
 Usage: python checkpoint_worker.py METHODS MODE DIR N   (METHODS: comma-separated registry names)
   MODE=straight: N steps, write DIR/<method>/straight.npz
   MODE=first:    N/2 steps, save the whole train state to DIR/<method>/ckpt
+  MODE=first+straight: both of the above in one process (save at N/2, go on to N)
   MODE=resume:   restore DIR/<method>/ckpt into a freshly built state, N/2 more steps,
                  write DIR/<method>/resumed.npz
 The train state holds parameters, the optimizer state (method state + Adam), the
@@ -86,6 +87,14 @@ def main(method, mode, directory, n):
             state = step(state)
         with ocp.StandardCheckpointer() as ckpt:
             ckpt.save(os.path.join(directory, "ckpt"), state)
+    elif mode == "first+straight":  # one process: save at N/2, then go on straight to N
+        for _ in range(n // 2):
+            state = step(state)
+        with ocp.StandardCheckpointer() as ckpt:
+            ckpt.save(os.path.join(directory, "ckpt"), state)
+        for _ in range(n - n // 2):
+            state = step(state)
+        save_npz(os.path.join(directory, "straight.npz"), state)
     elif mode == "resume":
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
         with ocp.StandardCheckpointer() as ckpt:
