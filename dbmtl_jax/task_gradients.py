@@ -140,6 +140,36 @@ def value_and_task_grads(
     return wrapped
 
 
+def _heads_once(
+    trunk_fn: Callable, head_loss_fns: Sequence[Callable], trunk_params: PyTree, head_params: Sequence[PyTree],
+    batch: Any, log: bool, eps: float,
+) -> tuple[jax.Array, tuple, PyTree, Callable]:
+    """Trunk forward, then each head differentiated once for its own task.
+
+    Returns ``(losses [T], head_grads, feature cotangents stacked [T, ...], trunk_vjp)``.
+    """
+    if len(head_params) != len(head_loss_fns):
+        raise ValueError(
+            f"got {len(head_params)} head parameter sets for {len(head_loss_fns)} head losses; "
+            "the task axis must match."
+        )
+    features, trunk_vjp = jax.vjp(lambda p: trunk_fn(p, batch), trunk_params)
+    losses, head_grads, feat_cts = [], [], []
+    for t, (fn, hp) in enumerate(zip(head_loss_fns, head_params)):
+        def head_obj(hp_, z_, fn=fn, t=t):
+            loss = jnp.asarray(fn(hp_, z_, batch))
+            if loss.ndim != 0:
+                raise ValueError(f"head_loss_fns[{t}] must return a scalar loss, got shape {loss.shape}.")
+            return transform_losses(loss[None], log=log, eps=eps)[0], loss
+
+        (_, loss), (g_head, g_feat) = jax.value_and_grad(head_obj, argnums=(0, 1), has_aux=True)(hp, features)
+        losses.append(loss)
+        head_grads.append(g_head)
+        feat_cts.append(g_feat)
+    stacked = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *feat_cts)
+    return jnp.stack(losses), tuple(head_grads), stacked, trunk_vjp
+
+
 def trunk_heads_task_grads(
     trunk_fn: Callable[[PyTree, Any], Any],
     head_loss_fns: Sequence[Callable[[PyTree, Any, Any], jax.Array]],
@@ -164,32 +194,15 @@ def trunk_heads_task_grads(
     task axis the transforms expect.
     """
     _check_strategy(strategy, chunk_size)
-    num_tasks = len(head_loss_fns)
-    if num_tasks == 0:
+    if not head_loss_fns:
         raise ValueError("head_loss_fns is empty; give one head loss per task.")
 
     def wrapped(trunk_params: PyTree, head_params: Sequence[PyTree], batch: Any) -> Any:
-        if len(head_params) != num_tasks:
-            raise ValueError(
-                f"got {len(head_params)} head parameter sets for {num_tasks} head losses; "
-                "the task axis must match."
-            )
-        features, trunk_vjp = jax.vjp(lambda p: trunk_fn(p, batch), trunk_params)
-        losses, head_grads, feat_cts = [], [], []
-        for t, (fn, hp) in enumerate(zip(head_loss_fns, head_params)):
-            def head_obj(hp_, z_, fn=fn):
-                loss = jnp.asarray(fn(hp_, z_, batch))
-                if loss.ndim != 0:
-                    raise ValueError(f"head_loss_fns[{t}] must return a scalar loss, got shape {loss.shape}.")
-                return transform_losses(loss[None], log=log, eps=eps)[0], loss
-
-            (_, loss), (g_head, g_feat) = jax.value_and_grad(head_obj, argnums=(0, 1), has_aux=True)(hp, features)
-            losses.append(loss)
-            head_grads.append(g_head)
-            feat_cts.append(g_feat)
-        stacked = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *feat_cts)
+        losses, head_grads, stacked, trunk_vjp = _heads_once(
+            trunk_fn, head_loss_fns, trunk_params, head_params, batch, log, eps
+        )
         trunk_grads = _pullback(lambda c: trunk_vjp(c)[0], stacked, strategy, chunk_size)
-        return jnp.stack(losses), (trunk_grads, tuple(head_grads))
+        return losses, (trunk_grads, head_grads)
 
     return wrapped
 
@@ -331,31 +344,14 @@ def trunk_heads_fold_task_grads(
     head_grads, carry)`` with ``head_grads[t]`` the plain gradient of head ``t``.
     """
     chunk_size = _check_chunk(chunk_size)
-    num_tasks = len(head_loss_fns)
-    if num_tasks == 0:
+    if not head_loss_fns:
         raise ValueError("head_loss_fns is empty; give one head loss per task.")
 
     def wrapped(carry: Any, trunk_params: PyTree, head_params: Sequence[PyTree], batch: Any) -> Any:
-        if len(head_params) != num_tasks:
-            raise ValueError(
-                f"got {len(head_params)} head parameter sets for {num_tasks} head losses; "
-                "the task axis must match."
-            )
-        features, trunk_vjp = jax.vjp(lambda p: trunk_fn(p, batch), trunk_params)
-        losses, head_grads, feat_cts = [], [], []
-        for t, (fn, hp) in enumerate(zip(head_loss_fns, head_params)):
-            def head_obj(hp_, z_, fn=fn, t=t):
-                loss = jnp.asarray(fn(hp_, z_, batch))
-                if loss.ndim != 0:
-                    raise ValueError(f"head_loss_fns[{t}] must return a scalar loss, got shape {loss.shape}.")
-                return transform_losses(loss[None], log=log, eps=eps)[0], loss
-
-            (_, loss), (g_head, g_feat) = jax.value_and_grad(head_obj, argnums=(0, 1), has_aux=True)(hp, features)
-            losses.append(loss)
-            head_grads.append(g_head)
-            feat_cts.append(g_feat)
-        stacked = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *feat_cts)
+        losses, head_grads, stacked, trunk_vjp = _heads_once(
+            trunk_fn, head_loss_fns, trunk_params, head_params, batch, log, eps
+        )
         carry = _fold_chunks(lambda c: trunk_vjp(c)[0], stacked, fold_fn, carry, chunk_size, unroll)
-        return jnp.stack(losses), tuple(head_grads), carry
+        return losses, head_grads, carry
 
     return wrapped
