@@ -309,8 +309,26 @@ def _write_json(path: Path, data: Mapping[str, Any]) -> None:
     os.replace(tmp, path)  # atomic: an interrupted run never leaves a half-written result
 
 
+def _git_commit() -> Optional[str]:
+    """The commit of the dbmtl_jax checkout in use (editable installs), or None."""
+    import subprocess
+
+    root = Path(dbmtl_jax.__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = out.stdout.strip()
+    return commit or None
+
+
 def package_versions() -> dict[str, str]:
     out = {"python": platform.python_version(), "dbmtl_jax": dbmtl_jax.__version__}
+    commit = _git_commit()
+    if commit:
+        out["dbmtl_jax_git_commit"] = commit
     for mod in ("jax", "jaxlib", "optax", "flax", "numpy", "chex"):
         try:
             out[mod] = importlib.import_module(mod).__version__
