@@ -70,26 +70,6 @@ def aggregate_alpha(norms: jax.Array, alpha: Union[str, float, jax.Array]) -> ja
     return jnp.asarray(alpha, norms.dtype)
 
 
-def _stacked_zeros(leaf: Any, num_tasks: int, dtype: Any) -> Any:
-    """Zeros of shape ``[T, *leaf.shape]`` that keep ``leaf``'s sharding with the task axis unsharded."""
-    if ta.is_variable(leaf):
-        value = leaf.get_value()
-        updates = {}
-        for key, spec in leaf.get_metadata().items():
-            if key in ("out_sharding", "sharding", "sharding_names", "optimizer_sharding") and spec is not None:
-                updates[key] = (None,) + tuple(spec)
-        return leaf.replace(_stacked_zeros(value, num_tasks, dtype), **updates)
-    value = jnp.asarray(leaf)
-    dtype = jnp.promote_types(value.dtype, jnp.float32) if dtype is None else dtype
-    shape = (num_tasks,) + tuple(value.shape)
-    sharding = getattr(value, "sharding", None) if not isinstance(value, jax.core.Tracer) else None
-    if isinstance(sharding, jax.sharding.NamedSharding):
-        spec = tuple(sharding.spec) + (None,) * (value.ndim - len(sharding.spec))
-        target = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(None, *spec))
-        return jax.device_put(jnp.zeros(shape, dtype), target)
-    return jnp.zeros(shape, dtype)
-
-
 def _check_alpha(alpha: Any) -> None:
     if isinstance(alpha, str):
         if alpha not in ALPHA_MODES:
@@ -146,15 +126,9 @@ def dbmtl(
 
     def init_fn(params: PyTree) -> DBMTLState:
         mask = ta.resolve_shared(shared, params)
-        flat, treedef = jax.tree_util.tree_flatten(params, is_leaf=ta.is_variable)
-        flags = jax.tree_util.tree_leaves(mask)
-        ema = [
-            _stacked_zeros(p, num_tasks, ema_dtype) if f else optax.MaskedNode()
-            for p, f in zip(flat, flags)
-        ]
         return DBMTLState(
             count=jnp.zeros([], jnp.int32),
-            ema=jax.tree_util.tree_unflatten(treedef, ema),
+            ema=ta.stacked_zeros_tree(params, mask, num_tasks, ema_dtype),
             norms=jnp.zeros([num_tasks], jnp.float32),
         )
 
@@ -166,19 +140,7 @@ def dbmtl(
         mask = ta.resolve_shared(shared, updates if params is None else params)
         g_shared, g_heads, treedef = ta.split_shared(updates, mask)
         ema_leaves = jax.tree_util.tree_leaves(state.ema)
-        if len(ema_leaves) != len(g_shared):
-            raise ValueError(
-                f"updates have {len(g_shared)} shared leaves but the DB-MTL state has {len(ema_leaves)}; "
-                "the shared mask or the parameter structure changed since init."
-            )
-        paths = [p for p, f in zip(ta.leaf_paths(updates), jax.tree_util.tree_leaves(mask)) if f]
-        for path, g, m in zip(paths, g_shared, ema_leaves):
-            if g.shape != m.shape:
-                hint = " (does this leaf lack the leading task axis?)" if g.ndim + 1 == m.ndim else ""
-                raise ValueError(
-                    f"update leaf '{path}' has shape {g.shape} but its DB-MTL state has shape "
-                    f"{m.shape} = [num_tasks, *param_shape]{hint}."
-                )
+        ta.check_state_leaves(updates, mask, g_shared, ema_leaves, "DB-MTL", "ema")
 
         count = optax.safe_increment(state.count)
         # Scalars in the widest EMA dtype (float64 under jax_enable_x64), at least float32.

@@ -33,6 +33,9 @@ __all__ = [
     "sum_tasks",
     "weighted_sum_tasks",
     "is_variable",
+    "stacked_zeros",
+    "stacked_zeros_tree",
+    "check_state_leaves",
 ]
 
 
@@ -195,6 +198,59 @@ def weighted_sum_tasks(tree: PyTree, weights: jax.Array) -> PyTree:
         return jnp.tensordot(w, x.astype(acc), axes=(0, 0)).astype(x.dtype)
 
     return jax.tree_util.tree_map(f, tree)
+
+
+def stacked_zeros(leaf: Any, num_tasks: int, dtype: Any = None) -> Any:
+    """Zeros of shape ``[T, *leaf.shape]`` for per-task optimizer state.
+
+    The dtype is ``dtype``, or the leaf's dtype promoted to at least float32.
+    The leaf's sharding is kept with the task axis prepended and unsharded: for
+    a Flax NNX Variable its sharding metadata (``out_sharding`` and the older
+    names) gets a leading ``None``; an array placed with a ``NamedSharding``
+    gives a state array with ``PartitionSpec(None, *spec)``.
+    """
+    if is_variable(leaf):
+        updates = {}
+        for key, spec in leaf.get_metadata().items():
+            if key in ("out_sharding", "sharding", "sharding_names", "optimizer_sharding") and spec is not None:
+                updates[key] = (None,) + tuple(spec)
+        return leaf.replace(stacked_zeros(leaf.get_value(), num_tasks, dtype), **updates)
+    value = jnp.asarray(leaf)
+    dtype = jnp.promote_types(value.dtype, jnp.float32) if dtype is None else dtype
+    shape = (num_tasks,) + tuple(value.shape)
+    sharding = getattr(value, "sharding", None) if not isinstance(value, jax.core.Tracer) else None
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        spec = tuple(sharding.spec) + (None,) * (value.ndim - len(sharding.spec))
+        target = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(None, *spec))
+        return jax.device_put(jnp.zeros(shape, dtype), target)
+    return jnp.zeros(shape, dtype)
+
+
+def stacked_zeros_tree(params: PyTree, mask: PyTree, num_tasks: int, dtype: Any = None) -> PyTree:
+    """:func:`stacked_zeros` for the shared leaves of ``params``, ``optax.MaskedNode()`` for heads."""
+    flat, treedef = jax.tree_util.tree_flatten(params, is_leaf=is_variable)
+    flags = jax.tree_util.tree_leaves(mask)
+    out = [stacked_zeros(p, num_tasks, dtype) if f else optax.MaskedNode() for p, f in zip(flat, flags)]
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def check_state_leaves(
+    updates: PyTree, mask: PyTree, g_shared: list, state_leaves: list, method: str, what: str
+) -> None:
+    """Checks that per-shared-leaf ``[T, *shape]`` state matches the shared update leaves (trace time)."""
+    if len(state_leaves) != len(g_shared):
+        raise ValueError(
+            f"updates have {len(g_shared)} shared leaves but the {method} state ({what}) has "
+            f"{len(state_leaves)}; the shared mask or the parameter structure changed since init."
+        )
+    paths = [p for p, f in zip(leaf_paths(updates), jax.tree_util.tree_leaves(mask)) if f]
+    for path, g, m in zip(paths, g_shared, state_leaves):
+        if g.shape != m.shape:
+            hint = " (does this leaf lack the leading task axis?)" if g.ndim + 1 == m.ndim else ""
+            raise ValueError(
+                f"update leaf '{path}' has shape {g.shape} but its {method} state ({what}) has shape "
+                f"{m.shape} = [num_tasks, *param_shape]{hint}."
+            )
 
 
 # Placeholder used in optimizer state for leaves a transform keeps no state for.

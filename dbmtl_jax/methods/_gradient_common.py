@@ -21,7 +21,6 @@ import jax.numpy as jnp
 import optax
 
 from dbmtl_jax import task_axis as ta
-from dbmtl_jax.dbmtl import _stacked_zeros
 
 PyTree = Any
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -39,8 +38,6 @@ __all__ = [
     "acc_dtype",
     "split_updates",
     "state_dtype",
-    "check_state_leaves",
-    "stacked_zeros_tree",
     "zeros_tree",
     "max_abs",
     "leaf_grams",
@@ -137,33 +134,6 @@ def split_updates(
     mask = ta.resolve_shared(shared, updates if params is None else params)
     g_shared, g_heads, treedef = ta.split_shared(updates, mask)
     return g_shared, g_heads, mask, treedef
-
-
-def check_state_leaves(
-    updates: PyTree, mask: PyTree, g_shared: list, state_leaves: list, method: str, what: str
-) -> None:
-    """Checks that per-shared-leaf state matches the shared update leaves (trace time)."""
-    if len(state_leaves) != len(g_shared):
-        raise ValueError(
-            f"updates have {len(g_shared)} shared leaves but the {method} state ({what}) has "
-            f"{len(state_leaves)}; the shared mask or the parameter structure changed since init."
-        )
-    paths = [p for p, f in zip(ta.leaf_paths(updates), jax.tree_util.tree_leaves(mask)) if f]
-    for path, g, m in zip(paths, g_shared, state_leaves):
-        if g.shape != m.shape:
-            hint = " (does this leaf lack the leading task axis?)" if g.ndim + 1 == m.ndim else ""
-            raise ValueError(
-                f"update leaf '{path}' has shape {g.shape} but its {method} state ({what}) has shape "
-                f"{m.shape} = [num_tasks, *param_shape]{hint}."
-            )
-
-
-def stacked_zeros_tree(params: PyTree, mask: PyTree, num_tasks: int) -> PyTree:
-    """``[T, *shape]`` float32-or-wider zeros for shared leaves, ``MaskedNode`` for heads."""
-    flat, treedef = jax.tree_util.tree_flatten(params, is_leaf=ta.is_variable)
-    flags = jax.tree_util.tree_leaves(mask)
-    out = [_stacked_zeros(p, num_tasks, None) if f else optax.MaskedNode() for p, f in zip(flat, flags)]
-    return jax.tree_util.tree_unflatten(treedef, out)
 
 
 def zeros_tree(params: PyTree, mask: PyTree, want_shared: bool) -> PyTree:

@@ -110,19 +110,9 @@ def excessmtl(
 
     def init_fn(params: PyTree) -> ExcessMTLState:
         mask = ta.resolve_shared(shared, params)
-        flat, treedef = jax.tree_util.tree_flatten(params, is_leaf=ta.is_variable)
-        flags = jax.tree_util.tree_leaves(mask)
-        sq = []
-        for p, f in zip(flat, flags):
-            if not f:
-                sq.append(optax.MaskedNode())
-                continue
-            value = p.get_value() if ta.is_variable(p) else jnp.asarray(p)
-            dtype = jnp.promote_types(value.dtype, jnp.float32)
-            sq.append(jnp.zeros((num_tasks,) + tuple(value.shape), dtype))
         return ExcessMTLState(
             count=jnp.zeros([], jnp.int32),
-            sq_sum=jax.tree_util.tree_unflatten(treedef, sq),
+            sq_sum=ta.stacked_zeros_tree(params, mask, num_tasks),
             initial_excess=jnp.zeros([num_tasks], jnp.float32),
             excess=jnp.zeros([num_tasks], jnp.float32),
             log_weights=jnp.zeros([num_tasks], jnp.float32),
@@ -137,17 +127,7 @@ def excessmtl(
         mask = ta.resolve_shared(shared, updates if params is None else params)
         g_shared, g_heads, treedef = ta.split_shared(updates, mask)
         sq_leaves = jax.tree_util.tree_leaves(state.sq_sum)
-        if len(sq_leaves) != len(g_shared):
-            raise ValueError(
-                f"updates have {len(g_shared)} shared leaves but the ExcessMTL state has {len(sq_leaves)}; "
-                "the shared mask or the parameter structure changed since init."
-            )
-        for g, a in zip(g_shared, sq_leaves):
-            if g.shape != a.shape:
-                raise ValueError(
-                    f"an update leaf has shape {g.shape} but its ExcessMTL accumulator has shape {a.shape} "
-                    "= [num_tasks, *param_shape]."
-                )
+        ta.check_state_leaves(updates, mask, g_shared, sq_leaves, "ExcessMTL", "sq_sum")
         new_sq = []
         excess = jnp.zeros([num_tasks], jnp.float32)
         for g, a in zip(g_shared, sq_leaves):

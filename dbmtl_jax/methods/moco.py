@@ -98,7 +98,7 @@ def moco(
         mask = ta.resolve_shared(shared, params)
         return MoCoState(
             count=jnp.zeros([], jnp.int32),
-            y=gc.stacked_zeros_tree(params, mask, num_tasks),
+            y=ta.stacked_zeros_tree(params, mask, num_tasks),
             lambd=jnp.full([num_tasks], 1.0 / num_tasks, gc.state_dtype(params, mask)),
         )
 
@@ -110,7 +110,7 @@ def moco(
         if grad_transform == "normalize_loss":
             losses = gc.require_losses(losses, num_tasks, "moco (grad_transform='normalize_loss')")
         y_l = jax.tree_util.tree_leaves(state.y)
-        gc.check_state_leaves(updates, mask, g_shared, y_l, "moco", "y")
+        ta.check_state_leaves(updates, mask, g_shared, y_l, "moco", "y")
 
         count = optax.safe_increment(state.count)
         k = count.astype(jnp.float32)

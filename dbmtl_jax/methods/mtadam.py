@@ -110,8 +110,8 @@ def mtadam(
         return MTAdamState(
             count=jnp.zeros([], jnp.int32),
             norms=jnp.zeros([num_groups(params), num_tasks], gc.state_dtype(params, mask)),
-            mu=gc.stacked_zeros_tree(params, mask, num_tasks),
-            nu=gc.stacked_zeros_tree(params, mask, num_tasks),
+            mu=ta.stacked_zeros_tree(params, mask, num_tasks),
+            nu=ta.stacked_zeros_tree(params, mask, num_tasks),
             mu_heads=gc.zeros_tree(params, mask, want_shared=False),
             nu_heads=gc.zeros_tree(params, mask, want_shared=False),
         )
@@ -123,7 +123,7 @@ def mtadam(
         g_shared, g_heads, mask, treedef = gc.split_updates(updates, params, shared, num_tasks)
         mu_l = jax.tree_util.tree_leaves(state.mu)
         nu_l = jax.tree_util.tree_leaves(state.nu)
-        gc.check_state_leaves(updates, mask, g_shared, mu_l, "mtadam", "mu")
+        ta.check_state_leaves(updates, mask, g_shared, mu_l, "mtadam", "mu")
         muh_l = jax.tree_util.tree_leaves(state.mu_heads)
         nuh_l = jax.tree_util.tree_leaves(state.nu_heads)
         if len(muh_l) != len(g_heads):
