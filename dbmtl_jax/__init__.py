@@ -6,6 +6,7 @@ Reference: Lin et al., "Dual-Balancing for Multi-Task Learning".
 from dbmtl_jax import datasets, loss_weighting, metrics
 from dbmtl_jax._version import __version__
 from dbmtl_jax.dbmtl import ALPHA_MODES, DBMTLState, dbmtl
+from dbmtl_jax.fused import FusedDBMTL, fused_dbmtl, fused_trunk_heads_dbmtl
 from dbmtl_jax.metrics import delta_p
 from dbmtl_jax.methods.registry import METHOD_GROUPS, METHODS, get_factory, get_method
 from dbmtl_jax.multi_steps import TaskMultiSteps
@@ -30,6 +31,9 @@ __all__ = [
     "ALPHA_MODES",
     "DBMTLState",
     "dbmtl",
+    "FusedDBMTL",
+    "fused_dbmtl",
+    "fused_trunk_heads_dbmtl",
     "METHODS",
     "METHOD_GROUPS",
     "get_method",

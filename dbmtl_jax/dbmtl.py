@@ -36,7 +36,7 @@ ScalarOrSchedule = Union[float, jax.Array, Callable[[jax.Array], jax.Array]]
 
 ALPHA_MODES = ("max", "min", "mean", "median")
 
-__all__ = ["DBMTLState", "dbmtl", "ALPHA_MODES", "aggregate_alpha"]
+__all__ = ["DBMTLState", "dbmtl", "ALPHA_MODES", "aggregate_alpha", "beta_at", "check_options"]
 
 
 class DBMTLState(NamedTuple):
@@ -70,7 +70,19 @@ def aggregate_alpha(norms: jax.Array, alpha: Union[str, float, jax.Array]) -> ja
     return jnp.asarray(alpha, norms.dtype)
 
 
-def _check_alpha(alpha: Any) -> None:
+def beta_at(beta: ScalarOrSchedule, beta_sigma: Union[float, jax.Array], count: jax.Array, dtype: Any) -> jax.Array:
+    """``β_k = β / k^σ`` for the update number ``k = count`` (``beta`` may be a schedule of ``k``)."""
+    beta_k = beta(count) if callable(beta) else beta
+    return jnp.asarray(beta_k, dtype) / count.astype(dtype) ** jnp.asarray(beta_sigma, dtype)
+
+
+def check_options(num_tasks: Any, alpha: Any) -> None:
+    """Trace-time validation of the static options shared by :func:`dbmtl` and the fused step."""
+    if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
+        raise ValueError(
+            f"num_tasks must be a positive Python int (it sizes the EMA state), got {num_tasks!r}; "
+            "under optax.inject_hyperparams pass static_args=('num_tasks',)."
+        )
     if isinstance(alpha, str):
         if alpha not in ALPHA_MODES:
             raise ValueError(f"unknown alpha {alpha!r}; expected one of {ALPHA_MODES} or a float constant.")
@@ -115,12 +127,7 @@ def dbmtl(
       Extra args (``losses=``, ``key=``) are accepted and ignored, so the
       transform is interchangeable with the other methods of this library.
     """
-    if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
-        raise ValueError(
-            f"num_tasks must be a positive Python int (it sizes the EMA state), got {num_tasks!r}; "
-            "under optax.inject_hyperparams pass static_args=('num_tasks',)."
-        )
-    _check_alpha(alpha)
+    check_options(num_tasks, alpha)
     if ema_dtype is not None:
         ema_dtype = jnp.dtype(ema_dtype)
 
@@ -145,8 +152,7 @@ def dbmtl(
         count = optax.safe_increment(state.count)
         # Scalars in the widest EMA dtype (float64 under jax_enable_x64), at least float32.
         acc = functools.reduce(jnp.promote_types, [m.dtype for m in ema_leaves], jnp.dtype(jnp.float32))
-        beta_k = beta(count) if callable(beta) else beta
-        beta_k = jnp.asarray(beta_k, acc) / count.astype(acc) ** jnp.asarray(beta_sigma, acc)
+        beta_k = beta_at(beta, beta_sigma, count, acc)
 
         # A non-finite gradient never enters the EMA: the state is kept as it was and
         # the (non-finite) update is passed on for a wrapper such as

@@ -299,6 +299,10 @@ def fold_task_grads(
 
     Returns ``f(carry, *args, **kwargs) -> (losses, carry)`` (``((losses, aux),
     carry)`` with ``has_aux``), where ``args`` are ``loss_fn``'s arguments.
+    ``carry`` may also be a function ``carry(losses) -> carry``: it is called
+    with the raw losses after the forward pass and before the first fold (for
+    a fold that depends on the losses, e.g. one that must not write when they
+    are invalid).
     """
     if not isinstance(argnums, int):
         raise TypeError(f"argnums must be a single int, got {argnums!r}.")
@@ -316,6 +320,7 @@ def fold_task_grads(
 
         tl, vjp_fn, (losses, aux) = jax.vjp(f, args[argnums], has_aux=True)
         eye = jnp.eye(tl.shape[0], dtype=tl.dtype)
+        carry = carry(losses) if callable(carry) else carry
         carry = _fold_chunks(lambda c: vjp_fn(c)[0], eye, fold_fn, carry, chunk_size, unroll)
         return ((losses, aux), carry) if has_aux else (losses, carry)
 
@@ -338,7 +343,7 @@ def trunk_heads_fold_task_grads(
     the T feature cotangents are then pulled back through the trunk
     ``chunk_size`` at a time and each chunk of trunk gradients (leaves
     ``[c, *shape]``, rows ``start …``) goes to ``carry = fold_fn(carry, start,
-    grads)``.  ``unroll`` as in :func:`fold_task_grads`.
+    grads)``.  ``unroll`` and a callable ``carry`` as in :func:`fold_task_grads`.
 
     Returns ``f(carry, trunk_params, head_params, batch) -> (losses,
     head_grads, carry)`` with ``head_grads[t]`` the plain gradient of head ``t``.
@@ -351,6 +356,7 @@ def trunk_heads_fold_task_grads(
         losses, head_grads, stacked, trunk_vjp = _heads_once(
             trunk_fn, head_loss_fns, trunk_params, head_params, batch, log, eps
         )
+        carry = carry(losses) if callable(carry) else carry
         carry = _fold_chunks(lambda c: trunk_vjp(c)[0], stacked, fold_fn, carry, chunk_size, unroll)
         return losses, head_grads, carry
 

@@ -1,0 +1,297 @@
+"""A fused DB-MTL step: per-task gradients streamed into the EMA, then the optimizer.
+
+Reference: Lin et al., "Dual-Balancing for Multi-Task Learning", Algorithm 1.
+
+``optax.chain(dbmtl(T), optimizer)`` needs the ``[T, P]`` stack of per-task
+gradients before the transform can run, so a step writes T×P gradient floats
+and reads them back for the EMA, the norms and the weighted sum.  The fused
+step computes each task's gradient ``g_t = ∇_θ log(ℓ_t + ε)`` and folds it
+straight into its EMA row while it is produced (``chunk_size`` tasks at a time,
+:func:`dbmtl_jax.fold_task_grads`), accumulating ``‖ĝ_t‖²`` on the way::
+
+    for each chunk of tasks:  ĝ_t ← β_k ĝ_t + (1 − β_k) g_t,   n_t = ‖ĝ_t‖²
+    ũ = max_t ‖ĝ_t‖ · Σ_t ĝ_t / (‖ĝ_t‖ + ε);   heads: Σ_t ∇_ψ log(ℓ_t + ε)
+    updates, opt_state = optimizer.update(ũ, opt_state, params)
+
+The update is exactly :func:`dbmtl_jax.dbmtl`'s (every option: β schedules,
+σ, the α ablations, ``log=False``) and the state is exactly
+``optax.chain(dbmtl(T, shared=...), optimizer).init(params)``, so the fused step
+and the transform chain can replace each other mid-run (checkpoints too).
+
+Invalid steps are skipped, as by :func:`dbmtl_jax.skip_invalid_steps`: when a
+loss is NaN/inf (or negative with ``log=True``) or a gradient is non-finite,
+the updates are zeros, the optimizer state and ``count``/``norms`` are kept,
+and with ``in_place=False`` (default) the EMA is kept bit for bit.
+
+``in_place=True`` writes the EMA rows into the (donated) state buffer as they
+are produced: the step then needs only about ``(2·chunk_size + 2) × P``
+transient floats beyond the state instead of ``T × P``.  Invalid *losses* are
+seen before any row is written, so they still leave the state untouched, but a
+non-finite *gradient* with finite losses (an overflow inside the backward pass)
+is found only while streaming: rows of earlier tasks, and the finite entries of
+the offending rows, have then been advanced.  Such a step still applies no
+update and keeps ``count``; ``norms`` are set to NaN to flag it.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from dbmtl_jax import task_axis as ta
+from dbmtl_jax.dbmtl import DBMTLState, ScalarOrSchedule, aggregate_alpha, beta_at, check_options, dbmtl
+from dbmtl_jax.task_gradients import fold_task_grads, trunk_heads_fold_task_grads
+
+PyTree = Any
+
+__all__ = ["FusedDBMTL", "fused_dbmtl", "fused_trunk_heads_dbmtl"]
+
+
+class FusedDBMTL(NamedTuple):
+    """A fused DB-MTL + optimizer step (see :func:`fused_dbmtl`).
+
+    Attributes:
+      init: ``init(params) -> (DBMTLState, opt_state)``, the state of
+        ``optax.chain(dbmtl(T, shared=...), optimizer)``.
+      update: ``update(state, params, *args, **kwargs) -> (losses, updates,
+        state)``: losses are the raw ``ℓ_t`` (``(losses, aux)`` with
+        ``has_aux``), updates go to ``optax.apply_updates``.
+    """
+
+    init: Callable[[PyTree], tuple]
+    update: Callable[..., tuple]
+
+
+def _losses_ok(losses: jax.Array, log: bool) -> jax.Array:
+    ok = jnp.all(jnp.isfinite(losses))
+    return ok & jnp.all(losses >= 0) if log else ok
+
+
+def _fold_rows(
+    ema: list, sq: jax.Array, start: jax.Array, g_shared: list, beta_k: jax.Array, ok: jax.Array,
+    in_place: bool, acc: Any,
+) -> tuple[list, jax.Array]:
+    """``ĝ_t ← β_k ĝ_t + (1 − β_k) g_t`` for the rows ``start …`` of every EMA leaf (written in place into
+    the loop carry), and their ``‖ĝ_t‖²`` into ``sq``."""
+    c = g_shared[0].shape[0]
+    sq_rows = jnp.zeros([c], acc)
+    out = []
+    for m, g in zip(ema, g_shared):
+        b = beta_k.astype(m.dtype)
+        old = jax.lax.dynamic_slice_in_dim(m, start, c, axis=0)
+        new = b * old + (1 - b) * g.astype(m.dtype)
+        sq_rows = sq_rows + jnp.sum(jnp.square(new.astype(acc)).reshape(c, -1), axis=1)
+        if in_place:  # never write a row of an invalid-loss step, nor a non-finite entry
+            new = jnp.where(ok & jnp.isfinite(new), new, old)
+        out.append(jax.lax.dynamic_update_slice_in_dim(m, new, start, axis=0))
+    return out, jax.lax.dynamic_update_slice_in_dim(sq, sq_rows, start, axis=0)
+
+
+def _backup(ema: list, in_place: bool) -> Optional[list]:
+    """Exact mode keeps the pre-step EMA to return it if the step turns out invalid (one T×P copy)."""
+    return None if in_place else [jnp.copy(m) for m in ema]
+
+
+def _finish(
+    *, state: tuple, params: PyTree, ema_new: list, sq: jax.Array, head_dir: list, ok: jax.Array,
+    mask: PyTree, treedef: Any, optimizer: optax.GradientTransformation, alpha: Any, eps: Any,
+    backup: Optional[list], acc: Any, count: jax.Array,
+) -> tuple[PyTree, tuple]:
+    """Scales the new EMA into the DB-MTL direction, runs the optimizer, and guards the whole step."""
+    db, inner = state
+    heads_sq = sum((jnp.sum(jnp.square(h.astype(acc))) for h in head_dir), jnp.zeros([], acc))
+    valid = ok & jnp.all(jnp.isfinite(sq)) & jnp.isfinite(heads_sq)
+    norms = jnp.sqrt(sq)
+
+    def apply(_: Any) -> tuple:
+        if ema_new:
+            scale = aggregate_alpha(norms, alpha) / (norms + jnp.asarray(eps, acc))
+            shared_dir = [
+                jnp.tensordot(scale.astype(jnp.promote_types(m.dtype, acc)), m, axes=(0, 0)).astype(m.dtype)
+                for m in ema_new
+            ]
+        else:
+            shared_dir = []
+        direction = ta.merge_shared(shared_dir, list(head_dir), mask, treedef)
+        direction = jax.tree_util.tree_map(lambda d, p: d.astype(p.dtype), direction, params)
+        return optimizer.update(direction, inner, params)
+
+    def skip(_: Any) -> tuple:
+        return jax.tree_util.tree_map(jnp.zeros_like, params), inner
+
+    updates, new_inner = jax.lax.cond(valid, apply, skip, None)
+    if backup is None or not ema_new:
+        ema_out = ema_new
+        # Rows advanced by a step rejected mid-stream: flag it in the norms (see the module docstring).
+        new_norms = jnp.where(valid, norms, jnp.where(ok, jnp.nan, db.norms)) if ema_new else db.norms
+    else:
+        ema_out = jax.lax.cond(valid, lambda: list(ema_new), lambda: list(backup))
+        new_norms = jnp.where(valid, norms, db.norms)
+    new_db = DBMTLState(
+        count=jnp.where(valid, count, db.count),
+        ema=jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(db.ema), ema_out),
+        norms=new_norms.astype(jnp.float32),
+    )
+    return updates, (new_db, new_inner)
+
+
+def _prepare(state: tuple, beta: ScalarOrSchedule, beta_sigma: Any) -> tuple:
+    if not (isinstance(state, tuple) and len(state) == 2 and isinstance(state[0], DBMTLState)):
+        raise TypeError(
+            "state must be (DBMTLState, optimizer_state) as returned by init() or by "
+            "optax.chain(dbmtl(...), optimizer).init(params)."
+        )
+    ema = jax.tree_util.tree_leaves(state[0].ema)
+    acc = functools.reduce(jnp.promote_types, [m.dtype for m in ema], jnp.dtype(jnp.float32))
+    count = optax.safe_increment(state[0].count)
+    return ema, acc, count, beta_at(beta, beta_sigma, count, acc)
+
+
+def fused_dbmtl(
+    loss_fn: Callable[..., Any],
+    num_tasks: int,
+    optimizer: optax.GradientTransformation,
+    *,
+    beta: ScalarOrSchedule = 0.9,
+    beta_sigma: Union[float, jax.Array] = 0.0,
+    alpha: Union[str, float, jax.Array] = "max",
+    eps: Union[float, jax.Array] = 1e-8,
+    shared: ta.SharedSpec = None,
+    ema_dtype: Optional[Any] = None,
+    log: bool = True,
+    has_aux: bool = False,
+    chunk_size: int = 1,
+    unroll: bool = False,
+    in_place: bool = False,
+) -> FusedDBMTL:
+    """DB-MTL (Lin et al., Algorithm 1) + ``optimizer`` as one streamed step.
+
+    ``loss_fn(params, *args, **kwargs)`` returns the ``[T]`` raw task losses
+    (``(losses, aux)`` with ``has_aux``).  Each task's gradient of
+    ``log(ℓ_t + ε)`` (``ℓ_t`` with ``log=False``) is folded into the EMA as it
+    is produced; head leaves (``shared`` false) get ``Σ_t`` of their gradients.
+    ``beta``, ``beta_sigma``, ``alpha``, ``eps``, ``shared`` and ``ema_dtype``
+    are :func:`dbmtl_jax.dbmtl`'s; the ε of the log is ``eps`` too.
+
+    Args:
+      optimizer: the optimizer fed with the DB-MTL direction (Adam in the paper).
+      chunk_size: tasks pulled back together (1 was fastest on CPU).
+      unroll: unroll the task loop instead of a ``fori_loop`` (faster for
+        convolutions on XLA:CPU; compiles more slowly as T grows).
+      in_place: update the EMA in the donated state buffer while streaming
+        (lowest memory; see the module docstring for what a rejected step keeps).
+
+    Returns:
+      :class:`FusedDBMTL` ``(init, update)``; jit ``update`` and donate the state.
+    """
+    check_options(num_tasks, alpha)
+    db = dbmtl(num_tasks, beta=beta, beta_sigma=beta_sigma, alpha=alpha, eps=eps, shared=shared, ema_dtype=ema_dtype)
+
+    def init(params: PyTree) -> tuple:
+        return db.init(params), optimizer.init(params)
+
+    def update(state: tuple, params: PyTree, *args: Any, **kwargs: Any) -> tuple:
+        ema, acc, count, beta_k = _prepare(state, beta, beta_sigma)
+        mask = ta.resolve_shared(shared, params)
+        _, p_heads, treedef = ta.split_shared(params, mask)
+
+        def fold(carry: tuple, start: jax.Array, grads: PyTree) -> tuple:
+            ema_c, sq, heads, ok = carry
+            g_shared, g_heads, _ = ta.split_shared(grads, mask)
+            if g_shared:
+                ema_c, sq = _fold_rows(ema_c, sq, start, g_shared, beta_k, ok, in_place, acc)
+            heads = [h + jnp.sum(g, axis=0).astype(h.dtype) for h, g in zip(heads, g_heads)]
+            return ema_c, sq, heads, ok
+
+        def first_carry(losses: jax.Array) -> tuple:
+            # Called after the forward pass, before the first row is written.
+            if losses.shape != (num_tasks,):
+                raise ValueError(f"loss_fn must return {num_tasks} task losses (the task axis), got shape "
+                                 f"{losses.shape}.")
+            heads0 = [jnp.zeros(jnp.shape(h), jnp.promote_types(jnp.result_type(h), jnp.float32)) for h in p_heads]
+            return ema, jnp.zeros([num_tasks], acc), heads0, _losses_ok(losses, log)
+
+        grads_fn = fold_task_grads(loss_fn, fold, log=log, eps=eps, has_aux=has_aux, chunk_size=chunk_size,
+                                   unroll=unroll)
+        backup = _backup(ema, in_place)
+        out, (ema_new, sq, head_dir, ok) = grads_fn(first_carry, params, *args, **kwargs)
+        updates, new_state = _finish(
+            state=state, params=params, ema_new=ema_new, sq=sq, head_dir=head_dir, ok=ok, mask=mask,
+            treedef=treedef, optimizer=optimizer, alpha=alpha, eps=eps, backup=backup, acc=acc, count=count,
+        )
+        return out, updates, new_state
+
+    return FusedDBMTL(init, update)
+
+
+def fused_trunk_heads_dbmtl(
+    trunk_fn: Callable[[PyTree, Any], Any],
+    head_loss_fns: Sequence[Callable[[PyTree, Any, Any], jax.Array]],
+    optimizer: optax.GradientTransformation,
+    *,
+    beta: ScalarOrSchedule = 0.9,
+    beta_sigma: Union[float, jax.Array] = 0.0,
+    alpha: Union[str, float, jax.Array] = "max",
+    eps: Union[float, jax.Array] = 1e-8,
+    ema_dtype: Optional[Any] = None,
+    log: bool = True,
+    chunk_size: int = 1,
+    unroll: bool = False,
+    in_place: bool = False,
+) -> FusedDBMTL:
+    """:func:`fused_dbmtl` for a model given as a shared trunk and T heads; each head is back-propagated once.
+
+    ``params = (trunk_params, head_params)`` with ``head_params[t]`` the
+    parameters of head ``t``; ``trunk_fn(trunk_params, batch) -> features`` and
+    ``head_loss_fns[t](head_params[t], features, batch) -> ℓ_t`` (as in
+    :func:`dbmtl_jax.trunk_heads_task_grads`).  Trunk leaves are the shared
+    θ, head leaves get their own task's gradient.  ``update(state, params,
+    batch) -> (losses, updates, state)``; the state is that of
+    ``optax.chain(dbmtl(T, shared=<trunk leaves>), optimizer)`` over ``params``.
+    """
+    num_tasks = len(head_loss_fns)
+    check_options(num_tasks, alpha)
+
+    def trunk_mask(params: PyTree) -> PyTree:
+        if not (isinstance(params, (tuple, list)) and len(params) == 2 and len(params[1]) == num_tasks):
+            raise ValueError(
+                f"params must be (trunk_params, head_params) with one head per task ({num_tasks} head losses), "
+                f"got {type(params).__name__}" + (f" of length {len(params)}" if isinstance(params, (tuple, list)) else "")
+                + "."
+            )
+        return (jax.tree_util.tree_map(lambda _: True, params[0]), jax.tree_util.tree_map(lambda _: False, params[1]))
+
+    db_kw = dict(beta=beta, beta_sigma=beta_sigma, alpha=alpha, eps=eps, ema_dtype=ema_dtype)
+
+    def init(params: PyTree) -> tuple:
+        return dbmtl(num_tasks, shared=trunk_mask(params), **db_kw).init(params), optimizer.init(params)
+
+    def update(state: tuple, params: PyTree, batch: Any) -> tuple:
+        mask = trunk_mask(params)
+        ema, acc, count, beta_k = _prepare(state, beta, beta_sigma)
+        _, _, treedef = ta.split_shared(params, mask)
+
+        def fold(carry: tuple, start: jax.Array, grads: PyTree) -> tuple:
+            ema_c, sq, ok = carry
+            ema_c, sq = _fold_rows(ema_c, sq, start, jax.tree_util.tree_leaves(grads), beta_k, ok, in_place, acc)
+            return ema_c, sq, ok
+
+        def first_carry(losses: jax.Array) -> tuple:
+            return ema, jnp.zeros([num_tasks], acc), _losses_ok(losses, log)
+
+        grads_fn = trunk_heads_fold_task_grads(trunk_fn, head_loss_fns, fold, log=log, eps=eps,
+                                               chunk_size=chunk_size, unroll=unroll)
+        backup = _backup(ema, in_place)
+        losses, head_grads, (ema_new, sq, ok) = grads_fn(first_carry, params[0], params[1], batch)
+        updates, new_state = _finish(
+            state=state, params=params, ema_new=ema_new, sq=sq, head_dir=jax.tree_util.tree_leaves(tuple(head_grads)),
+            ok=ok, mask=mask, treedef=treedef, optimizer=optimizer, alpha=alpha, eps=eps, backup=backup,
+            count=count, acc=acc,
+        )
+        return losses, updates, new_state
+
+    return FusedDBMTL(init, update)
