@@ -44,7 +44,7 @@ import optax
 
 from dbmtl_jax import task_axis as ta
 from dbmtl_jax.dbmtl import DBMTLState, ScalarOrSchedule, aggregate_alpha, beta_at, check_options, dbmtl
-from dbmtl_jax.task_gradients import fold_task_grads, trunk_heads_fold_task_grads
+from dbmtl_jax.task_gradients import _check_chunk, fold_task_grads, trunk_heads_fold_task_grads
 
 PyTree = Any
 
@@ -189,6 +189,7 @@ def fused_dbmtl(
       :class:`FusedDBMTL` ``(init, update)``; jit ``update`` and donate the state.
     """
     check_options(num_tasks, alpha)
+    _check_chunk(chunk_size)
     db = dbmtl(num_tasks, beta=beta, beta_sigma=beta_sigma, alpha=alpha, eps=eps, shared=shared, ema_dtype=ema_dtype)
 
     def init(params: PyTree) -> tuple:
@@ -255,6 +256,7 @@ def fused_trunk_heads_dbmtl(
     """
     num_tasks = len(head_loss_fns)
     check_options(num_tasks, alpha)
+    _check_chunk(chunk_size)
 
     def trunk_mask(params: PyTree) -> PyTree:
         if not (isinstance(params, (tuple, list)) and len(params) == 2 and len(params[1]) == num_tasks):
