@@ -48,6 +48,7 @@ __all__ = [
     "InnerAdam",
     "adam_init",
     "adam_step",
+    "state_adam_step",
     "check_num_tasks",
     "check_int",
     "check_grads_mode",
@@ -125,6 +126,15 @@ def adam_init(num_tasks: int) -> InnerAdam:
     return InnerAdam(
         m=jnp.zeros([num_tasks], jnp.float32), v=jnp.zeros([num_tasks], jnp.float32), count=jnp.zeros([], jnp.int32)
     )
+
+
+def state_adam_step(
+    state: NamedTuple, params: jax.Array, grad: jax.Array, weight_decay: Optional[jax.Array] = None
+) -> tuple[jax.Array, InnerAdam]:
+    """:func:`adam_step` with the moments and hyperparameters read from a method state's fields
+    (``adam``, ``learning_rate``, ``b1``, ``b2``, ``adam_eps`` and, unless given, ``weight_decay``)."""
+    wd = state.weight_decay if weight_decay is None else weight_decay
+    return adam_step(params, grad, state.adam, state.learning_rate, state.b1, state.b2, state.adam_eps, wd)
 
 
 def adam_step(

@@ -91,9 +91,7 @@ class FAMOState(NamedTuple):
         delta = self.log_gap(self.prev_losses) - self.log_gap(next_losses)
         z = jax.nn.softmax(self.logits)
         grad = z * (delta - jnp.sum(z * delta))
-        logits, adam = lc.adam_step(
-            self.logits, grad, self.adam, self.learning_rate, self.b1, self.b2, self.adam_eps, self.gamma
-        )
+        logits, adam = lc.state_adam_step(self, self.logits, grad, weight_decay=self.gamma)
         return self._replace(logits=logits, adam=adam, pending=jnp.zeros([], bool))
 
     def _settled(self, losses: jax.Array) -> "FAMOState":

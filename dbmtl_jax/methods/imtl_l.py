@@ -66,16 +66,7 @@ class IMTLLState(NamedTuple):
 
     def advance(self, losses: Optional[jax.Array], key: Optional[jax.Array], **extra_args: Any) -> "IMTLLState":
         del key, extra_args
-        scale, adam = lc.adam_step(
-            self.scale,
-            self.scale_grad(losses),
-            self.adam,
-            self.learning_rate,
-            self.b1,
-            self.b2,
-            self.adam_eps,
-            self.weight_decay,
-        )
+        scale, adam = lc.state_adam_step(self, self.scale, self.scale_grad(losses))
         return self._replace(count=optax.safe_increment(self.count), scale=scale, adam=adam)
 
 

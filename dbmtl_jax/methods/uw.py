@@ -73,16 +73,7 @@ class UWState(NamedTuple):
 
     def advance(self, losses: Optional[jax.Array], key: Optional[jax.Array], **extra_args: Any) -> "UWState":
         del key, extra_args
-        log_var, adam = lc.adam_step(
-            self.log_var,
-            self.log_var_grad(losses),
-            self.adam,
-            self.learning_rate,
-            self.b1,
-            self.b2,
-            self.adam_eps,
-            self.weight_decay,
-        )
+        log_var, adam = lc.state_adam_step(self, self.log_var, self.log_var_grad(losses))
         return self._replace(count=optax.safe_increment(self.count), log_var=log_var, adam=adam)
 
 
