@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
-from dbmtl_jax.methods import get_method
+from gm_harness import SHARED_NAMES, random_grads, run_method
 
-SHAPES = {"a": (3, 2), "b": (4,), "h": (2,)}
-SHARED = {"a": True, "b": True, "h": False}
-SHARED_NAMES = ("a", "b")
 P = 10  # shared size
 
 
 def _grads(rng, T, scales=None):
-    scales = np.ones(T) if scales is None else np.asarray(scales, np.float64)
-    return {n: rng.standard_normal((T,) + s) * scales.reshape((T,) + (1,) * len(s)) for n, s in SHAPES.items()}
+    return random_grads(rng, T, scales)
 
 
 def _from_matrix(G, heads=None):
@@ -36,28 +30,10 @@ def _flat(g):
     return np.concatenate([g[n].reshape(T, -1) for n in SHARED_NAMES], axis=1)
 
 
-_CACHE: dict = {}
-
-
 def _run(name, T, grads, losses=None, **hp):
-    """Runs the method under jit in float64; returns flat shared outputs, head outputs, states."""
-    with jax.enable_x64(True):
-        params = {n: jnp.zeros(s, jnp.float64) for n, s in SHAPES.items()}
-        ck = (name, T, repr(sorted(hp.items())))
-        if ck not in _CACHE:
-            tx = get_method(name, T, shared=SHARED, **hp)
-            _CACHE[ck] = (tx, jax.jit(tx.update))
-        tx, update = _CACHE[ck]
-        state = tx.init(params)
-        flat, heads, states = [], [], []
-        for i, g in enumerate(grads):
-            extra = {} if losses is None else {"losses": jnp.asarray(losses[i], jnp.float64)}
-            out, state = update({n: jnp.asarray(v) for n, v in g.items()}, state, params, **extra)
-            out = {n: np.asarray(v) for n, v in out.items()}
-            flat.append(np.concatenate([out[n].ravel() for n in SHARED_NAMES]))
-            heads.append(out["h"])
-            states.append(jax.tree.map(np.asarray, state))
-        return flat, heads, states
+    """Flat shared outputs, head outputs and states of ``name`` over the steps ``grads`` (float64, jit)."""
+    outs, states = run_method(name, T, grads, losses, **hp)
+    return [np.concatenate([o[n].ravel() for n in SHARED_NAMES]) for o in outs], [o["h"] for o in outs], states
 
 
 # ----------------------------------------------------------------------------- IMTL-G

@@ -9,40 +9,13 @@ import optax
 import pytest
 
 from dbmtl_jax.methods import get_method
-
-SHAPES = {"a": (3, 2), "b": (4,), "h": (2,)}
-SHARED = {"a": True, "b": True, "h": False}
-SHARED_NAMES = ("a", "b")
-
+from gm_harness import SHAPES, SHARED_NAMES, random_grads, run_method
 
 def _grads(rng, T, steps, scales):
-    scales = np.asarray(scales, np.float64)
-    return [
-        {n: rng.standard_normal((T,) + s) * scales.reshape((T,) + (1,) * len(s)) for n, s in SHAPES.items()}
-        for _ in range(steps)
-    ]
+    return [random_grads(rng, T, scales) for _ in range(steps)]
 
 
-_CACHE: dict = {}
-
-
-def _run(name, T, grads, losses=None, **hp):
-    """Runs the method under jit in float64; returns per-step outputs and states."""
-    with jax.enable_x64(True):
-        params = {n: jnp.zeros(s, jnp.float64) for n, s in SHAPES.items()}
-        ck = (name, T, repr(sorted(hp.items())))
-        if ck not in _CACHE:
-            tx = get_method(name, T, shared=SHARED, **hp)
-            _CACHE[ck] = (tx, jax.jit(tx.update))
-        tx, update = _CACHE[ck]
-        state = tx.init(params)
-        outs, states = [], []
-        for i, g in enumerate(grads):
-            extra = {} if losses is None else {"losses": jnp.asarray(losses[i], jnp.float64)}
-            out, state = update({n: jnp.asarray(v) for n, v in g.items()}, state, params, **extra)
-            outs.append({n: np.asarray(v) for n, v in out.items()})
-            states.append(jax.tree.map(np.asarray, state))
-        return outs, states
+_run = run_method
 
 
 def _groups(granularity):
