@@ -139,16 +139,22 @@ def _finish(
     return updates, (new_db, new_inner)
 
 
-def _prepare(state: tuple, beta: ScalarOrSchedule, beta_sigma: Any) -> tuple:
+def _prepare(
+    state: tuple, params: PyTree, mask: PyTree, num_tasks: int, beta: ScalarOrSchedule, beta_sigma: Any
+) -> tuple:
+    """Validates the state against the parameters; returns ``(ema leaves, acc dtype, k, β_k, treedef, heads)``."""
     if not (isinstance(state, tuple) and len(state) == 2 and isinstance(state[0], DBMTLState)):
         raise TypeError(
             "state must be (DBMTLState, optimizer_state) as returned by init() or by "
             "optax.chain(dbmtl(...), optimizer).init(params)."
         )
     ema = jax.tree_util.tree_leaves(state[0].ema)
+    p_shared, p_heads, treedef = ta.split_shared(params, mask)
+    stacked = [jax.ShapeDtypeStruct((num_tasks,) + jnp.shape(p), jnp.result_type(p)) for p in p_shared]
+    ta.check_state_leaves(params, mask, stacked, ema, "fused DB-MTL", "ema")
     acc = functools.reduce(jnp.promote_types, [m.dtype for m in ema], jnp.dtype(jnp.float32))
     count = optax.safe_increment(state[0].count)
-    return ema, acc, count, beta_at(beta, beta_sigma, count, acc)
+    return ema, acc, count, beta_at(beta, beta_sigma, count, acc), treedef, p_heads
 
 
 def fused_dbmtl(
@@ -196,9 +202,8 @@ def fused_dbmtl(
         return db.init(params), optimizer.init(params)
 
     def update(state: tuple, params: PyTree, *args: Any, **kwargs: Any) -> tuple:
-        ema, acc, count, beta_k = _prepare(state, beta, beta_sigma)
         mask = ta.resolve_shared(shared, params)
-        _, p_heads, treedef = ta.split_shared(params, mask)
+        ema, acc, count, beta_k, treedef, p_heads = _prepare(state, params, mask, num_tasks, beta, beta_sigma)
 
         def fold(carry: tuple, start: jax.Array, grads: PyTree) -> tuple:
             ema_c, sq, heads, ok = carry
@@ -274,8 +279,7 @@ def fused_trunk_heads_dbmtl(
 
     def update(state: tuple, params: PyTree, batch: Any) -> tuple:
         mask = trunk_mask(params)
-        ema, acc, count, beta_k = _prepare(state, beta, beta_sigma)
-        _, _, treedef = ta.split_shared(params, mask)
+        ema, acc, count, beta_k, treedef, _ = _prepare(state, params, mask, num_tasks, beta, beta_sigma)
 
         def fold(carry: tuple, start: jax.Array, grads: PyTree) -> tuple:
             ema_c, sq, ok = carry

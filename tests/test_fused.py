@@ -383,6 +383,9 @@ def test_errors():
     fused = dbmtl_jax.fused_dbmtl(_loss_fn, T, optax.sgd(0.1), shared=_is_trunk)
     with pytest.raises(TypeError, match="DBMTLState"):
         fused.update(optax.sgd(0.1).init(params), params, batch)
+    other_mask = dbmtl_jax.fused_dbmtl(_loss_fn, T, optax.sgd(0.1), shared=lambda path: path.startswith("v"))
+    with pytest.raises(ValueError, match="fused DB-MTL state"):
+        fused.update(other_mask.init(params), params, batch)
     wrong_t = dbmtl_jax.fused_dbmtl(_loss_fn, T + 1, optax.sgd(0.1), shared=_is_trunk)
     with pytest.raises(ValueError, match="task"):
         wrong_t.update(wrong_t.init(params), params, batch)
