@@ -171,7 +171,7 @@ def fused_dbmtl(
     log: bool = True,
     has_aux: bool = False,
     chunk_size: int = 1,
-    unroll: bool = False,
+    unroll: Optional[bool] = None,
     in_place: bool = False,
 ) -> FusedDBMTL:
     """DB-MTL (Lin et al., Algorithm 1) + ``optimizer`` as one streamed step.
@@ -187,7 +187,8 @@ def fused_dbmtl(
       optimizer: the optimizer fed with the DB-MTL direction (Adam in the paper).
       chunk_size: tasks pulled back together (1 was fastest on CPU).
       unroll: unroll the task loop instead of a ``fori_loop`` (faster for
-        convolutions on XLA:CPU; compiles more slowly as T grows).
+        convolutions on XLA:CPU; compiles more slowly as T grows).  ``None``
+        (default): unroll when on CPU and the model has convolutions.
       in_place: update the EMA in the donated state buffer while streaming
         (lowest memory; see the module docstring for what a rejected step keeps).
 
@@ -246,7 +247,7 @@ def fused_trunk_heads_dbmtl(
     ema_dtype: Optional[Any] = None,
     log: bool = True,
     chunk_size: int = 1,
-    unroll: bool = False,
+    unroll: Optional[bool] = None,
     in_place: bool = False,
 ) -> FusedDBMTL:
     """:func:`fused_dbmtl` for a model given as a shared trunk and T heads; each head is back-propagated once.

@@ -227,7 +227,7 @@ def _fold_chunks(
     fold_fn: Callable[[Any, jax.Array, PyTree], Any],
     carry: Any,
     chunk_size: int,
-    unroll: bool = False,
+    unroll: Optional[bool] = None,
 ) -> Any:
     """Feeds ``vjp_fn`` of consecutive row chunks of ``cotangents`` (leaves ``[T, ...]``) to ``fold_fn``.
 
@@ -238,6 +238,8 @@ def _fold_chunks(
     t = jax.tree_util.tree_leaves(cotangents)[0].shape[0]
     c = min(chunk_size, t)
     n_full, rem = divmod(t, c)
+    if unroll is None and n_full > 1:
+        unroll = jax.default_backend() == "cpu" and _has_conv(vjp_fn, jax.tree_util.tree_map(lambda x: x[0], cotangents))
 
     def pull(rows: PyTree, size: int) -> PyTree:
         # One VJP call per task, unrolled inside the chunk: a vmapped pull-back makes
@@ -264,6 +266,26 @@ def _fold_chunks(
     return carry
 
 
+_CONV_PRIMITIVES = ("conv_general_dilated",)
+
+
+def _jaxpr_has(jaxpr: Any, names: tuple) -> bool:
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in names:
+            return True
+        for v in eqn.params.values():
+            for sub in v if isinstance(v, (tuple, list)) else (v,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns") and _jaxpr_has(inner, names):
+                    return True
+    return False
+
+
+def _has_conv(fn: Callable, *args: Any) -> bool:
+    """Whether ``fn(*args)`` traces to a convolution (abstract trace only, nothing runs)."""
+    return _jaxpr_has(jax.make_jaxpr(fn)(*args).jaxpr, _CONV_PRIMITIVES)
+
+
 def _check_chunk(chunk_size: Any) -> int:
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}.")
@@ -279,7 +301,7 @@ def fold_task_grads(
     eps: float = 1e-8,
     has_aux: bool = False,
     chunk_size: int = 1,
-    unroll: bool = False,
+    unroll: Optional[bool] = None,
 ) -> Callable[..., Any]:
     """Like :func:`value_and_task_grads`, but streams the gradients into ``fold_fn``.
 
@@ -295,7 +317,10 @@ def fold_task_grads(
     ``unroll=True`` replaces the ``fori_loop`` by a Python loop (T/chunk_size
     copies of the body in the program): XLA's CPU backend compiles
     convolutions inside a while-loop body to a much slower kernel (measured
-    15–20× on the conv benchmark), so unroll for convolutional models.
+    8× on the conv benchmark of ``benchmarks/``).  ``unroll=None`` (default)
+    unrolls exactly when the backend is the CPU and the pull-back contains a
+    convolution; otherwise the ``fori_loop`` keeps one compiled body and the
+    lowest memory.
 
     Returns ``f(carry, *args, **kwargs) -> (losses, carry)`` (``((losses, aux),
     carry)`` with ``has_aux``), where ``args`` are ``loss_fn``'s arguments.
@@ -335,7 +360,7 @@ def trunk_heads_fold_task_grads(
     log: bool = True,
     eps: float = 1e-8,
     chunk_size: int = 1,
-    unroll: bool = False,
+    unroll: Optional[bool] = None,
 ) -> Callable[[Any, PyTree, Sequence[PyTree], Any], tuple[jax.Array, tuple, Any]]:
     """:func:`trunk_heads_task_grads` with the trunk gradients streamed into ``fold_fn``.
 

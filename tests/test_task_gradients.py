@@ -122,3 +122,42 @@ def test_errors():
         dbmtl_jax.trunk_heads_task_grads(trunk_fn, [lambda hp, z, b: z @ hp["w"]] * T)(
             params["trunk"], params["heads"], x
         )
+
+
+def _conv_problem(T=3):
+    k = jax.random.split(jax.random.PRNGKey(0), 2)
+    w = jax.random.normal(k[0], (3, 3, 2, 4)) * 0.3
+    x = jax.random.normal(k[1], (2, 6, 6, 2))
+
+    def loss_fn(w, x):
+        z = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return jnp.stack([jnp.mean(jnp.square(z[..., t] - t)) + 0.1 for t in range(T)])
+
+    return loss_fn, w, x
+
+
+def _stack_fold(carry, start, grads):
+    return jax.lax.dynamic_update_slice_in_dim(carry, grads, start, axis=0)
+
+
+@pytest.mark.parametrize("unroll", [None, True, False])
+def test_fold_task_grads_unroll_default_follows_convolutions(unroll):
+    """unroll=None: no while loop for a convolutional model on CPU (XLA:CPU runs convolutions in loop
+    bodies on a slow kernel), a fori_loop for a dense one; the gradients are the same either way."""
+    T = 3
+    loss_fn, w, x = _conv_problem(T)
+    fold = dbmtl_jax.fold_task_grads(loss_fn, _stack_fold, chunk_size=1, unroll=unroll)
+    init = jnp.zeros((T,) + w.shape)
+    run = jax.jit(lambda w, x: fold(init, w, x))
+    _, got = run(w, x)
+    _, want = dbmtl_jax.value_and_task_grads(loss_fn)(w, x)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-7)
+    has_while = " while(" in run.lower(w, x).compile().as_text()
+    expect_loop = unroll is False or (unroll is None and jax.default_backend() != "cpu")
+    assert has_while == expect_loop
+
+    dense = dbmtl_jax.fold_task_grads(lambda v, x: jnp.stack([jnp.sum(v * x[t]) ** 2 for t in range(T)]),
+                                      _stack_fold, chunk_size=1, unroll=unroll)
+    v, xs = jnp.ones(4), jnp.arange(12.0).reshape(T, 4)
+    run_dense = jax.jit(lambda v, xs: dense(jnp.zeros((T, 4)), v, xs))
+    assert (" while(" in run_dense.lower(v, xs).compile().as_text()) == (unroll is not True)
