@@ -10,3 +10,15 @@ reuse_from_main() {  # reuse_from_main DEST_DIR LABEL...
   done
   return 0
 }
+
+# reuse_runs SRC_DIR DEST_DIR BENCHMARK LABEL...: the same, from any results directory and benchmark.
+reuse_runs() {
+  local src="$1" dest="$2" bench="$3"; shift 3
+  mkdir -p "$dest/$bench"
+  for label in "$@"; do
+    for f in "$src/$bench/${bench}__${label}__seed"*.json; do
+      [ -e "$f" ] && cp -n "$f" "$dest/$bench/"
+    done
+  done
+  return 0
+}
