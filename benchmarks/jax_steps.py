@@ -12,13 +12,16 @@ Variants (``VARIANTS``):
 * ``trunk-vmap`` / ``trunk-loop`` / ``trunk-chunk``: DB-MTL with
   :func:`dbmtl_jax.trunk_heads_task_grads` (each head differentiated once, only
   the trunk pull-back is per task) and that trunk strategy.
-* ``fused``: trunk-once gradients streamed ``chunk_size`` tasks at a time into
-  the EMA (``fused_step.py``; same update and state as the library chain);
-  ``fused-unroll``: the same with the task loop unrolled (no while loop).
+* ``fused``: the library's streamed step :func:`dbmtl_jax.fused_trunk_heads_dbmtl`
+  (trunk-once gradients folded ``chunk_size`` tasks at a time into the EMA,
+  then Adam; exact guard, task loop unrolled automatically for convolutions on
+  CPU); ``fused-inplace``: the same with ``in_place=True`` (EMA updated in the
+  donated buffer); ``fused-unroll``: exact guard, loop always unrolled.
 
 A ``sum:`` prefix (``sum:trunk-loop``) computes the same per-task gradients but
 replaces the DB-MTL transform by a plain sum over tasks; the difference in step
 time is the marginal cost of the transform (EMA, norms, scaling).
+``sum:fused`` streams the same trunk gradients into a running sum (no EMA).
 """
 
 from __future__ import annotations
@@ -38,7 +41,9 @@ __all__ = ["VARIANTS", "StepFns", "build_step", "to_jax", "grads_fn"]
 
 PyTree = Any
 
-VARIANTS = ("ew", "vmap", "jacrev", "loop", "chunk", "trunk-vmap", "trunk-loop", "trunk-chunk", "fused", "fused-unroll")
+VARIANTS = ("ew", "vmap", "jacrev", "loop", "chunk", "trunk-vmap", "trunk-loop", "trunk-chunk", "fused", "fused-inplace",
+            "fused-unroll")
+FUSED = ("fused", "fused-inplace", "fused-unroll")
 
 
 class StepFns(NamedTuple):
@@ -58,7 +63,7 @@ def _split_variant(variant: str) -> tuple[bool, str]:
     base = variant[4:] if plain_sum else variant
     if base not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS} (optionally 'sum:'-prefixed).")
-    if plain_sum and base in ("ew", "fused", "fused-unroll"):
+    if plain_sum and base in ("ew", "fused-inplace", "fused-unroll"):
         raise ValueError(f"'sum:{base}' is not a variant.")
     return plain_sum, base
 
@@ -116,12 +121,8 @@ def build_step(
 
         return StepFns(adam.init, ew_step)
 
-    if base in ("fused", "fused-unroll"):
-        from fused_step import build_fused
-
-        init, step = build_fused(problem, chunk_size=chunk_size, learning_rate=learning_rate, beta=beta,
-                                 unroll=base == "fused-unroll")
-        return StepFns(init, step)
+    if base in FUSED:
+        return _fused_step(problem, base, plain_sum, chunk_size=chunk_size, adam=adam, beta=beta)
 
     vg = grads_fn(problem, base, chunk_size=chunk_size)
     if plain_sum:
@@ -145,6 +146,40 @@ def build_step(
         return optax.apply_updates(params, updates), opt_state, losses
 
     return StepFns(init, step)
+
+
+def _fused_step(problem: Problem, base: str, plain_sum: bool, *, chunk_size: int, adam: Any, beta: float) -> StepFns:
+    """The library's fused step (params ``{"trunk", "heads"}`` ↔ the API's ``(trunk, heads)``), or with
+    ``plain_sum`` the same streamed trunk gradients summed into one accumulator (no EMA) + Adam."""
+    if plain_sum:
+        def fold(acc: list, start: jax.Array, grads: PyTree) -> list:
+            return [a + jnp.sum(g, axis=0) for a, g in zip(acc, jax.tree_util.tree_leaves(grads))]
+
+        stream = dbmtl_jax.trunk_heads_fold_task_grads(problem.trunk_fn, problem.head_loss_fns, fold,
+                                                       chunk_size=chunk_size)
+
+        def sum_step(params: PyTree, opt_state: PyTree, batch: Any) -> tuple:
+            leaves, treedef = jax.tree_util.tree_flatten(params["trunk"])
+            losses, head_grads, acc = stream([jnp.zeros_like(x) for x in leaves], params["trunk"], params["heads"],
+                                             batch)
+            g = {"trunk": jax.tree_util.tree_unflatten(treedef, acc), "heads": tuple(head_grads)}
+            updates, opt_state = adam.update(g, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state, losses
+
+        return StepFns(adam.init, sum_step)
+
+    fused = dbmtl_jax.fused_trunk_heads_dbmtl(
+        problem.trunk_fn, problem.head_loss_fns, adam, beta=beta, chunk_size=chunk_size,
+        in_place=base == "fused-inplace", unroll=True if base == "fused-unroll" else None,
+    )
+
+    def step(params: PyTree, opt_state: PyTree, batch: Any) -> tuple:
+        pair = (params["trunk"], tuple(params["heads"]))
+        losses, updates, opt_state = fused.update(opt_state, pair, batch)
+        pair = optax.apply_updates(pair, updates)
+        return {"trunk": pair[0], "heads": pair[1]}, opt_state, losses
+
+    return StepFns(lambda params: fused.init((params["trunk"], tuple(params["heads"]))), step)
 
 
 def transform_only(problem: Problem, *, beta: float = 0.9) -> tuple[Callable, Callable, Callable]:

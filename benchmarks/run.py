@@ -45,11 +45,12 @@ QUICK_TASKS = (3, 10)
 # "name@c": chunk size c for the chunk / trunk-chunk / fused variants.
 MLP_VARIANTS = (
     "ew", "vmap", "jacrev", "loop", "chunk@4", "trunk-vmap", "trunk-loop", "trunk-chunk@4",
-    "fused@1", "fused@2", "fused@4", "sum:trunk-loop",
+    "fused@1", "fused-inplace@1", "fused-inplace@2", "fused-inplace@4", "sum:trunk-loop", "sum:fused@1",
 )
 CONV_VARIANTS = (
-    "ew", "vmap", "jacrev", "loop", "trunk-vmap", "trunk-loop", "trunk-chunk@4", "fused@1", "fused-unroll@1",
+    "ew", "vmap", "jacrev", "loop", "trunk-vmap", "trunk-loop", "trunk-chunk@4", "fused@1", "fused-inplace@1",
 )
+MALLOC = {"tcmalloc": "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"}
 # Naive strategies back-propagate all T heads for every task (T² head passes); on the conv problem at
 # large T that is minutes of compile/run time for a known answer, so they are skipped above this T.
 NAIVE = ("vmap", "jacrev", "loop", "chunk")
@@ -75,6 +76,9 @@ def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="tiny problem sizes (a smoke test of the suite, not a benchmark)")
     p.add_argument("--out", default=os.path.join(HERE, "RESULTS.md"), help="markdown report path")
     p.add_argument("--json", default=None, help="also dump raw results as JSON here")
+    p.add_argument("--malloc", choices=("default",) + tuple(MALLOC), default="default",
+                   help="memory allocator for every subject: tcmalloc re-executes this command with LD_PRELOAD of "
+                        "Debian's libtcmalloc-minimal4 (large fresh buffers then skip the page faults glibc pays)")
     p.add_argument("--torch-rss", nargs=3, metavar=("PROBLEM", "T", "KIND"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -247,8 +251,23 @@ def run_group(problem_name: str, num_tasks: int, variants: tuple, args: argparse
     return res
 
 
+def use_allocator(name: str) -> str:
+    """Re-executes this process with the allocator preloaded (once); returns the allocator in use."""
+    if name == "default":
+        return "glibc malloc (default)"
+    lib = MALLOC[name]
+    if lib in os.environ.get("LD_PRELOAD", ""):
+        return f"{name} ({lib}, LD_PRELOAD)"
+    if not os.path.exists(lib):
+        raise SystemExit(f"--malloc {name}: {lib} not found; install it (Debian: apt-get install libtcmalloc-minimal4).")
+    env = dict(os.environ, LD_PRELOAD=(lib + " " + os.environ.get("LD_PRELOAD", "")).strip())
+    os.execve(sys.executable, [sys.executable] + sys.argv, env)
+    raise AssertionError("unreachable")
+
+
 def main(argv: Optional[list] = None) -> int:
     args = parse_args(argv)
+    allocator = use_allocator(args.malloc)
     threads = pin_threads(args.threads)
     sys.path.insert(0, HERE)
     if args.torch_rss:
@@ -265,6 +284,7 @@ def main(argv: Optional[list] = None) -> int:
     import jax
 
     meta = environment(threads, args)
+    meta["allocator"] = allocator
     log(f"threads={threads}  load={loadavg()}  jax={jax.__version__}")
     meta["bandwidth"] = bandwidth_gbs(2**16 if args.tiny else 32 * 2**20)
     groups = []
