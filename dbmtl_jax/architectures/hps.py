@@ -78,7 +78,7 @@ def hps_task_grads(
     *,
     log: bool = True,
     eps: float = 1e-8,
-    strategy: str = "vmap",
+    strategy: str = "loop",
     chunk_size: Optional[int] = None,
 ) -> Callable[[HPS, Any, Any], tuple[jax.Array, nnx.State]]:
     """Per-task gradients of an :class:`HPS` model through :func:`dbmtl_jax.trunk_heads_task_grads`.
