@@ -21,9 +21,10 @@ def random_grads(rng: np.random.Generator, T: int, scales=None) -> dict:
     return {n: rng.standard_normal((T,) + s) * scales.reshape((T,) + (1,) * len(s)) for n, s in SHAPES.items()}
 
 
-def run_method(name: str, T: int, grads: list, losses=None, **hp) -> tuple[list, list]:
-    """Runs registry method ``name`` under jit in float64 over the steps ``grads``; returns per-step
-    outputs (dicts of NumPy arrays) and states (NumPy pytrees).  Compiled updates are cached."""
+def run_method(name: str, T: int, grads: list, losses=None, keys=None, **hp) -> tuple[list, list]:
+    """Runs registry method ``name`` under jit in float64 over the steps ``grads`` (with per-step ``losses``
+    and PRNG ``keys`` when given); returns per-step outputs (dicts of NumPy arrays) and states (NumPy
+    pytrees).  Compiled updates are cached per configuration."""
     with jax.enable_x64(True):
         params = {n: jnp.zeros(s, jnp.float64) for n, s in SHAPES.items()}
         ck = (name, T, repr(sorted(hp.items())))
@@ -35,6 +36,8 @@ def run_method(name: str, T: int, grads: list, losses=None, **hp) -> tuple[list,
         outs, states = [], []
         for i, g in enumerate(grads):
             extra = {} if losses is None else {"losses": jnp.asarray(losses[i], jnp.float64)}
+            if keys is not None:
+                extra["key"] = keys[i]
             out, state = update({n: jnp.asarray(v) for n, v in g.items()}, state, params, **extra)
             outs.append({n: np.asarray(v) for n, v in out.items()})
             states.append(jax.tree.map(np.asarray, state))

@@ -9,17 +9,10 @@ import pytest
 
 from dbmtl_jax.methods import get_method
 from dbmtl_jax.methods._gradient_common import task_orders
-
-SHAPES = {"a": (3, 2), "b": (4,), "h": (2,)}
-SHARED = {"a": True, "b": True, "h": False}
-SHARED_NAMES = ("a", "b")  # flattening order of the shared leaves
-
+from gm_harness import SHAPES, SHARED_NAMES, random_grads, run_method
 
 def _grads(rng, T, scales=None):
-    scales = np.ones(T) if scales is None else np.asarray(scales, np.float64)
-    return {
-        n: rng.standard_normal((T,) + s) * scales.reshape((T,) + (1,) * len(s)) for n, s in SHAPES.items()
-    }
+    return random_grads(rng, T, scales)
 
 
 def _flat(g, T):
@@ -35,27 +28,10 @@ def _unflat(v):
     return out
 
 
-_CACHE: dict = {}
-
-
-def _run(name, T, grads, keys, dtype=jnp.float64, **hp):
-    """Runs the method under jit in float64; returns outputs and the final state.
-
-    The jitted update is cached per configuration so repeated runs compile once.
-    """
-    with jax.enable_x64(True):
-        params = {n: jnp.zeros(s, dtype) for n, s in SHAPES.items()}
-        cache_key = (name, T, repr(sorted(hp.items())))
-        if cache_key not in _CACHE:
-            tx = get_method(name, T, shared=SHARED, **hp)
-            _CACHE[cache_key] = (tx, jax.jit(tx.update))
-        tx, update = _CACHE[cache_key]
-        state = tx.init(params)
-        outs = []
-        for g, k in zip(grads, keys):
-            out, state = update({n: jnp.asarray(v, dtype) for n, v in g.items()}, state, params, key=k)
-            outs.append({n: np.asarray(v) for n, v in out.items()})
-        return outs, jax.tree.map(np.asarray, state)
+def _run(name, T, grads, keys, **hp):
+    """Outputs per step and the final state of ``name`` (float64, jit, one key per step)."""
+    outs, states = run_method(name, T, grads, keys=keys, **hp)
+    return outs, states[-1]
 
 
 _task_orders = jax.jit(task_orders, static_argnums=1)
