@@ -13,6 +13,8 @@ cd "$(dirname "$0")/.."
 METHODS="${1:-all}"
 O=results/dense_quick8
 dbmtl-jax run dense --methods "$METHODS" --quick --epochs 8 --seeds 3 --out $O --no-progress
+# DB-MTL with β = 0 (no gradient EMA), the README's diagnostic row for the default β = 0.9
+dbmtl-jax run dense --methods dbmtl --hp dbmtl.beta=0.0 --quick --epochs 8 --seeds 3 --out $O --no-progress
 dbmtl-jax report $O > /dev/null
 python results/delta_breakdown.py $O > /dev/null
 # STL seed 2 of this directory trained its normal member on non-finite gradients (see results/README.md §9), so
