@@ -28,7 +28,7 @@ from flax import nnx  # noqa: E402
 import dbmtl_jax  # noqa: E402
 from dbmtl_jax import experiments as ex  # noqa: E402
 from dbmtl_jax.experiments import benchmark as bm  # noqa: E402
-from dbmtl_jax.experiments.benchmarks import MLPHPS, encoder_shared, mse_loss  # noqa: E402
+from dbmtl_jax.experiments.benchmarks import MLPHPS, cosine_loss, encoder_shared, mse_loss  # noqa: E402
 from dbmtl_jax.experiments.cli import main  # noqa: E402
 from dbmtl_jax.experiments.train import parse_method, train_run  # noqa: E402
 from dbmtl_jax.metrics import MeanAbsoluteError  # noqa: E402
@@ -510,3 +510,25 @@ def test_builtin_benchmarks_are_registered_and_cheap_to_build():
     dense = ex.get_benchmark("dense").higher_is_better
     assert dense["normal"] == {"mean": False, "median": False, "within_11.25": True, "within_22.5": True,
                                "within_30": True}
+
+
+def test_cosine_loss_matches_numpy_and_has_finite_gradient_at_zero_prediction():
+    """Regression: a pixel predicted exactly 0 gave a NaN gradient (d‖p‖ at 0) and stalled dense STL."""
+    rng = np.random.default_rng(0)
+    pred = rng.normal(size=(2, 4, 4, 3)).astype(np.float32)
+    pred[0, 1, 2] = 0.0  # an exactly-zero prediction (e.g. a ReLU head that died on this pixel)
+    target = rng.normal(size=(2, 4, 4, 3)).astype(np.float32)
+    target /= np.linalg.norm(target, axis=-1, keepdims=True)
+    target[1, 3, 3] = 0.0  # an invalid (zero) ground-truth pixel is left out
+    valid = np.any(target != 0, axis=-1)
+    norm = np.linalg.norm(pred, axis=-1, keepdims=True)
+    p = pred / np.maximum(norm, 1e-6)
+    expected = np.sum((1.0 - np.sum(p * target, -1)) * valid) / valid.sum()
+    np.testing.assert_allclose(float(cosine_loss(jnp.asarray(pred), jnp.asarray(target))), expected, rtol=1e-6)
+    g = jax.grad(cosine_loss)(jnp.asarray(pred), jnp.asarray(target))
+    assert bool(jnp.all(jnp.isfinite(g)))
+    # away from zero the gradient is the analytic one: (t − cos·p̂) / ‖p‖ per valid pixel, / #valid
+    cos = np.sum(p * target, -1, keepdims=True)
+    g_np = -(target - cos * p) / np.maximum(norm, 1e-6) * valid[..., None] / valid.sum()
+    ok = norm[..., 0] > 0
+    np.testing.assert_allclose(np.asarray(g)[ok], g_np[ok], rtol=1e-4, atol=1e-6)

@@ -277,9 +277,16 @@ def multifashion_benchmark() -> Benchmark:
 
 
 def cosine_loss(pred: jax.Array, target: jax.Array) -> jax.Array:
-    """``mean(1 − cos(pred, target))`` over pixels with a non-zero target (the paper's normal loss)."""
+    """``mean(1 − cos(pred, target))`` over pixels with a non-zero target (the paper's normal loss).
+
+    The prediction is normalised as ``p / sqrt(max(‖p‖², 1e-12))`` (like
+    ``torch.nn.functional.normalize``), so a pixel whose prediction is exactly zero
+    has a finite gradient. ``p / (‖p‖ + ε)`` would not: the gradient of ``‖p‖`` at
+    ``p = 0`` is ``0/0 = NaN``, which poisons every parameter and stalls training.
+    """
     p = pred.astype(jnp.float32)
-    p = p / (jnp.linalg.norm(p, axis=-1, keepdims=True) + 1e-8)
+    sq = jnp.sum(p * p, axis=-1, keepdims=True)
+    p = p * jax.lax.rsqrt(jnp.maximum(sq, 1e-12))
     t = target.astype(jnp.float32)
     valid = jnp.any(t != 0, axis=-1).astype(jnp.float32)
     cos = jnp.sum(p * t, axis=-1)
