@@ -36,12 +36,12 @@ def _mean_std(xs: list[float]) -> str:
 PAPER_GRID = {(b, s) for b in (0.1, 0.5, 0.9) for s in (0.0, 0.5)}
 
 
-def _beta_sigma(row) -> tuple[float, float]:
+def beta_sigma_of(row) -> tuple[float, float]:
     hp = row.runs[0]["config"]["hparams"]
     return float(hp.get("beta", 0.9)), float(hp.get("beta_sigma", 0.0))
 
 
-def _scored(st, method: str) -> list:
+def scored_rows(st, method: str) -> list:
     """(mean val Δp, row, per-seed val Δp) of every row of ``method``, best first (val Δp vs STL's val metrics)."""
     hib = st.higher_is_better
     stl_val = {t: {m: float(np.mean([r["metrics"]["val"][t][m] for r in st.stl.runs])) for m in ms}
@@ -58,9 +58,9 @@ def grid_best(directory: Path, method: str = "dbmtl") -> tuple[float, float]:
     for st in summarize(load_results(directory)):
         if st.stl is None:
             continue
-        rows = [x for x in _scored(st, method) if _beta_sigma(x[1]) in PAPER_GRID]
+        rows = [x for x in scored_rows(st, method) if beta_sigma_of(x[1]) in PAPER_GRID]
         if rows:
-            return _beta_sigma(rows[0][1])
+            return beta_sigma_of(rows[0][1])
     raise SystemExit(f"{directory}: no {method} row of the paper's β grid next to an STL row")
 
 
@@ -71,7 +71,7 @@ def select(directory: Path, method: str) -> str:
     for st in summarize(load_results(directory)):
         if st.stl is None or not any(r.method == method for r in st.rows.values()):
             continue
-        scored = _scored(st, method)
+        scored = scored_rows(st, method)
         recipe = st.recipe
         lines += ["", f"## {st.benchmark} ({'quick' if st.quick else 'full'} recipe: lr {recipe['learning_rate']}, "
                       f"batch {recipe['batch_size']}, {recipe['epochs']} epochs)", "",
@@ -82,7 +82,7 @@ def select(directory: Path, method: str) -> str:
         best = scored[0][1]
         lines += ["", f"Selected on validation: `{best.label}`, test Δp {_mean_std(best.delta_p)} "
                       f"(the best test Δp of the grid is {max(_mean_std_val(r.delta_p) for _, r, _ in scored):+.2f})."]
-        grid = [x for x in scored if _beta_sigma(x[1]) in PAPER_GRID] if method == "dbmtl" else []
+        grid = [x for x in scored if beta_sigma_of(x[1]) in PAPER_GRID] if method == "dbmtl" else []
         if grid and grid[0][1] is not best:
             lines += ["", f"Within the paper's grid (β ∈ {{0.1, 0.5, 0.9}}, σ ∈ {{0, 0.5}}): `{grid[0][1].label}`, "
                           f"test Δp {_mean_std(grid[0][1].delta_p)}."]

@@ -25,7 +25,7 @@ from typing import Any, Optional
 import numpy as np
 
 from dbmtl_jax.experiments.report import Row, Setting, load_results, summarize
-from select_on_val import PAPER_GRID, _beta_sigma, _scored  # results/ is the script's directory
+from select_on_val import PAPER_GRID, beta_sigma_of, scored_rows  # results/ is the script's directory
 
 STUDIES = {"multimnist": ("multimnist_quick12", "multimnist12", 12),
            "dense": ("dense_quick8", "dense8", 8),
@@ -98,7 +98,7 @@ def main_table(st: Setting) -> list[str]:
 def selected_grid_row(st: Optional[Setting]) -> Optional[Row]:
     if st is None:
         return None
-    rows = [x[1] for x in _scored(st, "dbmtl") if _beta_sigma(x[1]) in PAPER_GRID]
+    rows = [x[1] for x in scored_rows(st, "dbmtl") if beta_sigma_of(x[1]) in PAPER_GRID]
     return rows[0] if rows else None
 
 
@@ -109,7 +109,7 @@ def _row_cell(row: Optional[Row]) -> str:
 def _beta_hp(row: Optional[Row]) -> dict[str, Any]:
     if row is None:
         return {}
-    b, s = _beta_sigma(row)
+    b, s = beta_sigma_of(row)
     return {"beta": b} if s == 0.0 else {"beta": b, "beta_sigma": s}
 
 
@@ -157,10 +157,10 @@ def build(bench: str) -> str:
     if st["beta"] is not None:
         lines += ["", f"## Fig. 5: β (`{prefix}_beta/`)", "",
                   "| β | row | val Δp (%) | test Δp (%) | in the paper's grid |", "|---|---|---|---|---|"]
-        for val_mean, row, val in _scored(st["beta"], "dbmtl"):
+        for val_mean, row, val in scored_rows(st["beta"], "dbmtl"):
             mark = " (selected)" if row is sel else ""
             lines.append(f"| {_beta_text(_beta_hp(row))}{mark} | `{row.label}` | {_ms(val)} | {_ms(row.delta_p)} | "
-                         f"{'yes' if _beta_sigma(row) in PAPER_GRID else 'no'} |")
+                         f"{'yes' if beta_sigma_of(row) in PAPER_GRID else 'no'} |")
         lines += ["", "Ranked by validation Δp; the selected row is the validation-best of the paper's grid "
                       "({0.1, 0.5, 0.9} × σ ∈ {0, 0.5}). The default is β = 0.9 (σ = 0); a setting run both with its "
                       "hyperparameters spelled out and as the default is two rows (same computation, separate runs)."]
