@@ -25,7 +25,7 @@ from dbmtl_jax.experiments.report import load_results, summarize
 from dbmtl_jax.metrics import delta_p
 
 
-def _mean_std(xs: list[float]) -> str:
+def mean_std(xs: list[float]) -> str:
     xs = [x for x in xs if math.isfinite(x)]
     if not xs:
         return "n/a"
@@ -78,20 +78,20 @@ def select(directory: Path, method: str) -> str:
                   "| configuration | seeds | val Δp (%) | test Δp (%) |", "|---|---|---|---|"]
         for i, (_, row, val) in enumerate(scored):
             name = f"**{row.label}** (selected)" if i == 0 else row.label
-            lines.append(f"| {name} | {len(row.runs)} | {_mean_std(val)} | {_mean_std(row.delta_p)} |")
+            lines.append(f"| {name} | {len(row.runs)} | {mean_std(val)} | {mean_std(row.delta_p)} |")
         best = scored[0][1]
-        lines += ["", f"Selected on validation: `{best.label}`, test Δp {_mean_std(best.delta_p)} "
-                      f"(the best test Δp of the grid is {max(_mean_std_val(r.delta_p) for _, r, _ in scored):+.2f})."]
+        lines += ["", f"Selected on validation: `{best.label}`, test Δp {mean_std(best.delta_p)} "
+                      f"(the best test Δp of the grid is {max(finite_mean(r.delta_p) for _, r, _ in scored):+.2f})."]
         grid = [x for x in scored if beta_sigma_of(x[1]) in PAPER_GRID] if method == "dbmtl" else []
         if grid and grid[0][1] is not best:
             lines += ["", f"Within the paper's grid (β ∈ {{0.1, 0.5, 0.9}}, σ ∈ {{0, 0.5}}): `{grid[0][1].label}`, "
-                          f"test Δp {_mean_std(grid[0][1].delta_p)}."]
+                          f"test Δp {mean_std(grid[0][1].delta_p)}."]
     text = "\n".join(lines) + "\n"
     (directory / "val_selection.md").write_text(text)
     return text
 
 
-def _mean_std_val(xs: list[float]) -> float:
+def finite_mean(xs: list[float]) -> float:
     xs = [x for x in xs if math.isfinite(x)]
     return float(np.mean(xs)) if xs else float("-inf")
 

@@ -18,32 +18,19 @@ plus the versions, commits, device and summed run time of the runs behind them. 
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 
 from dbmtl_jax.experiments.report import Row, Setting, load_results, summarize
-from select_on_val import PAPER_GRID, beta_sigma_of, scored_rows  # results/ is the script's directory
+from select_on_val import PAPER_GRID, beta_sigma_of, finite_mean, mean_std, scored_rows  # results/ is the script's directory
 
 STUDIES = {"multimnist": ("multimnist_quick12", "multimnist12", 12),
            "dense": ("dense_quick8", "dense8", 8),
            "qm9": ("qm9_quick10", "qm9_10", 10)}
 FIG1 = ("pcgrad", "gradvac", "imtl_g", "cagrad", "nash_mtl", "aligned_mtl")
 HERE = Path(__file__).resolve().parent
-
-
-def _ms(xs: list[float]) -> str:
-    xs = [x for x in xs if math.isfinite(x)]
-    if not xs:
-        return "n/a"
-    return f"{np.mean(xs):+.2f} ± {np.std(xs, ddof=1):.2f}" if len(xs) > 1 else f"{xs[0]:+.2f}"
-
-
-def _m(xs: list[float]) -> float:
-    xs = [x for x in xs if math.isfinite(x)]
-    return float(np.mean(xs)) if xs else float("-inf")
 
 
 def _setting(directory: Path) -> Optional[Setting]:
@@ -82,16 +69,16 @@ def _task_changes(st: Setting, row: Row) -> dict[str, float]:
 
 def main_table(st: Setting) -> list[str]:
     tasks = list(st.higher_is_better)
-    rows = sorted((r for r in st.rows.values() if r.method != "stl"), key=lambda r: -_m(r.delta_p))
+    rows = sorted((r for r in st.rows.values() if r.method != "stl"), key=lambda r: -finite_mean(r.delta_p))
     out = ["| rank | row | " + " | ".join(f"{t} (%)" for t in tasks) + " | Δp (%) | non-finite runs |",
            "|---" * (len(tasks) + 4) + "|",
-           "| – | stl | " + " | ".join("0.00" for _ in tasks) + f" | {_ms(st.stl.delta_p)} | "
+           "| – | stl | " + " | ".join("0.00" for _ in tasks) + f" | {mean_std(st.stl.delta_p)} | "
            f"{sum(r['nonfinite_steps'] > 0 for r in st.stl.runs)} |"]
     for i, row in enumerate(rows, 1):
         ch = _task_changes(st, row)
         name = f"**{row.label}**" if row.method == "dbmtl" else row.label
         out.append(f"| {i} | {name} | " + " | ".join(f"{ch[t]:+.2f}" for t in tasks)
-                   + f" | {_ms(row.delta_p)} | {sum(r['nonfinite_steps'] > 0 for r in row.runs)} |")
+                   + f" | {mean_std(row.delta_p)} | {sum(r['nonfinite_steps'] > 0 for r in row.runs)} |")
     return out
 
 
@@ -103,7 +90,7 @@ def selected_grid_row(st: Optional[Setting]) -> Optional[Row]:
 
 
 def _row_cell(row: Optional[Row]) -> str:
-    return _ms(row.delta_p) if row is not None else "not run"
+    return mean_std(row.delta_p) if row is not None else "not run"
 
 
 def _beta_hp(row: Optional[Row]) -> dict[str, Any]:
@@ -159,7 +146,7 @@ def build(bench: str) -> str:
                   "| β | row | val Δp (%) | test Δp (%) | in the paper's grid |", "|---|---|---|---|---|"]
         for val_mean, row, val in scored_rows(st["beta"], "dbmtl"):
             mark = " (selected)" if row is sel else ""
-            lines.append(f"| {_beta_text(_beta_hp(row))}{mark} | `{row.label}` | {_ms(val)} | {_ms(row.delta_p)} | "
+            lines.append(f"| {_beta_text(_beta_hp(row))}{mark} | `{row.label}` | {mean_std(val)} | {mean_std(row.delta_p)} | "
                          f"{'yes' if beta_sigma_of(row) in PAPER_GRID else 'no'} |")
         lines += ["", "Ranked by validation Δp; the selected row is the validation-best of the paper's grid "
                       "({0.1, 0.5, 0.9} × σ ∈ {0, 0.5}). The default is β = 0.9 (σ = 0); a setting run both with its "
@@ -181,7 +168,7 @@ def build(bench: str) -> str:
                   "| method | raw losses | + log | change (points) |", "|---|---|---|---|"]
         for m in FIG1:
             raw, log = _find(lg, m), _find(lg, m + "+log")
-            change = f"{_m(log.delta_p) - _m(raw.delta_p):+.2f}" if raw is not None and log is not None else "–"
+            change = f"{finite_mean(log.delta_p) - finite_mean(raw.delta_p):+.2f}" if raw is not None and log is not None else "–"
             lines.append(f"| {m} | {_row_cell(raw)} | {_row_cell(log)} | {change} |")
     if st["alpha"] is not None:
         al = st["alpha"]
