@@ -135,8 +135,8 @@ def build(bench: str) -> str:
              f"shared 2-core VM, compilation included); device {', '.join(devices)}; library commits "
              f"{', '.join(commits)}; versions " + "; ".join(", ".join(f"{k} {v}" for k, v in vs) for vs in versions)
              + ".", "",
-             f"Δp (%): Eq. 3-4 vs the STL row of the same directory, mean ± std (ddof 1) over seeds; positive is "
-             f"better than STL.", "",
+             "Δp (%): Eq. 3-4 vs the STL row of the same directory, mean ± std (ddof 1) over seeds; positive is "
+             "better than STL.", "",
              f"## Tables 1-4: main table (`{main_dir}/`)", ""]
     lines += main_table(main)
     lines += ["", "Per-task columns: mean over the task's metrics of the signed relative change (%) of the seed-mean "

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import re
 import textwrap
 import uuid
@@ -27,7 +26,6 @@ from flax import nnx  # noqa: E402
 
 import dbmtl_jax  # noqa: E402
 from dbmtl_jax import experiments as ex  # noqa: E402
-from dbmtl_jax.experiments import benchmark as bm  # noqa: E402
 from dbmtl_jax.experiments.benchmarks import MLPHPS, cosine_loss, encoder_shared, mse_loss  # noqa: E402
 from dbmtl_jax.experiments.cli import main  # noqa: E402
 from dbmtl_jax.experiments.train import parse_method, train_run  # noqa: E402
