@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The paper's tables on one benchmark at a CPU-scaled budget, 3 seeds, one command per table:
-#   bash results/run_study.sh BENCHMARK [SECTION ...]      (sections: main beta ablation log alpha; default: all)
+#   bash results/run_study.sh BENCHMARK [SECTION ...]      (sections: main beta ablation log alpha budget; default: all)
 # BENCHMARK and its budget (the quick data subset of each recipe, trained for more than the recipe's smoke epochs;
 # NOT the paper's settings, see results/README.md):
 #   multimnist  12 quick epochs = 192 steps   main -> results/multimnist_quick12/, the rest -> results/multimnist12_<section>/
@@ -12,6 +12,7 @@
 #   ablation  Table 5: EW, EW + log, DB-MTL without log, DB-MTL; the DB-MTL rows also at the validation-selected β
 #   log       Fig. 1: PCGrad, GradVac, IMTL-G, CAGrad, Nash-MTL, Aligned-MTL without and with the log transform
 #   alpha     Fig. 6: α ∈ {max, min, mean, median, 1.0} at the default β = 0.9 and at the validation-selected β
+#   budget    a diagnostic: STL, EW and DB-MTL (default and selected β) at 3× the epochs -> <prefix>_budget3x/
 # "Validation-selected β" is the best row of the paper's grid ({0.1, 0.5, 0.9} × σ ∈ {0, 0.5}) on validation Δp
 # (results/select_on_val.py --print-grid-best), so run `beta` before `ablation` and `alpha`.
 # Resumable: finished runs are skipped; identical runs (same config hash) are copied from the main directory.
@@ -26,7 +27,7 @@ case $B in
   qm9)        EPOCHS=10; M=results/qm9_quick10;        P=results/qm9_10 ;;
   *) echo "unknown benchmark $B (multimnist, dense or qm9)" >&2; exit 2 ;;
 esac
-SECTIONS="${*:-main beta ablation log alpha}"
+SECTIONS="${*:-main beta ablation log alpha budget}"
 run() { dbmtl-jax run "$B" --quick --epochs "$EPOCHS" --seeds 3 --no-progress "$@"; }
 report() { dbmtl-jax report "$1" > /dev/null && python results/delta_breakdown.py "$1" > /dev/null; }
 selected_beta() {  # "--hp dbmtl.beta=B --hp dbmtl.beta_sigma=S" of the validation-selected grid row
@@ -62,6 +63,11 @@ for section in $SECTIONS; do
     for a in "'max'" "'min'" "'mean'" "'median'" 1.0; do run --methods dbmtl $SEL --out $O --hp "dbmtl.alpha=$a"; done
     run --methods stl,dbmtl --out $O
     report $O ;;
-  *) echo "unknown section $section (main beta ablation log alpha)" >&2; exit 2 ;;
+  budget)
+    O="$P"_budget3x; SEL=$(selected_beta) || exit 1
+    run --methods stl,ew,dbmtl --epochs $((3 * EPOCHS)) --out $O
+    run --methods dbmtl $SEL --epochs $((3 * EPOCHS)) --out $O
+    report $O ;;
+  *) echo "unknown section $section (main beta ablation log alpha budget)" >&2; exit 2 ;;
   esac
 done
