@@ -2,7 +2,7 @@
 
     python results/study_summary.py dense        # writes results/dense8_summary.md and prints it
 
-Reads the main directory (``<bench>_quick<E>``) and the section directories (``<bench><E>_{beta,ablation,log,alpha}``;
+Reads the main directory (``<bench>_quick<E>``) and the section directories (``<bench><E>_{beta,ablation,log,alpha,budget3x}``;
 missing ones are skipped) and writes, each with Δp (Eq. 3-4, %, vs the STL row of the same directory, mean ± std
 (ddof 1) over seeds):
 
@@ -11,6 +11,7 @@ missing ones are skipped) and writes, each with Δp (Eq. 3-4, %, vs the STL row 
 * Fig. 1: the six gradient methods with and without the log transform;
 * Fig. 5: DB-MTL's β grid with validation and test Δp (selection as in ``select_on_val.py``);
 * Fig. 6: α ∈ {max, min, mean, median, constant} at the default and at the selected β;
+* a budget diagnostic: STL, EW and DB-MTL at 3× the epochs (``<prefix>_budget3x``);
 
 plus the versions, commits, device and summed run time of the runs behind them. Nothing is retrained.
 """
@@ -108,7 +109,8 @@ def _beta_text(hp: dict[str, Any]) -> str:
 
 def build(bench: str) -> str:
     main_dir, prefix, epochs = STUDIES[bench]
-    dirs = {"main": HERE / main_dir, **{s: HERE / f"{prefix}_{s}" for s in ("beta", "ablation", "log", "alpha")}}
+    sections = ("beta", "ablation", "log", "alpha", "budget3x")
+    dirs = {"main": HERE / main_dir, **{s: HERE / f"{prefix}_{s}" for s in sections}}
     st = {k: _setting(d) for k, d in dirs.items()}
     if st["main"] is None:
         raise SystemExit(f"no runs with an STL row under {dirs['main']}")
@@ -179,6 +181,17 @@ def build(bench: str) -> str:
         for a, name in alphas:
             lines.append(f"| {name} | {_row_cell(_find(al, 'dbmtl', alpha=a))} | "
                          f"{_row_cell(_find(al, 'dbmtl', alpha=a, **sel_hp)) if sel else 'not run'} |")
+    if st["budget3x"] is not None:
+        bu = st["budget3x"]
+        lines += ["", f"## Budget diagnostic: 3× the epochs (`{prefix}_budget3x/`)", "",
+                  f"| row | Δp (%) at {epochs} epochs | Δp (%) at {3 * epochs} epochs |", "|---|---|---|",
+                  f"| stl | {_row_cell(main.stl)} | {_row_cell(bu.stl)} |",
+                  f"| ew | {_row_cell(_find(main, 'ew'))} | {_row_cell(_find(bu, 'ew'))} |",
+                  f"| dbmtl (default β = 0.9) | {_row_cell(_find(main, 'dbmtl'))} | {_row_cell(_find(bu, 'dbmtl'))} |"]
+        if sel:
+            lines.append(f"| dbmtl (selected {_beta_text(sel_hp)}) | {_row_cell(sel)} | "
+                         f"{_row_cell(_find(bu, 'dbmtl', **sel_hp))} |")
+        lines += ["", "Each column's Δp is against the STL row trained for the same number of epochs."]
     text = "\n".join(lines) + "\n"
     (HERE / f"{prefix}_summary.md").write_text(text)
     return text
