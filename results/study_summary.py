@@ -131,7 +131,7 @@ def build(bench: str) -> str:
     lines = [f"# {bench}: the paper's tables at {epochs} quick epochs (CPU-scaled)", "",
              f"Budget: the `{bench}` quick recipe (lr {recipe['learning_rate']}, batch {recipe['batch_size']}) "
              f"for {epochs} epochs, 3 seeds. **Not the paper's setting** (see results/README.md). "
-             f"Regenerate the runs with `bash results/run_study.sh {bench} [main beta ablation log alpha]` and this "
+             f"Regenerate the runs with `bash results/run_study.sh {bench} [main beta ablation log alpha budget]` and this "
              f"page with `python results/study_summary.py {bench}`.", "",
              f"Runs: {len(seen)} distinct run files, {wall / 60:.1f} min of summed run wall time (one core of a "
              f"shared 2-core VM, compilation included); device {', '.join(devices)}; library commits "
