@@ -53,14 +53,18 @@ def scored_rows(st, method: str) -> list:
     return sorted(scored, key=lambda x: -x[0])
 
 
+def grid_best_row(st, method: str = "dbmtl"):
+    """The validation-best row of ``method`` within the paper's grid, or None."""
+    rows = [x[1] for x in scored_rows(st, method) if beta_sigma_of(x[1]) in PAPER_GRID]
+    return rows[0] if rows else None
+
+
 def grid_best(directory: Path, method: str = "dbmtl") -> tuple[float, float]:
     """(β, σ) of the validation-best row within the paper's grid (first setting of the directory)."""
     for st in summarize(load_results(directory)):
-        if st.stl is None:
-            continue
-        rows = [x for x in scored_rows(st, method) if beta_sigma_of(x[1]) in PAPER_GRID]
-        if rows:
-            return beta_sigma_of(rows[0][1])
+        row = grid_best_row(st, method) if st.stl is not None else None
+        if row is not None:
+            return beta_sigma_of(row)
     raise SystemExit(f"{directory}: no {method} row of the paper's β grid next to an STL row")
 
 

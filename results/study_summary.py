@@ -25,7 +25,7 @@ from typing import Any, Optional
 import numpy as np
 
 from dbmtl_jax.experiments.report import Row, Setting, load_results, summarize
-from select_on_val import PAPER_GRID, beta_sigma_of, finite_mean, mean_std, scored_rows  # results/ is the script's directory
+from select_on_val import PAPER_GRID, beta_sigma_of, finite_mean, grid_best_row, mean_std, scored_rows  # results/ is the script's directory
 
 STUDIES = {"multimnist": ("multimnist_quick12", "multimnist12", 12),
            "dense": ("dense_quick8", "dense8", 8),
@@ -83,13 +83,6 @@ def main_table(st: Setting) -> list[str]:
     return out
 
 
-def selected_grid_row(st: Optional[Setting]) -> Optional[Row]:
-    if st is None:
-        return None
-    rows = [x[1] for x in scored_rows(st, "dbmtl") if beta_sigma_of(x[1]) in PAPER_GRID]
-    return rows[0] if rows else None
-
-
 def _row_cell(row: Optional[Row]) -> str:
     return mean_std(row.delta_p) if row is not None else "not run"
 
@@ -126,7 +119,7 @@ def build(bench: str) -> str:
         if r["_path"].rsplit("/", 1)[-1] not in seen:
             seen.add(r["_path"].rsplit("/", 1)[-1])
             wall += float(r.get("wall_time_s") or 0.0)
-    sel = selected_grid_row(st["beta"])
+    sel = grid_best_row(st["beta"]) if st["beta"] is not None else None
     sel_hp = _beta_hp(sel)
     lines = [f"# {bench}: the paper's tables at {epochs} quick epochs (CPU-scaled)", "",
              f"Budget: the `{bench}` quick recipe (lr {recipe['learning_rate']}, batch {recipe['batch_size']}) "
