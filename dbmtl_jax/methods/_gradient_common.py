@@ -18,6 +18,7 @@ from typing import Any, Callable, Optional, Sequence, TypeVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from dbmtl_jax import task_axis as ta
@@ -33,6 +34,10 @@ __all__ = [
     "full_precision",
     "check_num_tasks",
     "check_choice",
+    "check_real",
+    "check_bool",
+    "check_optimizer",
+    "is_traced",
     "require_losses",
     "require_key",
     "acc_dtype",
@@ -82,6 +87,94 @@ def check_choice(value: Any, options: Sequence[str], option: str, method: str) -
     """Raises ``ValueError`` naming ``option`` when ``value`` is not one of ``options``."""
     if not isinstance(value, str) or value not in options:
         raise ValueError(f"{method}: unknown {option}={value!r}; expected one of {tuple(options)}.")
+    return value
+
+
+def is_traced(value: Any) -> bool:
+    """True for a JAX tracer: a hyperparameter traced under ``jit`` (e.g. ``optax.inject_hyperparams``
+    re-building the transform inside a jitted ``update``).  Tracers are not validated."""
+    return isinstance(value, jax.core.Tracer)
+
+
+def _range_text(lo: Optional[float], hi: Optional[float], lo_open: bool, hi_open: bool) -> str:
+    if lo is not None and hi is not None:
+        return f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+    if lo is not None:
+        return f"{'>' if lo_open else '>='} {lo:g}"
+    if hi is not None:
+        return f"{'<' if hi_open else '<='} {hi:g}"
+    return ""
+
+
+def check_real(
+    value: Any,
+    option: str,
+    method: str,
+    *,
+    lo: Optional[float] = None,
+    hi: Optional[float] = None,
+    lo_open: bool = False,
+    hi_open: bool = False,
+    shapes: Sequence[tuple] = ((),),
+    note: str = "",
+) -> Any:
+    """Validates a real-valued hyperparameter and returns it unchanged.
+
+    ``value`` may be a Python number, a NumPy scalar or a concrete JAX array
+    (what ``optax.inject_hyperparams`` passes at ``init``) whose shape is one of
+    ``shapes`` (default: a scalar); every entry must be finite and lie in the
+    range ``lo .. hi`` (bounds excluded with ``lo_open`` / ``hi_open``).  A
+    tracer is returned unchecked.  Raises ``TypeError`` for a non-number and
+    ``ValueError`` (``"<method>: <option> must be ..."``) for a bad shape or value;
+    ``note`` is appended to the message (why the range).
+    """
+    if is_traced(value):
+        return value
+    rng = _range_text(lo, hi, lo_open, hi_open)
+    shapes = [tuple(s) for s in shapes]
+    what = f"a finite number {rng}".rstrip()
+    arrays = " or ".join(str(s) for s in shapes if s)
+    if arrays:
+        entries = f"an array of shape {arrays} of finite numbers {rng}".rstrip()
+        what = f"{what} or {entries}" if () in shapes else entries
+    suffix = f" ({note})" if note else ""
+    arr = None
+    if not isinstance(value, (bool, np.bool_, str, bytes)) and value is not None:
+        try:
+            arr = np.asarray(value)
+        except Exception:  # noqa: BLE001 - anything that is not array-like is the wrong type
+            arr = None
+    if arr is None or arr.dtype.kind not in "iuf":
+        raise TypeError(f"{method}: {option} must be {what}, got {type(value).__name__} {value!r}.")
+    if arr.shape not in shapes:
+        shown = " or ".join((["be a scalar"] if () in shapes else []) + ([f"have shape {arrays}"] if arrays else []))
+        raise ValueError(f"{method}: {option} must {shown}, got shape {arr.shape}.")
+    x = arr.astype(np.float64)
+    ok = np.isfinite(x)
+    if lo is not None:
+        ok &= (x > lo) if lo_open else (x >= lo)
+    if hi is not None:
+        ok &= (x < hi) if hi_open else (x <= hi)
+    if not np.all(ok):
+        shown = repr(arr.item()) if arr.ndim == 0 else repr(arr.tolist())
+        raise ValueError(f"{method}: {option} must be {what}, got {shown}{suffix}.")
+    return value
+
+
+def check_bool(value: Any, option: str, method: str) -> bool:
+    """A Python (or NumPy) bool flag; ``TypeError`` naming ``option`` otherwise."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{method}: {option} must be a bool, got {type(value).__name__} {value!r}.")
+    return bool(value)
+
+
+def check_optimizer(value: Any, option: str, method: str) -> Any:
+    """``None`` or an Optax ``GradientTransformation`` (anything with callable ``init`` and ``update``)."""
+    if value is not None and not (callable(getattr(value, "init", None)) and callable(getattr(value, "update", None))):
+        raise TypeError(
+            f"{method}: {option} must be None or an optax.GradientTransformation "
+            f"(e.g. optax.adam(1e-4)), got {type(value).__name__} {value!r}."
+        )
     return value
 
 

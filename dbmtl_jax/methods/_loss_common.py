@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import optax
 
 from dbmtl_jax import task_axis as ta
+from dbmtl_jax.methods import _gradient_common as gc
 
 PyTree = Any
 
@@ -52,6 +53,7 @@ __all__ = [
     "check_num_tasks",
     "check_int",
     "check_grads_mode",
+    "check_inner_adam",
     "check_losses",
     "f32",
     "clamped_log",
@@ -69,26 +71,45 @@ def check_num_tasks(num_tasks: Any) -> int:
     return num_tasks
 
 
-def check_int(name: str, value: Any, lo: int) -> Any:
-    """An integer hyperparameter ``>= lo`` as a Python int.
+def check_int(name: str, value: Any, lo: int, hi: Optional[int] = None, *, method: Optional[str] = None) -> Any:
+    """An integer hyperparameter in ``[lo, hi]`` (``hi=None``: no upper bound) as a Python int.
 
     A concrete integer array (``optax.inject_hyperparams`` passes those at init) is
     converted; a tracer (the same wrapper's calls inside ``update``, which only
-    refresh float hyperparameters) is returned as is.
+    refresh float hyperparameters) is returned as is.  A non-integer raises
+    ``TypeError``, an out-of-range int ``ValueError``; both name ``method`` when given.
     """
     if isinstance(value, jax.core.Tracer):
         return value
     if hasattr(value, "dtype") and jnp.ndim(value) == 0 and jnp.issubdtype(value.dtype, jnp.integer):
         value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-        raise ValueError(f"{name} must be an int >= {lo}, got {value!r}.")
+    prefix = f"{method}: " if method else ""
+    rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{prefix}{name} must be an int {rng}, got {type(value).__name__} {value!r}.")
+    if value < lo or (hi is not None and value > hi):
+        raise ValueError(f"{prefix}{name} must be an int {rng}, got {value!r}.")
     return value
 
 
-def check_grads_mode(grads: str) -> str:
+def check_grads_mode(grads: str, method: Optional[str] = None) -> str:
     if grads not in GRADS_MODES:
-        raise ValueError(f"unknown grads {grads!r}; expected one of {GRADS_MODES}.")
+        prefix = f"{method}: " if method else ""
+        raise ValueError(f"{prefix}unknown grads {grads!r}; expected one of {GRADS_MODES}.")
     return grads
+
+
+def check_inner_adam(method: str, learning_rate: Any, b1: Any, b2: Any, adam_eps: Any) -> None:
+    """Ranges of the inner Adam of a learnable loss parameter (PyTorch's ``torch.optim.Adam`` rules).
+
+    ``learning_rate >= 0`` (0 freezes the parameter; allowed so that an
+    ``optax.inject_hyperparams`` schedule may start or end at 0), ``b1, b2`` in
+    ``[0, 1)`` (1 would divide by a zero bias correction), ``adam_eps >= 0``.
+    """
+    gc.check_real(learning_rate, "learning_rate", method, lo=0)
+    gc.check_real(b1, "b1", method, lo=0, hi=1, hi_open=True)
+    gc.check_real(b2, "b2", method, lo=0, hi=1, hi_open=True)
+    gc.check_real(adam_eps, "adam_eps", method, lo=0)
 
 
 def f32(x: Any) -> jax.Array:
@@ -226,7 +247,8 @@ def make_loss_transform(
         ``Σ_t g_t`` (False).
       shared: which leaves are shared (only used with ``weight_heads=False``).
     """
-    check_grads_mode(grads)
+    check_grads_mode(grads, name)
+    gc.check_bool(weight_heads, "weight_heads", name)
     if not weight_heads and grads != "per_task":
         raise ValueError(
             f"{name}: weight_heads=False needs grads='per_task' (the weighted-loss gradient cannot "

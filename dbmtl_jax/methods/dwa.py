@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import optax
 
 from dbmtl_jax import task_axis as ta
+from dbmtl_jax.methods import _gradient_common as gc
 from dbmtl_jax.methods import _loss_common as lc
 
 __all__ = ["DWAState", "dwa"]
@@ -97,7 +98,7 @@ def dwa(
 
     Args:
       num_tasks: ``T``.
-      temperature: softmax temperature ``τ`` (paper and LibMTL: 2).
+      temperature: softmax temperature ``τ > 0`` (paper and LibMTL: 2).
       steps_per_epoch: number of ``update`` calls per epoch (positive int).
       grads: ``"per_task"`` or ``"weighted"`` (see :mod:`dbmtl_jax.loss_weighting`).
       weight_heads: in ``"per_task"`` mode, weight head leaves too (default).
@@ -107,7 +108,8 @@ def dwa(
       An ``optax.GradientTransformationExtraArgs``; ``update`` requires ``losses=``.
     """
     lc.check_num_tasks(num_tasks)
-    steps_per_epoch = lc.check_int("steps_per_epoch", steps_per_epoch, 1)
+    steps_per_epoch = lc.check_int("steps_per_epoch", steps_per_epoch, 1, method="dwa")
+    gc.check_real(temperature, "temperature", "dwa", lo=0, lo_open=True)
 
     def init_state() -> DWAState:
         z = jnp.zeros([num_tasks], jnp.float32)

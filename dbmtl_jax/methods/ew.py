@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from dbmtl_jax import task_axis as ta
+from dbmtl_jax.methods import _gradient_common as gc
 from dbmtl_jax.methods import _loss_common as lc
 
 REDUCTIONS = ("sum", "mean")
@@ -75,8 +76,7 @@ def ew(
       are accepted and not needed.
     """
     lc.check_num_tasks(num_tasks)
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"unknown reduction {reduction!r}; expected one of {REDUCTIONS}.")
+    gc.check_choice(reduction, REDUCTIONS, "reduction", "ew")
     scale = 1.0 if reduction == "sum" else 1.0 / num_tasks
 
     def init_state() -> EWState:

@@ -52,6 +52,7 @@ import jax.numpy as jnp
 import optax
 
 from dbmtl_jax import task_axis as ta
+from dbmtl_jax.methods import _gradient_common as gc
 from dbmtl_jax.methods import _qp
 
 PyTree = Any
@@ -95,8 +96,9 @@ def excessmtl(
 
     Args:
       num_tasks: ``T``, the size of the leading task axis of every update leaf.
-      robust_step_size: the step size η of the weight update (official 1e-2).
-      eps: ``eps`` in ``sqrt(A_t + eps)`` (official 1e-7).
+      robust_step_size: the step size η ``>= 0`` of the weight update (official 1e-2;
+        0 keeps equal weights).
+      eps: ``eps > 0`` in ``sqrt(A_t + eps)`` (official 1e-7).
       weight_heads: weight task-specific leaves by ``w`` (official) rather
         than summing them.
       shared: which leaves are shared (see :func:`dbmtl_jax.dbmtl`).
@@ -104,9 +106,11 @@ def excessmtl(
     Returns:
       An ``optax.GradientTransformationExtraArgs``; extra args are ignored.
     """
-    _qp.check_positive_int(num_tasks, "num_tasks")
-    robust_step_size = _qp.check_nonnegative(robust_step_size, "robust_step_size")
-    eps = _qp.check_nonnegative(eps, "eps")
+    gc.check_num_tasks(num_tasks, "excessmtl")
+    gc.check_real(robust_step_size, "robust_step_size", "excessmtl", lo=0)
+    gc.check_real(eps, "eps", "excessmtl", lo=0, lo_open=True,
+                  note="0 gives 0/0 for a coordinate whose gradients were all 0")
+    gc.check_bool(weight_heads, "weight_heads", "excessmtl")
 
     def init_fn(params: PyTree) -> ExcessMTLState:
         mask = ta.resolve_shared(shared, params)

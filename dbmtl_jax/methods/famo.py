@@ -47,6 +47,7 @@ import numpy as np
 import optax
 
 from dbmtl_jax import task_axis as ta
+from dbmtl_jax.methods import _gradient_common as gc
 from dbmtl_jax.methods import _loss_common as lc
 
 __all__ = ["FAMOState", "famo"]
@@ -140,11 +141,12 @@ def famo(
 
     Args:
       num_tasks: ``T``.
-      learning_rate: Adam learning rate of the logits (official 0.025).
-      gamma: L2 regularisation of the logits (official class default 0.01).
-      min_losses: ``ℓ*``, ``[T]``; default zeros (official).
-      eps: ``ε`` in ``D = max(ℓ − ℓ*, 0) + ε``.
-      b1, b2, adam_eps: Adam constants of the logits (PyTorch defaults).
+      learning_rate: Adam learning rate of the logits, ``>= 0`` (official 0.025).
+      gamma: L2 regularisation of the logits, ``>= 0`` (official class default 0.01).
+      min_losses: ``ℓ*``, a finite ``[T]`` vector; default zeros (official).
+      eps: ``ε > 0`` in ``D = max(ℓ − ℓ*, 0) + ε``.
+      b1, b2, adam_eps: Adam constants of the logits (PyTorch defaults); ``b1, b2`` in
+        ``[0, 1)``, ``adam_eps >= 0``.
       grads: ``"per_task"`` or ``"weighted"`` (see :mod:`dbmtl_jax.loss_weighting`).
       weight_heads: in ``"per_task"`` mode, weight head leaves too (default).
       shared: which leaves are shared (used only when ``weight_heads=False``).
@@ -159,8 +161,11 @@ def famo(
         min_arr = np.zeros([num_tasks], np.float32)
     else:
         if np.shape(min_losses) != (num_tasks,):
-            raise ValueError(f"min_losses must have shape ({num_tasks},), got {np.shape(min_losses)}.")
-        min_arr = min_losses
+            raise ValueError(f"famo: min_losses must have shape ({num_tasks},), got {np.shape(min_losses)}.")
+        min_arr = gc.check_real(min_losses, "min_losses", "famo", shapes=((num_tasks,),))
+    lc.check_inner_adam("famo", learning_rate, b1, b2, adam_eps)
+    gc.check_real(gamma, "gamma", "famo", lo=0, note="the L2 weight decay of the logits")
+    gc.check_real(eps, "eps", "famo", lo=0, lo_open=True)
     hp = dict(learning_rate=learning_rate, gamma=gamma, b1=b1, b2=b2, adam_eps=adam_eps, eps=eps)
 
     def init_state() -> FAMOState:

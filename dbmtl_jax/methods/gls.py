@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import optax
 
 from dbmtl_jax import task_axis as ta
+from dbmtl_jax.methods import _gradient_common as gc
 from dbmtl_jax.methods import _loss_common as lc
 
 __all__ = ["GLSState", "gls"]
@@ -64,7 +65,7 @@ def gls(
 
     Args:
       num_tasks: ``T``.
-      eps: ``ε`` in ``ℓ̃ = max(ℓ, 0) + ε``.
+      eps: ``ε > 0`` in ``ℓ̃ = max(ℓ, 0) + ε`` (0 gives infinite weights for a zero loss).
       grads: ``"per_task"`` or ``"weighted"`` (see :mod:`dbmtl_jax.loss_weighting`).
       weight_heads: in ``"per_task"`` mode, weight head leaves too (default).
       shared: which leaves are shared (used only when ``weight_heads=False``).
@@ -73,6 +74,7 @@ def gls(
       An ``optax.GradientTransformationExtraArgs``; ``update`` requires ``losses=``.
     """
     lc.check_num_tasks(num_tasks)
+    gc.check_real(eps, "eps", "gls", lo=0, lo_open=True)
 
     def init_state() -> GLSState:
         return GLSState(count=jnp.zeros([], jnp.int32), eps=lc.f32(eps))

@@ -75,6 +75,8 @@ def graddrop(
       extra argument ``key=`` (a JAX PRNG key).
     """
     gc.check_num_tasks(num_tasks, "graddrop")
+    gc.check_real(leak, "leak", "graddrop", lo=0, hi=1, shapes=((), (num_tasks,)),
+                  note="0 is full sign dropout, 1 the plain sum")
     leak_arr = jnp.asarray(leak, jnp.float32)
     if leak_arr.ndim == 0:
         leak_arr = jnp.full([num_tasks], leak_arr)

@@ -92,21 +92,26 @@ def gradnorm(
     Args:
       num_tasks: ``T``, the size of the leading task axis of every update leaf.
       shared: which leaves are shared; default all.
-      alpha: the restoring-force exponent α; default 1.5.
+      alpha: the restoring-force exponent α ``>= 0`` (0 equalises the weighted norms;
+        a negative α would push the slowest task's weight down); default 1.5.
       weight_optimizer: optax optimizer of the weights; default ``optax.adam(1e-4)``.
       norm_leaves: callable on a shared leaf's '/'-joined path selecting the
         leaves whose norm defines ``n_t``; default all shared leaves.
       weight_heads: weight head gradients by ``w`` too (default True).
-      min_weight: floor on the weights before renormalisation.
+      min_weight: floor ``> 0`` on the weights before renormalisation.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose ``update`` requires the
       extra argument ``losses=`` (raw task losses, shape ``[T]``).
     """
     gc.check_num_tasks(num_tasks, "gradnorm")
+    gc.check_real(alpha, "alpha", "gradnorm", lo=0)
+    gc.check_real(min_weight, "min_weight", "gradnorm", lo=0, lo_open=True)
+    gc.check_optimizer(weight_optimizer, "weight_optimizer", "gradnorm")
+    gc.check_bool(weight_heads, "weight_heads", "gradnorm")
+    if norm_leaves is not None and not callable(norm_leaves):
+        raise TypeError(f"gradnorm: norm_leaves must be None or a callable on a leaf path, got {norm_leaves!r}.")
     inner = optax.adam(1e-4) if weight_optimizer is None else weight_optimizer
-    if not min_weight > 0:
-        raise ValueError(f"gradnorm: min_weight must be positive, got {min_weight!r}.")
 
     def init_fn(params: PyTree) -> GradNormState:
         dt = gc.state_dtype(params, ta.resolve_shared(shared, params))

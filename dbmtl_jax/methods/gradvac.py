@@ -132,11 +132,11 @@ def gradvac(
     Args:
       num_tasks: ``T``, the size of the leading task axis of every update leaf.
       shared: which leaves are shared; default all.  Head leaves get ``Σ_t g_t``.
-      beta: EMA rate β of the cosine targets (weight of the new value); paper 0.01,
-        LibMTL 0.5.
+      beta: EMA rate β in ``(0, 1]`` of the cosine targets (weight of the new value;
+        0 would freeze the targets at 0); paper 0.01, LibMTL 0.5.
       ema_update: ``"always"`` (paper) or ``"on_violation"`` (LibMTL).
       granularity: ``"global"`` (whole shared model, default) or ``"leaf"``.
-      eps: denominator guard, relative to the largest task-gradient norm.
+      eps: denominator guard ``> 0``, relative to the largest task-gradient norm.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose ``update`` requires the
@@ -145,6 +145,9 @@ def gradvac(
     gc.check_num_tasks(num_tasks, "gradvac")
     gc.check_choice(ema_update, EMA_UPDATES, "ema_update", "gradvac")
     gc.check_choice(granularity, gc.GRANULARITIES, "granularity", "gradvac")
+    gc.check_real(beta, "beta", "gradvac", lo=0, hi=1, lo_open=True,
+                  note="the weight of the new cosine; 0 freezes the targets")
+    gc.check_real(eps, "eps", "gradvac", lo=0, lo_open=True)
 
     def num_groups(params: PyTree) -> int:
         if granularity == "global":

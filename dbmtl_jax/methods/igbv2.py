@@ -63,6 +63,7 @@ import numpy as np
 import optax
 
 from dbmtl_jax import task_axis as ta
+from dbmtl_jax.methods import _gradient_common as gc
 from dbmtl_jax.methods import _loss_common as lc
 
 __all__ = ["IGBv2State", "SACState", "igbv2"]
@@ -389,18 +390,19 @@ def igbv2(
     Args:
       num_tasks: ``T``.
       steps_per_epoch: ``update`` calls per epoch (positive int).
-      base_epoch: epoch whose mean losses are the base losses (official 1).
-      start_epoch: random weights before this epoch, the agent after (official 5).
-      update_after: first epoch with SAC training (official 3).
-      update_every: steps between SAC training rounds (official 50).
-      buffer_size: replay buffer capacity (official 10⁴).
-      sac_lr: Adam learning rate of actor, critic and temperature (official 3e-4).
-      sac_hidden: hidden layer widths of actor and critics (official (128, 128)).
-      discount, tau, init_alpha: SAC discount, Polyak rate, initial temperature.
-      reward_scale: reward multiplier (official ``lr₀ / lr_current``; see the module
-        docstring for schedules).
-      eps: ``ε`` of the log losses.
-      seed: initialisation seed of the networks.
+      base_epoch: epoch whose mean losses are the base losses (int >= 0; official 1).
+      start_epoch: random weights before this epoch, the agent after (int >= 0; official 5).
+      update_after: first epoch with SAC training (int >= 0; official 3).
+      update_every: steps between SAC training rounds (int >= 1; official 50).
+      buffer_size: replay buffer capacity (int >= 1; official 10⁴).
+      sac_lr: Adam learning rate of actor, critic and temperature (>= 0; official 3e-4).
+      sac_hidden: hidden layer widths of actor and critics (positive ints; official (128, 128)).
+      discount, tau, init_alpha: SAC discount in ``[0, 1]``, Polyak rate in ``(0, 1]``
+        (0 would freeze the target critic), initial temperature ``> 0``.
+      reward_scale: reward multiplier ``> 0`` (official ``lr₀ / lr_current``; see the module
+        docstring for schedules; a negative value would reward the worst task's increase).
+      eps: ``ε > 0`` of the log losses.
+      seed: initialisation seed of the networks (int >= 0).
       grads: ``"per_task"`` or ``"weighted"`` (see :mod:`dbmtl_jax.loss_weighting`).
       weight_heads: in ``"per_task"`` mode, weight head leaves too (default).
       shared: which leaves are shared (used only when ``weight_heads=False``).
@@ -410,16 +412,24 @@ def igbv2(
       ``losses=`` and ``key=``.
     """
     lc.check_num_tasks(num_tasks)
-    steps_per_epoch = lc.check_int("steps_per_epoch", steps_per_epoch, 1)
-    base_epoch = lc.check_int("base_epoch", base_epoch, 0)
-    start_epoch = lc.check_int("start_epoch", start_epoch, 0)
-    update_after = lc.check_int("update_after", update_after, 0)
-    update_every = lc.check_int("update_every", update_every, 1)
-    buffer_size = lc.check_int("buffer_size", buffer_size, 1)
-    seed = lc.check_int("seed", seed, 0)
+    steps_per_epoch = lc.check_int("steps_per_epoch", steps_per_epoch, 1, method="igbv2")
+    base_epoch = lc.check_int("base_epoch", base_epoch, 0, method="igbv2")
+    start_epoch = lc.check_int("start_epoch", start_epoch, 0, method="igbv2")
+    update_after = lc.check_int("update_after", update_after, 0, method="igbv2")
+    update_every = lc.check_int("update_every", update_every, 1, method="igbv2")
+    buffer_size = lc.check_int("buffer_size", buffer_size, 1, method="igbv2")
+    seed = lc.check_int("seed", seed, 0, method="igbv2")
+    if not isinstance(sac_hidden, (tuple, list)):
+        raise TypeError(f"igbv2: sac_hidden must be a tuple of positive ints, got {sac_hidden!r}.")
     sac_hidden = tuple(sac_hidden)
-    if not sac_hidden or any((not isinstance(h, int)) or h < 1 for h in sac_hidden):
-        raise ValueError(f"sac_hidden must be a non-empty tuple of positive ints, got {sac_hidden!r}.")
+    if not sac_hidden or any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in sac_hidden):
+        raise ValueError(f"igbv2: sac_hidden must be a non-empty tuple of positive ints, got {sac_hidden!r}.")
+    gc.check_real(sac_lr, "sac_lr", "igbv2", lo=0)
+    gc.check_real(discount, "discount", "igbv2", lo=0, hi=1)
+    gc.check_real(tau, "tau", "igbv2", lo=0, hi=1, lo_open=True, note="0 freezes the target critic")
+    gc.check_real(init_alpha, "init_alpha", "igbv2", lo=0, lo_open=True, note="its log is the initial log-temperature")
+    gc.check_real(reward_scale, "reward_scale", "igbv2", lo=0, lo_open=True)
+    gc.check_real(eps, "eps", "igbv2", lo=0, lo_open=True)
     hp = dict(eps=eps, reward_scale=reward_scale, sac_lr=sac_lr, discount=discount, tau=tau)
 
     def init_state() -> IGBv2State:

@@ -75,16 +75,18 @@ def imtl(
       shared: which leaves are shared; default all.
       scale_optimizer: optax optimizer for the loss scales ``s``; default
         ``optax.adam(1e-4)``.
-      max_log_scale: ``s`` is clipped to ``[-max_log_scale, max_log_scale]``.
+      max_log_scale: ``s`` is clipped to ``[-max_log_scale, max_log_scale]``; in
+        ``(0, 88]`` so that ``e^s`` stays finite in float32.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose ``update`` requires the
       extra argument ``losses=`` (raw task losses, shape ``[T]``).
     """
     gc.check_num_tasks(num_tasks, "imtl")
+    gc.check_optimizer(scale_optimizer, "scale_optimizer", "imtl")
+    gc.check_real(max_log_scale, "max_log_scale", "imtl", lo=0, hi=88, lo_open=True,
+                  note="e^88 is near the float32 maximum")
     inner = optax.adam(1e-4) if scale_optimizer is None else scale_optimizer
-    if not (max_log_scale > 0):
-        raise ValueError(f"imtl: max_log_scale must be positive, got {max_log_scale!r}.")
 
     def init_fn(params: PyTree) -> IMTLState:
         del params

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import optax
 
 from dbmtl_jax import task_axis as ta
+from dbmtl_jax.methods import _gradient_common as gc
 from dbmtl_jax.methods import _loss_common as lc
 
 __all__ = ["IMTLLState", "imtl_l"]
@@ -87,9 +88,10 @@ def imtl_l(
 
     Args:
       num_tasks: ``T``.
-      init: initial ``s_t`` (LibMTL: 0).
+      init: initial ``s_t``, a finite float or ``[T]`` (LibMTL: 0).
       learning_rate, b1, b2, adam_eps, weight_decay: Adam for ``s``
-        (LibMTL: the model's Adam, learning rate 1e-4).
+        (LibMTL: the model's Adam, learning rate 1e-4); ``learning_rate >= 0``,
+        ``b1, b2`` in ``[0, 1)``, ``adam_eps >= 0``, ``weight_decay >= 0``.
       grads: ``"per_task"`` or ``"weighted"`` (see :mod:`dbmtl_jax.loss_weighting`).
       weight_heads: in ``"per_task"`` mode, weight head leaves too (default).
       shared: which leaves are shared (used only when ``weight_heads=False``).
@@ -98,6 +100,9 @@ def imtl_l(
       An ``optax.GradientTransformationExtraArgs``; ``update`` requires ``losses=``.
     """
     lc.check_num_tasks(num_tasks)
+    gc.check_real(init, "init", "imtl_l", shapes=((), (num_tasks,)))
+    lc.check_inner_adam("imtl_l", learning_rate, b1, b2, adam_eps)
+    gc.check_real(weight_decay, "weight_decay", "imtl_l", lo=0)
     hp = dict(learning_rate=learning_rate, b1=b1, b2=b2, adam_eps=adam_eps, weight_decay=weight_decay)
 
     def init_state() -> IMTLLState:

@@ -36,6 +36,7 @@ import optax
 
 from dbmtl_jax import task_axis as ta
 from dbmtl_jax.methods import _gradient_common as gc
+from dbmtl_jax.methods import _loss_common as lc
 
 PyTree = Any
 STRATEGIES = ("adapt", "reduce", "enlarge")
@@ -87,12 +88,10 @@ def metabalance(
     gc.check_num_tasks(num_tasks, "metabalance")
     gc.check_choice(strategy, STRATEGIES, "strategy", "metabalance")
     gc.check_choice(granularity, gc.GRANULARITIES, "granularity", "metabalance")
-    if not 0.0 <= relax_factor <= 1.0:
-        raise ValueError(f"metabalance: relax_factor must be in [0, 1], got {relax_factor!r}.")
-    if not 0.0 <= beta < 1.0:
-        raise ValueError(f"metabalance: beta must be in [0, 1), got {beta!r}.")
-    if isinstance(main_task, bool) or not isinstance(main_task, int) or not 0 <= main_task < num_tasks:
-        raise ValueError(f"metabalance: main_task must be an int in [0, {num_tasks}), got {main_task!r}.")
+    gc.check_real(relax_factor, "relax_factor", "metabalance", lo=0, hi=1)
+    gc.check_real(beta, "beta", "metabalance", lo=0, hi=1, hi_open=True,
+                  note="the weight of the old value; 1 freezes the norms at 0")
+    main_task = lc.check_int("main_task", main_task, 0, num_tasks - 1, method="metabalance")
 
     def num_groups(tree: PyTree) -> int:
         if granularity == "global":

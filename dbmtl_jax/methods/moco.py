@@ -80,9 +80,12 @@ def moco(
     Args:
       num_tasks: ``T``, the size of the leading task axis of every update leaf.
       shared: which leaves are shared; default all.  Head leaves get ``Σ_t g_t``.
-      beta, beta_sigma: tracking rate ``β_k = β / k^{β_σ}``.
-      gamma, gamma_sigma: λ step size ``γ_k = γ / k^{γ_σ}``.
-      rho: ℓ2 regularisation ρ of the λ subproblem.
+      beta, beta_sigma: tracking rate ``β_k = β / k^{β_σ}``; ``β`` in ``(0, 1]`` (the
+        weight of the new gradient: 0 never tracks, above 1 overshoots),
+        ``β_σ >= 0`` (so that ``β_k <= β``).
+      gamma, gamma_sigma: λ step size ``γ_k = γ / k^{γ_σ}``; ``γ >= 0`` (0 freezes λ
+        at 1/T), ``γ_σ >= 0``.
+      rho: ℓ2 regularisation ``ρ >= 0`` of the λ subproblem.
       lambda_update: ``"project"`` (paper, default) or ``"softmax"`` (LibMTL).
       grad_transform: ``"none"`` (paper, default) or ``"normalize_loss"`` (LibMTL;
         needs ``losses=``).
@@ -93,6 +96,11 @@ def moco(
     gc.check_num_tasks(num_tasks, "moco")
     gc.check_choice(lambda_update, LAMBDA_UPDATES, "lambda_update", "moco")
     gc.check_choice(grad_transform, GRAD_TRANSFORMS, "grad_transform", "moco")
+    gc.check_real(beta, "beta", "moco", lo=0, hi=1, lo_open=True, note="the weight of the new gradient in y")
+    gc.check_real(beta_sigma, "beta_sigma", "moco", lo=0)
+    gc.check_real(gamma, "gamma", "moco", lo=0)
+    gc.check_real(gamma_sigma, "gamma_sigma", "moco", lo=0)
+    gc.check_real(rho, "rho", "moco", lo=0, note="a negative ridge makes the λ step ascend")
 
     def init_fn(params: PyTree) -> MoCoState:
         mask = ta.resolve_shared(shared, params)

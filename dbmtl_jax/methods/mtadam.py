@@ -81,10 +81,11 @@ def mtadam(
     Args:
       num_tasks: ``T``, the size of the leading task axis of every update leaf.
       shared: which leaves are shared; default all.  Heads follow plain Adam.
-      b1, b2: Adam moment rates; b3: rate of the gradient-norm moving average.
-      eps: Adam's ε.
-      norm_eps: norms at or below this are not rescaled (official 1e-10).
-      ranks: optional per-task multipliers ``ρ`` (``[T]``); default ones.
+      b1, b2: Adam moment rates; b3: rate of the gradient-norm moving average
+        (all in ``[0, 1)``, the weight of the old value).
+      eps: Adam's ε ``> 0``.
+      norm_eps: norms at or below this ``>= 0`` threshold are not rescaled (official 1e-10).
+      ranks: optional per-task multipliers ``ρ >= 0`` (``[T]``); default ones.
       granularity: ``"leaf"`` (default) or ``"global"``.
 
     Returns:
@@ -94,8 +95,11 @@ def mtadam(
     gc.check_num_tasks(num_tasks, "mtadam")
     gc.check_choice(granularity, gc.GRANULARITIES, "granularity", "mtadam")
     for name, b in (("b1", b1), ("b2", b2), ("b3", b3)):
-        if not 0.0 <= b < 1.0:
-            raise ValueError(f"mtadam: {name} must be in [0, 1), got {b!r}.")
+        gc.check_real(b, name, "mtadam", lo=0, hi=1, hi_open=True)
+    gc.check_real(eps, "eps", "mtadam", lo=0, lo_open=True, note="it guards the Adam denominator")
+    gc.check_real(norm_eps, "norm_eps", "mtadam", lo=0)
+    if ranks is not None:
+        gc.check_real(ranks, "ranks", "mtadam", lo=0, shapes=((num_tasks,),), note="a negative rank flips the task")
     rank_arr = jnp.ones([num_tasks], jnp.float32) if ranks is None else jnp.asarray(ranks, jnp.float32)
     if rank_arr.shape != (num_tasks,):
         raise ValueError(f"mtadam: ranks must have shape [{num_tasks}], got {rank_arr.shape}.")

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import optax
 
 from dbmtl_jax import task_axis as ta
+from dbmtl_jax.methods import _gradient_common as gc
 from dbmtl_jax.methods import _loss_common as lc
 
 DISTRIBUTIONS = ("normal", "uniform", "dirichlet", "bernoulli", "constrained_bernoulli")
@@ -112,10 +113,9 @@ def rlw(
       An ``optax.GradientTransformationExtraArgs``; ``update`` requires ``key=``.
     """
     lc.check_num_tasks(num_tasks)
-    if distribution not in DISTRIBUTIONS:
-        raise ValueError(f"unknown distribution {distribution!r}; expected one of {DISTRIBUTIONS}.")
+    gc.check_choice(distribution, DISTRIBUTIONS, "distribution", "rlw")
     if distribution == "bernoulli" and num_tasks > 30:
-        raise ValueError("distribution='bernoulli' supports at most 30 tasks.")
+        raise ValueError("rlw: distribution='bernoulli' supports at most 30 tasks.")
 
     def init_state() -> RLWState:
         return RLWState(

@@ -43,6 +43,7 @@ import numpy as np
 import optax
 
 from dbmtl_jax import task_axis as ta
+from dbmtl_jax.methods import _gradient_common as gc
 from dbmtl_jax.methods import _loss_common as lc
 
 __all__ = ["STCHState", "stch"]
@@ -129,11 +130,11 @@ def stch(
     Args:
       num_tasks: ``T``.
       mu: smoothing parameter ``μ > 0`` (official default 1).
-      warmup_epochs: log-loss warm-up epochs before the nadir epoch (official 4).
+      warmup_epochs: log-loss warm-up epochs before the nadir epoch (int >= 0; official 4).
       steps_per_epoch: number of ``update`` calls per epoch (positive int).
-      nadir: optional ``[T]`` nadir vector; when given, STCH is used from the
-        first step and no warm-up is run.
-      eps: ``ε`` inside the log (official 1e-20).
+      nadir: optional positive, finite ``[T]`` nadir vector; when given, STCH is
+        used from the first step and no warm-up is run.
+      eps: ``ε > 0`` inside the log (official 1e-20).
       grads: ``"per_task"`` or ``"weighted"`` (see :mod:`dbmtl_jax.loss_weighting`).
       weight_heads: in ``"per_task"`` mode, weight head leaves too (default).
       shared: which leaves are shared (used only when ``weight_heads=False``).
@@ -142,15 +143,14 @@ def stch(
       An ``optax.GradientTransformationExtraArgs``; ``update`` requires ``losses=``.
     """
     lc.check_num_tasks(num_tasks)
-    steps_per_epoch = lc.check_int("steps_per_epoch", steps_per_epoch, 1)
-    warmup_epochs = lc.check_int("warmup_epochs", warmup_epochs, 0)
-    if isinstance(mu, (int, float)) and not mu > 0:
-        raise ValueError(f"mu must be positive, got {mu!r}.")
+    steps_per_epoch = lc.check_int("steps_per_epoch", steps_per_epoch, 1, method="stch")
+    warmup_epochs = lc.check_int("warmup_epochs", warmup_epochs, 0, method="stch")
+    gc.check_real(mu, "mu", "stch", lo=0, lo_open=True)
+    gc.check_real(eps, "eps", "stch", lo=0, lo_open=True)
     if nadir is not None:
         if np.shape(nadir) != (num_tasks,):
-            raise ValueError(f"nadir must have shape ({num_tasks},), got {np.shape(nadir)}.")
-        if not isinstance(nadir, jax.core.Tracer) and not np.all(np.asarray(nadir) > 0):
-            raise ValueError("nadir must be positive (it divides the losses).")
+            raise ValueError(f"stch: nadir must have shape ({num_tasks},), got {np.shape(nadir)}.")
+        gc.check_real(nadir, "nadir", "stch", lo=0, lo_open=True, shapes=((num_tasks,),), note="it divides the losses")
 
     def init_state() -> STCHState:
         return STCHState(
