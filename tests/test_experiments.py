@@ -248,14 +248,23 @@ def _manual_batches(bench, seed=0):
         yield from data.train_batches(rng)
 
 
-def test_stl_equals_separate_single_task_training():
+OPTIMIZERS = {
+    None: lambda lr: optax.adam(lr),
+    "sgdm": lambda lr: optax.sgd(lr, momentum=0.9),
+    "adam_b1_0": lambda lr: optax.adam(lr, b1=0.0),
+}
+OPTIMIZER_SPECS = {None: None, "sgdm": {"name": "sgdm"}, "adam_b1_0": {"name": "adam", "b1": 0.0}}
+
+
+@pytest.mark.parametrize("opt", [None, "sgdm"])
+def test_stl_equals_separate_single_task_training(opt):
     bench = tiny_benchmark(epochs=2)
-    res = _run(bench, "stl")
+    res = _run(bench, "stl", optimizer=OPTIMIZER_SPECS[opt])  # STL uses the run's optimizer too
     stl_losses = np.asarray(res["curve"]["train_loss"])
     rngs = nnx.Rngs(0)
     models = [bench.model(rngs) for _ in range(2)]  # the STL copies are built in this order
     for t, model in enumerate(models):
-        tx = optax.adam(bench.recipe.learning_rate)
+        tx = OPTIMIZERS[opt](bench.recipe.learning_rate)
         graphdef, params = nnx.split(model, nnx.Param)
         state = tx.init(params)
 
@@ -272,13 +281,14 @@ def test_stl_equals_separate_single_task_training():
         np.testing.assert_allclose(stl_losses[:, t], losses, rtol=2e-5, atol=1e-6)
 
 
-def test_dbmtl_step_matches_manual_optax_chain():
+@pytest.mark.parametrize("opt", [None, "sgdm", "adam_b1_0"])
+def test_dbmtl_step_matches_manual_optax_chain(opt):
     bench = tiny_benchmark(epochs=2)
-    res = _run(bench, "dbmtl", hparams={"beta": 0.5})
+    res = _run(bench, "dbmtl", hparams={"beta": 0.5}, optimizer=OPTIMIZER_SPECS[opt])
     model = bench.model(nnx.Rngs(0))
     graphdef, params = nnx.split(model, nnx.Param)
     tx = optax.chain(dbmtl_jax.dbmtl(2, beta=0.5, shared=lambda p: p.startswith("encoder")),
-                     optax.adam(bench.recipe.learning_rate))
+                     OPTIMIZERS[opt](bench.recipe.learning_rate))
     state = tx.init(params)
 
     @jax.jit
@@ -423,6 +433,83 @@ def test_config_hash_ignores_seed_and_tracks_config():
         ex.train.make_config(bench, parse_method("dbmtl+nolog"), bench.recipe, quick=False, hparams={}),
     ]
     assert len({ex.config_hash(c) for c in [base, *others]}) == 5
+
+
+def test_default_optimizer_keeps_existing_config_hashes():
+    """Runs with the default optimizer hash exactly as the result files written before the option existed."""
+    files = sorted((Path(__file__).resolve().parent.parent / "results" / "multimnist_quick12" / "multimnist")
+                   .glob("*.json"))
+    if not files:
+        pytest.skip("no stored result files in results/multimnist_quick12")
+    bench = ex.get_benchmark("multimnist")
+    for f in files[:40]:
+        rec = json.loads(f.read_text())
+        cfg = rec["config"]
+        spec = parse_method(rec["method"])
+        assert "optimizer" not in cfg
+        for optimizer in (None, "adam", {"name": "adam", "b1": 0.9}):
+            new = ex.train.make_config(bench, spec, ex.Recipe(**cfg["recipe"]), quick=cfg["quick"],
+                                       hparams=cfg["hparams"], grad_stats=cfg["grad_path"] == "per_task",
+                                       optimizer=optimizer)
+            assert new.to_dict() == cfg, f.name
+            assert ex.config_hash(new) == rec["config_hash"] == f.name.rsplit("__", 1)[1][:-5], f.name
+
+
+def test_optimizer_option_is_validated_and_recorded():
+    norm = ex.train.normalize_optimizer
+    assert norm(None) is None and norm("adam") is None and norm({"name": "adam", "b1": 0.9}) is None
+    assert norm("sgdm") == {"name": "sgdm", "momentum": 0.9}
+    assert norm({"name": "sgdm", "momentum": 0}) == {"name": "sgdm", "momentum": 0.0}
+    assert norm({"name": "adam", "b1": 0}) == {"name": "adam", "b1": 0.0}
+    for bad, match in (("rmsprop", "unknown optimizer"), ({"name": "adam", "b1": 1.0}, r"\[0, 1\)"),
+                       ({"name": "sgdm", "b1": 0.0}, "no option"), ({"name": "adam", "b1": "x"}, "b1"),
+                       ({"name": "sgdm", "momentum": float("nan")}, "momentum")):
+        with pytest.raises(ValueError, match=match):
+            norm(bad)
+    bench = tiny_benchmark()
+    spec = parse_method("dbmtl")
+    base = ex.train.make_config(bench, spec, bench.recipe, quick=False, hparams={})
+    sgd = ex.train.make_config(bench, spec, bench.recipe, quick=False, hparams={}, optimizer="sgdm")
+    adam0 = ex.train.make_config(bench, spec, bench.recipe, quick=False, hparams={},
+                                 optimizer={"name": "adam", "b1": 0.0})
+    assert "optimizer" not in base.to_dict() and sgd.to_dict()["optimizer"] == {"name": "sgdm", "momentum": 0.9}
+    assert len({ex.config_hash(c) for c in (base, sgd, adam0)}) == 3
+    assert ex.train.RunConfig(**sgd.to_dict()) == sgd  # a stored config rebuilds to the same hash
+
+
+@pytest.mark.parametrize("flags,expected", [
+    (["--optimizer", "sgdm"], {"name": "sgdm", "momentum": 0.9}),
+    (["--optimizer", "sgdm", "--momentum", "0.5"], {"name": "sgdm", "momentum": 0.5}),
+    (["--b1", "0"], {"name": "adam", "b1": 0.0}),
+])
+def test_cli_optimizer_quick_toy_run(tmp_path, capsys, flags, expected):
+    out = tmp_path / "res"
+    rc = main(["run", "toy", "--quick", "--epochs", "1", "--methods", "stl,dbmtl", "--out", str(out),
+               "--no-progress", "--no-compile-cache", *flags])
+    assert rc == 0
+    recs = _records(out)
+    assert sorted(r["method"] for r in recs) == ["dbmtl", "stl"]
+    for rec in recs:  # STL gets the same optimizer as the MTL methods
+        assert rec["config"]["optimizer"] == expected
+        assert rec["config_hash"] == ex.config_hash(ex.train.RunConfig(**rec["config"]))
+        assert all(np.isfinite(v) for m in rec["metrics"]["test"].values() for v in m.values())
+    default = ex.train.make_config(ex.get_benchmark("toy"), parse_method("dbmtl"),
+                                   ex.get_benchmark("toy").quick.replace(epochs=1), quick=True, hparams={})
+    assert ex.config_hash(default) not in {r["config_hash"] for r in recs}
+    res = ex.write_report(out, plots=False)
+    (st,) = res["settings"]  # one setting: STL is the Δp reference of the same optimizer
+    assert st.optimizer == expected and f"optimizer {expected['name']}" in res["markdown"]
+    assert all(np.isfinite(np.mean(r.delta_p)) for r in st.rows.values())
+
+
+def test_cli_optimizer_options_must_match(tmp_path, capsys):
+    for flags, match in ((["--optimizer", "sgdm", "--b1", "0"], "--b1"),
+                         (["--momentum", "0.5"], "--momentum"),
+                         (["--optimizer", "sgdm", "--momentum", "1"], "momentum")):
+        rc = main(["run", "toy", "--quick", "--out", str(tmp_path), "--no-progress", "--no-compile-cache", *flags])
+        assert rc == 2
+        assert match in capsys.readouterr().err
+    assert not list(tmp_path.rglob("*.json"))
 
 
 def test_bad_method_hyperparameters_fail_before_training(tmp_path):

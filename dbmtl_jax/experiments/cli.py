@@ -4,7 +4,8 @@ Commands::
 
     dbmtl-jax run <benchmark> --methods stl,ew,dbmtl --seeds 3 [--quick] [--out results/]
                   [--hp dbmtl.beta=0.5 ...] [--log] [--grad-stats] [--import my_module]
-    dbmtl-jax report <dir> [--out DIR] [--no-plots]
+                  [--optimizer adam|sgdm] [--b1 0.0] [--momentum 0.9]
+    dbmtl-jax report <dir> [--out DIR] [--no-plots] [--strict]
     dbmtl-jax list [--import my_module]
 """
 
@@ -41,13 +42,26 @@ def _import_user(specs: Sequence[str]) -> None:
 
 
 def _seeds(text: str) -> list[int]:
-    """``3`` -> [0, 1, 2]; ``0,5,7`` -> [0, 5, 7]."""
+    """``3`` -> [0, 1, 2]; ``0,5,7`` -> [0, 5, 7] (no duplicates, no negative seed)."""
+    from dbmtl_jax.experiments.train import validate_seeds
+
     text = text.strip()
     if "," in text:
-        return [int(s) for s in text.split(",") if s.strip()]
-    n = int(text)
+        items = [s.strip() for s in text.split(",") if s.strip()]
+        try:
+            seeds = [int(s) for s in items]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: seeds must be integers, e.g. 0,3,7.") from None
+        try:
+            return validate_seeds(seeds)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a count (3) or a list (0,3,7).") from None
     if n < 1:
-        raise argparse.ArgumentTypeError("--seeds must be a positive count or a comma-separated list.")
+        raise argparse.ArgumentTypeError(f"{text!r}: the count of seeds must be >= 1 (or give a list like 0,3,7).")
     return list(range(n))
 
 
@@ -78,11 +92,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="module or .py file that registers more benchmarks (repeatable)")
     r.add_argument("--no-compile-cache", action="store_true",
                    help="do not use JAX's persistent compilation cache (default: <cache dir>/jax_compilation_cache)")
+    r.add_argument("--optimizer", choices=("adam", "sgdm"),
+                   help="final optimizer of every method and of STL: adam (default; optax.adam) or sgdm "
+                        "(optax.sgd with momentum); the learning rate is the recipe's (--lr)")
+    r.add_argument("--b1", type=float, help="Adam's b1 (default 0.9; e.g. 0 for Adam without momentum)")
+    r.add_argument("--momentum", type=float, help="SGD momentum of --optimizer sgdm (default 0.9)")
 
     rp = sub.add_parser("report", help="markdown table, CSV and plots from a results directory")
     rp.add_argument("dir", help="results directory (searched recursively)")
     rp.add_argument("--out", help="where to write the report (default: the results directory)")
     rp.add_argument("--no-plots", action="store_true")
+    rp.add_argument("--strict", action="store_true",
+                    help="exit with status 1, writing nothing, when a JSON file cannot be read as a run "
+                         "(default: report it on stderr, skip it and report the others)")
 
     ls = sub.add_parser("list", help="list benchmarks and methods")
     ls.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE")
@@ -108,6 +130,23 @@ def _enable_compile_cache() -> None:
         print(f"note: persistent compilation cache disabled ({e}).", file=sys.stderr)
 
 
+def _optimizer(args: argparse.Namespace) -> Optional[dict]:
+    """``--optimizer`` / ``--b1`` / ``--momentum`` -> the runner's optimizer (``None``: default Adam)."""
+    from dbmtl_jax.experiments.train import normalize_optimizer
+
+    name = args.optimizer or "adam"
+    if args.b1 is not None and name != "adam":
+        raise ValueError(f"--b1 is an option of --optimizer adam, not of --optimizer {name}.")
+    if args.momentum is not None and name != "sgdm":
+        raise ValueError(f"--momentum is an option of --optimizer sgdm, not of --optimizer {name}.")
+    opts = {"b1": args.b1} if name == "adam" else {"momentum": args.momentum}
+    try:
+        return normalize_optimizer({"name": name, **opts})
+    except ValueError as e:
+        flag = "--b1" if name == "adam" else "--momentum"
+        raise ValueError(f"{flag}: {e}") from None
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from dbmtl_jax import experiments as ex
 
@@ -118,6 +157,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         bench = ex.get_benchmark(args.benchmark)
         methods = ex.parse_methods(args.methods, force_log=args.log)
         hparams = ex.parse_hparams(args.hp)
+        optimizer = _optimizer(args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -129,7 +169,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         paths = ex.run_experiments(
             bench, methods, args.seeds, args.out, quick=args.quick, recipe=recipe, hparams=hparams,
             grad_stats=args.grad_stats, test_curve=args.test_curve, resume=not args.no_resume,
-            progress=not args.no_progress,
+            progress=not args.no_progress, optimizer=optimizer,
         )
     except ex.RunError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -143,12 +183,23 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from dbmtl_jax.experiments.report import write_report
+    from dbmtl_jax.experiments.report import BadResultFiles, write_report
 
     if not Path(args.dir).is_dir():
         print(f"error: {args.dir} is not a directory.", file=sys.stderr)
         return 2
-    res = write_report(args.dir, args.out, plots=not args.no_plots)
+    skipped: list = []
+    try:
+        res = write_report(args.dir, args.out, plots=not args.no_plots, skipped=skipped, strict=args.strict)
+    except BadResultFiles:
+        res = None
+    for path, reason in skipped:
+        print(f"skipped {path}: {reason}", file=sys.stderr)
+    if skipped:
+        print(f"skipped {len(skipped)} file(s) that are not usable runs"
+              + ("; --strict: no report written." if res is None else "."), file=sys.stderr)
+    if res is None:
+        return 1
     files = [res["report"], *res["csv"], *res["plots"]]
     try:
         print(res["markdown"])

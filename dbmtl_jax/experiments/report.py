@@ -1,8 +1,9 @@
 """Reports from the runner's JSON files: a markdown table, CSV files and plots.
 
-Runs are grouped into *settings* (benchmark + training recipe + quick flag:
-quick and full runs never mix) and, within a setting, into rows (method label +
-config hash: the same method with other hyperparameters is another row).  Per
+Runs are grouped into *settings* (benchmark + training recipe + quick flag +
+optimizer: quick and full runs, or runs with different optimizers, never mix)
+and, within a setting, into rows (method label + config hash: the same method
+with other hyperparameters is another row).  Per
 row and metric the table gives the mean ± sample standard deviation (ddof 1)
 of the test metric over seeds, and Δp (Eq. 3–4 of the DB-MTL paper, via
 :func:`dbmtl_jax.delta_p`, in percent) of every seed's test metrics against the
@@ -18,6 +19,10 @@ setting, row, task and metric, plus ``delta_p`` and timing lines),
 and ``<setting>_grad_cosine.png`` (pairwise cosine similarity of the task
 gradients, Fig. 10), all averaged over seeds.  Gradient plots only show runs
 that computed per-task gradients.
+
+A ``*.json`` file that is not a usable run record (truncated or invalid JSON,
+another format, missing or malformed keys) is skipped and reported, never
+silently (:func:`load_results`, :func:`check_record`).
 """
 
 from __future__ import annotations
@@ -35,25 +40,139 @@ import numpy as np
 
 from dbmtl_jax.metrics import delta_p
 
-__all__ = ["load_results", "summarize", "markdown_table", "write_report", "Setting", "Row"]
+__all__ = ["load_results", "check_record", "BadResultFiles", "summarize", "markdown_table", "write_report",
+           "Setting", "Row"]
+
+_NONFINITE = ("inf", "-inf", "nan")  # how the runner writes non-finite floats (NaN is written as null)
 
 
-def load_results(directory: os.PathLike) -> list[dict[str, Any]]:
-    """All finished run records under ``directory`` (recursively), sorted by benchmark, method, seed."""
+def _is_metric_value(v: Any) -> bool:
+    return v is None or v in _NONFINITE or (isinstance(v, (int, float)) and not isinstance(v, bool))
+
+
+def _metric_table_problem(table: Any, where: str) -> Optional[str]:
+    """``task -> metric -> value`` mappings (``metrics.val``, ``metrics.test``)."""
+    if not isinstance(table, dict):
+        return f"'{where}' is not an object"
+    for task, row in table.items():
+        if not isinstance(row, dict):
+            return f"'{where}.{task}' is not an object"
+        for m, v in row.items():
+            if not _is_metric_value(v):
+                return f"'{where}.{task}.{m}' is not a number ({v!r})"
+    return None
+
+
+def check_record(rec: Any) -> Optional[str]:
+    """Why ``rec`` (a parsed JSON file) is not a finished run record the report can use, or ``None``."""
     from dbmtl_jax.experiments.train import RESULT_FORMAT
 
+    if not isinstance(rec, dict):
+        return f"not a run record (a JSON {type(rec).__name__}, not an object)"
+    if "format" not in rec:
+        return "not a run record (no 'format' key)"
+    if rec["format"] != RESULT_FORMAT:
+        return f"unknown format {rec['format']!r} (expected {RESULT_FORMAT!r})"
+    if rec.get("status") != "done":
+        return f"status is {rec.get('status')!r}, not 'done'"
+    required = ("benchmark", "method", "seed", "config_hash", "config", "tasks", "metrics", "selected_epoch")
+    missing = [k for k in required if k not in rec]
+    if missing:
+        return f"missing key(s) {missing}"
+    for k in ("benchmark", "method", "config_hash"):
+        if not isinstance(rec[k], str):
+            return f"{k!r} is not a string ({rec[k]!r})"
+    if isinstance(rec["seed"], bool) or not isinstance(rec["seed"], int):
+        return f"'seed' is not an int ({rec['seed']!r})"
+    cfg = rec["config"]
+    if not isinstance(cfg, dict):
+        return "'config' is not an object"
+    missing = [k for k in ("benchmark", "recipe", "quick") if k not in cfg]
+    if missing:
+        return f"missing config key(s) {missing}"
+    if not isinstance(cfg["recipe"], dict):
+        return "'config.recipe' is not an object"
+    if not isinstance(cfg.get("hparams") or {}, dict):
+        return "'config.hparams' is not an object"
+    if "optimizer" in cfg and not isinstance(cfg["optimizer"], dict):
+        return "'config.optimizer' is not an object"
+    tasks = rec["tasks"]
+    if not isinstance(tasks, dict) or not tasks:
+        return "'tasks' is not a non-empty object"
+    for t, info in tasks.items():
+        if not isinstance(info, dict) or not isinstance(info.get("metrics"), dict):
+            return f"'tasks.{t}' has no 'metrics' object"
+        if not isinstance(info.get("units", {}), dict):
+            return f"'tasks.{t}.units' is not an object"
+    metrics = rec["metrics"]
+    if not isinstance(metrics, dict):
+        return "'metrics' is not an object"
+    for split in ("val", "test"):
+        if split not in metrics:
+            return f"missing key 'metrics.{split}'"
+        problem = _metric_table_problem(metrics[split], f"metrics.{split}")
+        if problem:
+            return problem
+    if not isinstance(rec["selected_epoch"], dict):
+        return "'selected_epoch' is not an object"
+    curve = rec.get("curve")
+    if curve is not None:
+        if not isinstance(curve, dict):
+            return "'curve' is not an object"
+        for k, v in curve.items():
+            if v is not None and not isinstance(v, list):
+                return f"'curve.{k}' is not a list"
+    return None
+
+
+def load_results(directory: os.PathLike, *, skipped: Optional[list] = None) -> list[dict[str, Any]]:
+    """All finished run records under ``directory`` (recursively), sorted by benchmark, method, seed.
+
+    Every ``*.json`` file is read.  A file that is not a usable run record
+    (unreadable, truncated or invalid JSON, another format, an unfinished run,
+    missing or malformed keys: :func:`check_record`) is left out and appended
+    to ``skipped`` as ``(path, reason)``; without a ``skipped`` list, each one
+    is a ``UserWarning`` instead.
+    """
     out = []
+    bad: list[tuple[str, str]] = []
     for path in sorted(Path(directory).rglob("*.json")):
         try:
-            with open(path) as f:
+            with open(path, encoding="utf-8") as f:
                 rec = json.load(f)
-        except (OSError, ValueError):
+        except OSError as e:
+            bad.append((str(path), f"cannot be read ({e.strerror or e})"))
             continue
-        if isinstance(rec, dict) and rec.get("format") == RESULT_FORMAT and rec.get("status") == "done":
-            rec["_path"] = str(path)
-            out.append(rec)
+        except UnicodeDecodeError as e:
+            bad.append((str(path), f"not UTF-8 text ({e.reason} at byte {e.start})"))
+            continue
+        except ValueError as e:  # json.JSONDecodeError: truncated or not JSON
+            bad.append((str(path), f"invalid JSON ({e}); a truncated or corrupted file?"))
+            continue
+        problem = check_record(rec)
+        if problem:
+            bad.append((str(path), problem))
+            continue
+        rec["_path"] = str(path)
+        out.append(rec)
+    if skipped is not None:
+        skipped.extend(bad)
+    else:
+        import warnings
+
+        for path, reason in bad:
+            warnings.warn(f"skipped {path}: {reason}", UserWarning, stacklevel=2)
     out.sort(key=lambda r: (r["benchmark"], r["method"], r["config_hash"], r["seed"]))
     return out
+
+
+class BadResultFiles(ValueError):
+    """``write_report(strict=True)`` found files that are not usable runs; ``skipped``: ``(path, reason)``."""
+
+    def __init__(self, skipped: Sequence[tuple[str, str]]) -> None:
+        self.skipped = list(skipped)
+        lines = "\n".join(f"  {p}: {r}" for p, r in self.skipped)
+        super().__init__(f"{len(self.skipped)} file(s) are not usable runs:\n{lines}")
 
 
 class Row:
@@ -95,11 +214,12 @@ class Setting:
     """The rows of one benchmark under one recipe."""
 
     def __init__(self, key: str, benchmark: str, recipe: Mapping[str, Any], quick: bool,
-                 tasks: Mapping[str, Any]) -> None:
+                 tasks: Mapping[str, Any], optimizer: Optional[Mapping[str, Any]] = None) -> None:
         self.key = key
         self.benchmark = benchmark
         self.recipe = recipe
         self.quick = quick
+        self.optimizer = optimizer  # None: the default Adam (b1 = 0.9)
         self.tasks = tasks  # task -> {"metrics": {name: hib}, "select_metric": ..., "units": ...}
         self.rows: dict[tuple[str, str], Row] = {}
 
@@ -124,7 +244,10 @@ def _std(xs: Sequence[float]) -> float:
 
 def _setting_key(rec: Mapping[str, Any]) -> str:
     cfg = rec["config"]
-    text = json.dumps({"b": cfg["benchmark"], "r": cfg["recipe"], "q": cfg["quick"]}, sort_keys=True)
+    key: dict[str, Any] = {"b": cfg["benchmark"], "r": cfg["recipe"], "q": cfg["quick"]}
+    if cfg.get("optimizer") is not None:  # only non-default optimizers: older setting keys are unchanged
+        key["o"] = cfg["optimizer"]
+    text = json.dumps(key, sort_keys=True)
     return f"{cfg['benchmark']}-{'quick' if cfg['quick'] else 'full'}-{hashlib.sha256(text.encode()).hexdigest()[:6]}"
 
 
@@ -136,7 +259,8 @@ def summarize(records: Iterable[Mapping[str, Any]]) -> list[Setting]:
         cfg = rec["config"]
         st = settings.get(key)
         if st is None:
-            st = settings[key] = Setting(key, cfg["benchmark"], cfg["recipe"], cfg["quick"], rec["tasks"])
+            st = settings[key] = Setting(key, cfg["benchmark"], cfg["recipe"], cfg["quick"], rec["tasks"],
+                                         cfg.get("optimizer"))
         rk = (rec["method"], rec["config_hash"])
         row = st.rows.get(rk)
         if row is None:
@@ -227,6 +351,9 @@ def _setting_title(st: Setting) -> str:
         parts.append(f"≤{rc['max_train_examples']} train examples")
     if rc.get("weight_decay"):
         parts.append(f"weight decay {rc['weight_decay']}")
+    if st.optimizer:
+        opts = ", ".join(f"{k}={v}" for k, v in st.optimizer.items() if k != "name")
+        parts.append(f"optimizer {st.optimizer.get('name')}" + (f" ({opts})" if opts else ""))
     return f"{st.benchmark} ({'quick' if st.quick else 'full'} recipe: {', '.join(parts)}) [{st.key}]"
 
 
@@ -380,9 +507,27 @@ def _plots(st: Setting, out: Path) -> list[Path]:
     return written
 
 
-def write_report(directory: os.PathLike, out: Optional[os.PathLike] = None, *, plots: bool = True) -> dict[str, Any]:
-    """Writes ``report.md``, ``summary.csv``, ``runs.csv`` and the plots; returns paths and the markdown."""
-    records = load_results(directory)
+def write_report(directory: os.PathLike, out: Optional[os.PathLike] = None, *, plots: bool = True,
+                 skipped: Optional[list] = None, strict: bool = False) -> dict[str, Any]:
+    """Writes ``report.md``, ``summary.csv``, ``runs.csv`` and the plots; returns paths and the markdown.
+
+    JSON files that are not usable runs are left out (see :func:`load_results`):
+    appended to ``skipped`` as ``(path, reason)`` when a list is given (else
+    warned about) and listed as ``"skipped"`` in the returned dict.  With
+    ``strict``, any such file raises :class:`BadResultFiles` and nothing is
+    written.
+    """
+    bad: list[tuple[str, str]] = []
+    records = load_results(directory, skipped=bad)
+    if skipped is not None:
+        skipped.extend(bad)
+    elif not strict:
+        import warnings
+
+        for path, reason in bad:
+            warnings.warn(f"skipped {path}: {reason}", UserWarning, stacklevel=2)
+    if strict and bad:
+        raise BadResultFiles(bad)
     settings = summarize(records)
     out_dir = Path(out) if out is not None else Path(directory)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -395,4 +540,4 @@ def write_report(directory: os.PathLike, out: Optional[os.PathLike] = None, *, p
         for st in settings:
             figs += _plots(st, out_dir)
     return {"markdown": md, "report": md_path, "csv": csvs, "plots": figs, "settings": settings,
-            "num_runs": len(records)}
+            "num_runs": len(records), "skipped": bad}

@@ -8,7 +8,9 @@ of the library is used:
   with the log transform or ``grad_stats=True``): per-task gradients from
   ``dbmtl_jax.value_and_task_grads(loss_fn, log=...)``, then
   ``optax.chain(get_method(name, T, shared=..., **hp), [add_decayed_weights], adam(lr))``
-  with ``losses=`` (the raw task losses) and ``key=`` passed as extra args;
+  with ``losses=`` (the raw task losses) and ``key=`` passed as extra args
+  (the final optimizer is Adam unless the run's ``optimizer`` says otherwise:
+  :func:`normalize_optimizer`; STL uses the same one);
 * loss-weighting methods (``METHOD_GROUPS[name] == "loss"``): the cheap path
   of :mod:`dbmtl_jax.loss_weighting` (one backward pass of
   ``Σ_t stop_gradient(w_t) ℓ_t``, the method built with ``grads="weighted"``);
@@ -62,6 +64,11 @@ __all__ = [
     "parse_method",
     "parse_methods",
     "parse_hparams",
+    "validate_hparams",
+    "validate_seeds",
+    "OPTIMIZERS",
+    "normalize_optimizer",
+    "make_optimizer",
     "RunConfig",
     "make_config",
     "config_hash",
@@ -213,6 +220,203 @@ def method_hparams(
     return hp
 
 
+def _hp_text(key: str, name: str, value: Any) -> str:
+    """``METHOD.NAME=VALUE`` as written on the command line."""
+    text = str(value).lower() if isinstance(value, bool) or value is None else str(value)
+    return f"{key}.{name}={text}"
+
+
+def _hp_sources(
+    spec: MethodSpec, benchmark: Benchmark, user: Mapping[str, Mapping[str, Any]]
+) -> dict[str, str]:
+    """``hyperparameter -> where its value comes from`` (``--hp dbmtl.beta=0.5`` or the benchmark's default)."""
+    out: dict[str, str] = {}
+    for key in dict.fromkeys([spec.name, spec.label]):
+        for k, v in benchmark.method_hparams.get(key, {}).items():
+            out[k] = f"benchmark {benchmark.name!r} default {_hp_text(key, k, v)}"
+    for key in dict.fromkeys([spec.name, spec.label]):
+        for k, v in user.get(key, {}).items():
+            out[k] = f"--hp {_hp_text(key, k, v)}"
+    return out
+
+
+_NUMERIC_ANNOTATION_WORDS = {"Optional", "Union", "int", "float", "bool", "Sequence", "tuple", "Tuple", "list",
+                             "List", "jax", "Array", "np", "ndarray", "None", "typing"}
+
+
+def _check_hp_value(spec: MethodSpec, param: inspect.Parameter, value: Any, source: str) -> None:
+    """Rejects values of the wrong kind, judged from the factory's default and annotation."""
+    default = param.default
+    kind = None
+    if default is not inspect.Parameter.empty and default is not None and not isinstance(default, str):
+        kind = "a bool" if isinstance(default, bool) else (
+            "a number" if isinstance(default, (int, float)) else f"a {type(default).__name__}")
+    elif isinstance(value, str) and param.annotation is not inspect.Parameter.empty:
+        import re
+
+        words = set(re.findall(r"[A-Za-z_]+", str(param.annotation)))
+        if words and words <= _NUMERIC_ANNOTATION_WORDS:
+            kind = f"a value of type {param.annotation}"
+    if kind is None:
+        return
+    if isinstance(value, str):
+        raise ValueError(
+            f"{source}: method {spec.label!r} expects {kind} for {param.name!r} (default {default!r}), "
+            f"got the string {value!r}."
+        )
+    if kind == "a number" and isinstance(value, bool):
+        raise ValueError(
+            f"{source}: method {spec.label!r} expects a number for {param.name!r} (default {default!r}), "
+            f"got {value!r}."
+        )
+
+
+def validate_hparams(
+    benchmark: Benchmark,
+    specs: Sequence[MethodSpec],
+    hparams: Mapping[str, Mapping[str, Any]],
+    *,
+    grad_stats: bool = False,
+) -> None:
+    """Checks every method's hyperparameters before anything runs; raises ``ValueError`` naming the option.
+
+    Rejected: ``--hp`` entries for unknown methods or methods that are not being
+    run, hyperparameter names the method's factory does not take, strings where
+    the factory's default is a number or a bool (``dbmtl.beta=abc``), and
+    values the factory itself rejects: each method is built once, for the
+    benchmark's task count, with its hyperparameters.
+    """
+    available = ", ".join(("stl", *dbmtl_jax.METHODS))
+    known = {s.name for s in specs} | {s.label for s in specs}
+    for key, values in hparams.items():
+        opts = ", ".join(f"--hp {_hp_text(key, k, v)}" for k, v in values.items()) or f"--hp {key}"
+        try:
+            parsed = parse_method(key)
+        except ValueError:
+            raise ValueError(f"{opts}: unknown method {key!r}; available: {available}.") from None
+        if parsed.name == "stl":
+            raise ValueError(f"{opts}: stl takes no hyperparameters.")
+        if key not in known:
+            raise ValueError(f"{opts}: --hp names method(s) [{key!r}] that are not being run ({sorted(known)}).")
+    for spec in specs:
+        if spec.name == "stl":
+            continue
+        hp = method_hparams(spec, benchmark, hparams)
+        sources = _hp_sources(spec, benchmark, hparams)
+        factory = _factory(spec.name)
+        params: dict[str, inspect.Parameter] = {}
+        var_kw = False
+        if factory is not None:
+            try:
+                sig = inspect.signature(factory)
+            except (TypeError, ValueError):
+                sig = None
+            if sig is not None:
+                plist = list(sig.parameters.values())
+                var_kw = any(p.kind is p.VAR_KEYWORD for p in plist)
+                params = {p.name: p for p in plist[1:]  # the first one is num_tasks
+                          if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        for name, value in hp.items():
+            source = sources.get(name, f"hyperparameter {name!r}")
+            if name not in params:
+                if var_kw and name != "num_tasks":
+                    continue
+                raise ValueError(
+                    f"{source}: method {spec.label!r} has no hyperparameter {name!r}; "
+                    f"it takes: {', '.join(params) or 'none'}."
+                )
+            _check_hp_value(spec, params[name], value, source)
+        built = dict(hp)
+        if "shared" in params:
+            built.setdefault("shared", benchmark.shared)
+        if "steps_per_epoch" in params:
+            built.setdefault("steps_per_epoch", 1)
+        if uses_cheap_path(spec, grad_stats):
+            built["grads"] = "weighted"
+        try:
+            dbmtl_jax.get_method(spec.name, benchmark.num_tasks, **built)
+        except Exception as e:  # noqa: BLE001 - whatever the factory raises, nothing has run yet
+            opts = ", ".join(sources[k] for k in hp if k in sources) or f"method {spec.label!r}"
+            raise ValueError(
+                f"{opts}: method {spec.label!r} rejects its hyperparameters {dict(hp)} "
+                f"for {benchmark.num_tasks} tasks ({type(e).__name__}: {e})."
+            ) from e
+
+
+def validate_seeds(seeds: Iterable[Any]) -> list[int]:
+    """The seeds as ints; duplicates, negative and non-integer seeds raise ``ValueError``."""
+    out: list[int] = []
+    for s in seeds:
+        if isinstance(s, bool) or not isinstance(s, (int, np.integer)):
+            raise ValueError(f"seed {s!r} is not an int.")
+        if s < 0:
+            raise ValueError(f"seed {int(s)} is negative; seeds must be >= 0.")
+        out.append(int(s))
+    if not out:
+        raise ValueError("no seed given.")
+    dup = sorted({s for s in out if out.count(s) > 1})
+    if dup:
+        raise ValueError(f"duplicate seed(s) {dup}; give each seed once (a repeated seed would run once "
+                         f"and be counted twice).")
+    return out
+
+
+# --------------------------------------------------------------------------- optimizers
+
+OPTIMIZERS: dict[str, dict[str, float]] = {
+    "adam": {"b1": 0.9},  # optax.adam(lr, b1=b1); b2 = 0.999, eps = 1e-8
+    "sgdm": {"momentum": 0.9},  # optax.sgd(lr, momentum=momentum) (PyTorch SGD: v <- g + mu v)
+}
+"""The final optimizer of the runner's chain and its options (with their defaults)."""
+
+
+def normalize_optimizer(optimizer: Any = None) -> Optional[dict[str, Any]]:
+    """Canonical form of an optimizer choice; ``None`` for the default (Adam, ``b1 = 0.9``).
+
+    ``optimizer`` is ``None``, a name of :data:`OPTIMIZERS` (``"adam"``,
+    ``"sgdm"``) or a mapping ``{"name": ..., <option>: value}`` (options left
+    out or ``None`` take their defaults).  The canonical form lists the name
+    and every option; the default is ``None`` so that the configs (and the
+    file names) of runs with the default optimizer are those of the runs made
+    before the option existed.
+    """
+    if optimizer is None:
+        return None
+    if isinstance(optimizer, str):
+        spec: dict[str, Any] = {"name": optimizer}
+    elif isinstance(optimizer, Mapping):
+        spec = dict(optimizer)
+    else:
+        raise ValueError(f"optimizer: expected a name or a mapping, got {optimizer!r}.")
+    name = str(spec.pop("name", "adam")).strip().lower()
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; available: {', '.join(OPTIMIZERS)}.")
+    defaults = OPTIMIZERS[name]
+    out: dict[str, Any] = {"name": name}
+    for key, default in defaults.items():
+        v = spec.pop(key, None)
+        v = default if v is None else v
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not 0 <= v < 1:
+            raise ValueError(f"optimizer {name!r}: {key} must be a number in [0, 1), got {v!r}.")
+        out[key] = float(v)
+    extra = {k: v for k, v in spec.items() if v is not None}
+    if extra:
+        raise ValueError(f"optimizer {name!r} has no option(s) {sorted(extra)}; it takes: {', '.join(defaults)}.")
+    if out == {"name": "adam", **OPTIMIZERS["adam"]}:
+        return None
+    return out
+
+
+def make_optimizer(optimizer: Any, learning_rate: Any) -> optax.GradientTransformation:
+    """The final optimizer of the chain (``None``: ``optax.adam(learning_rate)``, the default)."""
+    spec = normalize_optimizer(optimizer)
+    if spec is None:
+        return optax.adam(learning_rate)
+    if spec["name"] == "adam":
+        return optax.adam(learning_rate, b1=spec["b1"])
+    return optax.sgd(learning_rate, momentum=spec["momentum"] or None)
+
+
 # --------------------------------------------------------------------------- configs and files
 
 
@@ -228,9 +432,10 @@ class RunConfig:
     recipe: Mapping[str, Any]
     quick: bool
     grad_path: str
+    optimizer: Optional[Mapping[str, Any]] = None  # None: Adam (b1 = 0.9), the key is then left out
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "benchmark": self.benchmark,
             "method": self.method,
             "base_method": self.base_method,
@@ -240,6 +445,9 @@ class RunConfig:
             "quick": self.quick,
             "grad_path": self.grad_path,
         }
+        if self.optimizer is not None:  # absent for the default, so older config hashes stay valid
+            out["optimizer"] = dict(self.optimizer)
+        return out
 
 
 def _jsonable(x: Any) -> Any:
@@ -266,6 +474,7 @@ def make_config(
     quick: bool,
     hparams: Mapping[str, Any],
     grad_stats: bool = False,
+    optimizer: Any = None,
 ) -> RunConfig:
     grad_path = "stl" if spec.name == "stl" else ("weighted" if uses_cheap_path(spec, grad_stats) else "per_task")
     return RunConfig(
@@ -277,6 +486,7 @@ def make_config(
         recipe=_jsonable(recipe.to_dict()),
         quick=quick,
         grad_path=grad_path,
+        optimizer=normalize_optimizer(optimizer),
     )
 
 
@@ -401,6 +611,7 @@ class _Trainer:
         seed: int,
         steps_per_epoch: int,
         grad_stats: bool,
+        optimizer: Any = None,
     ) -> None:
         nnx = _nnx()
         self.nnx = nnx
@@ -423,7 +634,7 @@ class _Trainer:
                 recipe.learning_rate, {recipe.lr_decay_epoch * steps_per_epoch: recipe.lr_decay_factor}
             )
         tail = [optax.add_decayed_weights(recipe.weight_decay)] if recipe.weight_decay else []
-        tail.append(optax.adam(lr))
+        tail.append(make_optimizer(optimizer, lr))
 
         self.cheap = uses_cheap_path(spec, grad_stats)
         if spec.name == "stl":
@@ -617,6 +828,7 @@ def train_run(
     log_points: int = 100,
     progress: bool = True,
     desc: str = "",
+    optimizer: Any = None,
 ) -> dict[str, Any]:
     """Trains and evaluates one run; returns the result record (without config/file fields).
 
@@ -634,13 +846,16 @@ def train_run(
         it as ``history.test`` (a diagnostic; never used for selection).
       log_points: about how many points the step-level curve keeps.
       progress: show a tqdm bar.
+      optimizer: the final optimizer of the chain (see :func:`normalize_optimizer`;
+        ``None``: Adam with ``b1 = 0.9``); STL uses it too.
     """
     from tqdm.auto import tqdm
 
     steps_per_epoch = int(data.steps_per_epoch)
     if steps_per_epoch < 1:
         raise ValueError("the data provider reports no training step per epoch.")
-    tr = _Trainer(benchmark, spec, recipe, hparams, seed, steps_per_epoch, grad_stats)
+    tr = _Trainer(benchmark, spec, recipe, hparams, seed, steps_per_epoch, grad_stats,
+                  normalize_optimizer(optimizer))
     params, rest, opt_state = tr.params, tr.rest, tr.opt_state
     tasks = benchmark.tasks
     T = len(tasks)
@@ -779,12 +994,18 @@ def run_experiments(
     progress: bool = True,
     stop_on_error: bool = False,
     echo: Optional[Callable[[str], None]] = None,
+    optimizer: Any = None,
 ) -> list[Path]:
     """Runs every (method, seed) pair not finished yet and writes one JSON per run.
 
     Returns the result paths of all pairs (skipped ones included).  A failing
     run is reported through ``echo`` and skipped (nothing written), unless
     ``stop_on_error``; :class:`RunError` lists the failures at the end.
+
+    Before anything is loaded or trained, the seeds (:func:`validate_seeds`),
+    the optimizer (:func:`normalize_optimizer`; ``None`` is Adam with
+    ``b1 = 0.9``, used by every method and STL) and every method's
+    hyperparameters (:func:`validate_hparams`) are checked: ``ValueError``.
     """
     from tqdm.auto import tqdm
 
@@ -792,29 +1013,16 @@ def run_experiments(
     hparams = hparams or {}
     recipe = recipe or (benchmark.quick if quick else benchmark.recipe)
     specs = list(methods)
-    # Fail fast on unknown methods or hyperparameters, before any data is loaded.
-    for spec in specs:
-        if spec.name != "stl":
-            hp = method_hparams(spec, benchmark, hparams)
-            if _accepts(spec.name, "shared"):
-                hp.setdefault("shared", benchmark.shared)
-            if _accepts(spec.name, "steps_per_epoch"):
-                hp.setdefault("steps_per_epoch", 1)
-            if uses_cheap_path(spec, grad_stats):
-                hp["grads"] = "weighted"
-            try:
-                dbmtl_jax.get_method(spec.name, benchmark.num_tasks, **hp)
-            except TypeError as e:
-                raise ValueError(f"method {spec.label!r}: bad hyperparameters ({e}).") from e
-    known = {s.name for s in specs} | {s.label for s in specs}
-    unused = sorted(set(hparams) - known)
-    if unused:
-        raise ValueError(f"--hp names method(s) {unused} that are not being run ({sorted(known)}).")
+    # Fail fast on bad seeds, optimizers, methods or hyperparameters, before any data is loaded.
+    seeds = validate_seeds(seeds)
+    optimizer = normalize_optimizer(optimizer)
+    validate_hparams(benchmark, specs, hparams, grad_stats=grad_stats)
 
     jobs = []
     for spec in specs:
         hp = method_hparams(spec, benchmark, hparams) if spec.name != "stl" else {}
-        cfg = make_config(benchmark, spec, recipe, quick=quick, hparams=hp, grad_stats=grad_stats)
+        cfg = make_config(benchmark, spec, recipe, quick=quick, hparams=hp, grad_stats=grad_stats,
+                          optimizer=optimizer)
         for seed in seeds:
             jobs.append((spec, hp, cfg, int(seed), result_path(out_dir, cfg, int(seed))))
     todo = [j for j in jobs if not (resume and is_finished(j[4]))]
@@ -831,7 +1039,8 @@ def run_experiments(
     for spec, hp, cfg, seed, path in outer:
         try:
             res = train_run(benchmark, spec, seed, data, recipe, hparams=hp, grad_stats=grad_stats,
-                            test_curve=test_curve, progress=progress, desc=f"{spec.label} s{seed}")
+                            test_curve=test_curve, progress=progress, desc=f"{spec.label} s{seed}",
+                            optimizer=optimizer)
         except Exception as e:  # noqa: BLE001 - one failing run must not lose the others
             if stop_on_error:
                 raise
