@@ -27,6 +27,7 @@ from typing import Any, Callable, NamedTuple, Optional, Union
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from dbmtl_jax import task_axis as ta
@@ -36,7 +37,7 @@ ScalarOrSchedule = Union[float, jax.Array, Callable[[jax.Array], jax.Array]]
 
 ALPHA_MODES = ("max", "min", "mean", "median")
 
-__all__ = ["DBMTLState", "dbmtl", "ALPHA_MODES", "aggregate_alpha", "beta_at", "check_options"]
+__all__ = ["DBMTLState", "dbmtl", "ALPHA_MODES", "aggregate_alpha", "beta_at", "check_options", "dbmtl_direction"]
 
 
 class DBMTLState(NamedTuple):
@@ -76,8 +77,32 @@ def beta_at(beta: ScalarOrSchedule, beta_sigma: Union[float, jax.Array], count: 
     return jnp.asarray(beta_k, dtype) / count.astype(dtype) ** jnp.asarray(beta_sigma, dtype)
 
 
-def check_options(num_tasks: Any, alpha: Any) -> None:
-    """Trace-time validation of the static options shared by :func:`dbmtl` and the fused step."""
+def _concrete_scalar(value: Any, name: str) -> Optional[float]:
+    """``value`` as a float, or None when it is traced (``inject_hyperparams`` under ``jit``)."""
+    if isinstance(value, jax.core.Tracer):
+        return None
+    if isinstance(value, bool) or not (isinstance(value, (int, float)) or hasattr(value, "dtype")):
+        raise TypeError(f"DB-MTL: {name} must be a real number, got {type(value).__name__} {value!r}.")
+    arr = np.asarray(value)
+    if arr.shape != () or not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+        raise TypeError(f"DB-MTL: {name} must be a real scalar, got shape {arr.shape} dtype {arr.dtype}.")
+    return float(arr)
+
+
+def check_options(
+    num_tasks: Any,
+    alpha: Any,
+    *,
+    beta: Any = 0.9,
+    beta_sigma: Any = 0.0,
+    eps: Any = 1e-8,
+    ema_dtype: Any = None,
+) -> None:
+    """Validates the options shared by :func:`dbmtl` and the fused step; errors name the option and its range.
+
+    Traced values (``optax.inject_hyperparams`` under ``jit``) and β schedules
+    cannot be checked here and are taken as they are.
+    """
     if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
         raise ValueError(
             f"num_tasks must be a positive Python int (it sizes the EMA state), got {num_tasks!r}; "
@@ -86,8 +111,44 @@ def check_options(num_tasks: Any, alpha: Any) -> None:
     if isinstance(alpha, str):
         if alpha not in ALPHA_MODES:
             raise ValueError(f"unknown alpha {alpha!r}; expected one of {ALPHA_MODES} or a float constant.")
-    elif not (isinstance(alpha, (int, float)) or hasattr(alpha, "dtype")):
+    elif not (isinstance(alpha, (int, float)) or hasattr(alpha, "dtype")) or isinstance(alpha, bool):
         raise TypeError(f"alpha must be one of {ALPHA_MODES} or a float constant, got {type(alpha).__name__}.")
+    else:
+        a = _concrete_scalar(alpha, "alpha")
+        if a is not None and not (0 < a < np.inf):
+            raise ValueError(f"DB-MTL: a constant alpha must be finite and > 0 (it is the update's norm), got {a}.")
+    if not callable(beta):
+        b = _concrete_scalar(beta, "beta")
+        if b is not None and not 0 <= b < 1:
+            raise ValueError(
+                f"DB-MTL: beta must be in [0, 1) (β weights the old EMA value; β ≥ 1 freezes or reverses "
+                f"the average), got {b}."
+            )
+    sigma = _concrete_scalar(beta_sigma, "beta_sigma")
+    if sigma is not None and not 0 <= sigma < np.inf:
+        raise ValueError(f"DB-MTL: beta_sigma must be finite and >= 0 (β_k = β / k^σ must stay ≤ β), got {sigma}.")
+    e = _concrete_scalar(eps, "eps")
+    if e is not None and not 0 < e < np.inf:
+        raise ValueError(f"DB-MTL: eps must be finite and > 0 (it keeps ĝ/(‖ĝ‖ + ε) and log(ℓ + ε) finite), got {e}.")
+    if ema_dtype is not None and not jnp.issubdtype(jnp.dtype(ema_dtype), jnp.floating):
+        raise ValueError(f"DB-MTL: ema_dtype must be a real floating dtype, got {jnp.dtype(ema_dtype)}.")
+
+
+def dbmtl_direction(
+    ema: list, alpha: Union[str, float, jax.Array], eps: Union[float, jax.Array], acc: Any,
+    sq_pair: Optional[jax.Array] = None,
+) -> tuple[jax.Array, list]:
+    """``(‖ĝ_t‖, [α Σ_t ĝ_t / (‖ĝ_t‖ + ε) per leaf])`` from the updated EMA leaves ``[T, *shape]``.
+
+    The one place of the rescaling maths, shared by :func:`dbmtl` and the fused
+    step (which passes the ``[2, T]`` squared norms it accumulated while
+    streaming, :func:`dbmtl_jax.task_axis.task_sq_norms_pair`).  Norms stay
+    finite whenever the true norm is.  The directions are in
+    ``promote_types(ema dtype, acc)``.
+    """
+    norms = ta.norms_from_pair(ta.task_sq_norms_pair(ema, acc) if sq_pair is None else sq_pair)
+    scale = aggregate_alpha(norms, alpha) / (norms + jnp.asarray(eps, acc))
+    return norms, [jnp.tensordot(scale.astype(jnp.promote_types(m.dtype, acc)), m, axes=(0, 0)) for m in ema]
 
 
 def dbmtl(
@@ -132,11 +193,13 @@ def dbmtl(
       Extra args (``losses=``, ``key=``) are accepted and ignored, so the
       transform is interchangeable with the other methods of this library.
     """
-    check_options(num_tasks, alpha)
+    check_options(num_tasks, alpha, beta=beta, beta_sigma=beta_sigma, eps=eps, ema_dtype=ema_dtype)
     if ema_dtype is not None:
         ema_dtype = jnp.dtype(ema_dtype)
 
     def init_fn(params: PyTree) -> DBMTLState:
+        for path, leaf in zip(ta.leaf_paths(params), jax.tree_util.tree_leaves(params, is_leaf=ta.is_variable)):
+            ta.check_real_float(leaf, f"parameter '{path}'")
         mask = ta.resolve_shared(shared, params)
         return DBMTLState(
             count=jnp.zeros([], jnp.int32),
@@ -148,7 +211,7 @@ def dbmtl(
         updates: PyTree, state: DBMTLState, params: Optional[PyTree] = None, **extra_args: Any
     ) -> tuple[PyTree, DBMTLState]:
         del extra_args
-        ta.check_task_axis(updates, num_tasks)
+        ta.check_task_axis(updates, num_tasks, params=params)
         mask = ta.resolve_shared(shared, updates if params is None else params)
         g_shared, g_heads, treedef = ta.split_shared(updates, mask)
         ema_leaves = jax.tree_util.tree_leaves(state.ema)
@@ -170,13 +233,9 @@ def dbmtl(
             for g, m in zip(g_shared, ema_leaves)
         ]
         if new_ema:
-            norms = jnp.sqrt(ta.task_sq_norms(new_ema, acc))
-            scale = aggregate_alpha(norms, alpha) / (norms + jnp.asarray(eps, acc))
-            scale = jnp.where(finite, scale, jnp.nan)  # keep the step visibly invalid
-            out_shared = [
-                jnp.tensordot(scale.astype(jnp.promote_types(m.dtype, acc)), m, axes=(0, 0)).astype(g.dtype)
-                for g, m in zip(g_shared, new_ema)
-            ]
+            norms, directions = dbmtl_direction(new_ema, alpha, eps, acc)
+            # A non-finite gradient keeps the step visibly invalid (NaN update).
+            out_shared = [jnp.where(finite, d, jnp.nan).astype(g.dtype) for g, d in zip(g_shared, directions)]
         else:
             norms, out_shared = state.norms, []
         out_heads = [jnp.sum(g, axis=0) for g in g_heads]

@@ -43,7 +43,8 @@ import jax.numpy as jnp
 import optax
 
 from dbmtl_jax import task_axis as ta
-from dbmtl_jax.dbmtl import DBMTLState, ScalarOrSchedule, aggregate_alpha, beta_at, check_options, dbmtl
+from dbmtl_jax.dbmtl import DBMTLState, ScalarOrSchedule, beta_at, check_options, dbmtl, dbmtl_direction
+from dbmtl_jax.guard import finite_flags, output_ok, select_step
 from dbmtl_jax.task_gradients import _check_chunk, fold_task_grads, trunk_heads_fold_task_grads
 
 PyTree = Any
@@ -78,17 +79,21 @@ def _fold_rows(
     """``ĝ_t ← β_k ĝ_t + (1 − β_k) g_t`` for the rows ``start …`` of every EMA leaf (written in place into
     the loop carry), and their ``‖ĝ_t‖²`` into ``sq``."""
     c = g_shared[0].shape[0]
-    sq_rows = jnp.zeros([c], acc)
-    out = []
+    rows_ok = jnp.ones([c], bool)
+    out, news = [], []
     for m, g in zip(ema, g_shared):
         b = beta_k.astype(m.dtype)
         old = jax.lax.dynamic_slice_in_dim(m, start, c, axis=0)
         new = b * old + (1 - b) * g.astype(m.dtype)
-        sq_rows = sq_rows + jnp.sum(jnp.square(new.astype(acc)).reshape(c, -1), axis=1)
+        news.append(new)
+        rows_ok = rows_ok & jnp.all(jnp.isfinite(new).reshape(c, -1), axis=1)
         if in_place:  # never write a row of an invalid-loss step, nor a non-finite entry
             new = jnp.where(ok & jnp.isfinite(new), new, old)
         out.append(jax.lax.dynamic_update_slice_in_dim(m, new, start, axis=0))
-    return out, jax.lax.dynamic_update_slice_in_dim(sq, sq_rows, start, axis=0)
+    # NaN marks a row with a non-finite entry (even where in-place mode did not write it); an inf
+    # in the plain row of the pair is only an overflow of the squares (see ta.norms_from_pair).
+    sq_rows = jnp.where(rows_ok, ta.task_sq_norms_pair(news, acc), jnp.nan)
+    return out, jax.lax.dynamic_update_slice_in_dim(sq, sq_rows, start, axis=1)
 
 
 def _backup(ema: list, in_place: bool) -> Optional[list]:
@@ -103,27 +108,32 @@ def _finish(
 ) -> tuple[PyTree, tuple]:
     """Scales the new EMA into the DB-MTL direction, runs the optimizer, and guards the whole step."""
     db, inner = state
-    heads_sq = sum((jnp.sum(jnp.square(h.astype(acc))) for h in head_dir), jnp.zeros([], acc))
-    valid = ok & jnp.all(jnp.isfinite(sq)) & jnp.isfinite(heads_sq)
-    norms = jnp.sqrt(sq)
+    heads_ok = functools.reduce(jnp.logical_and, [jnp.all(jnp.isfinite(h)) for h in head_dir], jnp.asarray(True))
+    # NaN rows flag a non-finite EMA entry; an inf is an overflow of the squares only, recomputed
+    # safely inside the applied branch (outside it, the recomputation would copy the EMA).
+    valid = ok & ~jnp.any(jnp.isnan(sq)) & heads_ok
+    inner_flags = finite_flags(inner)
 
     def apply(_: Any) -> tuple:
-        if ema_new:
-            scale = aggregate_alpha(norms, alpha) / (norms + jnp.asarray(eps, acc))
-            shared_dir = [
-                jnp.tensordot(scale.astype(jnp.promote_types(m.dtype, acc)), m, axes=(0, 0)).astype(m.dtype)
-                for m in ema_new
-            ]
-        else:
-            shared_dir = []
-        direction = ta.merge_shared(shared_dir, list(head_dir), mask, treedef)
+        norms, shared_dir = dbmtl_direction(ema_new, alpha, eps, acc, sq) if ema_new else (db.norms.astype(acc), [])
+        direction = ta.merge_shared([d.astype(m.dtype) for d, m in zip(shared_dir, ema_new)], list(head_dir),
+                                    mask, treedef)
         direction = jax.tree_util.tree_map(lambda d, p: d.astype(p.dtype), direction, params)
-        return optimizer.update(direction, inner, params)
+        return optimizer.update(direction, inner, params) + (norms,)
 
     def skip(_: Any) -> tuple:
-        return jax.tree_util.tree_map(jnp.zeros_like, params), inner
+        return jax.tree_util.tree_map(jnp.zeros_like, params), inner, jnp.full(db.norms.shape, jnp.nan, acc)
 
-    updates, new_inner = jax.lax.cond(valid, apply, skip, None)
+    updates, new_inner, norms = jax.lax.cond(valid, apply, skip, None)
+    # Guard what was produced too: a direction or an optimizer state (Adam's second moment) can
+    # overflow on finite input.  Exact mode rolls the optimizer state back; in place, where no copy
+    # of it is kept, the updates are zeroed and the step is flagged (NaN norms) like a mid-stream one.
+    out_ok = output_ok(updates, inner_flags, new_inner)
+    if backup is None:
+        updates = jax.tree_util.tree_map(lambda u: jnp.where(out_ok, u, jnp.zeros_like(u)), updates)
+    else:
+        updates, new_inner = select_step(out_ok, updates, new_inner, inner)
+    valid = valid & out_ok
     if backup is None or not ema_new:
         ema_out = ema_new
         # Rows advanced by a step rejected mid-stream: flag it in the norms (see the module docstring).
@@ -195,7 +205,7 @@ def fused_dbmtl(
     Returns:
       :class:`FusedDBMTL` ``(init, update)``; jit ``update`` and donate the state.
     """
-    check_options(num_tasks, alpha)
+    check_options(num_tasks, alpha, beta=beta, beta_sigma=beta_sigma, eps=eps, ema_dtype=ema_dtype)
     _check_chunk(chunk_size)
     db = dbmtl(num_tasks, beta=beta, beta_sigma=beta_sigma, alpha=alpha, eps=eps, shared=shared, ema_dtype=ema_dtype)
 
@@ -220,7 +230,7 @@ def fused_dbmtl(
                 raise ValueError(f"loss_fn must return {num_tasks} task losses (the task axis), got shape "
                                  f"{losses.shape}.")
             heads0 = [jnp.zeros(jnp.shape(h), jnp.promote_types(jnp.result_type(h), jnp.float32)) for h in p_heads]
-            return ema, jnp.zeros([num_tasks], acc), heads0, _losses_ok(losses, log)
+            return ema, jnp.zeros([2, num_tasks], acc), heads0, _losses_ok(losses, log)
 
         grads_fn = fold_task_grads(loss_fn, fold, log=log, eps=eps, has_aux=has_aux, chunk_size=chunk_size,
                                    unroll=unroll)
@@ -261,7 +271,7 @@ def fused_trunk_heads_dbmtl(
     ``optax.chain(dbmtl(T, shared=<trunk leaves>), optimizer)`` over ``params``.
     """
     num_tasks = len(head_loss_fns)
-    check_options(num_tasks, alpha)
+    check_options(num_tasks, alpha, beta=beta, beta_sigma=beta_sigma, eps=eps, ema_dtype=ema_dtype)
     _check_chunk(chunk_size)
 
     def trunk_mask(params: PyTree) -> PyTree:
@@ -288,7 +298,7 @@ def fused_trunk_heads_dbmtl(
             return ema_c, sq, ok
 
         def first_carry(losses: jax.Array) -> tuple:
-            return ema, jnp.zeros([num_tasks], acc), _losses_ok(losses, log)
+            return ema, jnp.zeros([2, num_tasks], acc), _losses_ok(losses, log)
 
         grads_fn = trunk_heads_fold_task_grads(trunk_fn, head_loss_fns, fold, log=log, eps=eps,
                                                chunk_size=chunk_size, unroll=unroll)

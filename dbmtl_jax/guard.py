@@ -16,7 +16,8 @@ under ``jit``).
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+import functools
+from typing import Any, Callable, NamedTuple, Optional
 
 import chex
 import jax
@@ -24,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-__all__ = ["SkipState", "skip_invalid_steps", "InvalidStepError"]
+__all__ = ["SkipState", "skip_invalid_steps", "InvalidStepError", "reraise_invalid_step"]
 
 PyTree = Any
 
@@ -88,6 +89,80 @@ def _raise(grad_bad: np.ndarray, loss_bad: np.ndarray, losses: Optional[np.ndarr
     raise InvalidStepError(f"invalid multi-task step {int(step)}: " + "; ".join(parts) + ".")
 
 
+def _report(fn: Callable[..., None], *args: Any) -> None:
+    """Calls ``fn`` on the host now when the values are concrete, else through an ordered debug callback."""
+    if any(isinstance(a, jax.core.Tracer) for a in args):
+        jax.debug.callback(fn, *args, ordered=True)
+    else:
+        fn(*[None if a is None else np.asarray(a) for a in args])
+
+
+def reraise_invalid_step(step_fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Wraps a (jitted) training step so that ``debug=True`` failures arrive as :class:`InvalidStepError`.
+
+    Under ``jit`` the error is raised inside a host callback, and JAX delivers
+    every such error as ``jax.errors.JaxRuntimeError`` with the original
+    message inside.  The wrapper waits for the step's outputs (debugging
+    gives up asynchronous dispatch anyway) and re-raises an
+    :class:`InvalidStepError` with that message; other errors pass through.
+    """
+
+    @functools.wraps(step_fn)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return jax.block_until_ready(step_fn(*args, **kwargs))
+        except jax.errors.JaxRuntimeError as err:
+            text = str(err)
+            marker = f"{InvalidStepError.__name__}: "
+            if marker not in text:
+                raise
+            message = text.split(marker, 1)[1].strip().splitlines()[0]
+            raise InvalidStepError(message) from err
+
+    return wrapped
+
+
+def _raise_output(bad: np.ndarray, step: np.ndarray) -> None:
+    if np.any(bad):
+        raise InvalidStepError(
+            f"invalid multi-task step {int(step)}: the inputs were finite but the transform produced a "
+            "non-finite update or state (an overflow inside it)."
+        )
+
+
+def _is_float(x: Any) -> bool:
+    return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)
+
+
+def finite_flags(tree: PyTree) -> list:
+    """One bool per floating leaf of ``tree``: all its entries are finite (read before a step)."""
+    return [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree) if _is_float(x)]
+
+
+def output_ok(updates: PyTree, old_flags: list, new_state: PyTree) -> jax.Array:
+    """True when every update is finite and every state leaf that was all finite (``old_flags``, from
+    :func:`finite_flags` of the old state) still is.
+
+    A leaf that already held a non-finite entry (an ``inf`` sentinel) is not blamed on this step.
+    Only scalar flags of the old state are needed, so its buffers can be donated.
+    """
+    ok = jnp.asarray(True)
+    for u in jax.tree_util.tree_leaves(updates):
+        if _is_float(u):
+            ok = ok & jnp.all(jnp.isfinite(u))
+    new_leaves = [x for x in jax.tree_util.tree_leaves(new_state) if _is_float(x)]
+    for was_finite, x in zip(old_flags, new_leaves):
+        ok = ok & (jnp.all(jnp.isfinite(x)) | ~was_finite)
+    return ok
+
+
+def select_step(apply: jax.Array, updates: PyTree, new_state: PyTree, old_state: PyTree) -> tuple[PyTree, PyTree]:
+    """``(updates, new_state)`` when ``apply``, else ``(zeros, old_state)``: elementwise selects, no copies kept."""
+    updates = jax.tree_util.tree_map(lambda u: jnp.where(apply, u, jnp.zeros_like(u)), updates)
+    state = jax.tree_util.tree_map(lambda n, o: jnp.where(apply, n, o), new_state, old_state)
+    return updates, state
+
+
 def skip_invalid_steps(
     inner: optax.GradientTransformation,
     *,
@@ -128,7 +203,7 @@ def skip_invalid_steps(
         invalid = jnp.any(grad_bad) | jnp.any(loss_bad)
         step = optax.safe_increment(state.step)
         if debug:
-            jax.debug.callback(_raise, grad_bad, loss_bad, losses, step, ordered=True)
+            _report(_raise, grad_bad, loss_bad, losses, step)
         apply = ~invalid
         if max_consecutive_skips is not None:
             apply = apply | (state.consecutive_skipped >= max_consecutive_skips)
@@ -142,6 +217,18 @@ def skip_invalid_steps(
             return zeros, state.inner_state
 
         new_updates, new_inner = jax.lax.cond(apply, do_apply, do_skip, None)
+        # Guard what the inner transform produced too: finite inputs can still overflow inside it
+        # (a norm, Adam's second moment), and a non-finite update or a state entry that turned
+        # non-finite must not be applied.
+        out_bad = ~output_ok(new_updates, finite_flags(state.inner_state), new_inner)
+        if debug:
+            _report(_raise_output, out_bad & ~invalid, step)
+        invalid = invalid | out_bad
+        if max_consecutive_skips is not None:
+            keep_new = ~invalid | (state.consecutive_skipped >= max_consecutive_skips)
+        else:
+            keep_new = ~invalid
+        new_updates, new_inner = select_step(keep_new, new_updates, new_inner, state.inner_state)
         return new_updates, SkipState(
             inner_state=new_inner,
             step=step,

@@ -23,11 +23,15 @@ __all__ = [
     "SharedSpec",
     "leaf_paths",
     "check_task_axis",
+    "check_against_params",
+    "check_real_float",
     "resolve_shared",
     "split_shared",
     "merge_shared",
     "task_sq_norms",
     "task_norms",
+    "task_sq_norms_pair",
+    "norms_from_pair",
     "flatten_tasks",
     "unflatten_tasks",
     "sum_tasks",
@@ -54,18 +58,42 @@ def leaf_paths(tree: PyTree) -> list[str]:
     return [_path_str(p) for p, _ in flat]
 
 
-def check_task_axis(updates: PyTree, num_tasks: Optional[int], name: str = "updates") -> int:
+def check_real_float(leaf: Any, where: str) -> None:
+    """Rejects a leaf whose dtype is not a real floating type (trace time).
+
+    Integer and boolean parameters cannot follow a gradient (they would silently
+    never move), and complex ones would get ``x²`` instead of ``|x|²`` in every norm.
+    """
+    dtype = jnp.result_type(leaf.get_value() if is_variable(leaf) else leaf)
+    if jnp.issubdtype(dtype, jnp.complexfloating):
+        raise ValueError(
+            f"{where} is complex ({dtype}); complex parameters are not supported (norms and inner "
+            "products would use x² instead of |x|²). Split them into real and imaginary parts."
+        )
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(
+            f"{where} has dtype {dtype}; only real floating-point leaves can be updated by gradients "
+            "(an integer or boolean parameter would silently never move). Keep it out of the optimized pytree."
+        )
+
+
+def check_task_axis(
+    updates: PyTree, num_tasks: Optional[int], name: str = "updates", params: Optional[PyTree] = None
+) -> int:
     """Checks that every leaf of ``updates`` has the same leading (task) size.
 
     Returns that size ``T``.  Raises ``ValueError`` naming the first offending
-    leaf when a leaf is a scalar, when leading sizes differ, or when they differ
-    from ``num_tasks``.  Runs at trace time (shapes are static).
+    leaf when a leaf is a scalar, when leading sizes differ, when they differ
+    from ``num_tasks``, when a leaf is not real floating point, or (with
+    ``params``) when a leaf is not ``[T, *param_shape]`` for its parameter.
+    Runs at trace time (shapes are static).
     """
     flat, _ = jax.tree_util.tree_flatten_with_path(updates)
     if not flat:
         raise ValueError(f"{name} is an empty pytree; there is nothing to update.")
     sizes = {}
     for path, leaf in flat:
+        check_real_float(leaf, f"{name} leaf '{_path_str(path)}'")
         shape = jnp.shape(leaf)
         if len(shape) == 0:
             raise ValueError(
@@ -82,7 +110,35 @@ def check_task_axis(updates: PyTree, num_tasks: Optional[int], name: str = "upda
             f"{name} have a leading task axis of size {t} (leaf '{sizes[t]}'), "
             f"but the transform was built for num_tasks={num_tasks}."
         )
+    if params is not None:
+        check_against_params(updates, params, t, name)
     return int(t)
+
+
+def check_against_params(updates: PyTree, params: PyTree, num_tasks: int, name: str = "updates") -> None:
+    """Checks that every leaf of ``updates`` is ``[T, *param_shape]`` for its parameter (trace time).
+
+    Without this, a head gradient of shape ``[T, 1, 5]`` for a ``[4, 5]``
+    parameter would be summed to ``[1, 5]`` and then silently broadcast onto
+    the parameter by the optimizer.
+    """
+    u_flat, _ = jax.tree_util.tree_flatten_with_path(updates, is_leaf=is_variable)
+    p_flat, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_variable)
+    if len(u_flat) != len(p_flat):
+        raise ValueError(
+            f"{name} have {len(u_flat)} leaves but the parameters have {len(p_flat)}; "
+            "every parameter needs one [T, *param_shape] update leaf."
+        )
+    for (path, u), (_, p) in zip(u_flat, p_flat):
+        p = p.get_value() if is_variable(p) else p
+        u = u.get_value() if is_variable(u) else u
+        want = (num_tasks,) + tuple(jnp.shape(p))
+        if tuple(jnp.shape(u)) != want:
+            hint = " (it lacks the leading task axis)" if tuple(jnp.shape(u)) == tuple(jnp.shape(p)) else ""
+            raise ValueError(
+                f"{name} leaf '{_path_str(path)}' has shape {tuple(jnp.shape(u))} but its parameter has shape "
+                f"{tuple(jnp.shape(p))}; expected [num_tasks, *param_shape] = {want}{hint}."
+            )
 
 
 def resolve_shared(shared: SharedSpec, tree: PyTree) -> PyTree:
@@ -116,6 +172,15 @@ def resolve_shared(shared: SharedSpec, tree: PyTree) -> PyTree:
             f"the shared mask has {len(mask_flat)} leaves but the parameters have {len(flat)}; "
             f"it must be a bool pytree with the parameters' structure."
         )
+    # Same leaf count is not enough: (True, False) on {"trunk": ..., "heads": ...} would silently pair
+    # the flags with the leaves in flattening order.  Accept the parameters' structure with NNX
+    # Variables as leaves, or the plain flattening of the parameters.
+    if mask_def != treedef and mask_def != jax.tree_util.tree_structure(tree):
+        raise ValueError(
+            "the shared mask does not have the parameters' structure: mask "
+            f"{mask_def} vs parameters {treedef}. Build it with the parameters' containers and keys, "
+            "e.g. jax.tree.map(lambda _: True, params), or pass a callable on the leaf path."
+        )
     for m in mask_flat:
         if not isinstance(m, (bool, jnp.bool_)):
             raise TypeError(f"the shared mask must hold Python bools; found {type(m).__name__}.")
@@ -148,6 +213,34 @@ def task_sq_norms(leaves: list, dtype: Any = jnp.float32) -> jax.Array:
         s = jnp.sum(jnp.square(x).reshape(x.shape[0], -1), axis=1)
         total = s if total is None else total + s
     return total
+
+
+def _overflow_scale(dtype: Any) -> float:
+    """``2^-(maxexp/2)``: scaled by it, squares of any representable norm stay finite."""
+    return 2.0 ** -(jnp.finfo(dtype).maxexp // 2)
+
+
+def task_sq_norms_pair(leaves: list, dtype: Any = jnp.float32) -> jax.Array:
+    """``[2, T]``: each task row's squared norm, plain and computed on the row times
+    ``2^-(maxexp/2)`` (one pass over the leaves, two reductions); see :func:`norms_from_pair`."""
+    scale = _overflow_scale(dtype)
+    total = None
+    for x in leaves:
+        x = x.astype(jnp.promote_types(x.dtype, dtype)).reshape(x.shape[0], -1)
+        s = jnp.stack([jnp.sum(jnp.square(x), axis=1), jnp.sum(jnp.square(x * scale), axis=1)])
+        total = s if total is None else total + s
+    return total
+
+
+def norms_from_pair(sq_pair: jax.Array) -> jax.Array:
+    """``‖x_t‖`` from :func:`task_sq_norms_pair`'s ``[2, T]``: finite whenever the true norm is.
+
+    The plain sum of squares overflows for norms above ~1.8e19 in float32
+    although the norm itself is representable; there the scaled sum is exact
+    (entries small enough to underflow in it are negligible against such a norm).
+    """
+    sq, sq_scaled = sq_pair[0], sq_pair[1]
+    return jnp.where(jnp.isfinite(sq), jnp.sqrt(sq), jnp.sqrt(sq_scaled) / _overflow_scale(sq_pair.dtype))
 
 
 def task_norms(tree: PyTree, dtype: Any = jnp.float32) -> jax.Array:

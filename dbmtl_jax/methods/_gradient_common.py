@@ -223,7 +223,7 @@ def split_updates(
     updates: PyTree, params: Optional[PyTree], shared: ta.SharedSpec, num_tasks: int
 ) -> tuple[list, list, PyTree, Any]:
     """Validates the task axis and splits ``updates`` into shared and head leaves."""
-    ta.check_task_axis(updates, num_tasks)
+    ta.check_task_axis(updates, num_tasks, params=params)
     mask = ta.resolve_shared(shared, updates if params is None else params)
     g_shared, g_heads, treedef = ta.split_shared(updates, mask)
     return g_shared, g_heads, mask, treedef

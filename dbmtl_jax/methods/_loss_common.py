@@ -280,7 +280,7 @@ def make_loss_transform(
             raise ValueError(f"{name} is randomised and needs a PRNG key: call update(..., key=key).")
 
         if grads == "per_task":
-            ta.check_task_axis(updates, num_tasks)
+            ta.check_task_axis(updates, num_tasks, params=params)
             w = state.loss_weights(losses, key)
             if weight_heads:
                 out = ta.weighted_sum_tasks(updates, w)

@@ -127,7 +127,7 @@ def excessmtl(
         updates: PyTree, state: ExcessMTLState, params: Optional[PyTree] = None, **extra_args: Any
     ) -> tuple[PyTree, ExcessMTLState]:
         del extra_args
-        ta.check_task_axis(updates, num_tasks)
+        ta.check_task_axis(updates, num_tasks, params=params)
         mask = ta.resolve_shared(shared, updates if params is None else params)
         g_shared, g_heads, treedef = ta.split_shared(updates, mask)
         sq_leaves = jax.tree_util.tree_leaves(state.sq_sum)

@@ -1,0 +1,218 @@
+"""Issue 13: options validated, outputs guarded, wrong shapes and dtypes rejected by name."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import dbmtl_jax
+from dbmtl_jax.guard import InvalidStepError, reraise_invalid_step
+
+
+def _same(a, b):
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    return len(la) == len(lb) and all(np.array_equal(np.asarray(x), np.asarray(y), equal_nan=True) for x, y in zip(la, lb))
+
+
+def _numpy_dbmtl(grads, beta=0.9, eps=1e-8):
+    """One DB-MTL step from a zero EMA, in float64 (independent of the library)."""
+    g = np.asarray(grads, np.float64)
+    ema = (1 - beta) * g
+    norms = np.sqrt(np.sum(ema.reshape(len(ema), -1) ** 2, axis=1))
+    return np.max(norms) * np.sum(ema / (norms + eps)[:, None], axis=0)
+
+
+# -- item 1: finite inputs that overflow inside --------------------------------------------------
+
+
+def test_dbmtl_norms_do_not_overflow_for_large_finite_gradients():
+    """Entries around 1e21 overflow a float32 sum of squares, not the norm: the update is exact."""
+    g = jnp.asarray([[1.0, 2.0, 3.0], [1e21, -2e21, 5e20]], jnp.float32)
+    tx = dbmtl_jax.dbmtl(2)
+    u, state = tx.update({"w": g}, tx.init({"w": jnp.zeros(3)}))
+    np.testing.assert_allclose(np.asarray(u["w"]), _numpy_dbmtl(g), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(state.norms), [0.1 * np.sqrt(14), 0.1 * np.sqrt(5.25e42)], rtol=1e-5)
+
+
+def test_skip_invalid_steps_guards_the_output():
+    """The issue's reproduction: finite gradients, Adam's second moment overflows → skipped and counted."""
+    tx = dbmtl_jax.skip_invalid_steps(optax.chain(dbmtl_jax.dbmtl(2), optax.adam(1e-3)))
+    params = {"w": jnp.zeros(3)}
+    state = tx.init(params)
+    u, state = tx.update({"w": jnp.asarray([[1.0, 1, 1], [1.0, 2, 3]])}, state, params)
+    before = state
+    u, state = tx.update({"w": jnp.asarray([[1.0, 1, 1], [1e21] * 3])}, state, params)
+    assert int(state.num_skipped) == 1 and not bool(state.last_valid)
+    assert bool(jnp.all(u["w"] == 0))
+    assert _same(state.inner_state, before.inner_state)
+
+
+def test_skip_invalid_steps_raw_loss_overflow_is_skipped():
+    """log=False with a loss of 1e30: the gradient is finite, its square is not."""
+
+    def losses(p):
+        return jnp.stack([jnp.sum(p["w"] ** 2), 1e30 * jnp.sum(p["w"] ** 2) + 1.0])
+
+    params = {"w": jnp.ones(3)}
+    tx = dbmtl_jax.skip_invalid_steps(optax.chain(dbmtl_jax.dbmtl(2), optax.adam(1e-3)), log_losses=False)
+    state = tx.init(params)
+    l, g = dbmtl_jax.value_and_task_grads(losses, log=False)(params)
+    assert bool(jnp.all(jnp.isfinite(g["w"]))) and bool(jnp.all(jnp.isfinite(l)))
+    u, new_state = jax.jit(tx.update)(g, state, params, losses=l)
+    assert int(new_state.num_skipped) == 1
+    assert bool(jnp.all(u["w"] == 0)) and _same(new_state.inner_state, state.inner_state)
+
+
+def test_guard_does_not_blame_a_preexisting_inf_in_state():
+    """A state leaf that already held inf (a sentinel) does not make every later step invalid."""
+
+    def init(params):
+        return {"best": jnp.full([], jnp.inf)}
+
+    def update(updates, state, params=None):
+        return jax.tree.map(lambda x: jnp.sum(x, 0), updates), state
+
+    tx = dbmtl_jax.skip_invalid_steps(optax.GradientTransformation(init, update))
+    state = tx.init({"w": jnp.zeros(2)})
+    u, state = tx.update({"w": jnp.ones((2, 2))}, state)
+    assert int(state.num_skipped) == 0 and bool(jnp.all(u["w"] == 2))
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_fused_guards_the_optimizer_output(in_place):
+    """Fused step, finite gradients, Adam overflows: no update; exact mode keeps the whole state."""
+
+    def losses(p, scale):
+        return jnp.stack([jnp.sum(p["w"] ** 2) + 1.0, scale * jnp.sum(p["w"]) + 1e30])
+
+    params = {"w": jnp.ones(3)}
+    step = dbmtl_jax.fused_dbmtl(losses, 2, optax.adam(1e-3), log=False, in_place=in_place)
+    state = step.init(params)
+    _, u, state = step.update(state, params, 1.0)
+    before = jax.tree.map(jnp.copy, state)
+    _, u, state = step.update(state, params, 1e21)
+    assert bool(jnp.all(u["w"] == 0))
+    assert int(state[0].count) == int(before[0].count)
+    if in_place:  # documented: no copy of the optimizer state is kept; the step is flagged
+        assert bool(jnp.all(jnp.isnan(state[0].norms)))
+    else:
+        assert _same(state, before)
+
+
+def test_fused_and_chain_agree_on_large_finite_gradients():
+    """Same maths at the overflow edge: both give the exact finite update (SGD keeps it finite)."""
+
+    def losses(p):
+        return jnp.stack([jnp.sum(p["w"] ** 2) + 1.0, 1e21 * jnp.sum(p["w"]) + 1e30])
+
+    params = {"w": jnp.ones(3)}
+    fused = dbmtl_jax.fused_dbmtl(losses, 2, optax.sgd(1e-30), log=False)
+    _, u_fused, s_fused = fused.update(fused.init(params), params)
+    chain = optax.chain(dbmtl_jax.dbmtl(2), optax.sgd(1e-30))
+    _, g = dbmtl_jax.value_and_task_grads(losses, log=False)(params)
+    u_chain, s_chain = chain.update(g, chain.init(params), params)
+    assert int(s_fused[0].count) == 1 and bool(jnp.all(jnp.isfinite(u_fused["w"])))
+    np.testing.assert_allclose(np.asarray(u_fused["w"]), np.asarray(u_chain["w"]), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(u_chain["w"]), -1e-30 * _numpy_dbmtl(g["w"]), rtol=1e-5)
+
+
+# -- item 2: shared mask structure ----------------------------------------------------------------
+
+
+def test_shared_mask_with_the_wrong_structure_is_rejected():
+    params = {"trunk": jnp.zeros(2), "heads": jnp.zeros(3)}
+    with pytest.raises(ValueError, match="structure"):
+        dbmtl_jax.dbmtl(3, shared=(True, False)).init(params)
+    tx = dbmtl_jax.get_method("pcgrad", 3, shared=(True, False))
+    with pytest.raises(ValueError, match="structure"):
+        tx.update(jax.tree.map(lambda p: jnp.ones((3,) + p.shape), params), tx.init(params), params)
+    # The same mask with the parameters' keys is accepted and means what it says.
+    state = dbmtl_jax.dbmtl(3, shared={"trunk": True, "heads": False}).init(params)
+    assert state.ema["trunk"].shape == (3, 2) and isinstance(state.ema["heads"], optax.MaskedNode)
+
+
+# -- item 3: head leaves of the wrong shape -------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["dbmtl", "ew", "pcgrad", "mgda", "uw"])
+@pytest.mark.parametrize("head_shape", [(4, 5), (4, 1, 5)])
+def test_head_leaf_of_the_wrong_shape_is_rejected(method, head_shape):
+    params = {"trunk": jnp.zeros(2), "head": jnp.zeros((4, 5))}
+    kw = {"weight_heads": False} if method in ("ew", "uw") else {}
+    tx = dbmtl_jax.get_method(method, 4, shared=lambda p: p == "trunk", **kw)
+    state = tx.init(params)
+    updates = {"trunk": jnp.ones((4, 2)), "head": jnp.ones(head_shape)}
+    with pytest.raises(ValueError, match=r"leaf 'head' has shape .* expected \[num_tasks, \*param_shape\]"):
+        tx.update(updates, state, params, losses=jnp.ones(4), key=jax.random.key(0))
+
+
+# -- item 4: hyperparameter ranges ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, option",
+    [
+        ({"beta": 1.5}, "beta"),
+        ({"beta": 1.0}, "beta"),
+        ({"beta": -0.1}, "beta"),
+        ({"beta": float("nan")}, "beta"),
+        ({"beta_sigma": -1.0}, "beta_sigma"),
+        ({"beta_sigma": float("inf")}, "beta_sigma"),
+        ({"eps": 0.0}, "eps"),
+        ({"eps": -1e-8}, "eps"),
+        ({"alpha": -1.0}, "alpha"),
+        ({"alpha": 0.0}, "alpha"),
+        ({"alpha": "maximum"}, "alpha"),
+        ({"ema_dtype": jnp.int32}, "ema_dtype"),
+    ],
+)
+def test_dbmtl_hyperparameters_out_of_range(kwargs, option):
+    for build in (
+        lambda: dbmtl_jax.dbmtl(2, **kwargs),
+        lambda: dbmtl_jax.fused_dbmtl(lambda p: p, 2, optax.sgd(0.1), **kwargs),
+        lambda: dbmtl_jax.fused_trunk_heads_dbmtl(lambda p, b: b, [lambda v, z, b: z] * 2, optax.sgd(0.1), **kwargs),
+    ):
+        with pytest.raises(ValueError, match=option):
+            build()
+
+
+def test_dbmtl_hyperparameter_edges_and_traced_values_are_accepted():
+    dbmtl_jax.dbmtl(2, beta=0.0)
+    dbmtl_jax.dbmtl(2, beta=jnp.float32(0.99), beta_sigma=0.0, alpha=2.0, eps=1e-12)
+    dbmtl_jax.dbmtl(2, beta=optax.linear_schedule(0.1, 0.9, 10))
+    tx = optax.inject_hyperparams(dbmtl_jax.dbmtl, static_args=("num_tasks", "alpha"))(num_tasks=2, beta=0.5)
+    params = {"w": jnp.zeros(3)}
+    u, _ = jax.jit(tx.update)({"w": jnp.ones((2, 3))}, tx.init(params), params)
+    assert bool(jnp.all(jnp.isfinite(u["w"])))
+
+
+# -- item 6: debug under jit, complex and integer parameters -----------------------------------------
+
+
+def test_debug_mode_raises_invalid_step_error_eagerly_and_under_jit():
+    tx = dbmtl_jax.skip_invalid_steps(optax.chain(dbmtl_jax.dbmtl(2), optax.adam(1e-3)), debug=True)
+    params = {"w": jnp.zeros(3)}
+    state = tx.init(params)
+    bad = {"w": jnp.asarray([[1.0, 1, 1], [np.nan] * 3])}
+    with pytest.raises(InvalidStepError, match=r"step 1: task\(s\) \[1\] have a NaN/inf gradient"):
+        tx.update(bad, state, params)
+    with pytest.raises(InvalidStepError, match=r"step 1: task\(s\) \[1\] have a NaN/inf gradient"):
+        reraise_invalid_step(jax.jit(tx.update))(bad, state, params)
+    overflow = {"w": jnp.asarray([[1.0, 1, 1], [1e21] * 3])}
+    with pytest.raises(InvalidStepError, match="non-finite update or state"):
+        reraise_invalid_step(jax.jit(tx.update))(overflow, state, params)
+    # A valid step goes through the wrapper unchanged.
+    u, _ = reraise_invalid_step(jax.jit(tx.update))({"w": jnp.ones((2, 3))}, state, params)
+    assert bool(jnp.all(jnp.isfinite(u["w"])))
+
+
+@pytest.mark.parametrize("dtype, what", [(jnp.complex64, "complex"), (jnp.int32, "int32")])
+@pytest.mark.parametrize("method", ["dbmtl", "pcgrad", "ew"])
+def test_complex_and_integer_leaves_are_rejected(dtype, what, method):
+    tx = dbmtl_jax.get_method(method, 2)
+    with pytest.raises(ValueError, match=f"'w' .*{what}"):
+        params = {"w": jnp.zeros(3, dtype)}
+        tx.update({"w": jnp.ones((2, 3), dtype)}, tx.init(params), params, losses=jnp.ones(2))
