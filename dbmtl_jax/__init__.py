@@ -10,7 +10,7 @@ from dbmtl_jax.fused import FusedDBMTL, fused_dbmtl, fused_trunk_heads_dbmtl
 from dbmtl_jax.metrics import delta_p
 from dbmtl_jax.methods.registry import METHOD_GROUPS, METHODS, get_factory, get_method
 from dbmtl_jax.multi_steps import TaskMultiSteps
-from dbmtl_jax.guard import InvalidStepError, SkipState, skip_invalid_steps
+from dbmtl_jax.guard import InvalidStepError, SkipState, reraise_invalid_step, skip_invalid_steps
 from dbmtl_jax.task_axis import check_task_axis, flatten_tasks, resolve_shared, sum_tasks, task_norms
 from dbmtl_jax.task_gradients import (
     STRATEGIES,
@@ -39,6 +39,7 @@ __all__ = [
     "get_method",
     "get_factory",
     "InvalidStepError",
+    "reraise_invalid_step",
     "SkipState",
     "skip_invalid_steps",
     "TaskMultiSteps",

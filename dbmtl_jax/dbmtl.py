@@ -103,6 +103,13 @@ def check_options(
     Traced values (``optax.inject_hyperparams`` under ``jit``) and β schedules
     cannot be checked here and are taken as they are.
     """
+    if num_tasks is None:
+        raise ValueError(
+            "num_tasks is required: the per-task EMA state (one row per task) is allocated by init(params), "
+            "which sees only the parameters, and the task count cannot be inferred from them; the state's "
+            "shape must be fixed before the first jitted step (and for checkpoints). "
+            "Pass it, e.g. optax.chain(dbmtl(num_tasks=3), optax.adam(1e-4))."
+        )
     if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
         raise ValueError(
             f"num_tasks must be a positive Python int (it sizes the EMA state), got {num_tasks!r}; "
@@ -152,7 +159,7 @@ def dbmtl_direction(
 
 
 def dbmtl(
-    num_tasks: int,
+    num_tasks: Optional[int] = None,
     *,
     beta: ScalarOrSchedule = 0.9,
     beta_sigma: Union[float, jax.Array] = 0.0,

@@ -9,7 +9,7 @@ import optax
 import pytest
 
 import dbmtl_jax
-from dbmtl_jax.guard import InvalidStepError, reraise_invalid_step
+from dbmtl_jax import InvalidStepError, reraise_invalid_step
 
 
 def _same(a, b):
@@ -177,6 +177,11 @@ def test_dbmtl_hyperparameters_out_of_range(kwargs, option):
     ):
         with pytest.raises(ValueError, match=option):
             build()
+
+
+def test_design_card_one_liner_says_why_num_tasks_is_needed():
+    with pytest.raises(ValueError, match=r"num_tasks is required.*dbmtl\(num_tasks=3\)"):
+        optax.chain(dbmtl_jax.dbmtl(), optax.adam(1e-4))
 
 
 def test_dbmtl_hyperparameter_edges_and_traced_values_are_accepted():
