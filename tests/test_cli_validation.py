@@ -4,9 +4,10 @@
   (unknown methods, unknown hyperparameter names, strings where the factory
   wants a number, values the factory rejects) -> exit status 2 and a message
   naming the option; ``--seeds`` rejects duplicates and negative seeds.
-* ``report``: truncated / invalid JSON and well-formed files with missing keys
-  are reported by name with the reason, counted, and skipped; the report of
-  the valid files is still written; ``--strict`` exits non-zero instead.
+* ``report``: truncated / invalid JSON or gzip data and well-formed files with
+  missing keys are reported by name with the reason, counted, and skipped; the
+  report of the valid files is still written; ``--strict`` exits non-zero
+  instead.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ pytest.importorskip("matplotlib")
 
 from dbmtl_jax import experiments as ex  # noqa: E402
 from dbmtl_jax.experiments.cli import main  # noqa: E402
-from dbmtl_jax.experiments.train import parse_method  # noqa: E402
+from dbmtl_jax.experiments.train import parse_method, read_record  # noqa: E402
 
 NO_CACHE = ["--no-progress", "--no-compile-cache"]
 
@@ -64,7 +65,7 @@ def test_bad_hp_exits_2_naming_the_option_and_runs_nothing(tmp_path, capsys, no_
     assert rc == 2, err
     assert f"--hp {hp}" in err and needle in err
     assert "Traceback" not in err
-    assert not list(tmp_path.rglob("*.json"))
+    assert not list(tmp_path.rglob("*.json*"))
 
 
 def test_hp_unknown_name_lists_the_accepted_ones(tmp_path, capsys, no_training):
@@ -93,7 +94,7 @@ def test_factory_errors_of_any_type_are_reported_before_any_run(tmp_path, capsys
     err = capsys.readouterr().err
     assert rc == 2 and "--hp dbmtl.beta=0.5" in err and "out of range" in err
     assert seen == [ex.get_benchmark("toy").num_tasks]
-    assert not list(tmp_path.rglob("*.json"))
+    assert not list(tmp_path.rglob("*.json*"))
 
 
 def test_valid_hp_still_pass_validation():
@@ -120,7 +121,7 @@ def test_run_experiments_validates_before_loading_data(tmp_path):
         ex.run_experiments(bench, [parse_method("ew")], [0, 1, 0], tmp_path, quick=True, progress=False)
     with pytest.raises(ValueError, match="negative"):
         ex.run_experiments(bench, [parse_method("ew")], [-1], tmp_path, quick=True, progress=False)
-    assert not list(tmp_path.rglob("*.json"))
+    assert not list(tmp_path.rglob("*.json*"))
 
 
 # --------------------------------------------------------------------------- --seeds
@@ -140,7 +141,7 @@ def test_bad_seeds_are_rejected(tmp_path, capsys, no_training, seeds, needle):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "--seeds" in err and needle in err
-    assert not list(tmp_path.rglob("*.json"))
+    assert not list(tmp_path.rglob("*.json*"))
 
 
 def test_good_seeds_parse():
@@ -158,7 +159,7 @@ def test_good_seeds_parse():
 def good_runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("good")
     assert main(["run", "toy", "--quick", "--epochs", "1", "--methods", "stl,ew", "--out", str(out), *NO_CACHE]) == 0
-    files = sorted((out / "toy").glob("*.json"))
+    files = sorted((out / "toy").glob("*.json.gz"))
     assert len(files) == 2
     return files
 
@@ -168,8 +169,9 @@ def _bad_dir(tmp_path, good_runs):
     d.mkdir(parents=True)
     for f in good_runs:
         shutil.copy(f, d / f.name)
-    text = good_runs[1].read_text()
-    rec = json.loads(text)
+    rec = read_record(good_runs[1])
+    text = json.dumps(rec, indent=1)
+    raw = good_runs[1].read_bytes()
     bad = {
         "truncated.json": text[: len(text) // 2],
         "empty.json": "",
@@ -177,9 +179,15 @@ def _bad_dir(tmp_path, good_runs):
         "missing_hash.json": json.dumps({k: v for k, v in rec.items() if k != "config_hash"}),
         "bad_task_metrics.json": json.dumps({**rec, "metrics": {"val": {}, "test": {"big": {"mae": "high"}}}}),
         "list.json": "[1, 2]",
+        "other_format.json": json.dumps({**rec, "format": "dbmtl_jax.experiment/9"}),
+        "cut_short.json.gz": raw[: len(raw) // 2],
+        "not_gzip.json.gz": text,
     }
     for name, content in bad.items():
-        (d / name).write_text(content)
+        if isinstance(content, bytes):
+            (d / name).write_bytes(content)
+        else:
+            (d / name).write_text(content)
     return tmp_path / "res", bad
 
 
@@ -197,6 +205,8 @@ def test_report_names_bad_files_and_still_reports_the_good_ones(tmp_path, capsys
     assert "missing key(s) ['config_hash']" in lines["missing_hash.json"]
     assert "not a number" in lines["bad_task_metrics.json"]
     assert "not a run record" in lines["list.json"]
+    assert "unknown format 'dbmtl_jax.experiment/9'" in lines["other_format.json"]
+    assert "invalid gzip" in lines["cut_short.json.gz"] and "invalid gzip" in lines["not_gzip.json.gz"]
     assert f"skipped {len(bad)} file(s)" in cap.err
     md = (res_dir / "report.md").read_text()
     assert "| stl" in md and "| ew" in md
@@ -232,4 +242,5 @@ def test_load_results_api_reports_skipped_files(tmp_path, good_runs):
     with pytest.raises(ex.report.BadResultFiles) as e:
         ex.write_report(res_dir, tmp_path / "rep", plots=False, strict=True)
     assert len(e.value.skipped) == len(bad) and not (tmp_path / "rep" / "report.md").exists()
-    assert ex.report.check_record(json.loads(good_runs[0].read_text())) is None
+    assert ex.report.check_record(read_record(good_runs[0])) is None
+    assert ex.report.check_record({**read_record(good_runs[0]), "format": "dbmtl_jax.experiment/1"}) is None

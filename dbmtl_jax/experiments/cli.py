@@ -75,7 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated: stl, registry names, NAME+log / NAME+nolog, or 'all' (default stl,ew,dbmtl)")
     r.add_argument("--seeds", type=_seeds, default=[0], help="number of seeds (0..n-1) or a list like 0,3,7")
     r.add_argument("--quick", action="store_true", help="the benchmark's quick recipe (under 2 minutes per run)")
-    r.add_argument("--out", default="results", help="output directory (default results/)")
+    r.add_argument("--out", default="results",
+                   help="record store: records go to OUT/<benchmark>/ (default results/)")
+    r.add_argument("--study", metavar="DIR",
+                   help="also list every run's record in DIR/runs.txt, a study folder that `dbmtl-jax report DIR` "
+                        "reads from the store (finished runs found in the store are listed, not rerun)")
+    r.add_argument("--dry-run", action="store_true",
+                   help="print which runs are finished and which would run; train and write nothing")
     r.add_argument("--hp", action="append", default=[], metavar="METHOD.NAME=VALUE",
                    help="method hyperparameter, repeatable (e.g. dbmtl.beta=0.5)")
     r.add_argument("--log", action="store_true", help="log-transform the losses of every method (Fig. 1)")
@@ -169,7 +175,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         paths = ex.run_experiments(
             bench, methods, args.seeds, args.out, quick=args.quick, recipe=recipe, hparams=hparams,
             grad_stats=args.grad_stats, test_curve=args.test_curve, resume=not args.no_resume,
-            progress=not args.no_progress, optimizer=optimizer,
+            progress=not args.no_progress, optimizer=optimizer, study=args.study, dry_run=args.dry_run,
+            echo=print if args.dry_run else None,
         )
     except ex.RunError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -177,8 +184,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"{len(paths)} result file(s) under {Path(args.out) / bench.name}; "
-          f"`dbmtl-jax report {args.out}` summarises them.")
+    if args.dry_run:
+        return 0
+    where = f"; listed in {Path(args.study) / 'runs.txt'}" if args.study else ""
+    print(f"{len(paths)} result file(s) under {Path(args.out) / bench.name}{where}; "
+          f"`dbmtl-jax report {args.study or args.out}` summarises them.")
     return 0
 
 

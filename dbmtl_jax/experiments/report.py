@@ -1,4 +1,10 @@
-"""Reports from the runner's JSON files: a markdown table, CSV files and plots.
+"""Reports from the runner's record files: a markdown table, CSV files and plots.
+
+Records are ``*.json.gz`` files (format ``dbmtl_jax.experiment/2``) or plain
+``*.json`` files of format ``/1``; both are read.  A directory's records are
+the record files under it (recursively) plus, for a *study folder*, the
+records its ``runs.txt`` lists (paths relative to the folder, usually into a
+shared record store such as ``results/runs/``; see ``docs/experiments.md``).
 
 Runs are grouped into *settings* (benchmark + training recipe + quick flag +
 optimizer: quick and full runs, or runs with different optimizers, never mix)
@@ -20,9 +26,11 @@ and ``<setting>_grad_cosine.png`` (pairwise cosine similarity of the task
 gradients, Fig. 10), all averaged over seeds.  Gradient plots only show runs
 that computed per-task gradients.
 
-A ``*.json`` file that is not a usable run record (truncated or invalid JSON,
-another format, missing or malformed keys) is skipped and reported, never
-silently (:func:`load_results`, :func:`check_record`).
+A record file that is not a usable run record (truncated or invalid JSON or
+gzip data, another format, missing or malformed keys), a ``runs.txt`` entry
+whose file is missing, and a ``.json`` file next to the ``.json.gz`` record of
+the same run are skipped and reported, never silently (:func:`load_results`,
+:func:`check_record`).
 """
 
 from __future__ import annotations
@@ -40,8 +48,8 @@ import numpy as np
 
 from dbmtl_jax.metrics import delta_p
 
-__all__ = ["load_results", "check_record", "BadResultFiles", "summarize", "markdown_table", "write_report",
-           "Setting", "Row"]
+__all__ = ["load_results", "record_paths", "check_record", "BadResultFiles", "summarize", "markdown_table",
+           "write_report", "Setting", "Row"]
 
 _NONFINITE = ("inf", "-inf", "nan")  # how the runner writes non-finite floats (NaN is written as null)
 
@@ -65,14 +73,14 @@ def _metric_table_problem(table: Any, where: str) -> Optional[str]:
 
 def check_record(rec: Any) -> Optional[str]:
     """Why ``rec`` (a parsed JSON file) is not a finished run record the report can use, or ``None``."""
-    from dbmtl_jax.experiments.train import RESULT_FORMAT
+    from dbmtl_jax.experiments.train import READABLE_FORMATS
 
     if not isinstance(rec, dict):
         return f"not a run record (a JSON {type(rec).__name__}, not an object)"
     if "format" not in rec:
         return "not a run record (no 'format' key)"
-    if rec["format"] != RESULT_FORMAT:
-        return f"unknown format {rec['format']!r} (expected {RESULT_FORMAT!r})"
+    if rec["format"] not in READABLE_FORMATS:
+        return f"unknown format {rec['format']!r} (expected one of {list(READABLE_FORMATS)})"
     if rec.get("status") != "done":
         return f"status is {rec.get('status')!r}, not 'done'"
     required = ("benchmark", "method", "seed", "config_hash", "config", "tasks", "metrics", "selected_epoch")
@@ -125,29 +133,66 @@ def check_record(rec: Any) -> Optional[str]:
     return None
 
 
-def load_results(directory: os.PathLike, *, skipped: Optional[list] = None) -> list[dict[str, Any]]:
-    """All finished run records under ``directory`` (recursively), sorted by benchmark, method, seed.
+def record_paths(directory: os.PathLike, *, skipped: Optional[list] = None) -> list[Path]:
+    """The record files of ``directory``: ``*.json.gz`` and ``*.json`` under it, and its ``runs.txt`` entries.
 
-    Every ``*.json`` file is read.  A file that is not a usable run record
-    (unreadable, truncated or invalid JSON, another format, an unfinished run,
-    missing or malformed keys: :func:`check_record`) is left out and appended
-    to ``skipped`` as ``(path, reason)``; without a ``skipped`` list, each one
-    is a ``UserWarning`` instead.
+    Sorted, each file once.  A ``runs.txt`` entry whose file is missing is
+    looked up in the other format (``.json`` <-> ``.json.gz``, after
+    ``dbmtl-jax compact``); when neither exists it goes to ``skipped`` as
+    ``(path, reason)``.  A ``.json`` file whose ``.json.gz`` twin (the same
+    run) exists is superseded: it goes to ``skipped`` too.
     """
+    from dbmtl_jax.experiments.train import LEGACY_SUFFIX, RESULT_SUFFIX, STUDY_INDEX, read_study, record_files
+
+    directory = Path(directory)
+    bad: list[tuple[str, str]] = []
+    found = {p.resolve(): p for suffix in (LEGACY_SUFFIX, RESULT_SUFFIX) for p in directory.rglob("*" + suffix)
+             if p.is_file()}
+    for entry in read_study(directory):
+        listed = directory / entry
+        hit = next((f for f in record_files(listed) if f.is_file()), None)
+        if hit is None:
+            bad.append((str(listed), f"listed in {directory / STUDY_INDEX} but not found"))
+        else:
+            found.setdefault(hit.resolve(), hit)
+    out = []
+    for real, path in sorted(found.items(), key=lambda kv: str(kv[1])):
+        if path.name.endswith(LEGACY_SUFFIX) and record_files(real)[0].is_file():
+            bad.append((str(path), f"superseded by {record_files(path)[0].name} (the same run, format /2)"))
+            continue
+        out.append(path)
+    if skipped is not None:
+        skipped.extend(bad)
+    return out
+
+
+def load_results(directory: os.PathLike, *, skipped: Optional[list] = None) -> list[dict[str, Any]]:
+    """All finished run records of ``directory``, sorted by benchmark, method, config hash, seed.
+
+    The files are those of :func:`record_paths` (recursively, and a study
+    folder's ``runs.txt``), in both formats.  A file that is not a usable run
+    record (unreadable, truncated or invalid JSON or gzip data, another
+    format, an unfinished run, missing or malformed keys: :func:`check_record`)
+    is left out and appended to ``skipped`` as ``(path, reason)``; without a
+    ``skipped`` list, each one is a ``UserWarning`` instead.  Each record gets
+    its file as ``_path``.
+    """
+    from dbmtl_jax.experiments.train import read_record
+
     out = []
     bad: list[tuple[str, str]] = []
-    for path in sorted(Path(directory).rglob("*.json")):
+    for path in record_paths(directory, skipped=bad):
         try:
-            with open(path, encoding="utf-8") as f:
-                rec = json.load(f)
+            rec = read_record(path)
         except OSError as e:
             bad.append((str(path), f"cannot be read ({e.strerror or e})"))
             continue
         except UnicodeDecodeError as e:
             bad.append((str(path), f"not UTF-8 text ({e.reason} at byte {e.start})"))
             continue
-        except ValueError as e:  # json.JSONDecodeError: truncated or not JSON
-            bad.append((str(path), f"invalid JSON ({e}); a truncated or corrupted file?"))
+        except ValueError as e:  # json.JSONDecodeError or bad gzip data: truncated or not JSON
+            bad.append((str(path), f"invalid JSON ({e}); a truncated or corrupted file?"
+                        if not str(e).startswith("invalid gzip") else str(e)))
             continue
         problem = check_record(rec)
         if problem:

@@ -1,7 +1,9 @@
 """Training and evaluation loop of the experiment runner.
 
 One *run* trains one model of a :class:`~dbmtl_jax.experiments.benchmark.Benchmark`
-with one method and one seed, and writes one JSON file.  Only the public API
+with one method and one seed, and writes one record (gzip-compressed JSON,
+``<benchmark>__<method>__seed<seed>__<hash>.json.gz``, format
+:data:`RESULT_FORMAT`; see :func:`compact_record`).  Only the public API
 of the library is used:
 
 * gradient-balancing, hybrid and DB-MTL methods (and loss-weighting methods
@@ -37,6 +39,7 @@ evaluated once, at the end, with them: test data never influences selection.
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import hashlib
 import importlib
 import inspect
@@ -46,6 +49,7 @@ import os
 import platform
 import statistics
 import time
+import zlib
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
@@ -60,6 +64,9 @@ from dbmtl_jax.experiments.benchmark import Benchmark, Recipe, Task
 
 __all__ = [
     "RESULT_FORMAT",
+    "READABLE_FORMATS",
+    "RESULT_SUFFIX",
+    "CURVE_DIGITS",
     "MethodSpec",
     "parse_method",
     "parse_methods",
@@ -73,12 +80,33 @@ __all__ = [
     "make_config",
     "config_hash",
     "result_path",
+    "run_id",
+    "record_files",
+    "find_finished",
     "is_finished",
+    "read_record",
+    "write_record",
+    "compact_record",
+    "STUDY_INDEX",
+    "read_study",
+    "write_study",
+    "add_to_study",
     "train_run",
     "run_experiments",
 ]
 
-RESULT_FORMAT = "dbmtl_jax.experiment/1"
+RESULT_FORMAT = "dbmtl_jax.experiment/2"
+"""Format of the records the runner writes: gzip-compressed JSON without indentation, the curves and
+per-epoch histories rounded to :data:`CURVE_DIGITS` significant digits (:func:`compact_record`)."""
+READABLE_FORMATS = ("dbmtl_jax.experiment/1", RESULT_FORMAT)
+"""Formats the readers accept; ``/1`` is the older plain, indented JSON with full-precision curves."""
+RESULT_SUFFIX = ".json.gz"
+LEGACY_SUFFIX = ".json"  # format /1 files (still read, and recognised as finished by resume)
+CURVE_DIGITS = 4
+"""Significant digits of the stored curves and histories (plots need no more); metrics, selection
+scores and timings are stored at full precision."""
+STUDY_INDEX = "runs.txt"
+"""A study folder's list of its runs (paths relative to the folder), written by ``run(study=...)``."""
 LOG_EPS = 1e-8  # the ε of log(ℓ + ε), value_and_task_grads' default
 
 
@@ -496,27 +524,164 @@ def config_hash(config: RunConfig) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:10]
 
 
+def run_id(config: RunConfig, seed: int) -> str:
+    """``<benchmark>__<method>__seed<seed>__<hash>``: one run, whatever its file format."""
+    return f"{config.benchmark}__{config.method}__seed{seed}__{config_hash(config)}"
+
+
 def result_path(out_dir: os.PathLike, config: RunConfig, seed: int) -> Path:
-    """``out/<benchmark>/<benchmark>__<method>__seed<seed>__<hash>.json``."""
-    name = f"{config.benchmark}__{config.method}__seed{seed}__{config_hash(config)}.json"
-    return Path(out_dir) / config.benchmark / name
+    """``out/<benchmark>/<benchmark>__<method>__seed<seed>__<hash>.json.gz``."""
+    return Path(out_dir) / config.benchmark / (run_id(config, seed) + RESULT_SUFFIX)
 
 
-def is_finished(path: Path) -> bool:
-    """Whether ``path`` holds a finished run (resume skips it)."""
-    try:
-        with open(path) as f:
-            return json.load(f).get("status") == "done"
-    except (OSError, ValueError):
-        return False
+def _stem(path: Path) -> str:
+    name = Path(path).name
+    for suffix in (RESULT_SUFFIX, LEGACY_SUFFIX):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
 
 
-def _write_json(path: Path, data: Mapping[str, Any]) -> None:
+def record_files(path: os.PathLike) -> list[Path]:
+    """The files that may hold the run of ``path``: the ``.json.gz`` record, then the format /1 ``.json``."""
+    path = Path(path)
+    stem = _stem(path)
+    return [path.with_name(stem + RESULT_SUFFIX), path.with_name(stem + LEGACY_SUFFIX)]
+
+
+def read_record(path: os.PathLike) -> Any:
+    """The parsed JSON of a record file (``.json.gz`` or plain ``.json``).
+
+    Raises ``OSError`` when the file cannot be read, ``UnicodeDecodeError`` /
+    ``ValueError`` when it is not (gzip-compressed) UTF-8 JSON.
+    """
+    path = Path(path)
+    data = path.read_bytes()
+    if path.name.endswith(".gz"):
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError
+            raise ValueError(f"invalid gzip data ({e}); a truncated or corrupted file?") from None
+    return json.loads(data.decode("utf-8"))
+
+
+def find_finished(path: os.PathLike) -> Optional[Path]:
+    """The file holding the finished run of ``path`` (``.json.gz`` or a format /1 ``.json``), or ``None``."""
+    for f in record_files(path):
+        try:
+            rec = read_record(f)
+        except (OSError, ValueError):
+            continue
+        if isinstance(rec, dict) and rec.get("status") == "done":
+            return f
+    return None
+
+
+def is_finished(path: os.PathLike) -> bool:
+    """Whether ``path`` (or its other-format twin) holds a finished run (resume skips it)."""
+    return find_finished(path) is not None
+
+
+def _round_sig(x: Any, digits: int = CURVE_DIGITS) -> Any:
+    """Every finite float of a nested list / dict rounded to ``digits`` significant digits."""
+    if isinstance(x, float):
+        return float(f"{x:.{digits}g}") if math.isfinite(x) else x
+    if isinstance(x, list):
+        return [_round_sig(v, digits) for v in x]
+    if isinstance(x, dict):
+        return {k: _round_sig(v, digits) for k, v in x.items()}
+    return x
+
+
+_ROUNDED_HISTORY = ("train_loss", "grad_norm", "raw_grad_norm", "grad_cosine", "val", "test")
+
+
+def compact_record(record: Mapping[str, Any]) -> dict[str, Any]:
+    """The record in the current format: ``format`` :data:`RESULT_FORMAT`, curves rounded.
+
+    ``curve`` (all but ``step``) and the per-epoch ``history`` of training
+    losses, gradient norms / cosines and val / test metrics are rounded to
+    :data:`CURVE_DIGITS` significant digits (``curve_digits`` says so);
+    ``metrics``, ``selected_epoch``, ``history.selection_score``,
+    ``history.epoch_time_s`` and the timings keep full precision, so tables
+    and selections are unchanged.  Converting a format /1 record gives the
+    record the runner writes now; already compact records are returned as is.
+    """
+    rec = _jsonable(dict(record))
+    hist = rec.get("history")
+    if isinstance(hist, dict):
+        rec["history"] = {k: _round_sig(v) if k in _ROUNDED_HISTORY else v for k, v in hist.items()}
+    curve = rec.get("curve")
+    if isinstance(curve, dict):
+        rec["curve"] = {k: v if k == "step" else _round_sig(v) for k, v in curve.items()}
+    rec["format"] = RESULT_FORMAT
+    rec["curve_digits"] = CURVE_DIGITS
+    return rec
+
+
+def encode_record(record: Mapping[str, Any]) -> bytes:
+    """The bytes of a ``.json.gz`` record: compact JSON, gzip with a fixed header (same record, same bytes)."""
+    text = json.dumps(compact_record(record), separators=(",", ":"))
+    return gzip.compress(text.encode("utf-8"), compresslevel=9, mtime=0)
+
+
+def write_record(path: os.PathLike, record: Mapping[str, Any]) -> Path:
+    """Writes ``record`` (compacted) to ``path`` (a ``.json.gz`` name) atomically; returns the path.
+
+    A format /1 ``.json`` twin of the same run is removed afterwards, so a run
+    is never stored twice.
+    """
+    path = Path(path)
+    if not path.name.endswith(RESULT_SUFFIX):
+        raise ValueError(f"{path}: record files end in {RESULT_SUFFIX}.")
+    data = encode_record(record)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(_jsonable(data), f, indent=1)
+    with open(tmp, "wb") as f:
+        f.write(data)
     os.replace(tmp, path)  # atomic: an interrupted run never leaves a half-written result
+    legacy = record_files(path)[1]
+    if legacy.exists():
+        legacy.unlink()
+    return path
+
+
+def read_study(study_dir: os.PathLike) -> list[str]:
+    """The entries of ``<study_dir>/runs.txt`` (paths relative to the folder), or ``[]``."""
+    index = Path(study_dir) / STUDY_INDEX
+    try:
+        text = index.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return []
+    return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+
+
+_STUDY_HEADER = ("# The runs of this study, one record per line, relative to this folder (written by\n"
+                 "# `dbmtl-jax run --study`; `dbmtl-jax report` reads them from the record store).\n")
+
+
+def write_study(study_dir: os.PathLike, entries: Iterable[str]) -> Path:
+    """Writes ``<study_dir>/runs.txt`` with ``entries`` (sorted, unique), atomically."""
+    study_dir = Path(study_dir)
+    study_dir.mkdir(parents=True, exist_ok=True)
+    index = study_dir / STUDY_INDEX
+    tmp = index.with_name(index.name + f".tmp{os.getpid()}")
+    tmp.write_text(_STUDY_HEADER + "".join(f"{e}\n" for e in sorted(set(entries))), encoding="utf-8")
+    os.replace(tmp, index)
+    return index
+
+
+def add_to_study(study_dir: os.PathLike, paths: Iterable[os.PathLike]) -> Path:
+    """Adds record files to a study's ``runs.txt`` (a run listed in another format is replaced)."""
+    study_dir = Path(study_dir)
+    new = {_rel(p, study_dir) for p in paths}
+    stems = {_stem(Path(e)) for e in new}
+    kept = [e for e in read_study(study_dir) if _stem(Path(e)) not in stems]
+    return write_study(study_dir, [*kept, *new])
+
+
+def _rel(path: os.PathLike, start: Path) -> str:
+    return Path(os.path.relpath(Path(path).resolve(), start.resolve())).as_posix()
 
 
 def _git_commit() -> Optional[str]:
@@ -995,12 +1160,25 @@ def run_experiments(
     stop_on_error: bool = False,
     echo: Optional[Callable[[str], None]] = None,
     optimizer: Any = None,
+    study: Optional[os.PathLike] = None,
+    dry_run: bool = False,
 ) -> list[Path]:
-    """Runs every (method, seed) pair not finished yet and writes one JSON per run.
+    """Runs every (method, seed) pair not finished yet and writes one record per run.
 
-    Returns the result paths of all pairs (skipped ones included).  A failing
-    run is reported through ``echo`` and skipped (nothing written), unless
-    ``stop_on_error``; :class:`RunError` lists the failures at the end.
+    Records go to ``out_dir/<benchmark>/<run id>.json.gz`` (:func:`result_path`,
+    :func:`write_record`).  A run is finished when that file, or the format /1
+    ``.json`` file of the same run, holds a finished record: with ``resume``
+    it is skipped.  Returns the record paths of all pairs (for skipped ones,
+    the file found).  A failing run is reported through ``echo`` and skipped
+    (nothing written), unless ``stop_on_error``; :class:`RunError` lists the
+    failures at the end.
+
+    ``study``: a study folder whose ``runs.txt`` lists the records of its
+    table (:func:`add_to_study`): every pair's record is added, the finished
+    ones at once and the others as they finish, so that one record store
+    (``out_dir``) serves many studies without copies.  ``dry_run``: only
+    report (through ``echo``) which runs are finished and which would run;
+    nothing is loaded, trained or written.
 
     Before anything is loaded or trained, the seeds (:func:`validate_seeds`),
     the optimizer (:func:`normalize_optimizer`; ``None`` is Adam with
@@ -1024,19 +1202,29 @@ def run_experiments(
         cfg = make_config(benchmark, spec, recipe, quick=quick, hparams=hp, grad_stats=grad_stats,
                           optimizer=optimizer)
         for seed in seeds:
-            jobs.append((spec, hp, cfg, int(seed), result_path(out_dir, cfg, int(seed))))
-    todo = [j for j in jobs if not (resume and is_finished(j[4]))]
-    skipped = len(jobs) - len(todo)
-    if skipped:
-        echo(f"{benchmark.name}: {skipped} finished run(s) skipped (resume).")
+            path = result_path(out_dir, cfg, int(seed))
+            found = find_finished(path) if resume else None
+            jobs.append((spec, hp, cfg, int(seed), path, found))
+    todo = [j for j in jobs if j[5] is None]
+    done = [j[5] for j in jobs if j[5] is not None]
+    if dry_run:
+        for j in jobs:
+            echo(f"{'finished' if j[5] is not None else 'to run'}: {j[5] or j[4]}"
+                 + (f" (study {study})" if study is not None else ""))
+        echo(f"{benchmark.name}: {len(done)} finished, {len(todo)} to run (dry run: nothing written).")
+        return [j[5] or j[4] for j in jobs]
+    if done:
+        echo(f"{benchmark.name}: {len(done)} finished run(s) skipped (resume).")
+        if study is not None:
+            add_to_study(study, done)
     if not todo:
-        return [j[4] for j in jobs]
+        return [j[5] for j in jobs]
 
     data = benchmark.data(recipe)
     failures = []
     outer = tqdm(todo, desc=f"{benchmark.name} runs", unit="run", disable=not progress or len(todo) < 2,
                  dynamic_ncols=True)
-    for spec, hp, cfg, seed, path in outer:
+    for spec, hp, cfg, seed, path, _ in outer:
         try:
             res = train_run(benchmark, spec, seed, data, recipe, hparams=hp, grad_stats=grad_stats,
                             test_curve=test_curve, progress=progress, desc=f"{spec.label} s{seed}",
@@ -1062,14 +1250,16 @@ def run_experiments(
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             **res,
         }
-        _write_json(path, record)
+        write_record(path, record)
+        if study is not None:
+            add_to_study(study, [path])
         summary = " ".join(
             f"{t}:{'/'.join(f'{v:.4g}' for v in m.values())}" for t, m in res["metrics"]["test"].items()
         )
         echo(f"{benchmark.name} {cfg.method} seed {seed}: test {summary} ({res['wall_time_s']:.1f}s) -> {path}")
     if failures:
         raise RunError(failures)
-    return [j[4] for j in jobs]
+    return [j[5] or j[4] for j in jobs]
 
 
 class RunError(RuntimeError):

@@ -1,0 +1,108 @@
+"""One record store, many studies: ``run --study``, study indices (``runs.txt``), resume by hash, dry runs.
+
+A run's record lives once in the store (``--out``, ``<store>/<benchmark>/<run id>.json.gz``); a
+study folder lists the records of its table in ``runs.txt`` and ``load_results`` / ``report`` read
+them from there.  Runs finished in the store (in either format) are listed, never rerun or copied.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("flax")
+pytest.importorskip("matplotlib")
+
+from dbmtl_jax import experiments as ex  # noqa: E402
+from dbmtl_jax.experiments.cli import main  # noqa: E402
+from dbmtl_jax.experiments.train import read_record, read_study  # noqa: E402
+
+FLAGS = ["--quick", "--epochs", "1", "--no-progress", "--no-compile-cache"]
+
+
+def _run(store: Path, methods: str, *extra: str) -> int:
+    return main(["run", "toy", "--methods", methods, "--out", str(store), *FLAGS, *extra])
+
+
+@pytest.fixture(scope="module")
+def studies(tmp_path_factory):
+    """results/runs (the store), results/a (stl, ew) and results/b (stl reused, dbmtl)."""
+    root = tmp_path_factory.mktemp("results")
+    store = root / "runs"
+    assert _run(store, "stl,ew", "--study", str(root / "a")) == 0
+    assert _run(store, "stl,dbmtl", "--study", str(root / "b")) == 0
+    return root
+
+
+def test_store_holds_each_run_once_and_studies_list_them(studies):
+    files = sorted(p.name.split("__")[1] for p in (studies / "runs" / "toy").iterdir())
+    assert files == ["dbmtl", "ew", "stl"]  # stl trained once, for study a, and listed by b
+    a, b = read_study(studies / "a"), read_study(studies / "b")
+    assert all(e.startswith("../runs/toy/toy__") and e.endswith(".json.gz") for e in a + b)
+    assert [e.split("__")[1] for e in a] == ["ew", "stl"] and [e.split("__")[1] for e in b] == ["dbmtl", "stl"]
+    assert set(a) & set(b) == {e for e in a if "__stl__" in e}
+    assert (studies / "a" / "runs.txt").read_text().startswith("#")
+    assert sorted(r["method"] for r in ex.load_results(studies / "a")) == ["ew", "stl"]
+    assert sorted(r["method"] for r in ex.load_results(studies / "b")) == ["dbmtl", "stl"]
+    assert len(ex.load_results(studies)) == 3  # the whole tree: each record once
+
+
+def test_report_of_a_study_folder(studies, tmp_path):
+    shutil.copytree(studies, tmp_path / "r")
+    assert main(["report", str(tmp_path / "r" / "b"), "--no-plots", "--strict"]) == 0
+    md = (tmp_path / "r" / "b" / "report.md").read_text()
+    assert "| stl" in md and "| dbmtl" in md and "| ew" not in md
+
+
+def test_resume_lists_finished_runs_without_training(studies, tmp_path, capsys, monkeypatch):
+    root = tmp_path / "r"
+    shutil.copytree(studies, root)
+    monkeypatch.setattr(ex.train, "train_run", lambda *a, **k: pytest.fail("a finished run was retrained"))
+    assert _run(root / "runs", "ew,dbmtl", "--study", str(root / "c")) == 0
+    assert "2 finished run(s) skipped" in capsys.readouterr().out
+    assert [e.split("__")[1] for e in read_study(root / "c")] == ["dbmtl", "ew"]
+    # a study listing a run again (or in the other format) keeps one entry per run
+    ex.train.add_to_study(root / "c", [root / "runs" / "toy" / Path(read_study(root / "c")[0]).name])
+    assert len(read_study(root / "c")) == 2
+
+
+def test_dry_run_writes_nothing(studies, tmp_path, capsys):
+    root = tmp_path / "r"
+    shutil.copytree(studies, root)
+    before = sorted(p.relative_to(root) for p in root.rglob("*"))
+    assert _run(root / "runs", "stl,pcgrad", "--study", str(root / "d"), "--dry-run") == 0
+    out = capsys.readouterr().out
+    assert "finished: " in out and "__stl__" in out.split("finished: ")[1].splitlines()[0]
+    assert "to run: " in out and "__pcgrad__" in out.split("to run: ")[1].splitlines()[0]
+    assert "1 finished, 1 to run" in out
+    assert sorted(p.relative_to(root) for p in root.rglob("*")) == before
+
+
+def test_study_index_problems_are_reported(studies, tmp_path):
+    root = tmp_path / "r"
+    shutil.copytree(studies, root)
+    entries = read_study(root / "a")
+    # an entry written for the older .json name still finds the .json.gz record; a missing one is reported
+    ex.train.write_study(root / "a", [entries[0].replace(".json.gz", ".json"), entries[1],
+                                      "../runs/toy/toy__ew__seed9__0123456789.json.gz"])
+    skipped: list = []
+    recs = ex.load_results(root / "a", skipped=skipped)
+    assert len(recs) == 2
+    assert len(skipped) == 1 and "seed9" in skipped[0][0] and "listed in" in skipped[0][1]
+    with pytest.raises(ex.report.BadResultFiles):
+        ex.write_report(root / "a", plots=False, strict=True)
+
+
+def test_a_json_twin_of_a_json_gz_record_is_superseded(studies, tmp_path):
+    store = tmp_path / "runs"
+    shutil.copytree(studies / "runs", store)
+    gz = sorted((store / "toy").glob("*.json.gz"))[0]
+    rec = read_record(gz)
+    gz.with_name(gz.name[:-3]).write_text(json.dumps({**rec, "format": "dbmtl_jax.experiment/1"}, indent=1))
+    skipped: list = []
+    recs = ex.load_results(store, skipped=skipped)
+    assert len(recs) == 3 and all(r["_path"].endswith(".json.gz") for r in recs)
+    assert len(skipped) == 1 and "superseded" in skipped[0][1]
