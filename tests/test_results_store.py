@@ -106,3 +106,110 @@ def test_a_json_twin_of_a_json_gz_record_is_superseded(studies, tmp_path):
     recs = ex.load_results(store, skipped=skipped)
     assert len(recs) == 3 and all(r["_path"].endswith(".json.gz") for r in recs)
     assert len(skipped) == 1 and "superseded" in skipped[0][1]
+
+
+# --------------------------------------------------------------------------- dbmtl-jax compact
+
+
+def _legacy(rec: dict, **changes) -> str:
+    """A format /1 file of ``rec``: indented JSON, full-precision (here: perturbed) curves."""
+    rec = {**rec, "format": "dbmtl_jax.experiment/1", **changes}
+    rec.pop("curve_digits", None)
+    rec["curve"] = {k: v if k == "step" else _perturb(v) for k, v in rec["curve"].items()}
+    return json.dumps(rec, indent=1)
+
+
+def _perturb(x):
+    if isinstance(x, list):
+        return [_perturb(v) for v in x]
+    return x * (1 + 1e-7) if isinstance(x, float) else x
+
+
+@pytest.fixture
+def legacy_tree(studies, tmp_path):
+    """An old-layout results tree: s1/toy/{stl,ew}, s2/toy/{stl (a copy), dbmtl}, s3/toy/ew (trained again)."""
+    recs = {r["method"]: r for r in ex.load_results(studies / "runs")}
+    for r in recs.values():
+        r.pop("_path")
+    old = tmp_path / "old"
+
+    def put(study, method, **changes):
+        r = recs[method]
+        name = f"toy__{method}__seed{r['seed']}__{r['config_hash']}.json"
+        (old / study / "toy").mkdir(parents=True, exist_ok=True)
+        (old / study / "toy" / name).write_text(_legacy(r, **changes))
+
+    put("s1", "stl")
+    put("s1", "ew")
+    put("s2", "stl")
+    put("s2", "dbmtl")
+    put("s3", "ew", created="2099-01-01T00:00:00+0000", wall_time_s=123.0)
+    return old, recs
+
+
+def test_compact_converts_in_place_and_is_idempotent(legacy_tree, capsys):
+    old, recs = legacy_tree
+    before = {p: ex.train.read_record(p) for p in old.rglob("*.json")}
+    assert main(["compact", str(old)]) == 0
+    assert "5 record(s) converted" in capsys.readouterr().out
+    assert not list(old.rglob("*.json")) and len(list(old.rglob("*.json.gz"))) == 5
+    for p, v1 in before.items():
+        v2 = read_record(p.with_name(p.name + ".gz"))
+        assert v2["format"] == "dbmtl_jax.experiment/2" and v2["metrics"] == v1["metrics"]
+        assert v2 == ex.train.compact_record(v1)
+    snapshot = {p: p.read_bytes() for p in old.rglob("*") if p.is_file()}
+    assert main(["compact", str(old)]) == 0
+    assert "0 record(s) converted" in capsys.readouterr().out
+    assert {p: p.read_bytes() for p in old.rglob("*") if p.is_file()} == snapshot
+
+
+def test_compact_into_a_store_keeps_each_run_once_and_indexes_the_studies(legacy_tree, capsys):
+    old, recs = legacy_tree
+    reports = {}
+    for s in ("s1", "s2", "s3"):
+        reports[s] = ex.write_report(old / s, old.parent / f"rep_{s}", plots=False)["markdown"]
+    assert main(["compact", str(old), "--store", str(old / "runs")]) == 0
+    out = capsys.readouterr().out
+    assert "5 moved into" in out and "1 identical copies and 1 reruns of a run merged" in out
+    assert sorted(p.name.split("__")[1] for p in (old / "runs" / "toy").iterdir()) == ["dbmtl", "ew", "stl"]
+    assert not (old / "s1" / "toy").exists()  # emptied benchmark folders are removed
+    for s, methods in (("s1", ["ew", "stl"]), ("s2", ["dbmtl", "stl"]), ("s3", ["ew"])):
+        assert [e.split("__")[1] for e in read_study(old / s)] == methods
+        assert all(e.startswith("../runs/toy/") for e in read_study(old / s))
+    # tables are unchanged, except the timing of a run trained twice (the earlier one is kept)
+    assert ex.write_report(old / "s1", old.parent / "r1", plots=False)["markdown"] == reports["s1"]
+    assert ex.write_report(old / "s2", old.parent / "r2", plots=False)["markdown"] == reports["s2"]
+    ew = next(r for r in ex.load_results(old / "s3"))
+    assert ew["wall_time_s"] == recs["ew"]["wall_time_s"]
+    (rerun,) = ew["reruns"]
+    assert rerun["wall_time_s"] == 123.0 and rerun["created"].startswith("2099")
+    assert rerun["source"] == "s3/toy/" + Path(read_study(old / "s3")[0]).name.replace(".json.gz", ".json")
+    # a second pass changes nothing
+    snapshot = {p: p.read_bytes() for p in old.rglob("*") if p.is_file()}
+    assert main(["compact", str(old), "--store", str(old / "runs")]) == 0
+    assert {p: p.read_bytes() for p in old.rglob("*") if p.is_file()} == snapshot
+
+
+def test_compact_refuses_to_merge_different_results_of_one_run(legacy_tree, capsys):
+    old, recs = legacy_tree
+    stl = recs["stl"]
+    name = f"toy__stl__seed{stl['seed']}__{stl['config_hash']}.json"
+    bad_metrics = json.loads(json.dumps(stl["metrics"]))
+    bad_metrics["test"]["big"]["mae"] += 1.0
+    (old / "s4" / "toy").mkdir(parents=True)
+    (old / "s4" / "toy" / name).write_text(_legacy(stl, metrics=bad_metrics))
+    assert main(["compact", str(old), "--store", str(old / "runs")]) == 1
+    cap = capsys.readouterr()
+    assert "conflict" in cap.err and "metrics" in cap.err and "s4" in cap.err
+    assert (old / "s4" / "toy" / name).exists()  # left in place, not merged, not lost
+
+
+def test_merge_records_keeps_the_earlier_run_whatever_the_order(legacy_tree):
+    _, recs = legacy_tree
+    a = ex.train.compact_record(recs["ew"])
+    b = {**a, "created": "1999-01-01T00:00:00+0000", "wall_time_s": 1.0}
+    for x, y in ((a, b), (b, a)):
+        m = ex.store.merge_records(x, y, a_source="x", b_source="y")
+        assert m["created"].startswith("1999") and m["wall_time_s"] == 1.0
+        assert [e["wall_time_s"] for e in m["reruns"]] == [a["wall_time_s"]]
+    assert "reruns" not in ex.store.merge_records(a, dict(a))

@@ -4,8 +4,9 @@ Commands::
 
     dbmtl-jax run <benchmark> --methods stl,ew,dbmtl --seeds 3 [--quick] [--out results/]
                   [--hp dbmtl.beta=0.5 ...] [--log] [--grad-stats] [--import my_module]
-                  [--optimizer adam|sgdm] [--b1 0.0] [--momentum 0.9]
+                  [--optimizer adam|sgdm] [--b1 0.0] [--momentum 0.9] [--study DIR] [--dry-run]
     dbmtl-jax report <dir> [--out DIR] [--no-plots] [--strict]
+    dbmtl-jax compact <dir> [--store STORE] [--dry-run]
     dbmtl-jax list [--import my_module]
 """
 
@@ -111,6 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--strict", action="store_true",
                     help="exit with status 1, writing nothing, when a JSON file cannot be read as a run "
                          "(default: report it on stderr, skip it and report the others)")
+
+    cp = sub.add_parser("compact", help="convert older .json records to the compact .json.gz format; with --store, "
+                                        "move them into one record store, each run once, indexed by study folder")
+    cp.add_argument("dir", help="directory searched recursively for records")
+    cp.add_argument("--store", metavar="STORE",
+                    help="record store (e.g. results/runs): records move to STORE/<benchmark>/, duplicates of a run "
+                         "are merged, and each folder they came from lists them in its runs.txt")
+    cp.add_argument("--dry-run", action="store_true", help="report what would change; change nothing")
 
     ls = sub.add_parser("list", help="list benchmarks and methods")
     ls.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE")
@@ -219,6 +228,29 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0 if res["num_runs"] else 1
 
 
+def _cmd_compact(args: argparse.Namespace) -> int:
+    from dbmtl_jax.experiments.store import compact_directory
+
+    if not Path(args.dir).is_dir():
+        print(f"error: {args.dir} is not a directory.", file=sys.stderr)
+        return 2
+    res = compact_directory(args.dir, store=args.store, dry_run=args.dry_run,
+                            echo=lambda line: print(line, file=sys.stderr))
+    mb = 1024 * 1024
+    print(f"{len(res.converted)} record(s) {'would be ' if args.dry_run else ''}converted to the compact format"
+          + (f", {len(res.moved)} moved into {args.store}" if args.store else "")
+          + f"; {len(res.copies)} identical copies and {len(res.reruns)} reruns of a run merged"
+          + f"; {len(res.studies)} study index(es) written; records {res.bytes_before / mb:.1f} MiB -> "
+          + f"{res.bytes_after / mb:.1f} MiB" + (" (dry run: nothing changed)" if args.dry_run else "") + ".")
+    if res.not_records:
+        print(f"{len(res.not_records)} file(s) are not run records and were left alone.", file=sys.stderr)
+    if res.conflicts:
+        print(f"error: {len(res.conflicts)} record(s) conflict with another record of the same run "
+              f"(not only in timings) and were left in place.", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
     import dbmtl_jax
     from dbmtl_jax import experiments as ex
@@ -242,6 +274,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _cmd_run(args)
     if args.command == "report":
         return _cmd_report(args)
+    if args.command == "compact":
+        return _cmd_compact(args)
     return _cmd_list(args)
 
 
