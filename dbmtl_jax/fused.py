@@ -19,9 +19,12 @@ The update is exactly :func:`dbmtl_jax.dbmtl`'s (every option: β schedules,
 and the transform chain can replace each other mid-run (checkpoints too).
 
 Invalid steps are skipped, as by :func:`dbmtl_jax.skip_invalid_steps`: when a
-loss is NaN/inf (or negative with ``log=True``) or a gradient is non-finite,
-the updates are zeros, the optimizer state and ``count``/``norms`` are kept,
-and with ``in_place=False`` (default) the EMA is kept bit for bit.
+loss is NaN/inf (or negative with ``log=True``), a gradient is non-finite, or
+the optimizer's output is (an update, or a state entry that turned non-finite:
+finite inputs can still overflow Adam's second moment), the updates are zeros,
+the optimizer state and ``count``/``norms`` are kept, and with
+``in_place=False`` (default) the EMA is kept bit for bit.  The EMA norms are
+computed overflow-safe, so a large but representable gradient is not rejected.
 
 ``in_place=True`` writes the EMA rows into the (donated) state buffer as they
 are produced: the step then needs only about ``(2·chunk_size + 2) × P``
@@ -30,7 +33,10 @@ seen before any row is written, so they still leave the state untouched, but a
 non-finite *gradient* with finite losses (an overflow inside the backward pass)
 is found only while streaming: rows of earlier tasks, and the finite entries of
 the offending rows, have then been advanced.  Such a step still applies no
-update and keeps ``count``; ``norms`` are set to NaN to flag it.
+update and keeps ``count``; ``norms`` are set to NaN to flag it.  Likewise no
+copy of the optimizer state is kept in place: an optimizer output that
+overflows zeroes the update and flags the step the same way, but the
+optimizer state is the one it returned.
 """
 
 from __future__ import annotations
@@ -77,7 +83,7 @@ def _fold_rows(
     in_place: bool, acc: Any,
 ) -> tuple[list, jax.Array]:
     """``ĝ_t ← β_k ĝ_t + (1 − β_k) g_t`` for the rows ``start …`` of every EMA leaf (written in place into
-    the loop carry), and their ``‖ĝ_t‖²`` into ``sq``."""
+    the loop carry), and their squared norms into ``sq`` (``[2, T]``, :func:`ta.task_sq_norms_pair`)."""
     c = g_shared[0].shape[0]
     rows_ok = jnp.ones([c], bool)
     out, news = [], []

@@ -157,7 +157,8 @@ def output_ok(updates: PyTree, old_flags: list, new_state: PyTree) -> jax.Array:
 
 
 def select_step(apply: jax.Array, updates: PyTree, new_state: PyTree, old_state: PyTree) -> tuple[PyTree, PyTree]:
-    """``(updates, new_state)`` when ``apply``, else ``(zeros, old_state)``: elementwise selects, no copies kept."""
+    """``(updates, new_state)`` when ``apply``, else ``(zeros, old_state)``, by elementwise selects
+    (the old state stays alive until the select: the price of a rollback)."""
     updates = jax.tree_util.tree_map(lambda u: jnp.where(apply, u, jnp.zeros_like(u)), updates)
     state = jax.tree_util.tree_map(lambda n, o: jnp.where(apply, n, o), new_state, old_state)
     return updates, state
