@@ -1,0 +1,184 @@
+"""Paired per-seed comparisons of methods and the convergence figures every table reports.
+
+Seeds are paired across methods (same initialisation and batch order), so two
+methods are compared by the per-seed differences of their Δp (Lin et al.,
+Eq. 3–4) rather than by their means: ``d_s = Δp_a(s) − Δp_b(s)`` over the
+seeds both ran, reported as ``mean(d) ± t_{0.975, n−1} · sd(d) / √n``.  Rows are
+ranked in *groups* that these intervals cannot separate: the best remaining
+row leads a group, and every row whose paired interval against the leader
+contains 0 joins it.
+
+Convergence (the study protocol of results/README.md): the share of runs
+whose validation-selected epoch lies in the last 20 % of training, and the
+relative change of the summed training loss over the last 20 % of epochs.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
+
+import numpy as np
+
+from dbmtl_jax.experiments.report import Row, Setting
+
+__all__ = [
+    "PairedInterval",
+    "t_quantile_975",
+    "paired_interval",
+    "rank_groups",
+    "selected_late",
+    "loss_change_last_fifth",
+    "convergence_line",
+    "paired_table_markdown",
+]
+
+# Two-sided 95 % quantiles t_{0.975, df} of Student's t for df = 1 … 30.
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+         2.045, 2.042)
+
+
+def t_quantile_975(df: int) -> float:
+    """``t_{0.975, df}`` (tabulated to df = 30, then the normal quantile plus the first-order correction)."""
+    if df < 1:
+        raise ValueError(f"degrees of freedom must be >= 1, got {df}.")
+    if df <= len(_T975):
+        return _T975[df - 1]
+    z = 1.959964
+    return z + (z**3 + z) / (4 * df)
+
+
+class PairedInterval(NamedTuple):
+    """Mean per-seed difference with its 95 % t-interval over ``n`` paired seeds."""
+
+    mean: float
+    low: float
+    high: float
+    n: int
+
+    @property
+    def separated(self) -> bool:
+        """The interval excludes 0."""
+        return self.low > 0 or self.high < 0
+
+    def text(self, digits: int = 2) -> str:
+        if self.n < 2:
+            return f"{self.mean:+.{digits}f} (n={self.n})"
+        return f"{self.mean:+.{digits}f} [{self.low:+.{digits}f}, {self.high:+.{digits}f}]"
+
+
+def paired_interval(a: Mapping[int, float], b: Mapping[int, float]) -> Optional[PairedInterval]:
+    """The paired difference ``a − b`` over the seeds both have a finite value for (None if none)."""
+    seeds = sorted(s for s in set(a) & set(b) if math.isfinite(a[s]) and math.isfinite(b[s]))
+    if not seeds:
+        return None
+    d = np.asarray([a[s] - b[s] for s in seeds], np.float64)
+    mean = float(d.mean())
+    if len(d) < 2:
+        return PairedInterval(mean, -math.inf, math.inf, 1)
+    half = t_quantile_975(len(d) - 1) * float(d.std(ddof=1)) / math.sqrt(len(d))
+    return PairedInterval(mean, mean - half, mean + half, len(d))
+
+
+def rank_groups(scores: Mapping[str, Mapping[int, float]]) -> dict[str, int]:
+    """Group number (1 = best) of each row of per-seed scores (higher is better, e.g. Δp).
+
+    The best remaining row by mean leads the next group; a row joins it when
+    its paired interval against the leader contains 0.  Rows without a finite
+    score get no group.
+    """
+    def mean(k: str) -> float:
+        vals = [v for v in scores[k].values() if math.isfinite(v)]
+        return float(np.mean(vals)) if vals else -math.inf
+
+    left = sorted((k for k in scores if mean(k) > -math.inf), key=mean, reverse=True)
+    groups: dict[str, int] = {}
+    g = 0
+    while left:
+        g += 1
+        leader = left[0]
+        members = [leader] + [
+            k for k in left[1:]
+            if (iv := paired_interval(scores[k], scores[leader])) is not None and not iv.separated
+        ]
+        for k in members:
+            groups[k] = g
+        left = [k for k in left if k not in groups]
+    return groups
+
+
+def selected_late(run: Mapping[str, Any], fraction: float = 0.2) -> bool:
+    """Whether the run's validation-selected epoch (the latest over tasks) lies in the last ``fraction``."""
+    epochs = int(run["config"]["recipe"]["epochs"])
+    chosen = max(int(e) for e in run["selected_epoch"].values())
+    return chosen > (1 - fraction) * epochs
+
+
+def loss_change_last_fifth(run: Mapping[str, Any], fraction: float = 0.2) -> float:
+    """Relative drop of the summed per-epoch training loss over the last ``fraction`` of epochs:
+    ``(L(e₀) − L(E)) / L(e₀)`` with ``e₀ = round((1 − fraction)·E)`` (positive: still falling)."""
+    losses = run.get("history", {}).get("train_loss") or []
+    totals = [float(np.sum(x)) for x in losses]
+    if len(totals) < 2:
+        return math.nan
+    start = totals[max(0, int(round((1 - fraction) * len(totals))) - 1)]
+    return (start - totals[-1]) / abs(start) if start else math.nan
+
+
+def _seed_scores(row: Row) -> dict[int, float]:
+    return {int(s): float(d) for s, d in zip(row.seeds, row.delta_p)}
+
+
+def convergence_line(st: Setting, rows: Sequence[Row], loss_rows: Sequence[Row]) -> str:
+    """The two convergence figures every table reports (see the module docstring)."""
+    runs = [r for row in rows if row.method != "stl" for r in row.runs]
+    late = sum(selected_late(r) for r in runs)
+    per_row = []
+    for row in rows:
+        if row.method == "stl" or not row.runs:
+            continue
+        per_row.append(sum(selected_late(r) for r in row.runs) / len(row.runs))
+    worst = max(per_row) if per_row else math.nan
+    parts = [f"selected epoch in the last 20 % of training: {late} of {len(runs)} multi-task runs "
+             f"(worst row {worst:.0%})"]
+    for row in loss_rows:
+        ch = [loss_change_last_fifth(r) for r in row.runs]
+        parts.append(f"{row.label} training loss change over the last 20 % of epochs: "
+                     + ", ".join(f"{100 * c:.1f} %" for c in ch))
+    return "; ".join(parts) + "."
+
+
+def paired_table_markdown(
+    st: Setting,
+    rows: Sequence[Row],
+    references: Mapping[str, Row],
+    *,
+    label: Callable[[Row], str] = lambda r: r.label,
+    loss_rows: Sequence[Row] = (),
+    wall_time: bool = True,
+) -> str:
+    """A table of rows with Δp (mean ± sd over seeds), the paired difference to each reference row
+    (95 % t-interval), the rank group (bold: group 1), and the convergence figures under it."""
+    scores = {label(r): _seed_scores(r) for r in rows if r.method != "stl"}
+    groups = rank_groups(scores)
+    head = ["method", "seeds", "Δp % (mean ± sd)"] + [f"Δp − {k} [95 % CI]" for k in references] + ["group"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        key = label(row)
+        vals = [v for v in row.delta_p if math.isfinite(v)]
+        sd = float(np.std(vals, ddof=1)) if len(vals) > 1 else math.nan
+        cell = f"{np.mean(vals):+.2f} ± {sd:.2f}" if vals else "—"
+        g = groups.get(key)
+        name = f"**{key}**" if g == 1 else key
+        cells = [name, str(len(row.runs)), cell]
+        for ref in references.values():
+            iv = None if ref is row else paired_interval(_seed_scores(row), _seed_scores(ref))
+            cells.append("—" if iv is None else iv.text())
+        cells.append("—" if g is None else str(g))
+        lines.append("| " + " | ".join(cells) + " |")
+    out = "\n".join(lines) + "\n\n" + convergence_line(st, rows, loss_rows)
+    if wall_time:
+        total = sum(float(r.get("wall_time_s") or 0.0) for row in rows for r in row.runs)
+        out += f" Wall time of the runs in this table: {total / 60:.0f} min (one CPU core each)."
+    return out + "\n"

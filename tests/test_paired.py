@@ -1,0 +1,99 @@
+"""Paired per-seed statistics and convergence figures of dbmtl_jax.experiments.paired."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from dbmtl_jax.experiments import paired as pr
+from dbmtl_jax.experiments.report import summarize
+
+
+def test_t_quantiles_match_known_values_and_approach_the_normal():
+    assert pr.t_quantile_975(1) == pytest.approx(12.706, abs=1e-3)
+    assert pr.t_quantile_975(4) == pytest.approx(2.776, abs=1e-3)
+    assert pr.t_quantile_975(40) == pytest.approx(2.021, abs=2e-3)  # table value 2.021
+    assert pr.t_quantile_975(120) == pytest.approx(1.980, abs=2e-3)  # table value 1.980
+    with pytest.raises(ValueError):
+        pr.t_quantile_975(0)
+
+
+def test_paired_interval_uses_only_common_finite_seeds_and_the_t_interval():
+    a = {0: 1.0, 1: 2.0, 2: 4.0, 3: 7.0, 9: 5.0}
+    b = {0: 0.5, 1: 1.0, 2: 3.0, 3: float("nan"), 4: 1.0}
+    iv = pr.paired_interval(a, b)
+    d = np.array([0.5, 1.0, 1.0])
+    half = 4.303 * d.std(ddof=1) / math.sqrt(3)
+    assert iv.n == 3 and iv.mean == pytest.approx(d.mean())
+    assert iv.low == pytest.approx(d.mean() - half) and iv.high == pytest.approx(d.mean() + half)
+    assert iv.separated  # all differences positive and tight
+    assert pr.paired_interval({0: 1.0}, {1: 1.0}) is None
+    one = pr.paired_interval({0: 2.0}, {0: 1.0})
+    assert one.n == 1 and not one.separated
+
+
+def test_pairing_separates_what_unpaired_means_cannot():
+    """A constant per-seed advantage of 0.1 under seed noise of ±5 is separated by the paired interval."""
+    rng = np.random.default_rng(0)
+    noise = rng.normal(0, 5, size=5)
+    a = {s: float(noise[s] + 0.1) for s in range(5)}
+    b = {s: float(noise[s]) for s in range(5)}
+    assert abs(np.mean(list(a.values())) - np.mean(list(b.values()))) < np.std(noise)  # unpaired: overlap
+    c = {s: float(noise[s] + 0.1 + 0.01 * (-1) ** s) for s in range(5)}
+    assert pr.paired_interval(c, b).text().startswith("+0.10") and pr.paired_interval(c, b).separated
+    assert pr.rank_groups({"c": c, "b": b}) == {"c": 1, "b": 2}
+    # Swapping which seeds got the advantage's noise makes it indistinguishable from 0.
+    e = {s: float(noise[s] + 0.1 * (-1) ** s) for s in range(5)}
+    assert not pr.paired_interval(e, b).separated and pr.rank_groups({"e": e, "b": b}) == {"e": 1, "b": 1}
+
+
+def test_rank_groups_orders_and_is_invariant_to_a_common_seed_shift():
+    rng = np.random.default_rng(1)
+    base = rng.normal(0, 1, size=6)
+    scores = {
+        "best": {s: base[s] + 3 + 0.2 * rng.normal() for s in range(6)},
+        "tied": {s: base[s] + 2.9 + 0.2 * rng.normal() for s in range(6)},
+        "worse": {s: base[s] + 0.0 + 0.2 * rng.normal() for s in range(6)},
+        "empty": {0: float("nan")},
+    }
+    g = pr.rank_groups(scores)
+    assert g["best"] == 1 and g["worse"] > 1 and "empty" not in g
+    shifted = {k: {s: v + 10 * s for s, v in d.items()} for k, d in scores.items()}
+    assert pr.rank_groups(shifted) == g
+
+
+def _record(method, seed, hp, test_acc, selected, losses, epochs=10, wall=60.0):
+    return {
+        "method": method, "seed": seed, "config_hash": f"{method}{sorted(hp.items())}",
+        "config": {"benchmark": "b", "recipe": {"epochs": epochs}, "quick": False, "hparams": hp},
+        "tasks": {"a": {"metrics": {"acc": True}}, "b": {"metrics": {"acc": True}}},
+        "metrics": {"test": {"a": {"acc": test_acc[0]}, "b": {"acc": test_acc[1]}}},
+        "selected_epoch": {"a": selected, "b": selected},
+        "history": {"train_loss": [[l, l] for l in losses]},
+        "wall_time_s": wall,
+    }
+
+
+def test_convergence_figures_and_table():
+    falling = list(np.linspace(2.0, 1.0, 10))  # last fifth: 1.2222 → 1.0
+    flat = [2.0] * 5 + [1.0] * 5
+    recs = []
+    for s in range(3):
+        recs.append(_record("stl", s, {}, (0.80, 0.80), 10, flat))
+        recs.append(_record("ew", s, {}, (0.80 + 0.01 * s, 0.80), 9, falling))
+        recs.append(_record("dbmtl", s, {}, (0.82 + 0.01 * s, 0.80), 3, flat))
+    assert pr.selected_late(recs[1]) and not pr.selected_late(recs[2])
+    assert pr.loss_change_last_fifth(recs[1]) == pytest.approx((falling[7] - falling[9]) / falling[7])
+    assert pr.loss_change_last_fifth(recs[2]) == 0.0
+    (st,) = summarize(recs)
+    rows = list(st.rows.values())
+    ew = next(r for r in rows if r.method == "ew")
+    db = next(r for r in rows if r.method == "dbmtl")
+    md = pr.paired_table_markdown(st, rows, {"EW": ew}, loss_rows=[ew])
+    assert "3 of 6 multi-task runs (worst row 100%)" in md
+    assert "**dbmtl**" in md and "| ew | 3 |" in md  # DB-MTL +1.25 points on every seed: its own group
+    iv = pr.paired_interval(dict(zip(db.seeds, db.delta_p)), dict(zip(ew.seeds, ew.delta_p)))
+    assert iv.mean == pytest.approx(1.25, abs=1e-9) and iv.separated
+    assert "Wall time of the runs in this table: 9 min" in md
