@@ -213,3 +213,13 @@ def test_merge_records_keeps_the_earlier_run_whatever_the_order(legacy_tree):
         assert m["created"].startswith("1999") and m["wall_time_s"] == 1.0
         assert [e["wall_time_s"] for e in m["reruns"]] == [a["wall_time_s"]]
     assert "reruns" not in ex.store.merge_records(a, dict(a))
+
+
+def test_run_study_script_parses():
+    script = Path(__file__).resolve().parent.parent / "results" / "run_study.sh"
+    bash = shutil.which("bash")
+    if bash is None or not script.exists():
+        pytest.skip("no bash or no results/run_study.sh")
+    import subprocess
+
+    assert subprocess.run([bash, "-n", str(script)], capture_output=True).returncode == 0

@@ -7,6 +7,11 @@ Commands::
                   [--optimizer adam|sgdm] [--b1 0.0] [--momentum 0.9] [--study DIR] [--dry-run]
     dbmtl-jax report <dir> [--out DIR] [--no-plots] [--strict]
     dbmtl-jax compact <dir> [--store STORE] [--dry-run]
+    dbmtl-jax select <dir> [--method dbmtl] [--print-grid-best]
+    dbmtl-jax breakdown <dir> [<dir> ...]
+    dbmtl-jax summary <prefix>              (e.g. results/dense_8ep: <prefix>_main, _beta, ...)
+    dbmtl-jax time <dir> [--out DIR] [--no-plot]
+    dbmtl-jax index <dir> [--out FILE]
     dbmtl-jax list [--import my_module]
 """
 
@@ -120,6 +125,29 @@ def build_parser() -> argparse.ArgumentParser:
                     help="record store (e.g. results/runs): records move to STORE/<benchmark>/, duplicates of a run "
                          "are merged, and each folder they came from lists them in its runs.txt")
     cp.add_argument("--dry-run", action="store_true", help="report what would change; change nothing")
+
+    se = sub.add_parser("select", help="rank one method's configurations by validation Δp vs STL (DIR/val_selection.md)")
+    se.add_argument("dir", help="results directory or study folder")
+    se.add_argument("--method", default="dbmtl", help="method label whose rows are ranked (default dbmtl)")
+    se.add_argument("--print-grid-best", action="store_true",
+                    help="print 'beta sigma' of the validation-best row of the paper's β grid and write nothing")
+
+    bd = sub.add_parser("breakdown", help="per-task changes vs STL behind each row's Δp (DIR/breakdown.md)")
+    bd.add_argument("dirs", nargs="+", metavar="dir", help="results directories or study folders")
+
+    sm = sub.add_parser("summary", help="the tables of one study side by side (PREFIX_summary.md)")
+    sm.add_argument("prefix", help="study prefix, e.g. results/dense_8ep: reads PREFIX_main, PREFIX_beta, "
+                                   "PREFIX_ablation, PREFIX_log, PREFIX_alpha, PREFIX_budget (missing ones skipped)")
+
+    tm = sub.add_parser("time", help="training time per epoch per method, the Fig. 7 analogue "
+                                     "(time_per_epoch.csv / .md / .png)")
+    tm.add_argument("dir", help="results directory or study folder (runs with default hyperparameters are used)")
+    tm.add_argument("--out", help="where to write (default: DIR)")
+    tm.add_argument("--no-plot", action="store_true")
+
+    ix = sub.add_parser("index", help="a markdown index of the study folders (folders with runs.txt) under DIR")
+    ix.add_argument("dir", help="results root, e.g. results/")
+    ix.add_argument("--out", help="write to this file instead of stdout")
 
     ls = sub.add_parser("list", help="list benchmarks and methods")
     ls.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE")
@@ -251,6 +279,114 @@ def _cmd_compact(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report_skipped(skipped: Sequence[tuple[str, str]]) -> None:
+    for path, reason in skipped:
+        print(f"skipped {path}: {reason}", file=sys.stderr)
+    if skipped:
+        print(f"skipped {len(skipped)} file(s) that are not usable runs.", file=sys.stderr)
+
+
+def _print(text: str) -> None:
+    try:
+        print(text, end="" if text.endswith("\n") else "\n")
+    except BrokenPipeError:  # `dbmtl-jax ... | head`
+        sys.stderr.close()
+
+
+def _dirs_exist(*dirs: str) -> bool:
+    missing = [d for d in dirs if not Path(d).is_dir()]
+    for d in missing:
+        print(f"error: {d} is not a directory.", file=sys.stderr)
+    return not missing
+
+
+def _cmd_select(args: argparse.Namespace) -> int:
+    from dbmtl_jax.experiments import analysis as an
+
+    if not _dirs_exist(args.dir):
+        return 2
+    skipped: list = []
+    settings = an.load_settings(args.dir, skipped=skipped)
+    _report_skipped(skipped)
+    if args.print_grid_best:
+        best = an.grid_best(settings, args.method)
+        if best is None:
+            print(f"error: {args.dir}: no {args.method} row of the paper's β grid next to an STL row.", file=sys.stderr)
+            return 1
+        print(*best)
+        return 0
+    text = an.val_selection_markdown(settings, args.method, title=args.dir.rstrip("/"))
+    (Path(args.dir) / "val_selection.md").write_text(text)
+    _print(text)
+    return 0
+
+
+def _cmd_breakdown(args: argparse.Namespace) -> int:
+    from dbmtl_jax.experiments import analysis as an
+
+    if not _dirs_exist(*args.dirs):
+        return 2
+    for d in args.dirs:
+        skipped: list = []
+        text = an.breakdown_markdown(an.load_settings(d, skipped=skipped))
+        _report_skipped(skipped)
+        (Path(d) / "breakdown.md").write_text(text)
+        _print(f"{d}\n{text}")
+    return 0
+
+
+def _cmd_summary(args: argparse.Namespace) -> int:
+    from dbmtl_jax.experiments import analysis as an
+
+    prefix = Path(args.prefix.rstrip("/"))
+    skipped: list = []
+    try:
+        text = an.summary_markdown(prefix, skipped=skipped)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    _report_skipped(skipped)
+    prefix.with_name(prefix.name + "_summary.md").write_text(text)
+    _print(text)
+    return 0
+
+
+def _cmd_time(args: argparse.Namespace) -> int:
+    from dbmtl_jax.experiments import analysis as an
+    from dbmtl_jax.experiments.report import load_results
+
+    if not _dirs_exist(args.dir):
+        return 2
+    skipped: list = []
+    records = load_results(args.dir, skipped=skipped)
+    _report_skipped(skipped)
+    rows = an.time_rows(records)
+    if not rows:
+        print(f"error: {args.dir}: no finished run with default hyperparameters.", file=sys.stderr)
+        return 1
+    benchmarks = sorted({r["benchmark"] for r in records})
+    devices = sorted({str(r.get("device")) for r in records})
+    an.write_time(rows, args.out or args.dir, plot=not args.no_plot,
+                  title=f"{', '.join(benchmarks)} ({', '.join(devices)})")
+    _print(an.time_markdown(rows))
+    return 0
+
+
+def _cmd_index(args: argparse.Namespace) -> int:
+    from dbmtl_jax.experiments import analysis as an
+
+    if not _dirs_exist(args.dir):
+        return 2
+    skipped: list = []
+    text = an.index_markdown(args.dir, skipped=skipped)
+    _report_skipped(skipped)
+    if args.out:
+        Path(args.out).write_text(text)
+    else:
+        _print(text)
+    return 0
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
     import dbmtl_jax
     from dbmtl_jax import experiments as ex
@@ -276,6 +412,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _cmd_report(args)
     if args.command == "compact":
         return _cmd_compact(args)
+    commands = {"select": _cmd_select, "breakdown": _cmd_breakdown, "summary": _cmd_summary, "time": _cmd_time,
+                 "index": _cmd_index}
+    if args.command in commands:
+        return commands[args.command](args)
     return _cmd_list(args)
 
 

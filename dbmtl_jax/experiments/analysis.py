@@ -1,0 +1,540 @@
+"""Analyses of run records beyond ``report``: selection on validation, per-task breakdowns, study summaries,
+training time per epoch and an index of study folders (the ``dbmtl-jax`` commands ``select``,
+``breakdown``, ``summary``, ``time`` and ``index``).
+
+Everything here reads records through :func:`~dbmtl_jax.experiments.report.load_results` and
+groups them with :func:`~dbmtl_jax.experiments.report.summarize`, so a study folder (``runs.txt``
+into a record store) and a plain directory of records work alike.  The functions are small and
+composable: per-row numbers (``val_delta_p``, ``task_metric_changes``, ``time_rows``, ...) are
+separate from the markdown that shows them, and per-seed lists are kept wherever a table shows a
+mean, so paired per-seed statistics can be added next to them.
+
+* :func:`val_selection_markdown` (``dbmtl-jax select DIR``): ranks the configurations of one method
+  by their mean **validation** Δp against the STL row's validation metrics, as the paper tunes
+  DB-MTL's β (Sec. 4.1); :func:`grid_best` is the validation-best row of the paper's grid
+  (β ∈ {0.1, 0.5, 0.9} × σ ∈ {0, 0.5}).
+* :func:`breakdown_markdown` (``dbmtl-jax breakdown DIR``): per row, the signed relative change (%)
+  of each task metric's seed mean against STL's (positive = better), whose mean is the row's Δp.
+* :func:`summary_markdown` (``dbmtl-jax summary PREFIX``): the tables of one study
+  (``PREFIX_main``, ``PREFIX_beta``, ``PREFIX_ablation``, ``PREFIX_log``, ``PREFIX_alpha``,
+  ``PREFIX_budget``) side by side, as ``results/run_study.sh`` makes them.
+* :func:`time_rows` / :func:`time_markdown` (``dbmtl-jax time DIR``): the Fig. 7 analogue, training
+  time per epoch per method.
+* :func:`index_markdown` (``dbmtl-jax index DIR``): one row per study folder under ``DIR``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional, Sequence
+
+import numpy as np
+
+from dbmtl_jax.experiments.report import Row, Setting, load_results, summarize
+from dbmtl_jax.metrics import delta_p
+
+__all__ = [
+    "finite_mean", "mean_std", "load_settings",
+    "PAPER_GRID", "beta_sigma_of", "val_reference", "val_delta_p", "scored_rows", "grid_best_row", "grid_best",
+    "val_selection_markdown",
+    "task_metric_changes", "task_changes", "breakdown_markdown",
+    "SECTIONS", "study_settings", "summary_markdown",
+    "time_rows", "time_markdown", "write_time",
+    "study_folders", "index_rows", "index_markdown",
+]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def finite_mean(xs: Iterable[float]) -> float:
+    """Mean of the finite values, ``-inf`` when there is none (ranks such rows last)."""
+    xs = [x for x in xs if math.isfinite(x)]
+    return float(np.mean(xs)) if xs else float("-inf")
+
+
+def mean_std(xs: Iterable[float]) -> str:
+    """``+1.23 ± 0.45`` (sample std, ddof 1) of the finite values; ``n/a`` when there is none."""
+    xs = [x for x in xs if math.isfinite(x)]
+    if not xs:
+        return "n/a"
+    std = float(np.std(xs, ddof=1)) if len(xs) > 1 else float("nan")
+    return f"{np.mean(xs):+.2f} ± {std:.2f}" if math.isfinite(std) else f"{np.mean(xs):+.2f}"
+
+
+def load_settings(directory: os.PathLike, *, skipped: Optional[list] = None) -> list[Setting]:
+    """:func:`summarize` of :func:`load_results` (unusable files go to ``skipped``, else warnings)."""
+    return summarize(load_results(directory, skipped=skipped))
+
+
+def _with_stl(directory: os.PathLike, skipped: Optional[list] = None) -> Optional[Setting]:
+    """The first setting of ``directory`` that has an STL row, or ``None`` (also for a missing directory)."""
+    if not Path(directory).is_dir():
+        return None
+    settings = [s for s in load_settings(directory, skipped=skipped) if s.stl is not None]
+    return settings[0] if settings else None
+
+
+# --------------------------------------------------------------------------- selection on validation
+
+PAPER_GRID = frozenset((b, s) for b in (0.1, 0.5, 0.9) for s in (0.0, 0.5))
+"""DB-MTL's β grid of the paper (Sec. 4.1, Fig. 5): β ∈ {0.1, 0.5, 0.9}, constant (σ = 0) or β/k^0.5."""
+
+
+def beta_sigma_of(row: Row) -> tuple[float, float]:
+    """``(β, σ)`` of a DB-MTL row (defaults 0.9 and 0 when not given)."""
+    hp = row.runs[0]["config"]["hparams"]
+    return float(hp.get("beta", 0.9)), float(hp.get("beta_sigma", 0.0))
+
+
+def val_reference(st: Setting) -> dict[str, dict[str, float]]:
+    """The STL row's mean **validation** metrics (the reference of validation Δp)."""
+    return {t: {m: float(np.mean([r["metrics"]["val"][t][m] for r in st.stl.runs])) for m in ms}
+            for t, ms in st.higher_is_better.items()}
+
+
+def val_delta_p(st: Setting, row: Row, reference: Optional[Mapping] = None) -> list[float]:
+    """Per seed (the row's run order): validation Δp (%) against :func:`val_reference`."""
+    ref = val_reference(st) if reference is None else reference
+    return [delta_p(r["metrics"]["val"], ref, st.higher_is_better) for r in row.runs]
+
+
+def scored_rows(st: Setting, method: str) -> list[tuple[float, Row, list[float]]]:
+    """``(mean val Δp, row, per-seed val Δp)`` of every row of ``method``, best first."""
+    ref = val_reference(st)
+    scored = []
+    for row in (r for r in st.rows.values() if r.method == method):
+        val = val_delta_p(st, row, ref)
+        scored.append((float(np.mean(val)), row, val))
+    return sorted(scored, key=lambda x: -x[0])
+
+
+def grid_best_row(st: Setting, method: str = "dbmtl") -> Optional[Row]:
+    """The validation-best row of ``method`` within :data:`PAPER_GRID`, or ``None``."""
+    rows = [x[1] for x in scored_rows(st, method) if beta_sigma_of(x[1]) in PAPER_GRID]
+    return rows[0] if rows else None
+
+
+def grid_best(settings: Sequence[Setting], method: str = "dbmtl") -> Optional[tuple[float, float]]:
+    """``(β, σ)`` of :func:`grid_best_row` in the first setting that has one next to an STL row."""
+    for st in settings:
+        row = grid_best_row(st, method) if st.stl is not None else None
+        if row is not None:
+            return beta_sigma_of(row)
+    return None
+
+
+def val_selection_markdown(settings: Sequence[Setting], method: str = "dbmtl", title: str = "") -> str:
+    """The ``val_selection.md`` page: every setting's rows of ``method`` ranked by validation Δp."""
+    lines = [f"# Validation selection of `{method}` hyperparameters: `{title}`", ""]
+    lines.append("Each configuration's mean validation Δp (%) against the STL row's validation metrics ranks it; "
+                 "the test Δp of the best is the tuned result. Mean ± std over seeds.")
+    for st in settings:
+        if st.stl is None or not any(r.method == method for r in st.rows.values()):
+            continue
+        scored = scored_rows(st, method)
+        recipe = st.recipe
+        lines += ["", f"## {st.benchmark} ({'quick' if st.quick else 'full'} recipe: lr {recipe['learning_rate']}, "
+                      f"batch {recipe['batch_size']}, {recipe['epochs']} epochs)", "",
+                  "| configuration | seeds | val Δp (%) | test Δp (%) |", "|---|---|---|---|"]
+        for i, (_, row, val) in enumerate(scored):
+            name = f"**{row.label}** (selected)" if i == 0 else row.label
+            lines.append(f"| {name} | {len(row.runs)} | {mean_std(val)} | {mean_std(row.delta_p)} |")
+        best = scored[0][1]
+        lines += ["", f"Selected on validation: `{best.label}`, test Δp {mean_std(best.delta_p)} "
+                      f"(the best test Δp of the grid is {max(finite_mean(r.delta_p) for _, r, _ in scored):+.2f})."]
+        grid = [x for x in scored if beta_sigma_of(x[1]) in PAPER_GRID] if method == "dbmtl" else []
+        if grid and grid[0][1] is not best:
+            lines += ["", f"Within the paper's grid (β ∈ {{0.1, 0.5, 0.9}}, σ ∈ {{0, 0.5}}): `{grid[0][1].label}`, "
+                          f"test Δp {mean_std(grid[0][1].delta_p)}."]
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- per-task breakdown
+
+
+def task_metric_changes(st: Setting, row: Row) -> dict[tuple[str, str], float]:
+    """``(task, metric) -> signed relative change (%)`` of the row's seed-mean metric vs the STL row's mean.
+
+    Positive is better than STL.  Their mean over the metrics (then tasks,
+    weighted per metric) is the Δp of the seed means, equal to the row's mean
+    Δp (Δp is linear in the metrics).
+    """
+    out = {}
+    for task, metrics in st.higher_is_better.items():
+        for metric, hib in metrics.items():
+            base = _seed_mean(st.stl.values(task, metric))
+            mean = _seed_mean(row.values(task, metric))
+            out[(task, metric)] = 100.0 * (1.0 if hib else -1.0) * (mean - base) / abs(base)
+    return out
+
+
+def _seed_mean(xs: Sequence[float]) -> float:
+    return float(np.mean(xs)) if xs else float("nan")
+
+
+def task_changes(st: Setting, row: Row) -> dict[str, float]:
+    """Per task: the mean over its metrics of :func:`task_metric_changes` (uses the NaN-aware seed mean)."""
+    out = {}
+    for task, metrics in st.higher_is_better.items():
+        vals = []
+        for metric, hib in metrics.items():
+            base = float(np.mean(st.stl.values(task, metric)))
+            mean = float(np.nanmean(row.values(task, metric)))
+            vals.append((1 if hib else -1) * 100.0 * (mean - base) / abs(base))
+        out[task] = float(np.mean(vals))
+    return out
+
+
+def _row_label(row: Row) -> str:
+    hp = json.dumps(row.config.get("hparams") or {}, sort_keys=True)
+    return row.method + (f" {hp}" if hp != "{}" else "")
+
+
+def breakdown_markdown(settings: Sequence[Setting]) -> str:
+    """The ``breakdown.md`` page: per setting, every row ranked by Δp with its per-metric changes vs STL."""
+    out = []
+    for st in settings:
+        if st.stl is None:
+            continue
+        rows = list(st.rows.values())
+        labels = [_row_label(r) for r in rows]
+        changes = {}
+        for r, label in zip(rows, labels):
+            if labels.count(label) > 1:  # same method and hyperparameters, other settings (e.g. --grad-stats)
+                label += f" [{r.config.get('grad_path', '')} {r.config_hash}]"
+            changes[label] = task_metric_changes(st, r)
+        keys = [(t, m) for t, ms in st.higher_is_better.items() for m in ms]
+        ranked = sorted(changes.items(), key=lambda kv: -sum(kv[1].values()) / len(keys))
+        out.append(f"## {st.key}\n")
+        out.append("| rank | row | " + " | ".join(f"{t} {m} (%)" for t, m in keys) + " | Δp (%) |")
+        out.append("|---" * (len(keys) + 3) + "|")
+        for i, (label, v) in enumerate(ranked, 1):
+            out.append(f"| {i} | {label} | " + " | ".join(f"{v[k]:+.2f}" for k in keys)
+                       + f" | {sum(v.values()) / len(keys):+.2f} |")
+        out.append("")
+    return "\n".join(out) + "\n"
+
+
+# --------------------------------------------------------------------------- study summary
+
+SECTIONS = ("beta", "ablation", "log", "alpha", "budget")
+"""The sections of a study besides ``main`` (``results/run_study.sh``), folder ``<prefix>_<section>``."""
+FIG1 = ("pcgrad", "gradvac", "imtl_g", "cagrad", "nash_mtl", "aligned_mtl")
+
+
+def study_settings(prefix: os.PathLike, *, skipped: Optional[list] = None) -> dict[str, Optional[Setting]]:
+    """``section -> setting`` (with an STL row) of ``<prefix>_main`` and ``<prefix>_<section>``; missing ones ``None``."""
+    prefix = Path(prefix)
+    return {s: _with_stl(prefix.with_name(f"{prefix.name}_{s}"), skipped) for s in ("main", *SECTIONS)}
+
+
+def _find(st: Setting, method: str, **hp: Any) -> Optional[Row]:
+    """The row of ``method`` whose hyperparameters equal ``hp`` (defaults spelled out count as equal)."""
+    defaults = {"beta": 0.9, "beta_sigma": 0.0, "alpha": "max"} if method.startswith("dbmtl") else {}
+    want = {**defaults, **hp}
+    for row in st.rows.values():
+        if row.method == method and {**defaults, **dict(row.config.get("hparams") or {})} == want:
+            return row
+    return None
+
+
+def _nonfinite_runs(row: Row) -> int:
+    return sum(r.get("nonfinite_steps", 0) > 0 for r in row.runs)
+
+
+def main_table(st: Setting) -> list[str]:
+    """Tables 1-4: every MTL row ranked by Δp, with each task's :func:`task_changes`."""
+    tasks = list(st.higher_is_better)
+    rows = sorted((r for r in st.rows.values() if r.method != "stl"), key=lambda r: -finite_mean(r.delta_p))
+    out = ["| rank | row | " + " | ".join(f"{t} (%)" for t in tasks) + " | Δp (%) | non-finite runs |",
+           "|---" * (len(tasks) + 4) + "|",
+           "| – | stl | " + " | ".join("0.00" for _ in tasks) + f" | {mean_std(st.stl.delta_p)} | "
+           f"{_nonfinite_runs(st.stl)} |"]
+    for i, row in enumerate(rows, 1):
+        ch = task_changes(st, row)
+        name = f"**{row.label}**" if row.method == "dbmtl" else row.label
+        out.append(f"| {i} | {name} | " + " | ".join(f"{ch[t]:+.2f}" for t in tasks)
+                   + f" | {mean_std(row.delta_p)} | {_nonfinite_runs(row)} |")
+    return out
+
+
+def _row_cell(row: Optional[Row]) -> str:
+    return mean_std(row.delta_p) if row is not None else "not run"
+
+
+def _beta_hp(row: Optional[Row]) -> dict[str, Any]:
+    if row is None:
+        return {}
+    b, s = beta_sigma_of(row)
+    return {"beta": b} if s == 0.0 else {"beta": b, "beta_sigma": s}
+
+
+def _beta_text(hp: Mapping[str, Any]) -> str:
+    b = hp.get("beta", 0.9)
+    s = hp.get("beta_sigma", 0.0)
+    return f"β = {b}" if s == 0.0 else f"β = {b}/k^{s}"
+
+
+def _provenance(records: Sequence[Mapping[str, Any]]) -> tuple[list, list, list]:
+    """Versions, commits and devices of the records and of their merged ``reruns``."""
+    entries = [e for r in records for e in (r, *(r.get("reruns") or []))]
+    versions = sorted({tuple(sorted((k, v) for k, v in (e.get("versions") or {}).items()
+                                    if k != "dbmtl_jax_git_commit")) for e in entries})
+    commits = sorted({(e.get("versions") or {}).get("dbmtl_jax_git_commit", "?")[:7] for e in entries})
+    devices = sorted({str(e.get("device")) for e in entries})
+    return versions, commits, devices
+
+
+def summary_markdown(prefix: os.PathLike, *, skipped: Optional[list] = None) -> str:
+    """The ``<prefix>_summary.md`` page of a study (see the module docstring); ``ValueError`` without a main table."""
+    prefix = Path(prefix)
+    name = prefix.name
+    st = study_settings(prefix, skipped=skipped)
+    main = st["main"]
+    if main is None:
+        raise ValueError(f"no runs with an STL row in {prefix.with_name(name + '_main')}")
+    bench, recipe, epochs = main.benchmark, main.recipe, main.recipe["epochs"]
+    kind = "quick " if main.quick else ""
+    records = {r["_path"]: r for s in st.values() if s is not None for row in s.rows.values() for r in row.runs}
+    runs = {Path(p).name.split(".")[0]: r for p, r in records.items()}  # each run once (its id)
+    wall = sum(float(r.get("wall_time_s") or 0.0) for r in runs.values())
+    versions, commits, devices = _provenance(list(runs.values()))
+    sel = grid_best_row(st["beta"]) if st["beta"] is not None else None
+    sel_hp = _beta_hp(sel)
+    lines = [f"# {bench}: the paper's tables at {epochs} {kind}epochs (CPU-scaled)", "",
+             f"Budget: the `{bench}` {kind}recipe (lr {recipe['learning_rate']}, batch {recipe['batch_size']}) "
+             f"for {epochs} epochs, 3 seeds. **Not the paper's setting** (see results/README.md). "
+             f"Regenerate the runs with `bash results/run_study.sh {bench} [main beta ablation log alpha budget]` and "
+             f"this page with `dbmtl-jax summary {prefix.as_posix()}`.", "",
+             f"Runs: {len(runs)} distinct run files, {wall / 60:.1f} min of summed run wall time (one core of a "
+             f"shared 2-core VM, compilation included); device {', '.join(devices)}; library commits "
+             f"{', '.join(commits)}; versions " + "; ".join(", ".join(f"{k} {v}" for k, v in vs) for vs in versions)
+             + ".", "",
+             "Δp (%): Eq. 3-4 vs the STL row of the same directory, mean ± std (ddof 1) over seeds; positive is "
+             "better than STL.", "",
+             f"## Tables 1-4: main table (`{name}_main/`)", ""]
+    lines += main_table(main)
+    lines += ["", "Per-task columns: mean over the task's metrics of the signed relative change (%) of the seed-mean "
+                  "metric vs STL."]
+    if st["beta"] is not None:
+        lines += ["", f"## Fig. 5: β (`{name}_beta/`)", "",
+                  "| β | row | val Δp (%) | test Δp (%) | in the paper's grid |", "|---|---|---|---|---|"]
+        for _, row, val in scored_rows(st["beta"], "dbmtl"):
+            mark = " (selected)" if row is sel else ""
+            lines.append(f"| {_beta_text(_beta_hp(row))}{mark} | `{row.label}` | {mean_std(val)} | "
+                         f"{mean_std(row.delta_p)} | {'yes' if beta_sigma_of(row) in PAPER_GRID else 'no'} |")
+        lines += ["", "Ranked by validation Δp; the selected row is the validation-best of the paper's grid "
+                      "({0.1, 0.5, 0.9} × σ ∈ {0, 0.5}). The default is β = 0.9 (σ = 0); a setting run both with its "
+                      "hyperparameters spelled out and as the default is two rows (same computation, separate runs)."]
+    if st["ablation"] is not None:
+        a = st["ablation"]
+        sel_cell = (lambda m: _row_cell(_find(a, m, **sel_hp)) if sel else "not run")
+        lines += ["", f"## Table 5: ablation (`{name}_ablation/`)", "",
+                  "| log | gradient balancing | row | Δp (%) at β = 0.9 (default) | Δp (%) at the selected "
+                  f"{_beta_text(sel_hp) if sel else 'β'} |", "|---|---|---|---|---|",
+                  f"| – | – | ew | {_row_cell(_find(a, 'ew'))} | (no β) |",
+                  f"| ✓ | – | ew+log | {_row_cell(_find(a, 'ew+log'))} | (no β) |",
+                  f"| – | ✓ | dbmtl+nolog | {_row_cell(_find(a, 'dbmtl+nolog'))} | {sel_cell('dbmtl+nolog')} |",
+                  f"| ✓ | ✓ | dbmtl | {_row_cell(_find(a, 'dbmtl'))} | {sel_cell('dbmtl')} |"]
+    if st["log"] is not None:
+        lg = st["log"]
+        lines += ["", f"## Fig. 1: the log transform for other methods (`{name}_log/`)", "",
+                  "| method | raw losses | + log | change (points) |", "|---|---|---|---|"]
+        for m in FIG1:
+            raw, log = _find(lg, m), _find(lg, m + "+log")
+            change = (f"{finite_mean(log.delta_p) - finite_mean(raw.delta_p):+.2f}"
+                      if raw is not None and log is not None else "–")
+            lines.append(f"| {m} | {_row_cell(raw)} | {_row_cell(log)} | {change} |")
+    if st["alpha"] is not None:
+        al = st["alpha"]
+        alphas = [("max", "max"), ("min", "min"), ("mean", "mean"), ("median", "median"), (1.0, "constant 1.0")]
+        lines += ["", f"## Fig. 6: α (`{name}_alpha/`)", "",
+                  f"| α | Δp (%) at β = 0.9 (default) | Δp (%) at the selected {_beta_text(sel_hp) if sel else 'β'} |",
+                  "|---|---|---|"]
+        for a, label in alphas:
+            lines.append(f"| {label} | {_row_cell(_find(al, 'dbmtl', alpha=a))} | "
+                         f"{_row_cell(_find(al, 'dbmtl', alpha=a, **sel_hp)) if sel else 'not run'} |")
+    if st["budget"] is not None:
+        bu = st["budget"]
+        lines += ["", f"## Budget diagnostic: {bu.recipe['epochs'] / epochs:g}× the epochs (`{name}_budget/`)", "",
+                  f"| row | Δp (%) at {epochs} epochs | Δp (%) at {bu.recipe['epochs']} epochs |", "|---|---|---|",
+                  f"| stl | {_row_cell(main.stl)} | {_row_cell(bu.stl)} |",
+                  f"| ew | {_row_cell(_find(main, 'ew'))} | {_row_cell(_find(bu, 'ew'))} |",
+                  f"| dbmtl (default β = 0.9) | {_row_cell(_find(main, 'dbmtl'))} | {_row_cell(_find(bu, 'dbmtl'))} |"]
+        if sel:
+            lines.append(f"| dbmtl (selected {_beta_text(sel_hp)}) | {_row_cell(sel)} | "
+                         f"{_row_cell(_find(bu, 'dbmtl', **sel_hp))} |")
+        lines += ["", "Each column's Δp is against the STL row trained for the same number of epochs."]
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- training time (Fig. 7)
+
+_GROUP_ORDER = {"stl": 0, "loss": 1, "gradient": 2, "hybrid": 3, "dbmtl": 4}
+
+
+def _group(method: str) -> str:
+    from dbmtl_jax import METHOD_GROUPS
+
+    return "stl" if method == "stl" else METHOD_GROUPS.get(method.split("+")[0], "?")
+
+
+def time_rows(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Per method (runs with the method's default hyperparameters only): training time per epoch.
+
+    ``train_time_per_epoch_s`` = ``median_step_time_s`` × ``steps_per_epoch``
+    (each step timed to completion, compilation excluded; the primary
+    measure) and ``epoch_time_s`` = the mean of ``history.epoch_time_s`` over
+    epochs 2..E (epoch 1 includes compilation; this one also includes the
+    validation pass and the best-epoch snapshot), each as mean and std over
+    seeds; ordered by group (stl, loss, gradient, hybrid, dbmtl), then time.
+    The per-seed values are under ``per_seed``.
+    """
+    epoch: dict[str, list[float]] = defaultdict(list)
+    step: dict[str, list[float]] = defaultdict(list)
+    train: dict[str, list[float]] = defaultdict(list)
+    paths: dict[str, str] = {}
+    for r in records:
+        if r.get("status") != "done" or r["config"].get("hparams"):
+            continue
+        ep = r["history"]["epoch_time_s"][1:]
+        m = r["method"]
+        epoch[m].append(sum(ep) / len(ep))
+        step[m].append(r["median_step_time_s"])
+        train[m].append(r["median_step_time_s"] * r["steps_per_epoch"])
+        paths[m] = r["config"]["grad_path"]
+    rows = []
+    for m, v in epoch.items():
+        rows.append(dict(method=m, group=_group(m), grad_path=paths[m], seeds=len(v),
+                         train_time_per_epoch_s=statistics.mean(train[m]),
+                         train_time_std=statistics.stdev(train[m]) if len(v) > 1 else 0.0,
+                         epoch_time_s=statistics.mean(v), epoch_time_std=statistics.stdev(v) if len(v) > 1 else 0.0,
+                         median_step_ms=1e3 * statistics.mean(step[m]),
+                         per_seed={"train_time_per_epoch_s": list(train[m]), "epoch_time_s": list(v)}))
+    rows.sort(key=lambda r: (_GROUP_ORDER.get(r["group"], 9), r["train_time_per_epoch_s"]))
+    return rows
+
+
+def time_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
+    lines = ["| method | group | gradient path | seeds | training time / epoch (s) | median step (ms) "
+             "| epoch wall incl. validation (s) |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['group']} | {r['grad_path']} | {r['seeds']} | "
+                     f"{r['train_time_per_epoch_s']:.3f} ± {r['train_time_std']:.3f} | {r['median_step_ms']:.2f} | "
+                     f"{r['epoch_time_s']:.3f} ± {r['epoch_time_std']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_time(rows: Sequence[Mapping[str, Any]], out: os.PathLike, *, plot: bool = True,
+               title: str = "training time per epoch") -> list[Path]:
+    """Writes ``time_per_epoch.csv``, ``.md`` and (``plot``) ``.png`` into ``out``; returns the paths."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    fields = [k for k in rows[0] if k != "per_seed"] if rows else []
+    paths = [out / "time_per_epoch.csv", out / "time_per_epoch.md"]
+    with open(paths[0], "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    paths[1].write_text(time_markdown(rows))
+    if plot and rows:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        colors = {"stl": "grey", "loss": "tab:cyan", "gradient": "tab:red", "hybrid": "gold", "dbmtl": "tab:blue"}
+        fig, ax = plt.subplots(figsize=(10, 3.8))
+        ax.bar(range(len(rows)), [r["train_time_per_epoch_s"] for r in rows],
+               yerr=[r["train_time_std"] for r in rows], color=[colors.get(r["group"], "k") for r in rows])
+        ax.set_xticks(range(len(rows)), [r["method"] for r in rows], rotation=60, ha="right")
+        ax.set_ylabel("median step x steps/epoch (s)")
+        ax.set_title(f"{title}: cyan loss, red gradient, yellow hybrid, blue DB-MTL")
+        fig.tight_layout()
+        paths.append(out / "time_per_epoch.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    return paths
+
+
+# --------------------------------------------------------------------------- index of studies
+
+
+def study_folders(root: os.PathLike) -> list[Path]:
+    """The study folders under ``root`` (folders with a ``runs.txt``), sorted."""
+    from dbmtl_jax.experiments.train import STUDY_INDEX
+
+    return sorted(p.parent for p in Path(root).rglob(STUDY_INDEX))
+
+
+def _recipe_text(rc: Mapping[str, Any], quick: bool) -> str:
+    parts = [f"{'quick' if quick else 'full'}, {rc.get('epochs')} epochs", f"lr {rc.get('learning_rate')}",
+             f"batch {rc.get('batch_size')}"]
+    return ", ".join(parts)
+
+
+def index_rows(root: os.PathLike, *, skipped: Optional[list] = None) -> list[dict[str, Any]]:
+    """One entry per study folder: benchmark(s), recipes, rows, methods, seeds, runs, summed run time."""
+    out = []
+    for folder in study_folders(root):
+        records = load_results(folder, skipped=skipped)
+        settings = summarize(records)
+        methods = sorted({r["method"] for r in records}, key=lambda m: (m != "stl", m))
+        out.append({
+            "study": Path(os.path.relpath(folder, root)).as_posix(),
+            "benchmarks": sorted({r["benchmark"] for r in records}),
+            "recipes": [_recipe_text(st.recipe, st.quick) + (f", optimizer {st.optimizer.get('name')}"
+                                                             if st.optimizer else "") for st in settings],
+            "rows": sum(len(st.rows) for st in settings),
+            "methods": methods,
+            "seeds": sorted({r["seed"] for r in records}),
+            "runs": len(records),
+            "wall_time_s": sum(float(r.get("wall_time_s") or 0.0) for r in records),
+            "files": [p for p in ("report.md", "val_selection.md", "breakdown.md") if (folder / p).is_file()],
+            "paths": {r["_path"] for r in records},
+        })
+    return out
+
+
+def _methods_text(methods: Sequence[str], limit: int = 8) -> str:
+    if len(methods) <= limit:
+        return ", ".join(methods)
+    return f"{len(methods)} labels: " + ", ".join(methods[:limit - 2]) + ", …"
+
+
+def index_markdown(root: os.PathLike, *, skipped: Optional[list] = None) -> str:
+    """``INDEX.md``: a table of the study folders under ``root``, generated from their records."""
+    from dbmtl_jax.experiments.report import record_paths
+
+    root = Path(root)
+    rows = index_rows(root, skipped=skipped)
+    lines = ["# Index of studies", "",
+             f"Generated from the run records by `dbmtl-jax index {root.as_posix()}`; one row per study folder "
+             "(a folder with a `runs.txt`). *Rows*: table rows (method and hyperparameter configuration); "
+             "*run time*: the summed `wall_time_s` of the study's runs (a run shared by several studies counts "
+             "in each).", "",
+             "| study | benchmark | recipe | rows | methods | seeds | runs | run time (min) | pages |",
+             "|---|---|---|---:|---|---|---:|---:|---|"]
+    for r in rows:
+        pages = ", ".join(f"[{p[:-3]}]({r['study']}/{p})" for p in r["files"]) or "—"
+        lines.append(f"| `{r['study']}/` | {', '.join(r['benchmarks'])} | {'; '.join(r['recipes'])} | {r['rows']} | "
+                     f"{_methods_text(r['methods'])} | {','.join(map(str, r['seeds']))} | {r['runs']} | "
+                     f"{r['wall_time_s'] / 60:.1f} | {pages} |")
+    listed = {os.path.abspath(p) for r in rows for p in r["paths"]}
+    stored = record_paths(root)
+    unlisted = [p for p in stored if os.path.abspath(p) not in listed]
+    per_bench: dict[str, int] = defaultdict(int)
+    for p in stored:
+        per_bench[p.name.split("__")[0]] += 1
+    lines += ["", f"Records under `{root.as_posix()}`: {len(stored)} ("
+              + ", ".join(f"{b} {n}" for b, n in sorted(per_bench.items())) + f"); listed by no study: {len(unlisted)}"
+              + (" (" + ", ".join(Path(os.path.relpath(p, root)).as_posix() for p in unlisted[:10])
+                 + (", …" if len(unlisted) > 10 else "") + ")" if unlisted else "") + "."]
+    return "\n".join(lines) + "\n"

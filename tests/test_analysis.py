@@ -1,0 +1,272 @@
+"""The analysis commands (``dbmtl-jax select``, ``breakdown``, ``summary``, ``time``, ``index``) on small
+synthetic records written by the tests (a record store and study folders under ``tmp_path``; nothing
+is trained and nothing committed under ``results/`` is read).  Expected numbers come from independent
+NumPy formulas.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("matplotlib")
+
+from dbmtl_jax.experiments import analysis as an  # noqa: E402
+from dbmtl_jax.experiments.cli import main  # noqa: E402
+from dbmtl_jax.experiments.report import load_results, summarize  # noqa: E402
+from dbmtl_jax.experiments.train import (  # noqa: E402
+    RESULT_FORMAT,
+    RunConfig,
+    add_to_study,
+    config_hash,
+    parse_method,
+    result_path,
+    write_record,
+)
+
+TASKS = {"a": {"metrics": {"acc": True}, "select_metric": "acc", "units": {}},
+         "b": {"metrics": {"err": False}, "select_metric": "err", "units": {}}}
+HIB = {"a": {"acc": True}, "b": {"err": False}}
+SEEDS = (0, 1, 2)
+
+
+def _config(method: str, hparams: dict, epochs: int) -> RunConfig:
+    spec = parse_method(method)
+    return RunConfig(benchmark="syn", method=spec.label, base_method=spec.name, log=spec.log, hparams=dict(hparams),
+                     recipe={"learning_rate": 0.001, "batch_size": 8, "epochs": epochs}, quick=True,
+                     grad_path="stl" if spec.name == "stl" else "per_task")
+
+
+def record(method: str, seed: int, val: tuple, test: tuple, *, hparams: dict | None = None, epochs: int = 4,
+           step: float = 0.01, wall: float = 60.0, epoch_times=(5.0, 1.0, 1.2, 1.4)) -> dict:
+    """A finished record: ``val`` / ``test`` are ``(a.acc, b.err)``; seed s shifts acc by 0.001 s."""
+    cfg = _config(method, hparams or {}, epochs)
+    shift = 0.001 * seed
+    return {
+        "format": RESULT_FORMAT, "status": "done", "benchmark": "syn", "method": cfg.method, "seed": seed,
+        "config_hash": config_hash(cfg), "config": cfg.to_dict(), "tasks": TASKS,
+        "versions": {"python": "3", "dbmtl_jax": "0.1.0", "dbmtl_jax_git_commit": "abcdef0123"},
+        "device": "cpu:cpu", "created": f"2026-01-01T00:00:0{seed}+0000",
+        "metrics": {"val": {"a": {"acc": val[0] + shift}, "b": {"err": val[1]}},
+                    "test": {"a": {"acc": test[0] + shift}, "b": {"err": test[1]}}},
+        "selected_epoch": {"a": epochs, "b": epochs},
+        "history": {"epoch_time_s": list(epoch_times)}, "curve": {},
+        "wall_time_s": wall, "median_step_time_s": step, "steps_per_epoch": 10, "steps": 10 * epochs,
+        "nonfinite_steps": 0,
+    }
+
+
+def put(root: Path, study: str, method: str, val: tuple, test: tuple, **kw) -> list[Path]:
+    """Lists the run of every seed in ``root/<study>/runs.txt``, writing its record into ``root/runs`` first
+    unless the store has it already (as the runner's resume does: a run shared by two tables is stored once)."""
+    paths = []
+    for s in SEEDS:
+        cfg = _config(method, kw.get("hparams") or {}, kw.get("epochs", 4))
+        path = result_path(root / "runs", cfg, s)
+        paths.append(path if path.exists() else write_record(path, record(method, s, val, test, **kw)))
+    add_to_study(root / study, paths)
+    return paths
+
+
+def np_delta_p(m: dict, ref: dict) -> float:
+    """Independent Δp (%): mean over tasks of the signed relative change."""
+    return float(np.mean([100.0 * (1 if up else -1) * (m[t][k] - ref[t][k]) / abs(ref[t][k])
+                          for t, ms in HIB.items() for k, up in ms.items()]))
+
+
+def _mean_metrics(recs: list, split: str) -> dict:
+    return {t: {k: float(np.mean([r["metrics"][split][t][k] for r in recs])) for k in ms} for t, ms in HIB.items()}
+
+
+BETA_GRID = {  # hparams -> (val, test): β = 0 is the best on validation but not in the paper's grid
+    (): ((0.78, 1.10), (0.77, 1.12)),
+    (("beta", 0.0), ("beta_sigma", 0.0)): ((0.82, 0.95), (0.80, 1.00)),
+    (("beta", 0.1), ("beta_sigma", 0.0)): ((0.81, 0.97), (0.81, 0.96)),
+    (("beta", 0.5), ("beta_sigma", 0.5)): ((0.80, 1.00), (0.82, 0.99)),
+}
+
+
+@pytest.fixture
+def study(tmp_path):
+    """results/runs + results/syn_4ep_{main,beta,ablation,log,alpha,budget} + one unlisted record."""
+    root = tmp_path / "results"
+    stl = ((0.80, 1.00), (0.80, 1.00))
+    for sec in ("main", "beta", "ablation", "log", "alpha"):
+        put(root, f"syn_4ep_{sec}", "stl", *stl)
+    put(root, "syn_4ep_main", "ew", (0.79, 1.02), (0.78, 1.03), wall=30.0)
+    put(root, "syn_4ep_main", "pcgrad", (0.80, 1.01), (0.79, 1.01), step=0.03)
+    put(root, "syn_4ep_main", "dbmtl", *BETA_GRID[()], step=0.02)
+    for hp, (val, test) in BETA_GRID.items():
+        put(root, "syn_4ep_beta", "dbmtl", val, test, hparams=dict(hp))
+    put(root, "syn_4ep_ablation", "ew", (0.79, 1.02), (0.78, 1.03), wall=30.0)
+    put(root, "syn_4ep_ablation", "ew+log", (0.79, 1.00), (0.79, 1.01))
+    put(root, "syn_4ep_ablation", "dbmtl", *BETA_GRID[()])
+    put(root, "syn_4ep_ablation", "dbmtl+nolog", (0.78, 1.05), (0.78, 1.06))
+    put(root, "syn_4ep_ablation", "dbmtl", (0.81, 0.97), (0.815, 0.955), hparams={"beta": 0.1})
+    put(root, "syn_4ep_ablation", "dbmtl+nolog", (0.80, 0.99), (0.80, 0.98), hparams={"beta": 0.1})
+    put(root, "syn_4ep_log", "pcgrad", (0.80, 1.01), (0.79, 1.01))
+    put(root, "syn_4ep_log", "pcgrad+log", (0.81, 1.00), (0.80, 0.99))
+    put(root, "syn_4ep_alpha", "dbmtl", *BETA_GRID[()])
+    put(root, "syn_4ep_alpha", "dbmtl", (0.79, 1.05), (0.785, 1.04), hparams={"alpha": "min"})
+    put(root, "syn_4ep_alpha", "dbmtl", (0.81, 0.98), (0.81, 0.97), hparams={"alpha": "max", "beta": 0.1})
+    put(root, "syn_4ep_budget", "stl", (0.85, 0.90), (0.85, 0.90), epochs=12)
+    put(root, "syn_4ep_budget", "ew", (0.83, 0.95), (0.83, 0.94), epochs=12)
+    put(root, "syn_4ep_budget", "dbmtl", (0.82, 0.96), (0.82, 0.95), epochs=12)
+    put(root, "syn_4ep_budget", "dbmtl", (0.84, 0.93), (0.84, 0.92), epochs=12, hparams={"beta": 0.1})
+    cfg = _config("gradvac", {}, 4)
+    write_record(result_path(root / "runs", cfg, 0), record("gradvac", 0, (0.8, 1.0), (0.8, 1.0)))  # listed nowhere
+    return root
+
+
+# --------------------------------------------------------------------------- select
+
+
+def test_select_ranks_on_validation_and_picks_the_grid_best(study, capsys):
+    d = study / "syn_4ep_beta"
+    assert main(["select", str(d), "--print-grid-best"]) == 0
+    assert capsys.readouterr().out.split() == ["0.1", "0.0"]  # β = 0 is val-best but outside the paper's grid
+    assert not (d / "val_selection.md").exists()  # --print-grid-best writes nothing
+    assert main(["select", str(d)]) == 0
+    page = (d / "val_selection.md").read_text()
+    assert page == capsys.readouterr().out
+    table = [ln for ln in page.splitlines() if ln.startswith("| ") and "configuration" not in ln]
+    assert table[0].startswith("| **dbmtl (beta=0.0, beta_sigma=0.0)** (selected)")
+    recs = load_results(d)
+    stl_val = _mean_metrics([r for r in recs if r["method"] == "stl"], "val")
+    expected = {}
+    for hp in BETA_GRID:
+        runs = [r for r in recs if r["method"] == "dbmtl" and tuple(sorted(r["config"]["hparams"].items())) == hp]
+        expected[hp] = np.mean([np_delta_p(r["metrics"]["val"], stl_val) for r in runs])
+    order = sorted(expected, key=lambda hp: -expected[hp])
+    assert [re.search(r"dbmtl[^|*]*", ln).group(0).strip() for ln in table] == [
+        "dbmtl" + (f" ({', '.join(f'{k}={v}' for k, v in hp)})" if hp else "") for hp in order]
+    for ln, hp in zip(table, order):
+        assert f"{expected[hp]:+.2f}" in ln.split(" | ")[2]
+    assert "Within the paper's grid" in page and "`dbmtl (beta=0.1, beta_sigma=0.0)`" in page
+
+
+def test_select_functions_compose(study):
+    (st,) = an.load_settings(study / "syn_4ep_beta")
+    scored = an.scored_rows(st, "dbmtl")
+    assert [round(x[0], 9) for x in scored] == sorted((round(x[0], 9) for x in scored), reverse=True)
+    assert all(len(per_seed) == len(SEEDS) and np.isclose(np.mean(per_seed), m) for m, _, per_seed in scored)
+    assert an.beta_sigma_of(an.grid_best_row(st)) == (0.1, 0.0)
+    assert an.grid_best([st]) == (0.1, 0.0) and an.grid_best([], "dbmtl") is None
+    assert an.mean_std([1.0, 3.0]) == "+2.00 ± 1.41" and an.mean_std([float("nan")]) == "n/a"
+    assert an.finite_mean([float("nan")]) == float("-inf")
+
+
+def test_select_and_friends_reject_missing_directories(tmp_path, capsys):
+    for cmd in (["select", str(tmp_path / "nope")], ["breakdown", str(tmp_path / "nope")],
+                ["time", str(tmp_path / "nope")], ["index", str(tmp_path / "nope")]):
+        assert main(cmd) == 2
+        assert "is not a directory" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["select", str(tmp_path / "empty"), "--print-grid-best"]) == 1
+    assert main(["summary", str(tmp_path / "empty")]) == 1
+    assert "no runs with an STL row" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- breakdown
+
+
+def test_breakdown_matches_independent_changes_and_delta_p(study, capsys):
+    d = study / "syn_4ep_main"
+    assert main(["breakdown", str(d)]) == 0
+    page = (d / "breakdown.md").read_text()
+    assert page in capsys.readouterr().out
+    recs = load_results(d)
+    stl = _mean_metrics([r for r in recs if r["method"] == "stl"], "test")
+    rows = [ln.strip("| ").split(" | ") for ln in page.splitlines() if re.match(r"\| \d", ln)]
+    assert [r[1] for r in rows][0] == "stl" and len(rows) == 4
+    dps = [float(r[-1]) for r in rows]
+    assert dps == sorted(dps, reverse=True)  # ranked by Δp
+    (st,) = summarize(recs)
+    for r in rows:
+        runs = [x for x in recs if x["method"] == r[1]]
+        mean = _mean_metrics(runs, "test")
+        assert float(r[2]) == pytest.approx(100 * (mean["a"]["acc"] - stl["a"]["acc"]) / stl["a"]["acc"], abs=0.006)
+        assert float(r[3]) == pytest.approx(-100 * (mean["b"]["err"] - stl["b"]["err"]) / stl["b"]["err"], abs=0.006)
+        row = next(x for x in st.rows.values() if x.method == r[1])
+        assert float(r[-1]) == pytest.approx(np.mean(row.delta_p), abs=0.006)  # Δp is linear in the metrics
+
+
+# --------------------------------------------------------------------------- summary
+
+
+def test_summary_puts_the_sections_side_by_side(study, capsys):
+    assert main(["summary", str(study / "syn_4ep")]) == 0
+    page = (study / "syn_4ep_summary.md").read_text()
+    assert page == capsys.readouterr().out
+    for header in ("## Tables 1-4: main table (`syn_4ep_main/`)", "## Fig. 5: β (`syn_4ep_beta/`)",
+                   "## Table 5: ablation (`syn_4ep_ablation/`)", "## Fig. 1: the log transform for other methods",
+                   "## Fig. 6: α (`syn_4ep_alpha/`)", "## Budget diagnostic: 3× the epochs (`syn_4ep_budget/`)"):
+        assert header in page
+    assert "# syn: the paper's tables at 4 quick epochs" in page
+    assert "`dbmtl-jax summary " in page and "library commits abcdef0" in page
+    # each run counted once, though the STL runs are listed by five tables
+    n_runs = len({p.name for p in (study / "runs" / "syn").iterdir()}) - 1  # the unlisted gradvac run
+    assert f"Runs: {n_runs} distinct run files" in page
+    assert "| β = 0.1 (selected) | `dbmtl (beta=0.1, beta_sigma=0.0)` |" in page
+    assert "Δp (%) at the selected β = 0.1 |" in page
+    assert "| gradvac | not run | not run | – |" in page
+    main_rows = [ln for ln in page.split("## Fig. 5")[0].splitlines() if re.match(r"\| \d", ln)]
+    assert len(main_rows) == 3  # ew, pcgrad, dbmtl (STL is the – row)
+    assert "| 12 epochs" not in page and "Δp (%) at 12 epochs" in page
+    budget = page.split("## Budget diagnostic")[1]
+    assert "| dbmtl (selected β = 0.1) |" in budget
+
+
+def test_summary_sections_are_optional(study, capsys):
+    import shutil
+
+    for sec in ("beta", "ablation", "log", "alpha", "budget"):
+        shutil.rmtree(study / f"syn_4ep_{sec}")
+    assert main(["summary", str(study / "syn_4ep")]) == 0
+    page = capsys.readouterr().out
+    assert "## Tables 1-4" in page and "## Fig." not in page and "## Table 5" not in page
+
+
+# --------------------------------------------------------------------------- time
+
+
+def test_time_per_epoch(study, tmp_path, capsys):
+    out = tmp_path / "time"
+    assert main(["time", str(study / "syn_4ep_main"), "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["time_per_epoch.csv", "time_per_epoch.md", "time_per_epoch.png"]
+    with open(out / "time_per_epoch.csv") as f:
+        rows = {r["method"]: r for r in csv.DictReader(f)}
+    assert list(rows) == ["stl", "ew", "pcgrad", "dbmtl"]  # by group (stl, loss, gradient, dbmtl), then time
+    assert float(rows["pcgrad"]["train_time_per_epoch_s"]) == pytest.approx(0.03 * 10)
+    assert float(rows["dbmtl"]["median_step_ms"]) == pytest.approx(20.0)
+    assert float(rows["ew"]["epoch_time_s"]) == pytest.approx(np.mean([1.0, 1.2, 1.4]))  # epoch 1 left out
+    assert rows["ew"]["group"] == "loss" and rows["pcgrad"]["grad_path"] == "per_task" and rows["stl"]["seeds"] == "3"
+    assert "| pcgrad | gradient | per_task | 3 | 0.300 ± 0.000 | 30.00 |" in (out / "time_per_epoch.md").read_text()
+    recs = load_results(study / "syn_4ep_alpha")
+    assert [r["method"] for r in an.time_rows(recs)] == ["stl", "dbmtl"]  # rows with hyperparameters are left out
+    assert main(["time", str(study / "syn_4ep_main"), "--out", str(tmp_path / "t2"), "--no-plot"]) == 0
+    assert not (tmp_path / "t2" / "time_per_epoch.png").exists()
+
+
+# --------------------------------------------------------------------------- index
+
+
+def test_index_of_studies(study, tmp_path, capsys):
+    assert main(["index", str(study)]) == 0
+    page = capsys.readouterr().out
+    rows = {ln.split(" | ")[0][3:-2]: ln.strip("| ").split(" | ") for ln in page.splitlines() if ln.startswith("| `")}
+    assert sorted(rows) == [f"syn_4ep_{s}" for s in sorted(("main", "beta", "ablation", "log", "alpha", "budget"))]
+    main_row = rows["syn_4ep_main"]
+    assert main_row[1] == "syn" and main_row[2] == "quick, 4 epochs, lr 0.001, batch 8"
+    assert main_row[3] == "4" and main_row[4] == "stl, dbmtl, ew, pcgrad" and main_row[5] == "0,1,2"
+    assert main_row[6] == "12" and main_row[7] == f"{(9 * 60 + 3 * 30) / 60:.1f}"
+    assert rows["syn_4ep_budget"][2].startswith("quick, 12 epochs")
+    assert rows["syn_4ep_beta"][3] == "5"  # stl and four β rows
+    n = len(list((study / "runs").rglob("*.json.gz")))
+    assert f"Records under `{study.as_posix()}`: {n} (syn {n}); listed by no study: 1 (runs/syn/syn__gradvac__" in page
+    assert main(["index", str(study), "--out", str(tmp_path / "INDEX.md")]) == 0
+    assert (tmp_path / "INDEX.md").read_text() == page
