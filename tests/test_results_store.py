@@ -17,6 +17,7 @@ pytest.importorskip("flax")
 pytest.importorskip("matplotlib")
 
 from dbmtl_jax import experiments as ex  # noqa: E402
+from dbmtl_jax.experiments import store as record_store  # noqa: E402
 from dbmtl_jax.experiments.cli import main  # noqa: E402
 from dbmtl_jax.experiments.train import read_record, read_study  # noqa: E402
 
@@ -209,10 +210,10 @@ def test_merge_records_keeps_the_earlier_run_whatever_the_order(legacy_tree):
     a = ex.train.compact_record(recs["ew"])
     b = {**a, "created": "1999-01-01T00:00:00+0000", "wall_time_s": 1.0}
     for x, y in ((a, b), (b, a)):
-        m = ex.store.merge_records(x, y, a_source="x", b_source="y")
+        m = record_store.merge_records(x, y, a_source="x", b_source="y")
         assert m["created"].startswith("1999") and m["wall_time_s"] == 1.0
         assert [e["wall_time_s"] for e in m["reruns"]] == [a["wall_time_s"]]
-    assert "reruns" not in ex.store.merge_records(a, dict(a))
+    assert "reruns" not in record_store.merge_records(a, dict(a))
 
 
 def test_run_study_script_parses():
