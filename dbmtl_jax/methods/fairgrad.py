@@ -22,12 +22,25 @@ Choices:
   minimiser of the strictly convex ``½ wᵀGw − Σ_t h(w_t)``,
   ``h'(w) = w^{−1/α}``, found in-graph by damped Newton with at most
   ``max_iter`` (default 50) iterations, warm-started from the previous ``w``
-  (see :func:`dbmtl_jax.methods._qp.power_balance`).  The residual
-  ``max_t |w_t^{1/α} (Gw)_t − 1|`` and the iterations are kept in the state.
-* ``ridge`` (default 1e-6, relative to the mean squared gradient norm) is
-  added to ``G`` to keep ``w`` finite when ``G`` is singular; the residual
-  then shows the unmet condition.  With an all-zero shared gradient (or no
-  shared leaves) ``w = 1`` and the residual is 1.
+  (see :func:`dbmtl_jax.methods._qp.power_balance`).  It works in variables
+  scaled per task (``w_t = z_t ‖g_t‖^{−2/(1+1/α)}``, cosines formed from each
+  task's gradient divided by its own largest entry), so ``w`` is exact
+  whatever the relative scale of the task gradients, as far as the weights
+  are representable (α-fair weights grow like ``‖g_t‖^{−2α/(1+α)}``).  It
+  stops once ``max_t |w_t^{1/α} (Gw)_t − 1| ≤ tol / 4`` (default
+  ``tol = 1e-4``).
+* residual: the state keeps a *bound* on ``max_t |w_t^{1/α} (Gw)_t − 1|``
+  (the residual in the scaled variables plus a rounding margin that grows
+  with the cancellation in ``Gw``) and the iterations; ``residual ≤ tol``
+  certifies the condition, while ill-conditioned problems, weights outside
+  the float32 range or a cap hit report a residual above ``tol``.
+* ``ridge`` (default 1e-6, relative to each task's own squared gradient
+  norm) is added to the diagonal of ``G`` to keep ``w`` finite when the
+  equation has no solution; its bias is removed by two final Newton steps
+  without it when a solution exists.  A task with a zero shared gradient gets
+  the weight of an orthogonal task of the largest norm and residual 1; with
+  an all-zero shared gradient (or no shared leaves) ``w = 1`` and the
+  residual is 1.
 * ``max_norm`` (default 1.0, official ``WeightMethod`` default): the shared
   update is clipped to this global norm (``0`` disables).  The official code
   also multiplies the shared update by T before clipping (a leftover of its
@@ -36,11 +49,12 @@ Choices:
   leaves keep the plain ``Σ_t g_t`` (``weight_heads=False``, default);
   ``weight_heads=True`` gives ``Σ_t w_t g_t`` (LibMTL, which back-propagates
   ``Σ_t w_t ℓ_t``).
+* hyperparameters are checked when the transform is built: a value out of
+  its range raises ``ValueError`` naming the option and the accepted range.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple, Optional
 
 import chex
@@ -50,7 +64,7 @@ import optax
 
 from dbmtl_jax import task_axis as ta
 from dbmtl_jax.methods import _qp
-from dbmtl_jax.methods.nash_mtl import clip_leaves, solve_balanced_weights
+from dbmtl_jax.methods.nash_mtl import check_count, check_flag, check_number, clip_leaves, solve_balanced_weights
 
 PyTree = Any
 
@@ -63,7 +77,8 @@ class FairGradState(NamedTuple):
     Attributes:
       count: number of updates so far (int32).
       weights: the last ``w`` (``[T]`` float32, raw gradient scale; warm start).
-      residual: ``max_t |w_t^{1/α} (Gw)_t − 1|`` of the last solve (float32).
+      residual: a bound on ``max_t |w_t^{1/α} (Gw)_t − 1|`` for the last solve
+        (float32; ``≤ tol`` means converged).
       iterations: Newton iterations of the last solve (int32).
     """
 
@@ -80,6 +95,7 @@ def fairgrad(
     max_norm: float = 1.0,
     max_iter: int = 50,
     ridge: float = 1e-6,
+    tol: float = 1e-4,
     weight_heads: bool = False,
     shared: ta.SharedSpec = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -88,23 +104,30 @@ def fairgrad(
     Args:
       num_tasks: ``T``, the size of the leading task axis of every update leaf.
       alpha: the fairness parameter α > 0 (default 2.0, official run scripts).
-      max_norm: clip the shared update to this global norm; 0 disables.
-      max_iter: Newton iteration cap (fixed budget).
-      ridge: relative ridge added to ``G``.
+      max_norm: clip the shared update to this global norm (≥ 0); 0 disables.
+      max_iter: Newton iteration cap (fixed budget), an int ≥ 1.
+      ridge: ridge relative to each task's squared gradient norm, in [0, 1).
+      tol: target of the relative residual ``max_t |w_t^{1/α} (Gw)_t − 1|``,
+        in (0, 1); the state's residual above it means not converged.
       weight_heads: weight task-specific leaves by ``w`` (LibMTL) instead of
         summing them (official, default).
       shared: which leaves are shared (see :func:`dbmtl_jax.dbmtl`).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; extra args are ignored.
+
+    Raises:
+      ValueError: a hyperparameter out of its range (the message names it).
     """
-    _qp.check_positive_int(num_tasks, "num_tasks")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
-        raise ValueError(f"alpha must be a finite positive float, got {alpha!r}.")
-    p = 1.0 / float(alpha)
-    max_norm = _qp.check_nonnegative(max_norm, "max_norm")
-    _qp.check_positive_int(max_iter, "max_iter")
-    ridge = _qp.check_nonnegative(ridge, "ridge")
+    name = "fairgrad"
+    num_tasks = check_count(num_tasks, "num_tasks", name)
+    alpha = check_number(alpha, "alpha", name, lo=0.0, lo_open=True)
+    p = 1.0 / alpha
+    max_norm = check_number(max_norm, "max_norm", name, lo=0.0)
+    max_iter = check_count(max_iter, "max_iter", name)
+    ridge = check_number(ridge, "ridge", name, lo=0.0, hi=1.0)
+    tol = check_number(tol, "tol", name, lo=0.0, hi=1.0, lo_open=True)
+    check_flag(weight_heads, "weight_heads", name)
 
     def init_fn(params: PyTree) -> FairGradState:
         del params
@@ -122,7 +145,9 @@ def fairgrad(
         ta.check_task_axis(updates, num_tasks)
         mask = ta.resolve_shared(shared, updates if params is None else params)
         g_shared, g_heads, treedef = ta.split_shared(updates, mask)
-        res = solve_balanced_weights(g_shared, num_tasks, p, state.weights, ridge=ridge, max_iter=max_iter)
+        res = solve_balanced_weights(
+            g_shared, num_tasks, p, state.weights, ridge=ridge, max_iter=max_iter, tol=tol
+        )
         w = res.x.astype(jnp.float32)
         out_shared = clip_leaves(_qp.weighted_sum(g_shared, w), max_norm)
         out_heads = _qp.weighted_sum(g_heads, w) if weight_heads else [jnp.sum(g, axis=0) for g in g_heads]

@@ -19,14 +19,27 @@ Choices:
   fails).  Here ``α`` is the minimiser of the strictly convex, self-concordant
   ``½ αᵀGα − Σ_t log α_t`` found by damped Newton in-graph, with at most
   ``max_iter`` (default 50) iterations, warm-started from the previous ``α``
-  (see :func:`dbmtl_jax.methods._qp.power_balance`).  The residual
-  ``max_t |α_t (Gα)_t − 1|`` and the iteration count are kept in the state.
-* a ridge ``ridge · mean_t ‖g_t‖²`` (default 1e-6) is added to ``G``: the
-  bargaining equation has no solution when ``G`` is singular (for instance a
-  task with a zero shared gradient); the ridge keeps ``α`` finite there and
-  the residual in the state then shows that the condition is not met.  With
-  an all-zero shared gradient (or no shared leaves) ``α = 1`` and the
-  residual is 1.
+  (see :func:`dbmtl_jax.methods._qp.power_balance`).  It works in variables
+  scaled per task: with ``G = D C D`` (``D = diag ‖g_t‖``, ``C`` the cosines,
+  each formed from the task's gradient divided by its own largest entry) and
+  ``α = D⁻¹ z``, the condition is ``C z = 1/z``, which does not depend on the
+  norms at all; so ``α`` is exact whatever the relative scale of the task
+  gradients (1e-6 next to 1e6 included).  It stops once
+  ``max_t |α_t (Gα)_t − 1| ≤ tol / 4`` (default ``tol = 1e-4``).
+* residual: the state keeps a *bound* on ``max_t |α_t (Gα)_t − 1|`` (the
+  residual evaluated in the scaled variables plus a rounding margin that
+  grows with the cancellation in ``Gα``), and the Newton iterations.
+  ``residual ≤ tol`` certifies the bargaining condition; nearly dependent
+  task gradients (where float32 cannot resolve ``α``) or a cap hit report a
+  residual above ``tol``, never a false success.
+* a ridge ``ridge · ‖g_t‖²`` on each diagonal entry of ``G`` (default 1e-6,
+  i.e. ``C + ridge·I``) keeps ``α`` finite when the bargaining equation has no
+  solution (for instance ``g_3 = −g_1``); its ``O(ridge)`` bias is removed by
+  two final Newton steps without it when a solution exists.  A task with a
+  zero shared gradient cannot satisfy its condition: it gets the weight of
+  an orthogonal task of the largest norm and the residual is 1.  With an
+  all-zero shared gradient (or no shared leaves) ``α = 1`` and the residual
+  is 1.
 * ``update_weights_every`` (default 1): ``α`` is recomputed when
   ``count % update_weights_every == 0`` and reused from the state otherwise
   (official option).
@@ -40,10 +53,14 @@ Choices:
 * scale: ``α`` is the exact solution for the raw ``G``.  (The official code
   divides ``G`` by its Frobenius norm before solving; its constraint is
   written on the raw scale.)
+* hyperparameters are checked when the transform is built: a value out of
+  its range raises ``ValueError`` naming the option and the accepted range.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any, NamedTuple, Optional
 
 import chex
@@ -56,7 +73,15 @@ from dbmtl_jax.methods import _qp
 
 PyTree = Any
 
-__all__ = ["NashMTLState", "nash_mtl", "solve_balanced_weights", "clip_leaves"]
+__all__ = [
+    "NashMTLState",
+    "nash_mtl",
+    "solve_balanced_weights",
+    "clip_leaves",
+    "check_number",
+    "check_count",
+    "check_flag",
+]
 
 
 class NashMTLState(NamedTuple):
@@ -66,7 +91,8 @@ class NashMTLState(NamedTuple):
       count: number of updates so far (int32).
       weights: the last ``α`` (``[T]`` float32, raw gradient scale), reused
         between recomputations and as the solver's warm start.
-      residual: ``max_t |α_t (Gα)_t − 1|`` of the last solve (float32).
+      residual: a bound on ``max_t |α_t (Gα)_t − 1|`` for the last solve
+        (float32; ``≤ tol`` means converged).
       iterations: Newton iterations of the last update (int32; 0 when ``α`` was reused).
     """
 
@@ -74,6 +100,40 @@ class NashMTLState(NamedTuple):
     weights: chex.Array
     residual: chex.Array
     iterations: chex.Array
+
+
+def check_number(
+    value: Any,
+    option: str,
+    method: str,
+    *,
+    lo: float,
+    hi: float = math.inf,
+    lo_open: bool = False,
+    hi_open: bool = True,
+) -> float:
+    """A finite real hyperparameter in the range ``lo .. hi``; ``ValueError`` naming the option and range."""
+    rng = f"{'(' if lo_open else '['}{lo:g}, {'inf' if math.isinf(hi) else format(hi, 'g')}{')' if hi_open else ']'}"
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
+    if not ok:
+        raise ValueError(f"{method}: {option} must be a finite number in {rng}, got {value!r}.")
+    return float(value)
+
+
+def check_count(value: Any, option: str, method: str) -> int:
+    """A Python int ≥ 1; ``ValueError`` naming the option and range."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{method}: {option} must be an int >= 1, got {value!r}.")
+    return int(value)
+
+
+def check_flag(value: Any, option: str, method: str) -> bool:
+    """A bool; ``ValueError`` naming the option otherwise."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{method}: {option} must be True or False, got {value!r}.")
+    return value
 
 
 def solve_balanced_weights(
@@ -84,24 +144,23 @@ def solve_balanced_weights(
     *,
     ridge: float,
     max_iter: int,
+    tol: float = 1e-4,
 ) -> _qp.SolverResult:
     """Solves ``G w = w^{-p}`` for the raw Gram matrix of ``leaves``; ``prev`` is the warm start.
 
-    Works on the normalised Gram ``Ĝ = G / s`` and maps back exactly with
-    ``w = ŵ · s^{-1/(1+p)}``.  When the shared gradient is all zeros (or there
-    are no shared leaves) the equation has no solution: ``w = 1`` is returned
-    with residual 1.
+    ``G = diag(n) C diag(n)`` is formed as task norms ``n`` and cosines ``C``
+    (:func:`dbmtl_jax.methods._qp.task_cosine_gram`, each task pre-scaled by
+    its own largest entry) and solved in variables scaled per task
+    (:func:`dbmtl_jax.methods._qp.power_balance`), so the result is accurate
+    whatever the relative scale of the task gradients.  The residual is a
+    bound on ``max_t |w_t^p (Gw)_t − 1|``.  When the shared gradient is all
+    zeros (or there are no shared leaves) the equation has no solution:
+    ``w = 1`` is returned with residual 1.
     """
-    gram, scale = _qp.shared_gram(leaves, num_tasks)
-    dtype = gram.dtype
-    expo = -1.0 / (1.0 + p)
-    factor = scale.astype(dtype) ** expo
-    factor = jnp.where(jnp.isfinite(factor) & (factor > 0), factor, 1.0)
-    res = _qp.power_balance(gram, p, w0=prev.astype(dtype) / factor, ridge=ridge, max_iter=max_iter)
-    zero = jnp.all(gram == 0)
-    w = jnp.where(zero, jnp.ones_like(res.x), res.x * factor)
-    residual = jnp.where(zero, jnp.ones_like(res.residual), res.residual)
-    return _qp.SolverResult(w, res.iterations, residual)
+    cos, norms = _qp.task_cosine_gram(leaves, num_tasks)
+    return _qp.power_balance(
+        cos, p, norms=norms, w0=prev, ridge=ridge, max_iter=max_iter, tol=tol, out_dtype=jnp.float32
+    )
 
 
 def clip_leaves(leaves: list, max_norm: float) -> list:
@@ -120,6 +179,7 @@ def nash_mtl(
     update_weights_every: int = 1,
     max_iter: int = 50,
     ridge: float = 1e-6,
+    tol: float = 1e-4,
     weight_heads: bool = True,
     shared: ta.SharedSpec = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -131,20 +191,29 @@ def nash_mtl(
         (official default 1.0).
       update_weights_every: recompute ``α`` every this many updates (official
         default 1).
-      max_iter: Newton iteration cap (fixed budget).
-      ridge: relative ridge added to ``G`` (see the module docstring).
+      max_iter: Newton iteration cap (fixed budget), an int ≥ 1.
+      ridge: ridge relative to each task's squared gradient norm, in [0, 1)
+        (see the module docstring).
+      tol: target of the relative residual ``max_t |α_t (Gα)_t − 1|``, in
+        (0, 1); the state's residual above it means not converged.
       weight_heads: weight task-specific leaves by ``α`` (official) rather than
         summing them.
       shared: which leaves are shared (see :func:`dbmtl_jax.dbmtl`).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; extra args are ignored.
+
+    Raises:
+      ValueError: a hyperparameter out of its range (the message names it).
     """
-    _qp.check_positive_int(num_tasks, "num_tasks")
-    max_norm = _qp.check_nonnegative(max_norm, "max_norm")
-    _qp.check_positive_int(update_weights_every, "update_weights_every")
-    _qp.check_positive_int(max_iter, "max_iter")
-    ridge = _qp.check_nonnegative(ridge, "ridge")
+    name = "nash_mtl"
+    num_tasks = check_count(num_tasks, "num_tasks", name)
+    max_norm = check_number(max_norm, "max_norm", name, lo=0.0)
+    update_weights_every = check_count(update_weights_every, "update_weights_every", name)
+    max_iter = check_count(max_iter, "max_iter", name)
+    ridge = check_number(ridge, "ridge", name, lo=0.0, hi=1.0)
+    tol = check_number(tol, "tol", name, lo=0.0, hi=1.0, lo_open=True)
+    check_flag(weight_heads, "weight_heads", name)
 
     def init_fn(params: PyTree) -> NashMTLState:
         del params
@@ -164,7 +233,9 @@ def nash_mtl(
         g_shared, g_heads, treedef = ta.split_shared(updates, mask)
 
         def solve(_):
-            res = solve_balanced_weights(g_shared, num_tasks, 1.0, state.weights, ridge=ridge, max_iter=max_iter)
+            res = solve_balanced_weights(
+                g_shared, num_tasks, 1.0, state.weights, ridge=ridge, max_iter=max_iter, tol=tol
+            )
             return res.x.astype(jnp.float32), res.residual.astype(jnp.float32), res.iterations.astype(jnp.int32)
 
         def keep(_):
