@@ -12,10 +12,15 @@ module holds:
   solvers below work on the normalised matrix, so they see O(1) numbers for
   gradients scaled anywhere from 1e-10 to 1e10.
 * :func:`project_simplex`: Euclidean projection onto the probability simplex.
+* :func:`precondition_gram`: ``G = diag(n) C diag(n)`` split into cosines
+  ``C`` and norms ``n``; the QP solvers below work on ``C`` (per-task
+  preconditioning), so they are exact at any relative scale of the tasks.
 * :func:`nnls_gram`: ``argmin_{x ≥ 0} ½ xᵀHx + cᵀx`` (a non-negative least
-  squares problem in Gram form) by the Lawson–Hanson active-set method.
+  squares problem in Gram form) by the Lawson–Hanson active-set method, and
+  :func:`simplex_qp`, the same with the equality ``aᵀx = 1`` (a scaled
+  simplex); both with a relative KKT residual (:func:`qp_kkt_residual`).
 * :func:`min_norm_simplex`: the min-norm point of the convex hull of the task
-  gradients (MGDA), exactly via NNLS or by Frank–Wolfe.
+  gradients (MGDA), exactly by the active set or by Frank–Wolfe.
 * :func:`power_balance`: the positive solution of ``G w = w^{-p}`` (Nash-MTL
   for ``p = 1``, FairGrad for ``p = 1/α``) by damped Newton on a strictly
   convex potential, in variables scaled per task, with a residual that is a
@@ -45,7 +50,10 @@ __all__ = [
     "compute_dtype",
     "shared_gram",
     "project_simplex",
+    "precondition_gram",
     "nnls_gram",
+    "simplex_qp",
+    "qp_kkt_residual",
     "min_norm_simplex",
     "min_norm_kkt_gap",
     "power_balance",
@@ -193,87 +201,304 @@ def project_simplex(v: jax.Array) -> jax.Array:
 
 
 # ----------------------------------------------------------------------------
-# NNLS (Lawson–Hanson active set, Gram form)
+# preconditioned active-set QP (NNLS and the simplex-constrained problem)
 # ----------------------------------------------------------------------------
 
-
-def _restricted_solve(h: jax.Array, c: jax.Array, passive: jax.Array, ridge: jax.Array) -> jax.Array:
-    """Solves ``H_PP s_P = -c_P`` with ``s = 0`` off the passive set ``P``."""
-    n = h.shape[0]
-    both = passive[:, None] & passive[None, :]
-    a = jnp.where(both, h, 0.0) + jnp.diag(jnp.where(passive, ridge, 1.0))
-    b = jnp.where(passive, -c, 0.0)
-    s = jnp.linalg.solve(a, b)
-    s = jnp.where(jnp.isfinite(s), s, 0.0)
-    return jnp.where(passive, s, 0.0) * jnp.ones((n,), h.dtype)
+_BIG = 1e30  # reported instead of an infinite residual (state leaves stay finite)
 
 
-@highest_precision
-def nnls_gram(
+def precondition_gram(gram: jax.Array, norms: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array]:
+    """Splits a Gram matrix into cosines and norms: ``G = diag(n) C diag(n)``, returns ``(C, n)``.
+
+    ``C`` has a unit diagonal; a task with ``G_tt = 0`` gets ``n_t = 0`` and a
+    zero row and column.  Every entry of ``G`` computed as a floating-point dot
+    product is accurate relative to ``n_i n_j``, so the entries of ``C`` are
+    accurate to rounding relative to 1 whatever the relative scale of the task
+    gradients: the solvers below work on ``C`` (the diagonally rescaled
+    variables ``μ_t = n_t λ_t``) and never form badly scaled numbers.  With
+    ``norms`` given, ``gram`` is taken to be ``C`` already.
+    """
+    if norms is not None:
+        return gram, norms.astype(gram.dtype)
+    t = gram.shape[0]
+    d = jnp.diagonal(gram)
+    nz = d > 0
+    n = jnp.sqrt(jnp.where(nz, d, 1.0))
+    cos = gram / (n[:, None] * n[None, :])
+    both = nz[:, None] & nz[None, :]
+    cos = jnp.where(both, jnp.clip(cos, -1.0, 1.0), 0.0)
+    cos = jnp.where(jnp.eye(t, dtype=bool) & both, 1.0, cos)
+    return cos, jnp.where(nz, n, 0.0)
+
+
+def _simplex_scales(norms: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(a, n_min)`` with ``a_t = n_min / n_t`` (1 for a zero task): ``Σ_t λ_t = 1`` reads ``aᵀμ = 1``."""
+    nz = norms > 0
+    nmin = jnp.min(jnp.where(nz, norms, jnp.inf))
+    nmin = jnp.where(jnp.isfinite(nmin), nmin, 1.0)
+    return jnp.where(nz, nmin / jnp.where(nz, norms, 1.0), 1.0), nmin
+
+
+def qp_kkt_residual(
     h: jax.Array,
-    c: jax.Array,
+    x: jax.Array,
+    c: Optional[jax.Array] = None,
     *,
-    max_iter: int,
-    tol: float = 1e-5,
-    ridge: float = 1e-7,
-) -> SolverResult:
-    """``argmin_{x ≥ 0} ½ xᵀHx + cᵀx`` for a symmetric PSD ``H`` (Lawson–Hanson).
+    offset: Optional[jax.Array] = None,
+    a: Optional[jax.Array] = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """KKT residual of ``min ½ xᵀHx + cᵀx`` over ``x ≥ 0`` [and ``aᵀx = 1``] at a feasible ``x``.
 
-    The classical active-set method for non-negative least squares, written
-    on the Gram matrix: grow the passive set ``P`` by the coordinate with the
-    most negative gradient, solve the equality-constrained problem on ``P``,
-    and step back towards the previous feasible point whenever that solution
-    leaves the orthant.  Each iteration is one ``|T|×|T|`` linear solve; the
-    loop stops when the KKT conditions hold to ``tol`` (relative to ``max|c|``)
-    or after ``max_iter`` iterations, keeping the last feasible iterate.
+    With ``offset = u`` the problem is ``min ½‖x + u‖²_H`` (``c = Hu``), i.e. the
+    projection of ``−Jᵀu`` onto a cone or a polytope spanned by the columns of
+    ``Jᵀ`` (``H = JJᵀ``), and the residual is *relative*: coordinate ``k``'s
+    violation is divided by ``√H_kk ‖x + u‖_H = ‖g_k‖ ‖Jᵀ(x + u)‖``, so it is a
+    cosine and does not depend on the scale of the problem or of one task.
+    Without ``offset`` it is divided by ``max|c|`` (absolute, legacy use).
 
-    ``ridge`` (relative to the mean diagonal of ``H``) is added to the
-    restricted systems only, to keep them solvable in floating point.
+    ``‖x + u‖_H`` is floored at its rounding level ``(4 + 2√T) ε ‖|x + u|‖_{|H|}``:
+    at a point that is numerically zero (e.g. MGDA at a Pareto-stationary
+    point, where ``d = 0`` is only determined to ``~√ε`` of the gradients) the
+    relative conditions cannot be certified and the residual is of order 1.
 
-    Residual: ``max(max_i (−∇_i)_+, max_{x_i > 0} |∇_i|) / max|c|`` with
-    ``∇ = Hx + c`` (0 exactly at the KKT point).
+    Reduced gradient ``r = ∇ − ν a`` with ``∇ = Hx + c`` and, with the equality,
+    the least-squares multiplier ``ν = Σ_P a_k ∇_k / Σ_P a_k²`` over the support
+    ``P = {x > 0}`` (any ``ν`` certifies optimality; this one is the best
+    conditioned when ``a`` spans many orders of magnitude), else ``ν = 0``.
+    The violation of coordinate ``k`` is ``|r_k|`` on the support and ``−r_k``
+    off it (negative when its constraint holds with room); to it is added a
+    rounding margin ``(4 + 2√T) ε (|H||x + u|)_k / scale`` (plus the
+    multiplier's share), ``ε`` the machine epsilon.
+
+    Returns ``(residual, neg, margin)``: ``residual = max_k (violation_k +
+    margin_k)₊`` (capped at 1e30), so that ``residual ≤ tol`` certifies the KKT
+    conditions to ``tol`` for the given ``H``; ``neg = −r / scale`` and
+    ``margin`` per coordinate (used by the active set to pick entering
+    coordinates).
     """
     n = h.shape[0]
     dtype = h.dtype
-    cscale = jnp.maximum(jnp.max(jnp.abs(c)), jnp.finfo(dtype).tiny)
+    eps = jnp.finfo(dtype).eps
+    if offset is not None:
+        y = x + offset
+        grad = h @ y
+        err = jnp.abs(h) @ jnp.abs(y)
+        # ‖x + u‖_H, floored at its own rounding level (a numerically zero point gets residual ~1, not ∞)
+        floor = (4.0 + 2.0 * math.sqrt(n)) * eps * jnp.sqrt(jnp.dot(jnp.abs(y), err))
+        hn = jnp.maximum(jnp.sqrt(jnp.maximum(jnp.dot(y, grad), 0.0)), floor)
+        den = jnp.sqrt(jnp.maximum(jnp.diagonal(h), 0.0)) * hn
+    else:
+        grad = h @ x + c
+        err = jnp.abs(h) @ jnp.abs(x) + jnp.abs(c)
+        den = jnp.full((n,), jnp.max(jnp.abs(c)), dtype)
+    supp = x > 0
+    if a is None:
+        r = grad
+    else:
+        aw = jnp.where(supp, a, 0.0)
+        a2 = jnp.dot(aw, aw)
+        a2 = jnp.where(a2 > 0, a2, 1.0)
+        r = grad - (jnp.dot(aw, grad) / a2) * a
+        err = err + a * (jnp.dot(aw, err) / a2)
+    ok = den > 0
+    safe = jnp.where(ok, den, 1.0)
+    margin = jnp.where(ok, (4.0 + 2.0 * math.sqrt(n)) * eps * err / safe, 0.0)
+    raw = jnp.where(supp, jnp.abs(r), -r)
+    viol = jnp.where(ok, raw / safe, jnp.where(raw > 0, _BIG, 0.0))
+    neg = jnp.where(ok, -r / safe, jnp.where(-r > 0, _BIG, 0.0))
+    res = jnp.max(jnp.maximum(viol + margin, 0.0))
+    return jnp.minimum(res, _BIG), jnp.minimum(neg, _BIG), margin
+
+
+def _restricted_solve(
+    h: jax.Array,
+    c: jax.Array,
+    passive: jax.Array,
+    ridge: jax.Array,
+    a: Optional[jax.Array] = None,
+    refine: int = 2,
+) -> jax.Array:
+    """``argmin ½ sᵀHs + cᵀs`` on the passive set ``P`` (``s = 0`` off it) [subject to ``aᵀs = 1``].
+
+    The system is factored once with ``ridge`` on the passive diagonal (so that
+    it is always solvable) and ``refine`` steps of iterative refinement against
+    the system *without* the ridge remove the ridge's bias.  With the equality
+    the KKT system ``[[H_PP, â], [âᵀ, 0]]`` uses ``â = a_P / max a_P`` and is
+    solved for the right-hand sides ``[−c_P; 0]`` and ``[0; 1]`` separately
+    (``s = s₁ + s₂ / max a_P``), which keeps it well scaled whatever the range
+    of ``a``.
+    """
+    from jax.scipy import linalg as jsl
+
+    n = h.shape[0]
+    dtype = h.dtype
+    both = passive[:, None] & passive[None, :]
+    hp = jnp.where(both, h, 0.0) + jnp.diag(jnp.where(passive, 0.0, 1.0))
+    rdg = jnp.diag(jnp.where(passive, ridge, 0.0))
+    cp = jnp.where(passive, -c, 0.0)
+    if a is None:
+        k_ex = hp
+        rhs = cp[:, None]
+    else:
+        ap = jnp.where(passive, a, 0.0)
+        m = jnp.max(ap)
+        m = jnp.where(m > 0, m, 1.0)
+        ah = ap / m
+        k_ex = jnp.zeros((n + 1, n + 1), dtype).at[:n, :n].set(hp).at[:n, n].set(ah).at[n, :n].set(ah)
+        rdg = jnp.zeros((n + 1, n + 1), dtype).at[:n, :n].set(rdg)
+        rhs = jnp.zeros((n + 1, 2), dtype).at[:n, 0].set(cp).at[n, 1].set(1.0)
+    lu = jsl.lu_factor(k_ex + rdg)
+    s = jsl.lu_solve(lu, rhs)
+    for _ in range(refine):
+        s = s + jsl.lu_solve(lu, rhs - jnp.matmul(k_ex, s, precision=_HIGHEST))
+    s = s[:, 0] if a is None else s[:n, 0] + s[:n, 1] / m
+    s = jnp.where(jnp.isfinite(s), s, 0.0)
+    return jnp.where(passive, s, 0.0)
+
+
+def _active_set(
+    h: jax.Array,
+    c: jax.Array,
+    *,
+    offset: Optional[jax.Array],
+    a: Optional[jax.Array],
+    max_iter: int,
+    tol: float,
+    ridge: float,
+    x0: Optional[jax.Array] = None,
+) -> SolverResult:
+    """Primal active-set loop shared by :func:`nnls_gram` and :func:`simplex_qp` (see there)."""
+    n = h.shape[0]
+    dtype = h.dtype
+    idx = jnp.arange(n)
     hscale = jnp.maximum(jnp.mean(jnp.abs(jnp.diagonal(h))), jnp.finfo(dtype).tiny)
-    tol_w = jnp.asarray(tol, dtype) * cscale
     rdg = jnp.asarray(ridge, dtype) * hscale
+    thr = jnp.asarray(tol / 100.0, dtype)
+
+    def kkt(x):
+        return qp_kkt_residual(h, x, c, offset=offset, a=a)
+
+    if x0 is not None:
+        x_init = x0.astype(dtype)
+    elif a is None:
+        x_init = jnp.zeros((n,), dtype)
+    else:  # the best vertex e_k / a_k of {x ≥ 0, aᵀx = 1}
+        vals = 0.5 * jnp.diagonal(h) / (a * a) + c / a
+        x_init = jnp.where(idx == jnp.argmin(vals), 1.0 / a, 0.0).astype(dtype)
 
     def cond(state):
-        _, _, it, done = state
-        return (~done) & (it < max_iter)
+        return (~state[5]) & (state[4] < max_iter)
 
     def body(state):
-        x, passive, it, _ = state
-        s = _restricted_solve(h, c, passive, rdg)
+        x, passive, blocked, last, it, _ = state
+        s = _restricted_solve(h, c, passive, rdg, a)
         feasible = jnp.all(jnp.where(passive, s > 0, True))
-        # feasible: accept s, then add the most violating coordinate (or stop)
-        w = -(h @ s + c)
-        cand = (~passive) & (w > tol_w)
+        newly = idx == last
+        # rounding guard: the coordinate that just entered is rejected at once -> undo, block it
+        reject = jnp.any(newly & passive & (s <= 0))
+        # feasible: accept s, then let the most violated coordinate enter (or stop)
+        _, neg, margin = kkt(s)
+        cand = (~passive) & (~blocked) & (neg > jnp.maximum(thr, margin))
         finished = ~jnp.any(cand)
-        j = jnp.argmax(jnp.where(cand, w, -jnp.inf))
-        add = (jnp.arange(n) == j) & ~finished
-        # infeasible: move from x towards s until the first coordinate hits 0
+        j = jnp.argmax(jnp.where(cand, neg, -jnp.inf))
+        add = (idx == j) & ~finished
+        # infeasible: move from x towards s until the first coordinate reaches 0, which leaves
         bad = passive & (s <= 0)
         denom = x - s
         ratio = jnp.where(bad & (denom > 0), x / jnp.where(denom > 0, denom, 1.0), jnp.where(bad, 0.0, jnp.inf))
         k = jnp.argmin(ratio)
         alpha = jnp.clip(ratio[k], 0.0, 1.0)
         x_bt = jnp.where(passive, x + alpha * (s - x), 0.0)
-        p_bt = passive & (x_bt > 0) & (jnp.arange(n) != k)
+        p_bt = passive & (x_bt > 0) & (idx != k)
         x_bt = jnp.where(p_bt, x_bt, 0.0)
-        x_new = jnp.where(feasible, s, x_bt)
-        p_new = jnp.where(feasible, passive | add, p_bt)
-        return x_new, p_new, it + 1, feasible & finished
+        grow = feasible & ~finished & ~reject
+        x_new = jnp.where(reject, x, jnp.where(feasible, s, x_bt))
+        p_new = jnp.where(reject, passive & ~newly, jnp.where(feasible, passive | add, p_bt))
+        b_new = jnp.where(reject, blocked | newly, jnp.where(grow, jnp.zeros_like(blocked), blocked))
+        last_new = jnp.where(grow, j, -1)
+        return x_new, p_new, b_new, last_new, it + 1, feasible & finished & ~reject
 
-    x0 = jnp.zeros((n,), dtype)
-    p0 = jnp.zeros((n,), bool)
-    x, _, it, _ = jax.lax.while_loop(cond, body, (x0, p0, jnp.zeros([], jnp.int32), jnp.zeros([], bool)))
-    grad = h @ x + c
-    dual = jnp.max(jnp.maximum(-grad, 0.0))
-    comp = jnp.max(jnp.where(x > 0, jnp.abs(grad), 0.0))
-    return SolverResult(x, it, jnp.maximum(dual, comp) / cscale)
+    init = (
+        x_init,
+        x_init > 0,
+        jnp.zeros((n,), bool),
+        jnp.asarray(-1, idx.dtype),
+        jnp.zeros([], jnp.int32),
+        jnp.zeros([], bool),
+    )
+    x, _, _, _, it, _ = jax.lax.while_loop(cond, body, init)
+    return SolverResult(x, it, kkt(x)[0])
+
+
+@highest_precision
+def nnls_gram(
+    h: jax.Array,
+    c: Optional[jax.Array] = None,
+    *,
+    offset: Optional[jax.Array] = None,
+    max_iter: int,
+    tol: float = 1e-5,
+    ridge: float = 1e-7,
+    x0: Optional[jax.Array] = None,
+) -> SolverResult:
+    """``argmin_{x ≥ 0} ½ xᵀHx + cᵀx`` for a symmetric PSD ``H`` (Lawson–Hanson).
+
+    The classical active-set method for non-negative least squares, written
+    on the Gram matrix: grow the passive set ``P`` by the coordinate with the
+    most violated KKT condition, solve the equality-constrained problem on
+    ``P`` (:func:`_restricted_solve`: exact up to rounding, the stabilising
+    ``ridge``, relative to the mean diagonal of ``H``, is refined away), and
+    step back towards the previous feasible point whenever that solution
+    leaves the orthant.  Each iteration is one ``|T|×|T|`` factorisation.  The
+    method is finite: it stops when no coordinate violates its condition by
+    more than ``max(tol / 100, rounding margin)``, or after ``max_iter``
+    iterations, keeping the last feasible iterate (``x0``, if given, is a
+    feasible warm start whose support is the initial passive set).  A
+    coordinate that the restricted solve rejects right after entering is
+    blocked until the next successful entry, which prevents cycling on
+    rounding-level violations.
+
+    Give ``offset = u`` (and no ``c``) for the projection form
+    ``min ½‖x + u‖²_H`` (``c = Hu``): the stopping rule and the residual are
+    then relative, i.e. cosines (:func:`qp_kkt_residual`), and the problem is
+    solved to rounding whatever the scale of ``H`` and ``u``.  With ``c`` only,
+    the residual is relative to ``max|c|``.  Residual: :func:`qp_kkt_residual`.
+    """
+    if (c is None) == (offset is None):
+        raise ValueError("nnls_gram needs exactly one of c and offset.")
+    if offset is not None:
+        offset = offset.astype(h.dtype)
+        c = h @ offset
+    return _active_set(h, c, offset=offset, a=None, max_iter=max_iter, tol=tol, ridge=ridge, x0=x0)
+
+
+@highest_precision
+def simplex_qp(
+    h: jax.Array,
+    a: jax.Array,
+    *,
+    offset: Optional[jax.Array] = None,
+    max_iter: int,
+    tol: float = 1e-5,
+    ridge: float = 1e-7,
+    x0: Optional[jax.Array] = None,
+) -> SolverResult:
+    """``argmin ½‖x + u‖²_H`` over ``{x ≥ 0, aᵀx = 1}`` (``u = offset``, default 0; ``a > 0``).
+
+    The scaled simplex ``aᵀx = 1`` with ``a_t = n_min / n_t`` is the probability
+    simplex of the weights ``λ_t = a_t x_t`` written in the preconditioned
+    variables ``x_t = λ_t n_t / n_min`` (:func:`precondition_gram`): with ``H``
+    the cosine matrix, ``½‖x + u‖²_H`` is ``‖Σ_t λ_t g_t + Σ_t u_t ĝ_t‖² /
+    (2 n_min²)``.  MGDA is ``u = 0``; the inner problem of CAGrad is a nonzero
+    ``u``.  Solved by the primal active-set method of :func:`nnls_gram` with
+    the equality kept in every restricted system, from the best vertex
+    ``e_k / a_k`` (or the feasible warm start ``x0``).  Residual:
+    :func:`qp_kkt_residual` (relative, a cosine).
+    """
+    dtype = h.dtype
+    a = a.astype(dtype)
+    u = jnp.zeros(h.shape[:1], dtype) if offset is None else offset.astype(dtype)
+    return _active_set(h, h @ u, offset=u, a=a, max_iter=max_iter, tol=tol, ridge=ridge, x0=x0)
 
 
 # ----------------------------------------------------------------------------
@@ -282,59 +507,95 @@ def nnls_gram(
 
 
 @highest_precision
-def min_norm_kkt_gap(gram: jax.Array, lam: jax.Array) -> jax.Array:
-    """Frank–Wolfe gap ``λᵀGλ − min_t (Gλ)_t`` (≥ 0; 0 iff ``λ`` is a min-norm point)."""
-    g = gram @ lam
-    return jnp.maximum(jnp.dot(lam, g) - jnp.min(g), 0.0)
+def min_norm_kkt_gap(gram: jax.Array, lam: jax.Array, norms: Optional[jax.Array] = None) -> jax.Array:
+    """Relative KKT residual of ``λ ∈ Δ`` for ``min_{λ∈Δ} λᵀGλ`` (0 at the min-norm point).
 
-
-def _best_pair(gram: jax.Array) -> jax.Array:
-    """Min-norm point over all segments ``[g_i, g_j]`` (and vertices), as weights ``[T]``."""
+    With ``d = Σ_t λ_t g_t``: the largest of ``(‖d‖² − ⟨g_t, d⟩) / (‖g_t‖ ‖d‖)``
+    over all tasks and ``|⟨g_t, d⟩ − ‖d‖²| / (‖g_t‖ ‖d‖)`` over the tasks with
+    ``λ_t > 0`` (a cosine: scale-free, and a bound for every task however small
+    its gradient), plus a rounding margin (:func:`qp_kkt_residual`).  So a
+    residual ``r`` certifies ``⟨g_t, d⟩ ≥ ‖d‖² − r‖g_t‖‖d‖ ≥ −r‖g_t‖‖d‖``:
+    ``d`` conflicts with no task by more than a cosine of ``r``.  0 when a task
+    gradient is zero and carries all the weight (then ``d = 0`` is optimal).
+    """
     n = gram.shape[0]
-    d = jnp.diagonal(gram)
-    v11, v22, v12 = d[:, None], d[None, :], gram
+    dtype = gram.dtype
+    cos, nrm = precondition_gram(gram, norms)
+    a, _ = _simplex_scales(nrm)
+    zero = ~(nrm > 0)
+    mu = jnp.where(zero, 0.0, lam.astype(dtype) / a)
+    tot = jnp.dot(a, mu)
+    mu = mu / jnp.where(tot > 0, tot, 1.0)
+    res, _, _ = qp_kkt_residual(cos, mu, offset=jnp.zeros((n,), dtype), a=a)
+    return jnp.where(jnp.any(zero & (lam > 0)) | jnp.all(zero), 0.0, res)
+
+
+def _best_pair(cos: jax.Array, a: jax.Array) -> jax.Array:
+    """Min-norm point over all segments ``[v_i, v_j]`` (and vertices ``v_k = e_k / a_k``), as ``x``."""
+    n = cos.shape[0]
+    g = cos / (a[:, None] * a[None, :])  # Gram of the vertices (weights space, units n_min²)
+    d = jnp.diagonal(g)
+    v11, v22, v12 = d[:, None], d[None, :], g
     denom = v11 + v22 - 2.0 * v12
     gamma = jnp.where(denom > 0, (v22 - v12) / jnp.where(denom > 0, denom, 1.0), 1.0)
     gamma = jnp.clip(gamma, 0.0, 1.0)
     cost = gamma**2 * v11 + 2.0 * gamma * (1.0 - gamma) * v12 + (1.0 - gamma) ** 2 * v22
     flat = jnp.argmin(cost.reshape(-1))
     i, j = flat // n, flat % n
-    g = gamma.reshape(-1)[flat]
-    eye = jnp.eye(n, dtype=gram.dtype)
-    return g * eye[i] + (1.0 - g) * eye[j]
+    gm = gamma.reshape(-1)[flat]
+    eye = jnp.eye(n, dtype=cos.dtype)
+    return (gm * eye[i] + (1.0 - gm) * eye[j]) / a
 
 
-def _frank_wolfe(gram: jax.Array, *, max_iter: int, tol: float) -> SolverResult:
-    """Away-step Frank–Wolfe with exact line search for ``min_{λ∈Δ} ½ λᵀGλ``."""
-    n = gram.shape[0]
-    eye = jnp.eye(n, dtype=gram.dtype)
+def _frank_wolfe(cos: jax.Array, a: jax.Array, *, max_iter: int, tol: float) -> SolverResult:
+    """Away-step Frank–Wolfe with exact line search for ``min ½ xᵀCx`` over ``{x ≥ 0, aᵀx = 1}``.
+
+    The iterates are those of Frank–Wolfe on the weights ``λ = a ⊙ x`` (the
+    method is affine invariant); working in ``x`` only makes the arithmetic
+    scale-free.  Stops when the relative KKT residual is ``≤ tol``; then a
+    short active-set polish (at most ``T + 2`` iterations of :func:`simplex_qp`
+    warm-started from the FW iterate and its support) replaces the iterate
+    when it is better or converged.
+    """
+    n = cos.shape[0]
+    dtype = cos.dtype
+    idx = jnp.arange(n)
+    zero_u = jnp.zeros((n,), dtype)
+
+    def resid(x):
+        return qp_kkt_residual(cos, x, offset=zero_u, a=a)[0]
 
     def cond(state):
-        _, it, gap = state
-        return (gap > tol) & (it < max_iter)
+        _, it, res = state
+        return (res > tol) & (it < max_iter)
 
     def body(state):
-        lam, it, _ = state
-        g = gram @ lam
-        s = jnp.argmin(g)
-        a = jnp.argmax(jnp.where(lam > 0, g, -jnp.inf))
-        fw_gap = jnp.dot(lam - eye[s], g)
-        away_gap = jnp.dot(eye[a] - lam, g)
-        use_fw = fw_gap >= away_gap
-        d = jnp.where(use_fw, eye[s] - lam, lam - eye[a])
-        la = lam[a]
+        x, it, _ = state
+        g = cos @ x
+        score = g / a  # ⟨∇, v_k⟩
+        lam = a * x
+        s = jnp.argmin(score)
+        aw = jnp.argmax(jnp.where(lam > 0, score, -jnp.inf))
+        nu = jnp.dot(x, g)
+        use_fw = nu - score[s] >= score[aw] - nu
+        v_s = jnp.where(idx == s, 1.0 / a, 0.0)
+        v_a = jnp.where(idx == aw, 1.0 / a, 0.0)
+        d = jnp.where(use_fw, v_s - x, x - v_a)
+        la = lam[aw]
         step_max = jnp.where(use_fw, 1.0, jnp.where(la < 1, la / jnp.where(la < 1, 1.0 - la, 1.0), 1.0))
         num = -jnp.dot(d, g)
-        den = jnp.dot(d, gram @ d)
+        den = jnp.dot(d, cos @ d)
         step = jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), step_max)
         step = jnp.clip(step, 0.0, step_max)
-        lam = jnp.maximum(lam + step * d, 0.0)
-        lam = lam / jnp.sum(lam)
-        return lam, it + 1, min_norm_kkt_gap(gram, lam)
+        x = jnp.maximum(x + step * d, 0.0)
+        x = x / jnp.dot(a, x)
+        return x, it + 1, resid(x)
 
-    lam0 = _best_pair(gram)
-    lam, it, gap = jax.lax.while_loop(cond, body, (lam0, jnp.zeros([], jnp.int32), min_norm_kkt_gap(gram, lam0)))
-    return SolverResult(lam, it, gap)
+    x0 = _best_pair(cos, a)
+    x, it, res = jax.lax.while_loop(cond, body, (x0, jnp.zeros([], jnp.int32), resid(x0)))
+    pol = simplex_qp(cos, a, max_iter=n + 2, tol=tol, x0=x)
+    take = (pol.residual < res) | (pol.residual <= tol)
+    return SolverResult(jnp.where(take, pol.x, x), it + pol.iterations, jnp.where(take, pol.residual, res))
 
 
 @highest_precision
@@ -344,36 +605,46 @@ def min_norm_simplex(
     solver: str = "active_set",
     max_iter: Optional[int] = None,
     tol: float = 1e-5,
+    norms: Optional[jax.Array] = None,
 ) -> SolverResult:
-    """``argmin_{λ ∈ Δ} λᵀGλ``: the min-norm point ``Σ λ_t g_t`` of the convex hull.
+    """``argmin_{λ ∈ Δ} λᵀGλ``: the min-norm point ``d = Σ λ_t g_t`` of the convex hull.
 
-    ``"active_set"`` (exact): with ``u = λ / (1 + λᵀGλ)`` the problem is the
-    NNLS ``min_{u ≥ 0} ‖Jᵀu‖² + (1ᵀu − 1)²`` (Gram ``G + 11ᵀ``, linear term
-    ``−1``), solved by :func:`nnls_gram`; ``λ = u / 1ᵀu``.
-    ``"frank_wolfe"``: Frank–Wolfe with exact line search from the best pair
-    of tasks (as the official MGDA code's FW variant), with away steps
-    (Lacoste-Julien & Jaggi, 2015) so that interior solutions converge
-    linearly rather than zig-zagging.  For the all-zero Gram
-    matrix every ``λ`` is optimal and the uniform one is returned.  Residual:
-    :func:`min_norm_kkt_gap` relative to the mean diagonal of ``G``.
+    Solved in the preconditioned variables ``x_t = λ_t ‖g_t‖ / n_min`` on the
+    cosine matrix ``C`` (:func:`precondition_gram`), where the problem is
+    ``min ½ xᵀCx`` over ``{x ≥ 0, aᵀx = 1}``, ``a_t = n_min / ‖g_t‖``: every
+    number is O(1) whatever the relative scale of the task gradients, and the
+    stopping rule is relative to the optimum's own scale (cosines, not the
+    mean squared norm).
+
+    ``"active_set"`` (exact, finite): :func:`simplex_qp`, by default at most
+    ``4T + 20`` iterations.  ``"frank_wolfe"``: away-step Frank–Wolfe with
+    exact line search from the best pair of tasks (as the official MGDA code's
+    FW variant, plus away steps, Lacoste-Julien & Jaggi 2015), at most
+    ``max_iter`` (default 250) iterations until the residual is ``≤ tol``,
+    then a short active-set polish on its support (:func:`_frank_wolfe`).
+
+    A zero task gradient makes ``d = 0`` optimal: ``λ`` is that task's vertex
+    (residual 0).  For the all-zero Gram matrix the uniform ``λ`` is returned.
+    Residual: :func:`min_norm_kkt_gap` (a relative bound: ``⟨g_t, d⟩ ≥ ‖d‖² −
+    r‖g_t‖‖d‖`` for every task).  ``iterations``: solver iterations.
     """
     n = gram.shape[0]
     dtype = gram.dtype
     if solver not in MIN_NORM_SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; expected one of {MIN_NORM_SOLVERS}.")
-    md = jnp.mean(jnp.diagonal(gram))
-    zero = ~(md > 0)
-    g = gram / jnp.where(zero, 1.0, md)
+    cos, nrm = precondition_gram(gram, norms)
+    a, _ = _simplex_scales(nrm)
+    zero = ~(nrm > 0)
     if solver == "active_set":
-        res = nnls_gram(g + jnp.ones((n, n), dtype), -jnp.ones((n,), dtype), max_iter=max_iter or 4 * n + 20, tol=tol)
-        total = jnp.sum(res.x)
-        lam = jnp.where(total > 0, res.x / jnp.where(total > 0, total, 1.0), jnp.full((n,), 1.0 / n, dtype))
-        it = res.iterations
+        res = simplex_qp(cos, a, max_iter=max_iter or 4 * n + 20, tol=tol)
     else:
-        res = _frank_wolfe(g, max_iter=max_iter or 250, tol=tol)
-        lam, it = res.x, res.iterations
-    lam = jnp.where(zero, jnp.full((n,), 1.0 / n, dtype), lam)
-    return SolverResult(lam, it, min_norm_kkt_gap(g, lam))
+        res = _frank_wolfe(cos, a, max_iter=max_iter or 250, tol=tol)
+    lam = a * res.x
+    total = jnp.sum(lam)
+    lam = jnp.where(total > 0, lam / jnp.where(total > 0, total, 1.0), jnp.full((n,), 1.0 / n, dtype))
+    vertex = (jnp.arange(n) == jnp.argmax(zero)).astype(dtype)
+    lam = jnp.where(jnp.all(zero), jnp.full((n,), 1.0 / n, dtype), jnp.where(jnp.any(zero), vertex, lam))
+    return SolverResult(lam, res.iterations, jnp.where(jnp.any(zero), 0.0, res.residual))
 
 
 # ----------------------------------------------------------------------------

@@ -25,17 +25,33 @@ Choices:
   is solved in-graph, exactly up to a 1-D search: with ``r = c‖g₀‖`` and
   ``√q = min_{t>0} (q/t + t)/2``, the dual is ``min_{t>0} ψ(t)`` with the
   convex ``ψ(t) = min_{w∈Δ} ⟨g₀, g_w⟩ + r/2·((‖g_w‖² + ε)/t + t)``.  For a fixed
-  ``t`` the inner problem is the min-norm point of the shifted gradients
-  ``{g_i + (t/r) g₀}`` (an MGDA problem, solved exactly by the active-set NNLS
-  of :mod:`dbmtl_jax.methods._qp`), and ``ψ'(t)`` has the sign of
-  ``t² − ‖g_w(t)‖² − ε``, which is monotone; ``t`` is found by
-  ``num_bisections`` (default 40) bisections in ``log t`` over
-  ``[√ε, max_t ‖g_t‖]``.  Being gradient-based, this is accurate in float32,
-  where value-based first-order solvers stall.  As in the official code
-  ``‖g_w‖`` is smoothed as ``sqrt(‖g_w‖² + ε)`` and ``λ`` uses ``‖g_w‖ + ε``
-  with ``ε = 1e-8``, here in units where the mean squared task-gradient norm
-  is 1 (so the result is scale-invariant).  The state keeps the Frank–Wolfe gap of
-  ``w*`` for the dual (the residual; ~0 when solved).
+  ``t`` the inner problem is ``min_{w∈Δ} ½‖g_w + (t/r) g₀‖²``, the projection
+  of ``−(t/r) g₀`` onto the convex hull of the gradients, solved exactly by
+  the active set of :func:`dbmtl_jax.methods._qp.simplex_qp` in the
+  preconditioned variables ``μ_t = w_t ‖g_t‖`` on the cosine matrix (so no
+  task is rounded away whatever the relative scale of the gradients; the
+  shifted Gram matrix is never formed), warm-started from the previous
+  solution.  ``ψ'(t)`` has the sign of ``t² − ‖g_w(t)‖² − ε``, which is
+  monotone; its root lies in ``[√(m² + ε), √(M² + ε)]`` (``m`` the min-norm
+  point of the hull, i.e. MGDA, solved first; ``M = max_t ‖g_t‖``) and is
+  found by ``num_bisections`` (default 40) bisection steps, at the geometric
+  mean while the bracket spans more than a factor 2 and at the arithmetic
+  mean after (full float precision on ``t``, ~30 steps for 12 decades).
+  As in the official code ``‖g_w‖`` is smoothed as ``sqrt(‖g_w‖² + ε)`` and
+  ``λ`` uses ``‖g_w‖ + ε`` with ``ε = eps`` (default 1e-8), here in units where
+  the mean squared task-gradient norm is 1 (so the result is
+  scale-invariant).  The smoothing is part of the problem solved (its effect
+  is small: see docs/methods.md); ``eps = 0`` removes it, then the dual needs
+  ``m > 0``, i.e. gradients that are not Pareto-stationary.
+* residual (``state.gap``): the relative KKT residual of ``w*`` for the
+  smoothed dual (a cosine bound including a rounding margin,
+  :func:`dbmtl_jax.methods._qp.qp_kkt_residual`).  With
+  ``d̃ = g₀ + r g_w / sqrt(‖g_w‖² + ε)`` (``∇F(w)_t = ⟨g_t, d̃⟩``), a value ``ρ``
+  certifies: there is a ``ν`` with ``⟨g_t, d̃⟩ ≥ ν − ρ ‖g_t‖ ‖d̃‖`` for every task
+  and ``|⟨g_t, d̃⟩ − ν| ≤ ρ ‖g_t‖ ‖d̃‖`` where ``w*_t > 0``: the tasks in the
+  support are the worst-off ones and improve equally.
+* degenerate input: a zero task gradient gets coefficient ``1/T`` only (with
+  ``w*`` on it, ``g_w = 0`` and ``d = g₀``); all-zero gradients give ``d = 0``.
 * scale: ``g₀`` is the mean, so the update is on the scale of one task
   gradient (official code and LibMTL; the Nash-MTL repository multiplies by
   T and clips the norm to 1).
@@ -53,6 +69,8 @@ import jax.numpy as jnp
 import optax
 
 from dbmtl_jax import task_axis as ta
+from dbmtl_jax.methods import _gradient_common as gc
+from dbmtl_jax.methods import _loss_common as lc
 from dbmtl_jax.methods import _qp
 
 PyTree = Any
@@ -68,8 +86,9 @@ class CAGradState(NamedTuple):
       count: number of updates so far (int32).
       weights: coefficients ``a`` of the last shared update ``Σ_t a_t g_t``, ``[T]`` float32.
       dual_weights: the dual solution ``w*`` on the simplex, ``[T]`` float32.
-      gap: Frank–Wolfe gap of ``w*`` for the (normalised) dual objective, float32.
-      iterations: total NNLS iterations of the last update (int32).
+      gap: relative KKT residual of ``w*`` for the dual (a cosine bound, see the
+        module docstring; converged when ``gap ≤ tol``), float32.
+      iterations: total active-set iterations of the last update (int32).
     """
 
     count: chex.Array
@@ -99,54 +118,74 @@ def cagrad_weights(
     rescale: int = 1,
     num_bisections: int = 40,
     eps: float = 1e-8,
+    max_iter: Optional[int] = None,
+    tol: float = 1e-5,
 ) -> tuple[jax.Array, _qp.SolverResult]:
-    """Coefficients of the CAGrad update for a Gram matrix normalised to mean diagonal ~1.
+    """Coefficients of the CAGrad update for a Gram matrix ``G`` of the task gradients.
 
     Returns ``(coef, dual)``: the update is ``Σ_t coef_t g_t``, ``dual.x`` is
-    ``w*``, ``dual.residual`` its Frank–Wolfe gap for :func:`cagrad_dual_objective`
-    and ``dual.iterations`` the total number of NNLS iterations.
+    ``w*``, ``dual.residual`` its relative KKT residual for
+    :func:`cagrad_dual_objective` (see the module docstring) and
+    ``dual.iterations`` the total number of active-set iterations.  ``eps`` is
+    in units of the mean diagonal of ``G``; ``max_iter`` (default ``4T + 20``)
+    and ``tol`` are those of every inner :func:`dbmtl_jax.methods._qp.simplex_qp`.
     """
     n = gram.shape[0]
     dtype = gram.dtype
+    cos, nrm = _qp.precondition_gram(gram)
+    nz = nrm > 0
+    nmin = jnp.min(jnp.where(nz, nrm, jnp.inf))
+    nmin = jnp.where(jnp.isfinite(nmin), nmin, 1.0)
+    a = jnp.where(nz, nmin / jnp.where(nz, nrm, 1.0), 1.0)  # w = a ⊙ μ (simplex: aᵀμ = 1)
     b = jnp.full((n,), 1.0 / n, dtype)
-    a = gram @ b
-    n0 = jnp.maximum(jnp.dot(b, a), 0.0)
-    radius = c * jnp.sqrt(n0)
-    ones = jnp.ones((n, n), dtype)
+    beta = jnp.where(nz, b / a, 0.0)  # g₀ = n_min Σ_t β_t ĝ_t
+    n0 = jnp.maximum(jnp.dot(beta, cos @ beta), 0.0)
+    radius = c * jnp.sqrt(n0)  # r / n_min
+    md = jnp.mean(nrm * nrm)
+    md = jnp.where(md > 0, md, 1.0)
+    eps_n = eps * md / (nmin * nmin)  # ε in units of n_min²
     safe_radius = jnp.where(radius > 0, radius, 1.0)
+    cap = max_iter or 4 * n + 20
 
-    def inner(t):
-        # argmin_w ⟨g0, g_w⟩ + r/(2t)·‖g_w‖²  =  min-norm point of {g_i + τ g0}, τ = t/r
-        tau = t / safe_radius
-        g_tau = gram + tau * (a[:, None] + a[None, :]) + tau * tau * n0 * ones
-        res = _qp.min_norm_simplex(g_tau)
+    def inner(t, x0):
+        # argmin_{w∈Δ} ½‖g_w + (t/r) g₀‖²: offset (t/r) β in the preconditioned variables
+        res = _qp.simplex_qp(cos, a, offset=(t / safe_radius) * beta, max_iter=cap, tol=tol, x0=x0)
         return res.x, res.iterations
 
-    def h(w, t):
-        # sign of ψ'(t) for the convex ψ(t) = min_w ⟨g0,g_w⟩ + r/2·((‖g_w‖²+ε)/t + t)
-        return t * t - jnp.maximum(jnp.dot(w, gram @ w), 0.0) - eps
+    def sq_norm(x):
+        return jnp.maximum(jnp.dot(x, cos @ x), 0.0)
 
-    lo = jnp.log(jnp.sqrt(jnp.asarray(eps, dtype)))
-    hi = jnp.log(jnp.sqrt(jnp.max(jnp.diagonal(gram)) + eps))
+    mgda = _qp.simplex_qp(cos, a, max_iter=cap, tol=tol)
+    hi = jnp.sqrt(jnp.max(jnp.where(nz, 1.0 / (a * a), 0.0)) + eps_n)
+    lo = jnp.maximum(jnp.sqrt(sq_norm(mgda.x) + eps_n), hi * jnp.finfo(dtype).eps ** 2)
+
+    def mid(lo, hi):
+        return jnp.where(hi > 2.0 * lo, jnp.sqrt(lo) * jnp.sqrt(hi), 0.5 * (lo + hi))
 
     def body(_, state):
-        lo, hi, iters = state
-        mid = 0.5 * (lo + hi)
-        t = jnp.exp(mid)
-        w, it = inner(t)
-        up = h(w, t) >= 0
-        return jnp.where(up, lo, mid), jnp.where(up, mid, hi), iters + it
+        lo, hi, x, iters = state
+        t = mid(lo, hi)
+        x, it = inner(t, x)
+        up = t * t - sq_norm(x) - eps_n >= 0  # ψ'(t) ≥ 0: the root is below t
+        return jnp.where(up, lo, t), jnp.where(up, t, hi), x, iters + it
 
-    lo, hi, iters = jax.lax.fori_loop(0, num_bisections, body, (lo, hi, jnp.zeros([], jnp.int32)))
-    w, it = inner(jnp.exp(0.5 * (lo + hi)))
-    w = jnp.where(radius > 0, w, b)
-    _, grad = cagrad_dual_objective(gram, c, w, eps)
-    fw_gap = jnp.maximum(jnp.dot(grad, w) - jnp.min(grad), 0.0)
-    gw_norm = jnp.sqrt(jnp.maximum(jnp.dot(w, gram @ w), 0.0))
-    lmbda = radius / (gw_norm + eps)
-    coef = b + lmbda * w
+    lo, hi, x, iters = jax.lax.fori_loop(0, num_bisections, body, (lo, hi, mgda.x, mgda.iterations))
+    mu, it = inner(mid(lo, hi), x)
+    q = sq_norm(mu)
+    t_star = jnp.sqrt(q + eps_n)
+    resid, _, _ = _qp.qp_kkt_residual(cos, mu, offset=(t_star / safe_radius) * beta, a=a)
+    w = a * mu
+    w = w / jnp.sum(w)
+    active = radius > 0
+    w = jnp.where(active, w, b)
+    # λ = r / (‖g_w‖ + ε) with both norms in units of the root-mean-square task-gradient norm
+    # (a zero task gradient takes no coefficient: with w* on it, g_w = 0 and λ would be r / ε or ∞)
+    s = nmin / jnp.sqrt(md)
+    den = jnp.sqrt(q) * s + eps
+    lmbda = jnp.where(active & (den > 0), radius * s / jnp.where(den > 0, den, 1.0), 0.0)
+    coef = b + lmbda * jnp.where(nz, w, 0.0)
     div = {0: 1.0, 1: 1.0 + c**2, 2: 1.0 + c}[rescale]
-    return coef / div, _qp.SolverResult(w, iters + it, fw_gap)
+    return coef / div, _qp.SolverResult(w, iters + it, jnp.where(active, resid, 0.0))
 
 
 def cagrad(
@@ -155,28 +194,43 @@ def cagrad(
     c: float = 0.5,
     rescale: int = 1,
     num_bisections: int = 40,
+    eps: float = 1e-8,
+    max_iter: Optional[int] = None,
+    tol: float = 1e-5,
     shared: ta.SharedSpec = None,
 ) -> optax.GradientTransformationExtraArgs:
     """CAGrad (Liu et al., NeurIPS 2021).
 
     Args:
       num_tasks: ``T``, the size of the leading task axis of every update leaf.
-      c: radius factor of the ball around the mean gradient (default 0.5;
-        official NYUv2 runs use 0.4).  ``c = 0`` gives the mean gradient.
+      c: radius factor ``>= 0`` of the ball around the mean gradient (default
+        0.5; official NYUv2 runs use 0.4).  ``c = 0`` gives the mean gradient.
       rescale: 0 (no rescaling), 1 (divide by ``1 + c²``, default) or 2
         (divide by ``1 + c``), as the official code.
-      num_bisections: bisection steps of the 1-D search (fixed budget).
+      num_bisections: bisection steps of the 1-D search, an int ``>= 1``
+        (fixed budget; 40 reaches float32 precision on ``t`` for gradient
+        norms up to ~12 decades apart).
+      eps: smoothing ``>= 0`` of ``‖g_w‖`` (official 1e-8), in units of the
+        mean squared task-gradient norm; see the module docstring.
+      max_iter: iteration cap of every inner active-set solve, an int ``>= 1``
+        (default ``4T + 20``).
+      tol: relative KKT tolerance in ``(0, 1)`` of the inner solves (a
+        cosine); ``state.gap ≤ tol`` reports convergence.
       shared: which leaves are shared (see :func:`dbmtl_jax.dbmtl`); head
         leaves get ``Σ_t g_t``.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; extra args are ignored.
     """
-    _qp.check_positive_int(num_tasks, "num_tasks")
-    c = _qp.check_nonnegative(c, "c")
+    gc.check_num_tasks(num_tasks, "cagrad")
+    gc.check_real(c, "c", "cagrad", lo=0)
     if isinstance(rescale, bool) or rescale not in RESCALES:
-        raise ValueError(f"unknown rescale {rescale!r}; expected one of {RESCALES}.")
-    _qp.check_positive_int(num_bisections, "num_bisections")
+        raise ValueError(f"cagrad: unknown rescale={rescale!r}; expected one of {RESCALES}.")
+    num_bisections = lc.check_int("num_bisections", num_bisections, 1, method="cagrad")
+    gc.check_real(eps, "eps", "cagrad", lo=0)
+    if max_iter is not None:
+        max_iter = lc.check_int("max_iter", max_iter, 1, method="cagrad")
+    gc.check_real(tol, "tol", "cagrad", lo=0, hi=1, lo_open=True, hi_open=True)
 
     def init_fn(params: PyTree) -> CAGradState:
         del params
@@ -193,11 +247,13 @@ def cagrad(
         updates: PyTree, state: CAGradState, params: Optional[PyTree] = None, **extra_args: Any
     ) -> tuple[PyTree, CAGradState]:
         del extra_args
-        ta.check_task_axis(updates, num_tasks)
+        ta.check_task_axis(updates, num_tasks, params=params)
         mask = ta.resolve_shared(shared, updates if params is None else params)
         g_shared, g_heads, treedef = ta.split_shared(updates, mask)
         gram, _ = _qp.shared_gram(g_shared, num_tasks)
-        coef, res = cagrad_weights(gram, c, rescale=rescale, num_bisections=num_bisections)
+        coef, res = cagrad_weights(
+            gram, c, rescale=rescale, num_bisections=num_bisections, eps=eps, max_iter=max_iter, tol=tol
+        )
         out_shared = _qp.weighted_sum(g_shared, coef)
         out_heads = [jnp.sum(g, axis=0) for g in g_heads]
         out = ta.merge_shared(out_shared, out_heads, mask, treedef)

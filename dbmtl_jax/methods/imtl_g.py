@@ -16,14 +16,29 @@ Only the shared parameters are reweighted (as in the paper and LibMTL); head
 leaves get the plain ``Σ_t g_t``.
 
 Numerical choices (not in the paper): the system is built from the Gram
-matrix of the global shared gradient, normalised to a largest diagonal of 1,
-and solved by SVD least squares (``jnp.linalg.lstsq``), which equals the
-closed form when ``D Uᵀ`` is invertible and gives the minimum-norm solution
-for collinear gradients instead of the NaNs of an explicit inverse.  Tasks
-whose gradient is exactly zero have no unit vector; their equal-projection
-row is replaced by ``α_t = 0`` and the first nonzero task takes the role of
-task 1.  With all gradients zero, ``α = 1/T``.  The residual ``‖Mα − e‖`` is
-kept in the state (non-zero only for inconsistent, degenerate systems).
+matrix of the global shared gradient and solved in the preconditioned
+variables ``β_t = α_t ‖g_t‖ / n_min`` (``n_min`` the smallest nonzero norm):
+with ``C`` the matrix of cosines between the task gradients the rows are
+``(C_1 − C_t) β = 0`` (``t ≥ 2``) and ``Σ_t (n_min / ‖g_t‖) β_t = 1``, so every
+coefficient is at most 1 in magnitude whatever the relative scale of the
+tasks.  (Written on the raw Gram matrix, the columns of ``M`` scale with
+``‖g_t‖``, and the SVD cut-off of least squares drops the small tasks: with
+norms 10^±6 apart the old form returned projections differing by more than
+the update's norm.)  The system is solved by SVD least squares
+(``jnp.linalg.lstsq``), which equals the closed form when ``D Uᵀ`` is
+invertible and gives the minimum-norm solution for collinear gradients
+instead of the NaNs of an explicit inverse; ``α`` is then rescaled to sum to
+1 exactly.  Tasks whose gradient is exactly zero have no unit vector; their
+equal-projection row is replaced by ``α_t = 0`` and the first nonzero task
+takes the role of task 1.  With all gradients zero, ``α = 1/T``.
+
+Residual (kept in the state): the spread ``max_t ⟨d, u_t⟩ − min_t ⟨d, u_t⟩``
+of the projections over the nonzero tasks divided by ``‖d‖`` (a cosine;
+widened by a rounding margin ``(4 + 2√T) ε (|C||β|)_t`` on every projection),
+or ``|Σ α − 1|`` if larger: a bound, so a residual ``r`` certifies
+``|⟨d, u_t⟩ − ⟨d, u_s⟩| ≤ r ‖d‖`` for all tasks.  It is of order 1 or more for
+inconsistent (degenerate) systems and when ``d`` is numerically zero (e.g.
+``g_2 = −g_1``, where equal projections force ``d = 0``).
 """
 
 from __future__ import annotations
@@ -37,6 +52,7 @@ import optax
 
 from dbmtl_jax import task_axis as ta
 from dbmtl_jax.methods import _gradient_common as gc
+from dbmtl_jax.methods import _qp
 
 PyTree = Any
 
@@ -49,7 +65,8 @@ class IMTLGState(NamedTuple):
     Attributes:
       count: number of updates so far (int32).
       weights: ``α`` of the last update, float32 ``[T]``.
-      residual: ``‖Mα − e‖`` of the last solve (float32; 0 when the system is consistent).
+      residual: relative spread of the projections (a cosine bound, see the module
+        docstring; float32).
     """
 
     count: chex.Array
@@ -59,23 +76,33 @@ class IMTLGState(NamedTuple):
 
 @gc.full_precision
 def imtl_g_weights(gram: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """IMTL-G weights from a (normalised) Gram matrix: ``(α [T], residual)``."""
+    """IMTL-G weights from a Gram matrix: ``(α [T], residual)`` (see the module docstring)."""
     t = gram.shape[0]
     dt = gram.dtype
-    diag = jnp.diagonal(gram)
-    active = diag > jnp.finfo(dt).tiny
-    n = jnp.sqrt(jnp.where(active, diag, 1))
-    a = jnp.where(active[:, None], gram / n[:, None], 0)  # a[t, k] = <u_t, g_k>
+    cos, nrm = _qp.precondition_gram(gram)
+    active = nrm > 0
+    nmin = jnp.min(jnp.where(active, nrm, jnp.inf))
+    a = jnp.where(active, nmin / jnp.where(active, nrm, 1.0), 0.0)  # α = a ⊙ β
     ref = jnp.argmax(active)
     eye = jnp.eye(t, dtype=dt)
-    m = jnp.where(active[:, None], a[ref][None, :] - a, eye)
-    m = jnp.where((jnp.arange(t) == ref)[:, None], jnp.ones_like(m), m)
-    b = eye[ref]
-    alpha = jnp.where(active, jnp.linalg.lstsq(m, b)[0], 0)
-    resid = jnp.linalg.norm(jnp.matmul(m, alpha, precision=gc.HIGHEST) - b)
+    is_ref = jnp.arange(t) == ref
+    m = jnp.where(active[:, None], cos[ref][None, :] - cos, eye)
+    m = jnp.where(is_ref[:, None], a[None, :], m)
+    beta = jnp.linalg.lstsq(m, is_ref.astype(dt))[0]
+    beta = jnp.where(active & jnp.isfinite(beta), beta, 0)
+    total = jnp.sum(a * beta)
+    ok = jnp.isfinite(total) & (jnp.abs(total) > jnp.finfo(dt).tiny)
+    beta = jnp.where(ok, beta / jnp.where(ok, total, 1), beta)
+    alpha = a * beta
+    # spread of the projections ⟨d, u_t⟩ ∝ (Cβ)_t over ‖d‖ ∝ ‖β‖_C, widened by the rounding margin
+    proj = jnp.matmul(cos, beta, precision=gc.HIGHEST)
+    dn = jnp.sqrt(jnp.maximum(jnp.dot(beta, proj, precision=gc.HIGHEST), 0))
+    err = (4.0 + 2.0 * t**0.5) * jnp.finfo(dt).eps * jnp.matmul(jnp.abs(cos), jnp.abs(beta), precision=gc.HIGHEST)
+    spread = jnp.max(jnp.where(active, proj + err, -jnp.inf)) - jnp.min(jnp.where(active, proj - err, jnp.inf))
+    resid = jnp.where(dn > 0, spread / jnp.where(dn > 0, dn, 1), jnp.where(spread > 0, 1e30, 0))
+    resid = jnp.minimum(jnp.maximum(resid, jnp.abs(jnp.sum(alpha) - 1)), 1e30)
     any_active = jnp.any(active)
     alpha = jnp.where(any_active, alpha, jnp.full([t], 1.0 / t, dt))
-    alpha = jnp.where(jnp.isfinite(alpha), alpha, 0)
     return alpha, jnp.where(any_active, resid, 0)
 
 

@@ -24,13 +24,20 @@ Choices (see the report table in the docs):
   solver: the weights ``λ*`` multiply the *raw* gradients (LibMTL instead
   combines the normalised ones; the two agree for ``"none"``).
 * solver (``solver=``): ``"active_set"`` (default) solves the problem exactly
-  as an NNLS (Lawson–Hanson; see :mod:`dbmtl_jax.methods._qp`);
+  (a finite primal active-set method, :func:`dbmtl_jax.methods._qp.simplex_qp`);
   ``"frank_wolfe"`` is Frank–Wolfe with exact line search from the best pair of
   tasks with at most ``max_iter`` (default 250, the official ``MAX_ITER``)
-  iterations and stopping tolerance ``tol`` on the duality gap, as the
-  official ``MinNormSolver`` FW variant, plus away steps (so interior
-  solutions converge linearly; the official solver in use is a projected
-  gradient variant without them).
+  iterations and stopping tolerance ``tol``, as the official
+  ``MinNormSolver`` FW variant, plus away steps (so interior solutions
+  converge linearly; the official solver in use is a projected gradient
+  variant without them) and a final active-set polish of at most ``T + 2``
+  iterations on the support it found (which makes it exact whenever that
+  support is right; without it, FW stalls for tasks of very different scales).
+* numerics: both solvers work in the preconditioned variables
+  ``μ_t = λ_t ‖ĝ_t‖`` on the matrix of cosines between the task gradients
+  (:func:`dbmtl_jax.methods._qp.precondition_gram`), so they are exact for
+  task gradients of any relative scale (tested for norms 10^±6 apart), and
+  their stopping rules are relative to the optimum's own scale.
 * scale: ``λ*`` sums to 1, so the update is on the scale of one task gradient
   (official code and LibMTL; the Nash-MTL repository's re-implementation
   multiplies by T).
@@ -40,8 +47,20 @@ Choices (see the report table in the docs):
   ``weight_heads=False`` gives them the plain ``Σ_t g_t`` (LibMTL).
 
 Degenerate input: for all-zero shared gradients every ``λ`` is optimal and the
-uniform weights are used.  The Frank–Wolfe gap of the solution (relative to
-the mean squared gradient norm, 0 at the optimum) is stored in the state.
+uniform weights are used; a zero task gradient makes ``d = 0`` optimal (its
+vertex is returned, residual 0).
+
+Residual (``state.gap``): the relative KKT residual of ``λ*``
+(:func:`dbmtl_jax.methods._qp.min_norm_kkt_gap`), a bound including a rounding
+margin: a value ``r`` certifies, for every task and with ``d = Σ_t λ*_t ĝ_t``,
+``⟨ĝ_t, d⟩ ≥ ‖d‖² − r ‖ĝ_t‖ ‖d‖`` (so ``cos(ĝ_t, d) ≥ −r``: no task is
+conflicted by more than a cosine of ``r``) and ``|⟨ĝ_t, d⟩ − ‖d‖²| ≤ r ‖ĝ_t‖ ‖d‖``
+for the tasks with ``λ*_t > 0``.  The solve has converged when ``gap ≤ tol``.
+The bound is for the float32 (or wider) Gram matrix, whose entries are
+accurate to about ``√P ε`` relative to ``‖g_i‖ ‖g_j‖``.  Near a Pareto-stationary
+point (``0`` in the convex hull) ``d`` is only determined to ``~√ε`` of the
+gradients and the gap is of order 1: the relative conditions cannot be
+certified for an update that is numerically zero.
 """
 
 from __future__ import annotations
@@ -54,6 +73,8 @@ import jax.numpy as jnp
 import optax
 
 from dbmtl_jax import task_axis as ta
+from dbmtl_jax.methods import _gradient_common as gc
+from dbmtl_jax.methods import _loss_common as lc
 from dbmtl_jax.methods import _qp
 
 PyTree = Any
@@ -69,7 +90,8 @@ class MGDAState(NamedTuple):
     Attributes:
       count: number of updates so far (int32).
       weights: ``λ*`` of the last update, ``[T]`` float32 on the simplex.
-      gap: Frank–Wolfe duality gap of ``λ*`` (relative; ~0 when solved), float32.
+      gap: relative KKT residual of ``λ*`` (a cosine bound, see the module docstring;
+        the solve converged when ``gap ≤ tol``), float32.
       iterations: solver iterations of the last update (int32).
     """
 
@@ -125,11 +147,14 @@ def mgda(
       normalization: gradient normaliser for the solver, one of
         ``"none"`` (default, LibMTL), ``"l2"``, ``"loss"``, ``"loss+"``.
       solver: ``"active_set"`` (exact, default) or ``"frank_wolfe"``.
-      max_iter: iteration cap of the solver; default ``4T + 20`` (active set)
-        or 250 (Frank–Wolfe, the official ``MAX_ITER``).
-      tol: solver tolerance (KKT for the active set, duality gap for FW).
+      max_iter: iteration cap of the solver, an int ``>= 1``; default ``4T + 20``
+        (active set) or 250 (Frank–Wolfe, the official ``MAX_ITER``).
+      tol: relative KKT tolerance in ``(0, 1)`` (a cosine, see the module
+        docstring): the convergence criterion of Frank–Wolfe and the level
+        below which ``state.gap`` reports convergence; the active set adds
+        every constraint violated by more than ``max(tol / 100, rounding)``.
       weight_heads: weight task-specific leaves by ``λ*`` (official code) rather
-        than summing them.
+        than summing them (a bool).
       shared: which leaves are shared (see :func:`dbmtl_jax.dbmtl`).
 
     Returns:
@@ -137,14 +162,13 @@ def mgda(
       params=None, *, losses=None)`` needs ``losses=`` (``[T]``) only for the
       ``"loss"``/``"loss+"`` normalisations.
     """
-    _qp.check_positive_int(num_tasks, "num_tasks")
-    if normalization not in NORMALIZATIONS:
-        raise ValueError(f"unknown normalization {normalization!r}; expected one of {NORMALIZATIONS}.")
-    if solver not in SOLVERS:
-        raise ValueError(f"unknown solver {solver!r}; expected one of {SOLVERS}.")
+    gc.check_num_tasks(num_tasks, "mgda")
+    gc.check_choice(normalization, NORMALIZATIONS, "normalization", "mgda")
+    gc.check_choice(solver, SOLVERS, "solver", "mgda")
     if max_iter is not None:
-        _qp.check_positive_int(max_iter, "max_iter")
-    _qp.check_nonnegative(tol, "tol")
+        max_iter = lc.check_int("max_iter", max_iter, 1, method="mgda")
+    gc.check_real(tol, "tol", "mgda", lo=0, hi=1, lo_open=True, hi_open=True)
+    gc.check_bool(weight_heads, "weight_heads", "mgda")
 
     def init_fn(params: PyTree) -> MGDAState:
         del params
@@ -164,7 +188,7 @@ def mgda(
         **extra_args: Any,
     ) -> tuple[PyTree, MGDAState]:
         del extra_args
-        ta.check_task_axis(updates, num_tasks)
+        ta.check_task_axis(updates, num_tasks, params=params)
         if normalization in ("loss", "loss+"):
             if losses is None:
                 raise ValueError(f"mgda with normalization={normalization!r} requires the losses= extra argument.")

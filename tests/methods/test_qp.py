@@ -149,7 +149,10 @@ def test_min_norm_simplex_matches_enumeration_and_kkt(solver):
         # KKT: ⟨g_t, d⟩ ≥ ‖d‖² for every task
         d = j.T @ lam
         assert (j @ d >= d @ d - 10 * tol * md).all()
-        assert float(res.residual) <= 10 * tol
+        # the residual is relative to ‖g_t‖‖d‖ (a cosine); at a Pareto-stationary point (d* = 0, here
+        # when the gradients span fewer dimensions than tasks) it cannot be certified and is O(1)
+        if v_ref > 1e-4 * md:
+            assert float(res.residual) <= 10 * tol
 
 
 def test_min_norm_simplex_zero_gram_is_uniform():
