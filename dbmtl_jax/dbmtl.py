@@ -174,15 +174,14 @@ def dbmtl(
       num_tasks: ``T``, the size of the leading task axis of every update leaf.
         It sizes the EMA state, so it is static (with ``optax.inject_hyperparams``
         pass ``static_args=("num_tasks",)``).
-      beta: EMA forgetting rate β, a float or an optax schedule of the step count.
-        β weights the old value: ``ĝ ← β_k ĝ + (1 − β_k) g``.  Paper default 0.9.
-      beta_sigma: σ in ``β_k = β / k^σ`` with ``k = 1, 2, …``; 0 keeps β constant.
-        The paper's grid also uses 0.5. The paper tunes (β, σ) per data set; in
-        ``results/README.md`` the constant 0.9 was the best setting on one
-        benchmark and broke training on the other three (short budgets), where
-        every ``β/k^0.5`` setting stayed close to the best row: tune it on
-        validation (``results/select_on_val.py``); ``beta_sigma=0.5`` is the
-        safer start for short runs.
+      beta: EMA forgetting rate β ∈ [0, 1), a float or an optax schedule of the
+        step count.  β weights the old value: ``ĝ ← β_k ĝ + (1 − β_k) g``.  The
+        paper sets no default: it grid-searches β ∈ {0.1, 0.5, 0.9} × σ ∈ {0, 0.5}
+        per data set (Sec. 4.1); 0.9 with σ = 0 is LibMTL's command-line default.
+      beta_sigma: σ ≥ 0 in ``β_k = β / k^σ`` with ``k = 1, 2, …``; 0 keeps β
+        constant.  How the defaults were chosen, and which settings failed
+        where: ``results/README.md``.  Select (β, σ) on validation
+        (``dbmtl-jax select``).
       alpha: ``"max"`` (DB-MTL), ``"min"``, ``"mean"``, ``"median"`` of the EMA
         norms, or a float constant (the paper's Fig. 6 ablation).
       eps: ε in ``ĝ_t / (‖ĝ_t‖ + ε)``.
