@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -137,12 +139,16 @@ def test_shared_mask_with_the_wrong_structure_is_rejected():
 # -- item 3: head leaves of the wrong shape -------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", ["dbmtl", "ew", "pcgrad", "mgda", "uw"])
+@pytest.mark.parametrize("method", dbmtl_jax.METHODS)
 @pytest.mark.parametrize("head_shape", [(4, 5), (4, 1, 5)])
 def test_head_leaf_of_the_wrong_shape_is_rejected(method, head_shape):
+    """Every method: a head leaf without the task axis, or with an extra one, is an error naming the leaf."""
     params = {"trunk": jnp.zeros(2), "head": jnp.zeros((4, 5))}
-    kw = {"weight_heads": False} if method in ("ew", "uw") else {}
-    tx = dbmtl_jax.get_method(method, 4, shared=lambda p: p == "trunk", **kw)
+    sig = inspect.signature(dbmtl_jax.get_factory(method)).parameters
+    kw = {"shared": lambda p: p == "trunk"} if "shared" in sig else {}
+    kw.update({"weight_heads": False} if "weight_heads" in sig else {})
+    kw.update({"grads": "per_task"} if "grads" in sig else {})
+    tx = dbmtl_jax.get_method(method, 4, **kw)
     state = tx.init(params)
     updates = {"trunk": jnp.ones((4, 2)), "head": jnp.ones(head_shape)}
     with pytest.raises(ValueError, match=r"leaf 'head' has shape .* expected \[num_tasks, \*param_shape\]"):

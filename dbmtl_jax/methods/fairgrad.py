@@ -142,7 +142,7 @@ def fairgrad(
         updates: PyTree, state: FairGradState, params: Optional[PyTree] = None, **extra_args: Any
     ) -> tuple[PyTree, FairGradState]:
         del extra_args
-        ta.check_task_axis(updates, num_tasks)
+        ta.check_task_axis(updates, num_tasks, params=params)
         mask = ta.resolve_shared(shared, updates if params is None else params)
         g_shared, g_heads, treedef = ta.split_shared(updates, mask)
         res = solve_balanced_weights(

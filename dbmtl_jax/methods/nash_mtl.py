@@ -228,7 +228,7 @@ def nash_mtl(
         updates: PyTree, state: NashMTLState, params: Optional[PyTree] = None, **extra_args: Any
     ) -> tuple[PyTree, NashMTLState]:
         del extra_args
-        ta.check_task_axis(updates, num_tasks)
+        ta.check_task_axis(updates, num_tasks, params=params)
         mask = ta.resolve_shared(shared, updates if params is None else params)
         g_shared, g_heads, treedef = ta.split_shared(updates, mask)
 
