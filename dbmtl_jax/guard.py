@@ -194,8 +194,8 @@ def skip_invalid_steps(
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params: PyTree) -> SkipState:
-        z = jnp.zeros([], jnp.int32)
-        return SkipState(inner.init(params), z, z, z, jnp.array(True))
+        # Distinct buffers for each counter, so that the state can be donated to a jitted step.
+        return SkipState(inner.init(params), *(jnp.zeros([], jnp.int32) for _ in range(3)), jnp.array(True))
 
     def update_fn(updates: PyTree, state: SkipState, params: Optional[PyTree] = None, **extra_args: Any):
         losses = extra_args.get("losses")

@@ -68,6 +68,17 @@ def test_skip_invalid_steps_raw_loss_overflow_is_skipped():
     assert bool(jnp.all(u["w"] == 0)) and _same(new_state.inner_state, state.inner_state)
 
 
+def test_skip_state_can_be_donated():
+    """The counters are distinct buffers: donating the state to a jitted step works (it used to fail)."""
+    tx = dbmtl_jax.skip_invalid_steps(optax.chain(dbmtl_jax.dbmtl(2), optax.adam(1e-3)))
+    params = {"w": jnp.zeros(3)}
+    step = jax.jit(lambda g, s, p: tx.update(g, s, p), donate_argnums=(1,))
+    state = tx.init(params)
+    for _ in range(2):
+        _, state = step({"w": jnp.ones((2, 3))}, state, params)
+    assert int(state.step) == 2 and int(state.num_skipped) == 0
+
+
 def test_guard_does_not_blame_a_preexisting_inf_in_state():
     """A state leaf that already held inf (a sentinel) does not make every later step invalid."""
 
