@@ -144,6 +144,7 @@ def check_options(
 def dbmtl_direction(
     ema: list, alpha: Union[str, float, jax.Array], eps: Union[float, jax.Array], acc: Any,
     sq_pair: Optional[jax.Array] = None,
+    valid: Optional[jax.Array] = None,
 ) -> tuple[jax.Array, list]:
     """``(‖ĝ_t‖, [α Σ_t ĝ_t / (‖ĝ_t‖ + ε) per leaf])`` from the updated EMA leaves ``[T, *shape]``.
 
@@ -151,10 +152,12 @@ def dbmtl_direction(
     step (which passes the ``[2, T]`` squared norms it accumulated while
     streaming, :func:`dbmtl_jax.task_axis.task_sq_norms_pair`).  Norms stay
     finite whenever the true norm is.  The directions are in
-    ``promote_types(ema dtype, acc)``.
+    ``promote_types(ema dtype, acc)``; with ``valid`` False they are NaN.
     """
     norms = ta.norms_from_pair(ta.task_sq_norms_pair(ema, acc) if sq_pair is None else sq_pair)
     scale = aggregate_alpha(norms, alpha) / (norms + jnp.asarray(eps, acc))
+    if valid is not None:
+        scale = jnp.where(valid, scale, jnp.nan)
     return norms, [jnp.tensordot(scale.astype(jnp.promote_types(m.dtype, acc)), m, axes=(0, 0)) for m in ema]
 
 
@@ -239,9 +242,9 @@ def dbmtl(
             for g, m in zip(g_shared, ema_leaves)
         ]
         if new_ema:
-            norms, directions = dbmtl_direction(new_ema, alpha, eps, acc)
             # A non-finite gradient keeps the step visibly invalid (NaN update).
-            out_shared = [jnp.where(finite, d, jnp.nan).astype(g.dtype) for g, d in zip(g_shared, directions)]
+            norms, directions = dbmtl_direction(new_ema, alpha, eps, acc, valid=finite)
+            out_shared = [d.astype(g.dtype) for g, d in zip(g_shared, directions)]
         else:
             norms, out_shared = state.norms, []
         out_heads = [jnp.sum(g, axis=0) for g in g_heads]

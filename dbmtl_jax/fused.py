@@ -20,8 +20,10 @@ and the transform chain can replace each other mid-run (checkpoints too).
 
 Invalid steps are skipped, as by :func:`dbmtl_jax.skip_invalid_steps`: when a
 loss is NaN/inf (or negative with ``log=True``), a gradient is non-finite, or
-the optimizer's output is (an update, or a state entry that turned non-finite:
-finite inputs can still overflow Adam's second moment), the updates are zeros,
+the optimizer's output is (an update or a state entry: finite inputs can still
+overflow Adam's second moment; so the optimizer's state must be finite, as
+Adam's, SGD's and most are: a state holding an ``inf`` sentinel belongs in
+the chain with :func:`dbmtl_jax.skip_invalid_steps`), the updates are zeros,
 the optimizer state and ``count``/``norms`` are kept, and with
 ``in_place=False`` (default) the EMA is kept bit for bit.  The EMA norms are
 computed overflow-safe, so a large but representable gradient is not rejected.
@@ -50,7 +52,7 @@ import optax
 
 from dbmtl_jax import task_axis as ta
 from dbmtl_jax.dbmtl import DBMTLState, ScalarOrSchedule, beta_at, check_options, dbmtl, dbmtl_direction
-from dbmtl_jax.guard import finite_flags, output_ok, select_step
+from dbmtl_jax.guard import output_ok, select_step
 from dbmtl_jax.task_gradients import _check_chunk, fold_task_grads, trunk_heads_fold_task_grads
 
 PyTree = Any
@@ -110,7 +112,7 @@ def _backup(ema: list, in_place: bool) -> Optional[list]:
 def _finish(
     *, state: tuple, params: PyTree, ema_new: list, sq: jax.Array, head_dir: list, ok: jax.Array,
     mask: PyTree, treedef: Any, optimizer: optax.GradientTransformation, alpha: Any, eps: Any,
-    backup: Optional[list], acc: Any, count: jax.Array,
+    backup: Optional[list], acc: Any, count: jax.Array, check_output: bool,
 ) -> tuple[PyTree, tuple]:
     """Scales the new EMA into the DB-MTL direction, runs the optimizer, and guards the whole step."""
     db, inner = state
@@ -118,7 +120,6 @@ def _finish(
     # NaN rows flag a non-finite EMA entry; an inf is an overflow of the squares only, recomputed
     # safely inside the applied branch (outside it, the recomputation would copy the EMA).
     valid = ok & ~jnp.any(jnp.isnan(sq)) & heads_ok
-    inner_flags = finite_flags(inner)
 
     def apply(_: Any) -> tuple:
         norms, shared_dir = dbmtl_direction(ema_new, alpha, eps, acc, sq) if ema_new else (db.norms.astype(acc), [])
@@ -132,10 +133,11 @@ def _finish(
 
     updates, new_inner, norms = jax.lax.cond(valid, apply, skip, None)
     # Guard what was produced too: a direction or an optimizer state (Adam's second moment) can
-    # overflow on finite input.  Exact mode rolls the optimizer state back; in place, where no copy
+    # overflow on finite input.  The optimizer state must stay finite (reading the old state to
+    # exempt inf sentinels would cost a copy of it; skip_invalid_steps keeps flags for that).  Exact mode rolls the optimizer state back; in place, where no copy
     # of it is kept, the updates are zeroed and the step is flagged (NaN norms) like a mid-stream one.
-    out_ok = output_ok(updates, inner_flags, new_inner)
-    if backup is None:
+    out_ok = output_ok(updates, new_inner)[0] if check_output else jnp.asarray(True)
+    if backup is None or not check_output:
         updates = jax.tree_util.tree_map(lambda u: jnp.where(out_ok, u, jnp.zeros_like(u)), updates)
     else:
         updates, new_inner = select_step(out_ok, updates, new_inner, inner)
@@ -189,6 +191,7 @@ def fused_dbmtl(
     chunk_size: int = 1,
     unroll: Optional[bool] = None,
     in_place: bool = False,
+    check_output: bool = True,
 ) -> FusedDBMTL:
     """DB-MTL (Lin et al., Algorithm 1) + ``optimizer`` as one streamed step.
 
@@ -207,6 +210,10 @@ def fused_dbmtl(
         (default): unroll when on CPU and the model has convolutions.
       in_place: update the EMA in the donated state buffer while streaming
         (lowest memory; see the module docstring for what a rejected step keeps).
+      check_output: reject a step whose optimizer output (update or state) is
+        not finite (default; see the module docstring).  False skips that
+        check and its rollback copy of the optimizer state
+        (``benchmarks/RESULTS_guard.md`` has the cost).
 
     Returns:
       :class:`FusedDBMTL` ``(init, update)``; jit ``update`` and donate the state.
@@ -245,6 +252,7 @@ def fused_dbmtl(
         updates, new_state = _finish(
             state=state, params=params, ema_new=ema_new, sq=sq, head_dir=head_dir, ok=ok, mask=mask,
             treedef=treedef, optimizer=optimizer, alpha=alpha, eps=eps, backup=backup, acc=acc, count=count,
+            check_output=check_output,
         )
         return out, updates, new_state
 
@@ -265,6 +273,7 @@ def fused_trunk_heads_dbmtl(
     chunk_size: int = 1,
     unroll: Optional[bool] = None,
     in_place: bool = False,
+    check_output: bool = True,
 ) -> FusedDBMTL:
     """:func:`fused_dbmtl` for a model given as a shared trunk and T heads; each head is back-propagated once.
 
@@ -313,7 +322,7 @@ def fused_trunk_heads_dbmtl(
         updates, new_state = _finish(
             state=state, params=params, ema_new=ema_new, sq=sq, head_dir=jax.tree_util.tree_leaves(tuple(head_grads)),
             ok=ok, mask=mask, treedef=treedef, optimizer=optimizer, alpha=alpha, eps=eps, backup=backup,
-            count=count, acc=acc,
+            count=count, acc=acc, check_output=check_output,
         )
         return losses, updates, new_state
 

@@ -39,6 +39,9 @@ class SkipState(NamedTuple):
 
     Attributes:
       inner_state: the wrapped optimizer's state, untouched by skipped steps.
+      inner_finite: per floating leaf of ``inner_state``, whether it is all finite
+        (kept so that the output check need not read the old state: a leaf that
+        holds an ``inf`` by design, a sentinel, is not blamed on a step).
       step: steps seen, valid or not (int32).
       num_skipped: total skipped steps (int32).
       consecutive_skipped: skipped steps since the last valid one (int32).
@@ -46,6 +49,7 @@ class SkipState(NamedTuple):
     """
 
     inner_state: PyTree
+    inner_finite: tuple
     step: chex.Array
     num_skipped: chex.Array
     consecutive_skipped: chex.Array
@@ -134,26 +138,26 @@ def _is_float(x: Any) -> bool:
     return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)
 
 
-def finite_flags(tree: PyTree) -> list:
-    """One bool per floating leaf of ``tree``: all its entries are finite (read before a step)."""
-    return [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree) if _is_float(x)]
+def finite_flags(tree: PyTree) -> tuple:
+    """One bool per floating leaf of ``tree``: all its entries are finite."""
+    return tuple(jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree) if _is_float(x))
 
 
-def output_ok(updates: PyTree, old_flags: list, new_state: PyTree) -> jax.Array:
-    """True when every update is finite and every state leaf that was all finite (``old_flags``, from
-    :func:`finite_flags` of the old state) still is.
-
-    A leaf that already held a non-finite entry (an ``inf`` sentinel) is not blamed on this step.
-    Only scalar flags of the old state are needed, so its buffers can be donated.
+def output_ok(updates: PyTree, new_state: PyTree, old_flags: Optional[tuple] = None) -> tuple[jax.Array, tuple]:
+    """``(ok, flags)``: ok when every update is finite and every floating state leaf is finite, except
+    leaves that were already non-finite before the step (``old_flags``, from :func:`finite_flags`; a
+    state may hold an ``inf`` sentinel by design).  ``flags`` are the new state's :func:`finite_flags`.
     """
     ok = jnp.asarray(True)
     for u in jax.tree_util.tree_leaves(updates):
         if _is_float(u):
             ok = ok & jnp.all(jnp.isfinite(u))
-    new_leaves = [x for x in jax.tree_util.tree_leaves(new_state) if _is_float(x)]
-    for was_finite, x in zip(old_flags, new_leaves):
-        ok = ok & (jnp.all(jnp.isfinite(x)) | ~was_finite)
-    return ok
+    flags = finite_flags(new_state)
+    if old_flags is None:
+        old_flags = (jnp.asarray(True),) * len(flags)
+    for was_finite, is_finite in zip(old_flags, flags):
+        ok = ok & (is_finite | ~was_finite)
+    return ok, flags
 
 
 def select_step(apply: jax.Array, updates: PyTree, new_state: PyTree, old_state: PyTree) -> tuple[PyTree, PyTree]:
@@ -171,6 +175,7 @@ def skip_invalid_steps(
     task_axis: bool = True,
     debug: bool = False,
     max_consecutive_skips: Optional[int] = None,
+    check_output: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
     """Wraps ``inner`` so that invalid steps are skipped (or raise, with ``debug=True``).
 
@@ -183,6 +188,12 @@ def skip_invalid_steps(
         inner transform takes one already-combined gradient.
       debug: raise :class:`InvalidStepError` naming the task(s) and the step
         instead of skipping.
+      check_output: also reject a step whose *output* is not finite (an update,
+        or a state entry that turned non-finite: finite inputs can overflow
+        inside, e.g. Adam's second moment).  Rolling the state back needs the
+        old state alive until the check, so the new state cannot be written in
+        place: this costs time and (T + 2)·P transient floats
+        (``benchmarks/RESULTS_guard.md``).  False checks the inputs only.
       max_consecutive_skips: after this many consecutive invalid steps, apply the
         update anyway (like ``optax.apply_if_finite``), so a persistent problem
         shows up as NaN parameters instead of a silently frozen model.  ``None``:
@@ -194,8 +205,10 @@ def skip_invalid_steps(
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params: PyTree) -> SkipState:
+        inner_state = inner.init(params)
         # Distinct buffers for each counter, so that the state can be donated to a jitted step.
-        return SkipState(inner.init(params), *(jnp.zeros([], jnp.int32) for _ in range(3)), jnp.array(True))
+        return SkipState(inner_state, finite_flags(inner_state), *(jnp.zeros([], jnp.int32) for _ in range(3)),
+                         jnp.array(True))
 
     def update_fn(updates: PyTree, state: SkipState, params: Optional[PyTree] = None, **extra_args: Any):
         losses = extra_args.get("losses")
@@ -221,17 +234,23 @@ def skip_invalid_steps(
         # Guard what the inner transform produced too: finite inputs can still overflow inside it
         # (a norm, Adam's second moment), and a non-finite update or a state entry that turned
         # non-finite must not be applied.
-        out_bad = ~output_ok(new_updates, finite_flags(state.inner_state), new_inner)
-        if debug:
+        if check_output:
+            out_ok, new_flags = output_ok(new_updates, new_inner, state.inner_finite)
+            out_bad = ~out_ok
+        else:
+            new_flags, out_bad = state.inner_finite, jnp.asarray(False)
+        if debug and check_output:
             _report(_raise_output, out_bad & ~invalid, step)
         invalid = invalid | out_bad
         if max_consecutive_skips is not None:
             keep_new = ~invalid | (state.consecutive_skipped >= max_consecutive_skips)
         else:
             keep_new = ~invalid
-        new_updates, new_inner = select_step(keep_new, new_updates, new_inner, state.inner_state)
+        if check_output:
+            new_updates, new_inner = select_step(keep_new, new_updates, new_inner, state.inner_state)
         return new_updates, SkipState(
             inner_state=new_inner,
+            inner_finite=tuple(jnp.where(keep_new, n, o) for n, o in zip(new_flags, state.inner_finite)),
             step=step,
             num_skipped=state.num_skipped + invalid.astype(jnp.int32),
             consecutive_skipped=jnp.where(invalid, state.consecutive_skipped + 1, 0).astype(jnp.int32),

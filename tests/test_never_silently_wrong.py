@@ -52,6 +52,19 @@ def test_skip_invalid_steps_guards_the_output():
     assert _same(state.inner_state, before.inner_state)
 
 
+def test_check_output_false_checks_inputs_only():
+    """The documented opt-out: with check_output=False the overflowing step goes through (inputs were valid)."""
+    tx = dbmtl_jax.skip_invalid_steps(optax.chain(dbmtl_jax.dbmtl(2), optax.adam(1e-3)), check_output=False)
+    params = {"w": jnp.zeros(3)}
+    _, state = tx.update({"w": jnp.asarray([[1.0, 1, 1], [1e21] * 3])}, tx.init(params), params)
+    assert int(state.num_skipped) == 0
+    assert not bool(jnp.all(jnp.isfinite(state.inner_state[1][0].nu["w"])))
+    step = dbmtl_jax.fused_dbmtl(lambda p: jnp.stack([jnp.sum(p["w"]), 1e21 * jnp.sum(p["w"]) + 1e30]), 2,
+                                 optax.adam(1e-3), log=False, check_output=False)
+    _, _, fstate = step.update(step.init(params), params)
+    assert int(fstate[0].count) == 1
+
+
 def test_skip_invalid_steps_raw_loss_overflow_is_skipped():
     """log=False with a loss of 1e30: the gradient is finite, its square is not."""
 
