@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import optax
 
 HERE = Path(__file__).resolve().parent
@@ -91,7 +92,7 @@ def guarded_chain_runner(problem, steps, pkg, tag: str) -> Runner:
         u, s = tx.update(g, s, p, losses=losses)
         return optax.apply_updates(p, u), s, losses
 
-    state = tx.init(params)
+    state = jax.tree_util.tree_map(jnp.copy, tx.init(params))  # base revisions aliased the skip counters
     compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, batch).compile()
     holder = [params, state]
 
