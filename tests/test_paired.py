@@ -69,7 +69,8 @@ def _record(method, seed, hp, test_acc, selected, losses, epochs=10, wall=60.0):
         "method": method, "seed": seed, "config_hash": f"{method}{sorted(hp.items())}",
         "config": {"benchmark": "b", "recipe": {"epochs": epochs}, "quick": False, "hparams": hp},
         "tasks": {"a": {"metrics": {"acc": True}}, "b": {"metrics": {"acc": True}}},
-        "metrics": {"test": {"a": {"acc": test_acc[0]}, "b": {"acc": test_acc[1]}}},
+        "metrics": {"test": {"a": {"acc": test_acc[0]}, "b": {"acc": test_acc[1]}},
+                    "val": {"a": {"acc": test_acc[0]}, "b": {"acc": test_acc[1]}}},
         "selected_epoch": {"a": selected, "b": selected},
         "history": {"train_loss": [[l, l] for l in losses]},
         "wall_time_s": wall,
@@ -97,3 +98,38 @@ def test_convergence_figures_and_table():
     iv = pr.paired_interval(dict(zip(db.seeds, db.delta_p)), dict(zip(ew.seeds, ew.delta_p)))
     assert iv.mean == pytest.approx(1.25, abs=1e-9) and iv.separated
     assert "Wall time of the runs in this table: 9 min" in md
+
+
+def test_paired_report_borrows_stl_for_another_optimizer_and_the_cli(tmp_path, capsys):
+    import gzip
+    import json
+
+    from dbmtl_jax.experiments import analysis as an
+    from dbmtl_jax.experiments.cli import main
+
+    flat = [2.0] * 5 + [1.0] * 5
+    recs = []
+    for s in range(3):
+        recs.append(_record("stl", s, {}, (0.80, 0.80), 10, flat))
+        recs.append(_record("ew", s, {}, (0.80 + 0.01 * s, 0.80), 9, flat))
+        other = _record("ew", s, {}, (0.70, 0.80), 4, flat)
+        other["config"]["optimizer"] = {"name": "adam", "b1": 0.0}
+        other["config_hash"] = "ew-b1-0"
+        recs.append(other)
+    settings = summarize(recs)
+    text = pr.paired_report(settings, ("ew",))
+    assert "Adam (b1 = 0.9)" in text and "name = adam, b1 = 0.0" in text
+    assert "Δp against the STL row trained with Adam (b1 = 0.9)" in text
+    borrowed = [st for st in settings if st.optimizer][0]
+    (row,) = borrowed.rows.values()
+    assert row.delta_p == pytest.approx([-6.25] * 3)  # (0.70 − 0.80)/0.80 on one of two tasks, ×100, /2
+    # The CLI on records written to disk in the runner's compact format.
+    for i, r in enumerate(recs):
+        r.update(format="dbmtl_jax.experiment/2", status="done", benchmark="b", seed=r["seed"])
+        with gzip.open(tmp_path / f"b__{r['method']}__seed{r['seed']}__{i:010d}.json.gz", "wt") as f:
+            json.dump(r, f)
+    out = tmp_path / "paired.md"
+    rc = main(["paired", str(tmp_path), "--ref", "ew", "--out", str(out)])
+    assert rc == 0 and "| **ew** | 3 |" in out.read_text() and "b1 = 0.0" in out.read_text()
+    assert main(["paired", str(tmp_path / "missing")]) == 2
+    del an

@@ -145,6 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
     tm.add_argument("--out", help="where to write (default: DIR)")
     tm.add_argument("--no-plot", action="store_true")
 
+    pa = sub.add_parser("paired", help="paired per-seed Δp differences (95 %% t-intervals), rank groups and "
+                                       "convergence figures, one table per setting")
+    pa.add_argument("dir", help="results directory or study folder")
+    pa.add_argument("--ref", action="append", default=None, metavar="METHOD",
+                    help="reference row (method label, default hyperparameters), repeatable (default: ew, dbmtl)")
+    pa.add_argument("--out", help="write to this file instead of stdout")
+
     ix = sub.add_parser("index", help="a markdown index of the study folders (folders with runs.txt) under DIR")
     ix.add_argument("dir", help="results root, e.g. results/")
     ix.add_argument("--out", help="write to this file instead of stdout")
@@ -372,6 +379,22 @@ def _cmd_time(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_paired(args: argparse.Namespace) -> int:
+    from dbmtl_jax.experiments import analysis as an
+    from dbmtl_jax.experiments.paired import paired_report
+
+    if not _dirs_exist(args.dir):
+        return 2
+    skipped: list = []
+    text = paired_report(an.load_settings(args.dir, skipped=skipped), args.ref or ("ew", "dbmtl"))
+    _report_skipped(skipped)
+    if args.out:
+        Path(args.out).write_text(text)
+    else:
+        _print(text)
+    return 0
+
+
 def _cmd_index(args: argparse.Namespace) -> int:
     from dbmtl_jax.experiments import analysis as an
 
@@ -413,7 +436,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command == "compact":
         return _cmd_compact(args)
     commands = {"select": _cmd_select, "breakdown": _cmd_breakdown, "summary": _cmd_summary, "time": _cmd_time,
-                 "index": _cmd_index}
+                 "index": _cmd_index, "paired": _cmd_paired}
     if args.command in commands:
         return commands[args.command](args)
     return _cmd_list(args)

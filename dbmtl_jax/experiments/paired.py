@@ -31,6 +31,8 @@ __all__ = [
     "loss_change_last_fifth",
     "convergence_line",
     "paired_table_markdown",
+    "borrow_stl",
+    "paired_report",
 ]
 
 # Two-sided 95 % quantiles t_{0.975, df} of Student's t for df = 1 … 30.
@@ -182,3 +184,59 @@ def paired_table_markdown(
         total = sum(float(r.get("wall_time_s") or 0.0) for row in rows for r in row.runs)
         out += f" Wall time of the runs in this table: {total / 60:.0f} min (one CPU core each)."
     return out + "\n"
+
+
+def _optimizer_text(opt: Optional[Mapping[str, Any]]) -> str:
+    if not opt:
+        return "Adam (b1 = 0.9)"
+    return ", ".join(f"{k} = {v}" for k, v in opt.items())
+
+
+def borrow_stl(settings: Sequence[Setting]) -> dict[str, str]:
+    """Gives a setting without an STL row the STL row of a setting with the same benchmark and recipe
+    (another optimizer) and recomputes its Δp against it; returns ``{setting key: note}``."""
+    from dbmtl_jax.metrics import delta_p
+
+    notes = {}
+    for st in settings:
+        if st.stl is not None:
+            continue
+        donors = [o for o in settings if o.stl is not None and o.benchmark == st.benchmark
+                  and o.recipe == st.recipe and o.quick == st.quick]
+        if not donors:
+            continue
+        donor = donors[0]
+        base = donor.stl.mean_metrics(st.higher_is_better)
+        for row in st.rows.values():
+            row.delta_p = []
+            for r in row.runs:
+                try:
+                    row.delta_p.append(delta_p(r["metrics"]["test"], base, st.higher_is_better))
+                except ValueError:
+                    row.delta_p.append(math.nan)
+        notes[st.key] = (f"Δp against the STL row trained with {_optimizer_text(donor.optimizer)} "
+                         "(no STL was trained with this optimizer)")
+    return notes
+
+
+def paired_report(settings: Sequence[Setting], references: Sequence[str] = ("ew", "dbmtl")) -> str:
+    """One paired table per setting (references: method labels of rows with default hyperparameters)."""
+    notes = borrow_stl(settings)
+    out = []
+    for st in settings:
+        rows = list(st.rows.values())
+        if not any(math.isfinite(d) for r in rows for d in r.delta_p):
+            continue
+
+        def default_row(method: str) -> Optional[Row]:
+            cands = [r for r in rows if r.method == method and not (r.config.get("hparams") or {})]
+            return cands[0] if cands else None
+
+        refs = {m: r for m in references if (r := default_row(m)) is not None}
+        loss_rows = [r for r in (default_row("ew"), default_row("stl")) if r is not None]
+        rc = st.recipe
+        title = (f"### {st.benchmark}, {rc.get('epochs')} epochs{' (quick data subset)' if st.quick else ''}, "
+                 f"{_optimizer_text(st.optimizer)}")
+        note = f"\n\n{notes[st.key]}." if st.key in notes else ""
+        out.append(title + note + "\n\n" + paired_table_markdown(st, rows, refs, loss_rows=loss_rows))
+    return "\n".join(out)
