@@ -274,9 +274,12 @@ def test_fused_step_equals_library_chain(maker, kw, num_tasks, chunk, fused):
                   (s_ref[1][0].mu["trunk"], s[1][0].mu[0]), (s_ref[1][0].nu["heads"], s[1][0].nu[1])]
     else:
         pairs += [(s_ref[0].mu, s[0].mu)]
-    for a_tree, b_tree in pairs:
+    for i, (a_tree, b_tree) in enumerate(pairs):
+        # Parameters: Adam's first steps move a coordinate by ≈ lr·g/(|g| + 1e-8), so where a head gradient is
+        # ~1e-9 a rounding-level difference of the two programs' reductions moves it by up to ~lr·1e-4.
+        atol = 5e-6 if i == 0 else 1e-6
         for a, b in zip(jax.tree_util.tree_leaves(a_tree), jax.tree_util.tree_leaves(b_tree), strict=True):
-            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=atol)
 
 
 def test_build_step_rejects_unknown_and_missing_chunk():
