@@ -132,4 +132,7 @@ def test_paired_report_borrows_stl_for_another_optimizer_and_the_cli(tmp_path, c
     rc = main(["paired", str(tmp_path), "--ref", "ew", "--out", str(out)])
     assert rc == 0 and "| **ew** | 3 |" in out.read_text() and "b1 = 0.0" in out.read_text()
     assert main(["paired", str(tmp_path / "missing")]) == 2
+    # Against EW instead of STL: EW's own mean is 0, the b1 = 0 rows lose 0.70 vs EW's mean left accuracy.
+    text = pr.paired_report(summarize(recs), ("ew",), baseline="ew")
+    assert "Δp is measured against ew" in text and "| **ew** | 3 | +0.00 ± 0.62 |" in text
     del an

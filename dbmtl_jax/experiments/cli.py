@@ -150,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     pa.add_argument("dir", help="results directory or study folder")
     pa.add_argument("--ref", action="append", default=None, metavar="METHOD",
                     help="reference row (method label, default hyperparameters), repeatable (default: ew, dbmtl)")
+    pa.add_argument("--baseline", default="stl", metavar="METHOD",
+                    help="row that Δp is measured against: stl (default, the paper's Eq. 3-4) or a method label")
     pa.add_argument("--out", help="write to this file instead of stdout")
 
     ix = sub.add_parser("index", help="a markdown index of the study folders (folders with runs.txt) under DIR")
@@ -386,7 +388,7 @@ def _cmd_paired(args: argparse.Namespace) -> int:
     if not _dirs_exist(args.dir):
         return 2
     skipped: list = []
-    text = paired_report(an.load_settings(args.dir, skipped=skipped), args.ref or ("ew", "dbmtl"))
+    text = paired_report(an.load_settings(args.dir, skipped=skipped), args.ref or ("ew", "dbmtl"), args.baseline)
     _report_skipped(skipped)
     if args.out:
         Path(args.out).write_text(text)

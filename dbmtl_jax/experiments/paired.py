@@ -33,6 +33,7 @@ __all__ = [
     "paired_table_markdown",
     "borrow_stl",
     "paired_report",
+    "rebase",
 ]
 
 # Two-sided 95 % quantiles t_{0.975, df} of Student's t for df = 1 … 30.
@@ -170,7 +171,7 @@ def paired_table_markdown(
         key = label(row)
         vals = [v for v in row.delta_p if math.isfinite(v)]
         sd = float(np.std(vals, ddof=1)) if len(vals) > 1 else math.nan
-        cell = f"{np.mean(vals):+.2f} ± {sd:.2f}" if vals else "—"
+        cell = f"{round(float(np.mean(vals)), 2) + 0.0:+.2f} ± {sd:.2f}" if vals else "—"  # no "-0.00"
         g = groups.get(key)
         name = f"**{key}**" if g == 1 else key
         cells = [name, str(len(row.runs)), cell]
@@ -219,19 +220,45 @@ def borrow_stl(settings: Sequence[Setting]) -> dict[str, str]:
     return notes
 
 
-def paired_report(settings: Sequence[Setting], references: Sequence[str] = ("ew", "dbmtl")) -> str:
-    """One paired table per setting (references: method labels of rows with default hyperparameters)."""
-    notes = borrow_stl(settings)
+def rebase(st: Setting, baseline: Row) -> None:
+    """Recomputes every row's per-run Δp against ``baseline``'s mean metrics instead of STL's."""
+    from dbmtl_jax.metrics import delta_p
+
+    base = baseline.mean_metrics(st.higher_is_better)
+    for row in st.rows.values():
+        row.delta_p = []
+        for r in row.runs:
+            try:
+                row.delta_p.append(delta_p(r["metrics"]["test"], base, st.higher_is_better))
+            except ValueError:
+                row.delta_p.append(math.nan)
+
+
+def paired_report(
+    settings: Sequence[Setting], references: Sequence[str] = ("ew", "dbmtl"), baseline: str = "stl"
+) -> str:
+    """One paired table per setting (references: method labels of rows with default hyperparameters).
+
+    ``baseline``: the row Δp is measured against, ``"stl"`` (the paper's Eq. 3–4) or another method
+    label (its default-hyperparameter row), for studies without STL runs.
+    """
+    notes = borrow_stl(settings) if baseline == "stl" else {}
     out = []
     for st in settings:
         rows = list(st.rows.values())
-        if not any(math.isfinite(d) for r in rows for d in r.delta_p):
+        if baseline == "stl" and not any(math.isfinite(d) for r in rows for d in r.delta_p):
             continue
 
         def default_row(method: str) -> Optional[Row]:
             cands = [r for r in rows if r.method == method and not (r.config.get("hparams") or {})]
             return cands[0] if cands else None
 
+        if baseline != "stl":
+            base_row = default_row(baseline)
+            if base_row is None:
+                continue
+            rebase(st, base_row)
+            notes[st.key] = f"Δp is measured against {baseline} (mean over its seeds), not STL"
         refs = {m: r for m in references if (r := default_row(m)) is not None}
         loss_rows = [r for r in (default_row("ew"), default_row("stl")) if r is not None]
         rc = st.recipe
