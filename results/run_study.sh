@@ -17,6 +17,8 @@
 #   log       Fig. 1: PCGrad, GradVac, IMTL-G, CAGrad, Nash-MTL, Aligned-MTL without and with the log transform
 #   alpha     Fig. 6: α ∈ {max, min, mean, median, 1.0} at the default β = 0.9 and at the validation-selected β
 #   budget    a diagnostic: STL, EW and DB-MTL (default and selected β) at 3× the epochs
+#   betaopt   (multimnist80) β ∈ {0.9, 0.9/k^0.5, 0} × {Adam, Adam b1 = 0, SGD momentum}: paired.md
+#   hurts     (multimnist_digits) EW, DB-MTL, EW + log, DB-MTL without log, β = 0, β/k^0.5, STL: paired.md vs EW
 # The beta, ablation and alpha tables also show the main table's STL, default DB-MTL and DB-MTL β = 0 rows.
 # "Validation-selected β" is the best row of the paper's grid ({0.1, 0.5, 0.9} × σ ∈ {0, 0.5}) on validation Δp
 # (`dbmtl-jax select DIR --print-grid-best`), so run `beta` before `ablation`, `alpha` and `budget`.
@@ -27,17 +29,21 @@
 set -u
 cd "$(dirname "$0")/.."
 B="${1:?usage: run_study.sh multimnist|dense|qm9 [main beta ablation log alpha budget]}"; shift
+QUICK=--quick
 case $B in
   multimnist) EPOCHS=12 ;;
   dense)      EPOCHS=8 ;;
   qm9)        EPOCHS=10 ;;
-  *) echo "unknown benchmark $B (multimnist, dense or qm9)" >&2; exit 2 ;;
+  # The evidence studies of issue 12 (results/README.md §11-12), at budgets where validation selection plateaus:
+  multimnist80)      B=multimnist; EPOCHS=80 ;;                 # 80 quick epochs = 1,280 steps; section betaopt
+  multimnist_digits) EPOCHS=100; QUICK= ;;                      # the full recipe's 2,000 pairs; section hurts
+  *) echo "unknown benchmark $B (multimnist, dense, qm9, multimnist80 or multimnist_digits)" >&2; exit 2 ;;
 esac
 P=results/${B}_${EPOCHS}ep   # study prefix: the tables are $P_<section>/
 STORE=results/runs           # the record store
 SECTIONS="${*:-main beta ablation log alpha budget}"
 DRY=${RUN_STUDY_DRY_RUN:+--dry-run}
-run() { dbmtl-jax run "$B" --quick --epochs "$EPOCHS" --seeds 3 --no-progress --out "$STORE" $DRY "$@"; }
+run() { dbmtl-jax run "$B" $QUICK --epochs "$EPOCHS" --seeds 3 --no-progress --out "$STORE" $DRY "$@"; }
 report() { [ -n "$DRY" ] || { dbmtl-jax report "$1" > /dev/null && dbmtl-jax breakdown "$1" > /dev/null; }; }
 selected_beta() {  # "--hp dbmtl.beta=B --hp dbmtl.beta_sigma=S" of the validation-selected grid row
   local b s; read -r b s < <(dbmtl-jax select "$P"_beta --print-grid-best) || return 1
@@ -81,7 +87,26 @@ for section in $SECTIONS; do
     run --methods stl,ew,dbmtl --epochs $((3 * EPOCHS)) --study $O
     run --methods dbmtl $SEL --epochs $((3 * EPOCHS)) --study $O
     report $O ;;
-  *) echo "unknown section $section (main beta ablation log alpha budget)" >&2; exit 2 ;;
+  betaopt)  # issue 12 item 4: why constant β fails — β ∈ {0.9, 0.9/k^0.5, 0} × optimizer
+    run --methods stl,ew,dbmtl --study $O
+    run --methods dbmtl --hp dbmtl.beta=0.0 --study $O
+    run --optimizer adam --b1 0.0 --methods dbmtl --study $O
+    run --methods dbmtl --hp dbmtl.beta_sigma=0.5 --study $O
+    run --optimizer adam --b1 0.0 --methods ew --study $O
+    run --optimizer adam --b1 0.0 --methods dbmtl --hp dbmtl.beta=0.0 --study $O
+    run --optimizer adam --b1 0.0 --methods dbmtl --hp dbmtl.beta_sigma=0.5 --study $O
+    run --optimizer sgdm --lr 0.01 --methods ew,dbmtl --study $O
+    run --optimizer sgdm --lr 0.01 --methods dbmtl --hp dbmtl.beta_sigma=0.5 --study $O
+    run --optimizer sgdm --lr 0.01 --methods dbmtl --hp dbmtl.beta=0.0 --study $O
+    [ -n "$DRY" ] || dbmtl-jax paired $O --out $O/paired.md ;;
+  hurts)  # issue 12 item 5: which part of DB-MTL hurts on many binary tasks with little data
+    run --methods ew,dbmtl --study $O
+    run --methods dbmtl+nolog,ew+log --study $O
+    run --methods dbmtl --hp dbmtl.beta=0.0 --study $O
+    run --methods dbmtl --hp dbmtl.beta_sigma=0.5 --study $O
+    run --methods stl --study $O
+    [ -n "$DRY" ] || dbmtl-jax paired $O --baseline ew --out $O/paired.md ;;
+  *) echo "unknown section $section (main beta ablation log alpha budget betaopt hurts)" >&2; exit 2 ;;
   esac
 done
-[ -n "$DRY" ] || dbmtl-jax summary "$P" > /dev/null
+case $SECTIONS in betaopt|hurts) ;; *) [ -n "$DRY" ] || dbmtl-jax summary "$P" > /dev/null ;; esac
