@@ -37,7 +37,9 @@ ScalarOrSchedule = Union[float, jax.Array, Callable[[jax.Array], jax.Array]]
 
 ALPHA_MODES = ("max", "min", "mean", "median")
 
-__all__ = ["DBMTLState", "dbmtl", "ALPHA_MODES", "aggregate_alpha", "beta_at", "check_options", "dbmtl_direction"]
+__all__ = [
+    "DBMTLState", "dbmtl", "ALPHA_MODES", "aggregate_alpha", "beta_at", "check_options", "dbmtl_direction", "ema_step",
+]
 
 
 class DBMTLState(NamedTuple):
@@ -141,6 +143,11 @@ def check_options(
         raise ValueError(f"DB-MTL: ema_dtype must be a real floating dtype, got {jnp.dtype(ema_dtype)}.")
 
 
+def ema_step(old: jax.Array, grad: jax.Array, beta_k: jax.Array) -> jax.Array:
+    """``ĝ ← β_k ĝ + (1 − β_k) g`` in the EMA's dtype (the one place of the EMA maths, shared with the fused step)."""
+    return beta_k.astype(old.dtype) * old + (1 - beta_k).astype(old.dtype) * grad.astype(old.dtype)
+
+
 def dbmtl_direction(
     ema: list, alpha: Union[str, float, jax.Array], eps: Union[float, jax.Array], acc: Any,
     sq_pair: Optional[jax.Array] = None,
@@ -237,10 +244,7 @@ def dbmtl(
         # gradients first, so the EMA update stays one elementwise pass (in place
         # when the state is donated).
         finite = functools.reduce(jnp.logical_and, [jnp.all(jnp.isfinite(g)) for g in g_shared], jnp.asarray(True))
-        new_ema = [
-            jnp.where(finite, beta_k.astype(m.dtype) * m + (1 - beta_k).astype(m.dtype) * g.astype(m.dtype), m)
-            for g, m in zip(g_shared, ema_leaves)
-        ]
+        new_ema = [jnp.where(finite, ema_step(m, g, beta_k), m) for g, m in zip(g_shared, ema_leaves)]
         if new_ema:
             # A non-finite gradient keeps the step visibly invalid (NaN update).
             norms, directions = dbmtl_direction(new_ema, alpha, eps, acc, valid=finite)

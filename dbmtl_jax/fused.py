@@ -51,7 +51,7 @@ import jax.numpy as jnp
 import optax
 
 from dbmtl_jax import task_axis as ta
-from dbmtl_jax.dbmtl import DBMTLState, ScalarOrSchedule, beta_at, check_options, dbmtl, dbmtl_direction
+from dbmtl_jax.dbmtl import DBMTLState, ScalarOrSchedule, beta_at, check_options, dbmtl, dbmtl_direction, ema_step
 from dbmtl_jax.guard import output_ok, select_step
 from dbmtl_jax.task_gradients import _check_chunk, fold_task_grads, trunk_heads_fold_task_grads
 
@@ -90,9 +90,8 @@ def _fold_rows(
     rows_ok = jnp.ones([c], bool)
     out, news = [], []
     for m, g in zip(ema, g_shared):
-        b = beta_k.astype(m.dtype)
         old = jax.lax.dynamic_slice_in_dim(m, start, c, axis=0)
-        new = b * old + (1 - b) * g.astype(m.dtype)
+        new = ema_step(old, g, beta_k)
         news.append(new)
         rows_ok = rows_ok & jnp.all(jnp.isfinite(new).reshape(c, -1), axis=1)
         if in_place:  # never write a row of an invalid-loss step, nor a non-finite entry
