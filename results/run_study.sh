@@ -98,7 +98,7 @@ for section in $SECTIONS; do
     run --optimizer sgdm --lr 0.01 --methods ew,dbmtl --study $O
     run --optimizer sgdm --lr 0.01 --methods dbmtl --hp dbmtl.beta_sigma=0.5 --study $O
     run --optimizer sgdm --lr 0.01 --methods dbmtl --hp dbmtl.beta=0.0 --study $O
-    [ -n "$DRY" ] || dbmtl-jax paired $O --out $O/paired.md ;;
+    [ -n "$DRY" ] || { dbmtl-jax paired $O --out $O/paired.md && dbmtl-jax paired $O --baseline ew --out $O/paired_vs_ew.md; } ;;
   hurts)  # issue 12 item 5: which part of DB-MTL hurts on many binary tasks with little data
     run --methods ew,dbmtl --study $O
     run --methods dbmtl+nolog,ew+log --study $O
