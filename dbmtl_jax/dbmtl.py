@@ -189,9 +189,11 @@ def dbmtl(
         paper sets no default: it grid-searches β ∈ {0.1, 0.5, 0.9} × σ ∈ {0, 0.5}
         per data set (Sec. 4.1); 0.9 with σ = 0 is LibMTL's command-line default.
       beta_sigma: σ ≥ 0 in ``β_k = β / k^σ`` with ``k = 1, 2, …``; 0 keeps β
-        constant.  How the defaults were chosen, and which settings failed
-        where: ``results/README.md``.  Select (β, σ) on validation
-        (``dbmtl-jax select``).
+        constant.  The EMA is a momentum on the direction: with a momentum
+        optimizer after it (Adam's b1, SGD momentum) a constant β stacks two
+        lags; prefer σ = 0.5 or β = 0 there, or an optimizer without momentum.
+        Evidence, and which settings failed where: ``results/README.md``.
+        Select (β, σ) on validation (``dbmtl-jax select``).
       alpha: ``"max"`` (DB-MTL), ``"min"``, ``"mean"``, ``"median"`` of the EMA
         norms, or a float constant (the paper's Fig. 6 ablation).
       eps: ε in ``ĝ_t / (‖ĝ_t‖ + ε)``.
