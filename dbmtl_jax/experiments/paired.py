@@ -20,7 +20,7 @@ from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
 
 import numpy as np
 
-from dbmtl_jax.experiments.report import Row, Setting
+from dbmtl_jax.experiments.report import Row, Setting, rebase_delta_p
 
 __all__ = [
     "PairedInterval",
@@ -33,7 +33,6 @@ __all__ = [
     "paired_table_markdown",
     "borrow_stl",
     "paired_report",
-    "rebase",
 ]
 
 # Two-sided 95 % quantiles t_{0.975, df} of Student's t for df = 1 … 30.
@@ -196,8 +195,6 @@ def _optimizer_text(opt: Optional[Mapping[str, Any]]) -> str:
 def borrow_stl(settings: Sequence[Setting]) -> dict[str, str]:
     """Gives a setting without an STL row the STL row of a setting with the same benchmark and recipe
     (another optimizer) and recomputes its Δp against it; returns ``{setting key: note}``."""
-    from dbmtl_jax.metrics import delta_p
-
     notes = {}
     for st in settings:
         if st.stl is not None:
@@ -207,31 +204,10 @@ def borrow_stl(settings: Sequence[Setting]) -> dict[str, str]:
         if not donors:
             continue
         donor = donors[0]
-        base = donor.stl.mean_metrics(st.higher_is_better)
-        for row in st.rows.values():
-            row.delta_p = []
-            for r in row.runs:
-                try:
-                    row.delta_p.append(delta_p(r["metrics"]["test"], base, st.higher_is_better))
-                except ValueError:
-                    row.delta_p.append(math.nan)
+        rebase_delta_p(st, donor.stl)
         notes[st.key] = (f"Δp against the STL row trained with {_optimizer_text(donor.optimizer)} "
                          "(no STL was trained with this optimizer)")
     return notes
-
-
-def rebase(st: Setting, baseline: Row) -> None:
-    """Recomputes every row's per-run Δp against ``baseline``'s mean metrics instead of STL's."""
-    from dbmtl_jax.metrics import delta_p
-
-    base = baseline.mean_metrics(st.higher_is_better)
-    for row in st.rows.values():
-        row.delta_p = []
-        for r in row.runs:
-            try:
-                row.delta_p.append(delta_p(r["metrics"]["test"], base, st.higher_is_better))
-            except ValueError:
-                row.delta_p.append(math.nan)
 
 
 def paired_report(
@@ -257,7 +233,7 @@ def paired_report(
             base_row = default_row(baseline)
             if base_row is None:
                 continue
-            rebase(st, base_row)
+            rebase_delta_p(st, base_row)
             notes[st.key] = f"Δp is measured against {baseline} (mean over its seeds), not STL"
         refs = {m: r for m in references if (r := default_row(m)) is not None}
         loss_rows = [r for r in (default_row("ew"), default_row("stl")) if r is not None]

@@ -296,6 +296,19 @@ def _setting_key(rec: Mapping[str, Any]) -> str:
     return f"{cfg['benchmark']}-{'quick' if cfg['quick'] else 'full'}-{hashlib.sha256(text.encode()).hexdigest()[:6]}"
 
 
+def rebase_delta_p(st: Setting, baseline: Row) -> None:
+    """Sets every row's per-run test Δp (NaN where it is undefined) against ``baseline``'s mean metrics."""
+    hib = st.higher_is_better
+    base = baseline.mean_metrics(hib)
+    for row in st.rows.values():
+        row.delta_p = []
+        for r in row.runs:
+            try:
+                row.delta_p.append(delta_p(r["metrics"]["test"], base, hib))
+            except ValueError:
+                row.delta_p.append(float("nan"))
+
+
 def summarize(records: Iterable[Mapping[str, Any]]) -> list[Setting]:
     """Groups run records into settings and rows and computes Δp against each setting's STL row."""
     settings: dict[str, Setting] = {}
@@ -312,18 +325,8 @@ def summarize(records: Iterable[Mapping[str, Any]]) -> list[Setting]:
             row = st.rows[rk] = Row(rec["method"], rec["config_hash"], cfg)
         row.runs.append(dict(rec))
     for st in settings.values():
-        stl = st.stl
-        if stl is None:
-            continue
-        hib = st.higher_is_better
-        base = stl.mean_metrics(hib)
-        for row in st.rows.values():
-            row.delta_p = []
-            for r in row.runs:
-                try:
-                    row.delta_p.append(delta_p(r["metrics"]["test"], base, hib))
-                except ValueError:
-                    row.delta_p.append(float("nan"))
+        if st.stl is not None:
+            rebase_delta_p(st, st.stl)
     ordered = sorted(settings.values(), key=lambda s: s.key)
     for st in ordered:
         st.rows = dict(sorted(st.rows.items(), key=lambda kv: (kv[0][0] != "stl", kv[0][0], kv[0][1])))
