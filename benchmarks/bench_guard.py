@@ -32,7 +32,7 @@ import optax
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from harness import Runner, interleaved_times, jax_runner, median_ms, memory_of, transform_runner  # noqa: E402
+from harness import Runner, interleaved_times, jax_runner, median_ms, memory_of, step_runner, transform_runner  # noqa: E402
 from models import is_shared, make_problem  # noqa: E402
 
 
@@ -94,17 +94,7 @@ def guarded_chain_runner(problem, steps, pkg, tag: str) -> Runner:
 
     state = jax.tree_util.tree_map(jnp.copy, tx.init(params))  # base revisions aliased the skip counters
     compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, batch).compile()
-    holder = [params, state]
-
-    def run(n: int) -> None:
-        p, s = holder
-        losses = None
-        for _ in range(n):
-            p, s, losses = compiled(p, s, batch)
-        jax.block_until_ready(losses)
-        holder[0], holder[1] = p, s
-
-    return Runner(f"{tag}:skip(chain)", run, {"memory": memory_of(compiled)})
+    return step_runner(f"{tag}:skip(chain)", compiled, params, state, batch, {"memory": memory_of(compiled)})
 
 
 def main() -> None:

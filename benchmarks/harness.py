@@ -91,6 +91,11 @@ def jax_runner(problem: Problem, variant: str, *, chunk_size: Optional[int] = No
         info["memory"] = memory_of(compiled)
         info["state_bytes"] = _nbytes(params) + _nbytes(state)
         info["batch_bytes"] = _nbytes(batch)
+    return step_runner(f"jax:{variant}", compiled, params, state, batch, info)
+
+
+def step_runner(name: str, compiled: Any, params: PyTree, state: PyTree, batch: Any, info: dict) -> Runner:
+    """A runner over a compiled ``(params, state, batch) -> (params, state, losses)`` step with donated buffers."""
     holder = [params, state]
 
     def run(n: int) -> None:
@@ -101,7 +106,7 @@ def jax_runner(problem: Problem, variant: str, *, chunk_size: Optional[int] = No
         jax.block_until_ready(losses)
         holder[0], holder[1] = p, s
 
-    return Runner(f"jax:{variant}", run, info)
+    return Runner(name, run, info)
 
 
 def transform_runner(problem: Problem) -> Runner:
