@@ -1,181 +1,43 @@
-"""Private helpers shared by the projection / closed-form / stateful gradient methods.
+"""Shared plumbing of the gradient methods (private).
 
-Most of these methods only ever form linear combinations of the task gradients
-``g_1 … g_T`` of the shared parameters.  They are therefore computed in *Gram
-space*: the ``[T, T]`` Gram matrix ``G_ij = ⟨g_i, g_j⟩`` (summed over all shared
-leaves, without concatenating them) drives a small solver that returns mixing
-coefficients ``c``, and the update is ``Σ_t c_t g_t`` leaf by leaf.  The Gram
-matrix is formed from gradients pre-divided by their largest absolute entry and
-then rescaled so that its largest diagonal entry is 1, which keeps float32
-reductions finite for gradients anywhere between 1e-10 and 1e10; all the
-solvers used here are invariant to that common scale.
+A gradient method receives per-task gradients (every update leaf ``[T,
+*param_shape]``), validates the task axis, splits the leaves into shared and
+task-specific (head) leaves, picks task coefficients for the shared leaves and
+merges ``Σ_t c_t g_t`` with the head update.  This module holds that plumbing
+(:func:`split_updates`, :func:`zeros_tree`, :func:`require_losses`,
+:func:`require_key`, :func:`task_orders`) and :func:`make_gradient_transform`,
+the one transform of the methods that are a *weighting* of the Gram matrix of
+the shared task gradients (the view of TorchJD: an aggregator is a weighting
+``G ↦ w``, the update is ``Σ_t w_t g_t``), so that such a method module holds
+only its weighting, its NamedTuple state and its docstring.  The numerics
+(Gram matrices, combinations, checks) are in :mod:`dbmtl_jax.methods._numerics`.
 """
 
 from __future__ import annotations
 
-import functools
-from typing import Any, Callable, Optional, Sequence, TypeVar
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from dbmtl_jax import task_axis as ta
+from dbmtl_jax.methods import _numerics as nm
 
 PyTree = Any
-HIGHEST = jax.lax.Precision.HIGHEST
 
 GRANULARITIES = ("global", "leaf")
-_F = TypeVar("_F", bound=Callable[..., Any])
 
 __all__ = [
     "GRANULARITIES",
-    "full_precision",
-    "check_num_tasks",
-    "check_choice",
-    "check_real",
-    "check_bool",
-    "check_optimizer",
-    "is_traced",
     "require_losses",
     "require_key",
-    "acc_dtype",
     "split_updates",
-    "state_dtype",
     "zeros_tree",
-    "max_abs",
-    "leaf_grams",
-    "normalized_gram",
-    "leaf_task_norms",
-    "task_norms",
-    "combine",
-    "combine_per_leaf",
     "task_orders",
-    "project_simplex",
-    "safe_div",
-    "sum_heads",
+    "GRAMS",
+    "make_gradient_transform",
 ]
-
-
-def full_precision(fn: _F) -> _F:
-    """Traces ``fn`` with full-float32 matmuls (accelerators default to TF32/bf16 passes).
-
-    Used for the small ``T × T`` solvers (eigh, lstsq, projections), where the
-    cost is negligible and ~1e-3 relative matmul errors would be visible.
-    """
-
-    @functools.wraps(fn)
-    def wrapped(*args: Any, **kwargs: Any) -> Any:
-        with jax.default_matmul_precision("highest"):
-            return fn(*args, **kwargs)
-
-    return wrapped  # type: ignore[return-value]
-
-
-def check_num_tasks(num_tasks: Any, method: str) -> int:
-    """Validates ``num_tasks`` (a static positive Python int)."""
-    if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
-        raise ValueError(
-            f"{method}: num_tasks must be a positive Python int (it sizes the state), got {num_tasks!r}; "
-            "under optax.inject_hyperparams pass static_args=('num_tasks',)."
-        )
-    return num_tasks
-
-
-def check_choice(value: Any, options: Sequence[str], option: str, method: str) -> str:
-    """Raises ``ValueError`` naming ``option`` when ``value`` is not one of ``options``."""
-    if not isinstance(value, str) or value not in options:
-        raise ValueError(f"{method}: unknown {option}={value!r}; expected one of {tuple(options)}.")
-    return value
-
-
-def is_traced(value: Any) -> bool:
-    """True for a JAX tracer: a hyperparameter traced under ``jit`` (e.g. ``optax.inject_hyperparams``
-    re-building the transform inside a jitted ``update``).  Tracers are not validated."""
-    return isinstance(value, jax.core.Tracer)
-
-
-def _range_text(lo: Optional[float], hi: Optional[float], lo_open: bool, hi_open: bool) -> str:
-    if lo is not None and hi is not None:
-        return f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
-    if lo is not None:
-        return f"{'>' if lo_open else '>='} {lo:g}"
-    if hi is not None:
-        return f"{'<' if hi_open else '<='} {hi:g}"
-    return ""
-
-
-def check_real(
-    value: Any,
-    option: str,
-    method: str,
-    *,
-    lo: Optional[float] = None,
-    hi: Optional[float] = None,
-    lo_open: bool = False,
-    hi_open: bool = False,
-    shapes: Sequence[tuple] = ((),),
-    note: str = "",
-) -> Any:
-    """Validates a real-valued hyperparameter and returns it unchanged.
-
-    ``value`` may be a Python number, a NumPy scalar or a concrete JAX array
-    (what ``optax.inject_hyperparams`` passes at ``init``) whose shape is one of
-    ``shapes`` (default: a scalar); every entry must be finite and lie in the
-    range ``lo .. hi`` (bounds excluded with ``lo_open`` / ``hi_open``).  A
-    tracer is returned unchecked.  Raises ``TypeError`` for a non-number and
-    ``ValueError`` (``"<method>: <option> must be ..."``) for a bad shape or value;
-    ``note`` is appended to the message (why the range).
-    """
-    if is_traced(value):
-        return value
-    rng = _range_text(lo, hi, lo_open, hi_open)
-    shapes = [tuple(s) for s in shapes]
-    what = f"a finite number {rng}".rstrip()
-    arrays = " or ".join(str(s) for s in shapes if s)
-    if arrays:
-        entries = f"an array of shape {arrays} of finite numbers {rng}".rstrip()
-        what = f"{what} or {entries}" if () in shapes else entries
-    suffix = f" ({note})" if note else ""
-    arr = None
-    if not isinstance(value, (bool, np.bool_, str, bytes)) and value is not None:
-        try:
-            arr = np.asarray(value)
-        except Exception:  # noqa: BLE001 - anything that is not array-like is the wrong type
-            arr = None
-    if arr is None or arr.dtype.kind not in "iuf":
-        raise TypeError(f"{method}: {option} must be {what}, got {type(value).__name__} {value!r}.")
-    if arr.shape not in shapes:
-        shown = " or ".join((["be a scalar"] if () in shapes else []) + ([f"have shape {arrays}"] if arrays else []))
-        raise ValueError(f"{method}: {option} must {shown}, got shape {arr.shape}.")
-    x = arr.astype(np.float64)
-    ok = np.isfinite(x)
-    if lo is not None:
-        ok &= (x > lo) if lo_open else (x >= lo)
-    if hi is not None:
-        ok &= (x < hi) if hi_open else (x <= hi)
-    if not np.all(ok):
-        shown = repr(arr.item()) if arr.ndim == 0 else repr(arr.tolist())
-        raise ValueError(f"{method}: {option} must be {what}, got {shown}{suffix}.")
-    return value
-
-
-def check_bool(value: Any, option: str, method: str) -> bool:
-    """A Python (or NumPy) bool flag; ``TypeError`` naming ``option`` otherwise."""
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{method}: {option} must be a bool, got {type(value).__name__} {value!r}.")
-    return bool(value)
-
-
-def check_optimizer(value: Any, option: str, method: str) -> Any:
-    """``None`` or an Optax ``GradientTransformation`` (anything with callable ``init`` and ``update``)."""
-    if value is not None and not (callable(getattr(value, "init", None)) and callable(getattr(value, "update", None))):
-        raise TypeError(
-            f"{method}: {option} must be None or an optax.GradientTransformation "
-            f"(e.g. optax.adam(1e-4)), got {type(value).__name__} {value!r}."
-        )
-    return value
 
 
 def require_losses(losses: Any, num_tasks: int, method: str) -> jax.Array:
@@ -197,26 +59,6 @@ def require_key(key: Any, method: str) -> jax.Array:
     if key is None:
         raise ValueError(f"{method} is randomised and needs a PRNG key: call update(..., key=jax.random.key(...)).")
     return key
-
-
-def acc_dtype(leaves: Sequence[jax.Array]) -> Any:
-    """Accumulation dtype: the leaves' common dtype promoted to at least float32."""
-    dt = jnp.float32
-    for x in leaves:
-        dt = jnp.promote_types(dt, x.dtype)
-    return dt
-
-
-def state_dtype(params: PyTree, mask: PyTree) -> Any:
-    """Dtype for small float state (norms, targets, weights): float32 or the widest shared dtype."""
-    flat = jax.tree_util.tree_leaves(params, is_leaf=ta.is_variable)
-    flags = jax.tree_util.tree_leaves(mask)
-    dt = jnp.dtype(jnp.float32)
-    for p, f in zip(flat, flags):
-        if f:
-            v = p.get_value() if ta.is_variable(p) else p
-            dt = jnp.promote_types(dt, jnp.asarray(v).dtype)
-    return dt
 
 
 def split_updates(
@@ -242,82 +84,6 @@ def zeros_tree(params: PyTree, mask: PyTree, want_shared: bool) -> PyTree:
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def sum_heads(leaves: Sequence[jax.Array]) -> list:
-    """Plain ``Σ_t g_t`` per leaf, accumulated in float32 or wider, cast back."""
-    return [jnp.sum(x.astype(jnp.promote_types(x.dtype, jnp.float32)), axis=0).astype(x.dtype) for x in leaves]
-
-
-def safe_div(num: jax.Array, den: jax.Array) -> jax.Array:
-    """``num / den`` where ``den != 0``, else 0 (no NaN/Inf leaks through ``where``)."""
-    ok = den != 0
-    return jnp.where(ok, num / jnp.where(ok, den, 1), 0)
-
-
-def max_abs(leaves: Sequence[jax.Array], dtype: Any) -> jax.Array:
-    """Largest absolute entry over ``leaves`` (1 when all are zero), as ``dtype``."""
-    m = jnp.zeros([], dtype)
-    for x in leaves:
-        if x.size:
-            m = jnp.maximum(m, jnp.max(jnp.abs(x)).astype(dtype))
-    return jnp.where(m > 0, m, jnp.ones([], dtype))
-
-
-def leaf_grams(leaves: Sequence[jax.Array], dtype: Any) -> tuple[jax.Array, jax.Array]:
-    """Per-leaf Gram matrices of ``g / a`` with ``a`` the largest absolute entry.
-
-    Returns ``(grams [L, T, T], a)``: ``grams[l] = X_l X_lᵀ / a²`` with ``X_l``
-    leaf ``l`` reshaped to ``[T, -1]``.
-    """
-    a = max_abs(leaves, dtype)
-    out = []
-    for x in leaves:
-        y = (x.astype(dtype) / a).reshape(x.shape[0], -1)
-        out.append(jnp.matmul(y, y.T, precision=HIGHEST))
-    return jnp.stack(out), a
-
-
-def leaf_task_norms(leaves: Sequence[jax.Array], dtype: Any) -> jax.Array:
-    """``‖g_t‖`` of every task on every leaf, ``[L, T]`` in ``dtype`` (each leaf pre-scaled by its max)."""
-    out = []
-    for x in leaves:
-        a = max_abs([x], dtype)
-        y = (x.astype(dtype) / a).reshape(x.shape[0], -1)
-        out.append(a * jnp.sqrt(jnp.sum(y * y, axis=1)))
-    return jnp.stack(out)
-
-
-def task_norms(leaves: Sequence[jax.Array], dtype: Any) -> jax.Array:
-    """Global ``‖g_t‖`` over all ``leaves``, ``[T]`` in ``dtype`` (pre-scaled by the global max)."""
-    a = max_abs(leaves, dtype)
-    total = None
-    for x in leaves:
-        y = (x.astype(dtype) / a).reshape(x.shape[0], -1)
-        s = jnp.sum(y * y, axis=1)
-        total = s if total is None else total + s
-    return a * jnp.sqrt(total)
-
-
-def normalized_gram(gram: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Rescales a Gram matrix to a largest diagonal of 1; returns ``(gram / s, s)`` (``s = 1`` for zeros)."""
-    s = jnp.max(jnp.diagonal(gram, axis1=-2, axis2=-1), axis=-1)
-    s = jnp.where(s > 0, s, jnp.ones_like(s))
-    return gram / s[..., None, None], s
-
-
-def combine(leaves: Sequence[jax.Array], coeffs: jax.Array) -> list:
-    """``Σ_t c_t g_t`` for every leaf, computed in float32 or wider, cast back to the leaf dtype."""
-    out = []
-    for x in leaves:
-        acc = jnp.promote_types(jnp.promote_types(x.dtype, jnp.float32), coeffs.dtype)
-        out.append(jnp.tensordot(coeffs.astype(acc), x.astype(acc), axes=(0, 0), precision=HIGHEST).astype(x.dtype))
-    return out
-
-
-def combine_per_leaf(leaves: Sequence[jax.Array], coeffs: jax.Array) -> list:
-    """Like :func:`combine` with one coefficient row per leaf: ``coeffs`` is ``[L, T]``."""
-    return [combine([x], coeffs[i])[0] for i, x in enumerate(leaves)]
-
-
 def task_orders(key: jax.Array, num_tasks: int) -> jax.Array:
     """Random order of the *other* tasks for every task: int32 ``[T, T-1]``.
 
@@ -338,17 +104,121 @@ def task_orders(key: jax.Array, num_tasks: int) -> jax.Array:
     return jax.vmap(row)(jnp.arange(t, dtype=jnp.int32), keys)
 
 
-def project_simplex(v: jax.Array) -> jax.Array:
-    """Euclidean projection of ``v`` ``[T]`` onto the probability simplex (sort-based, exact)."""
-    t = v.shape[0]
-    big = jnp.finfo(v.dtype).max / 4
-    v = jnp.where(jnp.isnan(v), -big, jnp.clip(v, -big, big))
-    # shift by the max so that huge entries do not lose the simplex offset to rounding
-    v = v - jnp.max(v)
-    u = jnp.sort(v)[::-1]
-    css = jnp.cumsum(u) - 1.0
-    idx = jnp.arange(1, t + 1, dtype=v.dtype)
-    cond = u - css / idx > 0
-    rho = jnp.max(jnp.where(cond, jnp.arange(t), 0))
-    theta = css[rho] / (rho + 1).astype(v.dtype)
-    return jnp.maximum(v - theta, 0)
+# ----------------------------------------------------------------------------
+# the shared transform of the Gram-space methods
+# ----------------------------------------------------------------------------
+
+GRAMS = ("scaled", "leaf", "cosine")
+Weighting = Callable[..., tuple[jax.Array, Mapping[str, Any]]]
+
+
+def make_gradient_transform(
+    name: str,
+    num_tasks: int,
+    weighting: Weighting,
+    init_state: Callable[[PyTree], NamedTuple],
+    *,
+    shared: ta.SharedSpec,
+    gram: str = "scaled",
+    heads: Union[str, Callable[[NamedTuple], jax.Array]] = "sum",
+    needs_losses: bool = False,
+    needs_key: bool = False,
+    keep_when_no_shared: bool = False,
+    refresh: Optional[Callable[[NamedTuple], jax.Array]] = None,
+    stale: Optional[Callable[[NamedTuple], tuple[jax.Array, Mapping[str, Any]]]] = None,
+    advance: Optional[Callable[..., Mapping[str, Any]]] = None,
+    postprocess: Optional[Callable[[list], list]] = None,
+) -> optax.GradientTransformationExtraArgs:
+    """The Optax transform of a method that is a *weighting* of the task Gram matrix (TorchJD's view).
+
+    ``update`` does, for every such method: validate the task axis, split the
+    leaves into shared and head leaves (``shared``), form the Gram matrix of
+    the shared task gradients, call ``weighting``, combine ``Σ_t w_t g_t`` over
+    the shared leaves, give the heads their update, merge, and advance the state.
+
+    Args:
+      name: the method name (error messages).
+      num_tasks: ``T``.
+      weighting: ``weighting(gram, state, *, losses, key) -> (weights, fields)``:
+        the task coefficients of the shared update (``[T]``, or ``[L, T]`` one
+        row per shared leaf with ``gram="leaf"``; ``[1, T]`` is one row for all
+        leaves) and the state fields to replace (``count`` is incremented here).
+        ``gram`` is, by ``gram=``: ``"scaled"``: the ``[T, T]`` Gram matrix
+        normalised to mean diagonal 1 (:func:`dbmtl_jax.methods._numerics.gram`);
+        ``"leaf"``: one such matrix per shared leaf, ``[L, T, T]``;
+        ``"cosine"``: ``(cos, norms)`` (:func:`dbmtl_jax.methods._numerics.task_cosine_gram`).
+        ``losses`` is validated (``[T]``, float32 or wider) when
+        ``needs_losses``, else passed as given; ``key`` likewise with ``needs_key``.
+      init_state: ``init_state(params)``, the initial NamedTuple state.
+      shared: which leaves are shared (see :func:`dbmtl_jax.task_axis.resolve_shared`).
+      heads: the head (task-specific) leaves get ``"sum"`` (``Σ_t g_t``),
+        ``"weighted"`` (``Σ_t w_t g_t`` with the shared weights) or
+        ``Σ_t c_t g_t`` with ``c = heads(state)``.
+      keep_when_no_shared: with no shared leaves, skip the weighting and keep the
+        state's fields (else the weighting runs on the all-zero Gram matrix).
+      refresh, stale: recompute the weights only when ``refresh(state)`` (a
+        traced bool) holds; otherwise ``stale(state)`` gives ``(weights,
+        fields)`` and the Gram matrix is not formed (``lax.cond``).
+      advance: ``advance(state, *, losses, key) -> fields``, a state update that
+        does not need the gradients (run on every update).
+      postprocess: applied to the combined shared leaves (e.g. norm clipping).
+    """
+    nm.check_choice(gram, GRAMS, "gram", name)
+
+    def form_gram(g_shared: list) -> Any:
+        if gram == "cosine":
+            return nm.task_cosine_gram(g_shared, num_tasks)
+        return nm.gram(g_shared, num_tasks, per_leaf=gram == "leaf")[0]
+
+    def init_fn(params: PyTree) -> NamedTuple:
+        return init_state(params)
+
+    def update_fn(
+        updates: PyTree,
+        state: NamedTuple,
+        params: Optional[PyTree] = None,
+        *,
+        losses: Any = None,
+        key: Any = None,
+        **extra_args: Any,
+    ) -> tuple[PyTree, NamedTuple]:
+        del extra_args
+        g_shared, g_heads, mask, treedef = split_updates(updates, params, shared, num_tasks)
+        if needs_losses:
+            losses = require_losses(losses, num_tasks, name)
+        if needs_key:
+            key = require_key(key, name)
+        fields: dict = {}
+        weights = None
+        if g_shared or not keep_when_no_shared:
+
+            def fresh(_: Any = None) -> tuple[jax.Array, Mapping[str, Any]]:
+                return weighting(form_gram(g_shared), state, losses=losses, key=key)
+
+            if refresh is None:
+                weights, new = fresh()
+            else:
+                weights, new = jax.lax.cond(refresh(state), fresh, lambda _: stale(state), None)
+            fields.update(new)
+        if weights is None:
+            out_shared = []
+        elif weights.ndim == 1:
+            out_shared = nm.combine(g_shared, weights)
+        elif gram == "leaf":
+            out_shared = nm.combine_per_leaf(g_shared, weights)
+        else:
+            out_shared = nm.combine(g_shared, weights[0])
+        if postprocess is not None:
+            out_shared = postprocess(out_shared)
+        if heads == "sum":
+            out_heads = nm.sum_heads(g_heads)
+        elif heads == "weighted":
+            out_heads = nm.combine(g_heads, weights)
+        else:
+            out_heads = nm.combine(g_heads, heads(state))
+        if advance is not None:
+            fields.update(advance(state, losses=losses, key=key))
+        out = ta.merge_shared(out_shared, out_heads, mask, treedef)
+        return out, state._replace(count=optax.safe_increment(state.count), **fields)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import optax
 
 from dbmtl_jax import task_axis as ta
-from dbmtl_jax.methods import _gradient_common as gc
+from dbmtl_jax.methods import _numerics as nm
 
 PyTree = Any
 
@@ -50,8 +50,6 @@ __all__ = [
     "adam_init",
     "adam_step",
     "state_adam_step",
-    "check_num_tasks",
-    "check_int",
     "check_grads_mode",
     "check_inner_adam",
     "check_losses",
@@ -59,37 +57,6 @@ __all__ = [
     "clamped_log",
     "make_loss_transform",
 ]
-
-
-def check_num_tasks(num_tasks: Any) -> int:
-    """``num_tasks`` must be a positive Python int (it sizes the state)."""
-    if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
-        raise ValueError(
-            f"num_tasks must be a positive Python int (it sizes the state), got {num_tasks!r}; "
-            "under optax.inject_hyperparams pass static_args=('num_tasks',)."
-        )
-    return num_tasks
-
-
-def check_int(name: str, value: Any, lo: int, hi: Optional[int] = None, *, method: Optional[str] = None) -> Any:
-    """An integer hyperparameter in ``[lo, hi]`` (``hi=None``: no upper bound) as a Python int.
-
-    A concrete integer array (``optax.inject_hyperparams`` passes those at init) is
-    converted; a tracer (the same wrapper's calls inside ``update``, which only
-    refresh float hyperparameters) is returned as is.  A non-integer raises
-    ``TypeError``, an out-of-range int ``ValueError``; both name ``method`` when given.
-    """
-    if isinstance(value, jax.core.Tracer):
-        return value
-    if hasattr(value, "dtype") and jnp.ndim(value) == 0 and jnp.issubdtype(value.dtype, jnp.integer):
-        value = int(value)
-    prefix = f"{method}: " if method else ""
-    rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{prefix}{name} must be an int {rng}, got {type(value).__name__} {value!r}.")
-    if value < lo or (hi is not None and value > hi):
-        raise ValueError(f"{prefix}{name} must be an int {rng}, got {value!r}.")
-    return value
 
 
 def check_grads_mode(grads: str, method: Optional[str] = None) -> str:
@@ -106,10 +73,10 @@ def check_inner_adam(method: str, learning_rate: Any, b1: Any, b2: Any, adam_eps
     ``optax.inject_hyperparams`` schedule may start or end at 0), ``b1, b2`` in
     ``[0, 1)`` (1 would divide by a zero bias correction), ``adam_eps >= 0``.
     """
-    gc.check_real(learning_rate, "learning_rate", method, lo=0)
-    gc.check_real(b1, "b1", method, lo=0, hi=1, hi_open=True)
-    gc.check_real(b2, "b2", method, lo=0, hi=1, hi_open=True)
-    gc.check_real(adam_eps, "adam_eps", method, lo=0)
+    nm.check_real(learning_rate, "learning_rate", method, lo=0)
+    nm.check_real(b1, "b1", method, lo=0, hi=1, hi_open=True)
+    nm.check_real(b2, "b2", method, lo=0, hi=1, hi_open=True)
+    nm.check_real(adam_eps, "adam_eps", method, lo=0)
 
 
 def f32(x: Any) -> jax.Array:
@@ -248,7 +215,7 @@ def make_loss_transform(
       shared: which leaves are shared (only used with ``weight_heads=False``).
     """
     check_grads_mode(grads, name)
-    gc.check_bool(weight_heads, "weight_heads", name)
+    nm.check_bool(weight_heads, "weight_heads", name)
     if not weight_heads and grads != "per_task":
         raise ValueError(
             f"{name}: weight_heads=False needs grads='per_task' (the weighted-loss gradient cannot "
@@ -288,7 +255,7 @@ def make_loss_transform(
                 mask = ta.resolve_shared(shared, updates if params is None else params)
                 g_shared, g_heads, treedef = ta.split_shared(updates, mask)
                 out_shared = jax.tree_util.tree_leaves(ta.weighted_sum_tasks(g_shared, w))
-                out_heads = [jnp.sum(g, axis=0) for g in g_heads]
+                out_heads = nm.sum_heads(g_heads)
                 out = ta.merge_shared(out_shared, out_heads, mask, treedef)
         else:
             _check_plain_grads(updates, params, num_tasks, name)

@@ -1,17 +1,16 @@
-"""Small dense solvers and pytree helpers for the solver-based methods (private).
+"""Small dense solvers of the solver-based methods (private).
 
 The solver-based gradient-balancing methods (MGDA, CAGrad, Nash-MTL, UPGrad,
 FairGrad) only need the ``[T, T]`` Gram matrix ``G = J Jᵀ`` of the global
 shared gradient ``J`` (``[T, P]``, all shared leaves flattened together) to pick
-their task coefficients; the update is then one weighted sum per leaf.  This
-module holds:
+their task coefficients; the update is then one weighted sum per leaf.  The
+Gram matrices they start from, the simplex projection, the precision decorator
+and the argument checks live in :mod:`dbmtl_jax.methods._numerics`
+(``shared_gram`` here is :func:`dbmtl_jax.methods._numerics.gram`: the Gram
+matrix of the shared leaves, prescaled by ``max |J|`` and normalised to mean
+diagonal 1, so the solvers see O(1) numbers for gradients scaled anywhere from
+1e-10 to 1e10).  This module holds the solvers:
 
-* :func:`shared_gram`: the Gram matrix of the shared leaves, computed in
-  float32 or wider after dividing by ``max |J|`` and then normalised to mean
-  diagonal 1, together with the factor that undoes the normalisation.  All
-  solvers below work on the normalised matrix, so they see O(1) numbers for
-  gradients scaled anywhere from 1e-10 to 1e10.
-* :func:`project_simplex`: Euclidean projection onto the probability simplex.
 * :func:`precondition_gram`: ``G = diag(n) C diag(n)`` split into cosines
   ``C`` and norms ``n``; the QP solvers below work on ``C`` (per-task
   preconditioning), so they are exact at any relative scale of the tasks.
@@ -24,9 +23,9 @@ module holds:
 * :func:`power_balance`: the positive solution of ``G w = w^{-p}`` (Nash-MTL
   for ``p = 1``, FairGrad for ``p = 1/α``) by damped Newton on a strictly
   convex potential, in variables scaled per task, with a residual that is a
-  bound; :func:`task_cosine_gram` gives it ``G`` as task norms and cosines,
-  each task's gradient divided by its own largest entry, so that it is exact
-  at any relative scale of the task gradients.
+  bound; :func:`dbmtl_jax.methods._numerics.task_cosine_gram` gives it ``G``
+  as task norms and cosines, each task's gradient divided by its own largest
+  entry, so that it is exact at any relative scale of the task gradients.
 
 Every solver runs under ``jax.jit`` with a fixed iteration cap
 (``lax.while_loop``) and returns its iteration count and a residual so that
@@ -35,21 +34,24 @@ callers can store them in their optimizer state.
 
 from __future__ import annotations
 
-import functools
 import math
-from typing import Any, Callable, NamedTuple, Optional, Sequence, TypeVar
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 
+# shared_gram / project_simplex / highest_precision: the names the solver tests and
+# benchmarks/bench_solvers.py use; the one implementation of each is in _numerics.
+from dbmtl_jax.methods._numerics import HIGHEST, highest_precision, project_simplex
+from dbmtl_jax.methods._numerics import gram as shared_gram
+
 PyTree = Any
 
 __all__ = [
-    "highest_precision",
     "SolverResult",
-    "compute_dtype",
     "shared_gram",
     "project_simplex",
+    "highest_precision",
     "precondition_gram",
     "nnls_gram",
     "simplex_qp",
@@ -58,33 +60,10 @@ __all__ = [
     "min_norm_kkt_gap",
     "power_balance",
     "power_balance_residual",
-    "task_cosine_gram",
-    "weighted_sum",
-    "global_norm",
-    "check_positive_int",
-    "check_nonnegative",
     "MIN_NORM_SOLVERS",
 ]
 
 MIN_NORM_SOLVERS = ("active_set", "frank_wolfe")
-_HIGHEST = jax.lax.Precision.HIGHEST
-_F = TypeVar("_F", bound=Callable[..., Any])
-
-
-def highest_precision(fn: _F) -> _F:
-    """Traces ``fn`` with full-float32 matmuls (no TF32/bf16 passes on accelerators).
-
-    The solvers work with T×T matrices, so the cost is negligible, while the
-    default reduced-precision matmuls of some GPUs/TPUs (~1e-3 relative) would
-    spoil the KKT conditions they are meant to satisfy.
-    """
-
-    @functools.wraps(fn)
-    def wrapped(*args: Any, **kwargs: Any) -> Any:
-        with jax.default_matmul_precision("highest"):
-            return fn(*args, **kwargs)
-
-    return wrapped  # type: ignore[return-value]
 
 
 class SolverResult(NamedTuple):
@@ -100,104 +79,6 @@ class SolverResult(NamedTuple):
     x: jax.Array
     iterations: jax.Array
     residual: jax.Array
-
-
-# ----------------------------------------------------------------------------
-# argument checks
-# ----------------------------------------------------------------------------
-
-
-def check_positive_int(value: Any, name: str) -> int:
-    """Raises ValueError unless ``value`` is a positive Python int."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive Python int, got {value!r}.")
-    return value
-
-
-def check_nonnegative(value: Any, name: str) -> float:
-    """Raises ValueError unless ``value`` is a finite non-negative number."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite non-negative float, got {value!r}.")
-    return float(value)
-
-
-# ----------------------------------------------------------------------------
-# pytree helpers
-# ----------------------------------------------------------------------------
-
-
-def compute_dtype(leaves: Sequence[jax.Array]) -> Any:
-    """float32, or float64 when a leaf is float64 (x64 mode)."""
-    dtype = jnp.float32
-    for x in leaves:
-        dtype = jnp.promote_types(dtype, x.dtype)
-    return dtype
-
-
-def shared_gram(leaves: Sequence[jax.Array], num_tasks: int, dtype: Any = None) -> tuple[jax.Array, jax.Array]:
-    """Normalised Gram matrix of the global shared gradient.
-
-    Returns ``(gram, scale)`` with ``J Jᵀ = scale · gram`` where ``J`` is the
-    ``[T, P]`` concatenation of ``leaves`` (each ``[T, *shape]``).  ``gram`` has
-    mean diagonal 1 unless ``J`` is all zeros, in which case ``gram = 0`` and
-    ``scale = 1``.  The leaves are divided by ``max |J|`` before the products
-    so that neither overflow nor underflow occurs for huge or tiny gradients.
-    """
-    if dtype is None:
-        dtype = compute_dtype(leaves)
-    if not leaves:
-        return jnp.zeros((num_tasks, num_tasks), dtype), jnp.ones([], dtype)
-    amax = jnp.zeros([], dtype)
-    for x in leaves:
-        amax = jnp.maximum(amax, jnp.max(jnp.abs(x)).astype(dtype))
-    amax = jnp.where(jnp.isfinite(amax) & (amax > 0), amax, jnp.ones([], dtype))
-    inv = 1.0 / amax
-    gram = jnp.zeros((num_tasks, num_tasks), dtype)
-    for x in leaves:
-        m = x.reshape(num_tasks, -1).astype(dtype) * inv
-        gram = gram + jnp.matmul(m, m.T, precision=_HIGHEST)
-    gram = 0.5 * (gram + gram.T)
-    md = jnp.mean(jnp.diagonal(gram))
-    md = jnp.where(md > 0, md, jnp.ones([], dtype))
-    return gram / md, amax * amax * md
-
-
-def weighted_sum(leaves: Sequence[jax.Array], weights: jax.Array) -> list[jax.Array]:
-    """``Σ_t w_t x_t`` for every leaf, computed in float32 or wider, cast back."""
-    out = []
-    for x in leaves:
-        acc = jnp.promote_types(x.dtype, jnp.float32)
-        out.append(jnp.tensordot(weights.astype(acc), x.astype(acc), axes=(0, 0), precision=_HIGHEST).astype(x.dtype))
-    return out
-
-
-def global_norm(leaves: Sequence[jax.Array], dtype: Any = jnp.float32) -> jax.Array:
-    """L2 norm over all ``leaves`` (no task axis), overflow-safe via max scaling."""
-    if not leaves:
-        return jnp.zeros([], dtype)
-    amax = jnp.zeros([], dtype)
-    for x in leaves:
-        amax = jnp.maximum(amax, jnp.max(jnp.abs(x)).astype(dtype))
-    safe = jnp.where(jnp.isfinite(amax) & (amax > 0), amax, jnp.ones([], dtype))
-    sq = sum(jnp.sum(jnp.square(x.astype(dtype) / safe)) for x in leaves)
-    return jnp.where(amax > 0, safe * jnp.sqrt(sq), jnp.zeros([], dtype))
-
-
-# ----------------------------------------------------------------------------
-# simplex projection
-# ----------------------------------------------------------------------------
-
-
-def project_simplex(v: jax.Array) -> jax.Array:
-    """Euclidean projection of ``v`` (``[n]``) onto ``{x ≥ 0, Σx = 1}`` (sort-based)."""
-    n = v.shape[-1]
-    u = jnp.sort(v)[::-1]
-    css = jnp.cumsum(u) - 1.0
-    idx = jnp.arange(1, n + 1, dtype=v.dtype)
-    positive = u - css / idx > 0
-    rho = jnp.maximum(jnp.sum(positive), 1)
-    theta = css[rho - 1] / rho.astype(v.dtype)
-    return jnp.maximum(v - theta, 0.0)
 
 
 # ----------------------------------------------------------------------------
@@ -350,7 +231,7 @@ def _restricted_solve(
     lu = jsl.lu_factor(k_ex + rdg)
     s = jsl.lu_solve(lu, rhs)
     for _ in range(refine):
-        s = s + jsl.lu_solve(lu, rhs - jnp.matmul(k_ex, s, precision=_HIGHEST))
+        s = s + jsl.lu_solve(lu, rhs - jnp.matmul(k_ex, s, precision=HIGHEST))
     s = s[:, 0] if a is None else s[:n, 0] + s[:n, 1] / m
     s = jnp.where(jnp.isfinite(s), s, 0.0)
     return jnp.where(passive, s, 0.0)
@@ -652,52 +533,6 @@ def min_norm_simplex(
 # ----------------------------------------------------------------------------
 
 
-def task_cosine_gram(leaves: Sequence[jax.Array], num_tasks: int, dtype: Any = None) -> tuple[jax.Array, jax.Array]:
-    """Per-task preconditioned Gram matrix of the global shared gradient: ``(cos, norms)``.
-
-    ``J Jᵀ = diag(norms) · cos · diag(norms)`` with ``norms_t = ‖g_t‖`` and
-    ``cos`` the matrix of cosines between the task gradients (unit diagonal),
-    ``J`` the ``[T, P]`` concatenation of ``leaves``.  Every task's row is
-    divided by its *own* largest absolute entry before the products, so each
-    entry of ``cos`` is accurate to rounding relative to 1 whatever the
-    relative scale of the task gradients.  (A Gram matrix normalised by one
-    common factor, as :func:`shared_gram`, keeps the small tasks only to
-    ``eps · max_t ‖g_t‖²`` absolute: in float32 a task 1e-4 times smaller than
-    the largest is lost.)  A task with an all-zero gradient gets norm 0 and a
-    zero row and column in ``cos`` (diagonal included); a NaN/inf entry makes
-    its task's norm NaN.  Computed in ``dtype`` (default: float32 or wider,
-    :func:`compute_dtype`).
-    """
-    if dtype is None:
-        dtype = compute_dtype(leaves)
-    t = num_tasks
-    mats = [x.reshape(t, -1) for x in leaves if x.size]
-    if not mats:
-        return jnp.zeros((t, t), dtype), jnp.zeros((t,), dtype)
-    amax = jnp.zeros((t,), dtype)
-    for m in mats:
-        amax = jnp.maximum(amax, jnp.max(jnp.abs(m), axis=1).astype(dtype))
-    finite = jnp.isfinite(amax)
-    inv = 1.0 / jnp.where(finite & (amax > 0), amax, 1.0)
-    acc = jnp.zeros((t, t), dtype)
-    for m in mats:
-        y = m.astype(dtype) * inv[:, None]
-        acc = acc + jnp.matmul(y, y.T, precision=_HIGHEST)
-    acc = 0.5 * (acc + acc.T)
-    r = jnp.sqrt(jnp.maximum(jnp.diagonal(acc), 0.0))
-    nonzero = finite & (amax > 0) & (r > 0)
-    rs = jnp.where(nonzero, r, 1.0)
-    sq = jnp.where(nonzero, jnp.diagonal(acc), 1.0)
-    # √(M_ii M_jj) rather than √M_ii √M_jj: identical rows give a cosine of exactly 1
-    cos = acc / jnp.sqrt(sq[:, None] * sq[None, :])
-    both = nonzero[:, None] & nonzero[None, :]
-    cos = jnp.where(both, jnp.clip(cos, -1.0, 1.0), 0.0)
-    cos = jnp.where(jnp.eye(t, dtype=bool) & both, 1.0, cos)
-    bad = ~finite | jnp.isnan(r)
-    norms = jnp.where(bad, jnp.nan, jnp.where(nonzero, amax * rs, 0.0))
-    return cos, norms
-
-
 def _solver_dtype(dtype: Any) -> Any:
     """The widest float available for the T×T solver internals (float64 under x64, else float32)."""
     widest = jnp.float64 if jax.config.read("jax_enable_x64") else jnp.float32
@@ -720,7 +555,7 @@ def power_balance_residual(
 ) -> jax.Array:
     """``max_t |w_t^p (G w)_t − 1|``: 0 exactly when ``G w = w^{-p}``.
 
-    With ``norms`` (see :func:`task_cosine_gram`), ``gram`` is the cosine
+    With ``norms`` (see :func:`dbmtl_jax.methods._numerics.task_cosine_gram`), ``gram`` is the cosine
     matrix ``C`` and ``G = diag(norms) C diag(norms)``; the products are formed
     as ``w_t^p n_t (C (n ⊙ w))_t`` so that no badly scaled entry of ``G`` is
     ever formed.  Plain floating-point evaluation, without the rounding margin
@@ -750,7 +585,7 @@ def power_balance(
     """Positive solution of ``G w = w^{-p}``, accurate at any relative scale of the task gradients.
 
     ``G = diag(n) C diag(n)`` is given either as ``gram = C`` (the cosine
-    matrix) with ``norms = n`` (:func:`task_cosine_gram`, the accurate route
+    matrix) with ``norms = n`` (:func:`dbmtl_jax.methods._numerics.task_cosine_gram`, the accurate route
     for raw gradients), or as a plain Gram matrix ``gram = G`` (``norms=None``;
     ``n_t = √G_tt``).
 

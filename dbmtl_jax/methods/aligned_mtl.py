@@ -24,7 +24,7 @@ Solver (``solver``):
 
 * ``"jacobi"`` (default, exact): the Gram matrix is assembled from task
   norms and cosines (each task's gradient divided by its own largest entry,
-  :func:`dbmtl_jax.methods._qp.task_cosine_gram`), the cosine matrix is
+  :func:`dbmtl_jax.methods._numerics.task_cosine_gram`), the cosine matrix is
   factored by pivoted Cholesky and the graded factor diagonalised by
   one-sided Jacobi rotations (:func:`aligned_mtl_weights_exact`).  The
   singular values then have *relative* accuracy, so a task whose gradient
@@ -57,7 +57,7 @@ the option and the accepted values.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import chex
 import jax
@@ -67,7 +67,7 @@ import optax
 
 from dbmtl_jax import task_axis as ta
 from dbmtl_jax.methods import _gradient_common as gc
-from dbmtl_jax.methods import _qp
+from dbmtl_jax.methods import _numerics as nm
 
 PyTree = Any
 SCALE_MODES = ("min", "median", "rmse")
@@ -104,7 +104,7 @@ class AlignedMTLState(NamedTuple):
     residual: chex.Array
 
 
-@gc.full_precision
+@nm.highest_precision
 def aligned_mtl_weights(gram: jax.Array, scale_mode: str = "min") -> tuple[jax.Array, jax.Array, jax.Array]:
     """Aligned-MTL weights from a Gram matrix: ``(α [T], rank, eigenvalues)``."""
     t = gram.shape[0]
@@ -125,7 +125,7 @@ def aligned_mtl_weights(gram: jax.Array, scale_mode: str = "min") -> tuple[jax.A
         scale2 = jnp.sum(jnp.where(valid, lam, 0)) / jnp.maximum(rank, 1).astype(dt)
     scale2 = jnp.where(rank > 0, scale2, 0)
     inv = jnp.where(valid, jnp.sqrt(jnp.maximum(scale2, 0)) / jnp.sqrt(safe), 0)
-    b = jnp.matmul(v * inv[None, :], v.T, precision=gc.HIGHEST)
+    b = jnp.matmul(v * inv[None, :], v.T, precision=nm.HIGHEST)
     alpha = jnp.sum(b, axis=1)
     alpha = jnp.where(jnp.isfinite(alpha), alpha, 0)
     return alpha, rank, lam
@@ -173,14 +173,14 @@ def _pivoted_cholesky(c: jax.Array, tol: jax.Array) -> jax.Array:
     return f
 
 
-@gc.full_precision
+@nm.highest_precision
 def aligned_mtl_weights_exact(
     cos: jax.Array, norms: jax.Array, scale_mode: str = "min", *, max_sweeps: int = 30
 ) -> AlignedSolve:
     """Aligned-MTL weights from task cosines and norms, accurate at any relative task scale.
 
     ``G / max_t G_tt = D C D`` with ``D = diag(norms) / max(norms)`` and
-    ``C`` = ``cos`` (:func:`dbmtl_jax.methods._qp.task_cosine_gram`).  ``C`` is
+    ``C`` = ``cos`` (:func:`dbmtl_jax.methods._numerics.task_cosine_gram`).  ``C`` is
     factored as ``C ≈ F Fᵀ`` by Cholesky with diagonal pivoting, truncated
     once the remaining Schur complement is ``≤ T ε`` (the numerical rank is
     decided on the scale-free ``C``; exactly dependent task gradients give
@@ -223,7 +223,7 @@ def aligned_mtl_weights_exact(
     nz = norms > 0
     c = jnp.where(nz[:, None] & nz[None, :], cos, 0)
     f = _pivoted_cholesky(c, t * eps * jnp.maximum(jnp.max(jnp.diagonal(c)), 0))
-    fac_err = jnp.max(jnp.abs(jnp.matmul(f, f.T, precision=gc.HIGHEST) - c))
+    fac_err = jnp.max(jnp.abs(jnp.matmul(f, f.T, precision=nm.HIGHEST) - c))
     nmax = jnp.max(jnp.where(nz, norms, 0))
     d = jnp.where(nz, norms / jnp.where(nmax > 0, nmax, 1), 0)
     b0 = d[:, None] * f
@@ -255,7 +255,7 @@ def aligned_mtl_weights_exact(
         return jnp.where(is_null(bm, q)[:, None], 0, bm), q
 
     def off(bm):
-        g = jnp.matmul(bm, bm.T, precision=gc.HIGHEST)
+        g = jnp.matmul(bm, bm.T, precision=nm.HIGHEST)
         nrm = jnp.sqrt(jnp.maximum(jnp.diagonal(g), 0))
         den = nrm[:, None] * nrm[None, :]
         rel = jnp.where(den > 0, jnp.abs(g) / jnp.where(den > 0, den, 1), 0)
@@ -367,13 +367,12 @@ def aligned_mtl(
       ValueError: a hyperparameter out of range (the message names it).
     """
     name = "aligned_mtl"
-    gc.check_num_tasks(num_tasks, name)
-    gc.check_choice(scale_mode, SCALE_MODES, "scale_mode", name)
-    gc.check_choice(solver, SOLVERS, "solver", name)
-    if isinstance(max_sweeps, bool) or not isinstance(max_sweeps, int) or max_sweeps < 1:
-        raise ValueError(f"{name}: max_sweeps must be an int >= 1, got {max_sweeps!r}.")
+    nm.check_num_tasks(num_tasks, name)
+    nm.check_choice(scale_mode, SCALE_MODES, "scale_mode", name)
+    nm.check_choice(solver, SOLVERS, "solver", name)
+    max_sweeps = nm.check_int(max_sweeps, "max_sweeps", name, lo=1, type_error=ValueError)
 
-    def init_fn(params: PyTree) -> AlignedMTLState:
+    def init_state(params: PyTree) -> AlignedMTLState:
         del params
         return AlignedMTLState(
             count=jnp.zeros([], jnp.int32),
@@ -383,24 +382,19 @@ def aligned_mtl(
             residual=jnp.zeros([], jnp.float32),
         )
 
-    def update_fn(
-        updates: PyTree, state: AlignedMTLState, params: Optional[PyTree] = None, **extra: Any
-    ) -> tuple[PyTree, AlignedMTLState]:
-        del extra
-        g_shared, g_heads, mask, treedef = gc.split_updates(updates, params, shared, num_tasks)
-        weights, rank, lam, residual, out_shared = state.weights, state.rank, state.eigenvalues, state.residual, []
-        if g_shared:
-            cos, norms = _qp.task_cosine_gram(g_shared, num_tasks)
-            if solver == "jacobi":
-                res = aligned_mtl_weights_exact(cos, norms, scale_mode, max_sweeps=max_sweeps)
-            else:
-                res = _eigh_solve(cos, norms, scale_mode)
-            out_shared = gc.combine(g_shared, res.alpha)
-            weights, rank = res.alpha.astype(jnp.float32), res.rank
-            lam, residual = res.eigenvalues.astype(jnp.float32), res.residual.astype(jnp.float32)
-        out = ta.merge_shared(out_shared, gc.sum_heads(g_heads), mask, treedef)
-        return out, AlignedMTLState(
-            count=optax.safe_increment(state.count), weights=weights, rank=rank, eigenvalues=lam, residual=residual
+    def weighting(gram: tuple, state: AlignedMTLState, **_: Any) -> tuple[jax.Array, dict]:
+        cos, norms = gram
+        if solver == "jacobi":
+            res = aligned_mtl_weights_exact(cos, norms, scale_mode, max_sweeps=max_sweeps)
+        else:
+            res = _eigh_solve(cos, norms, scale_mode)
+        return res.alpha, dict(
+            weights=res.alpha.astype(jnp.float32),
+            rank=res.rank,
+            eigenvalues=res.eigenvalues.astype(jnp.float32),
+            residual=res.residual.astype(jnp.float32),
         )
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return gc.make_gradient_transform(
+        name, num_tasks, weighting, init_state, shared=shared, gram="cosine", keep_when_no_shared=True
+    )

@@ -70,7 +70,7 @@ import optax
 
 from dbmtl_jax import task_axis as ta
 from dbmtl_jax.methods import _gradient_common as gc
-from dbmtl_jax.methods import _loss_common as lc
+from dbmtl_jax.methods import _numerics as nm
 from dbmtl_jax.methods import _qp
 
 PyTree = Any
@@ -98,7 +98,7 @@ class CAGradState(NamedTuple):
     iterations: chex.Array
 
 
-@_qp.highest_precision
+@nm.highest_precision
 def cagrad_dual_objective(gram: jax.Array, c: float, w: jax.Array, eps: float = 1e-8) -> tuple[jax.Array, jax.Array]:
     """The (smoothed) dual ``F(w) = wᵀGb + c‖g₀‖ sqrt(wᵀGw + ε)`` and its gradient, ``b = 1/T``."""
     t = gram.shape[0]
@@ -110,7 +110,7 @@ def cagrad_dual_objective(gram: jax.Array, c: float, w: jax.Array, eps: float = 
     return jnp.dot(w, gb) + radius * root, gb + radius * gw / root
 
 
-@_qp.highest_precision
+@nm.highest_precision
 def cagrad_weights(
     gram: jax.Array,
     c: float,
@@ -222,17 +222,17 @@ def cagrad(
     Returns:
       An ``optax.GradientTransformationExtraArgs``; extra args are ignored.
     """
-    gc.check_num_tasks(num_tasks, "cagrad")
-    gc.check_real(c, "c", "cagrad", lo=0)
+    nm.check_num_tasks(num_tasks, "cagrad")
+    nm.check_real(c, "c", "cagrad", lo=0)
     if isinstance(rescale, bool) or rescale not in RESCALES:
         raise ValueError(f"cagrad: unknown rescale={rescale!r}; expected one of {RESCALES}.")
-    num_bisections = lc.check_int("num_bisections", num_bisections, 1, method="cagrad")
-    gc.check_real(eps, "eps", "cagrad", lo=0)
+    num_bisections = nm.check_int(num_bisections, "num_bisections", "cagrad", lo=1)
+    nm.check_real(eps, "eps", "cagrad", lo=0)
     if max_iter is not None:
-        max_iter = lc.check_int("max_iter", max_iter, 1, method="cagrad")
-    gc.check_real(tol, "tol", "cagrad", lo=0, hi=1, lo_open=True, hi_open=True)
+        max_iter = nm.check_int(max_iter, "max_iter", "cagrad", lo=1)
+    nm.check_real(tol, "tol", "cagrad", lo=0, hi=1, lo_open=True, hi_open=True)
 
-    def init_fn(params: PyTree) -> CAGradState:
+    def init_state(params: PyTree) -> CAGradState:
         del params
         uniform = jnp.full([num_tasks], 1.0 / num_tasks, jnp.float32)
         return CAGradState(
@@ -243,27 +243,16 @@ def cagrad(
             iterations=jnp.zeros([], jnp.int32),
         )
 
-    def update_fn(
-        updates: PyTree, state: CAGradState, params: Optional[PyTree] = None, **extra_args: Any
-    ) -> tuple[PyTree, CAGradState]:
-        del extra_args
-        ta.check_task_axis(updates, num_tasks, params=params)
-        mask = ta.resolve_shared(shared, updates if params is None else params)
-        g_shared, g_heads, treedef = ta.split_shared(updates, mask)
-        gram, _ = _qp.shared_gram(g_shared, num_tasks)
+    def weighting(gram: jax.Array, state: CAGradState, **_: Any) -> tuple[jax.Array, dict]:
         coef, res = cagrad_weights(
             gram, c, rescale=rescale, num_bisections=num_bisections, eps=eps, max_iter=max_iter, tol=tol
         )
-        out_shared = _qp.weighted_sum(g_shared, coef)
-        out_heads = [jnp.sum(g, axis=0) for g in g_heads]
-        out = ta.merge_shared(out_shared, out_heads, mask, treedef)
-        new_state = CAGradState(
-            count=optax.safe_increment(state.count),
+        fields = dict(
             weights=coef.astype(jnp.float32),
             dual_weights=res.x.astype(jnp.float32),
             gap=res.residual.astype(jnp.float32),
             iterations=res.iterations.astype(jnp.int32),
         )
-        return out, new_state
+        return coef, fields
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return gc.make_gradient_transform("cagrad", num_tasks, weighting, init_state, shared=shared)

@@ -29,8 +29,8 @@ import jax.numpy as jnp
 import optax
 
 from dbmtl_jax import task_axis as ta
-from dbmtl_jax.methods import _gradient_common as gc
 from dbmtl_jax.methods import _loss_common as lc
+from dbmtl_jax.methods import _numerics as nm
 
 __all__ = ["DWAState", "dwa"]
 
@@ -107,9 +107,9 @@ def dwa(
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``update`` requires ``losses=``.
     """
-    lc.check_num_tasks(num_tasks)
-    steps_per_epoch = lc.check_int("steps_per_epoch", steps_per_epoch, 1, method="dwa")
-    gc.check_real(temperature, "temperature", "dwa", lo=0, lo_open=True)
+    nm.check_num_tasks(num_tasks, "dwa")
+    steps_per_epoch = nm.check_int(steps_per_epoch, "steps_per_epoch", "dwa", lo=1)
+    nm.check_real(temperature, "temperature", "dwa", lo=0, lo_open=True)
 
     def init_state() -> DWAState:
         z = jnp.zeros([num_tasks], jnp.float32)

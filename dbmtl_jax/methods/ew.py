@@ -21,8 +21,8 @@ import jax.numpy as jnp
 import optax
 
 from dbmtl_jax import task_axis as ta
-from dbmtl_jax.methods import _gradient_common as gc
 from dbmtl_jax.methods import _loss_common as lc
+from dbmtl_jax.methods import _numerics as nm
 
 REDUCTIONS = ("sum", "mean")
 
@@ -75,8 +75,8 @@ def ew(
       An ``optax.GradientTransformationExtraArgs``; ``losses=`` and ``key=``
       are accepted and not needed.
     """
-    lc.check_num_tasks(num_tasks)
-    gc.check_choice(reduction, REDUCTIONS, "reduction", "ew")
+    nm.check_num_tasks(num_tasks, "ew")
+    nm.check_choice(reduction, REDUCTIONS, "reduction", "ew")
     scale = 1.0 if reduction == "sum" else 1.0 / num_tasks
 
     def init_state() -> EWState:

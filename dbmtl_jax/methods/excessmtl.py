@@ -53,7 +53,7 @@ import optax
 
 from dbmtl_jax import task_axis as ta
 from dbmtl_jax.methods import _gradient_common as gc
-from dbmtl_jax.methods import _qp
+from dbmtl_jax.methods import _numerics as nm
 
 PyTree = Any
 
@@ -106,11 +106,11 @@ def excessmtl(
     Returns:
       An ``optax.GradientTransformationExtraArgs``; extra args are ignored.
     """
-    gc.check_num_tasks(num_tasks, "excessmtl")
-    gc.check_real(robust_step_size, "robust_step_size", "excessmtl", lo=0)
-    gc.check_real(eps, "eps", "excessmtl", lo=0, lo_open=True,
+    nm.check_num_tasks(num_tasks, "excessmtl")
+    nm.check_real(robust_step_size, "robust_step_size", "excessmtl", lo=0)
+    nm.check_real(eps, "eps", "excessmtl", lo=0, lo_open=True,
                   note="0 gives 0/0 for a coordinate whose gradients were all 0")
-    gc.check_bool(weight_heads, "weight_heads", "excessmtl")
+    nm.check_bool(weight_heads, "weight_heads", "excessmtl")
 
     def init_fn(params: PyTree) -> ExcessMTLState:
         mask = ta.resolve_shared(shared, params)
@@ -127,9 +127,7 @@ def excessmtl(
         updates: PyTree, state: ExcessMTLState, params: Optional[PyTree] = None, **extra_args: Any
     ) -> tuple[PyTree, ExcessMTLState]:
         del extra_args
-        ta.check_task_axis(updates, num_tasks, params=params)
-        mask = ta.resolve_shared(shared, updates if params is None else params)
-        g_shared, g_heads, treedef = ta.split_shared(updates, mask)
+        g_shared, g_heads, mask, treedef = gc.split_updates(updates, params, shared, num_tasks)
         sq_leaves = jax.tree_util.tree_leaves(state.sq_sum)
         ta.check_state_leaves(updates, mask, g_shared, sq_leaves, "ExcessMTL", "sq_sum")
         new_sq = []
@@ -150,8 +148,8 @@ def excessmtl(
         logits = jnp.maximum(logits - jnp.max(logits), _LOG_FLOOR)
         weights = num_tasks * jax.nn.softmax(logits)
 
-        out_shared = _qp.weighted_sum(g_shared, weights)
-        out_heads = _qp.weighted_sum(g_heads, weights) if weight_heads else [jnp.sum(g, axis=0) for g in g_heads]
+        out_shared = nm.combine(g_shared, weights)
+        out_heads = nm.combine(g_heads, weights) if weight_heads else nm.sum_heads(g_heads)
         out = ta.merge_shared(out_shared, out_heads, mask, treedef)
         new_state = ExcessMTLState(
             count=optax.safe_increment(state.count),

@@ -55,7 +55,7 @@ Choices:
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import chex
 import jax
@@ -63,8 +63,9 @@ import jax.numpy as jnp
 import optax
 
 from dbmtl_jax import task_axis as ta
-from dbmtl_jax.methods import _qp
-from dbmtl_jax.methods.nash_mtl import check_count, check_flag, check_number, clip_leaves, solve_balanced_weights
+from dbmtl_jax.methods import _gradient_common as gc
+from dbmtl_jax.methods import _numerics as nm
+from dbmtl_jax.methods.nash_mtl import clip_leaves, solve_balanced_weights
 
 PyTree = Any
 
@@ -120,16 +121,17 @@ def fairgrad(
       ValueError: a hyperparameter out of its range (the message names it).
     """
     name = "fairgrad"
-    num_tasks = check_count(num_tasks, "num_tasks", name)
-    alpha = check_number(alpha, "alpha", name, lo=0.0, lo_open=True)
+    strict = {"type_error": ValueError, "interval": True}  # this family raises ValueError for every bad value
+    num_tasks = nm.check_num_tasks(num_tasks, name)
+    alpha = float(nm.check_real(alpha, "alpha", name, lo=0.0, lo_open=True, **strict))
     p = 1.0 / alpha
-    max_norm = check_number(max_norm, "max_norm", name, lo=0.0)
-    max_iter = check_count(max_iter, "max_iter", name)
-    ridge = check_number(ridge, "ridge", name, lo=0.0, hi=1.0)
-    tol = check_number(tol, "tol", name, lo=0.0, hi=1.0, lo_open=True)
-    check_flag(weight_heads, "weight_heads", name)
+    max_norm = float(nm.check_real(max_norm, "max_norm", name, lo=0.0, **strict))
+    max_iter = nm.check_int(max_iter, "max_iter", name, lo=1, type_error=ValueError)
+    ridge = float(nm.check_real(ridge, "ridge", name, lo=0.0, hi=1.0, hi_open=True, **strict))
+    tol = float(nm.check_real(tol, "tol", name, lo=0.0, hi=1.0, lo_open=True, hi_open=True, **strict))
+    nm.check_bool(weight_heads, "weight_heads", name, type_error=ValueError)
 
-    def init_fn(params: PyTree) -> FairGradState:
+    def init_state(params: PyTree) -> FairGradState:
         del params
         return FairGradState(
             count=jnp.zeros([], jnp.int32),
@@ -138,26 +140,18 @@ def fairgrad(
             iterations=jnp.zeros([], jnp.int32),
         )
 
-    def update_fn(
-        updates: PyTree, state: FairGradState, params: Optional[PyTree] = None, **extra_args: Any
-    ) -> tuple[PyTree, FairGradState]:
-        del extra_args
-        ta.check_task_axis(updates, num_tasks, params=params)
-        mask = ta.resolve_shared(shared, updates if params is None else params)
-        g_shared, g_heads, treedef = ta.split_shared(updates, mask)
-        res = solve_balanced_weights(
-            g_shared, num_tasks, p, state.weights, ridge=ridge, max_iter=max_iter, tol=tol
-        )
+    def weighting(gram: tuple, state: FairGradState, **_: Any) -> tuple[jax.Array, dict]:
+        res = solve_balanced_weights(gram, p, state.weights, ridge=ridge, max_iter=max_iter, tol=tol)
         w = res.x.astype(jnp.float32)
-        out_shared = clip_leaves(_qp.weighted_sum(g_shared, w), max_norm)
-        out_heads = _qp.weighted_sum(g_heads, w) if weight_heads else [jnp.sum(g, axis=0) for g in g_heads]
-        out = ta.merge_shared(out_shared, out_heads, mask, treedef)
-        new_state = FairGradState(
-            count=optax.safe_increment(state.count),
-            weights=w,
-            residual=res.residual.astype(jnp.float32),
-            iterations=res.iterations.astype(jnp.int32),
-        )
-        return out, new_state
+        return w, dict(weights=w, residual=res.residual.astype(jnp.float32), iterations=res.iterations.astype(jnp.int32))
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return gc.make_gradient_transform(
+        name,
+        num_tasks,
+        weighting,
+        init_state,
+        shared=shared,
+        gram="cosine",
+        heads="weighted" if weight_heads else "sum",
+        postprocess=lambda leaves: clip_leaves(leaves, max_norm),
+    )

@@ -47,8 +47,8 @@ import numpy as np
 import optax
 
 from dbmtl_jax import task_axis as ta
-from dbmtl_jax.methods import _gradient_common as gc
 from dbmtl_jax.methods import _loss_common as lc
+from dbmtl_jax.methods import _numerics as nm
 
 __all__ = ["FAMOState", "famo"]
 
@@ -156,16 +156,16 @@ def famo(
       ``losses=``.  Use :func:`dbmtl_jax.loss_weighting.observe_losses` for the
       exact variant.
     """
-    lc.check_num_tasks(num_tasks)
+    nm.check_num_tasks(num_tasks, "famo")
     if min_losses is None:
         min_arr = np.zeros([num_tasks], np.float32)
     else:
         if np.shape(min_losses) != (num_tasks,):
             raise ValueError(f"famo: min_losses must have shape ({num_tasks},), got {np.shape(min_losses)}.")
-        min_arr = gc.check_real(min_losses, "min_losses", "famo", shapes=((num_tasks,),))
+        min_arr = nm.check_real(min_losses, "min_losses", "famo", shapes=((num_tasks,),))
     lc.check_inner_adam("famo", learning_rate, b1, b2, adam_eps)
-    gc.check_real(gamma, "gamma", "famo", lo=0, note="the L2 weight decay of the logits")
-    gc.check_real(eps, "eps", "famo", lo=0, lo_open=True)
+    nm.check_real(gamma, "gamma", "famo", lo=0, note="the L2 weight decay of the logits")
+    nm.check_real(eps, "eps", "famo", lo=0, lo_open=True)
     hp = dict(learning_rate=learning_rate, gamma=gamma, b1=b1, b2=b2, adam_eps=adam_eps, eps=eps)
 
     def init_state() -> FAMOState:

@@ -26,8 +26,8 @@ import jax.numpy as jnp
 import optax
 
 from dbmtl_jax import task_axis as ta
-from dbmtl_jax.methods import _gradient_common as gc
 from dbmtl_jax.methods import _loss_common as lc
+from dbmtl_jax.methods import _numerics as nm
 
 __all__ = ["GLSState", "gls"]
 
@@ -73,8 +73,8 @@ def gls(
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``update`` requires ``losses=``.
     """
-    lc.check_num_tasks(num_tasks)
-    gc.check_real(eps, "eps", "gls", lo=0, lo_open=True)
+    nm.check_num_tasks(num_tasks, "gls")
+    nm.check_real(eps, "eps", "gls", lo=0, lo_open=True)
 
     def init_state() -> GLSState:
         return GLSState(count=jnp.zeros([], jnp.int32), eps=lc.f32(eps))

@@ -37,6 +37,7 @@ import optax
 
 from dbmtl_jax import task_axis as ta
 from dbmtl_jax.methods import _gradient_common as gc
+from dbmtl_jax.methods import _numerics as nm
 
 PyTree = Any
 
@@ -74,8 +75,8 @@ def graddrop(
       An ``optax.GradientTransformationExtraArgs`` whose ``update`` requires the
       extra argument ``key=`` (a JAX PRNG key).
     """
-    gc.check_num_tasks(num_tasks, "graddrop")
-    gc.check_real(leak, "leak", "graddrop", lo=0, hi=1, shapes=((), (num_tasks,)),
+    nm.check_num_tasks(num_tasks, "graddrop")
+    nm.check_real(leak, "leak", "graddrop", lo=0, hi=1, shapes=((), (num_tasks,)),
                   note="0 is full sign dropout, 1 the plain sum")
     leak_arr = jnp.asarray(leak, jnp.float32)
     if leak_arr.ndim == 0:
@@ -100,7 +101,7 @@ def graddrop(
             acc = jnp.promote_types(g.dtype, jnp.float32)
             x = g.astype(acc)
             total = jnp.sum(x, axis=0)
-            purity = 0.5 * (1.0 + gc.safe_div(total, jnp.sum(jnp.abs(x), axis=0)))
+            purity = 0.5 * (1.0 + nm.safe_div(total, jnp.sum(jnp.abs(x), axis=0)))
             u = jax.random.uniform(jax.random.fold_in(key, l), g.shape[1:], jnp.float32).astype(acc)
             keep = ((x > 0) & (u < purity)[None]) | ((x < 0) & (u >= purity)[None])
             lk = leak_arr.astype(acc).reshape((num_tasks,) + (1,) * (g.ndim - 1))
@@ -108,7 +109,7 @@ def graddrop(
             out_shared.append(jnp.sum(factor * x, axis=0).astype(g.dtype))
             kept = kept + jnp.sum(keep).astype(jnp.float32)
             nonzero = nonzero + jnp.sum(x != 0).astype(jnp.float32)
-        out = ta.merge_shared(out_shared, gc.sum_heads(g_heads), mask, treedef)
+        out = ta.merge_shared(out_shared, nm.sum_heads(g_heads), mask, treedef)
         frac = jnp.where(nonzero > 0, kept / jnp.maximum(nonzero, 1.0), 1.0)
         return out, GradDropState(count=optax.safe_increment(state.count), kept_fraction=frac)
 

@@ -51,6 +51,7 @@ import optax
 
 from dbmtl_jax import task_axis as ta
 from dbmtl_jax.methods import _gradient_common as gc
+from dbmtl_jax.methods import _numerics as nm
 
 PyTree = Any
 
@@ -104,17 +105,17 @@ def gradnorm(
       An ``optax.GradientTransformationExtraArgs`` whose ``update`` requires the
       extra argument ``losses=`` (raw task losses, shape ``[T]``).
     """
-    gc.check_num_tasks(num_tasks, "gradnorm")
-    gc.check_real(alpha, "alpha", "gradnorm", lo=0)
-    gc.check_real(min_weight, "min_weight", "gradnorm", lo=0, lo_open=True)
-    gc.check_optimizer(weight_optimizer, "weight_optimizer", "gradnorm")
-    gc.check_bool(weight_heads, "weight_heads", "gradnorm")
+    nm.check_num_tasks(num_tasks, "gradnorm")
+    nm.check_real(alpha, "alpha", "gradnorm", lo=0)
+    nm.check_real(min_weight, "min_weight", "gradnorm", lo=0, lo_open=True)
+    nm.check_optimizer(weight_optimizer, "weight_optimizer", "gradnorm")
+    nm.check_bool(weight_heads, "weight_heads", "gradnorm")
     if norm_leaves is not None and not callable(norm_leaves):
         raise TypeError(f"gradnorm: norm_leaves must be None or a callable on a leaf path, got {norm_leaves!r}.")
     inner = optax.adam(1e-4) if weight_optimizer is None else weight_optimizer
 
     def init_fn(params: PyTree) -> GradNormState:
-        dt = gc.state_dtype(params, ta.resolve_shared(shared, params))
+        dt = nm.state_dtype(params, ta.resolve_shared(shared, params))
         w = jnp.ones([num_tasks], dt)
         return GradNormState(
             count=jnp.zeros([], jnp.int32),
@@ -132,8 +133,8 @@ def gradnorm(
         sdt = state.weights.dtype
         losses = gc.require_losses(losses, num_tasks, "gradnorm").astype(sdt)
         w = state.weights
-        out_shared = gc.combine(g_shared, w)
-        out_heads = gc.combine(g_heads, w) if weight_heads else gc.sum_heads(g_heads)
+        out_shared = nm.combine(g_shared, w)
+        out_heads = nm.combine(g_heads, w) if weight_heads else nm.sum_heads(g_heads)
         out = ta.merge_shared(out_shared, out_heads, mask, treedef)
 
         if norm_leaves is None:
@@ -144,14 +145,14 @@ def gradnorm(
             if g_shared and not sel:
                 raise ValueError("gradnorm: norm_leaves selected none of the shared leaves.")
         if sel:
-            n = gc.task_norms(sel, gc.acc_dtype(sel)).astype(sdt)
+            n = nm.task_norms(sel, nm.acc_dtype(sel)).astype(sdt)
         else:
             n = jnp.zeros([num_tasks], sdt)
 
         init_l = jnp.where(state.count == 0, losses, state.initial_losses)
-        rel = jnp.where(init_l != 0, gc.safe_div(losses, init_l), 1.0)
+        rel = jnp.where(init_l != 0, nm.safe_div(losses, init_l), 1.0)
         mean_rel = jnp.mean(rel)
-        r = jnp.where(mean_rel > 0, gc.safe_div(rel, mean_rel), 1.0)
+        r = jnp.where(mean_rel > 0, nm.safe_div(rel, mean_rel), 1.0)
         gw = w * n
         target = jnp.mean(gw) * jnp.maximum(r, 0) ** alpha
         diff = gw - target

@@ -40,7 +40,7 @@ combination of the original gradients), exact and ``O(T²P)``.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import chex
 import jax
@@ -49,6 +49,7 @@ import optax
 
 from dbmtl_jax import task_axis as ta
 from dbmtl_jax.methods import _gradient_common as gc
+from dbmtl_jax.methods import _numerics as nm
 
 PyTree = Any
 EMA_UPDATES = ("always", "on_violation")
@@ -74,7 +75,7 @@ class GradVacState(NamedTuple):
     weights: chex.Array
 
 
-@gc.full_precision
+@nm.highest_precision
 def gradvac_coefficients(
     gram: jax.Array,
     targets: jax.Array,
@@ -97,8 +98,8 @@ def gradvac_coefficients(
         def body(p, carry):
             w, row = carry
             j = order[p]
-            gw = jnp.dot(gram, w, precision=gc.HIGHEST)
-            ni = jnp.sqrt(jnp.maximum(jnp.dot(w, gw, precision=gc.HIGHEST), 0))
+            gw = jnp.dot(gram, w, precision=nm.HIGHEST)
+            ni = jnp.sqrt(jnp.maximum(jnp.dot(w, gw, precision=nm.HIGHEST), 0))
             nj = jnp.sqrt(jnp.maximum(gram[j, j], 0))
             phi = gw[j] / (ni * nj + eps)
             phi = jnp.clip(phi, -1.0, 1.0)
@@ -142,12 +143,12 @@ def gradvac(
       An ``optax.GradientTransformationExtraArgs`` whose ``update`` requires the
       extra argument ``key=`` (a JAX PRNG key) for the random task orders.
     """
-    gc.check_num_tasks(num_tasks, "gradvac")
-    gc.check_choice(ema_update, EMA_UPDATES, "ema_update", "gradvac")
-    gc.check_choice(granularity, gc.GRANULARITIES, "granularity", "gradvac")
-    gc.check_real(beta, "beta", "gradvac", lo=0, hi=1, lo_open=True,
+    nm.check_num_tasks(num_tasks, "gradvac")
+    nm.check_choice(ema_update, EMA_UPDATES, "ema_update", "gradvac")
+    nm.check_choice(granularity, gc.GRANULARITIES, "granularity", "gradvac")
+    nm.check_real(beta, "beta", "gradvac", lo=0, hi=1, lo_open=True,
                   note="the weight of the new cosine; 0 freezes the targets")
-    gc.check_real(eps, "eps", "gradvac", lo=0, lo_open=True)
+    nm.check_real(eps, "eps", "gradvac", lo=0, lo_open=True)
 
     def num_groups(params: PyTree) -> int:
         if granularity == "global":
@@ -155,46 +156,38 @@ def gradvac(
         mask = ta.resolve_shared(shared, params)
         return max(1, sum(bool(f) for f in jax.tree_util.tree_leaves(mask)))
 
-    def init_fn(params: PyTree) -> GradVacState:
+    def init_state(params: PyTree) -> GradVacState:
         g = num_groups(params)
-        dt = gc.state_dtype(params, ta.resolve_shared(shared, params))
+        dt = nm.state_dtype(params, ta.resolve_shared(shared, params))
         return GradVacState(
             count=jnp.zeros([], jnp.int32),
             targets=jnp.zeros([g, num_tasks, num_tasks], dt),
             weights=jnp.ones([g, num_tasks], jnp.float32),
         )
 
-    def update_fn(
-        updates: PyTree, state: GradVacState, params: Optional[PyTree] = None, *, key: Any = None, **extra: Any
-    ) -> tuple[PyTree, GradVacState]:
-        del extra
-        g_shared, g_heads, mask, treedef = gc.split_updates(updates, params, shared, num_tasks)
-        key = gc.require_key(key, "gradvac")
-        groups = 1 if granularity == "global" else max(1, len(g_shared))
-        if state.targets.shape != (groups, num_tasks, num_tasks):
+    def weighting(gram: jax.Array, state: GradVacState, *, key: jax.Array, **_: Any) -> tuple[jax.Array, dict]:
+        grams = gram[None] if gram.ndim == 2 else gram  # [G, T, T]
+        if state.targets.shape != grams.shape:
             raise ValueError(
                 f"gradvac: state.targets has shape {state.targets.shape} but the updates need "
-                f"{(groups, num_tasks, num_tasks)}; the shared mask or parameter structure changed since init."
+                f"{grams.shape}; the shared mask or parameter structure changed since init."
             )
-        targets, weights = state.targets, state.weights
-        out_shared = []
-        if g_shared:
-            dt = gc.acc_dtype(g_shared)
-            grams, _ = gc.leaf_grams(g_shared, dt)
-            if granularity == "global":
-                grams = jnp.sum(grams, axis=0, keepdims=True)
-            grams, _ = gc.normalized_gram(grams)
-            orders = gc.task_orders(key, num_tasks)
-            w, new_t = jax.vmap(
-                lambda gm, tg: gradvac_coefficients(gm, tg, orders, beta, eps, ema_update)
-            )(grams, targets)
-            coeffs = jnp.sum(w, axis=1)  # [G, T]
-            if granularity == "global":
-                out_shared = gc.combine(g_shared, coeffs[0])
-            else:
-                out_shared = gc.combine_per_leaf(g_shared, coeffs)
-            targets, weights = new_t.astype(state.targets.dtype), coeffs.astype(jnp.float32)
-        out = ta.merge_shared(out_shared, gc.sum_heads(g_heads), mask, treedef)
-        return out, GradVacState(count=optax.safe_increment(state.count), targets=targets, weights=weights)
+        # eps is relative to the largest task-gradient norm: unit largest diagonal
+        grams, _ = nm.normalize_gram(grams, by="max")
+        orders = gc.task_orders(key, num_tasks)
+        w, new_t = jax.vmap(lambda gm, tg: gradvac_coefficients(gm, tg, orders, beta, eps, ema_update))(
+            grams, state.targets
+        )
+        coeffs = jnp.sum(w, axis=1)  # [G, T]
+        return coeffs, dict(targets=new_t.astype(state.targets.dtype), weights=coeffs.astype(jnp.float32))
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return gc.make_gradient_transform(
+        "gradvac",
+        num_tasks,
+        weighting,
+        init_state,
+        shared=shared,
+        gram="leaf" if granularity == "leaf" else "scaled",
+        needs_key=True,
+        keep_when_no_shared=True,
+    )

@@ -63,8 +63,8 @@ import numpy as np
 import optax
 
 from dbmtl_jax import task_axis as ta
-from dbmtl_jax.methods import _gradient_common as gc
 from dbmtl_jax.methods import _loss_common as lc
+from dbmtl_jax.methods import _numerics as nm
 
 __all__ = ["IGBv2State", "SACState", "igbv2"]
 
@@ -411,25 +411,25 @@ def igbv2(
       An ``optax.GradientTransformationExtraArgs``; ``update`` requires
       ``losses=`` and ``key=``.
     """
-    lc.check_num_tasks(num_tasks)
-    steps_per_epoch = lc.check_int("steps_per_epoch", steps_per_epoch, 1, method="igbv2")
-    base_epoch = lc.check_int("base_epoch", base_epoch, 0, method="igbv2")
-    start_epoch = lc.check_int("start_epoch", start_epoch, 0, method="igbv2")
-    update_after = lc.check_int("update_after", update_after, 0, method="igbv2")
-    update_every = lc.check_int("update_every", update_every, 1, method="igbv2")
-    buffer_size = lc.check_int("buffer_size", buffer_size, 1, method="igbv2")
-    seed = lc.check_int("seed", seed, 0, method="igbv2")
+    nm.check_num_tasks(num_tasks, "igbv2")
+    steps_per_epoch = nm.check_int(steps_per_epoch, "steps_per_epoch", "igbv2", lo=1)
+    base_epoch = nm.check_int(base_epoch, "base_epoch", "igbv2", lo=0)
+    start_epoch = nm.check_int(start_epoch, "start_epoch", "igbv2", lo=0)
+    update_after = nm.check_int(update_after, "update_after", "igbv2", lo=0)
+    update_every = nm.check_int(update_every, "update_every", "igbv2", lo=1)
+    buffer_size = nm.check_int(buffer_size, "buffer_size", "igbv2", lo=1)
+    seed = nm.check_int(seed, "seed", "igbv2", lo=0)
     if not isinstance(sac_hidden, (tuple, list)):
         raise TypeError(f"igbv2: sac_hidden must be a tuple of positive ints, got {sac_hidden!r}.")
     sac_hidden = tuple(sac_hidden)
     if not sac_hidden or any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in sac_hidden):
         raise ValueError(f"igbv2: sac_hidden must be a non-empty tuple of positive ints, got {sac_hidden!r}.")
-    gc.check_real(sac_lr, "sac_lr", "igbv2", lo=0)
-    gc.check_real(discount, "discount", "igbv2", lo=0, hi=1)
-    gc.check_real(tau, "tau", "igbv2", lo=0, hi=1, lo_open=True, note="0 freezes the target critic")
-    gc.check_real(init_alpha, "init_alpha", "igbv2", lo=0, lo_open=True, note="its log is the initial log-temperature")
-    gc.check_real(reward_scale, "reward_scale", "igbv2", lo=0, lo_open=True)
-    gc.check_real(eps, "eps", "igbv2", lo=0, lo_open=True)
+    nm.check_real(sac_lr, "sac_lr", "igbv2", lo=0)
+    nm.check_real(discount, "discount", "igbv2", lo=0, hi=1)
+    nm.check_real(tau, "tau", "igbv2", lo=0, hi=1, lo_open=True, note="0 freezes the target critic")
+    nm.check_real(init_alpha, "init_alpha", "igbv2", lo=0, lo_open=True, note="its log is the initial log-temperature")
+    nm.check_real(reward_scale, "reward_scale", "igbv2", lo=0, lo_open=True)
+    nm.check_real(eps, "eps", "igbv2", lo=0, lo_open=True)
     hp = dict(eps=eps, reward_scale=reward_scale, sac_lr=sac_lr, discount=discount, tau=tau)
 
     def init_state() -> IGBv2State:

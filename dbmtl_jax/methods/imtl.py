@@ -31,11 +31,13 @@ from __future__ import annotations
 from typing import Any, NamedTuple, Optional
 
 import chex
+import jax
 import jax.numpy as jnp
 import optax
 
 from dbmtl_jax import task_axis as ta
 from dbmtl_jax.methods import _gradient_common as gc
+from dbmtl_jax.methods import _numerics as nm
 from dbmtl_jax.methods.imtl_g import imtl_g_weights
 
 PyTree = Any
@@ -82,13 +84,13 @@ def imtl(
       An ``optax.GradientTransformationExtraArgs`` whose ``update`` requires the
       extra argument ``losses=`` (raw task losses, shape ``[T]``).
     """
-    gc.check_num_tasks(num_tasks, "imtl")
-    gc.check_optimizer(scale_optimizer, "scale_optimizer", "imtl")
-    gc.check_real(max_log_scale, "max_log_scale", "imtl", lo=0, hi=88, lo_open=True,
+    nm.check_num_tasks(num_tasks, "imtl")
+    nm.check_optimizer(scale_optimizer, "scale_optimizer", "imtl")
+    nm.check_real(max_log_scale, "max_log_scale", "imtl", lo=0, hi=88, lo_open=True,
                   note="e^88 is near the float32 maximum")
     inner = optax.adam(1e-4) if scale_optimizer is None else scale_optimizer
 
-    def init_fn(params: PyTree) -> IMTLState:
+    def init_state(params: PyTree) -> IMTLState:
         del params
         s = jnp.zeros([num_tasks], jnp.float32)
         return IMTLState(
@@ -99,36 +101,33 @@ def imtl(
             residual=jnp.zeros([], jnp.float32),
         )
 
-    def update_fn(
-        updates: PyTree, state: IMTLState, params: Optional[PyTree] = None, *, losses: Any = None, **extra: Any
-    ) -> tuple[PyTree, IMTLState]:
-        del extra
-        g_shared, g_heads, mask, treedef = gc.split_updates(updates, params, shared, num_tasks)
-        losses = gc.require_losses(losses, num_tasks, "imtl")
-        s = state.log_scales
-        scales = jnp.exp(s)
-        weights, resid, out_shared = state.weights, state.residual, []
-        if g_shared:
-            dt = gc.acc_dtype(g_shared)
-            gram, _ = gc.normalized_gram(jnp.sum(gc.leaf_grams(g_shared, dt)[0], axis=0))
-            sc = scales.astype(dt)
-            gram, _ = gc.normalized_gram(gram * sc[:, None] * sc[None, :])
-            alpha, r = imtl_g_weights(gram)
-            out_shared = gc.combine(g_shared, alpha * sc)
-            weights, resid = alpha.astype(jnp.float32), r.astype(jnp.float32)
-        out_heads = gc.combine(g_heads, scales)
-        out = ta.merge_shared(out_shared, out_heads, mask, treedef)
+    def scales(state: IMTLState) -> jax.Array:
+        return jnp.exp(state.log_scales)
 
-        grad_s = (scales * losses.astype(jnp.float32) - 1.0).astype(jnp.float32)
+    def weighting(gram: jax.Array, state: IMTLState, **_: Any) -> tuple[jax.Array, dict]:
+        # IMTL-G on the gradients of the scaled losses e^s ℓ (renormalised: e^s may be huge)
+        sc = scales(state).astype(gram.dtype)
+        gram, _ = nm.normalize_gram(gram * sc[:, None] * sc[None, :])
+        alpha, r = imtl_g_weights(gram)
+        return alpha * sc, dict(weights=alpha.astype(jnp.float32), residual=r.astype(jnp.float32))
+
+    def advance(state: IMTLState, *, losses: jax.Array, **_: Any) -> dict:
+        # IMTL-L: one step of the inner optimizer on ∂/∂s (e^s ℓ − s) = e^s ℓ − 1
+        s = state.log_scales
+        grad_s = (scales(state) * losses.astype(jnp.float32) - 1.0).astype(jnp.float32)
         grad_s = jnp.where(jnp.isfinite(grad_s), grad_s, 0.0)
         step, inner_state = inner.update(grad_s, state.inner_state, s)
         new_s = jnp.clip(optax.apply_updates(s, step), -max_log_scale, max_log_scale).astype(jnp.float32)
-        return out, IMTLState(
-            count=optax.safe_increment(state.count),
-            log_scales=new_s,
-            inner_state=inner_state,
-            weights=weights,
-            residual=resid,
-        )
+        return dict(log_scales=new_s, inner_state=inner_state)
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return gc.make_gradient_transform(
+        "imtl",
+        num_tasks,
+        weighting,
+        init_state,
+        shared=shared,
+        heads=scales,
+        needs_losses=True,
+        keep_when_no_shared=True,
+        advance=advance,
+    )

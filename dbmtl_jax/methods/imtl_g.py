@@ -43,7 +43,7 @@ inconsistent (degenerate) systems and when ``d`` is numerically zero (e.g.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import chex
 import jax
@@ -52,6 +52,7 @@ import optax
 
 from dbmtl_jax import task_axis as ta
 from dbmtl_jax.methods import _gradient_common as gc
+from dbmtl_jax.methods import _numerics as nm
 from dbmtl_jax.methods import _qp
 
 PyTree = Any
@@ -74,7 +75,7 @@ class IMTLGState(NamedTuple):
     residual: chex.Array
 
 
-@gc.full_precision
+@nm.highest_precision
 def imtl_g_weights(gram: jax.Array) -> tuple[jax.Array, jax.Array]:
     """IMTL-G weights from a Gram matrix: ``(α [T], residual)`` (see the module docstring)."""
     t = gram.shape[0]
@@ -95,9 +96,9 @@ def imtl_g_weights(gram: jax.Array) -> tuple[jax.Array, jax.Array]:
     beta = jnp.where(ok, beta / jnp.where(ok, total, 1), beta)
     alpha = a * beta
     # spread of the projections ⟨d, u_t⟩ ∝ (Cβ)_t over ‖d‖ ∝ ‖β‖_C, widened by the rounding margin
-    proj = jnp.matmul(cos, beta, precision=gc.HIGHEST)
-    dn = jnp.sqrt(jnp.maximum(jnp.dot(beta, proj, precision=gc.HIGHEST), 0))
-    err = (4.0 + 2.0 * t**0.5) * jnp.finfo(dt).eps * jnp.matmul(jnp.abs(cos), jnp.abs(beta), precision=gc.HIGHEST)
+    proj = jnp.matmul(cos, beta, precision=nm.HIGHEST)
+    dn = jnp.sqrt(jnp.maximum(jnp.dot(beta, proj, precision=nm.HIGHEST), 0))
+    err = (4.0 + 2.0 * t**0.5) * jnp.finfo(dt).eps * jnp.matmul(jnp.abs(cos), jnp.abs(beta), precision=nm.HIGHEST)
     spread = jnp.max(jnp.where(active, proj + err, -jnp.inf)) - jnp.min(jnp.where(active, proj - err, jnp.inf))
     resid = jnp.where(dn > 0, spread / jnp.where(dn > 0, dn, 1), jnp.where(spread > 0, 1e30, 0))
     resid = jnp.minimum(jnp.maximum(resid, jnp.abs(jnp.sum(alpha) - 1)), 1e30)
@@ -116,9 +117,9 @@ def imtl_g(num_tasks: int, *, shared: ta.SharedSpec = None) -> optax.GradientTra
     Returns:
       An ``optax.GradientTransformationExtraArgs``; extra args are ignored.
     """
-    gc.check_num_tasks(num_tasks, "imtl_g")
+    nm.check_num_tasks(num_tasks, "imtl_g")
 
-    def init_fn(params: PyTree) -> IMTLGState:
+    def init_state(params: PyTree) -> IMTLGState:
         del params
         return IMTLGState(
             count=jnp.zeros([], jnp.int32),
@@ -126,19 +127,10 @@ def imtl_g(num_tasks: int, *, shared: ta.SharedSpec = None) -> optax.GradientTra
             residual=jnp.zeros([], jnp.float32),
         )
 
-    def update_fn(
-        updates: PyTree, state: IMTLGState, params: Optional[PyTree] = None, **extra: Any
-    ) -> tuple[PyTree, IMTLGState]:
-        del extra
-        g_shared, g_heads, mask, treedef = gc.split_updates(updates, params, shared, num_tasks)
-        weights, resid, out_shared = state.weights, state.residual, []
-        if g_shared:
-            dt = gc.acc_dtype(g_shared)
-            gram, _ = gc.normalized_gram(jnp.sum(gc.leaf_grams(g_shared, dt)[0], axis=0))
-            alpha, r = imtl_g_weights(gram)
-            out_shared = gc.combine(g_shared, alpha)
-            weights, resid = alpha.astype(jnp.float32), r.astype(jnp.float32)
-        out = ta.merge_shared(out_shared, gc.sum_heads(g_heads), mask, treedef)
-        return out, IMTLGState(count=optax.safe_increment(state.count), weights=weights, residual=resid)
+    def weighting(gram: jax.Array, state: IMTLGState, **_: Any) -> tuple[jax.Array, dict]:
+        alpha, r = imtl_g_weights(gram)
+        return alpha, dict(weights=alpha.astype(jnp.float32), residual=r.astype(jnp.float32))
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return gc.make_gradient_transform(
+        "imtl_g", num_tasks, weighting, init_state, shared=shared, keep_when_no_shared=True
+    )

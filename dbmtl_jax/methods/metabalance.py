@@ -36,7 +36,7 @@ import optax
 
 from dbmtl_jax import task_axis as ta
 from dbmtl_jax.methods import _gradient_common as gc
-from dbmtl_jax.methods import _loss_common as lc
+from dbmtl_jax.methods import _numerics as nm
 
 PyTree = Any
 STRATEGIES = ("adapt", "reduce", "enlarge")
@@ -85,13 +85,13 @@ def metabalance(
     Returns:
       An ``optax.GradientTransformationExtraArgs``; extra args are ignored.
     """
-    gc.check_num_tasks(num_tasks, "metabalance")
-    gc.check_choice(strategy, STRATEGIES, "strategy", "metabalance")
-    gc.check_choice(granularity, gc.GRANULARITIES, "granularity", "metabalance")
-    gc.check_real(relax_factor, "relax_factor", "metabalance", lo=0, hi=1)
-    gc.check_real(beta, "beta", "metabalance", lo=0, hi=1, hi_open=True,
+    nm.check_num_tasks(num_tasks, "metabalance")
+    nm.check_choice(strategy, STRATEGIES, "strategy", "metabalance")
+    nm.check_choice(granularity, gc.GRANULARITIES, "granularity", "metabalance")
+    nm.check_real(relax_factor, "relax_factor", "metabalance", lo=0, hi=1)
+    nm.check_real(beta, "beta", "metabalance", lo=0, hi=1, hi_open=True,
                   note="the weight of the old value; 1 freezes the norms at 0")
-    main_task = lc.check_int("main_task", main_task, 0, num_tasks - 1, method="metabalance")
+    main_task = nm.check_int(main_task, "main_task", "metabalance", lo=0, hi=num_tasks - 1)
 
     def num_groups(tree: PyTree) -> int:
         if granularity == "global":
@@ -100,7 +100,7 @@ def metabalance(
 
     def init_fn(params: PyTree) -> MetaBalanceState:
         g = num_groups(params)
-        dt = gc.state_dtype(params, ta.resolve_shared(shared, params))
+        dt = nm.state_dtype(params, ta.resolve_shared(shared, params))
         return MetaBalanceState(
             count=jnp.zeros([], jnp.int32),
             norms=jnp.zeros([g, num_tasks], dt),
@@ -120,14 +120,14 @@ def metabalance(
             )
         norms, factors, out_shared = state.norms, state.factors, []
         if g_shared:
-            dt = gc.acc_dtype(g_shared)
+            dt = nm.acc_dtype(g_shared)
             if granularity == "global":
-                cur = gc.task_norms(g_shared, dt)[None]
+                cur = nm.task_norms(g_shared, dt)[None]
             else:
-                cur = gc.leaf_task_norms(g_shared, dt)
+                cur = nm.task_norms(g_shared, dt, per_leaf=True)
             m = beta * norms.astype(dt) + (1 - beta) * cur
             m_main = m[:, main_task : main_task + 1]
-            ratio = gc.safe_div(jnp.broadcast_to(m_main, m.shape), m)
+            ratio = nm.safe_div(jnp.broadcast_to(m_main, m.shape), m)
             ratio = jnp.minimum(ratio, jnp.finfo(dt).max / 4)
             f = relax_factor * ratio + (1 - relax_factor)
             if strategy == "reduce":
@@ -136,11 +136,11 @@ def metabalance(
                 f = jnp.where(m < m_main, f, 1)
             f = f.at[:, main_task].set(1)
             if granularity == "global":
-                out_shared = gc.combine(g_shared, f[0])
+                out_shared = nm.combine(g_shared, f[0])
             else:
-                out_shared = gc.combine_per_leaf(g_shared, f)
+                out_shared = nm.combine_per_leaf(g_shared, f)
             norms, factors = m.astype(state.norms.dtype), f.astype(jnp.float32)
-        out = ta.merge_shared(out_shared, gc.sum_heads(g_heads), mask, treedef)
+        out = ta.merge_shared(out_shared, nm.sum_heads(g_heads), mask, treedef)
         return out, MetaBalanceState(count=optax.safe_increment(state.count), norms=norms, factors=factors)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

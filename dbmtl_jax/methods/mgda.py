@@ -74,7 +74,7 @@ import optax
 
 from dbmtl_jax import task_axis as ta
 from dbmtl_jax.methods import _gradient_common as gc
-from dbmtl_jax.methods import _loss_common as lc
+from dbmtl_jax.methods import _numerics as nm
 from dbmtl_jax.methods import _qp
 
 PyTree = Any
@@ -101,7 +101,7 @@ class MGDAState(NamedTuple):
     iterations: chex.Array
 
 
-@_qp.highest_precision
+@nm.highest_precision
 def mgda_weights(
     gram: jax.Array,
     *,
@@ -162,15 +162,15 @@ def mgda(
       params=None, *, losses=None)`` needs ``losses=`` (``[T]``) only for the
       ``"loss"``/``"loss+"`` normalisations.
     """
-    gc.check_num_tasks(num_tasks, "mgda")
-    gc.check_choice(normalization, NORMALIZATIONS, "normalization", "mgda")
-    gc.check_choice(solver, SOLVERS, "solver", "mgda")
+    nm.check_num_tasks(num_tasks, "mgda")
+    nm.check_choice(normalization, NORMALIZATIONS, "normalization", "mgda")
+    nm.check_choice(solver, SOLVERS, "solver", "mgda")
     if max_iter is not None:
-        max_iter = lc.check_int("max_iter", max_iter, 1, method="mgda")
-    gc.check_real(tol, "tol", "mgda", lo=0, hi=1, lo_open=True, hi_open=True)
-    gc.check_bool(weight_heads, "weight_heads", "mgda")
+        max_iter = nm.check_int(max_iter, "max_iter", "mgda", lo=1)
+    nm.check_real(tol, "tol", "mgda", lo=0, hi=1, lo_open=True, hi_open=True)
+    nm.check_bool(weight_heads, "weight_heads", "mgda")
 
-    def init_fn(params: PyTree) -> MGDAState:
+    def init_state(params: PyTree) -> MGDAState:
         del params
         return MGDAState(
             count=jnp.zeros([], jnp.int32),
@@ -179,35 +179,20 @@ def mgda(
             iterations=jnp.zeros([], jnp.int32),
         )
 
-    def update_fn(
-        updates: PyTree,
-        state: MGDAState,
-        params: Optional[PyTree] = None,
-        *,
-        losses: Optional[jax.Array] = None,
-        **extra_args: Any,
-    ) -> tuple[PyTree, MGDAState]:
-        del extra_args
-        ta.check_task_axis(updates, num_tasks, params=params)
+    def weighting(gram: jax.Array, state: MGDAState, *, losses: Any = None, **_: Any) -> tuple[jax.Array, dict]:
         if normalization in ("loss", "loss+"):
             if losses is None:
                 raise ValueError(f"mgda with normalization={normalization!r} requires the losses= extra argument.")
             if jnp.shape(losses) != (num_tasks,):
                 raise ValueError(f"losses must have shape ({num_tasks},), got {jnp.shape(losses)}.")
-        mask = ta.resolve_shared(shared, updates if params is None else params)
-        g_shared, g_heads, treedef = ta.split_shared(updates, mask)
-        gram, _ = _qp.shared_gram(g_shared, num_tasks)
         res = mgda_weights(gram, normalization=normalization, losses=losses, solver=solver, max_iter=max_iter, tol=tol)
         lam = res.x
-        out_shared = _qp.weighted_sum(g_shared, lam)
-        out_heads = _qp.weighted_sum(g_heads, lam) if weight_heads else [jnp.sum(g, axis=0) for g in g_heads]
-        out = ta.merge_shared(out_shared, out_heads, mask, treedef)
-        new_state = MGDAState(
-            count=optax.safe_increment(state.count),
+        fields = dict(
             weights=lam.astype(jnp.float32),
             gap=res.residual.astype(jnp.float32),
             iterations=res.iterations.astype(jnp.int32),
         )
-        return out, new_state
+        return lam, fields
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    heads = "weighted" if weight_heads else "sum"
+    return gc.make_gradient_transform("mgda", num_tasks, weighting, init_state, shared=shared, heads=heads)

@@ -40,6 +40,7 @@ import optax
 
 from dbmtl_jax import task_axis as ta
 from dbmtl_jax.methods import _gradient_common as gc
+from dbmtl_jax.methods import _numerics as nm
 
 PyTree = Any
 LAMBDA_UPDATES = ("project", "softmax")
@@ -93,21 +94,21 @@ def moco(
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
     """
-    gc.check_num_tasks(num_tasks, "moco")
-    gc.check_choice(lambda_update, LAMBDA_UPDATES, "lambda_update", "moco")
-    gc.check_choice(grad_transform, GRAD_TRANSFORMS, "grad_transform", "moco")
-    gc.check_real(beta, "beta", "moco", lo=0, hi=1, lo_open=True, note="the weight of the new gradient in y")
-    gc.check_real(beta_sigma, "beta_sigma", "moco", lo=0)
-    gc.check_real(gamma, "gamma", "moco", lo=0)
-    gc.check_real(gamma_sigma, "gamma_sigma", "moco", lo=0)
-    gc.check_real(rho, "rho", "moco", lo=0, note="a negative ridge makes the λ step ascend")
+    nm.check_num_tasks(num_tasks, "moco")
+    nm.check_choice(lambda_update, LAMBDA_UPDATES, "lambda_update", "moco")
+    nm.check_choice(grad_transform, GRAD_TRANSFORMS, "grad_transform", "moco")
+    nm.check_real(beta, "beta", "moco", lo=0, hi=1, lo_open=True, note="the weight of the new gradient in y")
+    nm.check_real(beta_sigma, "beta_sigma", "moco", lo=0)
+    nm.check_real(gamma, "gamma", "moco", lo=0)
+    nm.check_real(gamma_sigma, "gamma_sigma", "moco", lo=0)
+    nm.check_real(rho, "rho", "moco", lo=0, note="a negative ridge makes the λ step ascend")
 
     def init_fn(params: PyTree) -> MoCoState:
         mask = ta.resolve_shared(shared, params)
         return MoCoState(
             count=jnp.zeros([], jnp.int32),
             y=ta.stacked_zeros_tree(params, mask, num_tasks),
-            lambd=jnp.full([num_tasks], 1.0 / num_tasks, gc.state_dtype(params, mask)),
+            lambd=jnp.full([num_tasks], 1.0 / num_tasks, nm.state_dtype(params, mask)),
         )
 
     def update_fn(
@@ -127,28 +128,28 @@ def moco(
 
         lambd, new_y, out_shared = state.lambd, [], []
         if g_shared:
-            dt = gc.acc_dtype(list(g_shared) + list(y_l))
+            dt = nm.acc_dtype(list(g_shared) + list(y_l))
             h = [g.astype(dt) for g in g_shared]
             if grad_transform == "normalize_loss":
-                n = gc.task_norms(g_shared, dt)
-                c = gc.safe_div(losses.astype(dt), n)
+                n = nm.task_norms(g_shared, dt)
+                c = nm.safe_div(losses.astype(dt), n)
                 h = [x * c.reshape((num_tasks,) + (1,) * (x.ndim - 1)) for x in h]
             new_y = [y.astype(dt) - beta_k.astype(dt) * (y.astype(dt) - x) for y, x in zip(y_l, h)]
-            grams, a = gc.leaf_grams(new_y, dt)
-            gram = jnp.sum(grams, axis=0) * (a * a)
+            gram, scale = nm.gram(new_y, num_tasks, dt)
+            gram = gram * scale
             lam = state.lambd.astype(dt)
-            step = jnp.matmul(gram + rho * jnp.eye(num_tasks, dtype=dt), lam, precision=gc.HIGHEST)
+            step = jnp.matmul(gram + rho * jnp.eye(num_tasks, dtype=dt), lam, precision=nm.HIGHEST)
             z = lam - gamma_k.astype(dt) * step
             if lambda_update == "project":
-                lambd = gc.project_simplex(z)
+                lambd = nm.project_simplex(z)
             else:
                 big = jnp.finfo(dt).max / 4
                 z = jnp.where(jnp.isnan(z), -big, jnp.clip(z, -big, big))
                 lambd = jax.nn.softmax(z)
             lambd = lambd.astype(state.lambd.dtype)
-            out_shared = [c.astype(g.dtype) for c, g in zip(gc.combine(new_y, lambd.astype(dt)), g_shared)]
+            out_shared = [c.astype(g.dtype) for c, g in zip(nm.combine(new_y, lambd.astype(dt)), g_shared)]
             new_y = [y.astype(old.dtype) for y, old in zip(new_y, y_l)]
-        out = ta.merge_shared(out_shared, gc.sum_heads(g_heads), mask, treedef)
+        out = ta.merge_shared(out_shared, nm.sum_heads(g_heads), mask, treedef)
         y_tree = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(state.y), new_y)
         return out, MoCoState(count=count, y=y_tree, lambd=lambd)
 

@@ -37,6 +37,7 @@ import optax
 
 from dbmtl_jax import task_axis as ta
 from dbmtl_jax.methods import _gradient_common as gc
+from dbmtl_jax.methods import _numerics as nm
 
 PyTree = Any
 
@@ -92,14 +93,14 @@ def mtadam(
       An ``optax.GradientTransformationExtraArgs``; chain with
       ``optax.scale_by_learning_rate(lr)``.
     """
-    gc.check_num_tasks(num_tasks, "mtadam")
-    gc.check_choice(granularity, gc.GRANULARITIES, "granularity", "mtadam")
+    nm.check_num_tasks(num_tasks, "mtadam")
+    nm.check_choice(granularity, gc.GRANULARITIES, "granularity", "mtadam")
     for name, b in (("b1", b1), ("b2", b2), ("b3", b3)):
-        gc.check_real(b, name, "mtadam", lo=0, hi=1, hi_open=True)
-    gc.check_real(eps, "eps", "mtadam", lo=0, lo_open=True, note="it guards the Adam denominator")
-    gc.check_real(norm_eps, "norm_eps", "mtadam", lo=0)
+        nm.check_real(b, name, "mtadam", lo=0, hi=1, hi_open=True)
+    nm.check_real(eps, "eps", "mtadam", lo=0, lo_open=True, note="it guards the Adam denominator")
+    nm.check_real(norm_eps, "norm_eps", "mtadam", lo=0)
     if ranks is not None:
-        gc.check_real(ranks, "ranks", "mtadam", lo=0, shapes=((num_tasks,),), note="a negative rank flips the task")
+        nm.check_real(ranks, "ranks", "mtadam", lo=0, shapes=((num_tasks,),), note="a negative rank flips the task")
     rank_arr = jnp.ones([num_tasks], jnp.float32) if ranks is None else jnp.asarray(ranks, jnp.float32)
     if rank_arr.shape != (num_tasks,):
         raise ValueError(f"mtadam: ranks must have shape [{num_tasks}], got {rank_arr.shape}.")
@@ -113,7 +114,7 @@ def mtadam(
         mask = ta.resolve_shared(shared, params)
         return MTAdamState(
             count=jnp.zeros([], jnp.int32),
-            norms=jnp.zeros([num_groups(params), num_tasks], gc.state_dtype(params, mask)),
+            norms=jnp.zeros([num_groups(params), num_tasks], nm.state_dtype(params, mask)),
             mu=ta.stacked_zeros_tree(params, mask, num_tasks),
             nu=ta.stacked_zeros_tree(params, mask, num_tasks),
             mu_heads=gc.zeros_tree(params, mask, want_shared=False),
@@ -151,13 +152,13 @@ def mtadam(
         norms = state.norms
         out_shared, new_mu, new_nu = [], [], []
         if g_shared:
-            dt = gc.acc_dtype(g_shared)
-            cur = gc.task_norms(g_shared, dt)[None] if granularity == "global" else gc.leaf_task_norms(g_shared, dt)
+            dt = nm.acc_dtype(g_shared)
+            cur = nm.task_norms(g_shared, dt)[None] if granularity == "global" else nm.task_norms(g_shared, dt, per_leaf=True)
             n = jnp.where(first, cur, b3 * state.norms.astype(dt) + (1 - b3) * cur)
             ok = n > norm_eps
             has_anchor = jnp.any(ok, axis=1, keepdims=True)
             anchor = jnp.take_along_axis(n, jnp.argmax(ok, axis=1)[:, None], axis=1)
-            ratio = jnp.minimum(gc.safe_div(jnp.broadcast_to(anchor, n.shape), n), jnp.finfo(dt).max / 4)
+            ratio = jnp.minimum(nm.safe_div(jnp.broadcast_to(anchor, n.shape), n), jnp.finfo(dt).max / 4)
             scale = jnp.where(ok & has_anchor, rank_arr.astype(dt)[None] * ratio, 1)
             norms = n.astype(state.norms.dtype)
             for i, (g, m, v) in enumerate(zip(g_shared, mu_l, nu_l)):

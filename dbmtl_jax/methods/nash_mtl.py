@@ -59,9 +59,7 @@ Choices:
 
 from __future__ import annotations
 
-import math
-import numbers
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import chex
 import jax
@@ -69,6 +67,8 @@ import jax.numpy as jnp
 import optax
 
 from dbmtl_jax import task_axis as ta
+from dbmtl_jax.methods import _gradient_common as gc
+from dbmtl_jax.methods import _numerics as nm
 from dbmtl_jax.methods import _qp
 
 PyTree = Any
@@ -78,9 +78,6 @@ __all__ = [
     "nash_mtl",
     "solve_balanced_weights",
     "clip_leaves",
-    "check_number",
-    "check_count",
-    "check_flag",
 ]
 
 
@@ -102,43 +99,8 @@ class NashMTLState(NamedTuple):
     iterations: chex.Array
 
 
-def check_number(
-    value: Any,
-    option: str,
-    method: str,
-    *,
-    lo: float,
-    hi: float = math.inf,
-    lo_open: bool = False,
-    hi_open: bool = True,
-) -> float:
-    """A finite real hyperparameter in the range ``lo .. hi``; ``ValueError`` naming the option and range."""
-    rng = f"{'(' if lo_open else '['}{lo:g}, {'inf' if math.isinf(hi) else format(hi, 'g')}{')' if hi_open else ']'}"
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-    if ok:
-        ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
-    if not ok:
-        raise ValueError(f"{method}: {option} must be a finite number in {rng}, got {value!r}.")
-    return float(value)
-
-
-def check_count(value: Any, option: str, method: str) -> int:
-    """A Python int ≥ 1; ``ValueError`` naming the option and range."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{method}: {option} must be an int >= 1, got {value!r}.")
-    return int(value)
-
-
-def check_flag(value: Any, option: str, method: str) -> bool:
-    """A bool; ``ValueError`` naming the option otherwise."""
-    if not isinstance(value, bool):
-        raise ValueError(f"{method}: {option} must be True or False, got {value!r}.")
-    return value
-
-
 def solve_balanced_weights(
-    leaves: list,
-    num_tasks: int,
+    gram: tuple[jax.Array, jax.Array],
     p: float,
     prev: jax.Array,
     *,
@@ -146,18 +108,18 @@ def solve_balanced_weights(
     max_iter: int,
     tol: float = 1e-4,
 ) -> _qp.SolverResult:
-    """Solves ``G w = w^{-p}`` for the raw Gram matrix of ``leaves``; ``prev`` is the warm start.
+    """Solves ``G w = w^{-p}`` for the raw Gram matrix of the shared gradients; ``prev`` is the warm start.
 
-    ``G = diag(n) C diag(n)`` is formed as task norms ``n`` and cosines ``C``
-    (:func:`dbmtl_jax.methods._qp.task_cosine_gram`, each task pre-scaled by
-    its own largest entry) and solved in variables scaled per task
+    ``G = diag(n) C diag(n)`` is given as ``gram = (C, n)``, cosines and task
+    norms (:func:`dbmtl_jax.methods._numerics.task_cosine_gram`, each task
+    pre-scaled by its own largest entry), and solved in variables scaled per task
     (:func:`dbmtl_jax.methods._qp.power_balance`), so the result is accurate
     whatever the relative scale of the task gradients.  The residual is a
     bound on ``max_t |w_t^p (Gw)_t − 1|``.  When the shared gradient is all
     zeros (or there are no shared leaves) the equation has no solution:
     ``w = 1`` is returned with residual 1.
     """
-    cos, norms = _qp.task_cosine_gram(leaves, num_tasks)
+    cos, norms = gram
     return _qp.power_balance(
         cos, p, norms=norms, w0=prev, ridge=ridge, max_iter=max_iter, tol=tol, out_dtype=jnp.float32
     )
@@ -167,7 +129,7 @@ def clip_leaves(leaves: list, max_norm: float) -> list:
     """Scales ``leaves`` so that their global norm is at most ``max_norm`` (0: no clipping)."""
     if max_norm <= 0 or not leaves:
         return leaves
-    norm = _qp.global_norm(leaves)
+    norm = nm.global_norm(leaves)
     factor = jnp.minimum(1.0, max_norm / jnp.maximum(norm, jnp.finfo(norm.dtype).tiny))
     return [(x.astype(jnp.promote_types(x.dtype, jnp.float32)) * factor).astype(x.dtype) for x in leaves]
 
@@ -207,15 +169,16 @@ def nash_mtl(
       ValueError: a hyperparameter out of its range (the message names it).
     """
     name = "nash_mtl"
-    num_tasks = check_count(num_tasks, "num_tasks", name)
-    max_norm = check_number(max_norm, "max_norm", name, lo=0.0)
-    update_weights_every = check_count(update_weights_every, "update_weights_every", name)
-    max_iter = check_count(max_iter, "max_iter", name)
-    ridge = check_number(ridge, "ridge", name, lo=0.0, hi=1.0)
-    tol = check_number(tol, "tol", name, lo=0.0, hi=1.0, lo_open=True)
-    check_flag(weight_heads, "weight_heads", name)
+    strict = {"type_error": ValueError, "interval": True}  # this family raises ValueError for every bad value
+    num_tasks = nm.check_num_tasks(num_tasks, name)
+    max_norm = float(nm.check_real(max_norm, "max_norm", name, lo=0.0, **strict))
+    update_weights_every = nm.check_int(update_weights_every, "update_weights_every", name, lo=1, type_error=ValueError)
+    max_iter = nm.check_int(max_iter, "max_iter", name, lo=1, type_error=ValueError)
+    ridge = float(nm.check_real(ridge, "ridge", name, lo=0.0, hi=1.0, hi_open=True, **strict))
+    tol = float(nm.check_real(tol, "tol", name, lo=0.0, hi=1.0, lo_open=True, hi_open=True, **strict))
+    nm.check_bool(weight_heads, "weight_heads", name, type_error=ValueError)
 
-    def init_fn(params: PyTree) -> NashMTLState:
+    def init_state(params: PyTree) -> NashMTLState:
         del params
         return NashMTLState(
             count=jnp.zeros([], jnp.int32),
@@ -224,36 +187,30 @@ def nash_mtl(
             iterations=jnp.zeros([], jnp.int32),
         )
 
-    def update_fn(
-        updates: PyTree, state: NashMTLState, params: Optional[PyTree] = None, **extra_args: Any
-    ) -> tuple[PyTree, NashMTLState]:
-        del extra_args
-        ta.check_task_axis(updates, num_tasks, params=params)
-        mask = ta.resolve_shared(shared, updates if params is None else params)
-        g_shared, g_heads, treedef = ta.split_shared(updates, mask)
-
-        def solve(_):
-            res = solve_balanced_weights(
-                g_shared, num_tasks, 1.0, state.weights, ridge=ridge, max_iter=max_iter, tol=tol
-            )
-            return res.x.astype(jnp.float32), res.residual.astype(jnp.float32), res.iterations.astype(jnp.int32)
-
-        def keep(_):
-            return state.weights, state.residual, jnp.zeros([], jnp.int32)
-
-        if update_weights_every == 1:
-            alpha, residual, iters = solve(None)
-        else:
-            alpha, residual, iters = jax.lax.cond(state.count % update_weights_every == 0, solve, keep, None)
-        out_shared = clip_leaves(_qp.weighted_sum(g_shared, alpha), max_norm)
-        out_heads = _qp.weighted_sum(g_heads, alpha) if weight_heads else [jnp.sum(g, axis=0) for g in g_heads]
-        out = ta.merge_shared(out_shared, out_heads, mask, treedef)
-        new_state = NashMTLState(
-            count=optax.safe_increment(state.count),
-            weights=alpha,
-            residual=residual,
-            iterations=iters,
+    def weighting(gram: tuple, state: NashMTLState, **_: Any) -> tuple[jax.Array, dict]:
+        res = solve_balanced_weights(gram, 1.0, state.weights, ridge=ridge, max_iter=max_iter, tol=tol)
+        alpha = res.x.astype(jnp.float32)
+        return alpha, dict(
+            weights=alpha, residual=res.residual.astype(jnp.float32), iterations=res.iterations.astype(jnp.int32)
         )
-        return out, new_state
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    def refresh(state: NashMTLState) -> jax.Array:
+        return state.count % update_weights_every == 0
+
+    def stale(state: NashMTLState) -> tuple[jax.Array, dict]:
+        return state.weights, dict(
+            weights=state.weights, residual=state.residual, iterations=jnp.zeros([], jnp.int32)
+        )
+
+    return gc.make_gradient_transform(
+        name,
+        num_tasks,
+        weighting,
+        init_state,
+        shared=shared,
+        gram="cosine",
+        heads="weighted" if weight_heads else "sum",
+        refresh=None if update_weights_every == 1 else refresh,
+        stale=stale,
+        postprocess=lambda leaves: clip_leaves(leaves, max_norm),
+    )

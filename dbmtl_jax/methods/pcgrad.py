@@ -27,7 +27,7 @@ The task itself is not in its own list (the paper's ``j ≠ i``).
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import chex
 import jax
@@ -36,6 +36,7 @@ import optax
 
 from dbmtl_jax import task_axis as ta
 from dbmtl_jax.methods import _gradient_common as gc
+from dbmtl_jax.methods import _numerics as nm
 
 PyTree = Any
 REDUCTIONS = ("sum", "mean")
@@ -57,7 +58,7 @@ class PCGradState(NamedTuple):
     num_projections: chex.Array
 
 
-@gc.full_precision
+@nm.highest_precision
 def pcgrad_coefficients(gram: jax.Array, orders: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Projection in Gram space: returns ``(W [T, T], num_projections)``.
 
@@ -73,7 +74,7 @@ def pcgrad_coefficients(gram: jax.Array, orders: jax.Array) -> tuple[jax.Array, 
         def body(p, carry):
             w, n = carry
             j = order[p]
-            d = jnp.dot(w, gram[:, j], precision=gc.HIGHEST)
+            d = jnp.dot(w, gram[:, j], precision=nm.HIGHEST)
             nj = gram[j, j]
             hit = (d < 0) & (nj > 0)
             coef = jnp.where(hit, d / jnp.where(nj > 0, nj, 1), 0)
@@ -104,10 +105,10 @@ def pcgrad(
       An ``optax.GradientTransformationExtraArgs`` whose ``update`` requires the
       extra argument ``key=`` (a JAX PRNG key) for the random task orders.
     """
-    gc.check_num_tasks(num_tasks, "pcgrad")
-    gc.check_choice(reduction, REDUCTIONS, "reduction", "pcgrad")
+    nm.check_num_tasks(num_tasks, "pcgrad")
+    nm.check_choice(reduction, REDUCTIONS, "reduction", "pcgrad")
 
-    def init_fn(params: PyTree) -> PCGradState:
+    def init_state(params: PyTree) -> PCGradState:
         del params
         return PCGradState(
             count=jnp.zeros([], jnp.int32),
@@ -115,28 +116,13 @@ def pcgrad(
             num_projections=jnp.zeros([], jnp.int32),
         )
 
-    def update_fn(
-        updates: PyTree, state: PCGradState, params: Optional[PyTree] = None, *, key: Any = None, **extra: Any
-    ) -> tuple[PyTree, PCGradState]:
-        del extra
-        g_shared, g_heads, mask, treedef = gc.split_updates(updates, params, shared, num_tasks)
-        key = gc.require_key(key, "pcgrad")
-        if g_shared:
-            dt = gc.acc_dtype(g_shared)
-            gram, _ = gc.normalized_gram(jnp.sum(gc.leaf_grams(g_shared, dt)[0], axis=0))
-            w, nproj = pcgrad_coefficients(gram, gc.task_orders(key, num_tasks))
-            coeffs = jnp.sum(w, axis=0)
-            if reduction == "mean":
-                coeffs = coeffs / num_tasks
-            out_shared = gc.combine(g_shared, coeffs)
-        else:
-            coeffs, nproj, out_shared = jnp.ones([num_tasks], jnp.float32), jnp.zeros([], jnp.int32), []
-        out_heads = gc.sum_heads(g_heads)
-        out = ta.merge_shared(out_shared, out_heads, mask, treedef)
-        return out, PCGradState(
-            count=optax.safe_increment(state.count),
-            weights=coeffs.astype(jnp.float32),
-            num_projections=nproj.astype(jnp.int32),
-        )
+    def weighting(gram: jax.Array, state: PCGradState, *, key: jax.Array, **_: Any) -> tuple[jax.Array, dict]:
+        w, nproj = pcgrad_coefficients(gram, gc.task_orders(key, num_tasks))
+        coeffs = jnp.sum(w, axis=0)
+        if reduction == "mean":
+            coeffs = coeffs / num_tasks
+        return coeffs, dict(weights=coeffs.astype(jnp.float32), num_projections=nproj.astype(jnp.int32))
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return gc.make_gradient_transform(
+        "pcgrad", num_tasks, weighting, init_state, shared=shared, needs_key=True, keep_when_no_shared=True
+    )

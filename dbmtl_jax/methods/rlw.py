@@ -33,8 +33,8 @@ import jax.numpy as jnp
 import optax
 
 from dbmtl_jax import task_axis as ta
-from dbmtl_jax.methods import _gradient_common as gc
 from dbmtl_jax.methods import _loss_common as lc
+from dbmtl_jax.methods import _numerics as nm
 
 DISTRIBUTIONS = ("normal", "uniform", "dirichlet", "bernoulli", "constrained_bernoulli")
 
@@ -112,8 +112,8 @@ def rlw(
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``update`` requires ``key=``.
     """
-    lc.check_num_tasks(num_tasks)
-    gc.check_choice(distribution, DISTRIBUTIONS, "distribution", "rlw")
+    nm.check_num_tasks(num_tasks, "rlw")
+    nm.check_choice(distribution, DISTRIBUTIONS, "distribution", "rlw")
     if distribution == "bernoulli" and num_tasks > 30:
         raise ValueError("rlw: distribution='bernoulli' supports at most 30 tasks.")
 

@@ -43,8 +43,8 @@ import numpy as np
 import optax
 
 from dbmtl_jax import task_axis as ta
-from dbmtl_jax.methods import _gradient_common as gc
 from dbmtl_jax.methods import _loss_common as lc
+from dbmtl_jax.methods import _numerics as nm
 
 __all__ = ["STCHState", "stch"]
 
@@ -142,15 +142,15 @@ def stch(
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``update`` requires ``losses=``.
     """
-    lc.check_num_tasks(num_tasks)
-    steps_per_epoch = lc.check_int("steps_per_epoch", steps_per_epoch, 1, method="stch")
-    warmup_epochs = lc.check_int("warmup_epochs", warmup_epochs, 0, method="stch")
-    gc.check_real(mu, "mu", "stch", lo=0, lo_open=True)
-    gc.check_real(eps, "eps", "stch", lo=0, lo_open=True)
+    nm.check_num_tasks(num_tasks, "stch")
+    steps_per_epoch = nm.check_int(steps_per_epoch, "steps_per_epoch", "stch", lo=1)
+    warmup_epochs = nm.check_int(warmup_epochs, "warmup_epochs", "stch", lo=0)
+    nm.check_real(mu, "mu", "stch", lo=0, lo_open=True)
+    nm.check_real(eps, "eps", "stch", lo=0, lo_open=True)
     if nadir is not None:
         if np.shape(nadir) != (num_tasks,):
             raise ValueError(f"stch: nadir must have shape ({num_tasks},), got {np.shape(nadir)}.")
-        gc.check_real(nadir, "nadir", "stch", lo=0, lo_open=True, shapes=((num_tasks,),), note="it divides the losses")
+        nm.check_real(nadir, "nadir", "stch", lo=0, lo_open=True, shapes=((num_tasks,),), note="it divides the losses")
 
     def init_state() -> STCHState:
         return STCHState(

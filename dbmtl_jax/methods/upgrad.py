@@ -72,7 +72,7 @@ import optax
 
 from dbmtl_jax import task_axis as ta
 from dbmtl_jax.methods import _gradient_common as gc
-from dbmtl_jax.methods import _loss_common as lc
+from dbmtl_jax.methods import _numerics as nm
 from dbmtl_jax.methods import _qp
 
 PyTree = Any
@@ -97,7 +97,7 @@ class UPGradState(NamedTuple):
     iterations: chex.Array
 
 
-@_qp.highest_precision
+@nm.highest_precision
 def upgrad_projections(
     gram: jax.Array,
     pref: jax.Array,
@@ -134,7 +134,7 @@ def upgrad_projections(
     return _qp.SolverResult(v, res.iterations, res.residual)
 
 
-@_qp.highest_precision
+@nm.highest_precision
 def upgrad_weights(
     gram: jax.Array,
     pref: jax.Array,
@@ -180,18 +180,18 @@ def upgrad(
     Returns:
       An ``optax.GradientTransformationExtraArgs``; extra args are ignored.
     """
-    gc.check_num_tasks(num_tasks, "upgrad")
-    gc.check_real(reg_eps, "reg_eps", "upgrad", lo=0)
+    nm.check_num_tasks(num_tasks, "upgrad")
+    nm.check_real(reg_eps, "reg_eps", "upgrad", lo=0)
     if max_iter is not None:
-        max_iter = lc.check_int("max_iter", max_iter, 1, method="upgrad")
-    gc.check_real(tol, "tol", "upgrad", lo=0, hi=1, lo_open=True, hi_open=True)
+        max_iter = nm.check_int(max_iter, "max_iter", "upgrad", lo=1)
+    nm.check_real(tol, "tol", "upgrad", lo=0, hi=1, lo_open=True, hi_open=True)
     if pref_vector is None:
         pref = np.full([num_tasks], 1.0 / num_tasks, np.float32)
     else:
-        gc.check_real(pref_vector, "pref_vector", "upgrad", lo=0, shapes=((num_tasks,),))
+        nm.check_real(pref_vector, "pref_vector", "upgrad", lo=0, shapes=((num_tasks,),))
         pref = np.asarray(pref_vector, np.float32)
 
-    def init_fn(params: PyTree) -> UPGradState:
+    def init_state(params: PyTree) -> UPGradState:
         del params
         return UPGradState(
             count=jnp.zeros([], jnp.int32),
@@ -200,24 +200,11 @@ def upgrad(
             iterations=jnp.zeros([], jnp.int32),
         )
 
-    def update_fn(
-        updates: PyTree, state: UPGradState, params: Optional[PyTree] = None, **extra_args: Any
-    ) -> tuple[PyTree, UPGradState]:
-        del extra_args
-        ta.check_task_axis(updates, num_tasks, params=params)
-        mask = ta.resolve_shared(shared, updates if params is None else params)
-        g_shared, g_heads, treedef = ta.split_shared(updates, mask)
-        gram, _ = _qp.shared_gram(g_shared, num_tasks)
+    def weighting(gram: jax.Array, state: UPGradState, **_: Any) -> tuple[jax.Array, dict]:
         w, resid, iters = upgrad_weights(gram, jnp.asarray(pref), reg_eps=reg_eps, max_iter=max_iter, tol=tol)
-        out_shared = _qp.weighted_sum(g_shared, w)
-        out_heads = [jnp.sum(g, axis=0) for g in g_heads]
-        out = ta.merge_shared(out_shared, out_heads, mask, treedef)
-        new_state = UPGradState(
-            count=optax.safe_increment(state.count),
-            weights=w.astype(jnp.float32),
-            residual=resid.astype(jnp.float32),
-            iterations=iters.astype(jnp.int32),
+        fields = dict(
+            weights=w.astype(jnp.float32), residual=resid.astype(jnp.float32), iterations=iters.astype(jnp.int32)
         )
-        return out, new_state
+        return w, fields
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return gc.make_gradient_transform("upgrad", num_tasks, weighting, init_state, shared=shared)

@@ -34,8 +34,8 @@ import jax.numpy as jnp
 import optax
 
 from dbmtl_jax import task_axis as ta
-from dbmtl_jax.methods import _gradient_common as gc
 from dbmtl_jax.methods import _loss_common as lc
+from dbmtl_jax.methods import _numerics as nm
 
 __all__ = ["UWState", "uw"]
 
@@ -106,10 +106,10 @@ def uw(
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``update`` requires ``losses=``.
     """
-    lc.check_num_tasks(num_tasks)
-    gc.check_real(init, "init", "uw", shapes=((), (num_tasks,)))
+    nm.check_num_tasks(num_tasks, "uw")
+    nm.check_real(init, "init", "uw", shapes=((), (num_tasks,)))
     lc.check_inner_adam("uw", learning_rate, b1, b2, adam_eps)
-    gc.check_real(weight_decay, "weight_decay", "uw", lo=0)
+    nm.check_real(weight_decay, "weight_decay", "uw", lo=0)
     hp = dict(learning_rate=learning_rate, b1=b1, b2=b2, adam_eps=adam_eps, weight_decay=weight_decay)
 
     def init_state() -> UWState:

@@ -1,0 +1,470 @@
+"""The one numerics kit of the multi-task methods (private).
+
+Every method module takes its small numerical building blocks from here, so
+that each exists once:
+
+* :func:`highest_precision`: the precision decorator of the small ``T × T``
+  solvers (full-float32 matmuls on accelerators).
+* argument checks: :func:`check_num_tasks`, :func:`check_int`,
+  :func:`check_real`, :func:`check_bool`, :func:`check_choice`,
+  :func:`check_optimizer` (construction time; tracers pass unchecked).
+* dtypes: :func:`acc_dtype` (float32 or wider), :func:`state_dtype`.
+* Gram matrices of per-task gradients (leaves ``[T, *shape]``): :func:`gram`
+  (one common overflow-safe scaling, normalised by :func:`normalize_gram`) and
+  :func:`task_cosine_gram` (each task scaled by its own largest entry: task
+  norms and cosines, exact at any relative scale of the tasks).
+* norms: :func:`task_norms` (``‖g_t‖``, global or per leaf) and
+  :func:`global_norm` (no task axis), both overflow-safe.
+* combinations: :func:`combine` (``Σ_t c_t g_t`` per leaf), :func:`combine_per_leaf`,
+  :func:`sum_heads` (plain ``Σ_t g_t``), all accumulated in float32 or wider.
+* :func:`project_simplex` (``optax.projections.projection_simplex`` on a
+  sanitised input) and :func:`safe_div`.
+
+Why not ``optax.tree_utils`` for the norms, scalar products and weighted sums:
+those reduce over the whole pytree without a task axis and square the raw
+entries (``tree_l2_norm`` overflows in float32 for entries above ~1e19 and
+underflows below ~1e-19), while the solvers need the ``[T, T]`` products over
+all leaves, scaled by the largest entry first, to stay exact for gradients
+anywhere between 1e-10 and 1e10 (``tests/methods/test_solver_scaling_*.py``).
+"""
+
+from __future__ import annotations
+
+import functools
+import numbers
+from typing import Any, Callable, Optional, Sequence, TypeVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from dbmtl_jax import task_axis as ta
+
+PyTree = Any
+HIGHEST = jax.lax.Precision.HIGHEST
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+__all__ = [
+    "HIGHEST",
+    "highest_precision",
+    "is_traced",
+    "check_num_tasks",
+    "check_int",
+    "check_real",
+    "check_bool",
+    "check_choice",
+    "check_optimizer",
+    "acc_dtype",
+    "state_dtype",
+    "max_abs",
+    "normalize_gram",
+    "gram",
+    "task_cosine_gram",
+    "task_norms",
+    "global_norm",
+    "combine",
+    "combine_per_leaf",
+    "sum_heads",
+    "safe_div",
+    "project_simplex",
+]
+
+
+# ----------------------------------------------------------------------------
+# precision
+# ----------------------------------------------------------------------------
+
+
+def highest_precision(fn: _F) -> _F:
+    """Traces ``fn`` with full-float32 matmuls (no TF32/bf16 passes on accelerators).
+
+    The solvers work with ``T × T`` matrices (eigh, lstsq, projections, active
+    sets), so the cost is negligible, while the default reduced-precision
+    matmuls of some GPUs/TPUs (~1e-3 relative) would spoil the KKT conditions
+    they are meant to satisfy.
+    """
+
+    @functools.wraps(fn)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        with jax.default_matmul_precision("highest"):
+            return fn(*args, **kwargs)
+
+    return wrapped  # type: ignore[return-value]
+
+
+# ----------------------------------------------------------------------------
+# argument checks (construction time)
+# ----------------------------------------------------------------------------
+
+
+def is_traced(value: Any) -> bool:
+    """True for a JAX tracer: a hyperparameter traced under ``jit`` (e.g. ``optax.inject_hyperparams``
+    re-building the transform inside a jitted ``update``).  Tracers are not validated."""
+    return isinstance(value, jax.core.Tracer)
+
+
+def _prefix(method: Optional[str]) -> str:
+    return f"{method}: " if method else ""
+
+
+def check_num_tasks(num_tasks: Any, method: Optional[str] = None) -> int:
+    """``num_tasks`` must be a positive (Python or NumPy) int: it sizes the state.  Returns it as an int."""
+    if isinstance(num_tasks, (bool, np.bool_)) or not isinstance(num_tasks, numbers.Integral) or num_tasks < 1:
+        raise ValueError(
+            f"{_prefix(method)}num_tasks must be a positive Python int (it sizes the state), got {num_tasks!r}; "
+            "under optax.inject_hyperparams pass static_args=('num_tasks',)."
+        )
+    return int(num_tasks)
+
+
+def check_int(
+    value: Any,
+    option: str,
+    method: Optional[str] = None,
+    *,
+    lo: int = 1,
+    hi: Optional[int] = None,
+    type_error: type = TypeError,
+) -> Any:
+    """An integer hyperparameter in ``[lo, hi]`` (``hi=None``: no upper bound), returned as a Python int.
+
+    A concrete integer array or NumPy integer (what ``optax.inject_hyperparams``
+    passes at init) is converted; a tracer (the same wrapper's calls inside
+    ``update``, which only refresh float hyperparameters) is returned as is.
+    A non-integer (bools included) raises ``type_error`` (``TypeError`` by
+    default; the balance solvers raise ``ValueError`` for every bad value), an
+    out-of-range int ``ValueError``; the message names ``method`` and ``option``.
+    """
+    if is_traced(value):
+        return value
+    if hasattr(value, "dtype") and jnp.ndim(value) == 0 and jnp.issubdtype(value.dtype, jnp.integer):
+        value = int(value)
+    rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise type_error(f"{_prefix(method)}{option} must be an int {rng}, got {type(value).__name__} {value!r}.")
+    if value < lo or (hi is not None and value > hi):
+        raise ValueError(f"{_prefix(method)}{option} must be an int {rng}, got {value!r}.")
+    return value
+
+
+def _range_text(lo: Optional[float], hi: Optional[float], lo_open: bool, hi_open: bool, interval: bool) -> str:
+    if interval:
+        left = "-inf" if lo is None else format(lo, "g")
+        right = "inf" if hi is None else format(hi, "g")
+        return f"in {'(' if lo_open or lo is None else '['}{left}, {right}{')' if hi_open or hi is None else ']'}"
+    if lo is not None and hi is not None:
+        return f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+    if lo is not None:
+        return f"{'>' if lo_open else '>='} {lo:g}"
+    if hi is not None:
+        return f"{'<' if hi_open else '<='} {hi:g}"
+    return ""
+
+
+def check_real(
+    value: Any,
+    option: str,
+    method: str,
+    *,
+    lo: Optional[float] = None,
+    hi: Optional[float] = None,
+    lo_open: bool = False,
+    hi_open: bool = False,
+    shapes: Sequence[tuple] = ((),),
+    note: str = "",
+    type_error: type = TypeError,
+    interval: bool = False,
+) -> Any:
+    """Validates a real-valued hyperparameter and returns it unchanged.
+
+    ``value`` may be a Python number, a NumPy scalar or a concrete JAX array
+    (what ``optax.inject_hyperparams`` passes at ``init``) whose shape is one of
+    ``shapes`` (default: a scalar); every entry must be finite and lie in the
+    range ``lo .. hi`` (bounds excluded with ``lo_open`` / ``hi_open``).  A
+    tracer is returned unchecked.  Raises ``type_error`` (default ``TypeError``)
+    for a non-number and ``ValueError`` (``"<method>: <option> must be ..."``)
+    for a bad shape or value; ``note`` is appended to the message (why the
+    range).  ``interval=True`` writes the range as an interval (``in [0, inf)``)
+    rather than as a comparison (``>= 0``).
+    """
+    if is_traced(value):
+        return value
+    rng = _range_text(lo, hi, lo_open, hi_open, interval)
+    shapes = [tuple(s) for s in shapes]
+    what = f"a finite number {rng}".rstrip()
+    arrays = " or ".join(str(s) for s in shapes if s)
+    if arrays:
+        entries = f"an array of shape {arrays} of finite numbers {rng}".rstrip()
+        what = f"{what} or {entries}" if () in shapes else entries
+    suffix = f" ({note})" if note else ""
+    arr = None
+    if not isinstance(value, (bool, np.bool_, str, bytes)) and value is not None:
+        try:
+            arr = np.asarray(value)
+        except Exception:  # noqa: BLE001 - anything that is not array-like is the wrong type
+            arr = None
+    if arr is None or arr.dtype.kind not in "iuf":
+        raise type_error(f"{method}: {option} must be {what}, got {type(value).__name__} {value!r}.")
+    if arr.shape not in shapes:
+        shown = " or ".join((["be a scalar"] if () in shapes else []) + ([f"have shape {arrays}"] if arrays else []))
+        raise ValueError(f"{method}: {option} must {shown}, got shape {arr.shape}.")
+    x = arr.astype(np.float64)
+    ok = np.isfinite(x)
+    if lo is not None:
+        ok &= (x > lo) if lo_open else (x >= lo)
+    if hi is not None:
+        ok &= (x < hi) if hi_open else (x <= hi)
+    if not np.all(ok):
+        shown = repr(arr.item()) if arr.ndim == 0 else repr(arr.tolist())
+        raise ValueError(f"{method}: {option} must be {what}, got {shown}{suffix}.")
+    return value
+
+
+def check_bool(value: Any, option: str, method: str, *, type_error: type = TypeError) -> bool:
+    """A Python (or NumPy) bool flag; ``type_error`` (default ``TypeError``) naming ``option`` otherwise."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise type_error(f"{method}: {option} must be True or False (a bool), got {type(value).__name__} {value!r}.")
+    return bool(value)
+
+
+def check_choice(value: Any, options: Sequence[str], option: str, method: str) -> str:
+    """Raises ``ValueError`` naming ``option`` when ``value`` is not one of ``options``."""
+    if not isinstance(value, str) or value not in options:
+        raise ValueError(f"{method}: unknown {option}={value!r}; expected one of {tuple(options)}.")
+    return value
+
+
+def check_optimizer(value: Any, option: str, method: str) -> Any:
+    """``None`` or an Optax ``GradientTransformation`` (anything with callable ``init`` and ``update``)."""
+    if value is not None and not (callable(getattr(value, "init", None)) and callable(getattr(value, "update", None))):
+        raise TypeError(
+            f"{method}: {option} must be None or an optax.GradientTransformation "
+            f"(e.g. optax.adam(1e-4)), got {type(value).__name__} {value!r}."
+        )
+    return value
+
+
+# ----------------------------------------------------------------------------
+# dtypes
+# ----------------------------------------------------------------------------
+
+
+def acc_dtype(leaves: Sequence[jax.Array]) -> Any:
+    """Accumulation dtype: float32, or the leaves' common dtype when wider (float64 under x64)."""
+    dt = jnp.float32
+    for x in leaves:
+        dt = jnp.promote_types(dt, x.dtype)
+    return dt
+
+
+def state_dtype(params: PyTree, mask: PyTree) -> Any:
+    """Dtype for small float state (norms, targets, weights): float32 or the widest shared dtype."""
+    flat = jax.tree_util.tree_leaves(params, is_leaf=ta.is_variable)
+    flags = jax.tree_util.tree_leaves(mask)
+    dt = jnp.dtype(jnp.float32)
+    for p, f in zip(flat, flags):
+        if f:
+            v = p.get_value() if ta.is_variable(p) else p
+            dt = jnp.promote_types(dt, jnp.asarray(v).dtype)
+    return dt
+
+
+# ----------------------------------------------------------------------------
+# Gram matrices and norms (overflow-safe)
+# ----------------------------------------------------------------------------
+
+
+def max_abs(leaves: Sequence[jax.Array], dtype: Any) -> jax.Array:
+    """Largest absolute entry over ``leaves`` as ``dtype``; 1 when it is zero or not finite.
+
+    The common divisor of the overflow-safe products below: with it, squares of
+    gradients anywhere between 1e-19 and 1e19 neither overflow nor underflow in
+    float32.  (A NaN/inf entry is left to propagate into the result.)
+    """
+    m = jnp.zeros([], dtype)
+    for x in leaves:
+        if x.size:
+            m = jnp.maximum(m, jnp.max(jnp.abs(x)).astype(dtype))
+    return jnp.where(jnp.isfinite(m) & (m > 0), m, jnp.ones([], dtype))
+
+
+def normalize_gram(g: jax.Array, by: str = "mean") -> tuple[jax.Array, jax.Array]:
+    """Rescales a Gram matrix (or a stack ``[..., T, T]``) to unit mean (``by="mean"``) or largest
+    (``by="max"``) diagonal; returns ``(g / s, s)``, ``s = 1`` where the diagonal is zero."""
+    d = jnp.diagonal(g, axis1=-2, axis2=-1)
+    s = jnp.mean(d, axis=-1) if by == "mean" else jnp.max(d, axis=-1)
+    s = jnp.where(s > 0, s, jnp.ones_like(s))
+    return g / s[..., None, None], s
+
+
+def gram(
+    leaves: Sequence[jax.Array], num_tasks: int, dtype: Any = None, *, per_leaf: bool = False
+) -> tuple[jax.Array, jax.Array]:
+    """Normalised Gram matrix of the per-task gradient ``J`` (``[T, P]``, the leaves flattened together).
+
+    Returns ``(g, scale)`` with ``J Jᵀ = scale · g`` and ``g`` of mean diagonal 1
+    (:func:`normalize_gram`); ``g = 0``, ``scale = 1`` when ``J`` is all zeros or
+    there are no leaves.  The leaves (each ``[T, *shape]``) are multiplied by
+    ``1 / max |J|`` (:func:`max_abs`) before the products, so neither overflow
+    nor underflow occurs for huge or tiny gradients, and the products are
+    symmetrised.  With ``per_leaf=True`` the result is one Gram matrix per leaf,
+    ``[L, T, T]`` (same common prescaling, each normalised on its own, ``scale``
+    ``[L]``).  Computed in ``dtype`` (default: :func:`acc_dtype`).  Every
+    solver using it is invariant to the common scale (the weights depend on
+    ``J Jᵀ`` up to a positive factor).
+    """
+    if dtype is None:
+        dtype = acc_dtype(leaves)
+    if not leaves:
+        return jnp.zeros((num_tasks, num_tasks), dtype), jnp.ones([], dtype)
+    amax = max_abs(leaves, dtype)
+    inv = 1.0 / amax
+    mats = []
+    for x in leaves:
+        m = x.reshape(num_tasks, -1).astype(dtype) * inv
+        mats.append(jnp.matmul(m, m.T, precision=HIGHEST))
+    if per_leaf:
+        g = jnp.stack(mats)
+    else:
+        g = mats[0]
+        for m in mats[1:]:
+            g = g + m
+    g = 0.5 * (g + jnp.swapaxes(g, -1, -2))
+    g, md = normalize_gram(g)
+    return g, amax * amax * md
+
+
+def task_cosine_gram(leaves: Sequence[jax.Array], num_tasks: int, dtype: Any = None) -> tuple[jax.Array, jax.Array]:
+    """Per-task preconditioned Gram matrix of the global shared gradient: ``(cos, norms)``.
+
+    ``J Jᵀ = diag(norms) · cos · diag(norms)`` with ``norms_t = ‖g_t‖`` and
+    ``cos`` the matrix of cosines between the task gradients (unit diagonal),
+    ``J`` the ``[T, P]`` concatenation of ``leaves``.  Every task's row is
+    divided by its *own* largest absolute entry before the products, so each
+    entry of ``cos`` is accurate to rounding relative to 1 whatever the
+    relative scale of the task gradients.  (A Gram matrix normalised by one
+    common factor, as :func:`gram`, keeps the small tasks only to
+    ``eps · max_t ‖g_t‖²`` absolute: in float32 a task 1e-4 times smaller than
+    the largest is lost.)  A task with an all-zero gradient gets norm 0 and a
+    zero row and column in ``cos`` (diagonal included); a NaN/inf entry makes
+    its task's norm NaN.  Computed in ``dtype`` (default: :func:`acc_dtype`).
+    """
+    if dtype is None:
+        dtype = acc_dtype(leaves)
+    t = num_tasks
+    mats = [x.reshape(t, -1) for x in leaves if x.size]
+    if not mats:
+        return jnp.zeros((t, t), dtype), jnp.zeros((t,), dtype)
+    amax = jnp.zeros((t,), dtype)
+    for m in mats:
+        amax = jnp.maximum(amax, jnp.max(jnp.abs(m), axis=1).astype(dtype))
+    finite = jnp.isfinite(amax)
+    inv = 1.0 / jnp.where(finite & (amax > 0), amax, 1.0)
+    acc = jnp.zeros((t, t), dtype)
+    for m in mats:
+        y = m.astype(dtype) * inv[:, None]
+        acc = acc + jnp.matmul(y, y.T, precision=HIGHEST)
+    acc = 0.5 * (acc + acc.T)
+    r = jnp.sqrt(jnp.maximum(jnp.diagonal(acc), 0.0))
+    nonzero = finite & (amax > 0) & (r > 0)
+    rs = jnp.where(nonzero, r, 1.0)
+    sq = jnp.where(nonzero, jnp.diagonal(acc), 1.0)
+    # √(M_ii M_jj) rather than √M_ii √M_jj: identical rows give a cosine of exactly 1
+    cos = acc / jnp.sqrt(sq[:, None] * sq[None, :])
+    both = nonzero[:, None] & nonzero[None, :]
+    cos = jnp.where(both, jnp.clip(cos, -1.0, 1.0), 0.0)
+    cos = jnp.where(jnp.eye(t, dtype=bool) & both, 1.0, cos)
+    bad = ~finite | jnp.isnan(r)
+    norms = jnp.where(bad, jnp.nan, jnp.where(nonzero, amax * rs, 0.0))
+    return cos, norms
+
+
+def task_norms(leaves: Sequence[jax.Array], dtype: Any = None, *, per_leaf: bool = False) -> jax.Array:
+    """``‖g_t‖`` of every task over all ``leaves`` (``[T]``), or per leaf (``[L, T]``), in ``dtype``.
+
+    Overflow-safe: the leaves are divided by their largest absolute entry
+    (:func:`max_abs`; per leaf with ``per_leaf=True``) before squaring.
+    """
+    if dtype is None:
+        dtype = acc_dtype(leaves)
+
+    def sq(x: jax.Array, a: jax.Array) -> jax.Array:
+        y = (x.astype(dtype) / a).reshape(x.shape[0], -1)
+        return jnp.sum(y * y, axis=1)
+
+    if per_leaf:
+        out = []
+        for x in leaves:
+            a = max_abs([x], dtype)
+            out.append(a * jnp.sqrt(sq(x, a)))
+        return jnp.stack(out)
+    a = max_abs(leaves, dtype)
+    total = None
+    for x in leaves:
+        s = sq(x, a)
+        total = s if total is None else total + s
+    return a * jnp.sqrt(total)
+
+
+def global_norm(leaves: Sequence[jax.Array], dtype: Any = jnp.float32) -> jax.Array:
+    """L2 norm over all ``leaves`` (no task axis), overflow-safe via :func:`max_abs` scaling."""
+    if not leaves:
+        return jnp.zeros([], dtype)
+    amax = jnp.zeros([], dtype)
+    for x in leaves:
+        amax = jnp.maximum(amax, jnp.max(jnp.abs(x)).astype(dtype))
+    safe = max_abs(leaves, dtype)
+    sq = sum(jnp.sum(jnp.square(x.astype(dtype) / safe)) for x in leaves)
+    return jnp.where(amax > 0, safe * jnp.sqrt(sq), jnp.zeros([], dtype))
+
+
+# ----------------------------------------------------------------------------
+# combinations
+# ----------------------------------------------------------------------------
+
+
+def combine(leaves: Sequence[jax.Array], coeffs: jax.Array) -> list:
+    """``Σ_t c_t g_t`` for every leaf (``[T, *shape] → [*shape]``), computed in float32 or wider
+    (the wider of the leaf's and the coefficients' dtypes), cast back to the leaf dtype."""
+    out = []
+    for x in leaves:
+        acc = jnp.promote_types(jnp.promote_types(x.dtype, jnp.float32), coeffs.dtype)
+        out.append(jnp.tensordot(coeffs.astype(acc), x.astype(acc), axes=(0, 0), precision=HIGHEST).astype(x.dtype))
+    return out
+
+
+def combine_per_leaf(leaves: Sequence[jax.Array], coeffs: jax.Array) -> list:
+    """Like :func:`combine` with one coefficient row per leaf: ``coeffs`` is ``[L, T]``."""
+    return [combine([x], coeffs[i])[0] for i, x in enumerate(leaves)]
+
+
+def sum_heads(leaves: Sequence[jax.Array]) -> list:
+    """Plain ``Σ_t g_t`` per leaf, accumulated in float32 or wider, cast back."""
+    return [jnp.sum(x.astype(jnp.promote_types(x.dtype, jnp.float32)), axis=0).astype(x.dtype) for x in leaves]
+
+
+def safe_div(num: jax.Array, den: jax.Array) -> jax.Array:
+    """``num / den`` where ``den != 0``, else 0 (no NaN/Inf leaks through ``where``)."""
+    ok = den != 0
+    return jnp.where(ok, num / jnp.where(ok, den, 1), 0)
+
+
+# ----------------------------------------------------------------------------
+# simplex projection
+# ----------------------------------------------------------------------------
+
+
+def project_simplex(v: jax.Array) -> jax.Array:
+    """Euclidean projection of ``v`` (``[T]``) onto ``{x ≥ 0, Σx = 1}``.
+
+    The exact sort-based projection of ``optax.projections.projection_simplex``
+    on a sanitised input: NaN entries count as ``-∞`` (they get weight 0),
+    entries are clipped to ``±max/4`` of the dtype, and ``v`` is shifted by its
+    maximum (the projection is shift-invariant), so huge entries do not lose
+    the simplex offset to rounding and the result is always a finite point of
+    the simplex.
+    """
+    big = jnp.finfo(v.dtype).max / 4
+    v = jnp.where(jnp.isnan(v), -big, jnp.clip(v, -big, big))
+    return optax.projections.projection_simplex(v - jnp.max(v))
