@@ -555,8 +555,8 @@ def power_balance_residual(
 ) -> jax.Array:
     """``max_t |w_t^p (G w)_t − 1|``: 0 exactly when ``G w = w^{-p}``.
 
-    With ``norms`` (see :func:`dbmtl_jax.methods._numerics.task_cosine_gram`), ``gram`` is the cosine
-    matrix ``C`` and ``G = diag(norms) C diag(norms)``; the products are formed
+    With ``norms`` (see :func:`dbmtl_jax.methods._numerics.task_cosine_gram`),
+    ``gram`` is the cosine matrix ``C`` and ``G = diag(norms) C diag(norms)``; the products are formed
     as ``w_t^p n_t (C (n ⊙ w))_t`` so that no badly scaled entry of ``G`` is
     ever formed.  Plain floating-point evaluation, without the rounding margin
     that :func:`power_balance` adds to its reported residual.

@@ -58,14 +58,11 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import chex
-import jax
-import jax.numpy as jnp
 import optax
 
 from dbmtl_jax import task_axis as ta
-from dbmtl_jax.methods import _gradient_common as gc
 from dbmtl_jax.methods import _numerics as nm
-from dbmtl_jax.methods.nash_mtl import clip_leaves, solve_balanced_weights
+from dbmtl_jax.methods.nash_mtl import balance_transform
 
 PyTree = Any
 
@@ -121,37 +118,17 @@ def fairgrad(
       ValueError: a hyperparameter out of its range (the message names it).
     """
     name = "fairgrad"
-    strict = {"type_error": ValueError, "interval": True}  # this family raises ValueError for every bad value
     num_tasks = nm.check_num_tasks(num_tasks, name)
-    alpha = float(nm.check_real(alpha, "alpha", name, lo=0.0, lo_open=True, **strict))
-    p = 1.0 / alpha
-    max_norm = float(nm.check_real(max_norm, "max_norm", name, lo=0.0, **strict))
-    max_iter = nm.check_int(max_iter, "max_iter", name, lo=1, type_error=ValueError)
-    ridge = float(nm.check_real(ridge, "ridge", name, lo=0.0, hi=1.0, hi_open=True, **strict))
-    tol = float(nm.check_real(tol, "tol", name, lo=0.0, hi=1.0, lo_open=True, hi_open=True, **strict))
-    nm.check_bool(weight_heads, "weight_heads", name, type_error=ValueError)
-
-    def init_state(params: PyTree) -> FairGradState:
-        del params
-        return FairGradState(
-            count=jnp.zeros([], jnp.int32),
-            weights=jnp.ones([num_tasks], jnp.float32),
-            residual=jnp.zeros([], jnp.float32),
-            iterations=jnp.zeros([], jnp.int32),
-        )
-
-    def weighting(gram: tuple, state: FairGradState, **_: Any) -> tuple[jax.Array, dict]:
-        res = solve_balanced_weights(gram, p, state.weights, ridge=ridge, max_iter=max_iter, tol=tol)
-        w = res.x.astype(jnp.float32)
-        return w, dict(weights=w, residual=res.residual.astype(jnp.float32), iterations=res.iterations.astype(jnp.int32))
-
-    return gc.make_gradient_transform(
+    alpha = float(nm.check_real(alpha, "alpha", name, lo=0.0, lo_open=True, type_error=ValueError, interval=True))
+    return balance_transform(
         name,
+        FairGradState,
         num_tasks,
-        weighting,
-        init_state,
+        1.0 / alpha,
+        max_norm=max_norm,
+        max_iter=max_iter,
+        ridge=ridge,
+        tol=tol,
+        weight_heads=weight_heads,
         shared=shared,
-        gram="cosine",
-        heads="weighted" if weight_heads else "sum",
-        postprocess=lambda leaves: clip_leaves(leaves, max_norm),
     )

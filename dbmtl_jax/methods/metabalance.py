@@ -121,10 +121,8 @@ def metabalance(
         norms, factors, out_shared = state.norms, state.factors, []
         if g_shared:
             dt = nm.acc_dtype(g_shared)
-            if granularity == "global":
-                cur = nm.task_norms(g_shared, dt)[None]
-            else:
-                cur = nm.task_norms(g_shared, dt, per_leaf=True)
+            cur = nm.task_norms(g_shared, dt, per_leaf=granularity == "leaf")
+            cur = cur[None] if granularity == "global" else cur
             m = beta * norms.astype(dt) + (1 - beta) * cur
             m_main = m[:, main_task : main_task + 1]
             ratio = nm.safe_div(jnp.broadcast_to(m_main, m.shape), m)

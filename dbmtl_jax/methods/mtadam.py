@@ -153,7 +153,8 @@ def mtadam(
         out_shared, new_mu, new_nu = [], [], []
         if g_shared:
             dt = nm.acc_dtype(g_shared)
-            cur = nm.task_norms(g_shared, dt)[None] if granularity == "global" else nm.task_norms(g_shared, dt, per_leaf=True)
+            cur = nm.task_norms(g_shared, dt, per_leaf=granularity == "leaf")
+            cur = cur[None] if granularity == "global" else cur
             n = jnp.where(first, cur, b3 * state.norms.astype(dt) + (1 - b3) * cur)
             ok = n > norm_eps
             has_anchor = jnp.any(ok, axis=1, keepdims=True)

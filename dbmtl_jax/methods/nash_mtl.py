@@ -78,6 +78,7 @@ __all__ = [
     "nash_mtl",
     "solve_balanced_weights",
     "clip_leaves",
+    "balance_transform",
 ]
 
 
@@ -169,38 +170,73 @@ def nash_mtl(
       ValueError: a hyperparameter out of its range (the message names it).
     """
     name = "nash_mtl"
-    strict = {"type_error": ValueError, "interval": True}  # this family raises ValueError for every bad value
     num_tasks = nm.check_num_tasks(num_tasks, name)
-    max_norm = float(nm.check_real(max_norm, "max_norm", name, lo=0.0, **strict))
     update_weights_every = nm.check_int(update_weights_every, "update_weights_every", name, lo=1, type_error=ValueError)
+    return balance_transform(
+        name,
+        NashMTLState,
+        num_tasks,
+        1.0,
+        max_norm=max_norm,
+        max_iter=max_iter,
+        ridge=ridge,
+        tol=tol,
+        weight_heads=weight_heads,
+        shared=shared,
+        update_every=update_weights_every,
+    )
+
+
+def balance_transform(
+    name: str,
+    state_cls: type,
+    num_tasks: int,
+    p: float,
+    *,
+    max_norm: Any,
+    max_iter: Any,
+    ridge: Any,
+    tol: Any,
+    weight_heads: Any,
+    shared: ta.SharedSpec,
+    update_every: int = 1,
+) -> optax.GradientTransformationExtraArgs:
+    """The transform of the balance methods ``G w = w^{-p}`` (Nash-MTL ``p = 1``, FairGrad ``p = 1/α``).
+
+    Validates the hyperparameters the two share (``ValueError`` for every bad
+    value, naming ``name``), then builds the Gram-weighting transform on the
+    cosine Gram matrix: weights by :func:`solve_balanced_weights` warm-started
+    from ``state.weights`` (recomputed every ``update_every`` updates), shared
+    update clipped to ``max_norm`` (:func:`clip_leaves`), heads weighted or
+    summed.  ``state_cls`` has the fields ``count, weights, residual, iterations``.
+    """
+    strict = {"type_error": ValueError, "interval": True}  # this family raises ValueError for every bad value
+    max_norm = float(nm.check_real(max_norm, "max_norm", name, lo=0.0, **strict))
     max_iter = nm.check_int(max_iter, "max_iter", name, lo=1, type_error=ValueError)
     ridge = float(nm.check_real(ridge, "ridge", name, lo=0.0, hi=1.0, hi_open=True, **strict))
     tol = float(nm.check_real(tol, "tol", name, lo=0.0, hi=1.0, lo_open=True, hi_open=True, **strict))
     nm.check_bool(weight_heads, "weight_heads", name, type_error=ValueError)
 
-    def init_state(params: PyTree) -> NashMTLState:
+    def init_state(params: PyTree) -> NamedTuple:
         del params
-        return NashMTLState(
+        return state_cls(
             count=jnp.zeros([], jnp.int32),
             weights=jnp.ones([num_tasks], jnp.float32),
             residual=jnp.zeros([], jnp.float32),
             iterations=jnp.zeros([], jnp.int32),
         )
 
-    def weighting(gram: tuple, state: NashMTLState, **_: Any) -> tuple[jax.Array, dict]:
-        res = solve_balanced_weights(gram, 1.0, state.weights, ridge=ridge, max_iter=max_iter, tol=tol)
-        alpha = res.x.astype(jnp.float32)
-        return alpha, dict(
-            weights=alpha, residual=res.residual.astype(jnp.float32), iterations=res.iterations.astype(jnp.int32)
-        )
+    def weighting(gram: tuple, state: NamedTuple, **_: Any) -> tuple[jax.Array, dict]:
+        res = solve_balanced_weights(gram, p, state.weights, ridge=ridge, max_iter=max_iter, tol=tol)
+        w = res.x.astype(jnp.float32)
+        return w, dict(weights=w, residual=res.residual.astype(jnp.float32), iterations=res.iterations.astype(jnp.int32))
 
-    def refresh(state: NashMTLState) -> jax.Array:
-        return state.count % update_weights_every == 0
+    def refresh(state: NamedTuple) -> jax.Array:
+        return state.count % update_every == 0
 
-    def stale(state: NashMTLState) -> tuple[jax.Array, dict]:
-        return state.weights, dict(
-            weights=state.weights, residual=state.residual, iterations=jnp.zeros([], jnp.int32)
-        )
+    def stale(state: NamedTuple) -> tuple[jax.Array, dict]:
+        zero = jnp.zeros([], jnp.int32)
+        return state.weights, dict(weights=state.weights, residual=state.residual, iterations=zero)
 
     return gc.make_gradient_transform(
         name,
@@ -210,7 +246,7 @@ def nash_mtl(
         shared=shared,
         gram="cosine",
         heads="weighted" if weight_heads else "sum",
-        refresh=None if update_weights_every == 1 else refresh,
+        refresh=None if update_every == 1 else refresh,
         stale=stale,
         postprocess=lambda leaves: clip_leaves(leaves, max_norm),
     )
