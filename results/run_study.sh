@@ -11,15 +11,15 @@
 # table shares with another (STL, EW, DB-MTL of the main table) is found in the store by its config hash and listed,
 # not retrained or copied.
 # Sections:
-#   main      STL + all 26 registry methods, and DB-MTL with β = 0 (a diagnostic row)
+#   main      STL + all 26 registry methods (DB-MTL at LibMTL's β = 0.9, σ = 0), and DB-MTL with β = 0 (a diagnostic row)
 #   beta      Fig. 5: DB-MTL β ∈ {0, 0.1, 0.5, 0.9} and {0.1, 0.5, 0.9}/k^0.5, with validation selection (val_selection.md)
 #   ablation  Table 5: EW, EW + log, DB-MTL without log, DB-MTL; the DB-MTL rows also at the validation-selected β
 #   log       Fig. 1: PCGrad, GradVac, IMTL-G, CAGrad, Nash-MTL, Aligned-MTL without and with the log transform
-#   alpha     Fig. 6: α ∈ {max, min, mean, median, 1.0} at the default β = 0.9 and at the validation-selected β
-#   budget    a diagnostic: STL, EW and DB-MTL (default and selected β) at 3× the epochs
+#   alpha     Fig. 6: α ∈ {max, min, mean, median, 1.0} at LibMTL's β = 0.9 and at the validation-selected β
+#   budget    a diagnostic: STL, EW and DB-MTL (LibMTL's and the selected β) at 3× the epochs
 #   betaopt   (multimnist80) β ∈ {0.9, 0.9/k^0.5, 0} × {Adam, Adam b1 = 0, SGD momentum}: paired.md
 #   hurts     (multimnist_digits) EW, DB-MTL, EW + log, DB-MTL without log, β = 0, β/k^0.5, STL: paired.md vs EW
-# The beta, ablation and alpha tables also show the main table's STL, default DB-MTL and DB-MTL β = 0 rows.
+# The beta, ablation and alpha tables also show the main table's STL, LibMTL-setting DB-MTL and DB-MTL β = 0 rows.
 # "Validation-selected β" is the best row of the paper's grid ({0.1, 0.5, 0.9} × σ ∈ {0, 0.5}) on validation Δp
 # (`dbmtl-jax select DIR --print-grid-best`), so run `beta` before `ablation`, `alpha` and `budget`.
 # Each table gets report.md, summary.csv, runs.csv and plots (`dbmtl-jax report`) and breakdown.md
@@ -47,17 +47,20 @@ run() { dbmtl-jax run "$B" $QUICK --epochs "$EPOCHS" --seeds 3 --no-progress --o
 report() { [ -n "$DRY" ] || { dbmtl-jax report "$1" > /dev/null && dbmtl-jax breakdown "$1" > /dev/null; }; }
 selected_beta() {  # "--hp dbmtl.beta=B --hp dbmtl.beta_sigma=S" of the validation-selected grid row
   local b s; read -r b s < <(dbmtl-jax select "$P"_beta --print-grid-best) || return 1
-  if [ "$s" = 0.0 ]; then echo "--hp dbmtl.beta=$b"; else echo "--hp dbmtl.beta=$b --hp dbmtl.beta_sigma=$s"; fi
+  echo "--hp dbmtl.beta=$b --hp dbmtl.beta_sigma=$s"
 }
-main_rows() {  # the main table's STL, default DB-MTL and DB-MTL β = 0 rows, listed in table $1
-  run --methods stl,dbmtl --study "$1"
+# The committed tables ran DB-MTL at LibMTL's β = 0.9, σ = 0 (the library's default before 0.2.0, now 0.9/k^0.5):
+# rows that stand for "DB-MTL as LibMTL runs it" spell it out, so these commands still regenerate those tables.
+LIBMTL="--hp dbmtl.beta=0.9 --hp dbmtl.beta_sigma=0.0"
+main_rows() {  # the main table's STL, LibMTL-setting DB-MTL and DB-MTL β = 0 rows, listed in table $1
+  run --methods stl,dbmtl $LIBMTL --study "$1"
   run --methods dbmtl --hp dbmtl.beta=0.0 --study "$1"
 }
 for section in $SECTIONS; do
   O="$P"_$section
   case $section in
   main)
-    run --methods all --study $O
+    run --methods all $LIBMTL --study $O
     run --methods dbmtl --hp dbmtl.beta=0.0 --study $O
     report $O ;;
   beta)
@@ -69,7 +72,7 @@ for section in $SECTIONS; do
   ablation)
     SEL=$(selected_beta) || exit 1
     main_rows $O
-    run --methods stl,ew,ew+log,dbmtl+nolog,dbmtl --study $O
+    run --methods stl,ew,ew+log,dbmtl+nolog,dbmtl $LIBMTL --study $O
     run --methods dbmtl,dbmtl+nolog $SEL --study $O
     report $O ;;
   log)
@@ -79,29 +82,29 @@ for section in $SECTIONS; do
   alpha)
     SEL=$(selected_beta) || exit 1
     main_rows $O
-    for a in "'min'" "'mean'" "'median'" 1.0; do run --methods dbmtl --study $O --hp "dbmtl.alpha=$a"; done
+    for a in "'min'" "'mean'" "'median'" 1.0; do run --methods dbmtl $LIBMTL --study $O --hp "dbmtl.alpha=$a"; done
     for a in "'max'" "'min'" "'mean'" "'median'" 1.0; do run --methods dbmtl $SEL --study $O --hp "dbmtl.alpha=$a"; done
     report $O ;;
   budget)
     SEL=$(selected_beta) || exit 1
-    run --methods stl,ew,dbmtl --epochs $((3 * EPOCHS)) --study $O
+    run --methods stl,ew,dbmtl $LIBMTL --epochs $((3 * EPOCHS)) --study $O
     run --methods dbmtl $SEL --epochs $((3 * EPOCHS)) --study $O
     report $O ;;
   betaopt)  # issue 12 item 4: why constant β fails — β ∈ {0.9, 0.9/k^0.5, 0} × optimizer
-    run --methods stl,ew,dbmtl --study $O
+    run --methods stl,ew,dbmtl $LIBMTL --study $O
     run --methods dbmtl --hp dbmtl.beta=0.0 --study $O
-    run --optimizer adam --b1 0.0 --methods dbmtl --study $O
+    run --optimizer adam --b1 0.0 --methods dbmtl $LIBMTL --study $O
     run --methods dbmtl --hp dbmtl.beta_sigma=0.5 --study $O
     run --optimizer adam --b1 0.0 --methods ew --study $O
     run --optimizer adam --b1 0.0 --methods dbmtl --hp dbmtl.beta=0.0 --study $O
     run --optimizer adam --b1 0.0 --methods dbmtl --hp dbmtl.beta_sigma=0.5 --study $O
-    run --optimizer sgdm --lr 0.01 --methods ew,dbmtl --study $O
+    run --optimizer sgdm --lr 0.01 --methods ew,dbmtl $LIBMTL --study $O
     run --optimizer sgdm --lr 0.01 --methods dbmtl --hp dbmtl.beta_sigma=0.5 --study $O
     run --optimizer sgdm --lr 0.01 --methods dbmtl --hp dbmtl.beta=0.0 --study $O
     [ -n "$DRY" ] || { dbmtl-jax paired $O --out $O/paired.md && dbmtl-jax paired $O --baseline ew --out $O/paired_vs_ew.md; } ;;
   hurts)  # issue 12 item 5: which part of DB-MTL hurts on many binary tasks with little data
-    run --methods ew,dbmtl --study $O
-    run --methods dbmtl+nolog,ew+log --study $O
+    run --methods ew,dbmtl $LIBMTL --study $O
+    run --methods dbmtl+nolog,ew+log $LIBMTL --study $O
     run --methods dbmtl --hp dbmtl.beta=0.0 --study $O
     run --methods dbmtl --hp dbmtl.beta_sigma=0.5 --study $O
     run --methods stl --study $O

@@ -10,7 +10,8 @@ import numpy as np
 
 
 class NumpyDBMTL:
-    def __init__(self, num_tasks, beta=0.9, beta_sigma=0.0, alpha="max", eps=1e-8, shared=None):
+    # Defaults mirror dbmtl_jax.dbmtl's (β_k = 0.9 / k^0.5 since 0.2.0; LibMTL's setting is beta_sigma=0.0).
+    def __init__(self, num_tasks, beta=0.9, beta_sigma=0.5, alpha="max", eps=1e-8, shared=None):
         self.T = num_tasks
         self.beta, self.sigma, self.alpha, self.eps = beta, beta_sigma, alpha, eps
         self.shared = shared

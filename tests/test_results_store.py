@@ -171,7 +171,7 @@ def test_compact_into_a_store_keeps_each_run_once_and_indexes_the_studies(legacy
         reports[s] = ex.write_report(old / s, old.parent / f"rep_{s}", plots=False)["markdown"]
     assert main(["compact", str(old), "--store", str(old / "runs")]) == 0
     out = capsys.readouterr().out
-    assert "5 moved into" in out and "1 identical copies and 1 reruns of a run merged" in out
+    assert "5 moved into" in out and "1 identical copies, 1 reruns of a run and 0 second runs" in out
     assert sorted(p.name.split("__")[1] for p in (old / "runs" / "toy").iterdir()) == ["dbmtl", "ew", "stl"]
     assert not (old / "s1" / "toy").exists()  # emptied benchmark folders are removed
     for s, methods in (("s1", ["ew", "stl"]), ("s2", ["dbmtl", "stl"]), ("s3", ["ew"])):

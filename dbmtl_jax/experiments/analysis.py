@@ -37,6 +37,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 import numpy as np
 
 from dbmtl_jax.experiments.report import Row, Setting, load_results, summarize
+from dbmtl_jax.experiments.train import RECORDED_DEFAULTS, canonical_hparams, method_defaults, resolved_hparams
 from dbmtl_jax.metrics import delta_p
 
 __all__ = [
@@ -88,8 +89,8 @@ PAPER_GRID = frozenset((b, s) for b in (0.1, 0.5, 0.9) for s in (0.0, 0.5))
 
 
 def beta_sigma_of(row: Row) -> tuple[float, float]:
-    """``(β, σ)`` of a DB-MTL row (defaults 0.9 and 0 when not given)."""
-    hp = row.runs[0]["config"]["hparams"]
+    """``(β, σ)`` a DB-MTL row ran with (its explicit values over the defaults in force then)."""
+    hp = resolved_hparams(row.runs[0]["config"])
     return float(hp.get("beta", 0.9)), float(hp.get("beta_sigma", 0.0))
 
 
@@ -235,12 +236,18 @@ def study_settings(prefix: os.PathLike, *, skipped: Optional[list] = None) -> di
     return {s: _with_stl(prefix.with_name(f"{prefix.name}_{s}"), skipped) for s in ("main", *SECTIONS)}
 
 
+LIBMTL = {"beta": 0.9, "beta_sigma": 0.0}
+"""DB-MTL's setting in LibMTL (its command-line default; this library's default before 0.2.0)."""
+
+
 def _find(st: Setting, method: str, **hp: Any) -> Optional[Row]:
-    """The row of ``method`` whose hyperparameters equal ``hp`` (defaults spelled out count as equal)."""
-    defaults = {"beta": 0.9, "beta_sigma": 0.0, "alpha": "max"} if method.startswith("dbmtl") else {}
-    want = {**defaults, **hp}
+    """The row of ``method`` that ran with ``hp`` over today's defaults (spelled out or not, see
+    :func:`~dbmtl_jax.experiments.train.resolved_hparams`)."""
+    base = method.split("+")[0]
+    fixed = {"alpha": "max"} if base == "dbmtl" else {}
+    want = canonical_hparams(base, {**fixed, **method_defaults(base), **hp}, {})
     for row in st.rows.values():
-        if row.method == method and {**defaults, **dict(row.config.get("hparams") or {})} == want:
+        if row.method == method and canonical_hparams(base, {**fixed, **resolved_hparams(row.config)}, {}) == want:
             return row
     return None
 
@@ -273,13 +280,12 @@ def _beta_hp(row: Optional[Row]) -> dict[str, Any]:
     if row is None:
         return {}
     b, s = beta_sigma_of(row)
-    return {"beta": b} if s == 0.0 else {"beta": b, "beta_sigma": s}
+    return {"beta": b, "beta_sigma": s}
 
 
 def _beta_text(hp: Mapping[str, Any]) -> str:
-    b = hp.get("beta", 0.9)
-    s = hp.get("beta_sigma", 0.0)
-    return f"β = {b}" if s == 0.0 else f"β = {b}/k^{s}"
+    b, s = hp["beta"], hp["beta_sigma"]
+    return f"β = {b}" if s == 0.0 or b == 0.0 else f"β = {b}/k^{s}"
 
 
 def _provenance(records: Sequence[Mapping[str, Any]]) -> tuple[list, list, list]:
@@ -331,18 +337,18 @@ def summary_markdown(prefix: os.PathLike, *, skipped: Optional[list] = None) -> 
             lines.append(f"| {_beta_text(_beta_hp(row))}{mark} | `{row.label}` | {mean_std(val)} | "
                          f"{mean_std(row.delta_p)} | {'yes' if beta_sigma_of(row) in PAPER_GRID else 'no'} |")
         lines += ["", "Ranked by validation Δp; the selected row is the validation-best of the paper's grid "
-                      "({0.1, 0.5, 0.9} × σ ∈ {0, 0.5}). The default is β = 0.9 (σ = 0); a setting run both with its "
-                      "hyperparameters spelled out and as the default is two rows (same computation, separate runs)."]
+                      "({0.1, 0.5, 0.9} × σ ∈ {0, 0.5}). LibMTL's setting is β = 0.9, σ = 0; the library's default "
+                      f"is {_beta_text(method_defaults('dbmtl'))}."]
     if st["ablation"] is not None:
         a = st["ablation"]
         sel_cell = (lambda m: _row_cell(_find(a, m, **sel_hp)) if sel else "not run")
         lines += ["", f"## Table 5: ablation (`{name}_ablation/`)", "",
-                  "| log | gradient balancing | row | Δp (%) at β = 0.9 (default) | Δp (%) at the selected "
+                  "| log | gradient balancing | row | Δp (%) at LibMTL's β = 0.9 | Δp (%) at the selected "
                   f"{_beta_text(sel_hp) if sel else 'β'} |", "|---|---|---|---|---|",
                   f"| – | – | ew | {_row_cell(_find(a, 'ew'))} | (no β) |",
                   f"| ✓ | – | ew+log | {_row_cell(_find(a, 'ew+log'))} | (no β) |",
-                  f"| – | ✓ | dbmtl+nolog | {_row_cell(_find(a, 'dbmtl+nolog'))} | {sel_cell('dbmtl+nolog')} |",
-                  f"| ✓ | ✓ | dbmtl | {_row_cell(_find(a, 'dbmtl'))} | {sel_cell('dbmtl')} |"]
+                  f"| – | ✓ | dbmtl+nolog | {_row_cell(_find(a, 'dbmtl+nolog', **LIBMTL))} | {sel_cell('dbmtl+nolog')} |",
+                  f"| ✓ | ✓ | dbmtl | {_row_cell(_find(a, 'dbmtl', **LIBMTL))} | {sel_cell('dbmtl')} |"]
     if st["log"] is not None:
         lg = st["log"]
         lines += ["", f"## Fig. 1: the log transform for other methods (`{name}_log/`)", "",
@@ -356,10 +362,10 @@ def summary_markdown(prefix: os.PathLike, *, skipped: Optional[list] = None) -> 
         al = st["alpha"]
         alphas = [("max", "max"), ("min", "min"), ("mean", "mean"), ("median", "median"), (1.0, "constant 1.0")]
         lines += ["", f"## Fig. 6: α (`{name}_alpha/`)", "",
-                  f"| α | Δp (%) at β = 0.9 (default) | Δp (%) at the selected {_beta_text(sel_hp) if sel else 'β'} |",
+                  f"| α | Δp (%) at LibMTL's β = 0.9 | Δp (%) at the selected {_beta_text(sel_hp) if sel else 'β'} |",
                   "|---|---|---|"]
         for a, label in alphas:
-            lines.append(f"| {label} | {_row_cell(_find(al, 'dbmtl', alpha=a))} | "
+            lines.append(f"| {label} | {_row_cell(_find(al, 'dbmtl', alpha=a, **LIBMTL))} | "
                          f"{_row_cell(_find(al, 'dbmtl', alpha=a, **sel_hp)) if sel else 'not run'} |")
     if st["budget"] is not None:
         bu = st["budget"]
@@ -367,7 +373,8 @@ def summary_markdown(prefix: os.PathLike, *, skipped: Optional[list] = None) -> 
                   f"| row | Δp (%) at {epochs} epochs | Δp (%) at {bu.recipe['epochs']} epochs |", "|---|---|---|",
                   f"| stl | {_row_cell(main.stl)} | {_row_cell(bu.stl)} |",
                   f"| ew | {_row_cell(_find(main, 'ew'))} | {_row_cell(_find(bu, 'ew'))} |",
-                  f"| dbmtl (default β = 0.9) | {_row_cell(_find(main, 'dbmtl'))} | {_row_cell(_find(bu, 'dbmtl'))} |"]
+                  f"| dbmtl (LibMTL's β = 0.9) | {_row_cell(_find(main, 'dbmtl', **LIBMTL))} | "
+                  f"{_row_cell(_find(bu, 'dbmtl', **LIBMTL))} |"]
         if sel:
             lines.append(f"| dbmtl (selected {_beta_text(sel_hp)}) | {_row_cell(sel)} | "
                          f"{_row_cell(_find(bu, 'dbmtl', **sel_hp))} |")
@@ -402,7 +409,9 @@ def time_rows(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     train: dict[str, list[float]] = defaultdict(list)
     paths: dict[str, str] = {}
     for r in records:
-        if r.get("status") != "done" or r["config"].get("hparams"):
+        # The EMA's β and σ do not change the cost of a step: such runs count as the method's default.
+        recorded = RECORDED_DEFAULTS.get(r["config"].get("base_method", ""), ())
+        if r.get("status") != "done" or set(r["config"].get("hparams") or {}) - set(recorded):
             continue
         ep = r["history"]["epoch_time_s"][1:]
         m = r["method"]

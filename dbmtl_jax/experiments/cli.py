@@ -276,7 +276,9 @@ def _cmd_compact(args: argparse.Namespace) -> int:
     mb = 1024 * 1024
     print(f"{len(res.converted)} record(s) {'would be ' if args.dry_run else ''}converted to the compact format"
           + (f", {len(res.moved)} moved into {args.store}" if args.store else "")
-          + f"; {len(res.copies)} identical copies and {len(res.reruns)} reruns of a run merged"
+          + f"; {len(res.upgraded)} restated under the current method defaults"
+          + f"; {len(res.copies)} identical copies, {len(res.reruns)} reruns of a run and "
+          + f"{len(res.same_config)} second runs of one configuration merged"
           + f"; {len(res.studies)} study index(es) written; records {res.bytes_before / mb:.1f} MiB -> "
           + f"{res.bytes_after / mb:.1f} MiB" + (" (dry run: nothing changed)" if args.dry_run else "") + ".")
     if res.not_records:

@@ -15,6 +15,14 @@
 A run is identified by its file name (``<benchmark>__<method>__seed<seed>__<hash>``);
 two records of one run must agree on everything but their timings and
 provenance, otherwise they conflict and are left where they are.
+
+* Every record's config is restated under the current method defaults
+  (:func:`~dbmtl_jax.experiments.train.upgrade_config`: a DB-MTL record from
+  before its defaults were recorded names the σ it ran with), which can change
+  its hash and file name.  Two records that thereby turn out to be the same
+  configuration trained twice (e.g. ``beta=0.0`` and ``beta=0.0,
+  beta_sigma=0.0``) are one run: the earlier is kept and the other's metrics,
+  selected epochs and timings go to its ``reruns`` (``same_config``).
 """
 
 from __future__ import annotations
@@ -28,11 +36,15 @@ from dbmtl_jax.experiments.train import (
     LEGACY_SUFFIX,
     RESULT_SUFFIX,
     STUDY_INDEX,
+    RunConfig,
     compact_record,
+    config_hash,
     encode_record,
     read_record,
     read_study,
     record_files,
+    run_id,
+    upgrade_config,
     write_study,
 )
 
@@ -107,6 +119,8 @@ class CompactResult:
     moved: list[str] = dataclasses.field(default_factory=list)  # records moved into the store
     copies: list[str] = dataclasses.field(default_factory=list)  # identical copies of a stored run, removed
     reruns: list[str] = dataclasses.field(default_factory=list)  # same run trained again: merged into `reruns`
+    upgraded: list[str] = dataclasses.field(default_factory=list)  # config restated under current defaults
+    same_config: list[str] = dataclasses.field(default_factory=list)  # same configuration trained twice: merged
     conflicts: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # left in place, with the reason
     not_records: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # left in place, with the reason
     studies: list[str] = dataclasses.field(default_factory=list)  # runs.txt files written or updated
@@ -124,6 +138,21 @@ def _within(path: Path, root: Path) -> bool:
 
 def _stem(path: Path) -> str:
     return record_files(path)[0].name[: -len(RESULT_SUFFIX)]
+
+
+def upgrade_record(rec: Mapping[str, Any]) -> Optional[dict[str, Any]]:
+    """``rec`` with its config restated under the current defaults and the hash to match; ``None``: unchanged."""
+    config = upgrade_config(rec["config"])
+    if config == rec["config"]:
+        return None
+    return {**rec, "config": config, "config_hash": config_hash(RunConfig(**config))}
+
+
+def merge_same_config(kept: Mapping[str, Any], other: Mapping[str, Any], *, source: Optional[str]) -> dict[str, Any]:
+    """``kept`` with ``other`` (the same configuration, trained separately) summarised in its ``reruns``."""
+    entry = _timing(compact_record(other), source)
+    entry.update(same_config=True, metrics=other.get("metrics"), selected_epoch=other.get("selected_epoch"))
+    return {**kept, "reruns": [*(kept.get("reruns") or []), entry]}
 
 
 def _record_files(root: Path) -> list[Path]:
@@ -173,29 +202,48 @@ def compact_directory(directory: os.PathLike, *, store: Optional[os.PathLike] = 
     records.sort(key=lambda fr: (not in_store(fr[0]), str(fr[0])))  # the store's own records first
 
     kept: dict[Path, tuple[dict[str, Any], Optional[str]]] = {}  # target file -> (record, its source)
+    first_hashes: dict[Path, Optional[str]] = {}  # target file -> config hash its first record was written with
     moved: dict[Path, Path] = {}  # absolute old file -> target file holding its run now
     members: dict[Path, set[Path]] = {}  # study folder -> target files to list
     for f, rec in records:
         rel = _relpath(f, root)
+        stem = _stem(f)
+        first_hash = rec.get("config_hash")  # before any restating: one run's records share it
+        upgraded = upgrade_record(rec)
+        if upgraded is not None:
+            rec = upgraded
+            stem = run_id(RunConfig(**rec["config"]), rec["seed"])
+            res.upgraded.append(str(f))
         if store_dir is None or in_store(f):
-            target = record_files(f)[0]
+            target = record_files(f)[0].with_name(stem + RESULT_SUFFIX)
         else:
-            target = store_dir / rec["benchmark"] / (_stem(f) + RESULT_SUFFIX)
+            target = store_dir / rec["benchmark"] / (stem + RESULT_SUFFIX)
         target = Path(os.path.abspath(target))
         if target in kept:
             prev, prev_source = kept[target]
             try:
                 merged = merge_records(prev, rec, a_source=prev_source, b_source=rel)
             except RecordConflict as e:
-                res.conflicts.append((str(f), str(e)))
-                continue
-            same = _same_timing(_timing(prev, None), _timing(compact_record(rec), None))
-            (res.copies if same else res.reruns).append(str(f))
-            kept[target] = (merged, prev_source if merged.get("created") == prev.get("created") else rel)
+                if prev["config"] != rec["config"] or first_hashes[target] == first_hash:
+                    res.conflicts.append((str(f), str(e)))
+                    continue
+                # The same configuration trained twice (two spellings before the upgrade): keep the earlier.
+                if str(prev.get("created")) <= str(rec.get("created")):
+                    kept[target] = (merge_same_config(prev, rec, source=rel), prev_source)
+                else:
+                    first = compact_record(rec)
+                    first.pop("_path", None)
+                    kept[target] = (merge_same_config(first, prev, source=prev_source), rel)
+                res.same_config.append(str(f))
+            else:
+                same = _same_timing(_timing(prev, None), _timing(compact_record(rec), None))
+                (res.copies if same else res.reruns).append(str(f))
+                kept[target] = (merged, prev_source if merged.get("created") == prev.get("created") else rel)
         else:
             compacted = compact_record(rec)
             compacted.pop("_path", None)
             kept[target] = (compacted, rel)
+            first_hashes[target] = first_hash
             if rec.get("format") != compacted["format"] or f.name.endswith(LEGACY_SUFFIX):
                 res.converted.append(str(f))
         if Path(os.path.abspath(f)) != target:

@@ -78,6 +78,10 @@ __all__ = [
     "make_optimizer",
     "RunConfig",
     "make_config",
+    "RECORDED_DEFAULTS",
+    "method_defaults",
+    "resolved_hparams",
+    "upgrade_config",
     "config_hash",
     "result_path",
     "run_id",
@@ -223,6 +227,70 @@ def _accepts(name: str, arg: str) -> bool:
         return arg in inspect.signature(f).parameters
     except (TypeError, ValueError):
         return False
+
+
+# --------------------------------------------------------------------------- recorded defaults
+
+RECORDED_DEFAULTS: Mapping[str, tuple[str, ...]] = {"dbmtl": ("beta", "beta_sigma")}
+"""Hyperparameters whose default values a run's config records (key ``defaults``).
+
+DB-MTL's default σ changed (0 → 0.5, dbmtl_jax 0.2.0): a config states the
+defaults it ran under, so a record written under one default is never taken
+for a run under another (its config hash differs)."""
+
+LEGACY_DEFAULTS: Mapping[str, Mapping[str, Any]] = {"dbmtl": {"beta": 0.9, "beta_sigma": 0.0}}
+"""The defaults of the :data:`RECORDED_DEFAULTS` in force for a config without ``defaults`` (before 0.2.0)."""
+
+
+def method_defaults(name: str) -> dict[str, Any]:
+    """The current defaults of ``name``'s :data:`RECORDED_DEFAULTS` (``{}`` for other methods)."""
+    keys = RECORDED_DEFAULTS.get(name, ())
+    if not keys:
+        return {}
+    params = inspect.signature(_factory(name)).parameters
+    return {k: _jsonable(params[k].default) for k in keys}
+
+
+def canonical_hparams(name: str, hparams: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
+    """``hparams`` without values equal to ``defaults`` (and DB-MTL's σ when β = 0, where it has no effect)."""
+    hp = {k: v for k, v in hparams.items() if not (k in defaults and _same_value(v, defaults[k]))}
+    for k, v in hp.items():  # 0 and 0.0 are one setting: spelled as the default's type
+        if k in defaults and isinstance(defaults[k], float) and isinstance(v, int) and not isinstance(v, bool):
+            hp[k] = float(v)
+    if name == "dbmtl" and _same_value(hp.get("beta", defaults.get("beta")), 0.0):
+        hp.pop("beta_sigma", None)  # β_k = 0 / k^σ = 0 for every σ: one run, one hash
+    return hp
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    if isinstance(a, bool) or isinstance(b, bool) or not isinstance(a, (int, float)) or not isinstance(b, (int, float)):
+        return a == b
+    return float(a) == float(b)
+
+
+def resolved_hparams(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The hyperparameters a stored run ran with: its explicit ``hparams`` over the defaults in force then."""
+    name = config.get("base_method", "")
+    in_force = config.get("defaults") or LEGACY_DEFAULTS.get(name, {})
+    return {**in_force, **(config.get("hparams") or {})}
+
+
+def upgrade_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """``config`` restated under the current :func:`method_defaults` (same run, maybe another hash).
+
+    A DB-MTL record written before the defaults were recorded ran with
+    :data:`LEGACY_DEFAULTS`; its hyperparameters are spelled out where they
+    differ from today's defaults, and ``defaults`` is added.  Other configs
+    are returned unchanged.
+    """
+    name = config.get("base_method", "")
+    current = method_defaults(name)
+    out = dict(config)
+    if not current or config.get("defaults") == current:
+        return out
+    out["hparams"] = canonical_hparams(name, resolved_hparams(config), current)
+    out["defaults"] = current
+    return out
 
 
 def uses_cheap_path(spec: MethodSpec, grad_stats: bool) -> bool:
@@ -461,6 +529,7 @@ class RunConfig:
     quick: bool
     grad_path: str
     optimizer: Optional[Mapping[str, Any]] = None  # None: Adam (b1 = 0.9), the key is then left out
+    defaults: Optional[Mapping[str, Any]] = None  # RECORDED_DEFAULTS in force (None: not recorded, key left out)
 
     def to_dict(self) -> dict[str, Any]:
         out = {
@@ -475,6 +544,8 @@ class RunConfig:
         }
         if self.optimizer is not None:  # absent for the default, so older config hashes stay valid
             out["optimizer"] = dict(self.optimizer)
+        if self.defaults is not None:
+            out["defaults"] = dict(self.defaults)
         return out
 
 
@@ -505,16 +576,19 @@ def make_config(
     optimizer: Any = None,
 ) -> RunConfig:
     grad_path = "stl" if spec.name == "stl" else ("weighted" if uses_cheap_path(spec, grad_stats) else "per_task")
+    defaults = method_defaults(spec.name)
+    hparams = _jsonable(dict(hparams))
     return RunConfig(
         benchmark=benchmark.name,
         method=spec.label,
         base_method=spec.name,
         log=spec.log,
-        hparams=_jsonable(dict(hparams)),
+        hparams=canonical_hparams(spec.name, hparams, defaults) if defaults else hparams,
         recipe=_jsonable(recipe.to_dict()),
         quick=quick,
         grad_path=grad_path,
         optimizer=normalize_optimizer(optimizer),
+        defaults=defaults or None,
     )
 
 
