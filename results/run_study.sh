@@ -108,6 +108,9 @@ for section in $SECTIONS; do
     run --methods dbmtl --hp dbmtl.beta=0.0 --study $O
     run --methods dbmtl --hp dbmtl.beta_sigma=0.5 --study $O
     run --methods stl --study $O
+    # seeds 3-4 of the rows that decide DB-MTL's default β (results/README.md §13)
+    run --methods ew,dbmtl $LIBMTL --seeds 5 --study $O
+    run --methods dbmtl --seeds 5 --study $O
     [ -n "$DRY" ] || dbmtl-jax paired $O --baseline ew --out $O/paired.md ;;
   *) echo "unknown section $section (main beta ablation log alpha budget betaopt hurts)" >&2; exit 2 ;;
   esac
