@@ -10,7 +10,7 @@ import numpy as np
 from flax import nnx
 
 import dbmtl_jax.experiments as ex
-from dbmtl_jax.experiments import benchmarks as bm
+from dbmtl_jax.experiments import builtin as bm
 
 
 def _fake_pairs(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -26,7 +26,7 @@ from flax import nnx  # noqa: E402
 
 import dbmtl_jax  # noqa: E402
 from dbmtl_jax import experiments as ex  # noqa: E402
-from dbmtl_jax.experiments.benchmarks import MLPHPS, cosine_loss, encoder_shared, mse_loss  # noqa: E402
+from dbmtl_jax.experiments.builtin import cosine_loss, encoder_shared, mlp_hps, mse_loss  # noqa: E402
 from dbmtl_jax.experiments.cli import main  # noqa: E402
 from dbmtl_jax.experiments.train import parse_method, read_record, train_run  # noqa: E402
 from dbmtl_jax.metrics import MeanAbsoluteError  # noqa: E402
@@ -50,7 +50,7 @@ def tiny_benchmark(name: str = "tiny", *, val_sign=(1.0, 1.0), test_sign=(1.0, 1
         name=name,
         tasks=tasks,
         data=lambda r: ex.ArraySplits(splits["train"], splits["val"], splits["test"], r),
-        model=lambda rngs: MLPHPS(4, (16,), 2, rngs=rngs),
+        model=lambda rngs: mlp_hps(4, (16,), 2, rngs=rngs),
         shared=encoder_shared,
         recipe=recipe,
         quick=recipe,
@@ -417,7 +417,7 @@ def test_byo_benchmark_through_cli_import(tmp_path, capsys):
     module.write_text(textwrap.dedent(f"""
         import numpy as np
         from dbmtl_jax.experiments import ArraySplits, Benchmark, Recipe, Task, register_benchmark
-        from dbmtl_jax.experiments.benchmarks import MLPHPS, bce_loss, binary_labels, mse_loss
+        from dbmtl_jax.experiments.builtin import bce_loss, binary_labels, mlp_hps, mse_loss
         from dbmtl_jax.metrics import Accuracy, MeanAbsoluteError
 
         def split(n, seed):
@@ -431,7 +431,7 @@ def test_byo_benchmark_through_cli_import(tmp_path, capsys):
                 tasks=(Task("reg", mse_loss, MeanAbsoluteError, {{"mae": False}}),
                        Task("clf", bce_loss, Accuracy, {{"accuracy": True}}, metric_input=binary_labels)),
                 data=lambda r: ArraySplits(split(64, 0), split(32, 1), split(32, 2), r),
-                model=lambda rngs: MLPHPS(3, (8,), 2, rngs=rngs),
+                model=lambda rngs: mlp_hps(3, (8,), 2, rngs=rngs),
                 shared=lambda p: p.startswith("encoder"),
                 recipe=Recipe(learning_rate=1e-2, batch_size=16, epochs=2),
                 quick=Recipe(learning_rate=1e-2, batch_size=16, epochs=1),

@@ -70,18 +70,26 @@ class MLPEncoder(nnx.Module):
 
 
 class MLPHead(nnx.Module):
-    """A per-task head ``in_features → hidden… → out_features`` (ReLU between layers, linear output)."""
+    """A per-task head ``in_features → hidden… → out_features`` (ReLU between layers, linear output).
 
-    def __init__(self, in_features: int, out_features: int, *, hidden: Sequence[int] = (), rngs: nnx.Rngs):
+    ``squeeze=True`` (with ``out_features == 1``) drops the last axis: a scalar
+    output per example, ``[batch]``, for regression and binary (logit) tasks.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, hidden: Sequence[int] = (), squeeze: bool = False,
+                 rngs: nnx.Rngs):
+        if squeeze and int(out_features) != 1:
+            raise ValueError(f"MLPHead: squeeze=True needs out_features == 1, got {out_features}.")
         dims = (int(in_features),) + tuple(int(h) for h in hidden) + (int(out_features),)
         self.layers = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in zip(dims[:-1], dims[1:])])
+        self.squeeze = bool(squeeze)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         for i, layer in enumerate(self.layers):
             x = layer(x)
             if i + 1 < len(self.layers):
                 x = jax.nn.relu(x)
-        return x
+        return x[..., 0] if self.squeeze else x
 
 
 def _pair(v: Union[int, Sequence[int]]) -> tuple[int, int]:

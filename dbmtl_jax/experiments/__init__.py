@@ -13,7 +13,7 @@ Console: ``dbmtl-jax run <benchmark> --methods stl,ew,dbmtl --seeds 3 --quick``
 and ``dbmtl-jax report results/``.  See ``docs/experiments.md``.
 """
 
-from dbmtl_jax.experiments.benchmark import (
+from dbmtl_jax.experiments.spec import (
     BENCHMARKS,
     ArraySplits,
     Benchmark,
@@ -23,7 +23,7 @@ from dbmtl_jax.experiments.benchmark import (
     get_benchmark,
     register_benchmark,
 )
-from dbmtl_jax.experiments.benchmarks import register_builtin as _register_builtin
+from dbmtl_jax.experiments.builtin import register_builtin as _register_builtin
 from dbmtl_jax.experiments.report import load_results, summarize, write_report
 from dbmtl_jax.experiments.train import (
     MethodSpec,

@@ -1,6 +1,6 @@
 """Training and evaluation loop of the experiment runner.
 
-One *run* trains one model of a :class:`~dbmtl_jax.experiments.benchmark.Benchmark`
+One *run* trains one model of a :class:`~dbmtl_jax.experiments.spec.Benchmark`
 with one method and one seed, and writes one record (gzip-compressed JSON,
 ``<benchmark>__<method>__seed<seed>__<hash>.json.gz``, format
 :data:`RESULT_FORMAT`; see :func:`compact_record`).  Only the public API
@@ -60,7 +60,7 @@ import optax
 
 import dbmtl_jax
 from dbmtl_jax import loss_weighting
-from dbmtl_jax.experiments.benchmark import Benchmark, Recipe, Task
+from dbmtl_jax.experiments.spec import Benchmark, Recipe, Task
 
 __all__ = [
     "RESULT_FORMAT",
