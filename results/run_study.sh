@@ -19,6 +19,8 @@
 #   budget    a diagnostic: STL, EW and DB-MTL (LibMTL's and the selected β) at 3× the epochs
 #   betaopt   (multimnist80) β ∈ {0.9, 0.9/k^0.5, 0} × {Adam, Adam b1 = 0, SGD momentum}: paired.md
 #   hurts     (multimnist_digits) EW, DB-MTL, EW + log, DB-MTL without log, β = 0, β/k^0.5, STL: paired.md vs EW
+#   converged (multimnist160) 5 seeds at 160 quick epochs: STL, EW, DB-MTL (default, LibMTL's β, β = 0), nine other
+#             methods, Table 5 and Fig. 1 rows: paired.md
 # The beta, ablation and alpha tables also show the main table's STL, LibMTL-setting DB-MTL and DB-MTL β = 0 rows.
 # "Validation-selected β" is the best row of the paper's grid ({0.1, 0.5, 0.9} × σ ∈ {0, 0.5}) on validation Δp
 # (`dbmtl-jax select DIR --print-grid-best`), so run `beta` before `ablation`, `alpha` and `budget`.
@@ -37,7 +39,8 @@ case $B in
   # The evidence studies of issue 12 (results/README.md §11-12), at budgets where validation selection plateaus:
   multimnist80)      B=multimnist; EPOCHS=80 ;;                 # 80 quick epochs = 1,280 steps; section betaopt
   multimnist_digits) EPOCHS=100; QUICK= ;;                      # the full recipe's 2,000 pairs; section hurts
-  *) echo "unknown benchmark $B (multimnist, dense, qm9, multimnist80 or multimnist_digits)" >&2; exit 2 ;;
+  multimnist160)     B=multimnist; EPOCHS=160 ;;                # 2,560 steps, 5 seeds; section converged
+  *) echo "unknown benchmark $B (multimnist, dense, qm9, multimnist80, multimnist160 or multimnist_digits)" >&2; exit 2 ;;
 esac
 P=results/${B}_${EPOCHS}ep   # study prefix: the tables are $P_<section>/
 STORE=results/runs           # the record store
@@ -112,7 +115,18 @@ for section in $SECTIONS; do
     run --methods ew,dbmtl $LIBMTL --seeds 5 --study $O
     run --methods dbmtl --seeds 5 --study $O
     [ -n "$DRY" ] || dbmtl-jax paired $O --baseline ew --out $O/paired.md ;;
-  *) echo "unknown section $section (main beta ablation log alpha budget betaopt hurts)" >&2; exit 2 ;;
+  converged)  # issue 12 items 1-3: 5 paired seeds at a budget where validation selection has plateaued
+    # (at 80 epochs EW selected epochs 47-53 but DB-MTL rows 61-80). Rows: the decisive ones first (so a partial
+    # study is already a table), then the strongest methods of the 12-epoch main table, Table 5 and Fig. 1 rows.
+    # Cost on one core of the 2-core VM: ≈ 5 min (EW) to 8 min (DB-MTL) and ≈ 10 min (STL) per run, ≈ 9 h in all.
+    run --methods ew,dbmtl --seeds 5 --study $O
+    run --methods dbmtl $LIBMTL --seeds 5 --study $O
+    run --methods stl --seeds 5 --study $O
+    run --methods dbmtl --hp dbmtl.beta=0.0 --seeds 5 --study $O
+    run --methods stch,pcgrad,gradnorm,uw,imtl_l,gradvac,upgrad,nash_mtl,cagrad --seeds 5 --study $O
+    run --methods dbmtl+nolog,ew+log --seeds 5 --study $O
+    [ -n "$DRY" ] || { dbmtl-jax paired $O --out $O/paired.md && dbmtl-jax paired $O --baseline ew --out $O/paired_vs_ew.md; } ;;
+  *) echo "unknown section $section (main beta ablation log alpha budget betaopt hurts converged)" >&2; exit 2 ;;
   esac
 done
-case $SECTIONS in betaopt|hurts) ;; *) [ -n "$DRY" ] || dbmtl-jax summary "$P" > /dev/null ;; esac
+case $SECTIONS in betaopt|hurts|converged) ;; *) [ -n "$DRY" ] || dbmtl-jax summary "$P" > /dev/null ;; esac
