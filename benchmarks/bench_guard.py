@@ -1,7 +1,7 @@
 """What the output guards cost: this tree's DB-MTL steps against an earlier git revision, side by side.
 
 The library's steps of ``jax_steps.py`` (the ``dbmtl`` transform on fixed gradients, the fused
-step exact and in place, the chain with ``trunk_heads_task_grads``) and ``skip_invalid_steps``
+step exact and in place, the chain with ``value_and_task_grads`` of a ``TrunkHeads`` spec) and ``skip_invalid_steps``
 around the chain are built twice, once from this tree and once from ``--base`` (extracted with
 ``git archive`` and imported as ``dbmtl_jax_base``), and timed interleaved in one process.
 
@@ -81,7 +81,7 @@ def steps_module(name: str):
 
 
 def guarded_chain_runner(problem, steps, pkg, tag: str) -> Runner:
-    """``skip_invalid_steps(chain(dbmtl, adam))`` on ``trunk_heads_task_grads`` (the trunk-loop chain, guarded)."""
+    """``skip_invalid_steps(chain(dbmtl, adam))`` on ``value_and_task_grads(TrunkHeads)`` (the trunk-loop chain, guarded)."""
     grads_fn = steps.grads_fn(problem, "trunk-loop")
     tx = pkg.skip_invalid_steps(optax.chain(pkg.dbmtl(problem.num_tasks, shared=is_shared), optax.adam(1e-4)))
     params = steps.to_jax(problem.params)
@@ -155,7 +155,7 @@ def main() -> None:
         f" load average {load0[0]:.2f} → {load1[0]:.2f} (a shared machine: the ratio, measured interleaved in one"
         " process, is the figure to read)",
         "- Subjects as in `benchmarks/RESULTS.md`; `skip(chain)` = `skip_invalid_steps(chain(dbmtl, adam))` on"
-        " `trunk_heads_task_grads`. Median of interleaved repetitions.",
+        " `value_and_task_grads(TrunkHeads(...))`. Median of interleaved repetitions.",
         "",
     ]
     Path(args.out).write_text("\n".join(header) + "\n\n".join(sections) + "\n")

@@ -212,7 +212,7 @@ def head_backward_flops(problem: Problem, bases: list) -> dict:
     ``{"baseline": flops, base: (flops, ratio)}``; ``None`` entries where the
     strategy runs in a while loop (cost analysis counts the body once).
     """
-    from dbmtl_jax import transform_losses
+    from dbmtl_jax.task_gradients import transform_losses
 
     params = to_jax(problem.params)
     batch = to_jax(problem.batch)

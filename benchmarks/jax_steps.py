@@ -6,13 +6,15 @@ opt_state, losses)`` and is meant to be jitted with ``donate_argnums=(0, 1)``.
 Variants (``VARIANTS``):
 
 * ``ew``: one backward pass of ``Σ_t ℓ_t`` (equal weighting), then Adam.
-* ``vmap`` / ``jacrev`` / ``loop``: DB-MTL with
-  :func:`dbmtl_jax.value_and_task_grads` and that ``strategy``.
+* ``vmap`` / ``loop``: DB-MTL with :func:`dbmtl_jax.value_and_task_grads` of the
+  ``loss_fn`` and that ``strategy`` (``jacrev``, measured in RESULTS.md, compiled
+  to the same program as ``vmap`` and is now an alias of it).
 * ``chunk``: ``strategy="vmap"`` with ``chunk_size`` (``lax.map`` over task chunks).
 * ``trunk-vmap`` / ``trunk-loop`` / ``trunk-chunk``: DB-MTL with
-  :func:`dbmtl_jax.trunk_heads_task_grads` (each head differentiated once, only
-  the trunk pull-back is per task) and that trunk strategy.
-* ``fused``: the library's streamed step :func:`dbmtl_jax.fused_trunk_heads_dbmtl`
+  :func:`dbmtl_jax.value_and_task_grads` of a :class:`dbmtl_jax.TrunkHeads` spec
+  (each head differentiated once, only the trunk pull-back is per task) and that
+  trunk strategy.
+* ``fused``: the library's streamed step :func:`dbmtl_jax.fused_dbmtl` of the spec
   (trunk-once gradients folded ``chunk_size`` tasks at a time into the EMA,
   then Adam; exact guard, task loop unrolled automatically for convolutions on
   CPU); ``fused-inplace``: the same with ``in_place=True`` (EMA updated in the
@@ -34,6 +36,7 @@ import optax
 
 import dbmtl_jax
 from dbmtl_jax import task_axis as ta
+from dbmtl_jax.task_gradients import _trunk_heads_fold_task_grads
 
 from models import Problem, is_shared
 
@@ -41,7 +44,7 @@ __all__ = ["VARIANTS", "StepFns", "build_step", "to_jax", "grads_fn"]
 
 PyTree = Any
 
-VARIANTS = ("ew", "vmap", "jacrev", "loop", "chunk", "trunk-vmap", "trunk-loop", "trunk-chunk", "fused", "fused-inplace",
+VARIANTS = ("ew", "vmap", "loop", "chunk", "trunk-vmap", "trunk-loop", "trunk-chunk", "fused", "fused-inplace",
             "fused-unroll")
 FUSED = ("fused", "fused-inplace", "fused-unroll")
 
@@ -68,9 +71,15 @@ def _split_variant(variant: str) -> tuple[bool, str]:
     return plain_sum, base
 
 
+def _spec(problem: Problem) -> dbmtl_jax.TrunkHeads:
+    """The problem's trunk and heads over its params ``{"trunk": …, "heads": (…)}``."""
+    return dbmtl_jax.TrunkHeads(problem.trunk_fn, problem.head_loss_fns, split=lambda p: (p["trunk"], p["heads"]),
+                                join=lambda trunk, heads: {"trunk": trunk, "heads": tuple(heads)})
+
+
 def grads_fn(problem: Problem, base: str, *, chunk_size: Optional[int] = None) -> Callable:
     """``(params, batch) -> (losses, task-axis grads)`` for a per-task-gradient variant."""
-    if base in ("vmap", "jacrev", "loop", "chunk"):
+    if base in ("vmap", "loop", "chunk"):
         strategy = "vmap" if base == "chunk" else base
         vg = dbmtl_jax.value_and_task_grads(
             problem.loss_fn, strategy=strategy, chunk_size=chunk_size if base == "chunk" else None
@@ -79,18 +88,9 @@ def grads_fn(problem: Problem, base: str, *, chunk_size: Optional[int] = None) -
     if base.startswith("trunk-"):
         sub = base[len("trunk-"):]
         strategy = "vmap" if sub == "chunk" else sub
-        th = dbmtl_jax.trunk_heads_task_grads(
-            problem.trunk_fn,
-            problem.head_loss_fns,
-            strategy=strategy,
-            chunk_size=chunk_size if sub == "chunk" else None,
+        return dbmtl_jax.value_and_task_grads(
+            _spec(problem), strategy=strategy, chunk_size=chunk_size if sub == "chunk" else None
         )
-
-        def f(params: PyTree, batch: Any) -> tuple:
-            losses, (g_trunk, g_heads) = th(params["trunk"], params["heads"], batch)
-            return losses, {"trunk": g_trunk, "heads": dbmtl_jax.heads_to_task_axis(g_heads)}
-
-        return f
     raise ValueError(f"variant {base!r} has no per-task gradients.")
 
 
@@ -155,8 +155,7 @@ def _fused_step(problem: Problem, base: str, plain_sum: bool, *, chunk_size: int
         def fold(acc: list, start: jax.Array, grads: PyTree) -> list:
             return [a + jnp.sum(g, axis=0) for a, g in zip(acc, jax.tree_util.tree_leaves(grads))]
 
-        stream = dbmtl_jax.trunk_heads_fold_task_grads(problem.trunk_fn, problem.head_loss_fns, fold,
-                                                       chunk_size=chunk_size)
+        stream = _trunk_heads_fold_task_grads(problem.trunk_fn, problem.head_loss_fns, fold, chunk_size=chunk_size)
 
         def sum_step(params: PyTree, opt_state: PyTree, batch: Any) -> tuple:
             leaves, treedef = jax.tree_util.tree_flatten(params["trunk"])
@@ -168,8 +167,9 @@ def _fused_step(problem: Problem, base: str, plain_sum: bool, *, chunk_size: int
 
         return StepFns(adam.init, sum_step)
 
-    fused = dbmtl_jax.fused_trunk_heads_dbmtl(
-        problem.trunk_fn, problem.head_loss_fns, adam, beta=beta, chunk_size=chunk_size,
+    fused = dbmtl_jax.fused_dbmtl(
+        dbmtl_jax.TrunkHeads(problem.trunk_fn, problem.head_loss_fns), problem.num_tasks, adam, beta=beta,
+        chunk_size=chunk_size,
         in_place=base == "fused-inplace", unroll=True if base == "fused-unroll" else None,
     )
 

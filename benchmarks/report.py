@@ -8,8 +8,8 @@ from typing import Any, Optional
 __all__ = ["write_report", "render"]
 
 MiB = 2**20
-LIB_STRATEGIES = ("vmap", "jacrev", "loop", "chunk@4")  # value_and_task_grads
-TRUNK_STRATEGIES = ("trunk-vmap", "trunk-loop", "trunk-chunk@4")  # trunk_heads_task_grads
+LIB_STRATEGIES = ("vmap", "jacrev", "loop", "chunk@4")  # value_and_task_grads(loss_fn); jacrev: recorded results only
+TRUNK_STRATEGIES = ("trunk-vmap", "trunk-loop", "trunk-chunk@4")  # value_and_task_grads(TrunkHeads(...))
 FUSED_SUBJECTS = ("fused@1", "fused-inplace@1", "fused-inplace@2", "fused-inplace@4", "fused-unroll@1")
 
 

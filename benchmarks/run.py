@@ -44,18 +44,17 @@ DEFAULT_TASKS = (2, 3, 10, 40)
 QUICK_TASKS = (3, 10)
 # "name@c": chunk size c for the chunk / trunk-chunk / fused variants.
 MLP_VARIANTS = (
-    "ew", "vmap", "jacrev", "loop", "chunk@4", "trunk-vmap", "trunk-loop", "trunk-chunk@4",
+    "ew", "vmap", "loop", "chunk@4", "trunk-vmap", "trunk-loop", "trunk-chunk@4",
     "fused@1", "fused-inplace@1", "fused-inplace@2", "fused-inplace@4", "sum:trunk-loop", "sum:fused@1",
 )
 CONV_VARIANTS = (
-    "ew", "vmap", "jacrev", "loop", "trunk-vmap", "trunk-loop", "trunk-chunk@4", "fused@1", "fused-inplace@1",
+    "ew", "vmap", "loop", "trunk-vmap", "trunk-loop", "trunk-chunk@4", "fused@1", "fused-inplace@1",
 )
 MALLOC = {"tcmalloc": "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"}
 # Naive strategies back-propagate all T heads for every task (T² head passes); on the conv problem at
 # large T that is minutes of compile/run time for a known answer, so they are skipped above this T.
-NAIVE = ("vmap", "jacrev", "loop", "chunk")
+NAIVE = ("vmap", "loop", "chunk")
 CONV_NAIVE_MAX_T = 10
-JACREV_MAX_T = 3
 
 
 def _parse_ints(s: str) -> tuple:
@@ -211,9 +210,6 @@ def run_group(problem_name: str, num_tasks: int, variants: tuple, args: argparse
         base = name[4:] if name.startswith("sum:") else name
         if problem_name == "conv" and base in NAIVE and num_tasks > CONV_NAIVE_MAX_T:
             res["skipped"][v] = f"T² head backward passes on the conv problem above T={CONV_NAIVE_MAX_T}"
-            continue
-        if base == "jacrev" and num_tasks > JACREV_MAX_T:
-            res["skipped"][v] = "compiles to the same optimized HLO as `vmap` (jacrev is vmap of the VJP)"
             continue
         if base.endswith("chunk") and chunk is not None and chunk >= num_tasks:
             res["skipped"][v] = f"chunk {chunk} ≥ T (same as the unchunked strategy)"

@@ -7,7 +7,7 @@ gradients before the transform can run, so a step writes T×P gradient floats
 and reads them back for the EMA, the norms and the weighted sum.  The fused
 step computes each task's gradient ``g_t = ∇_θ log(ℓ_t + ε)`` and folds it
 straight into its EMA row while it is produced (``chunk_size`` tasks at a time,
-:func:`dbmtl_jax.fold_task_grads`), accumulating ``‖ĝ_t‖²`` on the way::
+``dbmtl_jax.task_gradients._fold_task_grads``), accumulating ``‖ĝ_t‖²`` on the way::
 
     for each chunk of tasks:  ĝ_t ← β_k ĝ_t + (1 − β_k) g_t,   n_t = ‖ĝ_t‖²
     ũ = max_t ‖ĝ_t‖ · Σ_t ĝ_t / (‖ĝ_t‖ + ε);   heads: Σ_t ∇_ψ log(ℓ_t + ε)
@@ -53,11 +53,18 @@ import optax
 from dbmtl_jax import task_axis as ta
 from dbmtl_jax.dbmtl import DBMTLState, ScalarOrSchedule, beta_at, check_options, dbmtl, dbmtl_direction, ema_step
 from dbmtl_jax.guard import output_ok, select_step
-from dbmtl_jax.task_gradients import _check_chunk, fold_task_grads, trunk_heads_fold_task_grads
+from dbmtl_jax.task_gradients import (
+    Model,
+    TrunkHeads,
+    _check_chunk,
+    _deprecated,
+    _fold_task_grads,
+    _trunk_heads_fold_task_grads,
+)
 
 PyTree = Any
 
-__all__ = ["FusedDBMTL", "fused_dbmtl", "fused_trunk_heads_dbmtl"]
+__all__ = ["FusedDBMTL", "fused_dbmtl", "fused_trunk_heads_dbmtl"]  # the last deprecated (0.2.0)
 
 
 class FusedDBMTL(NamedTuple):
@@ -175,7 +182,7 @@ def _prepare(
 
 
 def fused_dbmtl(
-    loss_fn: Callable[..., Any],
+    model: Model,
     num_tasks: int,
     optimizer: optax.GradientTransformation,
     *,
@@ -194,12 +201,15 @@ def fused_dbmtl(
 ) -> FusedDBMTL:
     """DB-MTL (Lin et al., Algorithm 1) + ``optimizer`` as one streamed step.
 
-    ``loss_fn(params, *args, **kwargs)`` returns the ``[T]`` raw task losses
-    (``(losses, aux)`` with ``has_aux``).  Each task's gradient of
-    ``log(ℓ_t + ε)`` (``ℓ_t`` with ``log=False``) is folded into the EMA as it
-    is produced; head leaves (``shared`` false) get ``Σ_t`` of their gradients.
-    ``beta``, ``beta_sigma``, ``alpha``, ``eps``, ``shared`` and ``ema_dtype``
-    are :func:`dbmtl_jax.dbmtl`'s; the ε of the log is ``eps`` too.
+    ``model`` is ``loss_fn(params, *args, **kwargs) -> [T]`` raw task losses
+    (``(losses, aux)`` with ``has_aux``), or a :class:`dbmtl_jax.TrunkHeads`
+    spec (each head back-propagated once; ``update(state, params, batch)``, the
+    trunk leaves are the shared θ, so no ``shared``, and ``num_tasks`` must be
+    its number of heads).  Each task's gradient of ``log(ℓ_t + ε)`` (``ℓ_t``
+    with ``log=False``) is folded into the EMA as it is produced; head leaves
+    (``shared`` false) get ``Σ_t`` of their gradients.  ``beta``,
+    ``beta_sigma``, ``alpha``, ``eps``, ``shared`` and ``ema_dtype`` are
+    :func:`dbmtl_jax.dbmtl`'s; the ε of the log is ``eps`` too.
 
     Args:
       optimizer: the optimizer fed with the DB-MTL direction (Adam in the paper).
@@ -216,9 +226,29 @@ def fused_dbmtl(
 
     Returns:
       :class:`FusedDBMTL` ``(init, update)``; jit ``update`` and donate the state.
+      The state is that of ``optax.chain(dbmtl(T, shared=...), optimizer)`` over
+      ``params`` (for a spec, ``shared=spec.shared_mask(params)``).
     """
     check_options(num_tasks, alpha, beta=beta, beta_sigma=beta_sigma, eps=eps, ema_dtype=ema_dtype)
     _check_chunk(chunk_size)
+    kw = dict(beta=beta, beta_sigma=beta_sigma, alpha=alpha, eps=eps, ema_dtype=ema_dtype, log=log,
+              chunk_size=chunk_size, unroll=unroll, in_place=in_place, check_output=check_output)
+    if isinstance(model, TrunkHeads):
+        if num_tasks != model.num_tasks:
+            raise ValueError(f"num_tasks is {num_tasks} but the TrunkHeads spec has {model.num_tasks} heads.")
+        if shared is not None or has_aux:
+            raise ValueError("a TrunkHeads spec fixes the shared leaves (the trunk) and has no aux: "
+                             "leave shared and has_aux unset.")
+        return _fused_trunk_heads(model, optimizer, **kw)
+    return _fused_loss_fn(model, num_tasks, optimizer, shared=shared, has_aux=has_aux, **kw)
+
+
+def _fused_loss_fn(
+    loss_fn: Callable[..., Any], num_tasks: int, optimizer: optax.GradientTransformation, *, beta: ScalarOrSchedule,
+    beta_sigma: Any, alpha: Any, eps: Any, shared: ta.SharedSpec, ema_dtype: Optional[Any], log: bool, has_aux: bool,
+    chunk_size: int, unroll: Optional[bool], in_place: bool, check_output: bool,
+) -> FusedDBMTL:
+    """:func:`fused_dbmtl` of a ``loss_fn``."""
     db = dbmtl(num_tasks, beta=beta, beta_sigma=beta_sigma, alpha=alpha, eps=eps, shared=shared, ema_dtype=ema_dtype)
 
     def init(params: PyTree) -> tuple:
@@ -244,8 +274,8 @@ def fused_dbmtl(
             heads0 = [jnp.zeros(jnp.shape(h), jnp.promote_types(jnp.result_type(h), jnp.float32)) for h in p_heads]
             return ema, jnp.zeros([2, num_tasks], acc), heads0, _losses_ok(losses, log)
 
-        grads_fn = fold_task_grads(loss_fn, fold, log=log, eps=eps, has_aux=has_aux, chunk_size=chunk_size,
-                                   unroll=unroll)
+        grads_fn = _fold_task_grads(loss_fn, fold, log=log, eps=eps, has_aux=has_aux, chunk_size=chunk_size,
+                                    unroll=unroll)
         backup = _backup(ema, in_place)
         out, (ema_new, sq, head_dir, ok) = grads_fn(first_carry, params, *args, **kwargs)
         updates, new_state = _finish(
@@ -258,71 +288,58 @@ def fused_dbmtl(
     return FusedDBMTL(init, update)
 
 
-def fused_trunk_heads_dbmtl(
-    trunk_fn: Callable[[PyTree, Any], Any],
-    head_loss_fns: Sequence[Callable[[PyTree, Any, Any], jax.Array]],
-    optimizer: optax.GradientTransformation,
-    *,
-    beta: ScalarOrSchedule = 0.9,
-    beta_sigma: Union[float, jax.Array] = 0.5,
-    alpha: Union[str, float, jax.Array] = "max",
-    eps: Union[float, jax.Array] = 1e-8,
-    ema_dtype: Optional[Any] = None,
-    log: bool = True,
-    chunk_size: int = 1,
-    unroll: Optional[bool] = None,
-    in_place: bool = False,
-    check_output: bool = True,
+def _fused_trunk_heads(
+    spec: TrunkHeads, optimizer: optax.GradientTransformation, *, beta: ScalarOrSchedule, beta_sigma: Any,
+    alpha: Any, eps: Any, ema_dtype: Optional[Any], log: bool, chunk_size: int, unroll: Optional[bool],
+    in_place: bool, check_output: bool,
 ) -> FusedDBMTL:
-    """:func:`fused_dbmtl` for a model given as a shared trunk and T heads; each head is back-propagated once.
-
-    ``params = (trunk_params, head_params)`` with ``head_params[t]`` the
-    parameters of head ``t``; ``trunk_fn(trunk_params, batch) -> features`` and
-    ``head_loss_fns[t](head_params[t], features, batch) -> ℓ_t`` (as in
-    :func:`dbmtl_jax.trunk_heads_task_grads`).  Trunk leaves are the shared
-    θ, head leaves get their own task's gradient.  ``update(state, params,
-    batch) -> (losses, updates, state)``; the state is that of
-    ``optax.chain(dbmtl(T, shared=<trunk leaves>), optimizer)`` over ``params``.
-    """
-    num_tasks = len(head_loss_fns)
-    check_options(num_tasks, alpha, beta=beta, beta_sigma=beta_sigma, eps=eps, ema_dtype=ema_dtype)
-    _check_chunk(chunk_size)
-
-    def trunk_mask(params: PyTree) -> PyTree:
-        if not (isinstance(params, (tuple, list)) and len(params) == 2 and len(params[1]) == num_tasks):
-            raise ValueError(
-                f"params must be (trunk_params, head_params) with one head per task ({num_tasks} head losses), "
-                f"got {type(params).__name__}" + (f" of length {len(params)}" if isinstance(params, (tuple, list)) else "")
-                + "."
-            )
-        return (jax.tree_util.tree_map(lambda _: True, params[0]), jax.tree_util.tree_map(lambda _: False, params[1]))
-
+    """:func:`fused_dbmtl` of a :class:`TrunkHeads` spec: trunk leaves are the shared θ, head ``t`` gets its own
+    task's gradient ``∇_ψt log(ℓ_t + ε)``; ``update(state, params, batch)``."""
+    num_tasks = spec.num_tasks
     db_kw = dict(beta=beta, beta_sigma=beta_sigma, alpha=alpha, eps=eps, ema_dtype=ema_dtype)
 
     def init(params: PyTree) -> tuple:
-        return dbmtl(num_tasks, shared=trunk_mask(params), **db_kw).init(params), optimizer.init(params)
+        return dbmtl(num_tasks, shared=spec.shared_mask(params), **db_kw).init(params), optimizer.init(params)
 
     def update(state: tuple, params: PyTree, batch: Any) -> tuple:
-        mask = trunk_mask(params)
+        mask = spec.shared_mask(params)
         ema, acc, count, beta_k, treedef, _ = _prepare(state, params, mask, num_tasks, beta, beta_sigma)
+        trunk_params, head_params = spec.parts(params)
+
+        def in_params_order(trunk: PyTree, heads: Sequence[PyTree]) -> tuple[list, list]:
+            # (trunk leaves, head leaves) in the leaf order of params, which the EMA state follows.
+            return ta.split_shared(spec.whole(params, trunk, heads), mask)[:2]
 
         def fold(carry: tuple, start: jax.Array, grads: PyTree) -> tuple:
             ema_c, sq, ok = carry
-            ema_c, sq = _fold_rows(ema_c, sq, start, jax.tree_util.tree_leaves(grads), beta_k, ok, in_place, acc)
+            ema_c, sq = _fold_rows(ema_c, sq, start, in_params_order(grads, head_params)[0], beta_k, ok, in_place,
+                                   acc)
             return ema_c, sq, ok
 
         def first_carry(losses: jax.Array) -> tuple:
             return ema, jnp.zeros([2, num_tasks], acc), _losses_ok(losses, log)
 
-        grads_fn = trunk_heads_fold_task_grads(trunk_fn, head_loss_fns, fold, log=log, eps=eps,
-                                               chunk_size=chunk_size, unroll=unroll)
+        grads_fn = _trunk_heads_fold_task_grads(spec.trunk_fn, spec.head_loss_fns, fold, log=log, eps=eps,
+                                                chunk_size=chunk_size, unroll=unroll)
         backup = _backup(ema, in_place)
-        losses, head_grads, (ema_new, sq, ok) = grads_fn(first_carry, params[0], params[1], batch)
+        losses, head_grads, (ema_new, sq, ok) = grads_fn(first_carry, trunk_params, head_params, batch)
         updates, new_state = _finish(
-            state=state, params=params, ema_new=ema_new, sq=sq, head_dir=jax.tree_util.tree_leaves(tuple(head_grads)),
+            state=state, params=params, ema_new=ema_new, sq=sq, head_dir=in_params_order(trunk_params, head_grads)[1],
             ok=ok, mask=mask, treedef=treedef, optimizer=optimizer, alpha=alpha, eps=eps, backup=backup,
             count=count, acc=acc, check_output=check_output,
         )
         return losses, updates, new_state
 
     return FusedDBMTL(init, update)
+
+
+def fused_trunk_heads_dbmtl(
+    trunk_fn: Callable[[PyTree, Any], Any],
+    head_loss_fns: Sequence[Callable[[PyTree, Any, Any], jax.Array]],
+    optimizer: optax.GradientTransformation,
+    **kwargs: Any,
+) -> FusedDBMTL:
+    """Deprecated: ``fused_dbmtl(TrunkHeads(trunk_fn, head_loss_fns), len(head_loss_fns), optimizer, **kwargs)``."""
+    _deprecated("dbmtl_jax.fused_trunk_heads_dbmtl", "dbmtl_jax.fused_dbmtl(dbmtl_jax.TrunkHeads(trunk_fn, "
+                "head_loss_fns), num_tasks, optimizer, ...)")
+    return fused_dbmtl(TrunkHeads(trunk_fn, head_loss_fns), len(head_loss_fns), optimizer, **kwargs)

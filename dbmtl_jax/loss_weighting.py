@@ -38,6 +38,8 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 
+from dbmtl_jax.task_gradients import Model, TrunkHeads, _check_spec_call
+
 PyTree = Any
 
 __all__ = [
@@ -127,14 +129,14 @@ def observe_losses(opt_state: PyTree, next_losses: jax.Array) -> PyTree:
     return jax.tree_util.tree_map(f, opt_state, is_leaf=is_loss_weighting_state)
 
 
-def value_and_weighted_grad(
-    loss_fn: Callable[..., Any], argnums: int = 0, *, has_aux: bool = False
-) -> Callable[..., Any]:
-    """One-backward-pass gradient of the loss-weighted objective.
+def value_and_weighted_grad(model: Model, argnums: int = 0, *, has_aux: bool = False) -> Callable[..., Any]:
+    """One-backward-pass gradient of the loss-weighted objective ``Σ_t stop_gradient(w_t) ℓ_t``.
 
     Args:
-      loss_fn: returns the ``[T]`` vector of raw task losses (or
-        ``(losses, aux)`` with ``has_aux=True``).
+      model: ``loss_fn`` returning the ``[T]`` vector of raw task losses (or
+        ``(losses, aux)`` with ``has_aux=True``), or a
+        :class:`dbmtl_jax.TrunkHeads` spec (called as ``(params, batch)``;
+        ``argnums`` 0, no ``has_aux``).
       argnums: which positional argument of ``loss_fn`` to differentiate.
       has_aux: whether ``loss_fn`` returns ``(losses, aux)``.
 
@@ -148,6 +150,11 @@ def value_and_weighted_grad(
     """
     if not isinstance(argnums, int):
         raise TypeError(f"argnums must be a single int, got {argnums!r}.")
+    if isinstance(model, TrunkHeads):
+        _check_spec_call(argnums, has_aux)
+        loss_fn = model.losses
+    else:
+        loss_fn = model
 
     def wrapped(opt_state: PyTree, *args: Any, key: Optional[jax.Array] = None, **kwargs: Any) -> Any:
         args = list(args)

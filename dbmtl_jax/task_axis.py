@@ -33,7 +33,6 @@ __all__ = [
     "task_sq_norms_pair",
     "norms_from_pair",
     "flatten_tasks",
-    "unflatten_tasks",
     "sum_tasks",
     "weighted_sum_tasks",
     "is_variable",
@@ -272,11 +271,6 @@ def flatten_tasks(tree: PyTree) -> tuple[jax.Array, Callable[[jax.Array], PyTree
     return mat, unflatten
 
 
-def unflatten_tasks(vec: jax.Array, like: PyTree) -> PyTree:
-    """Maps a ``[P]`` vector back to the structure of ``like`` minus its task axis."""
-    return flatten_tasks(like)[1](vec)
-
-
 def sum_tasks(tree: PyTree) -> PyTree:
     """Sum over the leading task axis of every leaf."""
     return jax.tree_util.tree_map(lambda x: jnp.sum(x, axis=0), tree)
@@ -344,7 +338,3 @@ def check_state_leaves(
                 f"update leaf '{path}' has shape {g.shape} but its {method} state ({what}) has shape "
                 f"{m.shape} = [num_tasks, *param_shape]{hint}."
             )
-
-
-# Placeholder used in optimizer state for leaves a transform keeps no state for.
-MaskedNode = optax.MaskedNode

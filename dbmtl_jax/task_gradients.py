@@ -2,20 +2,18 @@
 
 DB-MTL (Lin et al., "Dual-Balancing for Multi-Task Learning", Alg. 1 step 6)
 needs ``g_t = ∇_θ log(ℓ_t + ε)`` for every task ``t``.  Instead of T separate
-backward passes, these helpers run one forward pass and then pull back the T
-one-hot cotangents together (``jax.vmap`` of the VJP), which XLA turns into
-batched matrix products.
+backward passes, :func:`value_and_task_grads` runs one forward pass and then
+pulls back the T one-hot cotangents together, which XLA turns into batched
+matrix products.  The model is given either way:
 
-* :func:`value_and_task_grads` works on any function returning the vector of
-  T task losses.
-* :func:`trunk_heads_task_grads` takes a shared trunk and T head losses
-  separately: each head is differentiated once for its own task and only the
-  trunk VJP is batched over tasks, so heavy heads (dense decoders) are not
-  back-propagated T times.
-* :func:`fold_task_grads` and :func:`trunk_heads_fold_task_grads` stream the
-  per-task gradients, ``chunk_size`` tasks at a time inside a ``fori_loop``,
-  into a user fold (for example an in-place EMA update) instead of returning
-  the ``[T, P]`` stack, so the transient gradient memory is ``chunk_size × P``.
+* as ``loss_fn(params, *args) -> [T]``, the vector of task losses;
+* as a :class:`TrunkHeads` spec, a shared trunk and T head losses: each head is
+  differentiated once for its own task and only the trunk pull-back is run
+  per task, so heavy heads (dense decoders) are not back-propagated T times.
+
+:func:`dbmtl_jax.fused_dbmtl` takes the same two forms and streams the
+per-task gradients into the EMA instead of returning the ``[T, P]`` stack
+(:func:`_fold_task_grads`, :func:`_trunk_heads_fold_task_grads`).
 
 The log transform can be turned off (``log=False``) for the paper's ablation and
 for methods that want raw-loss gradients.
@@ -23,7 +21,8 @@ for methods that want raw-loss gradients.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
+import warnings
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -31,16 +30,87 @@ import jax.numpy as jnp
 PyTree = Any
 
 __all__ = [
+    "TrunkHeads",
     "value_and_task_grads",
-    "trunk_heads_task_grads",
-    "heads_to_task_axis",
     "transform_losses",
     "STRATEGIES",
+    # Deprecated in 0.2.0, removed in 0.3.0:
+    "trunk_heads_task_grads",
+    "heads_to_task_axis",
     "fold_task_grads",
     "trunk_heads_fold_task_grads",
 ]
 
-STRATEGIES = ("vmap", "jacrev", "loop")
+STRATEGIES = ("vmap", "loop")
+
+
+def _deprecated(old: str, new: str, stacklevel: int = 3) -> None:
+    warnings.warn(f"{old} is deprecated (0.2.0; removed in 0.3.0): use {new}.", DeprecationWarning,
+                  stacklevel=stacklevel)
+
+
+class TrunkHeads(NamedTuple):
+    """A hard-parameter-sharing model given as a shared trunk and T heads.
+
+    ``trunk_fn(trunk_params, batch) -> features`` is the shared encoder θ and
+    ``head_loss_fns[t](head_params[t], features, batch) -> ℓ_t`` (a scalar) the
+    head ψ_t and loss of task ``t``, so ``ℓ_t = L_t(ψ_t, trunk(θ))``.
+
+    The parameters are ``params = (trunk_params, head_params)`` unless
+    ``split``/``join`` say otherwise: ``split(params) -> (trunk_params,
+    head_params)`` and ``join(trunk_tree, head_trees) -> tree`` with the
+    structure of ``params`` (for example ``{"trunk": …, "heads": …}``, or an
+    NNX model's state, see :func:`dbmtl_jax.architectures.hps_spec`).
+    """
+
+    trunk_fn: Callable[[PyTree, Any], Any]
+    head_loss_fns: Sequence[Callable[[PyTree, Any, Any], jax.Array]]
+    split: Optional[Callable[[PyTree], tuple[PyTree, Sequence[PyTree]]]] = None
+    join: Optional[Callable[[PyTree, Sequence[PyTree]], PyTree]] = None
+
+    @property
+    def num_tasks(self) -> int:
+        """``T``, the number of heads."""
+        return len(self.head_loss_fns)
+
+    def parts(self, params: PyTree) -> tuple[PyTree, Sequence[PyTree]]:
+        """``(trunk_params, head_params)`` of ``params``."""
+        if self.split is not None:
+            return self.split(params)
+        if not (isinstance(params, (tuple, list)) and len(params) == 2 and len(params[1]) == self.num_tasks):
+            raise ValueError(
+                f"params must be (trunk_params, head_params) with one head per task ({self.num_tasks} head losses), "
+                f"got {type(params).__name__}" + (f" of length {len(params)}" if isinstance(params, (tuple, list)) else "")
+                + "."
+            )
+        return params[0], params[1]
+
+    def whole(self, params: PyTree, trunk: PyTree, heads: Sequence[PyTree]) -> PyTree:
+        """The tree with ``params``' structure holding ``trunk`` and ``heads`` (inverse of :meth:`parts`)."""
+        if self.join is not None:
+            return self.join(trunk, heads)
+        container = jax.tree_util.tree_structure(params[1], is_leaf=lambda x: x is not params[1])
+        return (trunk, jax.tree_util.tree_unflatten(container, list(heads)))
+
+    def shared_mask(self, params: PyTree) -> PyTree:
+        """``shared=`` mask of ``params`` for :func:`dbmtl_jax.dbmtl`: True on trunk leaves, False on heads."""
+        trunk, heads = self.parts(params)
+        true = jax.tree_util.tree_map(lambda _: True, trunk)
+        return self.whole(params, true, [jax.tree_util.tree_map(lambda _: False, h) for h in heads])
+
+    def losses(self, params: PyTree, batch: Any) -> jax.Array:
+        """The ``[T]`` task losses ``ℓ_t = L_t(ψ_t, trunk(θ))`` (one trunk forward pass)."""
+        trunk, heads = self.parts(params)
+        z = self.trunk_fn(trunk, batch)
+        return jnp.stack([jnp.asarray(f(h, z, batch)) for f, h in zip(self.head_loss_fns, heads)])
+
+
+Model = Union[Callable[..., Any], TrunkHeads]
+
+
+def _check_spec_call(argnums: int, has_aux: bool) -> None:
+    if argnums != 0 or has_aux:
+        raise ValueError("a TrunkHeads model is called as fn(params, batch): argnums must be 0 and has_aux False.")
 
 
 def transform_losses(losses: jax.Array, *, log: bool = True, eps: float = 1e-8) -> jax.Array:
@@ -62,6 +132,20 @@ def _check_losses(losses: Any, what: str) -> jax.Array:
     return losses
 
 
+def _objective(
+    loss_fn: Callable[..., Any], args: list, kwargs: dict, argnums: int, has_aux: bool, log: bool, eps: float
+) -> Callable[[PyTree], tuple[jax.Array, tuple]]:
+    """``p -> (log(ℓ + ε), (ℓ, aux))`` with ``p`` in position ``argnums`` of ``loss_fn``'s arguments."""
+
+    def f(p: PyTree) -> tuple[jax.Array, tuple]:
+        out = loss_fn(*(args[:argnums] + [p] + args[argnums + 1 :]), **kwargs)
+        losses, aux = out if has_aux else (out, None)
+        losses = _check_losses(losses, "loss_fn")
+        return transform_losses(losses, log=log, eps=eps), (losses, aux)
+
+    return f
+
+
 def _pullback(vjp_fn: Callable, cotangents: jax.Array, strategy: str, chunk_size: Optional[int]) -> PyTree:
     """Applies ``vjp_fn`` to each row of ``cotangents`` and stacks the results."""
     t = jax.tree_util.tree_leaves(cotangents)[0].shape[0]
@@ -73,15 +157,19 @@ def _pullback(vjp_fn: Callable, cotangents: jax.Array, strategy: str, chunk_size
     return jax.vmap(vjp_fn)(cotangents)
 
 
-def _check_strategy(strategy: str, chunk_size: Optional[int]) -> None:
+def _check_strategy(strategy: str, chunk_size: Optional[int]) -> str:
+    if strategy == "jacrev":  # jax.jacrev is the vmap of the VJP: it compiled to the same program
+        _deprecated('strategy="jacrev"', 'strategy="vmap" (the same program)', stacklevel=4)
+        strategy = "vmap"
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}.")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}.")
+    return strategy
 
 
 def value_and_task_grads(
-    loss_fn: Callable[..., Any],
+    model: Model,
     argnums: int = 0,
     *,
     log: bool = True,
@@ -90,51 +178,48 @@ def value_and_task_grads(
     strategy: str = "loop",
     chunk_size: Optional[int] = None,
 ) -> Callable[..., Any]:
-    """Transforms ``loss_fn`` into a function returning losses and per-task gradients.
+    """Transforms a model into a function returning losses and per-task gradients ``∇ log(ℓ_t + ε)``.
 
     Args:
-      loss_fn: returns a ``[T]`` vector of raw task losses ``ℓ_t`` (or
-        ``(losses, aux)`` with ``has_aux=True``).
-      argnums: which positional argument to differentiate (one int).
-      log: differentiate ``log(ℓ_t + ε)`` (DB-MTL) rather than ``ℓ_t``.
+      model: ``loss_fn(*args) -> [T]`` raw task losses ``ℓ_t`` (or ``(losses,
+        aux)`` with ``has_aux=True``), or a :class:`TrunkHeads` spec (each head
+        back-propagated once; ``argnums`` 0 and no ``has_aux``).
+      argnums: which positional argument of ``loss_fn`` to differentiate (one int).
+      log: differentiate ``log(ℓ_t + ε)`` (DB-MTL, Lin et al. Sec. 3.1) rather than ``ℓ_t``.
       eps: the ε inside the log.
       has_aux: whether ``loss_fn`` returns ``(losses, aux)``.
       strategy: ``"loop"`` (default: T VJP calls of the one forward pass,
-        unrolled in the graph), ``"vmap"`` (vmap of the VJP) or ``"jacrev"``
-        (compiles to the same program as ``"vmap"``).  On CPU ``"loop"`` was
-        fastest (MLP, T=3/10/40: 35/154/1237 ms vs 49/249/2461 ms for
-        ``"vmap"``; see benchmarks/RESULTS.md): the vmapped pull-back makes
-        XLA materialise transposed weight gradients.  ``"loop"`` compiles
-        more slowly as T grows.
+        unrolled in the graph) or ``"vmap"`` (vmap of the VJP).  On CPU
+        ``"loop"`` was fastest (MLP, T=3/10/40: 35/154/1237 ms vs 49/249/2461 ms
+        for ``"vmap"``; see benchmarks/RESULTS.md): the vmapped pull-back makes
+        XLA materialise transposed weight gradients.  ``"loop"`` compiles more
+        slowly as T grows.  (``"jacrev"``, deprecated, is ``"vmap"``.)
       chunk_size: pull back at most this many tasks at a time (``lax.map`` with
         ``batch_size``, vmapped within a chunk), bounding the transient
         Jacobian memory to ``chunk_size × P``.  ``None``: all T at once.
 
     Returns:
-      A function with ``loss_fn``'s signature returning ``(losses, grads)`` or
-      ``((losses, aux), grads)``: ``losses`` are the raw ``ℓ_t`` and every leaf
-      of ``grads`` has shape ``[T, *param_shape]``.
+      For a ``loss_fn``: a function with its signature returning ``(losses,
+      grads)`` or ``((losses, aux), grads)``.  For a :class:`TrunkHeads` spec:
+      ``fn(params, batch) -> (losses, grads)``.  ``losses`` are the raw ``ℓ_t``;
+      ``grads`` has the structure of the parameters and every leaf the task
+      axis ``[T, *param_shape]`` (a head's gradient sits in its own task's row,
+      zeros elsewhere), ready for :func:`dbmtl_jax.dbmtl` and the other
+      transforms.
     """
     if not isinstance(argnums, int):
         raise TypeError(f"argnums must be a single int, got {argnums!r}.")
-    _check_strategy(strategy, chunk_size)
+    strategy = _check_strategy(strategy, chunk_size)
+    if isinstance(model, TrunkHeads):
+        _check_spec_call(argnums, has_aux)
+        return _trunk_heads_grads(model, log, eps, strategy, chunk_size)
+    loss_fn = model
 
     def wrapped(*args: Any, **kwargs: Any) -> Any:
-        args = list(args)
-
-        def f(p: PyTree) -> Any:
-            call_args = args[:argnums] + [p] + args[argnums + 1 :]
-            out = loss_fn(*call_args, **kwargs)
-            losses, aux = out if has_aux else (out, None)
-            losses = _check_losses(losses, "loss_fn")
-            return transform_losses(losses, log=log, eps=eps), (losses, aux)
-
-        if strategy == "jacrev":
-            grads, (losses, aux) = jax.jacrev(f, has_aux=True)(args[argnums])
-        else:
-            tl, vjp_fn, (losses, aux) = jax.vjp(f, args[argnums], has_aux=True)
-            eye = jnp.eye(tl.shape[0], dtype=tl.dtype)
-            grads = _pullback(lambda c: vjp_fn(c)[0], eye, strategy, chunk_size)
+        f = _objective(loss_fn, list(args), kwargs, argnums, has_aux, log, eps)
+        tl, vjp_fn, (losses, aux) = jax.vjp(f, args[argnums], has_aux=True)
+        eye = jnp.eye(tl.shape[0], dtype=tl.dtype)
+        grads = _pullback(lambda c: vjp_fn(c)[0], eye, strategy, chunk_size)
         return ((losses, aux), grads) if has_aux else (losses, grads)
 
     return wrapped
@@ -170,44 +255,34 @@ def _heads_once(
     return jnp.stack(losses), tuple(head_grads), stacked, trunk_vjp
 
 
-def trunk_heads_task_grads(
-    trunk_fn: Callable[[PyTree, Any], Any],
-    head_loss_fns: Sequence[Callable[[PyTree, Any, Any], jax.Array]],
-    *,
-    log: bool = True,
-    eps: float = 1e-8,
-    strategy: str = "loop",
-    chunk_size: Optional[int] = None,
-) -> Callable[[PyTree, Sequence[PyTree], Any], tuple[jax.Array, tuple[PyTree, tuple]]]:
-    """Per-task gradients for a hard-parameter-sharing model given as trunk + heads.
-
-    ``trunk_fn(trunk_params, batch) -> features`` is the shared encoder and
-    ``head_loss_fns[t](head_params[t], features, batch) -> ℓ_t`` (a scalar) the
-    head and loss of task ``t``.  Each head is differentiated once, for its own
-    task, giving ``∇_ψt log(ℓ_t+ε)`` and the feature cotangent of task ``t``; the
-    T feature cotangents are then pulled back through the trunk together.
-
-    Returns a function ``(trunk_params, head_params, batch) -> (losses,
-    (trunk_grads, head_grads))`` where every trunk leaf has shape
-    ``[T, *shape]`` and ``head_grads[t]`` is the plain gradient of head ``t``
-    (no task axis).  :func:`heads_to_task_axis` gives the head gradients the
-    task axis the transforms expect.
-    """
-    _check_strategy(strategy, chunk_size)
-    if not head_loss_fns:
+def _trunk_heads_grads(
+    spec: TrunkHeads, log: bool, eps: float, strategy: str, chunk_size: Optional[int]
+) -> Callable[[PyTree, Any], tuple[jax.Array, PyTree]]:
+    """:func:`value_and_task_grads` of a :class:`TrunkHeads` spec: heads once, the trunk pulled back per task."""
+    if not spec.head_loss_fns:
         raise ValueError("head_loss_fns is empty; give one head loss per task.")
 
-    def wrapped(trunk_params: PyTree, head_params: Sequence[PyTree], batch: Any) -> Any:
-        losses, head_grads, stacked, trunk_vjp = _heads_once(
-            trunk_fn, head_loss_fns, trunk_params, head_params, batch, log, eps
-        )
-        trunk_grads = _pullback(lambda c: trunk_vjp(c)[0], stacked, strategy, chunk_size)
-        return losses, (trunk_grads, head_grads)
+    def wrapped(params: PyTree, batch: Any) -> tuple[jax.Array, PyTree]:
+        trunk_params, head_params = spec.parts(params)
+        losses, trunk_grads, head_grads = _trunk_heads_pull(spec, trunk_params, head_params, batch, log, eps,
+                                                            strategy, chunk_size)
+        return losses, spec.whole(params, trunk_grads, _heads_to_task_axis(head_grads))
 
     return wrapped
 
 
-def heads_to_task_axis(head_grads: Sequence[PyTree]) -> tuple[PyTree, ...]:
+def _trunk_heads_pull(
+    spec: TrunkHeads, trunk_params: PyTree, head_params: Sequence[PyTree], batch: Any, log: bool, eps: float,
+    strategy: str, chunk_size: Optional[int],
+) -> tuple[jax.Array, PyTree, tuple]:
+    """``(losses, trunk grads [T, ...], plain head grads)``: heads once, then the T feature cotangents pulled back."""
+    losses, head_grads, stacked, trunk_vjp = _heads_once(
+        spec.trunk_fn, spec.head_loss_fns, trunk_params, head_params, batch, log, eps
+    )
+    return losses, _pullback(lambda c: trunk_vjp(c)[0], stacked, strategy, chunk_size), head_grads
+
+
+def _heads_to_task_axis(head_grads: Sequence[PyTree]) -> tuple[PyTree, ...]:
     """Puts head ``t``'s gradient in row ``t`` of a ``[T, *shape]`` array, zeros elsewhere.
 
     This gives head gradients the task axis that the transforms expect; the
@@ -219,6 +294,43 @@ def heads_to_task_axis(head_grads: Sequence[PyTree]) -> tuple[PyTree, ...]:
         return jnp.zeros((num_tasks,) + g.shape, g.dtype).at[t].set(g)
 
     return tuple(jax.tree_util.tree_map(lambda g, t=t: place(t, g), hg) for t, hg in enumerate(head_grads))
+
+
+def trunk_heads_task_grads(
+    trunk_fn: Callable[[PyTree, Any], Any],
+    head_loss_fns: Sequence[Callable[[PyTree, Any, Any], jax.Array]],
+    *,
+    log: bool = True,
+    eps: float = 1e-8,
+    strategy: str = "loop",
+    chunk_size: Optional[int] = None,
+) -> Callable[[PyTree, Sequence[PyTree], Any], tuple[jax.Array, tuple[PyTree, tuple]]]:
+    """Deprecated: use ``value_and_task_grads(TrunkHeads(trunk_fn, head_loss_fns))``.
+
+    Returns ``(trunk_params, head_params, batch) -> (losses, (trunk_grads,
+    head_grads))`` with ``head_grads[t]`` the plain gradient of head ``t`` (no task axis).
+    """
+    _deprecated("dbmtl_jax.trunk_heads_task_grads", "dbmtl_jax.value_and_task_grads(dbmtl_jax.TrunkHeads(trunk_fn, "
+                "head_loss_fns)), called as fn((trunk_params, head_params), batch)")
+    strategy = _check_strategy(strategy, chunk_size)
+    if not head_loss_fns:
+        raise ValueError("head_loss_fns is empty; give one head loss per task.")
+
+    spec = TrunkHeads(trunk_fn, head_loss_fns)
+
+    def wrapped(trunk_params: PyTree, head_params: Sequence[PyTree], batch: Any) -> Any:
+        losses, trunk_grads, head_grads = _trunk_heads_pull(spec, trunk_params, head_params, batch, log, eps,
+                                                            strategy, chunk_size)
+        return losses, (trunk_grads, head_grads)
+
+    return wrapped
+
+
+def heads_to_task_axis(head_grads: Sequence[PyTree]) -> tuple[PyTree, ...]:
+    """Deprecated: :func:`value_and_task_grads` of a :class:`TrunkHeads` spec returns head gradients with the task axis."""
+    _deprecated("dbmtl_jax.heads_to_task_axis", "dbmtl_jax.value_and_task_grads(dbmtl_jax.TrunkHeads(...)), whose "
+                "head gradients have the task axis")
+    return _heads_to_task_axis(head_grads)
 
 
 def _fold_chunks(
@@ -292,7 +404,7 @@ def _check_chunk(chunk_size: Any) -> int:
     return chunk_size
 
 
-def fold_task_grads(
+def _fold_task_grads(
     loss_fn: Callable[..., Any],
     fold_fn: Callable[[Any, jax.Array, PyTree], Any],
     argnums: int = 0,
@@ -303,7 +415,7 @@ def fold_task_grads(
     chunk_size: int = 1,
     unroll: Optional[bool] = None,
 ) -> Callable[..., Any]:
-    """Like :func:`value_and_task_grads`, but streams the gradients into ``fold_fn``.
+    """Like :func:`value_and_task_grads` of a ``loss_fn``, but streams the gradients into ``fold_fn``.
 
     One forward pass, then the T one-hot cotangents are pulled back
     ``chunk_size`` at a time inside a ``lax.fori_loop``; each chunk's gradients
@@ -334,15 +446,7 @@ def fold_task_grads(
     chunk_size = _check_chunk(chunk_size)
 
     def wrapped(carry: Any, *args: Any, **kwargs: Any) -> Any:
-        args = list(args)
-
-        def f(p: PyTree) -> Any:
-            call_args = args[:argnums] + [p] + args[argnums + 1 :]
-            out = loss_fn(*call_args, **kwargs)
-            losses, aux = out if has_aux else (out, None)
-            losses = _check_losses(losses, "loss_fn")
-            return transform_losses(losses, log=log, eps=eps), (losses, aux)
-
+        f = _objective(loss_fn, list(args), kwargs, argnums, has_aux, log, eps)
         tl, vjp_fn, (losses, aux) = jax.vjp(f, args[argnums], has_aux=True)
         eye = jnp.eye(tl.shape[0], dtype=tl.dtype)
         carry = carry(losses) if callable(carry) else carry
@@ -352,7 +456,7 @@ def fold_task_grads(
     return wrapped
 
 
-def trunk_heads_fold_task_grads(
+def _trunk_heads_fold_task_grads(
     trunk_fn: Callable[[PyTree, Any], Any],
     head_loss_fns: Sequence[Callable[[PyTree, Any, Any], jax.Array]],
     fold_fn: Callable[[Any, jax.Array, PyTree], Any],
@@ -362,13 +466,13 @@ def trunk_heads_fold_task_grads(
     chunk_size: int = 1,
     unroll: Optional[bool] = None,
 ) -> Callable[[Any, PyTree, Sequence[PyTree], Any], tuple[jax.Array, tuple, Any]]:
-    """:func:`trunk_heads_task_grads` with the trunk gradients streamed into ``fold_fn``.
+    """:func:`value_and_task_grads` of a :class:`TrunkHeads` spec, the trunk gradients streamed into ``fold_fn``.
 
-    Each head is differentiated once (as in :func:`trunk_heads_task_grads`);
+    Each head is differentiated once;
     the T feature cotangents are then pulled back through the trunk
     ``chunk_size`` at a time and each chunk of trunk gradients (leaves
     ``[c, *shape]``, rows ``start …``) goes to ``carry = fold_fn(carry, start,
-    grads)``.  ``unroll`` and a callable ``carry`` as in :func:`fold_task_grads`.
+    grads)``.  ``unroll`` and a callable ``carry`` as in :func:`_fold_task_grads`.
 
     Returns ``f(carry, trunk_params, head_params, batch) -> (losses,
     head_grads, carry)`` with ``head_grads[t]`` the plain gradient of head ``t``.
@@ -386,3 +490,16 @@ def trunk_heads_fold_task_grads(
         return losses, head_grads, carry
 
     return wrapped
+
+
+def fold_task_grads(*args: Any, **kwargs: Any) -> Callable[..., Any]:
+    """Deprecated (private from 0.3.0): the streamed gradients of :func:`dbmtl_jax.fused_dbmtl`."""
+    _deprecated("dbmtl_jax.fold_task_grads", "dbmtl_jax.fused_dbmtl (or dbmtl_jax.value_and_task_grads)")
+    return _fold_task_grads(*args, **kwargs)
+
+
+def trunk_heads_fold_task_grads(*args: Any, **kwargs: Any) -> Callable[..., Any]:
+    """Deprecated (private from 0.3.0): the streamed gradients of :func:`dbmtl_jax.fused_dbmtl` on a spec."""
+    _deprecated("dbmtl_jax.trunk_heads_fold_task_grads",
+                "dbmtl_jax.fused_dbmtl(dbmtl_jax.TrunkHeads(...)) (or dbmtl_jax.value_and_task_grads)")
+    return _trunk_heads_fold_task_grads(*args, **kwargs)

@@ -27,7 +27,7 @@ from dbmtl_jax.architectures import (
     MLPHead,
     MPNN,
     MTAN,
-    hps_task_grads,
+    hps_spec,
     mtan_conv,
     mtan_mlp,
     mtan_shared_predicate,
@@ -349,10 +349,10 @@ def test_mtan_stage_pair_and_errors():
         MTAN([Pair()], (4, 4), [nnx.Linear(4, 1, rngs=r)], rngs=r)
 
 
-# ----------------------------------------------------------------------------- HPS + trunk_heads_task_grads
+# ----------------------------------------------------------------------------- HPS + TrunkHeads
 
 
-def test_hps_trunk_heads_task_grads_equal_value_and_task_grads():
+def test_hps_trunk_heads_spec_equals_value_and_task_grads():
     model = _mlp_hps(_rngs(0))
     x = jax.random.normal(jax.random.key(0), (8, 5))
     ys = _targets(_apply(model, x), seed=1)
@@ -361,7 +361,7 @@ def test_hps_trunk_heads_task_grads_equal_value_and_task_grads():
     loss_fn, params = _split_losses(model, x, ys)
     ref_losses, ref = jax.jit(dbmtl_jax.value_and_task_grads(loss_fn))(params)
 
-    # trunk_heads_task_grads used directly: trunk = encoder, head t = heads[t] (nnx.split / nnx.merge).
+    # A TrunkHeads spec written directly: trunk = encoder, head t = heads[t] (nnx.split / nnx.merge).
     enc_def, enc_p, enc_rest = nnx.split(model.encoder, nnx.Param, ...)
     hs = [nnx.split(h, nnx.Param, ...) for h in model.heads]
 
@@ -375,18 +375,20 @@ def test_hps_trunk_heads_task_grads_equal_value_and_task_grads():
     assert _multi_task_paths(ref) == _selected(HPS.is_shared, model) == {
         "encoder/" + p for p in ta.leaf_paths(nnx.state(model.encoder, nnx.Param))}
 
-    fn = jax.jit(dbmtl_jax.trunk_heads_task_grads(trunk_fn, [head_loss(t) for t in range(T)]))
-    losses, (tg, hg) = fn(enc_p, [h[1] for h in hs], (x, ys))
+    fn = jax.jit(dbmtl_jax.value_and_task_grads(dbmtl_jax.TrunkHeads(trunk_fn, [head_loss(t) for t in range(T)])))
+    losses, (tg, hg) = fn((enc_p, [h[1] for h in hs]), (x, ys))
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-6)
     for a, b in zip(jax.tree.leaves(nnx.as_pure(tg)), jax.tree.leaves(nnx.as_pure(ref["encoder"]))):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
     for t in range(T):
         for a, b in zip(jax.tree.leaves(nnx.as_pure(hg[t])), jax.tree.leaves(nnx.as_pure(ref["heads"][t]))):
-            np.testing.assert_allclose(a, b[t], rtol=1e-5, atol=1e-7)
-            assert not np.any(np.delete(np.asarray(b), t, axis=0))
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+            assert not np.any(np.delete(np.asarray(b), t, axis=0)) and not np.any(np.delete(np.asarray(a), t, axis=0))
 
-    # The packaged helper returns the same, in the nnx.state(model, nnx.Param) structure.
-    helper = nnx.jit(hps_task_grads([lambda o, y, t=t: jnp.mean(jnp.square(o - y[t])) for t in range(T)]))
+    # The packaged spec returns the same, in the nnx.state(model, nnx.Param) structure.
+    head_losses = [lambda o, y, t=t: jnp.mean(jnp.square(o - y[t])) for t in range(T)]
+    helper = nnx.jit(lambda m, x, ys: dbmtl_jax.value_and_task_grads(hps_spec(m, head_losses))(
+        nnx.state(m, nnx.Param), (x, ys)))
     losses2, grads2 = helper(model, x, ys)
     np.testing.assert_allclose(losses2, ref_losses, rtol=1e-6)
     assert jax.tree.structure(nnx.as_pure(grads2)) == jax.tree.structure(nnx.as_pure(ref))
@@ -402,11 +404,12 @@ def test_training_smoke_dbmtl_lowers_every_task_loss():
     ys = tuple(jnp.tanh(x @ w[t]) * s for t, s in enumerate((1.0, 3.0, 0.2)))
     tx = optax.chain(dbmtl_jax.dbmtl(T, shared=HPS.is_shared), optax.adam(2e-2))
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-    grad_fn = hps_task_grads([lambda o, y, t=t: jnp.mean(jnp.square(o - y[t])) for t in range(T)])
+    head_losses = [lambda o, y, t=t: jnp.mean(jnp.square(o - y[t])) for t in range(T)]
 
     @nnx.jit
     def step(model, optimizer):
-        losses, grads = grad_fn(model, x, ys)
+        grad_fn = dbmtl_jax.value_and_task_grads(hps_spec(model, head_losses))
+        losses, grads = grad_fn(nnx.state(model, nnx.Param), (x, ys))
         optimizer.update(model, grads)
         return losses
 
@@ -416,6 +419,30 @@ def test_training_smoke_dbmtl_lowers_every_task_loss():
     assert bool(jnp.all(jnp.isfinite(last)))
     assert bool(jnp.all(last < 0.7 * first)), (first, last)
     assert int(optimizer.opt_state[0].count) == 31
+
+
+def test_fused_step_on_hps_spec_equals_the_chain():
+    """fused_dbmtl(hps_spec(model, …)) on nnx.state(model, nnx.Param) takes the steps of
+    chain(dbmtl(T, shared=HPS.is_shared), adam) fed by value_and_task_grads(hps_spec(model, …))."""
+    model = _mlp_hps(_rngs(0))
+    x = jax.random.normal(jax.random.key(0), (16, 5))
+    ys = tuple(y * s for y, s in zip(_targets(_apply(model, x), seed=2), (1.0, 10.0, 0.1)))
+    head_losses = [lambda o, y, t=t: jnp.mean(jnp.square(o - y[t])) for t in range(T)]
+    spec = hps_spec(model, head_losses)
+    params = nnx.state(model, nnx.Param)
+    tx = optax.chain(dbmtl_jax.dbmtl(T, shared=HPS.is_shared), optax.adam(1e-2))
+    fused = dbmtl_jax.fused_dbmtl(spec, T, optax.adam(1e-2))
+    grads = jax.jit(dbmtl_jax.value_and_task_grads(spec))
+    p1, s1, p2, s2 = params, tx.init(params), params, fused.init(params)
+    assert jax.tree.structure(s1) == jax.tree.structure(s2)
+    for _ in range(3):
+        l1, g = grads(p1, (x, ys))
+        u1, s1 = tx.update(g, s1, p1)
+        l2, u2, s2 = jax.jit(fused.update)(s2, p2, (x, ys))
+        p1, p2 = optax.apply_updates(p1, u1), optax.apply_updates(p2, u2)
+        np.testing.assert_allclose(l1, l2, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves((p1, s1)), jax.tree.leaves((p2, s2))):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_hps_errors_and_single_task():
@@ -428,7 +455,9 @@ def test_hps_errors_and_single_task():
     model = HPS(MLPEncoder(3, (4,), rngs=r), [nnx.Linear(4, 1, rngs=r)])
     x = jnp.ones((2, 3))
     np.testing.assert_allclose(_apply(model, x)[0], model.head(0, model.features(x)), rtol=1e-6)
-    losses, grads = nnx.jit(hps_task_grads([lambda o, y: jnp.mean((o - y) ** 2)]))(model, x, jnp.zeros((2, 1)))
+    spec_grads = nnx.jit(lambda m, b: dbmtl_jax.value_and_task_grads(hps_spec(m, [lambda o, y: jnp.mean((o - y) ** 2)]))(
+        nnx.state(m, nnx.Param), b))
+    losses, grads = spec_grads(model, (x, jnp.zeros((2, 1))))
     assert losses.shape == (1,) and grads["encoder"]["layers"][0]["kernel"].shape == (1, 3, 4)
 
 

@@ -87,7 +87,7 @@ def test_matches_numpy_oracle_with_sgd(cfg, variant, chunk, in_place):
             step = dbmtl_jax.fused_dbmtl(_loss_fn, T, optax.sgd(lr), shared=_is_trunk, **kw)
             params = {"w": jnp.asarray(w), "v": jnp.asarray(v)}
         else:
-            step = dbmtl_jax.fused_trunk_heads_dbmtl(_trunk, HEADS, optax.sgd(lr), **kw)
+            step = dbmtl_jax.fused_dbmtl(dbmtl_jax.TrunkHeads(_trunk, HEADS), T, optax.sgd(lr), **kw)
             params = (jnp.asarray(w), tuple(jnp.asarray(v[t]) for t in range(T)))
         state = step.init(params)
         update = jax.jit(step.update)
@@ -152,7 +152,7 @@ def test_state_interchangeable_with_transform_chain(in_place):
 def test_trunk_heads_equals_full_variant():
     params, batch = _f32_problem()
     full = dbmtl_jax.fused_dbmtl(_loss_fn, T, optax.adam(1e-2), shared=_is_trunk)
-    th = dbmtl_jax.fused_trunk_heads_dbmtl(_trunk, HEADS, optax.adam(1e-2), chunk_size=3)
+    th = dbmtl_jax.fused_dbmtl(dbmtl_jax.TrunkHeads(_trunk, HEADS), T, optax.adam(1e-2), chunk_size=3)
     p1, s1 = params, full.init(params)
     p2 = (params["w"], tuple(params["v"][t] for t in range(T)))
     s2 = th.init(p2)
@@ -164,6 +164,31 @@ def test_trunk_heads_equals_full_variant():
     np.testing.assert_allclose(np.asarray(p1["w"]), np.asarray(p2[0]), rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(np.asarray(p1["v"]), np.asarray(jnp.stack(p2[1])), rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(np.asarray(s1[0].norms), np.asarray(s2[0].norms), rtol=1e-5)
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_trunk_heads_split_join_layout_equals_pair_layout(in_place):
+    """A spec over dict params {"w", "v": (v_0, …)} (split/join) gives, bit for bit, the losses, parameters and EMA of
+    the (trunk, heads) pair layout, and a state of optax.chain(dbmtl(T, shared=spec.shared_mask(params)), optimizer)."""
+    params, batch = _f32_problem()
+    spec = dbmtl_jax.TrunkHeads(_trunk, HEADS, split=lambda p: (p["w"], p["v"]),
+                                join=lambda w, vs: {"w": w, "v": tuple(vs)})
+    pair = dbmtl_jax.fused_dbmtl(dbmtl_jax.TrunkHeads(_trunk, HEADS), T, optax.adam(1e-2), in_place=in_place)
+    dct = dbmtl_jax.fused_dbmtl(spec, T, optax.adam(1e-2), in_place=in_place)
+    p1 = (params["w"], tuple(params["v"][t] for t in range(T)))
+    p2 = {"w": p1[0], "v": p1[1]}
+    s1, s2 = pair.init(p1), dct.init(p2)
+    chain_state = optax.chain(dbmtl_jax.dbmtl(T, shared=spec.shared_mask(p2)), optax.adam(1e-2)).init(p2)
+    assert jax.tree.structure(s2) == jax.tree.structure(chain_state)
+    for _ in range(3):
+        l1, u1, s1 = jax.jit(pair.update)(s1, p1, batch)
+        l2, u2, s2 = jax.jit(dct.update)(s2, p2, batch)
+        p1, p2 = optax.apply_updates(p1, u1), optax.apply_updates(p2, u2)
+        np.testing.assert_array_equal(np.asarray(l1), np.asarray(l2))
+    np.testing.assert_array_equal(np.asarray(p1[0]), np.asarray(p2["w"]))
+    np.testing.assert_array_equal(np.asarray(jnp.stack(p1[1])), np.asarray(jnp.stack(p2["v"])))
+    np.testing.assert_array_equal(np.asarray(s1[0].ema[0]), np.asarray(s2[0].ema["w"]))
+    np.testing.assert_array_equal(np.asarray(s1[0].norms), np.asarray(s2[0].norms))
 
 
 def test_scaling_a_task_loss_and_permuting_tasks_leave_the_update_unchanged():
@@ -209,7 +234,7 @@ def test_invalid_losses_skip_the_step_and_keep_the_state(in_place, variant, bad)
     if variant == "full":
         step = dbmtl_jax.fused_dbmtl(loss_fn, T, optax.adam(1e-2), shared=_is_trunk, in_place=in_place)
     else:
-        step = dbmtl_jax.fused_trunk_heads_dbmtl(_trunk, heads, optax.adam(1e-2), in_place=in_place)
+        step = dbmtl_jax.fused_dbmtl(dbmtl_jax.TrunkHeads(_trunk, heads), T, optax.adam(1e-2), in_place=in_place)
         params = (params["w"], tuple(params["v"][t] for t in range(T)))
     good = (x, y, jnp.zeros([T]))
     update = jax.jit(step.update)
@@ -294,7 +319,8 @@ def test_in_place_needs_less_memory_than_exact_and_than_the_chain():
     params = (trunk, heads)
 
     def temp_floats(in_place):
-        fused = dbmtl_jax.fused_trunk_heads_dbmtl(trunk_fn, head_fns, optax.adam(1e-3), in_place=in_place)
+        fused = dbmtl_jax.fused_dbmtl(dbmtl_jax.TrunkHeads(trunk_fn, head_fns), num_tasks, optax.adam(1e-3),
+                                     in_place=in_place)
 
         def step(state, p, b):
             _, u, state = fused.update(state, p, b)
@@ -304,10 +330,10 @@ def test_in_place_needs_less_memory_than_exact_and_than_the_chain():
         return c.memory_analysis().temp_size_in_bytes / 4
 
     tx = optax.chain(dbmtl_jax.dbmtl(num_tasks), optax.adam(1e-3))
-    grads = dbmtl_jax.trunk_heads_task_grads(trunk_fn, head_fns)
+    grads = dbmtl_jax.value_and_task_grads(dbmtl_jax.TrunkHeads(trunk_fn, head_fns))
 
     def chain_step(state, p, b):
-        _, (g_trunk, g_heads) = grads(p[0], p[1], b)
+        _, (g_trunk, _) = grads(p, b)
         u, state = tx.update(g_trunk, state, p[0])
         return (optax.apply_updates(p[0], u), p[1]), state
 
@@ -379,7 +405,11 @@ def test_errors():
     with pytest.raises(ValueError, match="chunk_size"):
         dbmtl_jax.fused_dbmtl(_loss_fn, T, optax.sgd(0.1), chunk_size=0)
     with pytest.raises(ValueError, match="chunk_size"):
-        dbmtl_jax.fused_trunk_heads_dbmtl(_trunk, HEADS, optax.sgd(0.1), chunk_size=1.5)
+        dbmtl_jax.fused_dbmtl(dbmtl_jax.TrunkHeads(_trunk, HEADS), T, optax.sgd(0.1), chunk_size=1.5)
+    with pytest.raises(ValueError, match="num_tasks is 3 but the TrunkHeads spec has 4 heads"):
+        dbmtl_jax.fused_dbmtl(dbmtl_jax.TrunkHeads(_trunk, HEADS), 3, optax.sgd(0.1))
+    with pytest.raises(ValueError, match="leave shared and has_aux unset"):
+        dbmtl_jax.fused_dbmtl(dbmtl_jax.TrunkHeads(_trunk, HEADS), T, optax.sgd(0.1), shared=_is_trunk)
     fused = dbmtl_jax.fused_dbmtl(_loss_fn, T, optax.sgd(0.1), shared=_is_trunk)
     with pytest.raises(TypeError, match="DBMTLState"):
         fused.update(optax.sgd(0.1).init(params), params, batch)
@@ -389,7 +419,7 @@ def test_errors():
     wrong_t = dbmtl_jax.fused_dbmtl(_loss_fn, T + 1, optax.sgd(0.1), shared=_is_trunk)
     with pytest.raises(ValueError, match="task"):
         wrong_t.update(wrong_t.init(params), params, batch)
-    th = dbmtl_jax.fused_trunk_heads_dbmtl(_trunk, HEADS, optax.sgd(0.1))
+    th = dbmtl_jax.fused_dbmtl(dbmtl_jax.TrunkHeads(_trunk, HEADS), T, optax.sgd(0.1))
     with pytest.raises(ValueError, match="trunk_params, head_params"):
         th.init(params)
     with pytest.raises(ValueError, match="trunk_params, head_params"):

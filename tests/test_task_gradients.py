@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import dbmtl_jax
+from dbmtl_jax.task_gradients import STRATEGIES, _fold_task_grads
 
 T = 3
 
@@ -46,7 +47,7 @@ def _reference(params, losses, log=True):
     return jax.tree.map(lambda *xs: jnp.stack(xs), *out)
 
 
-@pytest.mark.parametrize("strategy", dbmtl_jax.STRATEGIES)
+@pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("log", [True, False])
 def test_strategies_match_separate_grads(strategy, log):
     params, losses, *_ = _problem()
@@ -84,21 +85,41 @@ def test_has_aux_and_argnums():
 def test_trunk_heads_matches_full(strategy):
     params, losses, trunk_fn, head_fns, x = _problem(3)
     want = _reference(params, losses)
-    fn = jax.jit(dbmtl_jax.trunk_heads_task_grads(trunk_fn, head_fns, strategy=strategy))
-    l, (g_trunk, g_heads) = fn(params["trunk"], params["heads"], x)
+    fn = jax.jit(dbmtl_jax.value_and_task_grads(dbmtl_jax.TrunkHeads(trunk_fn, head_fns), strategy=strategy))
+    l, (g_trunk, g_heads) = fn((params["trunk"], params["heads"]), x)
     np.testing.assert_allclose(l, losses(params), rtol=1e-6)
     for a, b in zip(jax.tree.leaves(g_trunk), jax.tree.leaves(want["trunk"])):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    stacked = dbmtl_jax.heads_to_task_axis(g_heads)
-    for a, b in zip(jax.tree.leaves(stacked), jax.tree.leaves(want["heads"])):
+    assert isinstance(g_heads, tuple)  # the heads' container, each head's gradient in its own task's row
+    for a, b in zip(jax.tree.leaves(g_heads), jax.tree.leaves(want["heads"])):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [None, 2])
+def test_trunk_heads_spec_layouts_agree_bit_for_bit(chunk):
+    """A spec with split/join over {"trunk", "heads"} params gives the (trunk, heads) layout's numbers, and the
+    spec's losses are those of the loss_fn."""
+    params, losses, trunk_fn, head_fns, x = _problem(5)
+    pair = dbmtl_jax.value_and_task_grads(dbmtl_jax.TrunkHeads(trunk_fn, head_fns), chunk_size=chunk)
+    spec = dbmtl_jax.TrunkHeads(trunk_fn, head_fns, split=lambda p: (p["trunk"], p["heads"]),
+                                join=lambda tr, hs: {"trunk": tr, "heads": tuple(hs)})
+    dct = dbmtl_jax.value_and_task_grads(spec, chunk_size=chunk)
+    l1, (gt, gh) = jax.jit(pair)((params["trunk"], params["heads"]), x)
+    l2, g = jax.jit(dct)(params, x)
+    np.testing.assert_array_equal(l1, l2)
+    assert jax.tree.structure(g) == jax.tree.structure(params)
+    for a, b in zip(jax.tree.leaves((gt, gh)), jax.tree.leaves((g["trunk"], g["heads"]))):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(spec.losses(params, x), losses(params), rtol=1e-6)
+    assert spec.shared_mask(params) == {"trunk": {"b": True, "w": True}, "heads": ({"w": False},) * T}
+    assert spec.num_tasks == T
 
 
 def test_trunk_heads_runs_each_head_backward_once():
     """With T heads, the head part of the jaxpr holds T head backward passes, not T×T."""
     params, losses, trunk_fn, head_fns, x = _problem(4)
-    fn = dbmtl_jax.trunk_heads_task_grads(trunk_fn, head_fns)
-    jaxpr = jax.make_jaxpr(fn)(params["trunk"], params["heads"], x)
+    fn = dbmtl_jax.value_and_task_grads(dbmtl_jax.TrunkHeads(trunk_fn, head_fns))
+    jaxpr = jax.make_jaxpr(fn)((params["trunk"], params["heads"]), x)
     # forward z@w (T) + backward: d/dw and d/dz per head (2T) -> 3T dots on [32,7]x[7,2]-shaped operands
     head_dots = [
         e for e in jaxpr.eqns if e.primitive.name == "dot_general" and any(v.aval.shape in [(7, 2)] for v in e.invars)
@@ -116,12 +137,19 @@ def test_errors():
         dbmtl_jax.value_and_task_grads(losses, strategy="fast")
     with pytest.raises(ValueError, match="chunk_size"):
         dbmtl_jax.value_and_task_grads(losses, chunk_size=0)
+    spec = dbmtl_jax.TrunkHeads(trunk_fn, head_fns)
+    with pytest.raises(ValueError, match="trunk_params, head_params"):
+        dbmtl_jax.value_and_task_grads(spec)((params["trunk"], params["heads"][:2]), x)
     with pytest.raises(ValueError, match="head parameter sets"):
-        dbmtl_jax.trunk_heads_task_grads(trunk_fn, head_fns)(params["trunk"], params["heads"][:2], x)
+        dbmtl_jax.value_and_task_grads(spec._replace(split=lambda p: p))((params["trunk"], params["heads"][:2]), x)
     with pytest.raises(ValueError, match="scalar loss"):
-        dbmtl_jax.trunk_heads_task_grads(trunk_fn, [lambda hp, z, b: z @ hp["w"]] * T)(
-            params["trunk"], params["heads"], x
+        dbmtl_jax.value_and_task_grads(dbmtl_jax.TrunkHeads(trunk_fn, [lambda hp, z, b: z @ hp["w"]] * T))(
+            (params["trunk"], params["heads"]), x
         )
+    with pytest.raises(ValueError, match="argnums must be 0"):
+        dbmtl_jax.value_and_task_grads(spec, has_aux=True)
+    with pytest.raises(ValueError, match="empty"):
+        dbmtl_jax.value_and_task_grads(dbmtl_jax.TrunkHeads(trunk_fn, []))
 
 
 def _conv_problem(T=3):
@@ -146,7 +174,7 @@ def test_fold_task_grads_unroll_default_follows_convolutions(unroll):
     bodies on a slow kernel), a fori_loop for a dense one; the gradients are the same either way."""
     T = 3
     loss_fn, w, x = _conv_problem(T)
-    fold = dbmtl_jax.fold_task_grads(loss_fn, _stack_fold, chunk_size=1, unroll=unroll)
+    fold = _fold_task_grads(loss_fn, _stack_fold, chunk_size=1, unroll=unroll)
     init = jnp.zeros((T,) + w.shape)
     run = jax.jit(lambda w, x: fold(init, w, x))
     _, got = run(w, x)
@@ -156,8 +184,8 @@ def test_fold_task_grads_unroll_default_follows_convolutions(unroll):
     expect_loop = unroll is False or (unroll is None and jax.default_backend() != "cpu")
     assert has_while == expect_loop
 
-    dense = dbmtl_jax.fold_task_grads(lambda v, x: jnp.stack([jnp.sum(v * x[t]) ** 2 for t in range(T)]),
-                                      _stack_fold, chunk_size=1, unroll=unroll)
+    dense = _fold_task_grads(lambda v, x: jnp.stack([jnp.sum(v * x[t]) ** 2 for t in range(T)]),
+                             _stack_fold, chunk_size=1, unroll=unroll)
     v, xs = jnp.ones(4), jnp.arange(12.0).reshape(T, 4)
     run_dense = jax.jit(lambda v, xs: dense(jnp.zeros((T, 4)), v, xs))
     assert (" while(" in run_dense.lower(v, xs).compile().as_text()) == (unroll is not True)

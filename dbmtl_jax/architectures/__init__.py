@@ -34,7 +34,7 @@ from dbmtl_jax.architectures.encoders import (
     MLPEncoder,
     MLPHead,
 )
-from dbmtl_jax.architectures.hps import HPS, hps_shared, hps_task_grads
+from dbmtl_jax.architectures.hps import HPS, hps_shared, hps_spec, hps_task_grads
 from dbmtl_jax.architectures.mpnn import (
     AGGREGATIONS,
     MPNN,
@@ -61,7 +61,8 @@ __all__ = [
     "prefix_predicate",
     "HPS",
     "hps_shared",
-    "hps_task_grads",
+    "hps_spec",
+    "hps_task_grads",  # deprecated (0.2.0)
     "CrossStitch",
     "cross_stitch_shared",
     "stitch_init",
