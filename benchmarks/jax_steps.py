@@ -133,7 +133,7 @@ def build_step(
 
         init = tx.init
     else:
-        tx = optax.chain(dbmtl_jax.dbmtl(problem.num_tasks, beta=beta, shared=is_shared), adam)
+        tx = optax.chain(dbmtl_jax.dbmtl(problem.num_tasks, beta=beta, beta_sigma=0.0, shared=is_shared), adam)
 
         def aggregate(g: PyTree, state: PyTree, params: PyTree) -> tuple:
             return tx.update(g, state, params)
@@ -168,7 +168,8 @@ def _fused_step(problem: Problem, base: str, plain_sum: bool, *, chunk_size: int
         return StepFns(adam.init, sum_step)
 
     fused = dbmtl_jax.fused_dbmtl(
-        dbmtl_jax.TrunkHeads(problem.trunk_fn, problem.head_loss_fns), problem.num_tasks, adam, beta=beta,
+        dbmtl_jax.TrunkHeads(problem.trunk_fn, problem.head_loss_fns), problem.num_tasks, adam,
+        beta=beta, beta_sigma=0.0,  # LibMTL's constant β, as the PyTorch mirror and the NumPy reference
         chunk_size=chunk_size,
         in_place=base == "fused-inplace", unroll=True if base == "fused-unroll" else None,
     )
@@ -188,7 +189,7 @@ def transform_only(problem: Problem, *, beta: float = 0.9) -> tuple[Callable, Ca
     ``make_grads()`` returns random task-axis gradients with the problem's
     parameter shapes, to time the transform (EMA, norms, scaling) in isolation.
     """
-    tx = dbmtl_jax.dbmtl(problem.num_tasks, beta=beta, shared=is_shared)
+    tx = dbmtl_jax.dbmtl(problem.num_tasks, beta=beta, beta_sigma=0.0, shared=is_shared)
     params = to_jax(problem.params)
 
     def update(g: PyTree, state: PyTree) -> tuple:

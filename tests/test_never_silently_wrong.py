@@ -12,6 +12,7 @@ import pytest
 
 import dbmtl_jax
 from dbmtl_jax import InvalidStepError, reraise_invalid_step
+from dbmtl_jax.methods.registry import get_factory
 
 
 def _same(a, b):
@@ -168,7 +169,7 @@ def test_shared_mask_with_the_wrong_structure_is_rejected():
 def test_head_leaf_of_the_wrong_shape_is_rejected(method, head_shape):
     """Every method: a head leaf without the task axis, or with an extra one, is an error naming the leaf."""
     params = {"trunk": jnp.zeros(2), "head": jnp.zeros((4, 5))}
-    sig = inspect.signature(dbmtl_jax.get_factory(method)).parameters
+    sig = inspect.signature(get_factory(method)).parameters
     kw = {"shared": lambda p: p == "trunk"} if "shared" in sig else {}
     kw.update({"weight_heads": False} if "weight_heads" in sig else {})
     kw.update({"grads": "per_task"} if "grads" in sig else {})
@@ -203,7 +204,8 @@ def test_dbmtl_hyperparameters_out_of_range(kwargs, option):
     for build in (
         lambda: dbmtl_jax.dbmtl(2, **kwargs),
         lambda: dbmtl_jax.fused_dbmtl(lambda p: p, 2, optax.sgd(0.1), **kwargs),
-        lambda: dbmtl_jax.fused_trunk_heads_dbmtl(lambda p, b: b, [lambda v, z, b: z] * 2, optax.sgd(0.1), **kwargs),
+        lambda: dbmtl_jax.fused_dbmtl(dbmtl_jax.TrunkHeads(lambda p, b: b, [lambda v, z, b: z] * 2), 2, optax.sgd(0.1),
+                                     **kwargs),
     ):
         with pytest.raises(ValueError, match=option):
             build()

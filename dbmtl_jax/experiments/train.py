@@ -59,7 +59,7 @@ import numpy as np
 import optax
 
 import dbmtl_jax
-from dbmtl_jax import loss_weighting
+from dbmtl_jax import loss_weighting, task_axis
 from dbmtl_jax.experiments.spec import Benchmark, Recipe, Task
 
 __all__ = [
@@ -894,7 +894,7 @@ class _Trainer:
         self.opt_state = self.tx.init(self.params)
         self.metrics = [t.metric() for t in benchmark.tasks]
         self.record_grads = spec.name != "stl" and not self.cheap
-        mask = dbmtl_jax.resolve_shared(benchmark.shared, self.params)
+        mask = task_axis.resolve_shared(benchmark.shared, self.params)
         self.shared_flags = [bool(f) for f in jax.tree_util.tree_leaves(mask)]
         self.train_step = jax.jit(self._make_train_step())
         self.eval_step = jax.jit(self._make_eval_step())
