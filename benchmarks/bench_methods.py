@@ -9,14 +9,16 @@ donated: per-task gradients of the raw losses from
 Two references: ``ew (one backward)``, ``jax.grad`` of the summed losses into
 Adam, and ``ew`` through the same per-task path as the others.
 
-Timing: all subjects compiled and warmed up, then ``--reps`` interleaved rounds
-(each subject ``--steps`` steps per round, rotating order); reported are the
-median per-step time and the paired ratio to ``ew (one backward)`` (median over
-rounds of subject / reference in the same round, which cancels load drift).
+Timing (``harness.py``): every subject is a ``jit_runner`` (compiled ahead of
+time, two warm-up steps), then ``--reps`` rounds of ``interleaved_times`` (each
+subject ``--steps`` steps per round, rotating order); reported are the median
+per-step time and ``paired_ratio`` to ``ew (one backward)`` (median over rounds
+of subject / reference in the same round, which cancels load drift).  The step
+counter that seeds ``key=`` lives in the donated state.
 Loss-weighting methods have a cheaper one-backward path; see
 ``RESULTS_loss_weighting.md``.
 
-    python benchmarks/bench_methods.py [--tasks 3] [--reps 7] [--steps 5]
+    python benchmarks/bench_methods.py [--tasks 3] [--reps 7] [--steps 5] [--methods ew,dbmtl,...] [--tiny] [--out PATH]
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ import argparse
 import datetime
 import os
 import platform
-import statistics
 import sys
 import time
 
@@ -36,25 +37,26 @@ import optax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import dbmtl_jax  # noqa: E402
+from harness import Runner, interleaved_times, jit_runner, median_ms, paired_ratio  # noqa: E402
 from models import is_shared, make_problem  # noqa: E402
 
 REFERENCE = "ew (one backward)"
+TINY = dict(batch_size=16, d_in=8, hidden=16, d_feat=8, d_out=3)  # a smoke test of the script, not a benchmark
 
 
-def make_steps(num_tasks: int) -> tuple[dict, tuple]:
-    prob = make_problem("mlp", num_tasks)
-    params = jax.tree.map(jnp.asarray, prob.params)
+def make_runners(num_tasks: int, *, tiny: bool = False, methods: tuple = tuple(dbmtl_jax.METHODS)) -> tuple[list, int]:
+    """One ``Runner`` per subject (the reference first) and the number of shared parameters."""
+    prob = make_problem("mlp", num_tasks, **(TINY if tiny else {}))
     batch = jax.tree.map(jnp.asarray, prob.batch)
-    steps = {}
+    key0 = jax.random.key(0)
 
     def one_backward():
         tx = optax.adam(1e-4)
 
-        def step(p, s, key):
-            del key
-            g = jax.grad(lambda q: jnp.sum(prob.loss_fn(q, batch)))(p)
+        def step(p, s, b):
+            losses, g = jax.value_and_grad(lambda q: jnp.sum(prob.loss_fn(q, b)))(p)
             u, s = tx.update(g, s, p)
-            return optax.apply_updates(p, u), s
+            return optax.apply_updates(p, u), s, losses
 
         return tx, step
 
@@ -62,69 +64,53 @@ def make_steps(num_tasks: int) -> tuple[dict, tuple]:
         tx = optax.chain(dbmtl_jax.get_method(name, num_tasks, shared=is_shared), optax.adam(1e-4))
         grads = dbmtl_jax.value_and_task_grads(prob.loss_fn, log=name == "dbmtl")
 
-        def step(p, s, key):
-            losses, g = grads(p, batch)
-            u, s = tx.update(g, s, p, losses=losses, key=key)
-            return optax.apply_updates(p, u), s
+        def step(p, s, b):
+            opt_state, i = s
+            losses, g = grads(p, b)
+            u, opt_state = tx.update(g, opt_state, p, losses=losses, key=jax.random.fold_in(key0, i))
+            return optax.apply_updates(p, u), (opt_state, i + 1), losses
 
         return tx, step
 
     subjects = {REFERENCE: one_backward()}
-    subjects.update({name: per_task(name) for name in dbmtl_jax.METHODS})
+    subjects.update({name: per_task(name) for name in methods})
+    runners = []
     for name, (tx, step) in subjects.items():
-        steps[name] = (tx, jax.jit(step, donate_argnums=(0, 1)))
-    return steps, (params, prob.n_shared)
+        params = jax.tree.map(jnp.asarray, prob.params)
+        state = tx.init(params) if name == REFERENCE else (tx.init(params), jnp.int32(0))
+        runners.append(jit_runner(name, step, params, state, batch))
+        print(f"compiled {name} in {runners[-1].info['compile_s']:.1f}s", flush=True)
+    return runners, prob.n_shared
 
 
-def main() -> None:
+def time_runners(runners: list, *, reps: int, steps: int) -> None:
+    """``--reps`` interleaved rounds of ``--steps`` steps per subject after two warm-up steps."""
+    interleaved_times(runners, reps=reps, steps=steps, warmup=2, max_config_s=float("inf"), pause_s=0.0)
+
+
+def main(argv: list | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tasks", type=int, default=3)
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--methods", default=",".join(dbmtl_jax.METHODS), help="comma-separated registry names")
+    ap.add_argument("--tiny", action="store_true", help="tiny MLP (a smoke test of the script, not a benchmark)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS_methods.md"))
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     t0 = time.perf_counter()
-    steps, (params0, n_shared) = make_steps(args.tasks)
-    state = {}
-    compile_s = {}
-    key = jax.random.key(0)
-    for name, (tx, step) in steps.items():
-        p = jax.tree.map(jnp.copy, params0)
-        s = tx.init(p)
-        c0 = time.perf_counter()
-        p, s = step(p, s, key)
-        jax.block_until_ready(p)
-        compile_s[name] = time.perf_counter() - c0
-        p, s = step(p, s, key)  # warm-up
-        jax.block_until_ready(p)
-        state[name] = (p, s)
-        print(f"compiled {name} in {compile_s[name]:.1f}s", flush=True)
+    runners, n_shared = make_runners(args.tasks, tiny=args.tiny, methods=tuple(args.methods.split(",")))
+    time_runners(runners, reps=args.reps, steps=args.steps)
 
-    names = list(steps)
-    times = {n: [] for n in names}
-    for r in range(args.reps):
-        order = names[r % len(names):] + names[: r % len(names)]
-        for name in order:
-            p, s = state[name]
-            step = steps[name][1]
-            t = time.perf_counter()
-            for i in range(args.steps):
-                p, s = step(p, s, jax.random.fold_in(key, i))
-            jax.block_until_ready(p)
-            times[name].append((time.perf_counter() - t) / args.steps * 1e3)
-            state[name] = (p, s)
-        print(f"round {r + 1}/{args.reps}", flush=True)
-
-    ref = times[REFERENCE]
+    ref: Runner = runners[0]
     rows = []
-    for name in names:
-        med = statistics.median(times[name])
-        paired = statistics.median([a / b for a, b in zip(times[name], ref)])
-        group = "reference" if name == REFERENCE else dbmtl_jax.METHOD_GROUPS[name]
-        rows.append((name, group, med, paired, compile_s[name]))
+    for r in runners:
+        group = "reference" if r.name == REFERENCE else dbmtl_jax.METHOD_GROUPS[r.name]
+        rows.append((r.name, group, median_ms(r), paired_ratio(r, ref), r.info["compile_s"]))
 
-    cmd = "python benchmarks/bench_methods.py " + " ".join(sys.argv[1:])
+    cmd = "python benchmarks/bench_methods.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    size = ("tiny MLP (smoke test) " + ", ".join(f"{k}={v}" for k, v in TINY.items()) if args.tiny else
+            f"HPS MLP, trunk 512→1024→512 ({n_shared:,} shared parameters), T={args.tasks} heads, batch 256")
     lines = [
         "# Step time of every method relative to EW",
         "",
@@ -134,14 +120,14 @@ def main() -> None:
         f"load average at the end {os.getloadavg()[0]:.1f} (shared machine)  ",
         f"Versions: jax {jax.__version__}, optax {optax.__version__}, dbmtl_jax {dbmtl_jax.__version__}, "
         f"numpy {np.__version__}  ",
-        f"Model: HPS MLP, trunk 512→1024→512 ({n_shared:,} shared parameters), T={args.tasks} heads, batch 256, "
+        f"Model: {size}, "
         f"float32; {args.reps} interleaved rounds × {args.steps} steps; wall time {time.perf_counter() - t0:.0f}s.",
         "",
         "Every method except the reference computes T per-task gradients (one forward, T pull-backs) and then",
         "aggregates; the ratio is the median over rounds of (method step / one-backward EW step) in the same round.",
         "Loss-weighting methods also have a one-backward path (within 1.15× of EW: `RESULTS_loss_weighting.md`).",
         "",
-        "| method | group | median step (ms) | ratio to EW (one backward) | first call incl. compile (s) |",
+        "| method | group | median step (ms) | ratio to EW (one backward) | compile (s) |",
         "|---|---|---|---|---|",
     ]
     for name, group, med, paired, comp in rows:
@@ -149,7 +135,8 @@ def main() -> None:
     with open(args.out, "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

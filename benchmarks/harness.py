@@ -1,5 +1,9 @@
 """Measurement helpers: compiled cost/memory analysis, interleaved timing, RSS.
 
+The one timing harness of ``benchmarks/``: every script builds its subjects as
+``Runner``s (``jit_runner`` for a ``(params, state, batch) -> (params, state,
+losses)`` step, ``Runner(name, run)`` for anything else), times them with
+``interleaved_times`` and reads ``median_ms`` / ``iqr_ms`` / ``paired_ratio``.
 Nothing here asserts anything about speed; ``run.py`` collects the numbers and
 writes ``RESULTS.md``.
 """
@@ -20,8 +24,8 @@ from jax_steps import build_step, grads_fn, to_jax, transform_only
 from models import Problem
 
 __all__ = [
-    "Runner", "jax_runner", "transform_runner", "torch_runner", "interleaved_times", "median_ms", "iqr_ms",
-    "flops_of", "memory_of", "has_while_loop", "head_backward_flops",
+    "Runner", "jax_runner", "jit_runner", "compile_step", "step_runner", "transform_runner", "torch_runner",
+    "interleaved_times", "median_ms", "iqr_ms", "paired_ratio", "flops_of", "memory_of", "has_while_loop", "head_backward_flops",
 ]
 
 PyTree = Any
@@ -82,9 +86,8 @@ def jax_runner(problem: Problem, variant: str, *, chunk_size: Optional[int] = No
     params = to_jax(problem.params)
     state = fns.init(params)
     batch = to_jax(problem.batch)
-    t0 = time.perf_counter()
-    compiled = jax.jit(fns.step, donate_argnums=(0, 1)).lower(params, state, batch).compile()
-    info: dict = {"compile_s": time.perf_counter() - t0}
+    compiled, compile_s = compile_step(fns.step, params, state, batch)
+    info: dict = {"compile_s": compile_s}
     if analyse:
         info["flops"] = flops_of(compiled)
         info["while_loop"] = has_while_loop(compiled)
@@ -92,6 +95,19 @@ def jax_runner(problem: Problem, variant: str, *, chunk_size: Optional[int] = No
         info["state_bytes"] = _nbytes(params) + _nbytes(state)
         info["batch_bytes"] = _nbytes(batch)
     return step_runner(f"jax:{variant}", compiled, params, state, batch, info)
+
+
+def compile_step(step: Callable, params: PyTree, state: PyTree, batch: Any) -> tuple:
+    """``(compiled, seconds)``: ``step`` jitted with ``params`` and ``state`` donated, compiled ahead of time."""
+    t0 = time.perf_counter()
+    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, batch).compile()
+    return compiled, time.perf_counter() - t0
+
+
+def jit_runner(name: str, step: Callable, params: PyTree, state: PyTree, batch: Any, info: Optional[dict] = None) -> Runner:
+    """``step_runner`` over ``compile_step(step, ...)``; the compile time goes to ``info["compile_s"]``."""
+    compiled, compile_s = compile_step(step, params, state, batch)
+    return step_runner(name, compiled, params, state, batch, dict(info or {}, compile_s=compile_s))
 
 
 def step_runner(name: str, compiled: Any, params: PyTree, state: PyTree, batch: Any, info: dict) -> Runner:
@@ -153,14 +169,17 @@ def interleaved_times(
     min_reps: int = 3,
     warmup: int = 2,
     pause_s: float = 0.005,
+    steps: Optional[int] = None,
 ) -> None:
     """Round-robin timing: every repetition times one block of each runner.
 
-    Each runner is warmed up, then ``n`` steps per block are chosen so that a
-    block lasts about ``block_s``.  The order is rotated every repetition.  A
+    Each runner is warmed up (``warmup`` steps), then ``n`` steps per block are
+    chosen so that a block lasts about ``block_s`` (or ``n = steps`` for every
+    runner when ``steps`` is given).  The order is rotated every repetition.  A
     runner whose measured time reaches ``max_config_s`` stops after
-    ``min_reps`` repetitions (slow naive variants).  Per-step times are stored
-    in ``runner.times``.
+    ``min_reps`` repetitions (slow naive variants; ``max_config_s=math.inf``
+    keeps every runner in every repetition, as ``paired_ratio`` wants).
+    Per-step times (seconds) are appended to ``runner.times``.
     """
     inner = {}
     spent = {}
@@ -172,7 +191,7 @@ def interleaved_times(
             t0 = time.perf_counter()
             r.run(warmup - 1)
             first = (time.perf_counter() - t0) / (warmup - 1)
-        inner[r.name] = max(1, int(block_s / max(first, 1e-6)))
+        inner[r.name] = steps if steps is not None else max(1, int(block_s / max(first, 1e-6)))
         spent[r.name] = 0.0
     for rep in range(reps):
         k = rep % len(runners)
@@ -190,6 +209,12 @@ def interleaved_times(
 
 def median_ms(r: Runner) -> float:
     return 1e3 * statistics.median(r.times) if r.times else math.nan
+
+
+def paired_ratio(r: Runner, ref: Runner) -> float:
+    """Median over repetitions of ``r``'s time / ``ref``'s time in the same repetition (cancels load drift)."""
+    pairs = [a / b for a, b in zip(r.times, ref.times)]
+    return statistics.median(pairs) if pairs else math.nan
 
 
 def iqr_ms(r: Runner) -> tuple:

@@ -381,3 +381,31 @@ def test_run_py_tiny_end_to_end(tmp_path):
     g = res["groups"][0]
     assert g["T"] == 2 and all(np.isfinite(v["median_ms"]) for v in g["variants"].values())
     assert g["variants"]["jax:trunk-loop"]["flops"] > g["variants"]["jax:ew"]["flops"]
+
+
+# --------------------------------------------------------------------------- bench_methods.py / bench_loss_weighting.py
+
+
+def test_bench_methods_tiny_end_to_end(tmp_path):
+    import bench_methods
+    import harness
+
+    out = tmp_path / "M.md"
+    assert bench_methods.main(["--tiny", "--tasks", "2", "--reps", "2", "--steps", "1", "--methods", "ew,dbmtl",
+                               "--out", str(out)]) == 0
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [r.split(" | ")[0] for r in rows] == ["| ew (one backward)", "| ew", "| dbmtl"]
+    assert rows[0].split(" | ")[3] == "1.00×"  # the reference's paired ratio to itself
+    r = harness.Runner("x", lambda n: None, times=[1.0, 2.0, 4.0])
+    assert harness.paired_ratio(r, harness.Runner("y", lambda n: None, times=[2.0, 2.0, 2.0])) == 1.0
+
+
+def test_bench_loss_weighting_tiny_end_to_end(tmp_path):
+    import bench_loss_weighting
+
+    out = tmp_path / "LW.md"
+    assert bench_loss_weighting.main(["--tiny", "--reps", "2", "--steps", "1", "--methods", "uw", "--out", str(out)]) == 0
+    text = out.read_text()
+    names = [line.split(" | ")[0][2:] for line in text.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert names == ["ew", "sum (no transform)", "uw"]
+    assert "| ew | " in text and "| baseline |" in text
