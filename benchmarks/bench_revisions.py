@@ -30,7 +30,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from bench_guard import extract_base  # noqa: E402
-from harness import interleaved_times, median_ms, step_runner  # noqa: E402
+from harness import interleaved_times, jit_runner, median_ms  # noqa: E402
 from models import is_shared, make_problem  # noqa: E402
 
 METHODS = ("pcgrad", "mgda", "upgrad", "nash_mtl")
@@ -55,8 +55,7 @@ def runners_for(pkg: Any, tag: str, problem: Any) -> list:
 
         p0 = jax.tree_util.tree_map(jnp.copy, params)
         s0 = jax.tree_util.tree_map(jnp.copy, tx.init(p0))
-        compiled = jax.jit(step, donate_argnums=(0, 1)).lower(p0, s0, batch).compile()
-        return step_runner(f"{tag}:{name}", compiled, p0, s0, batch, {})
+        return jit_runner(f"{tag}:{name}", step, p0, s0, batch)
 
     out.append(chain_runner("dbmtl chain", optax.chain(
         pkg.dbmtl(T, beta=0.9, beta_sigma=0.0, shared=is_shared), optax.adam(1e-4))))
@@ -68,8 +67,7 @@ def runners_for(pkg: Any, tag: str, problem: Any) -> list:
 
     p0 = jax.tree_util.tree_map(jnp.copy, params)
     s0 = jax.tree_util.tree_map(jnp.copy, fused.init(p0))
-    compiled = jax.jit(fused_step, donate_argnums=(0, 1)).lower(p0, s0, batch).compile()
-    out.append(step_runner(f"{tag}:fused", compiled, p0, s0, batch, {}))
+    out.append(jit_runner(f"{tag}:fused", fused_step, p0, s0, batch))
     for m in METHODS:
         out.append(chain_runner(f"{m} chain", optax.chain(pkg.get_method(m, T, shared=is_shared), optax.adam(1e-4))))
     return out

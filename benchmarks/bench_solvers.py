@@ -1,7 +1,8 @@
 """Cost of the exact solvers of MGDA, CAGrad, UPGrad and IMTL-G (issue 13, item 5), old vs new code.
 
 Two timings per configuration, each the median of ``--reps`` calls of a jitted
-function after compilation:
+function after compilation (``harness.interleaved_times``, one call per block,
+the configurations of one T interleaved):
 
 * ``solver``: the ``[T, T]`` weight solver alone (``mgda_weights``,
   ``cagrad_weights``, ``upgrad_weights``, ``imtl_g_weights``; same signatures in
@@ -56,14 +57,17 @@ def worker(tasks: list[int], params: int, reps: int) -> dict:
     from dbmtl_jax.methods import _qp, cagrad, imtl_g, mgda, upgrad
     from dbmtl_jax.methods.registry import get_method
 
-    def med(fn, *args):
-        jax.block_until_ready(fn(*args))
-        ts = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            ts.append(time.perf_counter() - t0)
-        return 1e3 * statistics.median(ts)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from harness import Runner, interleaved_times, median_ms
+
+    def call_runner(name, fn, *args):
+        def run(n):
+            out = None
+            for _ in range(n):
+                out = fn(*args)
+            jax.block_until_ready(out)
+
+        return Runner(name, run)
 
     solvers = {
         "mgda": lambda g, kw: mgda.mgda_weights(g, **kw).x,
@@ -78,12 +82,16 @@ def worker(tasks: list[int], params: int, reps: int) -> dict:
         grads = {"w": jnp.asarray(j)}
         p = {"w": jnp.zeros((params,), jnp.float32)}
         gram = jax.jit(lambda x: _qp.shared_gram([x], t)[0])(grads["w"])
+        runners = []
         for name, kw in CONFIGS:
             solve = jax.jit(lambda g, name=name, kw=kw: solvers[name](g, kw))
             tx = get_method(name, t, **kw)
-            update = jax.jit(tx.update)
-            state = tx.init(p)
-            out[f"{label(name, kw)}|{t}"] = (med(solve, gram), med(update, grads, state, p))
+            runners.append(call_runner(f"{label(name, kw)}|{t}|solver", solve, gram))
+            runners.append(call_runner(f"{label(name, kw)}|{t}|update", jax.jit(tx.update), grads, tx.init(p), p))
+        # One call per block, every runner in every repetition (harness.interleaved_times).
+        interleaved_times(runners, reps=reps, steps=1, warmup=1, max_config_s=float("inf"), pause_s=0.0)
+        for k in range(0, len(runners), 2):
+            out[runners[k].name.rsplit("|", 1)[0]] = (median_ms(runners[k]), median_ms(runners[k + 1]))
     return out
 
 

@@ -20,8 +20,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_steps import build_step, grads_fn, to_jax, transform_only
 from models import Problem
+
+try:
+    from jax_steps import build_step, grads_fn, to_jax, transform_only
+except ImportError:  # an older ``dbmtl_jax`` on the path (bench_solvers.py's --baseline worker): timing helpers only
+    build_step = grads_fn = to_jax = transform_only = None
 
 __all__ = [
     "Runner", "jax_runner", "jit_runner", "compile_step", "step_runner", "transform_runner", "torch_runner",
