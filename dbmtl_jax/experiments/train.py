@@ -577,13 +577,12 @@ def make_config(
 ) -> RunConfig:
     grad_path = "stl" if spec.name == "stl" else ("weighted" if uses_cheap_path(spec, grad_stats) else "per_task")
     defaults = method_defaults(spec.name)
-    hparams = _jsonable(dict(hparams))
     return RunConfig(
         benchmark=benchmark.name,
         method=spec.label,
         base_method=spec.name,
         log=spec.log,
-        hparams=canonical_hparams(spec.name, hparams, defaults) if defaults else hparams,
+        hparams=canonical_hparams(spec.name, _jsonable(dict(hparams)), defaults),
         recipe=_jsonable(recipe.to_dict()),
         quick=quick,
         grad_path=grad_path,
