@@ -40,7 +40,9 @@ case $B in
   multimnist80)      B=multimnist; EPOCHS=80 ;;                 # 80 quick epochs = 1,280 steps; section betaopt
   multimnist_digits) EPOCHS=100; QUICK= ;;                      # the full recipe's 2,000 pairs; section hurts
   multimnist160)     B=multimnist; EPOCHS=160 ;;                # 2,560 steps, 5 seeds; section converged
-  *) echo "unknown benchmark $B (multimnist, dense, qm9, multimnist80, multimnist160 or multimnist_digits)" >&2; exit 2 ;;
+  multimnist320)     B=multimnist; EPOCHS=320 ;;                # 5,120 steps, 5 seeds; section converged
+  *) echo "unknown benchmark $B (multimnist, dense, qm9, multimnist80, multimnist160, multimnist320 or multimnist_digits)" >&2
+     exit 2 ;;
 esac
 P=results/${B}_${EPOCHS}ep   # study prefix: the tables are $P_<section>/
 STORE=results/runs           # the record store
@@ -116,15 +118,19 @@ for section in $SECTIONS; do
     run --methods dbmtl --seeds 5 --study $O
     [ -n "$DRY" ] || dbmtl-jax paired $O --baseline ew --out $O/paired.md ;;
   converged)  # issue 12 items 1-3: 5 paired seeds at a budget where validation selection has plateaued
-    # (at 80 epochs EW selected epochs 47-53 but DB-MTL rows 61-80). Rows: the decisive ones first (so a partial
-    # study is already a table), then the strongest methods of the 12-epoch main table, Table 5 and Fig. 1 rows.
-    # Cost on one core of the 2-core VM: ≈ 5 min (EW) to 8 min (DB-MTL) and ≈ 10 min (STL) per run, ≈ 9 h in all.
-    run --methods ew,dbmtl --seeds 5 --study $O
-    run --methods dbmtl $LIBMTL --seeds 5 --study $O
-    run --methods stl --seeds 5 --study $O
-    run --methods dbmtl --hp dbmtl.beta=0.0 --seeds 5 --study $O
-    run --methods stch,pcgrad,gradnorm,uw,imtl_l,gradvac,upgrad,nash_mtl,cagrad --seeds 5 --study $O
-    run --methods dbmtl+nolog,ew+log --seeds 5 --study $O
+    # (at 80 epochs EW selected epochs 47-53 but DB-MTL rows 61-80; at 160 DB-MTL still 107-149). Rows: the decisive
+    # ones first, seed by seed (so a partial study is already a paired table), then STL, then the strongest methods
+    # of the 12-epoch main table, Table 5 and Fig. 1 rows. --test-curve records test after every epoch (never used
+    # for selection) so that other selection rules can be compared afterwards (`dbmtl-jax paired --smooth`).
+    # Cost per run on one core of the 2-core VM at 160 epochs: ≈ 5 min (EW), 7 min (DB-MTL), 10-17 min (STL).
+    for s in 0 1 2 3 4; do
+      run --methods ew,dbmtl --seeds $s, --test-curve --study $O   # "3," is the one seed 3
+      run --methods dbmtl $LIBMTL --seeds $s, --test-curve --study $O
+    done
+    run --methods stl --seeds 5 --test-curve --study $O
+    run --methods dbmtl --hp dbmtl.beta=0.0 --seeds 5 --test-curve --study $O
+    run --methods stch,pcgrad,gradnorm,uw,imtl_l,gradvac,upgrad,nash_mtl,cagrad --seeds 5 --test-curve --study $O
+    run --methods dbmtl+nolog,ew+log --seeds 5 --test-curve --study $O
     [ -n "$DRY" ] || { dbmtl-jax paired $O --out $O/paired.md && dbmtl-jax paired $O --baseline ew --out $O/paired_vs_ew.md; } ;;
   *) echo "unknown section $section (main beta ablation log alpha budget betaopt hurts converged)" >&2; exit 2 ;;
   esac
