@@ -152,6 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="reference row (method label, default hyperparameters), repeatable (default: ew, dbmtl)")
     pa.add_argument("--baseline", default="stl", metavar="METHOD",
                     help="row that Δp is measured against: stl (default, the paper's Eq. 3-4) or a method label")
+    pa.add_argument("--smooth", type=int, default=None, metavar="W",
+                    help="re-select every run's epoch on the W-epoch (odd) centred moving average of its validation "
+                         "curve, with test metrics from its recorded test curve (runs trained with --test-curve; "
+                         "others are left out)")
     pa.add_argument("--out", help="write to this file instead of stdout")
 
     ix = sub.add_parser("index", help="a markdown index of the study folders (folders with runs.txt) under DIR")
@@ -384,13 +388,25 @@ def _cmd_time(args: argparse.Namespace) -> int:
 
 
 def _cmd_paired(args: argparse.Namespace) -> int:
-    from dbmtl_jax.experiments import analysis as an
     from dbmtl_jax.experiments.paired import paired_report
+    from dbmtl_jax.experiments.report import load_results, summarize
 
     if not _dirs_exist(args.dir):
         return 2
     skipped: list = []
-    text = paired_report(an.load_settings(args.dir, skipped=skipped), args.ref or ("ew", "dbmtl"), args.baseline)
+    records = load_results(args.dir, skipped=skipped)
+    head = ""
+    if args.smooth is not None:
+        from dbmtl_jax.experiments.reselect import reselect_all
+
+        try:
+            records = reselect_all(records, args.smooth, skipped=skipped)
+        except ValueError as e:  # a bad window
+            print(f"error: --smooth: {e}", file=sys.stderr)
+            return 2
+        head = (f"Selection re-made after training on the {args.smooth}-epoch centred moving average of each run's "
+                "validation curve; test metrics at that epoch from the run's recorded test curve.\n\n")
+    text = head + paired_report(summarize(records), args.ref or ("ew", "dbmtl"), args.baseline)
     _report_skipped(skipped)
     if args.out:
         Path(args.out).write_text(text)

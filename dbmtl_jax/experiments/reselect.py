@@ -1,0 +1,108 @@
+"""Model selection after training: re-pick a run's epoch on a smoothed validation curve.
+
+The runner keeps the parameters of the epoch with the best validation score
+(:func:`dbmtl_jax.experiments.train.selection_score`; per task for STL) and
+tests them once.  Once a model has memorised its training set, the validation
+score sits on a noisy plateau and that arg-max lands anywhere on it, so the
+selected epoch (and the "selected in the last 20 %" convergence figure) is
+partly noise.  Re-selecting on a centred moving average of the validation
+curve picks the middle of the best stretch instead.
+
+A run recorded with ``--test-curve`` holds its test metrics after every epoch,
+so the re-selected epoch's test metrics are read from the record: selection
+still sees validation only, and nothing is retrained.  With ``window=1`` the
+choice is the runner's own (up to the rounding of the recorded curves).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+__all__ = ["smooth_curve", "smoothed_epoch", "reselect_smoothed", "reselect_all"]
+
+
+def _check_window(window: Any) -> None:
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1 or window % 2 == 0:
+        raise ValueError(f"window must be an odd positive int (epochs), got {window!r}.")
+
+
+def smooth_curve(values: Sequence[float], window: int) -> np.ndarray:
+    """Centred moving average of ``values`` over ``window`` (odd) epochs, truncated at both ends.
+
+    Non-finite values are left out of each mean; a window with no finite value gives NaN.
+    """
+    _check_window(window)
+    x = np.asarray(values, np.float64)
+    half = window // 2
+    out = np.full(x.shape, np.nan)
+    for e in range(len(x)):
+        seg = x[max(0, e - half): e + half + 1]
+        seg = seg[np.isfinite(seg)]
+        if seg.size:
+            out[e] = seg.mean()
+    return out
+
+
+def smoothed_epoch(scores: Sequence[float], window: int, higher: bool = True) -> int:
+    """The 1-based epoch whose smoothed score is best (the first such epoch on ties)."""
+    s = smooth_curve(scores, window)
+    if not np.any(np.isfinite(s)):
+        raise ValueError("the validation curve has no finite value to select on.")
+    s = np.where(np.isfinite(s), s if higher else -s, -np.inf)
+    return int(np.argmax(s)) + 1
+
+
+def _epoch_metrics(curve: Sequence[Mapping[str, Any]], epoch: int, task: str) -> dict[str, float]:
+    return {m: float(v) for m, v in curve[epoch - 1][task].items()}
+
+
+def reselect_smoothed(run: Mapping[str, Any], window: int) -> dict[str, Any]:
+    """A copy of the run record with ``selected_epoch`` and ``metrics`` re-chosen by :func:`smoothed_epoch`.
+
+    Multi-task runs select on the recorded per-epoch ``selection_score`` (the
+    runner's criterion); STL selects each task on its own ``select_metric``.
+    Raises ``ValueError`` if the run has no test curve (train with ``--test-curve``).
+    """
+    hist = run.get("history") or {}
+    val, test = hist.get("val"), hist.get("test")
+    name = run.get("_path") or f"{run.get('benchmark')} {run.get('method')} seed {run.get('seed')}"
+    if not test or not val or len(test) != len(val):
+        raise ValueError(f"{name}: no per-epoch test curve, so another epoch's test metrics are unknown "
+                         "(train with --test-curve).")
+    tasks = run["tasks"]
+    out = copy.copy(run)
+    if run["method"] == "stl":
+        sel = {}
+        for t, info in tasks.items():
+            m = info["select_metric"]
+            curve = [float(v[t][m]) if v[t][m] is not None else math.nan for v in val]
+            sel[t] = smoothed_epoch(curve, window, bool(info["metrics"][m]))
+    else:
+        scores = [math.nan if s is None else float(s) for s in hist["selection_score"]]
+        e = smoothed_epoch(scores, window)
+        sel = {t: e for t in tasks}
+    out["selected_epoch"] = sel
+    out["metrics"] = {"val": {t: _epoch_metrics(val, sel[t], t) for t in tasks},
+                      "test": {t: _epoch_metrics(test, sel[t], t) for t in tasks}}
+    out["selection"] = f"{run.get('selection', 'validation')}, re-selected on its {window}-epoch centred moving average"
+    return out
+
+
+def reselect_all(runs: Sequence[Mapping[str, Any]], window: int,
+                 skipped: list | None = None) -> list[dict[str, Any]]:
+    """:func:`reselect_smoothed` of every run; runs without a test curve go to ``skipped``
+    as ``(path, reason)`` (or raise when ``skipped`` is None).  A bad ``window`` always raises."""
+    _check_window(window)
+    out = []
+    for r in runs:
+        try:
+            out.append(reselect_smoothed(r, window))
+        except ValueError as e:
+            if skipped is None:
+                raise
+            skipped.append((str(r.get("_path", "")), str(e)))
+    return out

@@ -1,0 +1,107 @@
+"""Post-hoc re-selection on a smoothed validation curve (dbmtl_jax.experiments.reselect, `paired --smooth`)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from dbmtl_jax.experiments import reselect as rs
+from dbmtl_jax.experiments.cli import main
+from dbmtl_jax.experiments.report import load_results
+
+NO_CACHE = ["--no-progress", "--no-compile-cache"]
+
+
+def _numpy_centred_mean(x, w):
+    """Independent reference: explicit loop over index windows, NaNs dropped."""
+    x = np.asarray(x, float)
+    h = w // 2
+    out = []
+    for e in range(len(x)):
+        vals = [x[j] for j in range(e - h, e + h + 1) if 0 <= j < len(x) and np.isfinite(x[j])]
+        out.append(sum(vals) / len(vals) if vals else np.nan)
+    return np.asarray(out)
+
+
+@pytest.mark.parametrize("w", [1, 3, 5, 11])
+def test_smooth_curve_matches_a_reference_with_truncated_ends_and_nans(w):
+    rng = np.random.default_rng(w)
+    x = rng.normal(size=17)
+    x[[2, 9]] = np.nan
+    np.testing.assert_allclose(rs.smooth_curve(x, w), _numpy_centred_mean(x, w), rtol=1e-12)
+    assert rs.smooth_curve([1.0, 2.0, 3.0, 10.0], 3).tolist() == [1.5, 2.0, 5.0, 6.5]
+    assert np.isnan(rs.smooth_curve([np.nan, np.nan, 1.0], 1)[0])
+
+
+@pytest.mark.parametrize("w", [0, 2, -3, 1.0, True, "3"])
+def test_window_must_be_an_odd_positive_int(w):
+    with pytest.raises(ValueError, match="odd positive int"):
+        rs.smooth_curve([1.0, 2.0], w)
+    with pytest.raises(ValueError, match="odd positive int"):
+        rs.reselect_all([], w, skipped=[])  # a bad window raises even when runs would be skipped
+
+
+def test_smoothing_prefers_a_plateau_to_a_lone_spike_in_either_direction():
+    curve = [0.0, 0.5, 0.8, 0.82, 0.81, 0.83, 0.80, 0.6, 0.9, 0.5]  # spike at epoch 9, plateau 3-7
+    assert rs.smoothed_epoch(curve, 1) == 9
+    assert rs.smoothed_epoch(curve, 3) in (4, 5, 6)
+    assert rs.smoothed_epoch([-v for v in curve], 3, higher=False) == rs.smoothed_epoch(curve, 3)
+    assert rs.smoothed_epoch([1.0, 1.0, 1.0], 1) == 1  # first of ties, as the runner keeps the first best
+    with pytest.raises(ValueError, match="no finite value"):
+        rs.smoothed_epoch([math.nan, math.nan], 3)
+
+
+def _toy_runs(tmp_path, *extra):
+    out = tmp_path / "store"
+    assert main(["run", "toy", "--quick", "--epochs", "6", "--methods", "stl,ew,dbmtl", "--seeds", "2",
+                 "--out", str(out), *NO_CACHE, *extra]) == 0
+    return out, load_results(out)
+
+
+def test_window_one_reproduces_the_runners_selection_and_test_metrics(tmp_path):
+    _, runs = _toy_runs(tmp_path, "--test-curve")
+    assert {r["method"] for r in runs} == {"stl", "ew", "dbmtl"} and len(runs) == 6
+    for run in runs:
+        again = rs.reselect_smoothed(run, 1)
+        val = run["history"]["val"]
+        for t, info in run["tasks"].items():
+            m = info["select_metric"]
+            e_old, e_new = run["selected_epoch"][t], again["selected_epoch"][t]
+            if run["method"] == "stl":  # the recorded curve is rounded: a near-tie may move, the value may not
+                assert val[e_new - 1][t][m] == val[e_old - 1][t][m]
+            else:  # selection_score is kept at full precision: the same epoch
+                assert e_new == e_old
+            if e_new == e_old:
+                for k, v in run["metrics"]["test"][t].items():
+                    assert again["metrics"]["test"][t][k] == pytest.approx(v, rel=1e-3)
+        assert again is not run and run["selection"] != again["selection"]  # the input record is unchanged
+
+
+def test_wider_windows_pick_an_epoch_whose_smoothed_score_is_best(tmp_path):
+    _, runs = _toy_runs(tmp_path, "--test-curve")
+    for run in (r for r in runs if r["method"] != "stl"):
+        picked = rs.reselect_smoothed(run, 3)
+        e = picked["selected_epoch"][next(iter(run["tasks"]))]
+        sm = rs.smooth_curve(run["history"]["selection_score"], 3)
+        assert sm[e - 1] == np.nanmax(sm)
+        assert picked["metrics"]["test"] == {t: run["history"]["test"][e - 1][t] for t in run["tasks"]}
+
+
+def test_runs_without_a_test_curve_are_refused_or_skipped_and_the_cli(tmp_path, capsys):
+    out, runs = _toy_runs(tmp_path)
+    with pytest.raises(ValueError, match="--test-curve"):
+        rs.reselect_smoothed(runs[0], 3)
+    skipped: list = []
+    assert rs.reselect_all(runs, 3, skipped=skipped) == [] and len(skipped) == len(runs)
+    # The CLI: a bad window is an error; runs without a test curve are reported, not used.
+    assert main(["paired", str(out), "--smooth", "2"]) == 2
+    assert "odd positive int" in capsys.readouterr().err
+    assert main(["paired", str(out), "--smooth", "3"]) == 0
+    assert "--test-curve" in capsys.readouterr().err
+    # With test curves, the table says how selection was made and still ranks the rows.
+    out2, _ = _toy_runs(tmp_path / "curves", "--test-curve")
+    assert main(["paired", str(out2), "--smooth", "3"]) == 0
+    text = capsys.readouterr().out
+    assert "3-epoch centred moving average" in text and "| ew |" in text.replace("**", "")
