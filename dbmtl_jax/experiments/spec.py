@@ -171,7 +171,9 @@ class DataSplits(Protocol):
     """What a benchmark's data provider returns.
 
     ``train_batches(rng)`` yields the training batches of one epoch (shuffled
-    with ``rng``, a ``numpy.random.Generator`` seeded from the run's seed);
+    with ``rng``, a ``numpy.random.Generator`` seeded from the run's seed; all
+    of its randomness must come from ``rng``, whose state a mid-run checkpoint
+    saves);
     ``eval_batches(split)`` yields the batches of ``"val"`` or ``"test"`` in a
     fixed order; ``steps_per_epoch`` is the number of training batches per epoch.
     """

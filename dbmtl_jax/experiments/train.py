@@ -34,6 +34,9 @@ each task's ``select_metric`` with respect to the first epoch (LibMTL's
 validation-based selection, restricted to the selection metrics).  The
 parameters of the best epoch are kept in host memory and the test split is
 evaluated once, at the end, with them: test data never influences selection.
+
+Resumption: finished runs are skipped; an unfinished one continues from its
+mid-run checkpoint (:mod:`dbmtl_jax.experiments.checkpoint`).
 """
 
 from __future__ import annotations
@@ -1067,6 +1070,9 @@ def train_run(
     progress: bool = True,
     desc: str = "",
     optimizer: Any = None,
+    checkpoint: Optional[os.PathLike] = None,
+    checkpoint_every_s: float = 60.0,
+    run: str = "",
 ) -> dict[str, Any]:
     """Trains and evaluates one run; returns the result record (without config/file fields).
 
@@ -1086,8 +1092,16 @@ def train_run(
       progress: show a tqdm bar.
       optimizer: the final optimizer of the chain (see :func:`normalize_optimizer`;
         ``None``: Adam with ``b1 = 0.9``); STL uses it too.
+      checkpoint: a file for mid-run checkpoints (:mod:`dbmtl_jax.experiments.checkpoint`):
+        if it holds run ``run``'s checkpoint, training continues after its
+        epoch; the state is saved there at the end of an epoch at most every
+        ``checkpoint_every_s`` seconds (not after the last epoch).  A
+        checkpoint of another run or of other arrays is an error.
+      run: the run's id, stored in and checked against the checkpoint.
     """
     from tqdm.auto import tqdm
+
+    from dbmtl_jax.experiments.checkpoint import load_checkpoint, save_checkpoint
 
     steps_per_epoch = int(data.steps_per_epoch)
     if steps_per_epoch < 1:
@@ -1116,11 +1130,25 @@ def train_run(
     step_times: list[float] = []
     nonfinite = 0
     step = 0
+    start_epoch = 1
+    elapsed_before = 0.0
+    if checkpoint is not None and Path(checkpoint).is_file():
+        ck = load_checkpoint(checkpoint, run=run, template=(params, rest, opt_state))
+        params, rest, opt_state = ck.tree
+        snaps.saved = ck.snapshots
+        lp = ck.loop
+        start_epoch, step, nonfinite = lp["epoch"] + 1, lp["step"], lp["nonfinite"]
+        elapsed_before, step_times = lp["elapsed_s"], lp["step_times"]
+        best_score, selected, first_val = lp["best_score"], lp["selected"], lp["first_val"]
+        hist = {k: lp["history"][k] for k in hist}
+        curve = lp["curve"]
+        order_rng.bit_generator.state = lp["order_rng"]
     t_start = time.perf_counter()
-    bar = tqdm(total=total, desc=desc or f"{benchmark.name} {spec.label} s{seed}", unit="step",
+    t_saved = t_start
+    bar = tqdm(total=total, initial=step, desc=desc or f"{benchmark.name} {spec.label} s{seed}", unit="step",
                disable=not progress, leave=False, dynamic_ncols=True)
     try:
-        for epoch in range(1, recipe.epochs + 1):
+        for epoch in range(start_epoch, recipe.epochs + 1):
             t_epoch = time.perf_counter()
             ep_loss: list[np.ndarray] = []
             ep_stats: dict[str, list[np.ndarray]] = {"grad_norm": [], "raw_grad_norm": [], "grad_cosine": []}
@@ -1180,6 +1208,15 @@ def train_run(
             if test_curve:
                 hist["test"].append(evaluate(tr, data, "test", params, rest))
             hist["epoch_time_s"].append(time.perf_counter() - t_epoch)
+            now = time.perf_counter()
+            if checkpoint is not None and epoch < recipe.epochs and now - t_saved >= checkpoint_every_s:
+                loop = {"epoch": epoch, "step": step, "nonfinite": nonfinite,
+                        "elapsed_s": elapsed_before + now - t_start, "step_times": step_times,
+                        "best_score": best_score, "selected": selected, "first_val": first_val,
+                        "history": hist, "curve": curve, "order_rng": order_rng.bit_generator.state}
+                save_checkpoint(checkpoint, run=run, tree=(params, rest, opt_state), snapshots=snaps.saved,
+                                loop=loop)
+                t_saved = time.perf_counter()
     finally:
         bar.close()
 
@@ -1194,7 +1231,7 @@ def train_run(
         for k in ("grad_norm", "raw_grad_norm", "grad_cosine"):
             hist[k] = None
             curve[k] = None
-    wall = time.perf_counter() - t_start
+    wall = elapsed_before + time.perf_counter() - t_start
     return {
         "metrics": {"val": val_sel, "test": test},
         "selected_epoch": sel,
@@ -1235,8 +1272,14 @@ def run_experiments(
     optimizer: Any = None,
     study: Optional[os.PathLike] = None,
     dry_run: bool = False,
+    checkpoint_every_s: float = 60.0,
 ) -> list[Path]:
     """Runs every (method, seed) pair not finished yet and writes one record per run.
+
+    A run stopped part-way continues from its last mid-run checkpoint
+    (:mod:`dbmtl_jax.experiments.checkpoint`, saved at the end of an epoch at
+    most every ``checkpoint_every_s`` seconds) unless ``resume`` is false,
+    which also discards it.
 
     Records go to ``out_dir/<benchmark>/<run id>.json.gz`` (:func:`result_path`,
     :func:`write_record`).  A run is finished when that file, or the format /1
@@ -1260,6 +1303,8 @@ def run_experiments(
     """
     from tqdm.auto import tqdm
 
+    from dbmtl_jax.experiments.checkpoint import CheckpointMismatch, checkpoint_path
+
     echo = echo or tqdm.write  # prints above the progress bars
     hparams = hparams or {}
     recipe = recipe or (benchmark.quick if quick else benchmark.recipe)
@@ -1282,7 +1327,9 @@ def run_experiments(
     done = [j[5] for j in jobs if j[5] is not None]
     if dry_run:
         for j in jobs:
+            partial = j[5] is None and resume and checkpoint_path(j[4]).is_file()
             echo(f"{'finished' if j[5] is not None else 'to run'}: {j[5] or j[4]}"
+                 + (" (continues from its checkpoint)" if partial else "")
                  + (f" (study {study})" if study is not None else ""))
         echo(f"{benchmark.name}: {len(done)} finished, {len(todo)} to run (dry run: nothing written).")
         return [j[5] or j[4] for j in jobs]
@@ -1298,10 +1345,23 @@ def run_experiments(
     outer = tqdm(todo, desc=f"{benchmark.name} runs", unit="run", disable=not progress or len(todo) < 2,
                  dynamic_ncols=True)
     for spec, hp, cfg, seed, path, _ in outer:
+        ckpt = checkpoint_path(path)
+        if not resume:
+            ckpt.unlink(missing_ok=True)
+
+        def train() -> dict[str, Any]:
+            return train_run(benchmark, spec, seed, data, recipe, hparams=hp, grad_stats=grad_stats,
+                             test_curve=test_curve, progress=progress, desc=f"{spec.label} s{seed}",
+                             optimizer=optimizer, checkpoint=ckpt, checkpoint_every_s=checkpoint_every_s,
+                             run=path.name)
+
         try:
-            res = train_run(benchmark, spec, seed, data, recipe, hparams=hp, grad_stats=grad_stats,
-                            test_curve=test_curve, progress=progress, desc=f"{spec.label} s{seed}",
-                            optimizer=optimizer)
+            try:
+                res = train()
+            except CheckpointMismatch as e:  # e.g. the model changed under the same config: start afresh
+                echo(f"discarding the checkpoint of {benchmark.name} {cfg.method} seed {seed}: {e}")
+                ckpt.unlink(missing_ok=True)
+                res = train()
         except Exception as e:  # noqa: BLE001 - one failing run must not lose the others
             if stop_on_error:
                 raise
@@ -1324,6 +1384,7 @@ def run_experiments(
             **res,
         }
         write_record(path, record)
+        ckpt.unlink(missing_ok=True)
         if study is not None:
             add_to_study(study, [path])
         summary = " ".join(
