@@ -267,7 +267,7 @@ def test_report_table_csv_plots_and_delta_p(toy_results, tmp_path, capsys):
     with open(tmp_path / "runs.csv") as f:
         assert len(list(csv.DictReader(f))) == len(recs) * 2 * 3  # runs x {val, test} x one metric per task
     pngs = {p.name.split("_", 1)[1] for p in tmp_path.glob("*.png")}
-    assert pngs == {"train_loss.png", "grad_norm.png", "grad_cosine.png"}
+    assert pngs == {"train_loss.png", "grad_norm.png", "grad_cosine.png", "epochs.png"}
     assert all(p.stat().st_size > 1000 for p in tmp_path.glob("*.png"))
 
 

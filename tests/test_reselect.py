@@ -105,3 +105,9 @@ def test_runs_without_a_test_curve_are_refused_or_skipped_and_the_cli(tmp_path, 
     assert main(["paired", str(out2), "--smooth", "3"]) == 0
     text = capsys.readouterr().out
     assert "3-epoch centred moving average" in text and "| ew |" in text.replace("**", "")
+    # The report draws the per-epoch curves, with the test Δp panel when test curves were recorded.
+    from dbmtl_jax.experiments.report import _epoch_plot, load_results as lr, summarize
+
+    (st,) = summarize(lr(out2))
+    path = _epoch_plot(st, list(st.rows.values()), tmp_path)
+    assert path is not None and path.stat().st_size > 1000

@@ -22,8 +22,9 @@ setting, row, task and metric, plus ``delta_p`` and timing lines),
 ``runs.csv`` (one line per run, task and metric) and, per setting, the plots
 ``<setting>_train_loss.png`` (per-task training loss), ``<setting>_grad_norm.png``
 (per-task norm of the raw-loss shared gradient ``‖∇_θ ℓ_t‖``, the paper's Fig. 8)
-and ``<setting>_grad_cosine.png`` (pairwise cosine similarity of the task
-gradients, Fig. 10), all averaged over seeds.  Gradient plots only show runs
+``<setting>_grad_cosine.png`` (pairwise cosine similarity of the task
+gradients, Fig. 10) and ``<setting>_epochs.png`` (validation selection score and,
+with ``--test-curve``, test Δp by epoch), all averaged over seeds.  Gradient plots only show runs
 that computed per-task gradients.
 
 A record file that is not a usable run record (truncated or invalid JSON or
@@ -552,7 +553,61 @@ def _plots(st: Setting, out: Path) -> list[Path]:
         path = out / f"{st.key}_grad_cosine.png"
         _finish(fig, axes, f"{st.benchmark}: task gradient cosine similarity (mean over seeds)", path)
         written.append(path)
+    path = _epoch_plot(st, rows, out)
+    if path is not None:
+        written.append(path)
     return written
+
+
+def _epoch_plot(st: Setting, rows: Sequence[Row], out: Path) -> Optional[Path]:
+    """``<setting>_epochs.png``: per epoch, mean over seeds, each multi-task row's validation Δp against
+    the STL row's selected validation metrics (without STL: the runner's selection score, which is
+    relative to each run's first epoch and so not comparable across rows) and, for rows trained with
+    ``--test-curve``, its test Δp against STL's selected test metrics; each row's mean selected epoch
+    is marked.  Shows how long each row keeps improving."""
+    import matplotlib.pyplot as plt
+
+    hib = st.higher_is_better
+    stl = st.stl
+    val, test = [], []
+    for r in rows:
+        if r.method == "stl":
+            continue
+        if stl is not None:
+            ref = {t: {m: float(np.mean([x["metrics"]["val"][t][m] for x in stl.runs])) for m in ms}
+                   for t, ms in hib.items()}
+            val.append((r, [[delta_p(m, ref, hib) for m in run["history"]["val"]] for run in r.runs]))
+        else:
+            val.append((r, [[math.nan if v is None else float(v) for v in run["history"]["selection_score"]]
+                            for run in r.runs]))
+        if stl is not None and r.runs and all(run["history"].get("test") for run in r.runs):
+            base = stl.mean_metrics(hib)
+            test.append((r, [[delta_p(m, base, hib) for m in run["history"]["test"]] for run in r.runs]))
+    if not val:
+        return None
+    vlabel = "validation Δp % vs STL" if stl is not None else "validation selection score (vs epoch 1)"
+    panels = [(vlabel, val)] + ([("test Δp % vs STL (diagnostic)", test)] if test else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+    for k, (ylabel, series) in enumerate(panels):
+        ax = axes[0][k]
+        for i, (r, curves) in enumerate(series):
+            n = min(len(c) for c in curves)
+            y = np.nanmean(np.asarray([c[:n] for c in curves], float), axis=0)
+            style = _style(sorted(st.rows.values(), key=lambda x: x.label).index(r))
+            ax.plot(np.arange(1, n + 1), y, label=r.label, **style)
+            sel = np.mean([max(run["selected_epoch"].values()) for run in r.runs])
+            ax.plot([sel], [y[min(n, int(round(sel))) - 1]], marker="o", color=style["color"])
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        tails = [v for line in ax.get_lines() for v in line.get_ydata()[len(line.get_ydata()) // 5:]
+                 if np.isfinite(v)]
+        if tails:  # the first fifth (the climb from initialisation) would flatten the part that matters
+            lo, hi = min(tails), max(tails)
+            pad = 0.1 * (hi - lo) or 0.5
+            ax.set_ylim(lo - pad, hi + pad)
+    path = out / f"{st.key}_epochs.png"
+    _finish(fig, axes, f"{st.benchmark}: per-epoch curves (mean over seeds; dot: mean selected epoch)", path)
+    return path
 
 
 def write_report(directory: os.PathLike, out: Optional[os.PathLike] = None, *, plots: bool = True,
