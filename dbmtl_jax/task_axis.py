@@ -243,8 +243,16 @@ def norms_from_pair(sq_pair: jax.Array) -> jax.Array:
 
 
 def task_norms(tree: PyTree, dtype: Any = jnp.float32) -> jax.Array:
-    """Global L2 norm of each task's slice of ``tree``: ``‖g_t‖`` over all leaves, shape ``[T]``."""
-    return jnp.sqrt(task_sq_norms(jax.tree_util.tree_leaves(tree), dtype))
+    """Global L2 norm of each task's slice of ``tree``: ``‖g_t‖`` over all leaves, shape ``[T]``.
+
+    Computed in ``dtype`` promoted with the leaves' dtypes, overflow-safe (each
+    task's entries are scaled by the largest one before squaring, so norms up
+    to the dtype's maximum come out finite), by the methods' one task-norm
+    function :func:`dbmtl_jax.methods._numerics.task_norms`.
+    """
+    from dbmtl_jax.methods import _numerics  # here, not at the top: _numerics imports this module
+
+    return _numerics.task_norms(tree, dtype)
 
 
 def flatten_tasks(tree: PyTree) -> tuple[jax.Array, Callable[[jax.Array], PyTree]]:
@@ -277,14 +285,14 @@ def sum_tasks(tree: PyTree) -> PyTree:
 
 
 def weighted_sum_tasks(tree: PyTree, weights: jax.Array) -> PyTree:
-    """``Σ_t w_t x_t`` for every leaf, computed in float32 or wider and cast back."""
+    """``Σ_t w_t x_t`` for every leaf, computed in float32 or wider and cast back.
 
-    def f(x):
-        acc = jnp.promote_types(x.dtype, jnp.float32)
-        w = weights.astype(acc)
-        return jnp.tensordot(w, x.astype(acc), axes=(0, 0)).astype(x.dtype)
+    The methods' one combination, :func:`dbmtl_jax.methods._numerics.combine`, on the leaves of ``tree``.
+    """
+    from dbmtl_jax.methods import _numerics  # here, not at the top: _numerics imports this module
 
-    return jax.tree_util.tree_map(f, tree)
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    return jax.tree_util.tree_unflatten(treedef, _numerics.combine(leaves, jnp.asarray(weights)))
 
 
 def stacked_zeros(leaf: Any, num_tasks: int, dtype: Any = None) -> Any:

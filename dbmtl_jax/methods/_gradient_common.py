@@ -4,8 +4,8 @@ A gradient method receives per-task gradients (every update leaf ``[T,
 *param_shape]``), validates the task axis, splits the leaves into shared and
 task-specific (head) leaves, picks task coefficients for the shared leaves and
 merges ``Σ_t c_t g_t`` with the head update.  This module holds that plumbing
-(:func:`split_updates`, :func:`zeros_tree`, :func:`require_losses`,
-:func:`require_key`, :func:`task_orders`) and :func:`make_gradient_transform`,
+(:func:`split_updates`, :func:`zeros_tree`, :func:`require_key`,
+:func:`task_orders`) and :func:`make_gradient_transform`,
 the one transform of the methods that are a *weighting* of the Gram matrix of
 the shared task gradients (the view of TorchJD: an aggregator is a weighting
 ``G ↦ w``, the update is ``Σ_t w_t g_t``), so that such a method module holds
@@ -30,7 +30,6 @@ GRANULARITIES = ("global", "leaf")
 
 __all__ = [
     "GRANULARITIES",
-    "require_losses",
     "require_key",
     "split_updates",
     "zeros_tree",
@@ -38,20 +37,6 @@ __all__ = [
     "GRAMS",
     "make_gradient_transform",
 ]
-
-
-def require_losses(losses: Any, num_tasks: int, method: str) -> jax.Array:
-    """The ``losses=`` extra argument as a float ``[T]`` vector (float32 or wider)."""
-    if losses is None:
-        raise ValueError(
-            f"{method} needs the task losses: call update(..., losses=<array of shape [{num_tasks}]>)."
-        )
-    losses = jnp.asarray(losses)
-    if losses.shape != (num_tasks,):
-        raise ValueError(f"{method}: losses= must have shape [{num_tasks}] (one per task), got {losses.shape}.")
-    if not jnp.issubdtype(losses.dtype, jnp.floating):
-        losses = losses.astype(jnp.float32)
-    return losses.astype(jnp.promote_types(losses.dtype, jnp.float32))
 
 
 def require_key(key: Any, method: str) -> jax.Array:
@@ -185,7 +170,7 @@ def make_gradient_transform(
         del extra_args
         g_shared, g_heads, mask, treedef = split_updates(updates, params, shared, num_tasks)
         if needs_losses:
-            losses = require_losses(losses, num_tasks, name)
+            losses = nm.check_losses(losses, num_tasks, name)
         if needs_key:
             key = require_key(key, name)
         fields: dict = {}

@@ -52,7 +52,6 @@ __all__ = [
     "state_adam_step",
     "check_grads_mode",
     "check_inner_adam",
-    "check_losses",
     "f32",
     "clamped_log",
     "make_loss_transform",
@@ -82,19 +81,6 @@ def check_inner_adam(method: str, learning_rate: Any, b1: Any, b2: Any, adam_eps
 def f32(x: Any) -> jax.Array:
     """A float hyperparameter as a float32 scalar state field."""
     return jnp.asarray(x, jnp.float32)
-
-
-def check_losses(losses: Any, num_tasks: int, name: str) -> jax.Array:
-    """Validates ``losses`` (a ``[T]`` float vector) and returns it in float32 or wider."""
-    losses = jnp.asarray(losses)
-    if losses.shape != (num_tasks,):
-        raise ValueError(
-            f"{name}: losses must be a [T] vector of the raw task losses with T = {num_tasks}, "
-            f"got shape {losses.shape}."
-        )
-    if not jnp.issubdtype(losses.dtype, jnp.floating):
-        raise TypeError(f"{name}: losses must be floating point, got dtype {losses.dtype}.")
-    return losses.astype(jnp.promote_types(losses.dtype, jnp.float32))
 
 
 def clamped_log(losses: jax.Array, eps: jax.Array) -> jax.Array:
@@ -236,13 +222,8 @@ def make_loss_transform(
         key: Optional[jax.Array] = None,
         **extra_args: Any,
     ) -> tuple[PyTree, NamedTuple]:
-        if losses is None:
-            if type(state).needs_losses:
-                raise ValueError(
-                    f"{name} needs the raw task losses: call update(..., losses=losses) with the [T] vector."
-                )
-        else:
-            losses = check_losses(losses, num_tasks, name)
+        if losses is not None or type(state).needs_losses:
+            losses = nm.check_losses(losses, num_tasks, name)
         if key is None and type(state).needs_key:
             raise ValueError(f"{name} is randomised and needs a PRNG key: call update(..., key=key).")
 
@@ -250,11 +231,12 @@ def make_loss_transform(
             ta.check_task_axis(updates, num_tasks, params=params)
             w = state.loss_weights(losses, key)
             if weight_heads:
-                out = ta.weighted_sum_tasks(updates, w)
+                leaves, treedef = jax.tree_util.tree_flatten(updates)
+                out = jax.tree_util.tree_unflatten(treedef, nm.combine(leaves, w))
             else:
                 mask = ta.resolve_shared(shared, updates if params is None else params)
                 g_shared, g_heads, treedef = ta.split_shared(updates, mask)
-                out_shared = jax.tree_util.tree_leaves(ta.weighted_sum_tasks(g_shared, w))
+                out_shared = nm.combine(g_shared, w)
                 out_heads = nm.sum_heads(g_heads)
                 out = ta.merge_shared(out_shared, out_heads, mask, treedef)
         else:

@@ -7,14 +7,16 @@ that each exists once:
   solvers (full-float32 matmuls on accelerators).
 * argument checks: :func:`check_num_tasks`, :func:`check_int`,
   :func:`check_real`, :func:`check_bool`, :func:`check_choice`,
-  :func:`check_optimizer` (construction time; tracers pass unchecked).
+  :func:`check_optimizer` (construction time; tracers pass unchecked) and
+  :func:`check_losses` (the ``losses=`` extra argument of ``update``).
 * dtypes: :func:`acc_dtype` (float32 or wider), :func:`state_dtype`.
 * Gram matrices of per-task gradients (leaves ``[T, *shape]``): :func:`gram`
   (one common overflow-safe scaling, normalised by :func:`normalize_gram`) and
   :func:`task_cosine_gram` (each task scaled by its own largest entry: task
   norms and cosines, exact at any relative scale of the tasks).
-* norms: :func:`task_norms` (``‖g_t‖``, global or per leaf) and
-  :func:`global_norm` (no task axis), both overflow-safe.
+* norms: :func:`task_norms` (``‖g_t‖``, global or per leaf; also the public
+  :func:`dbmtl_jax.task_axis.task_norms`) and :func:`global_norm` (no task
+  axis), both overflow-safe.
 * combinations: :func:`combine` (``Σ_t c_t g_t`` per leaf), :func:`combine_per_leaf`,
   :func:`sum_heads` (plain ``Σ_t g_t``), all accumulated in float32 or wider.
 * :func:`project_simplex` (``optax.projections.projection_simplex`` on a
@@ -55,6 +57,7 @@ __all__ = [
     "check_bool",
     "check_choice",
     "check_optimizer",
+    "check_losses",
     "acc_dtype",
     "state_dtype",
     "max_abs",
@@ -245,6 +248,32 @@ def check_optimizer(value: Any, option: str, method: str) -> Any:
     return value
 
 
+def check_losses(losses: Any, num_tasks: int, method: str) -> jax.Array:
+    """The ``losses=`` extra argument of ``update``: the raw task losses as a ``[T]`` vector.
+
+    ``None`` raises ``ValueError`` (call it only where the losses are needed); a
+    wrong shape ``ValueError``; a dtype that is neither floating point nor
+    integer (bool, complex) ``TypeError``.  Returned as float32 or wider
+    (integers become float32).  Used by both the loss-weighting and the
+    gradient methods, so they accept and reject the same ``losses``.
+    """
+    if losses is None:
+        raise ValueError(
+            f"{method} needs the raw task losses: call update(..., losses=<array of shape [{num_tasks}]>)."
+        )
+    losses = jnp.asarray(losses)
+    if losses.shape != (num_tasks,):
+        raise ValueError(
+            f"{method}: losses must be a [T] vector of the raw task losses (losses=, one per task) "
+            f"with T = {num_tasks}, got shape {losses.shape}."
+        )
+    if jnp.issubdtype(losses.dtype, jnp.integer):
+        return losses.astype(jnp.float32)
+    if not jnp.issubdtype(losses.dtype, jnp.floating):
+        raise TypeError(f"{method}: losses must be floating point (or integer), got dtype {losses.dtype}.")
+    return losses.astype(jnp.promote_types(losses.dtype, jnp.float32))
+
+
 # ----------------------------------------------------------------------------
 # dtypes
 # ----------------------------------------------------------------------------
@@ -380,14 +409,21 @@ def task_cosine_gram(leaves: Sequence[jax.Array], num_tasks: int, dtype: Any = N
     return cos, norms
 
 
-def task_norms(leaves: Sequence[jax.Array], dtype: Any = None, *, per_leaf: bool = False) -> jax.Array:
-    """``‖g_t‖`` of every task over all ``leaves`` (``[T]``), or per leaf (``[L, T]``), in ``dtype``.
+def task_norms(tree: PyTree, dtype: Any = None, *, per_leaf: bool = False) -> jax.Array:
+    """``‖g_t‖`` of every task over all leaves of ``tree`` (``[T]``), or per leaf (``[L, T]``).
 
-    Overflow-safe: the leaves are divided by their largest absolute entry
-    (:func:`max_abs`; per leaf with ``per_leaf=True``) before squaring.
+    ``tree`` is a pytree (or a list) of ``[T, *shape]`` leaves.  Computed in
+    ``dtype`` promoted with the leaves' dtypes (``None``: :func:`acc_dtype`,
+    float32 or wider).  Overflow-safe: the leaves are divided by their largest
+    absolute entry (:func:`max_abs`; per leaf with ``per_leaf=True``) before
+    squaring.  This is the one task-norm function: the public
+    :func:`dbmtl_jax.task_axis.task_norms` calls it.
     """
+    leaves = jax.tree_util.tree_leaves(tree)
     if dtype is None:
         dtype = acc_dtype(leaves)
+    else:
+        dtype = functools.reduce(jnp.promote_types, [x.dtype for x in leaves], jnp.dtype(dtype))
 
     def sq(x: jax.Array, a: jax.Array) -> jax.Array:
         y = (x.astype(dtype) / a).reshape(x.shape[0], -1)

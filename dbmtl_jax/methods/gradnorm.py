@@ -131,7 +131,7 @@ def gradnorm(
         del extra
         g_shared, g_heads, mask, treedef = gc.split_updates(updates, params, shared, num_tasks)
         sdt = state.weights.dtype
-        losses = gc.require_losses(losses, num_tasks, "gradnorm").astype(sdt)
+        losses = nm.check_losses(losses, num_tasks, "gradnorm").astype(sdt)
         w = state.weights
         out_shared = nm.combine(g_shared, w)
         out_heads = nm.combine(g_heads, w) if weight_heads else nm.sum_heads(g_heads)

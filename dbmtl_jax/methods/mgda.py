@@ -181,10 +181,7 @@ def mgda(
 
     def weighting(gram: jax.Array, state: MGDAState, *, losses: Any = None, **_: Any) -> tuple[jax.Array, dict]:
         if normalization in ("loss", "loss+"):
-            if losses is None:
-                raise ValueError(f"mgda with normalization={normalization!r} requires the losses= extra argument.")
-            if jnp.shape(losses) != (num_tasks,):
-                raise ValueError(f"losses must have shape ({num_tasks},), got {jnp.shape(losses)}.")
+            losses = nm.check_losses(losses, num_tasks, f"mgda (normalization={normalization!r})")
         res = mgda_weights(gram, normalization=normalization, losses=losses, solver=solver, max_iter=max_iter, tol=tol)
         lam = res.x
         fields = dict(

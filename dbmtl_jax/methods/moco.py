@@ -117,7 +117,7 @@ def moco(
         del extra
         g_shared, g_heads, mask, treedef = gc.split_updates(updates, params, shared, num_tasks)
         if grad_transform == "normalize_loss":
-            losses = gc.require_losses(losses, num_tasks, "moco (grad_transform='normalize_loss')")
+            losses = nm.check_losses(losses, num_tasks, "moco (grad_transform='normalize_loss')")
         y_l = jax.tree_util.tree_leaves(state.y)
         ta.check_state_leaves(updates, mask, g_shared, y_l, "moco", "y")
 
