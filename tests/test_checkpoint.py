@@ -103,6 +103,15 @@ def test_a_foreign_or_stale_checkpoint_is_refused_and_no_resume_discards_it(tmp_
     (path,) = _run(tmp_path / "cut", "dbmtl", echo=messages.append)
     assert any("discarding the checkpoint" in m for m in messages) and not partial.exists()
     _same_record(read_record(ref_path), read_record(path))
+    # A checkpoint written without the test curve cannot continue a run that records one: trained afresh.
+    stop = _StopAt(monkeypatch, 3)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path / "curve", "ew")
+    monkeypatch.setattr(tr, "evaluate", stop.real)
+    messages = []
+    (path,) = _run(tmp_path / "curve", "ew", test_curve=True, echo=messages.append)
+    assert any("without the test curve" in m for m in messages)
+    assert len(read_record(path)["history"]["test"]) == 5
     # resume=False discards a checkpoint before training.
     stop = _StopAt(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):

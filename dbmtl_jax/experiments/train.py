@@ -1101,7 +1101,7 @@ def train_run(
     """
     from tqdm.auto import tqdm
 
-    from dbmtl_jax.experiments.checkpoint import load_checkpoint, save_checkpoint
+    from dbmtl_jax.experiments.checkpoint import CheckpointMismatch, load_checkpoint, save_checkpoint
 
     steps_per_epoch = int(data.steps_per_epoch)
     if steps_per_epoch < 1:
@@ -1134,6 +1134,8 @@ def train_run(
     elapsed_before = 0.0
     if checkpoint is not None and Path(checkpoint).is_file():
         ck = load_checkpoint(checkpoint, run=run, template=(params, rest, opt_state))
+        if test_curve and "test" not in ck.loop["history"]:
+            raise CheckpointMismatch(f"{checkpoint}: written without the test curve this run records.")
         params, rest, opt_state = ck.tree
         snaps.saved = ck.snapshots
         lp = ck.loop
