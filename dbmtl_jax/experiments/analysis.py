@@ -96,8 +96,7 @@ def beta_sigma_of(row: Row) -> tuple[float, float]:
 
 def val_reference(st: Setting) -> dict[str, dict[str, float]]:
     """The STL row's mean **validation** metrics (the reference of validation Δp)."""
-    return {t: {m: float(np.mean([r["metrics"]["val"][t][m] for r in st.stl.runs])) for m in ms}
-            for t, ms in st.higher_is_better.items()}
+    return st.stl.mean_metrics(st.higher_is_better, "val")
 
 
 def val_delta_p(st: Setting, row: Row, reference: Optional[Mapping] = None) -> list[float]:

@@ -73,9 +73,8 @@ def save_checkpoint(path: os.PathLike, *, run: str, tree: Any,
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    arrays: dict[str, np.ndarray] = {}
-    for i, leaf in enumerate(jax.device_get(jax.tree_util.tree_leaves(tree))):
-        arrays[f"leaf{i}"] = np.asarray(leaf)
+    leaves = jax.device_get(jax.tree_util.tree_leaves(tree))
+    arrays = {f"leaf{i}": np.asarray(leaf) for i, leaf in enumerate(leaves)}
     groups = []
     for g, snap in enumerate(snapshots):
         if snap is None:
@@ -84,7 +83,7 @@ def save_checkpoint(path: os.PathLike, *, run: str, tree: Any,
         groups.append(sorted(int(i) for i in snap))
         for i, a in snap.items():
             arrays[f"snap{g}_{int(i)}"] = np.asarray(a)
-    meta = {"format": CHECKPOINT_FORMAT, "run": run, "leaves": len(jax.tree_util.tree_leaves(tree)),
+    meta = {"format": CHECKPOINT_FORMAT, "run": run, "leaves": len(leaves),
             "snapshot_groups": groups, "loop": _plain(loop)}
     arrays["meta"] = np.asarray(json.dumps(meta, allow_nan=True))
     tmp = path.with_name(path.name + ".tmp")

@@ -23,7 +23,7 @@ setting, row, task and metric, plus ``delta_p`` and timing lines),
 ``<setting>_train_loss.png`` (per-task training loss), ``<setting>_grad_norm.png``
 (per-task norm of the raw-loss shared gradient ``‖∇_θ ℓ_t‖``, the paper's Fig. 8)
 ``<setting>_grad_cosine.png`` (pairwise cosine similarity of the task
-gradients, Fig. 10) and ``<setting>_epochs.png`` (validation selection score and,
+gradients, Fig. 10) and ``<setting>_epochs.png`` (validation Δp vs STL and,
 with ``--test-curve``, test Δp by epoch), all averaged over seeds.  Gradient plots only show runs
 that computed per-task gradients.
 
@@ -242,15 +242,16 @@ class Row:
     def seeds(self) -> list[int]:
         return [r["seed"] for r in self.runs]
 
-    def values(self, task: str, metric: str) -> list[float]:
+    def values(self, task: str, metric: str, split: str = "test") -> list[float]:
         out = []
         for r in self.runs:
-            v = r["metrics"]["test"].get(task, {}).get(metric)
+            v = r["metrics"][split].get(task, {}).get(metric)
             out.append(float("nan") if v is None else float(v))
         return out
 
-    def mean_metrics(self, tasks: Mapping[str, Mapping[str, bool]]) -> dict[str, dict[str, float]]:
-        return {t: {m: _mean(self.values(t, m)) for m in ms} for t, ms in tasks.items()}
+    def mean_metrics(self, tasks: Mapping[str, Mapping[str, bool]], split: str = "test") -> dict[str, dict[str, float]]:
+        """Mean over the row's runs of each metric at the selected epoch, on ``split`` ("test" or "val")."""
+        return {t: {m: _mean(self.values(t, m, split)) for m in ms} for t, ms in tasks.items()}
 
     def timing(self, key: str) -> list[float]:
         return [float(r[key]) for r in self.runs if isinstance(r.get(key), (int, float))]
@@ -569,31 +570,31 @@ def _epoch_plot(st: Setting, rows: Sequence[Row], out: Path) -> Optional[Path]:
 
     hib = st.higher_is_better
     stl = st.stl
+    if stl is not None:
+        val_ref, test_ref = stl.mean_metrics(hib, "val"), stl.mean_metrics(hib)
     val, test = [], []
     for r in rows:
         if r.method == "stl":
             continue
         if stl is not None:
-            ref = {t: {m: float(np.mean([x["metrics"]["val"][t][m] for x in stl.runs])) for m in ms}
-                   for t, ms in hib.items()}
-            val.append((r, [[delta_p(m, ref, hib) for m in run["history"]["val"]] for run in r.runs]))
+            val.append((r, [[delta_p(m, val_ref, hib) for m in run["history"]["val"]] for run in r.runs]))
         else:
             val.append((r, [[math.nan if v is None else float(v) for v in run["history"]["selection_score"]]
                             for run in r.runs]))
         if stl is not None and r.runs and all(run["history"].get("test") for run in r.runs):
-            base = stl.mean_metrics(hib)
-            test.append((r, [[delta_p(m, base, hib) for m in run["history"]["test"]] for run in r.runs]))
+            test.append((r, [[delta_p(m, test_ref, hib) for m in run["history"]["test"]] for run in r.runs]))
     if not val:
         return None
     vlabel = "validation Δp % vs STL" if stl is not None else "validation selection score (vs epoch 1)"
     panels = [(vlabel, val)] + ([("test Δp % vs STL (diagnostic)", test)] if test else [])
+    order = sorted(st.rows.values(), key=lambda x: x.label)  # the same colour for a row in both panels
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
     for k, (ylabel, series) in enumerate(panels):
         ax = axes[0][k]
         for i, (r, curves) in enumerate(series):
             n = min(len(c) for c in curves)
             y = np.nanmean(np.asarray([c[:n] for c in curves], float), axis=0)
-            style = _style(sorted(st.rows.values(), key=lambda x: x.label).index(r))
+            style = _style(order.index(r))
             ax.plot(np.arange(1, n + 1), y, label=r.label, **style)
             sel = np.mean([max(run["selected_epoch"].values()) for run in r.runs])
             ax.plot([sel], [y[min(n, int(round(sel))) - 1]], marker="o", color=style["color"])

@@ -231,8 +231,7 @@ def make_loss_transform(
             ta.check_task_axis(updates, num_tasks, params=params)
             w = state.loss_weights(losses, key)
             if weight_heads:
-                leaves, treedef = jax.tree_util.tree_flatten(updates)
-                out = jax.tree_util.tree_unflatten(treedef, nm.combine(leaves, w))
+                out = ta.weighted_sum_tasks(updates, w)  # nm.combine over the leaves
             else:
                 mask = ta.resolve_shared(shared, updates if params is None else params)
                 g_shared, g_heads, treedef = ta.split_shared(updates, mask)
