@@ -88,12 +88,21 @@ def test_convergence_figures_and_table():
     assert pr.selected_late(recs[1]) and not pr.selected_late(recs[2])
     assert pr.loss_change_last_fifth(recs[1]) == pytest.approx((falling[7] - falling[9]) / falling[7])
     assert pr.loss_change_last_fifth(recs[2]) == 0.0
+    assert pr.loss_share_last_fifth(recs[1]) == pytest.approx((falling[7] - falling[9]) / (falling[0] - falling[9]))
+    assert pr.loss_share_last_fifth(recs[2]) == 0.0
+    geometric = [2.0 * 0.5 ** e for e in range(10)]  # halves every epoch: relative change large, share tiny
+    rec = _record("ew", 0, {}, (0.8, 0.8), 5, geometric)
+    assert pr.loss_change_last_fifth(rec) == pytest.approx(0.75)
+    assert pr.loss_share_last_fifth(rec) == pytest.approx((geometric[7] - geometric[9]) / (2.0 - geometric[9]))
+    assert pr.loss_share_last_fifth(rec) < 0.02
+    assert math.isnan(pr.loss_share_last_fifth(_record("ew", 0, {}, (0.8, 0.8), 5, [1.0, 1.5, 2.0])))
     (st,) = summarize(recs)
     rows = list(st.rows.values())
     ew = next(r for r in rows if r.method == "ew")
     db = next(r for r in rows if r.method == "dbmtl")
     md = pr.paired_table_markdown(st, rows, {"EW": ew}, loss_rows=[ew])
     assert "3 of 6 multi-task runs (worst row 100%)" in md
+    assert "(share of the run's whole decrease: 22.2 %, 22.2 %, 22.2 %)" in md
     assert "**dbmtl**" in md and "| ew | 3 |" in md  # DB-MTL +1.25 points on every seed: its own group
     iv = pr.paired_interval(dict(zip(db.seeds, db.delta_p)), dict(zip(ew.seeds, ew.delta_p)))
     assert iv.mean == pytest.approx(1.25, abs=1e-9) and iv.separated

@@ -4,7 +4,8 @@ Commands::
 
     dbmtl-jax run <benchmark> --methods stl,ew,dbmtl --seeds 3 [--quick] [--out results/]
                   [--hp dbmtl.beta=0.5 ...] [--log] [--grad-stats] [--import my_module]
-                  [--optimizer adam|sgdm] [--b1 0.0] [--momentum 0.9] [--study DIR] [--dry-run]
+                  [--optimizer adam|sgdm] [--b1 0.0] [--momentum 0.9] [--lr-schedule cosine]
+                  [--study DIR] [--dry-run]
     dbmtl-jax report <dir> [--out DIR] [--no-plots] [--strict]
     dbmtl-jax compact <dir> [--store STORE] [--dry-run]
     dbmtl-jax select <dir> [--method dbmtl] [--print-grid-best]
@@ -96,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--epochs", type=int, help="override the recipe's epochs")
     r.add_argument("--lr", type=float, help="override the recipe's learning rate")
     r.add_argument("--batch-size", type=int, help="override the recipe's batch size")
+    r.add_argument("--lr-schedule", choices=("recipe", "cosine"), default="recipe",
+                   help="learning-rate schedule: the recipe's (default; constant for the built-in benchmarks) or "
+                        "cosine decay to 0 over all epochs, so that training ends where the updates vanish")
     r.add_argument("--test-curve", action="store_true",
                    help="also evaluate test after every epoch (diagnostic only, never used for selection)")
     r.add_argument("--no-resume", action="store_true", help="rerun finished runs")
@@ -220,6 +224,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     recipe = bench.quick if args.quick else bench.recipe
     changes = {k: v for k, v in (("epochs", args.epochs), ("learning_rate", args.lr),
                                  ("batch_size", args.batch_size)) if v is not None}
+    if args.lr_schedule == "cosine":
+        changes.update(lr_schedule="cosine", lr_decay_epoch=None)
     try:
         recipe = recipe.replace(**changes) if changes else recipe
         paths = ex.run_experiments(

@@ -9,8 +9,11 @@ row leads a group, and every row whose paired interval against the leader
 contains 0 joins it.
 
 Convergence (the study protocol of results/README.md): the share of runs
-whose validation-selected epoch lies in the last 20 % of training, and the
-relative change of the summed training loss over the last 20 % of epochs.
+whose validation-selected epoch lies in the last 20 % of training; the
+relative change of the summed training loss over the last 20 % of epochs;
+and the share of the run's whole training-loss decrease that falls in its last
+20 % of epochs, which stays meaningful where the loss goes to zero
+geometrically (memorisation), where the relative change never becomes small.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ __all__ = [
     "rank_groups",
     "selected_late",
     "loss_change_last_fifth",
+    "loss_share_last_fifth",
     "convergence_line",
     "paired_table_markdown",
     "borrow_stl",
@@ -128,6 +132,19 @@ def loss_change_last_fifth(run: Mapping[str, Any], fraction: float = 0.2) -> flo
     return (start - totals[-1]) / abs(start) if start else math.nan
 
 
+def loss_share_last_fifth(run: Mapping[str, Any], fraction: float = 0.2) -> float:
+    """Share of the run's summed-training-loss decrease that happens in its last ``fraction`` of epochs:
+    ``(L(e₀) − L(E)) / (L(1) − L(E))`` with ``e₀`` as in :func:`loss_change_last_fifth` (0: the curve was
+    flat at the end; NaN when the loss did not fall over the run)."""
+    losses = run.get("history", {}).get("train_loss") or []
+    totals = [float(np.sum(x)) for x in losses]
+    if len(totals) < 2:
+        return math.nan
+    start = totals[max(0, int(round((1 - fraction) * len(totals))) - 1)]
+    whole = totals[0] - totals[-1]
+    return (start - totals[-1]) / whole if whole > 0 else math.nan
+
+
 def _seed_scores(row: Row) -> dict[int, float]:
     return {int(s): float(d) for s, d in zip(row.seeds, row.delta_p)}
 
@@ -146,8 +163,10 @@ def convergence_line(st: Setting, rows: Sequence[Row], loss_rows: Sequence[Row])
              f"(worst row {worst:.0%})"]
     for row in loss_rows:
         ch = [loss_change_last_fifth(r) for r in row.runs]
+        share = [loss_share_last_fifth(r) for r in row.runs]
         parts.append(f"{row.label} training loss change over the last 20 % of epochs: "
-                     + ", ".join(f"{100 * c:.1f} %" for c in ch))
+                     + ", ".join(f"{100 * c:.1f} %" for c in ch)
+                     + " (share of the run's whole decrease: " + ", ".join(f"{100 * c:.1f} %" for c in share) + ")")
     return "; ".join(parts) + "."
 
 

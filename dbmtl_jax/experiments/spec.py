@@ -107,6 +107,9 @@ class Task:
         return dict(self.metrics)
 
 
+LR_SCHEDULES = ("cosine",)
+
+
 @dataclasses.dataclass(frozen=True)
 class Recipe:
     """How to train: Adam (optionally with L2 weight decay as in PyTorch's ``Adam``) on the method's update.
@@ -124,6 +127,10 @@ class Recipe:
       lr_decay_epoch, lr_decay_factor: multiply the learning rate by
         ``lr_decay_factor`` from epoch ``lr_decay_epoch`` on (the paper's NYUv2
         recipe halves it after 100 of 200 epochs); ``None``: constant.
+      lr_schedule: ``None`` (the learning rate above, with the optional step
+        decay) or ``"cosine"``: cosine decay from ``learning_rate`` to 0 over
+        all ``epochs`` (``optax.cosine_decay_schedule``), so that the end of
+        training is well defined (the updates vanish at the last epoch).
       data_options: free-form options for the benchmark's data provider
         (e.g. ``{"limit": 13000}`` molecules for a quick QM9 run); JSON values.
     """
@@ -138,6 +145,7 @@ class Recipe:
     max_eval_examples: Optional[int] = None
     lr_decay_epoch: Optional[int] = None
     lr_decay_factor: float = 1.0
+    lr_schedule: Optional[str] = None
     data_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -155,6 +163,13 @@ class Recipe:
             raise ValueError(f"Recipe.learning_rate must be a positive float, got {self.learning_rate!r}.")
         if self.weight_decay < 0:
             raise ValueError(f"Recipe.weight_decay must be >= 0, got {self.weight_decay!r}.")
+        if self.lr_schedule is not None:
+            if self.lr_schedule not in LR_SCHEDULES:
+                raise ValueError(f"Recipe.lr_schedule: unknown schedule {self.lr_schedule!r}; "
+                                 f"available: None (constant), {', '.join(map(repr, LR_SCHEDULES))}.")
+            if self.lr_decay_epoch is not None:
+                raise ValueError("Recipe.lr_schedule and Recipe.lr_decay_epoch are two learning-rate schedules; "
+                                 "give one of them.")
         object.__setattr__(self, "data_options", dict(self.data_options))
 
     def replace(self, **changes: Any) -> "Recipe":
@@ -164,6 +179,8 @@ class Recipe:
         out = dataclasses.asdict(self)
         if not out["data_options"]:
             del out["data_options"]  # keeps the config hashes of recipes without options unchanged
+        if out["lr_schedule"] is None:
+            del out["lr_schedule"]  # likewise for the recipes made before the option existed
         return out
 
 

@@ -870,7 +870,9 @@ class _Trainer:
         del model
 
         lr: Any = recipe.learning_rate
-        if recipe.lr_decay_epoch is not None:
+        if recipe.lr_schedule == "cosine":
+            lr = optax.cosine_decay_schedule(recipe.learning_rate, recipe.epochs * steps_per_epoch)
+        elif recipe.lr_decay_epoch is not None:
             lr = optax.piecewise_constant_schedule(
                 recipe.learning_rate, {recipe.lr_decay_epoch * steps_per_epoch: recipe.lr_decay_factor}
             )
