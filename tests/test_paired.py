@@ -145,3 +145,34 @@ def test_paired_report_borrows_stl_for_another_optimizer_and_the_cli(tmp_path, c
     text = pr.paired_report(summarize(recs), ("ew",), baseline="ew")
     assert "Δp is measured against ew" in text and "| **ew** | 3 | +0.00 ± 0.62 |" in text
     del an
+
+
+def test_references_by_row_label_and_unknown_names_are_errors(tmp_path, capsys):
+    from dbmtl_jax.experiments.cli import main
+
+    flat = [2.0] * 5 + [1.0] * 5
+    recs = []
+    for s in range(3):
+        recs.append(_record("stl", s, {}, (0.80, 0.80), 10, flat))
+        recs.append(_record("ew", s, {}, (0.80, 0.80), 9, flat))
+        recs.append(_record("dbmtl", s, {"beta_sigma": 0.0}, (0.82 + 0.01 * s, 0.80), 3, flat))
+    settings = summarize(recs)
+    (row,) = [r for r in settings[0].rows.values() if r.method == "dbmtl"]
+    assert pr.find_row(list(settings[0].rows.values()), row.label) is row
+    assert pr.find_row(list(settings[0].rows.values()), "dbmtl") is None  # no default-hyperparameter row
+    text = pr.paired_report(settings, (row.label,))
+    assert f"Δp − {row.label} [95 % CI]" in text
+    assert "| ew | 3 | +0.00 ± 0.00 | -1.87 [-3.43, -0.32] |" in text  # EW − DB-MTL: −1.25, −1.875, −2.5
+    for refs, base in (((row.label, "pcgrad"), "stl"), (None, "nope")):
+        with pytest.raises(ValueError, match="no row '(pcgrad|nope)'.*rows: dbmtl"):
+            pr.paired_report(settings, refs, base)
+    assert "Δp − dbmtl" not in pr.paired_report(settings)  # the default references are optional
+    import gzip
+    import json
+
+    for i, r in enumerate(recs):
+        r.update(format="dbmtl_jax.experiment/2", status="done", benchmark="b", seed=r["seed"])
+        with gzip.open(tmp_path / f"b__{r['method']}__seed{r['seed']}__{i:010d}.json.gz", "wt") as f:
+            json.dump(r, f)
+    assert main(["paired", str(tmp_path), "--ref", "dbmtl"]) == 2
+    assert "no row 'dbmtl'" in capsys.readouterr().err

@@ -153,9 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
                                        "convergence figures, one table per setting")
     pa.add_argument("dir", help="results directory or study folder")
     pa.add_argument("--ref", action="append", default=None, metavar="METHOD",
-                    help="reference row (method label, default hyperparameters), repeatable (default: ew, dbmtl)")
+                    help="reference row: a row label as printed (e.g. 'dbmtl (beta_sigma=0.0)') or a method name "
+                         "(its default-hyperparameter row), repeatable (default: ew and dbmtl where present)")
     pa.add_argument("--baseline", default="stl", metavar="METHOD",
-                    help="row that Δp is measured against: stl (default, the paper's Eq. 3-4) or a method label")
+                    help="row that Δp is measured against: stl (default, the paper's Eq. 3-4) or another row "
+                         "(a row label or method name, as --ref)")
     pa.add_argument("--smooth", type=int, default=None, metavar="W",
                     help="re-select every run's epoch on the W-epoch (odd) centred moving average of its validation "
                          "curve, with test metrics from its recorded test curve (runs trained with --test-curve; "
@@ -412,7 +414,11 @@ def _cmd_paired(args: argparse.Namespace) -> int:
             return 2
         head = (f"Selection re-made after training on the {args.smooth}-epoch centred moving average of each run's "
                 "validation curve; test metrics at that epoch from the run's recorded test curve.\n\n")
-    text = head + paired_report(summarize(records), args.ref or ("ew", "dbmtl"), args.baseline)
+    try:
+        text = head + paired_report(summarize(records), args.ref, args.baseline)
+    except ValueError as e:  # a --ref / --baseline that names no row
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     _report_skipped(skipped)
     if args.out:
         Path(args.out).write_text(text)

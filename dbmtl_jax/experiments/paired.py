@@ -36,6 +36,7 @@ __all__ = [
     "convergence_line",
     "paired_table_markdown",
     "borrow_stl",
+    "find_row",
     "paired_report",
 ]
 
@@ -229,33 +230,48 @@ def borrow_stl(settings: Sequence[Setting]) -> dict[str, str]:
     return notes
 
 
-def paired_report(
-    settings: Sequence[Setting], references: Sequence[str] = ("ew", "dbmtl"), baseline: str = "stl"
-) -> str:
-    """One paired table per setting (references: method labels of rows with default hyperparameters).
+def find_row(rows: Sequence[Row], name: str) -> Optional[Row]:
+    """The row called ``name``: a row label as the tables print it (``"dbmtl (beta_sigma=0.0)"``), or a
+    method name standing for its row with default hyperparameters (``"dbmtl"``)."""
+    for r in rows:
+        if r.label == name:
+            return r
+    cands = [r for r in rows if r.method == name and not (r.config.get("hparams") or {})]
+    return cands[0] if cands else None
 
-    ``baseline``: the row Δp is measured against, ``"stl"`` (the paper's Eq. 3–4) or another method
-    label (its default-hyperparameter row), for studies without STL runs.
+
+def paired_report(
+    settings: Sequence[Setting], references: Optional[Sequence[str]] = None, baseline: str = "stl"
+) -> str:
+    """One paired table per setting.
+
+    ``references``: the rows every row is compared with (row labels or method names, see
+    :func:`find_row`); ``None``: ``ew`` and ``dbmtl`` where a setting has them.  A reference or
+    ``baseline`` given by name that no setting has is an error (``ValueError`` listing the rows).
+    ``baseline``: the row Δp is measured against, ``"stl"`` (the paper's Eq. 3–4) or another row, for
+    studies without STL runs.
     """
+    explicit = references is not None
+    references = tuple(references) if explicit else ("ew", "dbmtl")
+    wanted = (list(references) if explicit else []) + ([baseline] if baseline != "stl" else [])
+    missing = [n for n in wanted if not any(find_row(list(st.rows.values()), n) for st in settings)]
+    if missing and settings:
+        labels = sorted({r.label for st in settings for r in st.rows.values()})
+        raise ValueError(f"no row {', '.join(map(repr, missing))} in these results; rows: {', '.join(labels)}.")
     notes = borrow_stl(settings) if baseline == "stl" else {}
     out = []
     for st in settings:
         rows = list(st.rows.values())
         if baseline == "stl" and not any(math.isfinite(d) for r in rows for d in r.delta_p):
             continue
-
-        def default_row(method: str) -> Optional[Row]:
-            cands = [r for r in rows if r.method == method and not (r.config.get("hparams") or {})]
-            return cands[0] if cands else None
-
         if baseline != "stl":
-            base_row = default_row(baseline)
+            base_row = find_row(rows, baseline)
             if base_row is None:
                 continue
             rebase_delta_p(st, base_row)
             notes[st.key] = f"Δp is measured against {baseline} (mean over its seeds), not STL"
-        refs = {m: r for m in references if (r := default_row(m)) is not None}
-        loss_rows = [r for r in (default_row("ew"), default_row("stl")) if r is not None]
+        refs = {m: r for m in references if (r := find_row(rows, m)) is not None}
+        loss_rows = [r for r in (find_row(rows, "ew"), find_row(rows, "stl")) if r is not None]
         rc = st.recipe
         title = (f"### {st.benchmark}, {rc.get('epochs')} epochs{' (quick data subset)' if st.quick else ''}, "
                  f"{_optimizer_text(st.optimizer)}")
