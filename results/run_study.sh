@@ -21,6 +21,8 @@
 #   hurts     (multimnist_digits) EW, DB-MTL, EW + log, DB-MTL without log, β = 0, β/k^0.5, STL: paired.md vs EW
 #   converged (multimnist160) 5 seeds at 160 quick epochs: STL, EW, DB-MTL (default, LibMTL's β, β = 0), nine other
 #             methods, Table 5 and Fig. 1 rows: paired.md
+#   cosine    (multimnist320) EW and DB-MTL with the learning rate decayed to 0 over the run (--lr-schedule cosine),
+#             3 seeds: paired.md (Δp vs EW: no STL is trained with this schedule)
 # The beta, ablation and alpha tables also show the main table's STL, LibMTL-setting DB-MTL and DB-MTL β = 0 rows.
 # "Validation-selected β" is the best row of the paper's grid ({0.1, 0.5, 0.9} × σ ∈ {0, 0.5}) on validation Δp
 # (`dbmtl-jax select DIR --print-grid-best`), so run `beta` before `ablation`, `alpha` and `budget`.
@@ -132,7 +134,10 @@ for section in $SECTIONS; do
     run --methods stch,pcgrad,gradnorm,uw,imtl_l,gradvac,upgrad,nash_mtl,cagrad --seeds 5 --test-curve --study $O
     run --methods dbmtl+nolog,ew+log --seeds 5 --test-curve --study $O
     [ -n "$DRY" ] || { dbmtl-jax paired $O --out $O/paired.md && dbmtl-jax paired $O --baseline ew --out $O/paired_vs_ew.md; } ;;
-  *) echo "unknown section $section (main beta ablation log alpha budget betaopt hurts converged)" >&2; exit 2 ;;
+  cosine)  # is DB-MTL's lead at a constant learning rate still there when training ends by decaying it to 0?
+    for s in 0 1 2; do run --methods ew,dbmtl --lr-schedule cosine --seeds $s, --test-curve --study $O; done
+    [ -n "$DRY" ] || dbmtl-jax paired $O --baseline ew --out $O/paired.md ;;
+  *) echo "unknown section $section (main beta ablation log alpha budget betaopt hurts converged cosine)" >&2; exit 2 ;;
   esac
 done
-case $SECTIONS in betaopt|hurts|converged) ;; *) [ -n "$DRY" ] || dbmtl-jax summary "$P" > /dev/null ;; esac
+case $SECTIONS in betaopt|hurts|converged|cosine) ;; *) [ -n "$DRY" ] || dbmtl-jax summary "$P" > /dev/null ;; esac
