@@ -169,6 +169,28 @@ def test_select_and_friends_reject_missing_directories(tmp_path, capsys):
     assert main(["select", str(tmp_path / "empty"), "--print-grid-best"]) == 1
     assert main(["summary", str(tmp_path / "empty")]) == 1
     assert "no runs with an STL row" in capsys.readouterr().err
+    # No records, or none of what was asked for: an error naming it, and nothing written.
+    for cmd, msg in ((["select", str(tmp_path / "empty")], "no dbmtl row next to an STL row"),
+                     (["breakdown", str(tmp_path / "empty")], "no run records with an STL row"),
+                     (["paired", str(tmp_path / "empty")], "no run records under")):
+        assert main(cmd) == 1
+        assert msg in capsys.readouterr().err
+    assert not list((tmp_path / "empty").iterdir())
+
+
+def test_select_unknown_method_and_paired_without_stl_are_errors(study, tmp_path, capsys):
+    assert main(["select", str(study / "syn_4ep_beta"), "--method", "pcgrad"]) == 1
+    assert "no pcgrad row next to an STL row (methods there: dbmtl, stl)" in capsys.readouterr().err
+    # A study without STL has no Δp against STL: say so, and point to --baseline.
+    (tmp_path / "no_stl").mkdir()
+    listed = [study / "syn_4ep_beta" / line.strip() for line in (study / "syn_4ep_beta" / "runs.txt").read_text()
+              .splitlines() if line.strip() and not line.startswith("#")]
+    for f in listed:
+        if "__stl__" not in f.name:
+            (tmp_path / "no_stl" / f.name).write_bytes(f.read_bytes())
+    assert len(list((tmp_path / "no_stl").iterdir())) >= 3
+    assert main(["paired", str(tmp_path / "no_stl")]) == 1
+    assert "give --baseline ROW" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- breakdown

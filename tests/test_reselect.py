@@ -98,8 +98,8 @@ def test_runs_without_a_test_curve_are_refused_or_skipped_and_the_cli(tmp_path, 
     # The CLI: a bad window is an error; runs without a test curve are reported, not used.
     assert main(["paired", str(out), "--smooth", "2"]) == 2
     assert "odd positive int" in capsys.readouterr().err
-    assert main(["paired", str(out), "--smooth", "3"]) == 0
-    assert "--test-curve" in capsys.readouterr().err
+    assert main(["paired", str(out), "--smooth", "3"]) == 1
+    assert "no run with a recorded test curve (--test-curve) to re-select" in capsys.readouterr().err
     # With test curves, the table says how selection was made and still ranks the rows.
     out2, _ = _toy_runs(tmp_path / "curves", "--test-curve")
     assert main(["paired", str(out2), "--smooth", "3"]) == 0

@@ -338,6 +338,11 @@ def _cmd_select(args: argparse.Namespace) -> int:
             return 1
         print(*best)
         return 0
+    if not any(st.stl is not None and any(r.method == args.method for r in st.rows.values()) for st in settings):
+        present = sorted({r.method for st in settings for r in st.rows.values()})
+        print(f"error: {args.dir}: no {args.method} row next to an STL row (methods there: "
+              f"{', '.join(present) or 'none, no run records'}); nothing written.", file=sys.stderr)
+        return 1
     text = an.val_selection_markdown(settings, args.method, title=args.dir.rstrip("/"))
     (Path(args.dir) / "val_selection.md").write_text(text)
     _print(text)
@@ -351,8 +356,13 @@ def _cmd_breakdown(args: argparse.Namespace) -> int:
         return 2
     for d in args.dirs:
         skipped: list = []
-        text = an.breakdown_markdown(an.load_settings(d, skipped=skipped))
+        settings = an.load_settings(d, skipped=skipped)
         _report_skipped(skipped)
+        if not any(st.stl is not None for st in settings):
+            print(f"error: {d}: no run records with an STL row (the breakdown is per task against STL); "
+                  "nothing written.", file=sys.stderr)
+            return 1
+        text = an.breakdown_markdown(settings)
         (Path(d) / "breakdown.md").write_text(text)
         _print(f"{d}\n{text}")
     return 0
@@ -403,8 +413,9 @@ def _cmd_paired(args: argparse.Namespace) -> int:
         return 2
     skipped: list = []
     records = load_results(args.dir, skipped=skipped)
+    found = bool(records)
     head = ""
-    if args.smooth is not None:
+    if found and args.smooth is not None:
         from dbmtl_jax.experiments.reselect import reselect_all
 
         try:
@@ -414,12 +425,21 @@ def _cmd_paired(args: argparse.Namespace) -> int:
             return 2
         head = (f"Selection re-made after training on the {args.smooth}-epoch centred moving average of each run's "
                 "validation curve; test metrics at that epoch from the run's recorded test curve.\n\n")
+    _report_skipped(skipped)
+    if not records:
+        why = "no run with a recorded test curve (--test-curve) to re-select" if found else "no run records"
+        print(f"error: {why} under {args.dir}.", file=sys.stderr)
+        return 1
     try:
-        text = head + paired_report(summarize(records), args.ref, args.baseline)
+        body = paired_report(summarize(records), args.ref, args.baseline)
     except ValueError as e:  # a --ref / --baseline that names no row
         print(f"error: {e}", file=sys.stderr)
         return 2
-    _report_skipped(skipped)
+    text = head + body
+    if not body.strip():
+        print(f"error: {args.dir}: no table: no setting has an STL row to measure Δp against "
+              "(give --baseline ROW, e.g. --baseline ew).", file=sys.stderr)
+        return 1
     if args.out:
         Path(args.out).write_text(text)
     else:
