@@ -375,39 +375,6 @@ def test_dbmtl_step_matches_manual_optax_chain(opt):
     np.testing.assert_allclose(res["curve"]["train_loss"], got, rtol=2e-5, atol=1e-6)
 
 
-def test_cosine_schedule_matches_manual_optax_chain():
-    """``Recipe(lr_schedule="cosine")``: the runner's DB-MTL step is the optax chain with the cosine decay of
-    ``optax.cosine_decay_schedule`` over all of the run's steps, and differs from the constant rate."""
-    bench = tiny_benchmark(epochs=2)
-    recipe = bench.recipe.replace(lr_schedule="cosine")
-    res = _run(bench, "dbmtl", recipe=recipe, hparams={"beta": 0.5})
-    const = _run(bench, "dbmtl", hparams={"beta": 0.5})
-    total = res["steps"]
-    model = bench.model(nnx.Rngs(0))
-    graphdef, params = nnx.split(model, nnx.Param)
-    lr = optax.cosine_decay_schedule(recipe.learning_rate, total)
-    assert float(lr(total)) == 0.0
-    tx = optax.chain(dbmtl_jax.dbmtl(2, beta=0.5, shared=lambda p: p.startswith("encoder")), optax.adam(lr))
-    state = tx.init(params)
-
-    @jax.jit
-    def step(p, s, x, y):
-        def losses(p):
-            out = nnx.merge(graphdef, p)(x)
-            return jnp.stack([mse_loss(out[t], y[t]) for t in range(2)])
-
-        ls, g = dbmtl_jax.value_and_task_grads(losses)(p)
-        u, s = tx.update(g, s, p)
-        return optax.apply_updates(p, u), s, ls
-
-    got = []
-    for x, y in _manual_batches(bench):
-        params, state, ls = step(params, state, x, y)
-        got.append(np.asarray(ls))
-    np.testing.assert_allclose(res["curve"]["train_loss"], got, rtol=2e-5, atol=1e-6)
-    assert not np.allclose(const["curve"]["train_loss"][-1], got[-1], rtol=1e-4)
-
-
 def test_lr_schedule_is_validated_and_hashed():
     with pytest.raises(ValueError, match="unknown schedule 'linear'"):
         ex.Recipe(learning_rate=1e-3, batch_size=8, epochs=2, lr_schedule="linear")
