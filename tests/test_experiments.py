@@ -392,7 +392,7 @@ def test_lr_schedule_is_validated_and_hashed():
 def test_cli_lr_schedule_flag(tmp_path, capsys):
     out = tmp_path / "res"
     rc = main(["run", "toy", "--quick", "--epochs", "2", "--methods", "ew", "--out", str(out),
-               "--no-progress", "--no-compile-cache", "--lr-schedule", "cosine"])
+               "--no-progress", "--no-compile-cache", "--lr-schedule", "cosine", "--study", str(tmp_path / "st")])
     assert rc == 0
     (rec,) = _records(out)
     assert rec["config"]["recipe"]["lr_schedule"] == "cosine"
@@ -400,6 +400,16 @@ def test_cli_lr_schedule_flag(tmp_path, capsys):
                "--no-progress", "--no-compile-cache", "--lr-schedule", "recipe"])
     assert rc == 0
     assert sorted("lr_schedule" in r["config"]["recipe"] for r in _records(out)) == [False, True]
+    # The two schedules are two settings, and every page says which is which.
+    res = ex.write_report(out, plots=False)
+    assert len(res["settings"]) == 2 and res["markdown"].count("cosine decay to 0") == 1
+    from dbmtl_jax.experiments.analysis import index_markdown
+    from dbmtl_jax.experiments.paired import paired_report
+    from dbmtl_jax.experiments.report import load_results, summarize
+
+    assert "cosine decay to 0" in index_markdown(tmp_path)
+    text = paired_report(summarize(load_results(out)), baseline="ew")
+    assert text.count("### toy") == 2 and text.count("cosine decay to 0") == 1
     with pytest.raises(SystemExit):  # argparse rejects an unknown choice, naming the flag
         main(["run", "toy", "--quick", "--out", str(out), "--no-progress", "--no-compile-cache",
               "--lr-schedule", "step"])

@@ -36,7 +36,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from dbmtl_jax.experiments.report import Row, Setting, load_results, summarize
+from dbmtl_jax.experiments.report import Row, Setting, load_results, schedule_text, summarize
 from dbmtl_jax.experiments.train import RECORDED_DEFAULTS, canonical_hparams, method_defaults, resolved_hparams
 from dbmtl_jax.metrics import delta_p
 
@@ -485,7 +485,7 @@ def study_folders(root: os.PathLike) -> list[Path]:
 def _recipe_text(rc: Mapping[str, Any], quick: bool) -> str:
     parts = [f"{'quick' if quick else 'full'}, {rc.get('epochs')} epochs", f"lr {rc.get('learning_rate')}",
              f"batch {rc.get('batch_size')}"]
-    return ", ".join(parts)
+    return ", ".join(parts + ([schedule_text(rc)] if schedule_text(rc) else []))
 
 
 def index_rows(root: os.PathLike, *, skipped: Optional[list] = None) -> list[dict[str, Any]]:

@@ -23,7 +23,7 @@ from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
 
 import numpy as np
 
-from dbmtl_jax.experiments.report import Row, Setting, rebase_delta_p
+from dbmtl_jax.experiments.report import Row, Setting, rebase_delta_p, schedule_text
 
 __all__ = [
     "PairedInterval",
@@ -273,8 +273,9 @@ def paired_report(
         refs = {m: r for m in references if (r := find_row(rows, m)) is not None}
         loss_rows = [r for r in (find_row(rows, "ew"), find_row(rows, "stl")) if r is not None]
         rc = st.recipe
+        sched = f", {schedule_text(rc)}" if schedule_text(rc) else ""
         title = (f"### {st.benchmark}, {rc.get('epochs')} epochs{' (quick data subset)' if st.quick else ''}, "
-                 f"{_optimizer_text(st.optimizer)}")
+                 f"{_optimizer_text(st.optimizer)}{sched}")
         note = f"\n\n{notes[st.key]}." if st.key in notes else ""
         out.append(title + note + "\n\n" + paired_table_markdown(st, rows, refs, loss_rows=loss_rows))
     return "\n".join(out)

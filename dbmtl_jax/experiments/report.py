@@ -392,9 +392,20 @@ def markdown_table(st: Setting) -> str:
     return "\n".join(lines)
 
 
+def schedule_text(rc: Mapping[str, Any]) -> str:
+    """The learning-rate schedule of a recorded recipe in words (``""`` for a constant rate)."""
+    if rc.get("lr_schedule") == "cosine":
+        return "cosine decay to 0"
+    if rc.get("lr_decay_epoch") is not None:
+        return f"lr ×{rc.get('lr_decay_factor')} from epoch {rc['lr_decay_epoch']}"
+    return ""
+
+
 def _setting_title(st: Setting) -> str:
     rc = st.recipe
     parts = [f"lr {rc.get('learning_rate')}", f"batch {rc.get('batch_size')}", f"{rc.get('epochs')} epochs"]
+    if schedule_text(rc):
+        parts.append(schedule_text(rc))
     if rc.get("max_steps_per_epoch"):
         parts.append(f"≤{rc['max_steps_per_epoch']} steps/epoch")
     if rc.get("max_train_examples"):
