@@ -111,3 +111,33 @@ def test_runs_without_a_test_curve_are_refused_or_skipped_and_the_cli(tmp_path, 
     (st,) = summarize(lr(out2))
     path = _epoch_plot(st, list(st.rows.values()), tmp_path)
     assert path is not None and path.stat().st_size > 1000
+
+
+def test_average_last_is_the_mean_of_the_last_epochs_of_each_curve(tmp_path, capsys):
+    out, runs = _toy_runs(tmp_path, "--test-curve")
+    for run in runs:
+        avg = rs.average_last(run, 0.5)  # 6 epochs: the last 3
+        for split in ("val", "test"):
+            curve = run["history"][split]
+            for t in run["tasks"]:
+                for m in curve[0][t]:
+                    want = sum(float(curve[e][t][m]) for e in (3, 4, 5)) / 3
+                    assert avg["metrics"][split][t][m] == pytest.approx(want, rel=1e-12)
+        assert set(avg["selected_epoch"].values()) == {None} and "last 3 of 6 epochs" in avg["selection"]
+        assert run["selected_epoch"] != avg["selected_epoch"]  # the input record is unchanged
+        last = rs.average_last(run, 1e-3)  # at least one epoch: the final one
+        assert last["metrics"]["test"] == {t: {m: float(v) for m, v in run["history"]["test"][-1][t].items()}
+                                           for t in run["tasks"]}
+    for bad in (0, 1.5, -0.2, True, "0.2"):
+        with pytest.raises(ValueError, match=r"fraction must be in \(0, 1\]"):
+            rs.average_all([], bad, skipped=[])
+    # The CLI: a table without selection says so instead of a late-selection count.
+    assert main(["paired", str(out), "--average-last", "0.5"]) == 0
+    text = capsys.readouterr().out
+    assert "No model selection" in text and "no epoch selected" in text and "selected epoch in the last" not in text
+    assert main(["paired", str(out), "--average-last", "0.5", "--smooth", "3"]) == 2
+    assert "give one of them" in capsys.readouterr().err
+    assert main(["paired", str(out), "--average-last", "2"]) == 2
+    _, plain = _toy_runs(tmp_path / "plain")
+    with pytest.raises(ValueError, match="no per-epoch test curve to average"):
+        rs.average_last(plain[0], 0.2)

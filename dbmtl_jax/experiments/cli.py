@@ -158,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     pa.add_argument("--baseline", default="stl", metavar="METHOD",
                     help="row that Δp is measured against: stl (default, the paper's Eq. 3-4) or another row "
                          "(a row label or method name, as --ref)")
+    pa.add_argument("--average-last", type=float, default=None, metavar="F",
+                    help="no model selection: every run's metrics are the means of its recorded validation and test "
+                         "curves over its last fraction F of epochs (e.g. 0.2; runs trained with --test-curve)")
     pa.add_argument("--smooth", type=int, default=None, metavar="W",
                     help="re-select every run's epoch on the W-epoch (odd) centred moving average of its validation "
                          "curve, with test metrics from its recorded test curve (runs trained with --test-curve; "
@@ -415,6 +418,9 @@ def _cmd_paired(args: argparse.Namespace) -> int:
     records = load_results(args.dir, skipped=skipped)
     found = bool(records)
     head = ""
+    if args.smooth is not None and args.average_last is not None:
+        print("error: --smooth re-selects an epoch, --average-last selects none: give one of them.", file=sys.stderr)
+        return 2
     if found and args.smooth is not None:
         from dbmtl_jax.experiments.reselect import reselect_all
 
@@ -425,6 +431,16 @@ def _cmd_paired(args: argparse.Namespace) -> int:
             return 2
         head = (f"Selection re-made after training on the {args.smooth}-epoch centred moving average of each run's "
                 "validation curve; test metrics at that epoch from the run's recorded test curve.\n\n")
+    if found and args.average_last is not None:
+        from dbmtl_jax.experiments.reselect import average_all
+
+        try:
+            records = average_all(records, args.average_last, skipped=skipped)
+        except ValueError as e:  # a bad fraction
+            print(f"error: --average-last: {e}", file=sys.stderr)
+            return 2
+        head = (f"No model selection: every metric is the mean of the run's recorded curve over its last "
+                f"{args.average_last:g} of epochs (STL's too).\n\n")
     _report_skipped(skipped)
     if not records:
         why = "no run with a recorded test curve (--test-curve) to re-select" if found else "no run records"

@@ -118,7 +118,7 @@ def rank_groups(scores: Mapping[str, Mapping[int, float]]) -> dict[str, int]:
 def selected_late(run: Mapping[str, Any], fraction: float = 0.2) -> bool:
     """Whether the run's validation-selected epoch (the latest over tasks) lies in the last ``fraction``."""
     epochs = int(run["config"]["recipe"]["epochs"])
-    chosen = max(int(e) for e in run["selected_epoch"].values())
+    chosen = max(int(e) for e in run["selected_epoch"].values() if e is not None)
     return chosen > (1 - fraction) * epochs
 
 
@@ -151,17 +151,17 @@ def _seed_scores(row: Row) -> dict[int, float]:
 
 
 def convergence_line(st: Setting, rows: Sequence[Row], loss_rows: Sequence[Row]) -> str:
-    """The two convergence figures every table reports (see the module docstring)."""
+    """The convergence figures every table reports (see the module docstring)."""
     runs = [r for row in rows if row.method != "stl" for r in row.runs]
-    late = sum(selected_late(r) for r in runs)
-    per_row = []
-    for row in rows:
-        if row.method == "stl" or not row.runs:
-            continue
-        per_row.append(sum(selected_late(r) for r in row.runs) / len(row.runs))
-    worst = max(per_row) if per_row else math.nan
-    parts = [f"selected epoch in the last 20 % of training: {late} of {len(runs)} multi-task runs "
-             f"(worst row {worst:.0%})"]
+    if any(e is None for r in runs for e in r["selected_epoch"].values()):  # average_last: nothing selected
+        parts = ["no epoch selected (metrics averaged over the last epochs of each run)"]
+    else:
+        late = sum(selected_late(r) for r in runs)
+        per_row = [sum(selected_late(r) for r in row.runs) / len(row.runs)
+                   for row in rows if row.method != "stl" and row.runs]
+        worst = max(per_row) if per_row else math.nan
+        parts = [f"selected epoch in the last 20 % of training: {late} of {len(runs)} multi-task runs "
+                 f"(worst row {worst:.0%})"]
     for row in loss_rows:
         ch = [loss_change_last_fifth(r) for r in row.runs]
         share = [loss_share_last_fifth(r) for r in row.runs]

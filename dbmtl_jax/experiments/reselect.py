@@ -12,6 +12,10 @@ A run recorded with ``--test-curve`` holds its test metrics after every epoch,
 so the re-selected epoch's test metrics are read from the record: selection
 still sees validation only, and nothing is retrained.  With ``window=1`` the
 choice is the runner's own (up to the rounding of the recorded curves).
+
+:func:`average_last` goes without selection: each metric is the mean of the
+run's recorded curve over its last epochs (the level of the plateau that
+training ended on), so no choice of epoch, noisy or not, enters the comparison.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["smooth_curve", "smoothed_epoch", "reselect_smoothed", "reselect_all"]
+__all__ = ["smooth_curve", "smoothed_epoch", "reselect_smoothed", "reselect_all", "average_last", "average_all"]
 
 
 def _check_window(window: Any) -> None:
@@ -101,6 +105,54 @@ def reselect_all(runs: Sequence[Mapping[str, Any]], window: int,
     for r in runs:
         try:
             out.append(reselect_smoothed(r, window))
+        except ValueError as e:
+            if skipped is None:
+                raise
+            skipped.append((str(r.get("_path", "")), str(e)))
+    return out
+
+
+def _last_epochs(n: int, fraction: float) -> int:
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction!r}.")
+    return max(1, int(math.ceil(fraction * n - 1e-9)))
+
+
+def average_last(run: Mapping[str, Any], fraction: float) -> dict[str, Any]:
+    """A copy of the run record whose ``metrics`` are the means of its validation and test curves over
+    its last ``ceil(fraction · epochs)`` epochs: no model selection.  ``selected_epoch`` becomes
+    ``None`` per task (no epoch was selected).  Raises ``ValueError`` without a test curve."""
+    hist = run.get("history") or {}
+    val, test = hist.get("val"), hist.get("test")
+    name = run.get("_path") or f"{run.get('benchmark')} {run.get('method')} seed {run.get('seed')}"
+    if not test or not val or len(test) != len(val):
+        raise ValueError(f"{name}: no per-epoch test curve to average (train with --test-curve).")
+    k = _last_epochs(len(test), fraction)
+
+    def mean(curve: Sequence[Mapping[str, Any]], task: str) -> dict[str, float]:
+        out = {}
+        for m in curve[-1][task]:
+            xs = np.array([np.nan if e[task][m] is None else float(e[task][m]) for e in curve[-k:]], np.float64)
+            out[m] = float(np.nanmean(xs)) if np.any(np.isfinite(xs)) else math.nan
+        return out
+
+    out = copy.copy(run)
+    tasks = run["tasks"]
+    out["selected_epoch"] = {t: None for t in tasks}
+    out["metrics"] = {"val": {t: mean(val, t) for t in tasks}, "test": {t: mean(test, t) for t in tasks}}
+    out["selection"] = f"none: metrics averaged over the last {k} of {len(test)} epochs"
+    return out
+
+
+def average_all(runs: Sequence[Mapping[str, Any]], fraction: float,
+                skipped: list | None = None) -> list[dict[str, Any]]:
+    """:func:`average_last` of every run; runs without a test curve go to ``skipped`` (or raise when
+    ``skipped`` is None).  A bad ``fraction`` always raises."""
+    _last_epochs(1, fraction)
+    out = []
+    for r in runs:
+        try:
+            out.append(average_last(r, fraction))
         except ValueError as e:
             if skipped is None:
                 raise
