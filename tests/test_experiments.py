@@ -375,6 +375,30 @@ def test_dbmtl_step_matches_manual_optax_chain(opt):
     np.testing.assert_allclose(res["curve"]["train_loss"], got, rtol=2e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("reported", [3, 9])
+def test_a_provider_whose_batches_disagree_with_steps_per_epoch_is_an_error(reported):
+    """The schedule (cosine decays over epochs × steps_per_epoch), logging and checkpoints count on the
+    provider's steps_per_epoch; a provider that yields another number of batches would silently train
+    at a wrong (or zero) learning rate."""
+    bench = tiny_benchmark(epochs=2)
+    recipe = bench.recipe.replace(lr_schedule="cosine")
+    data = bench.data(recipe)
+    assert data.steps_per_epoch == 8
+
+    class Wrong:
+        steps_per_epoch = reported
+
+        def train_batches(self, rng):
+            return data.train_batches(rng)
+
+        def eval_batches(self, split):
+            return data.eval_batches(split)
+
+    with pytest.raises(ValueError, match=f"{reported} its steps_per_epoch reports" if reported < 8
+                       else "yielded 8 training batches in epoch 1, not the 9"):
+        _run(bench, "ew", data=Wrong(), recipe=recipe)
+
+
 def test_lr_schedule_is_validated_and_hashed():
     with pytest.raises(ValueError, match="unknown schedule 'linear'"):
         ex.Recipe(learning_rate=1e-3, batch_size=8, epochs=2, lr_schedule="linear")

@@ -1158,7 +1158,12 @@ def train_run(
             ep_stats: dict[str, list[np.ndarray]] = {"grad_norm": [], "raw_grad_norm": [], "grad_cosine": []}
             win_loss: list[np.ndarray] = []
             win_stats: dict[str, list[np.ndarray]] = {"grad_norm": [], "raw_grad_norm": [], "grad_cosine": []}
+            step_at_start = step
             for inputs, targets in data.train_batches(order_rng):
+                if step - step_at_start == steps_per_epoch:
+                    raise ValueError(f"the data provider yielded more training batches in epoch {epoch} than the "
+                                     f"{steps_per_epoch} its steps_per_epoch reports (the learning-rate schedule, "
+                                     "logging and checkpoints count on it).")
                 t0 = time.perf_counter()
                 params, rest, opt_state, losses, stats = tr.train_step(
                     params, rest, opt_state, inputs, tuple(targets), base_key, jnp.asarray(step, jnp.int32)
@@ -1185,6 +1190,10 @@ def train_run(
                 bar.update()
                 if step % max(1, min(20, steps_per_epoch)) == 0 or step == total:
                     bar.set_postfix_str(f"ep {epoch} loss " + " ".join(f"{v:.3g}" for v in losses), refresh=False)
+            if step - step_at_start != steps_per_epoch:
+                raise ValueError(f"the data provider yielded {step - step_at_start} training batches in epoch {epoch}, "
+                                 f"not the {steps_per_epoch} its steps_per_epoch reports (the learning-rate "
+                                 "schedule, logging and checkpoints count on it).")
             val = evaluate(tr, data, "val", params, rest)
             if first_val is None:
                 first_val = val
