@@ -192,7 +192,9 @@ class DataSplits(Protocol):
     of its randomness must come from ``rng``, whose state a mid-run checkpoint
     saves);
     ``eval_batches(split)`` yields the batches of ``"val"`` or ``"test"`` in a
-    fixed order; ``steps_per_epoch`` is the number of training batches per epoch.
+    fixed order; ``steps_per_epoch`` is the number of training batches that
+    every epoch yields (the runner stops with an error if an epoch yields another
+    number: learning-rate schedules count on it).
     """
 
     steps_per_epoch: int
