@@ -122,28 +122,34 @@ def selected_late(run: Mapping[str, Any], fraction: float = 0.2) -> bool:
     return chosen > (1 - fraction) * epochs
 
 
-def loss_change_last_fifth(run: Mapping[str, Any], fraction: float = 0.2) -> float:
-    """Relative drop of the summed per-epoch training loss over the last ``fraction`` of epochs:
-    ``(L(e₀) − L(E)) / L(e₀)`` with ``e₀ = round((1 − fraction)·E)`` (positive: still falling)."""
+def _loss_ends(run: Mapping[str, Any], fraction: float) -> Optional[tuple[float, float, float]]:
+    """Summed training loss at epoch 1, at ``e₀ = round((1 − fraction)·E)`` and at the last epoch E."""
     losses = run.get("history", {}).get("train_loss") or []
     totals = [float(np.sum(x)) for x in losses]
     if len(totals) < 2:
+        return None
+    return totals[0], totals[max(0, int(round((1 - fraction) * len(totals))) - 1)], totals[-1]
+
+
+def loss_change_last_fifth(run: Mapping[str, Any], fraction: float = 0.2) -> float:
+    """Relative drop of the summed per-epoch training loss over the last ``fraction`` of epochs:
+    ``(L(e₀) − L(E)) / L(e₀)`` with ``e₀ = round((1 − fraction)·E)`` (positive: still falling)."""
+    ends = _loss_ends(run, fraction)
+    if ends is None:
         return math.nan
-    start = totals[max(0, int(round((1 - fraction) * len(totals))) - 1)]
-    return (start - totals[-1]) / abs(start) if start else math.nan
+    _, start, end = ends
+    return (start - end) / abs(start) if start else math.nan
 
 
 def loss_share_last_fifth(run: Mapping[str, Any], fraction: float = 0.2) -> float:
     """Share of the run's summed-training-loss decrease that happens in its last ``fraction`` of epochs:
     ``(L(e₀) − L(E)) / (L(1) − L(E))`` with ``e₀`` as in :func:`loss_change_last_fifth` (0: the curve was
     flat at the end; NaN when the loss did not fall over the run)."""
-    losses = run.get("history", {}).get("train_loss") or []
-    totals = [float(np.sum(x)) for x in losses]
-    if len(totals) < 2:
+    ends = _loss_ends(run, fraction)
+    if ends is None:
         return math.nan
-    start = totals[max(0, int(round((1 - fraction) * len(totals))) - 1)]
-    whole = totals[0] - totals[-1]
-    return (start - totals[-1]) / whole if whole > 0 else math.nan
+    first, start, end = ends
+    return (start - end) / (first - end) if first > end else math.nan
 
 
 def _seed_scores(row: Row) -> dict[int, float]:
