@@ -102,6 +102,8 @@ def test_convergence_figures_and_table():
     db = next(r for r in rows if r.method == "dbmtl")
     md = pr.paired_table_markdown(st, rows, {"EW": ew}, loss_rows=[ew])
     assert "3 of 6 multi-task runs (worst row 100%)" in md
+    # per row: STL (epoch 10) and EW (epoch 9) late in every seed, DB-MTL (epoch 3) in none
+    assert md.count(" | 3 of 3 |") == 2 and md.count(" | 0 of 3 |") == 1
     assert "(share of the run's whole decrease: 22.2 %, 22.2 %, 22.2 %)" in md
     assert "**dbmtl**" in md and "| ew | 3 |" in md  # DB-MTL +1.25 points on every seed: its own group
     iv = pr.paired_interval(dict(zip(db.seeds, db.delta_p)), dict(zip(ew.seeds, ew.delta_p)))

@@ -190,7 +190,8 @@ def paired_table_markdown(
     (95 % t-interval), the rank group (bold: group 1), and the convergence figures under it."""
     scores = {label(r): _seed_scores(r) for r in rows if r.method != "stl"}
     groups = rank_groups(scores)
-    head = ["method", "seeds", "Δp % (mean ± sd)"] + [f"Δp − {k} [95 % CI]" for k in references] + ["group"]
+    head = (["method", "seeds", "Δp % (mean ± sd)"] + [f"Δp − {k} [95 % CI]" for k in references]
+            + ["group", "selected in the last 20 %"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         key = label(row)
@@ -204,6 +205,8 @@ def paired_table_markdown(
             iv = None if ref is row else paired_interval(_seed_scores(row), _seed_scores(ref))
             cells.append("—" if iv is None else iv.text())
         cells.append("—" if g is None else str(g))
+        selected = [r for r in row.runs if all(e is not None for e in r["selected_epoch"].values())]
+        cells.append(f"{sum(selected_late(r) for r in selected)} of {len(selected)}" if selected else "—")
         lines.append("| " + " | ".join(cells) + " |")
     out = "\n".join(lines) + "\n\n" + convergence_line(st, rows, loss_rows)
     if wall_time:
