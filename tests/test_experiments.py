@@ -8,7 +8,9 @@ built so that validation and test disagree.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
+import math
 import re
 import textwrap
 import uuid
@@ -373,6 +375,31 @@ def test_dbmtl_step_matches_manual_optax_chain(opt):
         params, state, ls = step(params, state, x, y)
         got.append(np.asarray(ls))
     np.testing.assert_allclose(res["curve"]["train_loss"], got, rtol=2e-5, atol=1e-6)
+
+
+def test_a_non_finite_first_validation_does_not_pin_the_selection_to_epoch_1():
+    """If a task's selection metric is NaN at epoch 1 only (e.g. 0/0 before the model predicts anything),
+    the selection score's reference is the first epoch where every task is finite; with epoch 1 as the
+    reference every later score would be -inf and epoch 1 would be kept silently."""
+    calls = {"n": 0}
+
+    class NanOnceMAE(MeanAbsoluteError):
+        def compute(self, state):
+            calls["n"] += 1
+            out = super().compute(state)
+            return {k: jnp.nan for k in out} if calls["n"] == 1 else out  # task "a", epoch 1's validation
+
+    bench = tiny_benchmark(epochs=4)
+    tasks = (ex.Task("a", mse_loss, NanOnceMAE, {"mae": False}), bench.tasks[1])
+    bench = dataclasses.replace(bench, tasks=tasks)
+    res = _run(bench, "ew")
+    val = res["history"]["val"]
+    assert math.isnan(val[0]["a"]["mae"]) and all(math.isfinite(v["a"]["mae"]) for v in val[1:])
+    assert res["selection"].endswith("vs epoch 2")
+    scores = res["history"]["selection_score"]
+    assert scores[0] == -math.inf and scores[1] == 0.0 and all(math.isfinite(x) for x in scores[1:])
+    best = int(np.argmax(scores)) + 1
+    assert res["selected_epoch"] == {"a": best, "b": best} and best > 1
 
 
 @pytest.mark.parametrize("reported", [3, 9])

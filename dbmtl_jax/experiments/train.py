@@ -1012,6 +1012,15 @@ def selection_score(val: Mapping[str, Mapping[str, float]], first: Mapping[str, 
     return sum(changes) / len(changes)
 
 
+def _selection_text(val_curve: Sequence[Mapping[str, Mapping[str, float]]], tasks: Sequence[Task]) -> str:
+    """How a multi-task run's epoch was selected: against the first epoch whose selection metrics are all
+    finite (epoch 1 unless a metric was NaN/inf there)."""
+    for e, val in enumerate(val_curve, start=1):
+        if all(math.isfinite(val[t.name][t.select_metric]) for t in tasks):
+            return f"mean signed relative change of select_metric on val vs epoch {e}"
+    return "none: no epoch had a finite select_metric for every task; epoch 1 kept"
+
+
 def _better(value: float, best: Optional[float], higher: bool) -> bool:
     if not math.isfinite(value):
         return False
@@ -1195,8 +1204,8 @@ def train_run(
                                  f"not the {steps_per_epoch} its steps_per_epoch reports (the learning-rate "
                                  "schedule, logging and checkpoints count on it).")
             val = evaluate(tr, data, "val", params, rest)
-            if first_val is None:
-                first_val = val
+            if first_val is None and all(math.isfinite(val[t.name][t.select_metric]) for t in tasks):
+                first_val = val  # the reference of the selection score: the first epoch with finite metrics
             if spec.name == "stl":
                 scores = []
                 for g, task in enumerate(tasks):
@@ -1207,7 +1216,7 @@ def train_run(
                         snaps.save(g, params, rest)
                 score = float("nan")
             else:
-                score = selection_score(val, first_val, tasks)
+                score = selection_score(val, first_val, tasks) if first_val is not None else -math.inf
                 if best_score[0] is None or (math.isfinite(score) and score > best_score[0]):
                     best_score[0], selected[0] = score, epoch
                     snaps.save(0, params, rest)
@@ -1249,7 +1258,7 @@ def train_run(
         "metrics": {"val": val_sel, "test": test},
         "selected_epoch": sel,
         "selection": ("per task: best select_metric on val" if spec.name == "stl"
-                      else "mean signed relative change of select_metric on val vs epoch 1"),
+                      else _selection_text(hist["val"], tasks)),
         "history": hist,
         "curve": curve,
         "wall_time_s": wall,
