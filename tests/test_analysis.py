@@ -253,6 +253,31 @@ def test_summary_sections_are_optional(study, capsys):
     assert "## Tables 1-4" in page and "## Fig." not in page and "## Table 5" not in page
 
 
+def test_summary_counts_the_seeds_of_its_rows(study, capsys):
+    assert main(["summary", str(study / "syn_4ep")]) == 0
+    assert "for 4 epochs, 3 seeds. **Not the paper's setting**" in capsys.readouterr().out
+    cfg = _config("ew", {}, 4)  # a fourth seed of one row: the page no longer says "3 seeds"
+    path = write_record(result_path(study / "runs", cfg, 3), record("ew", 3, (0.79, 1.02), (0.78, 1.03)))
+    add_to_study(study / "syn_4ep_main", [path])
+    assert main(["summary", str(study / "syn_4ep")]) == 0
+    page = capsys.readouterr().out
+    assert "for 4 epochs, 3–4 seeds per row. **Not" in page and "3 seeds" not in page
+
+
+def test_summary_rejects_a_section_with_two_settings(study, capsys):
+    """An STL row of another recipe in a section folder: which setting the table stands for would be a guess."""
+    main_keys = {st.key for st in summarize(load_results(study / "syn_4ep_main"))}
+    put(study, "syn_4ep_beta", "stl", (0.85, 0.90), (0.85, 0.90), epochs=12)
+    put(study, "syn_4ep_beta", "dbmtl", (0.82, 0.96), (0.82, 0.95), epochs=12)
+    keys = sorted(st.key for st in summarize(load_results(study / "syn_4ep_beta")))
+    assert len(keys) == 2 and set(main_keys) < set(keys)
+    with pytest.raises(ValueError, match="syn_4ep_beta holds 2 settings with an STL row") as e:
+        an.summary_markdown(study / "syn_4ep")
+    assert all(k in str(e.value) for k in keys) and "12 epochs" in str(e.value)
+    assert main(["summary", str(study / "syn_4ep")]) == 1
+    assert "error: " in capsys.readouterr().err and not (study / "syn_4ep_summary.md").exists()
+
+
 # --------------------------------------------------------------------------- time
 
 
@@ -272,6 +297,52 @@ def test_time_per_epoch(study, tmp_path, capsys):
     assert [r["method"] for r in an.time_rows(recs)] == ["stl", "dbmtl"]  # rows with hyperparameters are left out
     assert main(["time", str(study / "syn_4ep_main"), "--out", str(tmp_path / "t2"), "--no-plot"]) == 0
     assert not (tmp_path / "t2" / "time_per_epoch.png").exists()
+
+
+def _timed_records(method: str, step: float, **config) -> list[dict]:
+    """Records of every seed of ``method`` whose config is changed by ``config`` (``device`` sets the device)."""
+    device = config.pop("device", "cpu:cpu")
+    out = []
+    for s in SEEDS:
+        r = record(method, s, (0.8, 1.0), (0.8, 1.0), step=step)
+        r["config"].update(config)
+        r["device"] = device
+        if config or device != "cpu:cpu":  # another row (summarize counts a seed of a row once)
+            r["config_hash"] = r["config_hash"][:-4] + "beef"
+        out.append(r)
+    return out
+
+
+def test_time_does_not_pool_settings_devices_or_gradient_paths(study):
+    """Runs of one label under other recipes, optimizers or devices are not averaged into one row; gradient
+    paths get a row each."""
+    recs = load_results(study / "syn_4ep_main") + load_results(study / "syn_4ep_budget")  # 4 and 12 epochs
+    with pytest.raises(ValueError, match="the runs span 2 settings") as e:
+        an.time_rows(recs)
+    keys = sorted(st.key for st in summarize(recs))
+    assert all(k in str(e.value) for k in keys) and "4 epochs" in str(e.value) and "12 epochs" in str(e.value)
+    tables = an.time_tables(recs)
+    assert [(st.key, dev) for st, dev, _ in tables] == [(k, "cpu:cpu") for k in keys]
+    by_epochs = {st.recipe["epochs"]: rows for st, _, rows in tables}
+    assert by_epochs[4] == an.time_rows(load_results(study / "syn_4ep_main"))
+    # the β = 0.1 row counts as dbmtl's default (β does not change a step's cost): 6 runs
+    assert [(r["method"], r["seeds"]) for r in by_epochs[12]] == [("stl", 3), ("ew", 3), ("dbmtl", 6)]
+    assert all(r["seeds"] == 3 for r in by_epochs[4])
+
+    base = _timed_records("stl", 0.01) + _timed_records("pcgrad", 0.03)
+    sgd = _timed_records("pcgrad", 0.05, optimizer={"name": "sgdm", "momentum": 0.9})
+    with pytest.raises(ValueError, match="optimizer"):
+        an.time_rows(base + sgd)
+    with pytest.raises(ValueError, match="on cuda:0"):
+        an.time_rows(base + _timed_records("pcgrad", 0.002, device="cuda:0"))
+
+    rows = an.time_rows(base + _timed_records("pcgrad", 0.01, grad_path="weighted"))
+    pc = {r["grad_path"]: r for r in rows if r["method"] == "pcgrad"}
+    assert sorted(pc) == ["per_task", "weighted"] and all(r["seeds"] == 3 for r in pc.values())
+    assert pc["per_task"]["median_step_ms"] == pytest.approx(30.0)
+    assert pc["weighted"]["median_step_ms"] == pytest.approx(10.0)
+    md = an.time_markdown(rows)
+    assert "| pcgrad | gradient | per_task | 3 |" in md and "| pcgrad | gradient | weighted | 3 |" in md
 
 
 # --------------------------------------------------------------------------- index

@@ -19,7 +19,8 @@ mean, so paired per-seed statistics can be added next to them.
   (``PREFIX_main``, ``PREFIX_beta``, ``PREFIX_ablation``, ``PREFIX_log``, ``PREFIX_alpha``,
   ``PREFIX_budget``) side by side, as ``results/run_study.sh`` makes them.
 * :func:`time_rows` / :func:`time_markdown` (``dbmtl-jax time DIR``): the Fig. 7 analogue, training
-  time per epoch per method.
+  time per epoch per method and gradient path, of one setting and device (:func:`time_tables`: one
+  table per setting and device).
 * :func:`index_markdown` (``dbmtl-jax index DIR``): one row per study folder under ``DIR``.
 """
 
@@ -46,7 +47,7 @@ __all__ = [
     "val_selection_markdown",
     "task_metric_changes", "task_changes", "breakdown_markdown",
     "SECTIONS", "study_settings", "summary_markdown",
-    "time_rows", "time_markdown", "write_time",
+    "time_tables", "time_rows", "time_markdown", "write_time",
     "study_folders", "index_rows", "index_markdown",
 ]
 
@@ -74,11 +75,25 @@ def load_settings(directory: os.PathLike, *, skipped: Optional[list] = None) -> 
     return summarize(load_results(directory, skipped=skipped))
 
 
+def _setting_text(st: Setting) -> str:
+    """``key (benchmark, recipe[, optimizer])``: names a setting in messages."""
+    opt = f", optimizer {json.dumps(st.optimizer, sort_keys=True)}" if st.optimizer else ""
+    return f"{st.key} ({st.benchmark}, {_recipe_text(st.recipe, st.quick)}{opt})"
+
+
 def _with_stl(directory: os.PathLike, skipped: Optional[list] = None) -> Optional[Setting]:
-    """The first setting of ``directory`` that has an STL row, or ``None`` (also for a missing directory)."""
+    """The setting of ``directory`` that has an STL row, or ``None`` (also for a missing directory).
+
+    ``ValueError`` when several settings (benchmarks, recipes or optimizers) of the folder have one: which
+    of them a table stands for would be a guess.
+    """
     if not Path(directory).is_dir():
         return None
     settings = [s for s in load_settings(directory, skipped=skipped) if s.stl is not None]
+    if len(settings) > 1:
+        raise ValueError(f"{Path(directory).as_posix()} holds {len(settings)} settings with an STL row: "
+                         + "; ".join(_setting_text(s) for s in settings)
+                         + ". A study section must hold one setting; move the other runs to their own folder.")
     return settings[0] if settings else None
 
 
@@ -230,7 +245,10 @@ FIG1 = ("pcgrad", "gradvac", "imtl_g", "cagrad", "nash_mtl", "aligned_mtl")
 
 
 def study_settings(prefix: os.PathLike, *, skipped: Optional[list] = None) -> dict[str, Optional[Setting]]:
-    """``section -> setting`` (with an STL row) of ``<prefix>_main`` and ``<prefix>_<section>``; missing ones ``None``."""
+    """``section -> setting`` (with an STL row) of ``<prefix>_main`` and ``<prefix>_<section>``; missing ones ``None``.
+
+    ``ValueError`` when a section folder holds several settings with an STL row (see :func:`_with_stl`).
+    """
     prefix = Path(prefix)
     return {s: _with_stl(prefix.with_name(f"{prefix.name}_{s}"), skipped) for s in ("main", *SECTIONS)}
 
@@ -297,6 +315,16 @@ def _provenance(records: Sequence[Mapping[str, Any]]) -> tuple[list, list, list]
     return versions, commits, devices
 
 
+def _seeds_text(settings: Iterable[Setting]) -> str:
+    """``3 seeds`` when every row of ``settings`` has 3 seeds, else ``3–5 seeds per row``."""
+    counts = sorted({len({r["seed"] for r in row.runs}) for st in settings for row in st.rows.values()})
+    if not counts:
+        return "no seeds"
+    if len(counts) == 1:
+        return f"{counts[0]} seed{'s' if counts[0] != 1 else ''}"
+    return f"{counts[0]}–{counts[-1]} seeds per row"
+
+
 def summary_markdown(prefix: os.PathLike, *, skipped: Optional[list] = None) -> str:
     """The ``<prefix>_summary.md`` page of a study (see the module docstring); ``ValueError`` without a main table."""
     prefix = Path(prefix)
@@ -311,11 +339,12 @@ def summary_markdown(prefix: os.PathLike, *, skipped: Optional[list] = None) -> 
     runs = {Path(p).name.split(".")[0]: r for p, r in records.items()}  # each run once (its id)
     wall = sum(float(r.get("wall_time_s") or 0.0) for r in runs.values())
     versions, commits, devices = _provenance(list(runs.values()))
+    seeds = _seeds_text(s for s in st.values() if s is not None)
     sel = grid_best_row(st["beta"]) if st["beta"] is not None else None
     sel_hp = _beta_hp(sel)
     lines = [f"# {bench}: the paper's tables at {epochs} {kind}epochs (CPU-scaled)", "",
              f"Budget: the `{bench}` {kind}recipe (lr {recipe['learning_rate']}, batch {recipe['batch_size']}) "
-             f"for {epochs} epochs, 3 seeds. **Not the paper's setting** (see results/README.md). "
+             f"for {epochs} epochs, {seeds}. **Not the paper's setting** (see results/README.md). "
              f"Regenerate the runs with `bash results/run_study.sh {bench} [main beta ablation log alpha budget]` and "
              f"this page with `dbmtl-jax summary {prefix.as_posix()}`.", "",
              f"Runs: {len(runs)} distinct run files, {wall / 60:.1f} min of summed run wall time (one core of a "
@@ -392,8 +421,26 @@ def _group(method: str) -> str:
     return "stl" if method == "stl" else METHOD_GROUPS.get(method.split("+")[0], "?")
 
 
+def _timed(r: Mapping[str, Any]) -> bool:
+    """A finished run with its method's default hyperparameters (the runs a time table uses)."""
+    # The EMA's β and σ do not change the cost of a step: such runs count as the method's default.
+    recorded = RECORDED_DEFAULTS.get(r["config"].get("base_method", ""), ())
+    return r.get("status") == "done" and not set(r["config"].get("hparams") or {}) - set(recorded)
+
+
+def time_tables(records: Iterable[Mapping[str, Any]]) -> list[tuple[Setting, str, list[dict[str, Any]]]]:
+    """``(setting, device, rows)`` per setting (benchmark, recipe and optimizer, as :func:`summarize` separates
+    them) and device, in that order: the :func:`time_rows` of each, as times are comparable only within one."""
+    out = []
+    for st in summarize([r for r in records if _timed(r)]):
+        runs = [r for row in st.rows.values() for r in row.runs]
+        for device in sorted({str(r.get("device")) for r in runs}):
+            out.append((st, device, _time_rows([r for r in runs if str(r.get("device")) == device])))
+    return out
+
+
 def time_rows(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Per method (runs with the method's default hyperparameters only): training time per epoch.
+    """Per method and gradient path (runs with the method's default hyperparameters only): training time per epoch.
 
     ``train_time_per_epoch_s`` = ``median_step_time_s`` × ``steps_per_epoch``
     (each step timed to completion, compilation excluded; the primary
@@ -401,31 +448,40 @@ def time_rows(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     epochs 2..E (epoch 1 includes compilation; this one also includes the
     validation pass and the best-epoch snapshot), each as mean and std over
     seeds; ordered by group (stl, loss, gradient, hybrid, dbmtl), then time.
+    A method run on two gradient paths (``config["grad_path"]``) gets a row per path.
     The per-seed values are under ``per_seed``.
+
+    ``ValueError`` when those runs span several settings (benchmarks, recipes, optimizers) or devices, whose
+    times are not comparable: :func:`time_tables` gives one table per setting and device.
     """
-    epoch: dict[str, list[float]] = defaultdict(list)
-    step: dict[str, list[float]] = defaultdict(list)
-    train: dict[str, list[float]] = defaultdict(list)
-    paths: dict[str, str] = {}
+    tables = time_tables(records)
+    if len(tables) > 1:
+        raise ValueError(f"the runs span {len(tables)} settings or devices, whose times do not pool into one table: "
+                         + "; ".join(f"{_setting_text(st)} on {device}" for st, device, _ in tables)
+                         + ". Give one study folder (one setting), e.g. `dbmtl-jax time results/<study>_main`.")
+    return tables[0][2] if tables else []
+
+
+def _time_rows(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """:func:`time_rows` of the runs of one setting and device."""
+    epoch: dict[tuple[str, str], list[float]] = defaultdict(list)
+    step: dict[tuple[str, str], list[float]] = defaultdict(list)
+    train: dict[tuple[str, str], list[float]] = defaultdict(list)
     for r in records:
-        # The EMA's β and σ do not change the cost of a step: such runs count as the method's default.
-        recorded = RECORDED_DEFAULTS.get(r["config"].get("base_method", ""), ())
-        if r.get("status") != "done" or set(r["config"].get("hparams") or {}) - set(recorded):
-            continue
         ep = r["history"]["epoch_time_s"][1:]
-        m = r["method"]
-        epoch[m].append(sum(ep) / len(ep))
-        step[m].append(r["median_step_time_s"])
-        train[m].append(r["median_step_time_s"] * r["steps_per_epoch"])
-        paths[m] = r["config"]["grad_path"]
+        k = (r["method"], r["config"]["grad_path"])
+        epoch[k].append(sum(ep) / len(ep))
+        step[k].append(r["median_step_time_s"])
+        train[k].append(r["median_step_time_s"] * r["steps_per_epoch"])
     rows = []
-    for m, v in epoch.items():
-        rows.append(dict(method=m, group=_group(m), grad_path=paths[m], seeds=len(v),
-                         train_time_per_epoch_s=statistics.mean(train[m]),
-                         train_time_std=statistics.stdev(train[m]) if len(v) > 1 else 0.0,
+    for (m, path), v in epoch.items():
+        tr = train[(m, path)]
+        rows.append(dict(method=m, group=_group(m), grad_path=path, seeds=len(v),
+                         train_time_per_epoch_s=statistics.mean(tr),
+                         train_time_std=statistics.stdev(tr) if len(v) > 1 else 0.0,
                          epoch_time_s=statistics.mean(v), epoch_time_std=statistics.stdev(v) if len(v) > 1 else 0.0,
-                         median_step_ms=1e3 * statistics.mean(step[m]),
-                         per_seed={"train_time_per_epoch_s": list(train[m]), "epoch_time_s": list(v)}))
+                         median_step_ms=1e3 * statistics.mean(step[(m, path)]),
+                         per_seed={"train_time_per_epoch_s": list(tr), "epoch_time_s": list(v)}))
     rows.sort(key=lambda r: (_GROUP_ORDER.get(r["group"], 9), r["train_time_per_epoch_s"]))
     return rows
 
@@ -462,7 +518,9 @@ def write_time(rows: Sequence[Mapping[str, Any]], out: os.PathLike, *, plot: boo
         fig, ax = plt.subplots(figsize=(10, 3.8))
         ax.bar(range(len(rows)), [r["train_time_per_epoch_s"] for r in rows],
                yerr=[r["train_time_std"] for r in rows], color=[colors.get(r["group"], "k") for r in rows])
-        ax.set_xticks(range(len(rows)), [r["method"] for r in rows], rotation=60, ha="right")
+        methods = [r["method"] for r in rows]
+        ax.set_xticks(range(len(rows)), [f"{m} ({r['grad_path']})" if methods.count(m) > 1 else m
+                                         for m, r in zip(methods, rows)], rotation=60, ha="right")
         ax.set_ylabel("median step x steps/epoch (s)")
         ax.set_title(f"{title}: cyan loss, red gradient, yellow hybrid, blue DB-MTL")
         fig.tight_layout()
