@@ -402,6 +402,34 @@ def test_a_non_finite_first_validation_does_not_pin_the_selection_to_epoch_1():
     assert res["selected_epoch"] == {"a": best, "b": best} and best > 1
 
 
+def test_resume_and_tables_refuse_records_made_with_other_tasks_or_twice(tmp_path, capsys):
+    """A task whose metric direction changed under the same config hash would be skipped on resume and
+    mixed into one table; a copied record would count its seed twice. Both are errors now."""
+    bench = tiny_benchmark("tasks_drift", epochs=1)
+    out = tmp_path / "store"
+    (path,) = ex.run_experiments(bench, [parse_method("ew")], [0], out, progress=False)
+    flipped = dataclasses.replace(bench, tasks=tuple(
+        ex.Task(t.name, t.loss, t.metric, {"mae": True}) for t in bench.tasks))  # "higher is better" now
+    with pytest.raises(ValueError, match="made with other tasks"):
+        ex.run_experiments(flipped, [parse_method("ew")], [0], out, progress=False)
+    ex.run_experiments(flipped, [parse_method("ew")], [1], out, progress=False)  # a new seed: fine
+    from dbmtl_jax.experiments.cli import main
+    from dbmtl_jax.experiments.report import load_results, summarize
+
+    with pytest.raises(ValueError, match="tasks .* differ"):
+        summarize(load_results(out))
+    assert main(["report", str(out), "--no-plots"]) == 1
+    assert "differ from those of the other runs" in capsys.readouterr().err
+    (out / "tasks_drift" / sorted((out / "tasks_drift").glob("*seed1*"))[0].name).unlink()
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    (copy / Path(path).name).write_bytes(Path(path).read_bytes())
+    with pytest.raises(ValueError, match="two records of run ew seed 0"):
+        summarize(load_results(tmp_path))
+    assert main(["paired", str(tmp_path), "--baseline", "ew"]) == 1
+    assert "a seed counts once" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("reported", [3, 9])
 def test_a_provider_whose_batches_disagree_with_steps_per_epoch_is_an_error(reported):
     """The schedule (cosine decays over epochs × steps_per_epoch), logging and checkpoints count on the

@@ -446,8 +446,9 @@ def _cmd_paired(args: argparse.Namespace) -> int:
         why = "no run with a recorded test curve (--test-curve) to re-select" if found else "no run records"
         print(f"error: {why} under {args.dir}.", file=sys.stderr)
         return 1
+    settings = summarize(records)  # a ValueError here (records that cannot share a table) exits 1 in main
     try:
-        body = paired_report(summarize(records), args.ref, args.baseline)
+        body = paired_report(settings, args.ref, args.baseline)
     except ValueError as e:  # a --ref / --baseline that names no row
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -499,14 +500,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "run":
         return _cmd_run(args)
-    if args.command == "report":
-        return _cmd_report(args)
     if args.command == "compact":
         return _cmd_compact(args)
-    commands = {"select": _cmd_select, "breakdown": _cmd_breakdown, "summary": _cmd_summary, "time": _cmd_time,
-                 "index": _cmd_index, "paired": _cmd_paired}
+    commands = {"report": _cmd_report, "select": _cmd_select, "breakdown": _cmd_breakdown, "summary": _cmd_summary,
+                "time": _cmd_time, "index": _cmd_index, "paired": _cmd_paired}
     if args.command in commands:
-        return commands[args.command](args)
+        try:
+            return commands[args.command](args)
+        except ValueError as e:  # records that cannot share a table (duplicates, changed tasks, mixed settings)
+            print(f"error: {e}", file=sys.stderr)
+            return 1
     return _cmd_list(args)
 
 

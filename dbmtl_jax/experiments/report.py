@@ -312,7 +312,13 @@ def rebase_delta_p(st: Setting, baseline: Row) -> None:
 
 
 def summarize(records: Iterable[Mapping[str, Any]]) -> list[Setting]:
-    """Groups run records into settings and rows and computes Δp against each setting's STL row."""
+    """Groups run records into settings and rows and computes Δp against each setting's STL row.
+
+    Raises ``ValueError`` when two records are the same run (method, config and seed) or when runs of
+    one setting disagree on their tasks' metrics, directions or selection metrics.
+    """
+    from dbmtl_jax.experiments.train import task_semantics
+
     settings: dict[str, Setting] = {}
     for rec in records:
         key = _setting_key(rec)
@@ -321,10 +327,20 @@ def summarize(records: Iterable[Mapping[str, Any]]) -> list[Setting]:
         if st is None:
             st = settings[key] = Setting(key, cfg["benchmark"], cfg["recipe"], cfg["quick"], rec["tasks"],
                                          cfg.get("optimizer"))
+        where = rec.get("_path") or f"{rec['method']} seed {rec['seed']}"
+        if task_semantics(rec["tasks"]) != task_semantics(st.tasks):
+            raise ValueError(f"{where}: its tasks (metrics, directions, selection metrics) differ from those of the "
+                             f"other runs of setting {key}; the benchmark's tasks changed between runs, so they "
+                             "cannot share a table (rerun them with --no-resume).")
         rk = (rec["method"], rec["config_hash"])
         row = st.rows.get(rk)
         if row is None:
             row = st.rows[rk] = Row(rec["method"], rec["config_hash"], cfg)
+        twin = next((r for r in row.runs if r["seed"] == rec["seed"]), None)
+        if twin is not None:
+            raise ValueError(f"two records of run {rec['method']} seed {rec['seed']} (config {rec['config_hash']}): "
+                             f"{twin.get('_path', '?')} and {rec.get('_path', '?')}; a seed counts once "
+                             "(`dbmtl-jax compact DIR --store STORE` merges copies).")
         row.runs.append(dict(rec))
     for st in settings.values():
         if st.stl is not None:

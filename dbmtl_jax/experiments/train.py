@@ -760,6 +760,20 @@ def _rel(path: os.PathLike, start: Path) -> str:
     return Path(os.path.relpath(Path(path).resolve(), start.resolve())).as_posix()
 
 
+def tasks_block(benchmark: Benchmark) -> dict[str, Any]:
+    """The ``tasks`` block of a run record: each task's metrics (name -> higher is better), selection
+    metric and units."""
+    return {t.name: {"metrics": dict(t.metrics), "select_metric": t.select_metric, "units": dict(t.units)}
+            for t in benchmark.tasks}
+
+
+def task_semantics(tasks: Mapping[str, Any]) -> dict[str, Any]:
+    """What a ``tasks`` block means for selection and Δp (metrics with their directions and the
+    selection metric, per task); units are labels and left out."""
+    return {t: {"metrics": dict(info.get("metrics") or {}), "select_metric": info.get("select_metric")}
+            for t, info in tasks.items()}
+
+
 def _git_commit() -> Optional[str]:
     """The commit of the dbmtl_jax checkout in use (editable installs), or None."""
     import subprocess
@@ -1345,6 +1359,12 @@ def run_experiments(
             path = result_path(out_dir, cfg, int(seed))
             found = find_finished(path) if resume else None
             jobs.append((spec, hp, cfg, int(seed), path, found))
+    now = task_semantics(tasks_block(benchmark))
+    for j in jobs:
+        if j[5] is not None and task_semantics(read_record(j[5]).get("tasks") or {}) != now:
+            raise ValueError(f"{j[5]}: this finished run was made with other tasks (metrics, their directions or "
+                             f"selection metrics) than benchmark {benchmark.name!r} has now, so resuming would "
+                             "mix two definitions in one table; rerun with --no-resume (or move the old records).")
     todo = [j for j in jobs if j[5] is None]
     done = [j[5] for j in jobs if j[5] is not None]
     if dry_run:
@@ -1398,8 +1418,7 @@ def run_experiments(
             "seed": seed,
             "config_hash": config_hash(cfg),
             "config": cfg.to_dict(),
-            "tasks": {t.name: {"metrics": dict(t.metrics), "select_metric": t.select_metric,
-                               "units": dict(t.units)} for t in benchmark.tasks},
+            "tasks": tasks_block(benchmark),
             "versions": package_versions(),
             "device": _device(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
