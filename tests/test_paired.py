@@ -178,3 +178,42 @@ def test_references_by_row_label_and_unknown_names_are_errors(tmp_path, capsys):
             json.dump(r, f)
     assert main(["paired", str(tmp_path), "--ref", "dbmtl"]) == 2
     assert "no row 'dbmtl'" in capsys.readouterr().err
+
+
+def test_non_finite_runs_and_short_pairings_are_visible():
+    flat = [2.0] * 5 + [1.0] * 5
+    recs = []
+    for s in range(3):
+        recs.append(_record("stl", s, {}, (0.80, 0.80), 10, flat))
+        recs.append(_record("ew", s, {}, (0.80 + 0.01 * s, 0.80), 3, flat))
+        recs.append(_record("dbmtl", s, {}, (0.84 + 0.01 * s if s != 2 else float("nan"), 0.80), 3, flat))
+    for s in (3, 4):  # EW has two more seeds that DB-MTL lacks: still 2 pairs, the smaller row's count
+        recs.append(_record("ew", s, {}, (0.80, 0.80), 3, flat))
+    (st,) = summarize(recs)
+    rows = list(st.rows.values())
+    ew = next(r for r in rows if r.method == "ew")
+    md = pr.paired_table_markdown(st, rows, {"ew": ew}, loss_rows=[ew])
+    assert "| **dbmtl** | 2 of 3 finite |" in md
+    assert "(n=2)" in md  # DB-MTL vs EW: 2 pairs although both rows have at least 3 seeds
+    assert "Left out of means and intervals (non-finite Δp: a diverged run or a missing metric): dbmtl seed 2." in md
+    clean = pr.paired_table_markdown(st, [r for r in rows if r.method != "dbmtl"], {"ew": ew}, loss_rows=[ew])
+    assert "Left out" not in clean and "(n=" not in clean
+
+
+def test_rows_sharing_a_label_stay_apart():
+    """EW with and without --grad-stats: two configs, one label. They must not overwrite each other."""
+    flat = [2.0] * 5 + [1.0] * 5
+    recs = []
+    for s in range(3):
+        recs.append(_record("stl", s, {}, (0.80, 0.80), 10, flat))
+        a = _record("ew", s, {}, (0.80 + 0.001 * s, 0.80), 3, flat)
+        b = _record("ew", s, {}, (0.96 + 0.001 * s, 0.80), 3, flat)
+        a["config"]["grad_path"], b["config"]["grad_path"] = "weighted", "per_task"
+        b["config_hash"] = "ew-grad-stats"
+        recs += [a, b]
+    (st,) = summarize(recs)
+    rows = list(st.rows.values())
+    md = pr.paired_table_markdown(st, rows, {})
+    assert "| **ew [per_task, ew-grad-stats]** | 3 |" in md and "| ew [weighted, " in md and "| 2 |" in md
+    with pytest.raises(ValueError, match="'ew' fits 2 rows"):
+        pr.paired_report([st], ("ew",))

@@ -128,6 +128,12 @@ def test_average_last_is_the_mean_of_the_last_epochs_of_each_curve(tmp_path, cap
         last = rs.average_last(run, 1e-3)  # at least one epoch: the final one
         assert last["metrics"]["test"] == {t: {m: float(v) for m, v in run["history"]["test"][-1][t].items()}
                                            for t in run["tasks"]}
+    broken = dict(runs[1], history=dict(runs[1]["history"]))
+    task = next(iter(broken["tasks"]))
+    broken["history"]["test"] = [dict(e) for e in broken["history"]["test"]]
+    broken["history"]["test"][-1] = {**broken["history"]["test"][-1],
+                                     task: {m: None for m in broken["history"]["test"][-1][task]}}  # NaN, stored
+    assert all(math.isnan(v) for v in rs.average_last(broken, 0.5)["metrics"]["test"][task].values())
     for bad in (0, 1.5, -0.2, True, "0.2"):
         with pytest.raises(ValueError, match=r"fraction must be in \(0, 1\]"):
             rs.average_all([], bad, skipped=[])

@@ -187,7 +187,14 @@ def paired_table_markdown(
     wall_time: bool = True,
 ) -> str:
     """A table of rows with Δp (mean ± sd over seeds), the paired difference to each reference row
-    (95 % t-interval), the rank group (bold: group 1), and the convergence figures under it."""
+    (95 % t-interval), the rank group (bold: group 1), and the convergence figures under it.  Rows that
+    share a label (e.g. one method with and without ``--grad-stats``) are told apart by their gradient
+    path and config hash."""
+    base = [label(r) for r in rows]
+    names = {}
+    for r, b in zip(rows, base):
+        names[id(r)] = b if base.count(b) == 1 else f"{b} [{r.config.get('grad_path')}, {r.config_hash}]"
+    label = lambda r: names[id(r)]  # noqa: E731 - unique within this table
     scores = {label(r): _seed_scores(r) for r in rows if r.method != "stl"}
     groups = rank_groups(scores)
     head = (["method", "seeds", "Δp % (mean ± sd)"] + [f"Δp − {k} [95 % CI]" for k in references]
@@ -200,15 +207,21 @@ def paired_table_markdown(
         cell = f"{round(float(np.mean(vals)), 2) + 0.0:+.2f} ± {sd:.2f}" if vals else "—"  # no "-0.00"
         g = groups.get(key)
         name = f"**{key}**" if g == 1 else key
-        cells = [name, str(len(row.runs)), cell]
+        n_fin = len(vals)
+        cells = [name, str(len(row.runs)) if n_fin == len(row.runs) else f"{n_fin} of {len(row.runs)} finite", cell]
         for ref in references.values():
             iv = None if ref is row else paired_interval(_seed_scores(row), _seed_scores(ref))
-            cells.append("—" if iv is None else iv.text())
+            # fewer pairs than the smaller row has seeds: non-finite runs or other seed sets; say how many
+            short = iv is not None and 2 <= iv.n < min(len(row.runs), len(ref.runs))
+            cells.append("—" if iv is None else iv.text() + (f" (n={iv.n})" if short else ""))
         cells.append("—" if g is None else str(g))
         selected = [r for r in row.runs if all(e is not None for e in r["selected_epoch"].values())]
         cells.append(f"{sum(selected_late(r) for r in selected)} of {len(selected)}" if selected else "—")
         lines.append("| " + " | ".join(cells) + " |")
-    out = "\n".join(lines) + "\n\n" + convergence_line(st, rows, loss_rows)
+    dropped = [f"{label(row)} seed {s}" for row in rows for s, d in zip(row.seeds, row.delta_p) if not math.isfinite(d)]
+    note = (f"Left out of means and intervals (non-finite Δp: a diverged run or a missing metric): "
+            f"{', '.join(dropped)}.\n\n") if dropped else ""
+    out = "\n".join(lines) + "\n\n" + note + convergence_line(st, rows, loss_rows)
     if wall_time:
         total = sum(float(r.get("wall_time_s") or 0.0) for row in rows for r in row.runs)
         out += f" Wall time of the runs in this table: {total / 60:.0f} min (one CPU core each)."
@@ -241,11 +254,15 @@ def borrow_stl(settings: Sequence[Setting]) -> dict[str, str]:
 
 def find_row(rows: Sequence[Row], name: str) -> Optional[Row]:
     """The row called ``name``: a row label as the tables print it (``"dbmtl (beta_sigma=0.0)"``), or a
-    method name standing for its row with default hyperparameters (``"dbmtl"``)."""
-    for r in rows:
-        if r.label == name:
-            return r
-    cands = [r for r in rows if r.method == name and not (r.config.get("hparams") or {})]
+    method name standing for its row with default hyperparameters (``"dbmtl"``).  A name that fits
+    several rows (one label, several configs, e.g. with and without ``--grad-stats``) is an error."""
+    cands = [r for r in rows if r.label == name]
+    if not cands:
+        cands = [r for r in rows if r.method == name and not (r.config.get("hparams") or {})]
+    if len(cands) > 1:
+        which = ", ".join(f"{r.config_hash} ({r.config.get('grad_path')})" for r in cands)
+        raise ValueError(f"{name!r} fits {len(cands)} rows (configs {which}); "
+                         "put one of them in a study folder of its own.")
     return cands[0] if cands else None
 
 

@@ -120,8 +120,9 @@ def _last_epochs(n: int, fraction: float) -> int:
 
 def average_last(run: Mapping[str, Any], fraction: float) -> dict[str, Any]:
     """A copy of the run record whose ``metrics`` are the means of its validation and test curves over
-    its last ``ceil(fraction · epochs)`` epochs: no model selection.  ``selected_epoch`` becomes
-    ``None`` per task (no epoch was selected).  Raises ``ValueError`` without a test curve."""
+    its last ``ceil(fraction · epochs)`` epochs: no model selection.  A metric that is non-finite in
+    any of those epochs averages to NaN.  ``selected_epoch`` becomes ``None`` per task (no epoch was
+    selected).  Raises ``ValueError`` without a test curve."""
     hist = run.get("history") or {}
     val, test = hist.get("val"), hist.get("test")
     name = run.get("_path") or f"{run.get('benchmark')} {run.get('method')} seed {run.get('seed')}"
@@ -133,7 +134,7 @@ def average_last(run: Mapping[str, Any], fraction: float) -> dict[str, Any]:
         out = {}
         for m in curve[-1][task]:
             xs = np.array([np.nan if e[task][m] is None else float(e[task][m]) for e in curve[-k:]], np.float64)
-            out[m] = float(np.nanmean(xs)) if np.any(np.isfinite(xs)) else math.nan
+            out[m] = float(np.mean(xs)) if np.all(np.isfinite(xs)) else math.nan  # a diverged epoch is not hidden
         return out
 
     out = copy.copy(run)
