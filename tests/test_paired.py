@@ -217,3 +217,17 @@ def test_rows_sharing_a_label_stay_apart():
     assert "| **ew [per_task, ew-grad-stats]** | 3 |" in md and "| ew [weighted, " in md and "| 2 |" in md
     with pytest.raises(ValueError, match="'ew' fits 2 rows"):
         pr.paired_report([st], ("ew",))
+
+
+def test_settings_left_out_of_the_report_are_named():
+    flat = [2.0] * 5 + [1.0] * 5
+    recs = []
+    for s in range(2):
+        recs.append(_record("stl", s, {}, (0.80, 0.80), 10, flat))
+        recs.append(_record("ew", s, {}, (0.80, 0.80), 3, flat))
+        other = _record("ew", s, {}, (0.70, 0.80), 3, flat, epochs=20)  # another recipe, no STL of its own
+        other["config_hash"] = "ew-20ep"
+        recs.append(other)
+    text = pr.paired_report(summarize(recs))
+    assert text.count("### b, 10 epochs") == 1 and "### b, 20 epochs" not in text
+    assert "Not shown, for want of an STL row to measure Δp against: b " in text and "(2 runs)" in text

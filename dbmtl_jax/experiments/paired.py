@@ -285,14 +285,16 @@ def paired_report(
         labels = sorted({r.label for st in settings for r in st.rows.values()})
         raise ValueError(f"no row {', '.join(map(repr, missing))} in these results; rows: {', '.join(labels)}.")
     notes = borrow_stl(settings) if baseline == "stl" else {}
-    out = []
+    out, left_out = [], []
     for st in settings:
         rows = list(st.rows.values())
         if baseline == "stl" and not any(math.isfinite(d) for r in rows for d in r.delta_p):
+            left_out.append(st)
             continue
         if baseline != "stl":
             base_row = find_row(rows, baseline)
             if base_row is None:
+                left_out.append(st)
                 continue
             rebase_delta_p(st, base_row)
             notes[st.key] = f"Δp is measured against {baseline} (mean over its seeds), not STL"
@@ -304,4 +306,9 @@ def paired_report(
                  f"{_optimizer_text(st.optimizer)}{sched}")
         note = f"\n\n{notes[st.key]}." if st.key in notes else ""
         out.append(title + note + "\n\n" + paired_table_markdown(st, rows, refs, loss_rows=loss_rows))
+    if out and left_out:  # say what is not in the tables (with no table at all, the caller reports it)
+        what = "an STL row" if baseline == "stl" else f"a {baseline} row"
+        out.append(f"Not shown, for want of {what} to measure Δp against: "
+                   + "; ".join(f"{st.benchmark} {st.key} ({sum(len(r.runs) for r in st.rows.values())} runs)"
+                               for st in left_out) + ".\n")
     return "\n".join(out)
