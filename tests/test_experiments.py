@@ -430,6 +430,19 @@ def test_resume_and_tables_refuse_records_made_with_other_tasks_or_twice(tmp_pat
     assert "a seed counts once" in capsys.readouterr().err
 
 
+def test_built_in_providers_reject_data_options_they_do_not_read():
+    """An option a provider ignores would give the run a new config hash with the same data."""
+    from dbmtl_jax.experiments.builtin import check_data_options
+
+    toy = ex.get_benchmark("toy")
+    with pytest.raises(ValueError, match=r"unknown data option\(s\) \['limt'\] .* takes: none"):
+        toy.data(toy.quick.replace(data_options={"limt": 5}))
+    r = toy.quick.replace(data_options={"limit": 100, "cutoff": 5.0})
+    with pytest.raises(ValueError, match=r"\['cutoff'\] .* takes: limit"):
+        check_data_options(r, ("limit",))  # what the qm9 provider calls
+    check_data_options(toy.quick.replace(data_options={"limit": 100}), ("limit",))
+
+
 @pytest.mark.parametrize("reported", [3, 9])
 def test_a_provider_whose_batches_disagree_with_steps_per_epoch_is_an_error(reported):
     """The schedule (cosine decays over epochs × steps_per_epoch), logging and checkpoints count on the

@@ -79,6 +79,15 @@ def encoder_shared(path: str) -> bool:
     return path.startswith("encoder")
 
 
+def check_data_options(recipe: Recipe, allowed: tuple[str, ...]) -> None:
+    """A built-in data provider's check of ``recipe.data_options``: an option it does not read would
+    change the config hash without changing the data, so it is an error."""
+    unknown = sorted(set(recipe.data_options) - set(allowed))
+    if unknown:
+        takes = ", ".join(allowed) if allowed else "none"
+        raise ValueError(f"unknown data option(s) {unknown} for this benchmark (it takes: {takes}).")
+
+
 # --------------------------------------------------------------------------- toy
 
 
@@ -113,6 +122,7 @@ def toy_benchmark() -> Benchmark:
     )
 
     def data(recipe: Recipe) -> ArraySplits:
+        check_data_options(recipe, ())
         s = _toy_splits()
         return ArraySplits(s["train"], s["val"], s["test"], recipe)
 
@@ -185,6 +195,7 @@ def adult_benchmark() -> Benchmark:
             tasks.append(Task(info.name, mse_loss, MeanAbsoluteError, {"mae": False}, units={"mae": info.unit}))
 
     def data(recipe: Recipe) -> ArraySplits:
+        check_data_options(recipe, ())
         d = _adult()
         return ArraySplits(d["train"], d["val"], d["test"], recipe)
 
@@ -228,6 +239,7 @@ def _paired_benchmark(name: str) -> Benchmark:
     )
 
     def data(recipe: Recipe) -> ArraySplits:
+        check_data_options(recipe, ())
         d = _paired(name)
 
         def split(x: np.ndarray, y: np.ndarray) -> tuple:
@@ -296,6 +308,7 @@ def multimnist_digits_benchmark() -> Benchmark:
     )
 
     def data(recipe: Recipe) -> ArraySplits:
+        check_data_options(recipe, ())
         d = _paired("multimnist")
 
         def split(x: np.ndarray, y: np.ndarray) -> tuple:
@@ -379,6 +392,7 @@ def dense_benchmark() -> Benchmark:
     )
 
     def data(recipe: Recipe) -> ArraySplits:
+        check_data_options(recipe, ())
         d = _dense()
 
         def split(s: Any) -> tuple:
@@ -531,6 +545,7 @@ def qm9_benchmark() -> Benchmark:
     tasks = tuple(make_task(t, info) for t, info in enumerate(QM9_TASKS))
 
     def data(recipe: Recipe) -> QM9Splits:
+        check_data_options(recipe, ("limit",))
         d = _qm9(recipe.data_options.get("limit"))
         meta["data"] = d
         return QM9Splits(d, recipe)
