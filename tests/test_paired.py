@@ -231,3 +231,19 @@ def test_settings_left_out_of_the_report_are_named():
     text = pr.paired_report(summarize(recs))
     assert text.count("### b, 10 epochs") == 1 and "### b, 20 epochs" not in text
     assert "Not shown, for want of an STL row to measure Δp against: b " in text and "(2 runs)" in text
+
+
+def test_a_schedule_without_stl_borrows_the_constant_rate_stl():
+    flat = [2.0] * 5 + [1.0] * 5
+    recs = []
+    for s in range(3):
+        recs.append(_record("stl", s, {}, (0.80, 0.80), 10, flat))
+        cos = _record("ew", s, {}, (0.84, 0.80), 10, flat)
+        cos["config"]["recipe"] = {"epochs": 10, "lr_schedule": "cosine"}
+        cos["config_hash"] = "ew-cosine"
+        recs.append(cos)
+    text = pr.paired_report(summarize(recs), ("ew",))
+    assert "### b, 10 epochs, Adam (b1 = 0.9), cosine decay to 0" in text
+    assert ("Δp against the STL row trained with Adam (b1 = 0.9) and a constant learning rate "
+            "(no STL was trained with this learning-rate schedule)") in text
+    assert "| **ew** | 3 | +2.50 ± 0.00 |" in text  # (0.84 − 0.80) / 0.80 on one of two tasks, ×100 / 2

@@ -234,21 +234,32 @@ def _optimizer_text(opt: Optional[Mapping[str, Any]]) -> str:
     return ", ".join(f"{k} = {v}" for k, v in opt.items())
 
 
+_SCHEDULE_KEYS = ("lr_schedule", "lr_decay_epoch", "lr_decay_factor")
+
+
+def _without_schedule(recipe: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in recipe.items() if k not in _SCHEDULE_KEYS}
+
+
 def borrow_stl(settings: Sequence[Setting]) -> dict[str, str]:
-    """Gives a setting without an STL row the STL row of a setting with the same benchmark and recipe
-    (another optimizer) and recomputes its Δp against it; returns ``{setting key: note}``."""
+    """Gives a setting without an STL row the STL row of a setting with the same benchmark, data and
+    epochs (another optimizer, or another learning-rate schedule; the same recipe and optimizer are
+    preferred) and recomputes its Δp against it; returns ``{setting key: note}``."""
     notes = {}
     for st in settings:
         if st.stl is not None:
             continue
-        donors = [o for o in settings if o.stl is not None and o.benchmark == st.benchmark
-                  and o.recipe == st.recipe and o.quick == st.quick]
+        donors = [o for o in settings if o.stl is not None and o.benchmark == st.benchmark and o.quick == st.quick
+                  and _without_schedule(o.recipe) == _without_schedule(st.recipe)]
         if not donors:
             continue
-        donor = donors[0]
+        donor = min(donors, key=lambda o: (o.recipe != st.recipe, o.optimizer != st.optimizer))
         rebase_delta_p(st, donor.stl)
-        notes[st.key] = (f"Δp against the STL row trained with {_optimizer_text(donor.optimizer)} "
-                         "(no STL was trained with this optimizer)")
+        sched = schedule_text(donor.recipe) or "a constant learning rate"
+        differs = [w for w, d in (("optimizer", donor.optimizer != st.optimizer),
+                                  ("learning-rate schedule", donor.recipe != st.recipe)) if d]
+        notes[st.key] = (f"Δp against the STL row trained with {_optimizer_text(donor.optimizer)} and {sched} "
+                         f"(no STL was trained with this {' and '.join(differs)})")
     return notes
 
 
