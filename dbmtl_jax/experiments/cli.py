@@ -421,26 +421,22 @@ def _cmd_paired(args: argparse.Namespace) -> int:
     if args.smooth is not None and args.average_last is not None:
         print("error: --smooth re-selects an epoch, --average-last selects none: give one of them.", file=sys.stderr)
         return 2
-    if found and args.smooth is not None:
-        from dbmtl_jax.experiments.reselect import reselect_all
+    if found and (args.smooth is not None or args.average_last is not None):
+        from dbmtl_jax.experiments import reselect as rs
 
+        if args.smooth is not None:
+            flag, redo = "--smooth", lambda: rs.reselect_all(records, args.smooth, skipped=skipped)
+            head = (f"Selection re-made after training on the {args.smooth}-epoch centred moving average of each "
+                    "run's validation curve; test metrics at that epoch from the run's recorded test curve.\n\n")
+        else:
+            flag, redo = "--average-last", lambda: rs.average_all(records, args.average_last, skipped=skipped)
+            head = (f"No model selection: every metric is the mean of the run's recorded curve over its last "
+                    f"{args.average_last:g} of epochs (STL's too).\n\n")
         try:
-            records = reselect_all(records, args.smooth, skipped=skipped)
-        except ValueError as e:  # a bad window
-            print(f"error: --smooth: {e}", file=sys.stderr)
+            records = redo()
+        except ValueError as e:  # a bad window or fraction
+            print(f"error: {flag}: {e}", file=sys.stderr)
             return 2
-        head = (f"Selection re-made after training on the {args.smooth}-epoch centred moving average of each run's "
-                "validation curve; test metrics at that epoch from the run's recorded test curve.\n\n")
-    if found and args.average_last is not None:
-        from dbmtl_jax.experiments.reselect import average_all
-
-        try:
-            records = average_all(records, args.average_last, skipped=skipped)
-        except ValueError as e:  # a bad fraction
-            print(f"error: --average-last: {e}", file=sys.stderr)
-            return 2
-        head = (f"No model selection: every metric is the mean of the run's recorded curve over its last "
-                f"{args.average_last:g} of epochs (STL's too).\n\n")
     _report_skipped(skipped)
     if not records:
         why = "no run with a recorded test curve (--test-curve) to re-select" if found else "no run records"

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -96,20 +96,27 @@ def reselect_smoothed(run: Mapping[str, Any], window: int) -> dict[str, Any]:
     return out
 
 
-def reselect_all(runs: Sequence[Mapping[str, Any]], window: int,
-                 skipped: list | None = None) -> list[dict[str, Any]]:
-    """:func:`reselect_smoothed` of every run; runs without a test curve go to ``skipped``
-    as ``(path, reason)`` (or raise when ``skipped`` is None).  A bad ``window`` always raises."""
-    _check_window(window)
+def _each(runs: Sequence[Mapping[str, Any]], fn: Callable[[Mapping[str, Any]], dict[str, Any]],
+          skipped: list | None) -> list[dict[str, Any]]:
+    """``fn`` of every run; a run it refuses (``ValueError``) goes to ``skipped`` as ``(path, reason)``,
+    or the error is raised when ``skipped`` is None."""
     out = []
     for r in runs:
         try:
-            out.append(reselect_smoothed(r, window))
+            out.append(fn(r))
         except ValueError as e:
             if skipped is None:
                 raise
             skipped.append((str(r.get("_path", "")), str(e)))
     return out
+
+
+def reselect_all(runs: Sequence[Mapping[str, Any]], window: int,
+                 skipped: list | None = None) -> list[dict[str, Any]]:
+    """:func:`reselect_smoothed` of every run; runs without a test curve go to ``skipped``
+    as ``(path, reason)`` (or raise when ``skipped`` is None).  A bad ``window`` always raises."""
+    _check_window(window)
+    return _each(runs, lambda r: reselect_smoothed(r, window), skipped)
 
 
 def _last_epochs(n: int, fraction: float) -> int:
@@ -150,12 +157,4 @@ def average_all(runs: Sequence[Mapping[str, Any]], fraction: float,
     """:func:`average_last` of every run; runs without a test curve go to ``skipped`` (or raise when
     ``skipped`` is None).  A bad ``fraction`` always raises."""
     _last_epochs(1, fraction)
-    out = []
-    for r in runs:
-        try:
-            out.append(average_last(r, fraction))
-        except ValueError as e:
-            if skipped is None:
-                raise
-            skipped.append((str(r.get("_path", "")), str(e)))
-    return out
+    return _each(runs, lambda r: average_last(r, fraction), skipped)
