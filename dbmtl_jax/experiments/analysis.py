@@ -37,7 +37,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from dbmtl_jax.experiments.report import Row, Setting, load_results, schedule_text, summarize
+from dbmtl_jax.experiments.report import Row, Setting, load_results, schedule_text, setting_title, summarize
 from dbmtl_jax.experiments.train import RECORDED_DEFAULTS, canonical_hparams, method_defaults, resolved_hparams
 from dbmtl_jax.metrics import delta_p
 
@@ -75,12 +75,6 @@ def load_settings(directory: os.PathLike, *, skipped: Optional[list] = None) -> 
     return summarize(load_results(directory, skipped=skipped))
 
 
-def _setting_text(st: Setting) -> str:
-    """``key (benchmark, recipe[, optimizer])``: names a setting in messages."""
-    opt = f", optimizer {json.dumps(st.optimizer, sort_keys=True)}" if st.optimizer else ""
-    return f"{st.key} ({st.benchmark}, {_recipe_text(st.recipe, st.quick)}{opt})"
-
-
 def _with_stl(directory: os.PathLike, skipped: Optional[list] = None) -> Optional[Setting]:
     """The setting of ``directory`` that has an STL row, or ``None`` (also for a missing directory).
 
@@ -92,7 +86,7 @@ def _with_stl(directory: os.PathLike, skipped: Optional[list] = None) -> Optiona
     settings = [s for s in load_settings(directory, skipped=skipped) if s.stl is not None]
     if len(settings) > 1:
         raise ValueError(f"{Path(directory).as_posix()} holds {len(settings)} settings with an STL row: "
-                         + "; ".join(_setting_text(s) for s in settings)
+                         + "; ".join(setting_title(s) for s in settings)
                          + ". A study section must hold one setting; move the other runs to their own folder.")
     return settings[0] if settings else None
 
@@ -457,7 +451,7 @@ def time_rows(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     tables = time_tables(records)
     if len(tables) > 1:
         raise ValueError(f"the runs span {len(tables)} settings or devices, whose times do not pool into one table: "
-                         + "; ".join(f"{_setting_text(st)} on {device}" for st, device, _ in tables)
+                         + "; ".join(f"{setting_title(st)} on {device}" for st, device, _ in tables)
                          + ". Give one study folder (one setting), e.g. `dbmtl-jax time results/<study>_main`.")
     return tables[0][2] if tables else []
 

@@ -417,7 +417,8 @@ def schedule_text(rc: Mapping[str, Any]) -> str:
     return ""
 
 
-def _setting_title(st: Setting) -> str:
+def setting_title(st: Setting) -> str:
+    """``benchmark (quick|full recipe: lr, batch, epochs, ...) [setting key]``: names a setting."""
     rc = st.recipe
     parts = [f"lr {rc.get('learning_rate')}", f"batch {rc.get('batch_size')}", f"{rc.get('epochs')} epochs"]
     if schedule_text(rc):
@@ -439,7 +440,7 @@ def render_markdown(settings: Sequence[Setting]) -> str:
     if not settings:
         out.append("No finished runs found.")
     for st in settings:
-        out += [f"## {_setting_title(st)}", ""]
+        out += [f"## {setting_title(st)}", ""]
         out.append(markdown_table(st))
         out.append("")
         notes = ["Test metrics at the validation-selected epoch, mean ± std (ddof 1) over seeds."]

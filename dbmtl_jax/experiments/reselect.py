@@ -64,6 +64,17 @@ def _epoch_metrics(curve: Sequence[Mapping[str, Any]], epoch: int, task: str) ->
     return {m: float(v) for m, v in curve[epoch - 1][task].items()}
 
 
+def _curves(run: Mapping[str, Any], why: str) -> tuple[list, list]:
+    """The run's recorded per-epoch validation and test curves; ``ValueError`` (ending with ``why`` they
+    are needed) when it has no test curve of the validation curve's length."""
+    hist = run.get("history") or {}
+    val, test = hist.get("val"), hist.get("test")
+    if not test or not val or len(test) != len(val):
+        name = run.get("_path") or f"{run.get('benchmark')} {run.get('method')} seed {run.get('seed')}"
+        raise ValueError(f"{name}: no per-epoch test curve{why} (train with --test-curve).")
+    return val, test
+
+
 def reselect_smoothed(run: Mapping[str, Any], window: int) -> dict[str, Any]:
     """A copy of the run record with ``selected_epoch`` and ``metrics`` re-chosen by :func:`smoothed_epoch`.
 
@@ -71,12 +82,8 @@ def reselect_smoothed(run: Mapping[str, Any], window: int) -> dict[str, Any]:
     runner's criterion); STL selects each task on its own ``select_metric``.
     Raises ``ValueError`` if the run has no test curve (train with ``--test-curve``).
     """
-    hist = run.get("history") or {}
-    val, test = hist.get("val"), hist.get("test")
-    name = run.get("_path") or f"{run.get('benchmark')} {run.get('method')} seed {run.get('seed')}"
-    if not test or not val or len(test) != len(val):
-        raise ValueError(f"{name}: no per-epoch test curve, so another epoch's test metrics are unknown "
-                         "(train with --test-curve).")
+    val, test = _curves(run, ", so another epoch's test metrics are unknown")
+    hist = run["history"]
     tasks = run["tasks"]
     out = copy.copy(run)
     if run["method"] == "stl":
@@ -130,11 +137,7 @@ def average_last(run: Mapping[str, Any], fraction: float) -> dict[str, Any]:
     its last ``ceil(fraction · epochs)`` epochs: no model selection.  A metric that is non-finite in
     any of those epochs averages to NaN.  ``selected_epoch`` becomes ``None`` per task (no epoch was
     selected).  Raises ``ValueError`` without a test curve."""
-    hist = run.get("history") or {}
-    val, test = hist.get("val"), hist.get("test")
-    name = run.get("_path") or f"{run.get('benchmark')} {run.get('method')} seed {run.get('seed')}"
-    if not test or not val or len(test) != len(val):
-        raise ValueError(f"{name}: no per-epoch test curve to average (train with --test-curve).")
+    val, test = _curves(run, " to average")
     k = _last_epochs(len(test), fraction)
 
     def mean(curve: Sequence[Mapping[str, Any]], task: str) -> dict[str, float]:

@@ -1026,11 +1026,16 @@ def selection_score(val: Mapping[str, Mapping[str, float]], first: Mapping[str, 
     return sum(changes) / len(changes)
 
 
+def _finite_selection(val: Mapping[str, Mapping[str, float]], tasks: Sequence[Task]) -> bool:
+    """Every task's selection metric in ``val`` is finite (such an epoch can be the score's reference)."""
+    return all(math.isfinite(val[t.name][t.select_metric]) for t in tasks)
+
+
 def _selection_text(val_curve: Sequence[Mapping[str, Mapping[str, float]]], tasks: Sequence[Task]) -> str:
     """How a multi-task run's epoch was selected: against the first epoch whose selection metrics are all
     finite (epoch 1 unless a metric was NaN/inf there)."""
     for e, val in enumerate(val_curve, start=1):
-        if all(math.isfinite(val[t.name][t.select_metric]) for t in tasks):
+        if _finite_selection(val, tasks):
             return f"mean signed relative change of select_metric on val vs epoch {e}"
     return "none: no epoch had a finite select_metric for every task; epoch 1 kept"
 
@@ -1218,7 +1223,7 @@ def train_run(
                                  f"not the {steps_per_epoch} its steps_per_epoch reports (the learning-rate "
                                  "schedule, logging and checkpoints count on it).")
             val = evaluate(tr, data, "val", params, rest)
-            if first_val is None and all(math.isfinite(val[t.name][t.select_metric]) for t in tasks):
+            if first_val is None and _finite_selection(val, tasks):
                 first_val = val  # the reference of the selection score: the first epoch with finite metrics
             if spec.name == "stl":
                 scores = []
