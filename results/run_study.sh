@@ -22,7 +22,8 @@
 #   converged (multimnist160) 5 seeds at 160 quick epochs: STL, EW, DB-MTL (default, LibMTL's β, β = 0), nine other
 #             methods, Table 5 and Fig. 1 rows: paired.md
 #   cosine    (multimnist320) EW and DB-MTL with the learning rate decayed to 0 over the run (--lr-schedule cosine),
-#             4 seeds, beside the constant-rate rows: paired.md (Δp vs the constant-rate STL for both schedules)
+#             5 seeds, beside the constant-rate rows, then Nash-MTL, CAGrad, their log rows and Table 5's rows under
+#             the same schedule: paired.md (Δp vs the constant-rate STL for both schedules)
 # The beta, ablation and alpha tables also show the main table's STL, LibMTL-setting DB-MTL and DB-MTL β = 0 rows.
 # "Validation-selected β" is the best row of the paper's grid ({0.1, 0.5, 0.9} × σ ∈ {0, 0.5}) on validation Δp
 # (`dbmtl-jax select DIR --print-grid-best`), so run `beta` before `ablation`, `alpha` and `budget`.
@@ -139,7 +140,12 @@ for section in $SECTIONS; do
     # the Δp reference of both schedules (no STL is trained with the cosine schedule), so the tables compare.
     run --methods stl --seeds 5 --test-curve --study $O
     run --methods ew,dbmtl --seeds 4 --test-curve --study $O
-    for s in 0 1 2 3; do run --methods ew,dbmtl --lr-schedule cosine --seeds $s, --test-curve --study $O; done
+    for s in 0 1 2 3 4; do run --methods ew,dbmtl --lr-schedule cosine --seeds $s, --test-curve --study $O; done
+    # the other methods under the same protocol, two rows at a time, seed by seed (a partial block is still paired):
+    # the paper's two strongest gradient methods, then them with the log transform (Fig. 1), then Table 5's rows
+    for rows in nash_mtl,cagrad nash_mtl+log,cagrad+log ew+log,dbmtl+nolog; do
+      for s in 0 1 2 3 4; do run --methods $rows --lr-schedule cosine --seeds $s, --test-curve --study $O; done
+    done
     [ -n "$DRY" ] || dbmtl-jax paired $O --out $O/paired.md ;;
   *) echo "unknown section $section (main beta ablation log alpha budget betaopt hurts converged cosine)" >&2; exit 2 ;;
   esac
