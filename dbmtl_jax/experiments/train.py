@@ -1026,6 +1026,13 @@ def selection_score(val: Mapping[str, Mapping[str, float]], first: Mapping[str, 
     return sum(changes) / len(changes)
 
 
+def _batch_count_error(epoch: int, yielded: str, steps_per_epoch: int) -> ValueError:
+    """The error for a data provider whose epoch is not ``steps_per_epoch`` batches long."""
+    return ValueError(f"the data provider yielded {yielded} training batches in epoch {epoch}, not the "
+                      f"{steps_per_epoch} its steps_per_epoch reports (the learning-rate schedule, logging and "
+                      "checkpoints count on it).")
+
+
 def _finite_selection(val: Mapping[str, Mapping[str, float]], tasks: Sequence[Task]) -> bool:
     """Every task's selection metric in ``val`` is finite (such an epoch can be the score's reference)."""
     return all(math.isfinite(val[t.name][t.select_metric]) for t in tasks)
@@ -1188,10 +1195,8 @@ def train_run(
             win_stats: dict[str, list[np.ndarray]] = {"grad_norm": [], "raw_grad_norm": [], "grad_cosine": []}
             step_at_start = step
             for inputs, targets in data.train_batches(order_rng):
-                if step - step_at_start == steps_per_epoch:
-                    raise ValueError(f"the data provider yielded more training batches in epoch {epoch} than the "
-                                     f"{steps_per_epoch} its steps_per_epoch reports (the learning-rate schedule, "
-                                     "logging and checkpoints count on it).")
+                if step - step_at_start == steps_per_epoch:  # stop before training on a batch too many
+                    raise _batch_count_error(epoch, f"more than {steps_per_epoch}", steps_per_epoch)
                 t0 = time.perf_counter()
                 params, rest, opt_state, losses, stats = tr.train_step(
                     params, rest, opt_state, inputs, tuple(targets), base_key, jnp.asarray(step, jnp.int32)
@@ -1219,9 +1224,7 @@ def train_run(
                 if step % max(1, min(20, steps_per_epoch)) == 0 or step == total:
                     bar.set_postfix_str(f"ep {epoch} loss " + " ".join(f"{v:.3g}" for v in losses), refresh=False)
             if step - step_at_start != steps_per_epoch:
-                raise ValueError(f"the data provider yielded {step - step_at_start} training batches in epoch {epoch}, "
-                                 f"not the {steps_per_epoch} its steps_per_epoch reports (the learning-rate "
-                                 "schedule, logging and checkpoints count on it).")
+                raise _batch_count_error(epoch, str(step - step_at_start), steps_per_epoch)
             val = evaluate(tr, data, "val", params, rest)
             if first_val is None and _finite_selection(val, tasks):
                 first_val = val  # the reference of the selection score: the first epoch with finite metrics
