@@ -508,6 +508,22 @@ def test_cli_lr_schedule_flag(tmp_path, capsys):
     assert "--lr-schedule" in capsys.readouterr().err
 
 
+def test_cli_data_size_flags(tmp_path, capsys):
+    """--max-train-examples / --max-eval-examples set the recipe's caps: hashed, trained on, and named in titles."""
+    out = tmp_path / "res"
+    rc = main(["run", "toy", "--epochs", "1", "--batch-size", "16", "--methods", "ew", "--out", str(out),
+               "--no-progress", "--no-compile-cache", "--max-train-examples", "48", "--max-eval-examples", "20"])
+    assert rc == 0
+    (rec,) = _records(out)
+    assert rec["config"]["recipe"]["max_train_examples"] == 48 and rec["config"]["recipe"]["max_eval_examples"] == 20
+    assert rec["steps_per_epoch"] == 3  # 48 examples in batches of 16
+    res = ex.write_report(out, plots=False)
+    assert "≤48 train examples" in res["markdown"] and "≤20 val/test examples" in res["markdown"]
+    rc = main(["run", "toy", "--epochs", "1", "--methods", "ew", "--out", str(out), "--no-progress",
+               "--no-compile-cache", "--max-eval-examples", "0"])
+    assert rc == 2 and "max_eval_examples must be a positive int" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("method", ["ew", "dwa"])
 def test_cheap_path_equals_per_task_path(method):
     bench = tiny_benchmark(epochs=2)

@@ -97,6 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--epochs", type=int, help="override the recipe's epochs")
     r.add_argument("--lr", type=float, help="override the recipe's learning rate")
     r.add_argument("--batch-size", type=int, help="override the recipe's batch size")
+    r.add_argument("--max-train-examples", type=int, metavar="N",
+                   help="override the recipe's cap on training examples (a fixed random subset of N)")
+    r.add_argument("--max-eval-examples", type=int, metavar="N",
+                   help="override the recipe's cap on validation and on test examples (a fixed random subset of "
+                        "N of each)")
     r.add_argument("--lr-schedule", choices=("recipe", "cosine"), default="recipe",
                    help="learning-rate schedule: the recipe's (default; constant for the built-in benchmarks) or "
                         "cosine decay to 0 over all epochs, so that training ends where the updates vanish")
@@ -228,7 +233,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return 2
     recipe = bench.quick if args.quick else bench.recipe
     changes = {k: v for k, v in (("epochs", args.epochs), ("learning_rate", args.lr),
-                                 ("batch_size", args.batch_size)) if v is not None}
+                                 ("batch_size", args.batch_size), ("max_train_examples", args.max_train_examples),
+                                 ("max_eval_examples", args.max_eval_examples)) if v is not None}
     if args.lr_schedule == "cosine":
         changes.update(lr_schedule="cosine", lr_decay_epoch=None)
     try:

@@ -427,6 +427,8 @@ def setting_title(st: Setting) -> str:
         parts.append(f"≤{rc['max_steps_per_epoch']} steps/epoch")
     if rc.get("max_train_examples"):
         parts.append(f"≤{rc['max_train_examples']} train examples")
+    if rc.get("max_eval_examples"):
+        parts.append(f"≤{rc['max_eval_examples']} val/test examples")
     if rc.get("weight_decay"):
         parts.append(f"weight decay {rc['weight_decay']}")
     if st.optimizer:
