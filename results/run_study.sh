@@ -144,7 +144,7 @@ for section in $SECTIONS; do
     # The constant-rate rows of the converged section are listed too (found in the store, not rerun): their STL is
     # the Δp reference of both schedules (no STL is trained with the cosine schedule), so the tables compare.
     run --methods stl --seeds 5 --test-curve --study $O
-    run --methods ew,dbmtl --seeds 4 --test-curve --study $O
+    run --methods ew,dbmtl --seeds 5 --test-curve --study $O
     for s in 0 1 2 3 4; do run --methods ew,dbmtl --lr-schedule cosine --seeds $s, --test-curve --study $O; done
     # the other methods under the same protocol, two rows at a time, seed by seed (a partial block is still paired):
     # the paper's two strongest gradient methods, then them with the log transform (Fig. 1), then Table 5's rows
