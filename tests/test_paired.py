@@ -233,6 +233,23 @@ def test_settings_left_out_of_the_report_are_named():
     assert "Not shown, for want of an STL row to measure Δp against: b " in text and "(2 runs)" in text
 
 
+def test_titles_tell_settings_apart_by_batch_rate_and_data_caps():
+    """Two settings that differ only in their batch size or data caps must not get the same heading."""
+    flat = [2.0] * 5 + [1.0] * 5
+    recs = []
+    for bs, caps in ((64, {"max_train_examples": 2000, "max_eval_examples": 500}), (128, {})):
+        for s in range(2):
+            for m in ("stl", "ew"):
+                r = _record(m, s, {}, (0.80, 0.80), 3, flat)
+                r["config"]["recipe"] = {"epochs": 10, "batch_size": bs, "learning_rate": 1e-3, **caps}
+                r["config_hash"] = f"{m}-{bs}"
+                recs.append(r)
+    text = pr.paired_report(summarize(recs))
+    assert ("### b, 10 epochs (2,000 training, 500 validation and 500 test examples), batch 64, lr 0.001, "
+            "Adam (b1 = 0.9)") in text
+    assert "### b, 10 epochs, batch 128, lr 0.001, Adam (b1 = 0.9)" in text
+
+
 def test_a_schedule_without_stl_borrows_the_constant_rate_stl():
     flat = [2.0] * 5 + [1.0] * 5
     recs = []

@@ -277,6 +277,18 @@ def find_row(rows: Sequence[Row], name: str) -> Optional[Row]:
     return cands[0] if cands else None
 
 
+def _data_text(rc: Mapping[str, Any], quick: bool) -> str:
+    """The data a setting trained on, for its title: the quick subset or the recipe's caps."""
+    if quick:
+        return " (quick data subset)"
+    caps = []
+    if rc.get("max_train_examples"):
+        caps.append(f"{rc['max_train_examples']:,} training")
+    if rc.get("max_eval_examples"):
+        caps.append(f"{rc['max_eval_examples']:,} validation and {rc['max_eval_examples']:,} test")
+    return f" ({', '.join(caps)} examples)" if caps else ""
+
+
 def paired_report(
     settings: Sequence[Setting], references: Optional[Sequence[str]] = None, baseline: str = "stl"
 ) -> str:
@@ -313,7 +325,9 @@ def paired_report(
         loss_rows = [r for r in (find_row(rows, "ew"), find_row(rows, "stl")) if r is not None]
         rc = st.recipe
         sched = f", {schedule_text(rc)}" if schedule_text(rc) else ""
-        title = (f"### {st.benchmark}, {rc.get('epochs')} epochs{' (quick data subset)' if st.quick else ''}, "
+        size = "".join(f", {name} {rc[k]}" for k, name in (("batch_size", "batch"), ("learning_rate", "lr"))
+                       if rc.get(k) is not None)
+        title = (f"### {st.benchmark}, {rc.get('epochs')} epochs{_data_text(rc, st.quick)}{size}, "
                  f"{_optimizer_text(st.optimizer)}{sched}")
         note = f"\n\n{notes[st.key]}." if st.key in notes else ""
         out.append(title + note + "\n\n" + paired_table_markdown(st, rows, refs, loss_rows=loss_rows))
