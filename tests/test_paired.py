@@ -129,7 +129,7 @@ def test_paired_report_borrows_stl_for_another_optimizer_and_the_cli(tmp_path, c
         recs.append(other)
     settings = summarize(recs)
     text = pr.paired_report(settings, ("ew",))
-    assert "Adam (b1 = 0.9)" in text and "name = adam, b1 = 0.0" in text
+    assert "Adam (b1 = 0.9)" in text and "adam (b1 = 0.0)" in text
     assert "Δp against the STL row trained with Adam (b1 = 0.9)" in text
     borrowed = [st for st in settings if st.optimizer][0]
     (row,) = borrowed.rows.values()
@@ -229,25 +229,29 @@ def test_settings_left_out_of_the_report_are_named():
         other["config_hash"] = "ew-20ep"
         recs.append(other)
     text = pr.paired_report(summarize(recs))
-    assert text.count("### b, 10 epochs") == 1 and "### b, 20 epochs" not in text
+    assert text.count("### b (full recipe: 10 epochs,") == 1 and "20 epochs" not in text
     assert "Not shown, for want of an STL row to measure Δp against: b " in text and "(2 runs)" in text
 
 
-def test_titles_tell_settings_apart_by_batch_rate_and_data_caps():
-    """Two settings that differ only in their batch size or data caps must not get the same heading."""
+def test_titles_tell_settings_apart_by_every_recipe_field():
+    """Two settings that differ only in one recipe field (batch, caps, steps per epoch, weight decay) get two headings."""
     flat = [2.0] * 5 + [1.0] * 5
     recs = []
-    for bs, caps in ((64, {"max_train_examples": 2000, "max_eval_examples": 500}), (128, {})):
+    for bs, caps in ((64, {"max_train_examples": 2000, "max_eval_examples": 500}), (128, {}),
+                     (128, {"max_steps_per_epoch": 5}), (128, {"weight_decay": 1e-4})):
         for s in range(2):
             for m in ("stl", "ew"):
                 r = _record(m, s, {}, (0.80, 0.80), 3, flat)
                 r["config"]["recipe"] = {"epochs": 10, "batch_size": bs, "learning_rate": 1e-3, **caps}
-                r["config_hash"] = f"{m}-{bs}"
+                r["config_hash"] = f"{m}-{bs}-{sorted(caps)}"
                 recs.append(r)
     text = pr.paired_report(summarize(recs))
-    assert ("### b, 10 epochs (2,000 training, 500 validation and 500 test examples), batch 64, lr 0.001, "
-            "Adam (b1 = 0.9)") in text
-    assert "### b, 10 epochs, batch 128, lr 0.001, Adam (b1 = 0.9)" in text
+    assert ("### b (full recipe: lr 0.001, batch 64, 10 epochs, ≤2000 train examples, ≤500 val/test examples, "
+            "Adam (b1 = 0.9)) [b-full-") in text
+    assert "### b (full recipe: lr 0.001, batch 128, 10 epochs, Adam (b1 = 0.9)) [b-full-" in text
+    headings = [line for line in text.splitlines() if line.startswith("### ")]
+    assert len(headings) == 4 == len(set(headings))
+    assert any("≤5 steps/epoch" in h for h in headings) and any("weight decay 0.0001" in h for h in headings)
 
 
 def test_a_schedule_without_stl_borrows_the_constant_rate_stl():
@@ -260,7 +264,7 @@ def test_a_schedule_without_stl_borrows_the_constant_rate_stl():
         cos["config_hash"] = "ew-cosine"
         recs.append(cos)
     text = pr.paired_report(summarize(recs), ("ew",))
-    assert "### b, 10 epochs, Adam (b1 = 0.9), cosine decay to 0" in text
+    assert "### b (full recipe: 10 epochs, cosine decay to 0, Adam (b1 = 0.9)) [b-full-" in text
     assert ("Δp against the STL row trained with Adam (b1 = 0.9) and a constant learning rate "
             "(no STL was trained with this learning-rate schedule)") in text
     assert "| **ew** | 3 | +2.50 ± 0.00 |" in text  # (0.84 − 0.80) / 0.80 on one of two tasks, ×100 / 2

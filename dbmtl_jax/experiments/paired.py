@@ -23,7 +23,7 @@ from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
 
 import numpy as np
 
-from dbmtl_jax.experiments.report import Row, Setting, rebase_delta_p, schedule_text
+from dbmtl_jax.experiments.report import Row, Setting, optimizer_text, rebase_delta_p, schedule_text, setting_title
 
 __all__ = [
     "PairedInterval",
@@ -228,12 +228,6 @@ def paired_table_markdown(
     return out + "\n"
 
 
-def _optimizer_text(opt: Optional[Mapping[str, Any]]) -> str:
-    if not opt:
-        return "Adam (b1 = 0.9)"
-    return ", ".join(f"{k} = {v}" for k, v in opt.items())
-
-
 _SCHEDULE_KEYS = ("lr_schedule", "lr_decay_epoch", "lr_decay_factor")
 
 
@@ -258,7 +252,7 @@ def borrow_stl(settings: Sequence[Setting]) -> dict[str, str]:
         sched = schedule_text(donor.recipe) or "a constant learning rate"
         differs = [w for w, d in (("optimizer", donor.optimizer != st.optimizer),
                                   ("learning-rate schedule", donor.recipe != st.recipe)) if d]
-        notes[st.key] = (f"Δp against the STL row trained with {_optimizer_text(donor.optimizer)} and {sched} "
+        notes[st.key] = (f"Δp against the STL row trained with {optimizer_text(donor.optimizer)} and {sched} "
                          f"(no STL was trained with this {' and '.join(differs)})")
     return notes
 
@@ -275,18 +269,6 @@ def find_row(rows: Sequence[Row], name: str) -> Optional[Row]:
         raise ValueError(f"{name!r} fits {len(cands)} rows (configs {which}); "
                          "put one of them in a study folder of its own.")
     return cands[0] if cands else None
-
-
-def _data_text(rc: Mapping[str, Any], quick: bool) -> str:
-    """The data a setting trained on, for its title: the quick subset or the recipe's caps."""
-    if quick:
-        return " (quick data subset)"
-    caps = []
-    if rc.get("max_train_examples"):
-        caps.append(f"{rc['max_train_examples']:,} training")
-    if rc.get("max_eval_examples"):
-        caps.append(f"{rc['max_eval_examples']:,} validation and {rc['max_eval_examples']:,} test")
-    return f" ({', '.join(caps)} examples)" if caps else ""
 
 
 def paired_report(
@@ -323,12 +305,7 @@ def paired_report(
             notes[st.key] = f"Δp is measured against {baseline} (mean over its seeds), not STL"
         refs = {m: r for m in references if (r := find_row(rows, m)) is not None}
         loss_rows = [r for r in (find_row(rows, "ew"), find_row(rows, "stl")) if r is not None]
-        rc = st.recipe
-        sched = f", {schedule_text(rc)}" if schedule_text(rc) else ""
-        size = "".join(f", {name} {rc[k]}" for k, name in (("batch_size", "batch"), ("learning_rate", "lr"))
-                       if rc.get(k) is not None)
-        title = (f"### {st.benchmark}, {rc.get('epochs')} epochs{_data_text(rc, st.quick)}{size}, "
-                 f"{_optimizer_text(st.optimizer)}{sched}")
+        title = f"### {setting_title(st)}"  # the heading report.md gives the same setting
         note = f"\n\n{notes[st.key]}." if st.key in notes else ""
         out.append(title + note + "\n\n" + paired_table_markdown(st, rows, refs, loss_rows=loss_rows))
     if out and left_out:  # say what is not in the tables (with no table at all, the caller reports it)

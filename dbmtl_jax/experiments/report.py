@@ -417,10 +417,19 @@ def schedule_text(rc: Mapping[str, Any]) -> str:
     return ""
 
 
+def optimizer_text(opt: Optional[Mapping[str, Any]]) -> str:
+    """A recorded optimizer in words; no record means the recipes' Adam with optax's default b1."""
+    if not opt:
+        return "Adam (b1 = 0.9)"
+    rest = ", ".join(f"{k} = {v}" for k, v in opt.items() if k != "name")
+    return f"{opt.get('name')}" + (f" ({rest})" if rest else "")
+
+
 def setting_title(st: Setting) -> str:
     """``benchmark (quick|full recipe: lr, batch, epochs, ...) [setting key]``: names a setting."""
     rc = st.recipe
-    parts = [f"lr {rc.get('learning_rate')}", f"batch {rc.get('batch_size')}", f"{rc.get('epochs')} epochs"]
+    parts = [f"{name} {rc[k]}" for k, name in (("learning_rate", "lr"), ("batch_size", "batch")) if rc.get(k) is not None]
+    parts.append(f"{rc.get('epochs')} epochs")
     if schedule_text(rc):
         parts.append(schedule_text(rc))
     if rc.get("max_steps_per_epoch"):
@@ -431,9 +440,7 @@ def setting_title(st: Setting) -> str:
         parts.append(f"≤{rc['max_eval_examples']} val/test examples")
     if rc.get("weight_decay"):
         parts.append(f"weight decay {rc['weight_decay']}")
-    if st.optimizer:
-        opts = ", ".join(f"{k}={v}" for k, v in st.optimizer.items() if k != "name")
-        parts.append(f"optimizer {st.optimizer.get('name')}" + (f" ({opts})" if opts else ""))
+    parts.append(optimizer_text(st.optimizer))
     return f"{st.benchmark} ({'quick' if st.quick else 'full'} recipe: {', '.join(parts)}) [{st.key}]"
 
 
