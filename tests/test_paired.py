@@ -247,8 +247,8 @@ def test_titles_tell_settings_apart_by_every_recipe_field():
                 recs.append(r)
     text = pr.paired_report(summarize(recs))
     assert ("### b (full recipe: lr 0.001, batch 64, 10 epochs, ≤2000 train examples, ≤500 val/test examples, "
-            "Adam (b1 = 0.9)) [b-full-") in text
-    assert "### b (full recipe: lr 0.001, batch 128, 10 epochs, Adam (b1 = 0.9)) [b-full-" in text
+            "optimizer Adam (b1 = 0.9)) [b-full-") in text
+    assert "### b (full recipe: lr 0.001, batch 128, 10 epochs, optimizer Adam (b1 = 0.9)) [b-full-" in text
     headings = [line for line in text.splitlines() if line.startswith("### ")]
     assert len(headings) == 4 == len(set(headings))
     assert any("≤5 steps/epoch" in h for h in headings) and any("weight decay 0.0001" in h for h in headings)
@@ -264,7 +264,7 @@ def test_a_schedule_without_stl_borrows_the_constant_rate_stl():
         cos["config_hash"] = "ew-cosine"
         recs.append(cos)
     text = pr.paired_report(summarize(recs), ("ew",))
-    assert "### b (full recipe: 10 epochs, cosine decay to 0, Adam (b1 = 0.9)) [b-full-" in text
+    assert "### b (full recipe: 10 epochs, cosine decay to 0, optimizer Adam (b1 = 0.9)) [b-full-" in text
     assert ("Δp against the STL row trained with Adam (b1 = 0.9) and a constant learning rate "
             "(no STL was trained with this learning-rate schedule)") in text
     assert "| **ew** | 3 | +2.50 ± 0.00 |" in text  # (0.84 − 0.80) / 0.80 on one of two tasks, ×100 / 2

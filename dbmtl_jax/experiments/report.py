@@ -440,7 +440,7 @@ def setting_title(st: Setting) -> str:
         parts.append(f"≤{rc['max_eval_examples']} val/test examples")
     if rc.get("weight_decay"):
         parts.append(f"weight decay {rc['weight_decay']}")
-    parts.append(optimizer_text(st.optimizer))
+    parts.append(f"optimizer {optimizer_text(st.optimizer)}")
     return f"{st.benchmark} ({'quick' if st.quick else 'full'} recipe: {', '.join(parts)}) [{st.key}]"
 
 
