@@ -21,7 +21,7 @@
 #   hurts     (multimnist_digits) EW, DB-MTL, EW + log, DB-MTL without log, β = 0, β/k^0.5, STL: paired.md vs EW
 #   converged (multimnist160) 5 seeds at 160 quick epochs: STL, EW, DB-MTL (default, LibMTL's β, β = 0), nine other
 #             methods, Table 5 and Fig. 1 rows: paired.md
-#   finished  (qm9_2k) STL, EW and DB-MTL with --lr-schedule cosine, 5 seeds: paired.md
+#   finished  (qm9_2k) STL, EW and DB-MTL with --lr-schedule cosine, then DB-MTL at β = 0.9 and β = 0, 5 seeds: paired.md
 #   cosine    (multimnist320) EW and DB-MTL with the learning rate decayed to 0 over the run (--lr-schedule cosine),
 #             5 seeds, beside the constant-rate rows, then Nash-MTL, CAGrad, their log rows and Table 5's rows under
 #             the same schedule: paired.md (Δp vs the constant-rate STL for both schedules)
@@ -154,6 +154,11 @@ for section in $SECTIONS; do
     [ -n "$DRY" ] || dbmtl-jax paired $O --out $O/paired.md ;;
   finished)  # (qm9_2k) STL, EW and DB-MTL with the learning rate decayed to 0, seed by seed (a partial study is paired)
     for s in 0 1 2 3 4; do run --methods dbmtl,stl,ew --lr-schedule cosine --seeds $s, --test-curve --study $O; done
+    # then DB-MTL at LibMTL's constant β = 0.9 and with β = 0 (no EMA), the other two β of issue 12 item 4
+    for s in 0 1 2 3 4; do
+      run --methods dbmtl $LIBMTL --lr-schedule cosine --seeds $s, --test-curve --study $O
+      run --methods dbmtl --hp dbmtl.beta=0.0 --lr-schedule cosine --seeds $s, --test-curve --study $O
+    done
     [ -n "$DRY" ] || dbmtl-jax paired $O --out $O/paired.md ;;
   *) echo "unknown section $section (main beta ablation log alpha budget betaopt hurts converged cosine finished)" >&2
      exit 2 ;;
