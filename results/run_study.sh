@@ -24,7 +24,8 @@
 #   finished  (qm9_2k) STL, EW and DB-MTL with --lr-schedule cosine, then DB-MTL at β = 0.9 and β = 0, 5 seeds: paired.md
 #   cosine    (multimnist320) EW and DB-MTL with the learning rate decayed to 0 over the run (--lr-schedule cosine),
 #             5 seeds, beside the constant-rate rows, then Nash-MTL, CAGrad, their log rows and Table 5's rows under
-#             the same schedule: paired.md (Δp vs the constant-rate STL for both schedules)
+#             the same schedule, then Fig. 6's α rows and Fig. 5's β grid: paired.md (Δp vs the constant-rate STL for
+#             both schedules)
 # The beta, ablation and alpha tables also show the main table's STL, LibMTL-setting DB-MTL and DB-MTL β = 0 rows.
 # "Validation-selected β" is the best row of the paper's grid ({0.1, 0.5, 0.9} × σ ∈ {0, 0.5}) on validation Δp
 # (`dbmtl-jax select DIR --print-grid-best`), so run `beta` before `ablation`, `alpha` and `budget`.
@@ -150,6 +151,19 @@ for section in $SECTIONS; do
     # the paper's two strongest gradient methods, then them with the log transform (Fig. 1), then Table 5's rows
     for rows in nash_mtl,cagrad nash_mtl+log,cagrad+log ew+log,dbmtl+nolog; do
       for s in 0 1 2 3 4; do run --methods $rows --lr-schedule cosine --seeds $s, --test-curve --study $O; done
+    done
+    # Fig. 6 (α ∈ {min, mean, median, 1.0} beside the default max) and Fig. 5 (the paper's β grid and β = 0) at the
+    # default β = 0.9/√k resp. the default α, seed by seed
+    for s in 0 1 2 3 4; do
+      for a in "'min'" "'mean'" "'median'" 1.0; do
+        run --methods dbmtl --hp "dbmtl.alpha=$a" --lr-schedule cosine --seeds $s, --test-curve --study $O
+      done
+    done
+    for s in 0 1 2 3 4; do
+      for hp in "0.0 0.0" "0.1 0.0" "0.5 0.0" "0.9 0.0" "0.1 0.5" "0.5 0.5"; do
+        set -- $hp; run --methods dbmtl --hp dbmtl.beta=$1 --hp dbmtl.beta_sigma=$2 --lr-schedule cosine --seeds $s, \
+          --test-curve --study $O
+      done
     done
     [ -n "$DRY" ] || dbmtl-jax paired $O --out $O/paired.md ;;
   finished)  # (qm9_2k) STL, EW and DB-MTL with the learning rate decayed to 0, seed by seed (a partial study is paired)
