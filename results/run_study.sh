@@ -21,7 +21,8 @@
 #   hurts     (multimnist_digits) EW, DB-MTL, EW + log, DB-MTL without log, β = 0, β/k^0.5, STL: paired.md vs EW
 #   converged (multimnist160) 5 seeds at 160 quick epochs: STL, EW, DB-MTL (default, LibMTL's β, β = 0), nine other
 #             methods, Table 5 and Fig. 1 rows: paired.md
-#   finished  (qm9_2k) STL, EW and DB-MTL with --lr-schedule cosine, then DB-MTL at β = 0.9 and β = 0, 5 seeds: paired.md
+#   finished  (qm9_2k, multifashion320) STL, EW and DB-MTL with --lr-schedule cosine, then DB-MTL at β = 0.9 and
+#             β = 0, 5 seeds: paired.md
 #   cosine    (multimnist320) EW and DB-MTL with the learning rate decayed to 0 over the run (--lr-schedule cosine),
 #             5 seeds, beside the constant-rate rows, then Nash-MTL, CAGrad, their log rows and Table 5's rows under
 #             the same schedule, then Fig. 6's α rows and Fig. 5's β grid: paired.md (Δp vs the constant-rate STL for
@@ -47,10 +48,12 @@ case $B in
   multimnist_digits) EPOCHS=100; QUICK= ;;                      # the full recipe's 2,000 pairs; section hurts
   multimnist160)     B=multimnist; EPOCHS=160 ;;                # 2,560 steps, 5 seeds; section converged
   multimnist320)     B=multimnist; EPOCHS=320 ;;                # 5,120 steps, 5 seeds; sections converged, cosine
+  multifashion320)   B=multifashion; EPOCHS=320 ;;              # the same 5,120 steps on MultiFashion; section finished
   # qm9 at a size two cores can finish (results/README.md §18): the full recipe's random split of all 130,831
   # molecules, a fixed random 2,000 training molecules, 2,000 validation and 2,000 test, batch 64
   qm9_2k)            B=qm9; EPOCHS=150; QUICK=; DATA="--batch-size 64 --max-train-examples 2000 --max-eval-examples 2000" ;;
-  *) echo "unknown benchmark $B (multimnist, dense, qm9, multimnist80, multimnist160, multimnist320, multimnist_digits or qm9_2k)" >&2
+  *) echo "unknown benchmark $B (multimnist, dense, qm9, multimnist80, multimnist160, multimnist320, multifashion320," \
+          "multimnist_digits or qm9_2k)" >&2
      exit 2 ;;
 esac
 P=results/${B}_${EPOCHS}ep   # study prefix: the tables are $P_<section>/
@@ -166,7 +169,7 @@ for section in $SECTIONS; do
       done
     done
     [ -n "$DRY" ] || dbmtl-jax paired $O --out $O/paired.md ;;
-  finished)  # (qm9_2k) STL, EW and DB-MTL with the learning rate decayed to 0, seed by seed (a partial study is paired)
+  finished)  # (qm9_2k, multifashion320) STL, EW and DB-MTL with the learning rate decayed to 0, seed by seed (a partial study is paired)
     for s in 0 1 2 3 4; do run --methods dbmtl,stl,ew --lr-schedule cosine --seeds $s, --test-curve --study $O; done
     # then DB-MTL at LibMTL's constant β = 0.9 and with β = 0 (no EMA), the other two β of issue 12 item 4
     for s in 0 1 2 3 4; do

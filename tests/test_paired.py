@@ -103,12 +103,19 @@ def test_convergence_figures_and_table():
     md = pr.paired_table_markdown(st, rows, {"EW": ew}, loss_rows=[ew])
     assert "3 of 6 multi-task runs (worst row 100%)" in md
     # per row: STL (epoch 10) and EW (epoch 9) late in every seed, DB-MTL (epoch 3) in none
-    assert md.count(" | 3 of 3 |") == 2 and md.count(" | 0 of 3 |") == 1
+    assert " | 3 of 3 (6 of 6 task networks) |" in md  # STL: every task's network selected late
+    assert md.count(" | 3 of 3 |") == 1 and md.count(" | 0 of 3 |") == 1
     assert "(share of the run's whole decrease: 22.2 %, 22.2 %, 22.2 %)" in md
     assert "**dbmtl**" in md and "| ew | 3 |" in md  # DB-MTL +1.25 points on every seed: its own group
     iv = pr.paired_interval(dict(zip(db.seeds, db.delta_p)), dict(zip(ew.seeds, ew.delta_p)))
     assert iv.mean == pytest.approx(1.25, abs=1e-9) and iv.separated
     assert "Wall time of the runs in this table: 9 min" in md
+    # STL's tasks are separate networks: a run is late if any one is, and the count of late networks says how many
+    recs[0]["selected_epoch"] = {"a": 10, "b": 2}
+    assert pr.late_task_selections(recs[0]) == 1 and pr.selected_late(recs[0])
+    (st,) = summarize(recs)
+    md = pr.paired_table_markdown(st, list(st.rows.values()), {})
+    assert " | 3 of 3 (5 of 6 task networks) |" in md
 
 
 def test_paired_report_borrows_stl_for_another_optimizer_and_the_cli(tmp_path, capsys):

@@ -31,6 +31,7 @@ __all__ = [
     "paired_interval",
     "rank_groups",
     "selected_late",
+    "late_task_selections",
     "loss_change_last_fifth",
     "loss_share_last_fifth",
     "convergence_line",
@@ -120,6 +121,13 @@ def selected_late(run: Mapping[str, Any], fraction: float = 0.2) -> bool:
     epochs = int(run["config"]["recipe"]["epochs"])
     chosen = max(int(e) for e in run["selected_epoch"].values() if e is not None)
     return chosen > (1 - fraction) * epochs
+
+
+def late_task_selections(run: Mapping[str, Any], fraction: float = 0.2) -> int:
+    """How many of the run's per-task selected epochs lie in the last ``fraction`` of training.  For STL,
+    whose tasks are separate networks selected one by one, this is the count of late networks."""
+    epochs = int(run["config"]["recipe"]["epochs"])
+    return sum(int(e) > (1 - fraction) * epochs for e in run["selected_epoch"].values() if e is not None)
 
 
 def _loss_ends(run: Mapping[str, Any], fraction: float) -> Optional[tuple[float, float, float]]:
@@ -216,7 +224,11 @@ def paired_table_markdown(
             cells.append("—" if iv is None else iv.text() + (f" (n={iv.n})" if short else ""))
         cells.append("—" if g is None else str(g))
         selected = [r for r in row.runs if all(e is not None for e in r["selected_epoch"].values())]
-        cells.append(f"{sum(selected_late(r) for r in selected)} of {len(selected)}" if selected else "—")
+        late = f"{sum(selected_late(r) for r in selected)} of {len(selected)}" if selected else "—"
+        if selected and row.method == "stl":  # one network per task: also count the late networks
+            late += (f" ({sum(late_task_selections(r) for r in selected)} of "
+                     f"{sum(len(r['selected_epoch']) for r in selected)} task networks)")
+        cells.append(late)
         lines.append("| " + " | ".join(cells) + " |")
     dropped = [f"{label(row)} seed {s}" for row in rows for s, d in zip(row.seeds, row.delta_p) if not math.isfinite(d)]
     note = (f"Left out of means and intervals (non-finite Δp: a diverged run or a missing metric): "
