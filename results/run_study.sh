@@ -23,6 +23,7 @@
 #             methods, Table 5 and Fig. 1 rows: paired.md
 #   finished  (qm9_2k, multifashion320) STL, EW and DB-MTL with --lr-schedule cosine, then DB-MTL at β = 0.9 and
 #             β = 0, 5 seeds: paired.md
+#   optimizer (qm9_2k) the finished section's DB-MTL β rows and EW again with Adam b1 = 0 (double momentum?): paired.md
 #   cosine    (multimnist320) EW and DB-MTL with the learning rate decayed to 0 over the run (--lr-schedule cosine),
 #             5 seeds, beside the constant-rate rows, then Nash-MTL, CAGrad, their log rows and Table 5's rows under
 #             the same schedule, then Fig. 6's α rows and Fig. 5's β grid: paired.md (Δp vs the constant-rate STL for
@@ -177,8 +178,23 @@ for section in $SECTIONS; do
       run --methods dbmtl --hp dbmtl.beta=0.0 --lr-schedule cosine --seeds $s, --test-curve --study $O
     done
     [ -n "$DRY" ] || dbmtl-jax paired $O --out $O/paired.md ;;
-  *) echo "unknown section $section (main beta ablation log alpha budget betaopt hurts converged cosine finished)" >&2
+  optimizer)  # (qm9_2k) issue 12 item 4 under the finished protocol: is the constant β's deficit on qm9 (§18) double
+    # momentum? The finished section's Adam (b1 = 0.9) rows (found in the store, not rerun), then the same β rows
+    # and EW with Adam's momentum removed (b1 = 0), seed by seed, the decisive row (constant β) first
+    for s in 0 1 2 3 4; do
+      run --methods ew,dbmtl --lr-schedule cosine --seeds $s, --test-curve --study $O
+      run --methods dbmtl $LIBMTL --lr-schedule cosine --seeds $s, --test-curve --study $O
+      run --methods dbmtl --hp dbmtl.beta=0.0 --lr-schedule cosine --seeds $s, --test-curve --study $O
+    done
+    for s in 0 1 2 3 4; do
+      run --optimizer adam --b1 0.0 --methods dbmtl $LIBMTL --lr-schedule cosine --seeds $s, --test-curve --study $O
+      run --optimizer adam --b1 0.0 --methods dbmtl,ew --lr-schedule cosine --seeds $s, --test-curve --study $O
+      run --optimizer adam --b1 0.0 --methods dbmtl --hp dbmtl.beta=0.0 --lr-schedule cosine --seeds $s, --test-curve \
+        --study $O
+    done
+    [ -n "$DRY" ] || dbmtl-jax paired $O --out $O/paired.md ;;
+  *) echo "unknown section $section (main beta ablation log alpha budget betaopt hurts converged cosine finished optimizer)" >&2
      exit 2 ;;
   esac
 done
-case $SECTIONS in betaopt|hurts|converged|cosine|finished) ;; *) [ -n "$DRY" ] || dbmtl-jax summary "$P" > /dev/null ;; esac
+case $SECTIONS in betaopt|hurts|converged|cosine|finished|optimizer) ;; *) [ -n "$DRY" ] || dbmtl-jax summary "$P" > /dev/null ;; esac
