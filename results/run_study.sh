@@ -189,7 +189,7 @@ for section in $SECTIONS; do
     # momentum? The finished section's Adam (b1 = 0.9) rows (found in the store, not rerun), then the same β rows
     # and EW with Adam's momentum removed (b1 = 0), seed by seed, the decisive row (constant β) first
     for s in 0 1 2 3 4; do
-      run --methods ew,dbmtl --lr-schedule cosine --seeds $s, --test-curve --study $O
+      run --methods stl,ew,dbmtl --lr-schedule cosine --seeds $s, --test-curve --study $O  # STL: the Δp reference
       run --methods dbmtl $LIBMTL --lr-schedule cosine --seeds $s, --test-curve --study $O
       run --methods dbmtl --hp dbmtl.beta=0.0 --lr-schedule cosine --seeds $s, --test-curve --study $O
     done

@@ -136,7 +136,7 @@ def test_paired_report_borrows_stl_for_another_optimizer_and_the_cli(tmp_path, c
         recs.append(other)
     settings = summarize(recs)
     text = pr.paired_report(settings, ("ew",))
-    assert "Adam (b1 = 0.9)" in text and "adam (b1 = 0.0)" in text
+    assert "Adam (b1 = 0.9)" in text and "Adam (b1 = 0.0)" in text
     assert "Δp against the STL row trained with Adam (b1 = 0.9)" in text
     borrowed = [st for st in settings if st.optimizer][0]
     (row,) = borrowed.rows.values()

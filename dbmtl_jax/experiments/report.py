@@ -417,12 +417,16 @@ def schedule_text(rc: Mapping[str, Any]) -> str:
     return ""
 
 
+_OPTIMIZER_NAMES = {"adam": "Adam", "sgdm": "SGD"}  # the runner's optimizer names as titles print them
+
+
 def optimizer_text(opt: Optional[Mapping[str, Any]]) -> str:
     """A recorded optimizer in words; no record means the recipes' Adam with optax's default b1."""
     if not opt:
         return "Adam (b1 = 0.9)"
     rest = ", ".join(f"{k} = {v}" for k, v in opt.items() if k != "name")
-    return f"{opt.get('name')}" + (f" ({rest})" if rest else "")
+    name = _OPTIMIZER_NAMES.get(str(opt.get("name")), str(opt.get("name")))
+    return name + (f" ({rest})" if rest else "")
 
 
 def setting_title(st: Setting) -> str:
