@@ -25,6 +25,8 @@
 #             β = 0, 5 seeds: paired.md
 #   optimizer (qm9_2k) the finished section's DB-MTL β rows and EW again with Adam b1 = 0 (double momentum?): paired.md
 #   methods   (qm9_2k, multimnist320, adult120) the 26-method main table under the finished protocol, 5 seeds: paired.md
+#   paper     (adult120) the rest of the paper's tables under the finished protocol, 5 seeds: Table 5 (EW + log, DB-MTL
+#             without log), Fig. 1 (six gradient methods + log), Fig. 6 (α), Fig. 5 (β grid): paired.md
 #   strongest (multifashion320, dense60) STL, EW, DB-MTL and the 9 methods with the best mean Δp rank over the four
 #             short-budget main tables, under the finished protocol, 5 seeds: paired.md
 #   cosine    (multimnist320) EW and DB-MTL with the learning rate decayed to 0 over the run (--lr-schedule cosine),
@@ -216,6 +218,26 @@ for section in $SECTIONS; do
       run --methods graddrop,mtadam,moco,excessmtl --lr-schedule cosine --seeds $s, --test-curve --study $O
     done
     [ -n "$DRY" ] || dbmtl-jax paired $O --out $O/paired.md ;;
+  paper)  # (adult120) issue 12 item 3: Table 5, Fig. 1, Fig. 6 and Fig. 5 under the finished protocol (cosine decay,
+    # 5 paired seeds, test curves), seed by seed. The base rows (STL, EW, DB-MTL at the default β, LibMTL's β, β = 0,
+    # and the six gradient methods without log) come from the methods and finished sections (listed, not rerun).
+    for s in 0 1 2 3 4; do
+      run --methods stl,ew,dbmtl,pcgrad,gradvac,imtl_g,cagrad,nash_mtl,aligned_mtl --lr-schedule cosine --seeds $s, \
+        --test-curve --study $O
+      run --methods dbmtl $LIBMTL --lr-schedule cosine --seeds $s, --test-curve --study $O
+      run --methods dbmtl --hp dbmtl.beta=0.0 --lr-schedule cosine --seeds $s, --test-curve --study $O
+      run --methods ew+log,dbmtl+nolog --lr-schedule cosine --seeds $s, --test-curve --study $O   # Table 5
+      run --methods pcgrad+log,gradvac+log,imtl_g+log,cagrad+log,nash_mtl+log,aligned_mtl+log --lr-schedule cosine \
+        --seeds $s, --test-curve --study $O                                                       # Fig. 1
+      for a in "'min'" "'mean'" "'median'" 1.0; do                                                 # Fig. 6
+        run --methods dbmtl --hp "dbmtl.alpha=$a" --lr-schedule cosine --seeds $s, --test-curve --study $O
+      done
+      for hp in "0.1 0.0" "0.5 0.0" "0.1 0.5" "0.5 0.5"; do                                        # Fig. 5
+        set -- $hp; run --methods dbmtl --hp dbmtl.beta=$1 --hp dbmtl.beta_sigma=$2 --lr-schedule cosine --seeds $s, \
+          --test-curve --study $O
+      done
+    done
+    [ -n "$DRY" ] || dbmtl-jax paired $O --out $O/paired.md ;;
   strongest)  # (multifashion320, dense60) issue 12 item 3: "at least the 8 strongest methods of the short-budget
     # tables". Strongest = best mean rank by Δp over the four short-budget main tables (adult_16ep_main,
     # multimnist_12ep_main, dense_8ep_main, qm9_10ep_main; EW and DB-MTL excluded as they are rows anyway):
@@ -229,8 +251,8 @@ for section in $SECTIONS; do
     done
     [ -n "$DRY" ] || dbmtl-jax paired $O --out $O/paired.md ;;
   *) echo "unknown section $section (main beta ablation log alpha budget betaopt hurts converged cosine finished optimizer" \
-          "methods strongest)" >&2
+          "methods paper strongest)" >&2
      exit 2 ;;
   esac
 done
-case $SECTIONS in betaopt|hurts|converged|cosine|finished|optimizer|methods|strongest) ;; *) [ -n "$DRY" ] || dbmtl-jax summary "$P" > /dev/null ;; esac
+case $SECTIONS in betaopt|hurts|converged|cosine|finished|optimizer|methods|paper|strongest) ;; *) [ -n "$DRY" ] || dbmtl-jax summary "$P" > /dev/null ;; esac
