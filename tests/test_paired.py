@@ -107,6 +107,10 @@ def test_convergence_figures_and_table():
     assert md.count(" | 3 of 3 |") == 1 and md.count(" | 0 of 3 |") == 1
     assert "(share of the run's whole decrease: 22.2 %, 22.2 %, 22.2 %)" in md
     assert "**dbmtl**" in md and "| ew | 3 |" in md  # DB-MTL +1.25 points on every seed: its own group
+    # listed STL first, then best group first, whatever order the rows came in
+    for order in (rows, rows[::-1]):
+        table = pr.paired_table_markdown(st, order, {"EW": ew}, loss_rows=[ew])
+        assert [ln.split(" | ")[0] for ln in table.splitlines()[2:5]] == ["| stl", "| **dbmtl**", "| ew"]
     iv = pr.paired_interval(dict(zip(db.seeds, db.delta_p)), dict(zip(ew.seeds, ew.delta_p)))
     assert iv.mean == pytest.approx(1.25, abs=1e-9) and iv.separated
     assert "Wall time of the runs in this table: 9 min" in md

@@ -195,7 +195,8 @@ def paired_table_markdown(
     wall_time: bool = True,
 ) -> str:
     """A table of rows with Δp (mean ± sd over seeds), the paired difference to each reference row
-    (95 % t-interval), the rank group (bold: group 1), and the convergence figures under it.  Rows that
+    (95 % t-interval), the rank group (bold: group 1), and the convergence figures under it.  Rows are
+    listed STL first, then by group and mean Δp (best first).  Rows that
     share a label (e.g. one method with and without ``--grad-stats``) are told apart by their gradient
     path and config hash."""
     base = [label(r) for r in rows]
@@ -205,6 +206,13 @@ def paired_table_markdown(
     label = lambda r: names[id(r)]  # noqa: E731 - unique within this table
     scores = {label(r): _seed_scores(r) for r in rows if r.method != "stl"}
     groups = rank_groups(scores)
+
+    def order(r: Row) -> tuple:  # STL first, then by group and mean Δp; rows without a finite Δp last
+        vals = [v for v in r.delta_p if math.isfinite(v)]
+        g = groups.get(label(r))
+        return (r.method != "stl", g is None, g or 0, -float(np.mean(vals)) if vals else 0.0, label(r))
+
+    rows = sorted(rows, key=order)
     head = (["method", "seeds", "Δp % (mean ± sd)"] + [f"Δp − {k} [95 % CI]" for k in references]
             + ["group", "selected in the last 20 %"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
