@@ -255,4 +255,7 @@ for section in $SECTIONS; do
      exit 2 ;;
   esac
 done
-case $SECTIONS in betaopt|hurts|converged|cosine|finished|optimizer|methods|paper|strongest) ;; *) [ -n "$DRY" ] || dbmtl-jax summary "$P" > /dev/null ;; esac
+# the side-by-side summary of the paper's short-budget tables, when one of them ran (e.g. not for "methods finished")
+case " $SECTIONS " in
+  *" main "*|*" beta "*|*" ablation "*|*" log "*|*" alpha "*|*" budget "*) [ -n "$DRY" ] || dbmtl-jax summary "$P" > /dev/null ;;
+esac
