@@ -363,3 +363,7 @@ def test_index_of_studies(study, tmp_path, capsys):
     assert f"Records under `{study.as_posix()}`: {n} (syn {n}); listed by no study: 1 (runs/syn/syn__gradvac__" in page
     assert main(["index", str(study), "--out", str(tmp_path / "INDEX.md")]) == 0
     assert (tmp_path / "INDEX.md").read_text() == page
+    # every page a study folder holds is linked (paired tables too, not only the report's own pages)
+    (study / "syn_4ep_main" / "paired.md").write_text("x")
+    assert main(["index", str(study)]) == 0
+    assert "[paired](syn_4ep_main/paired.md)" in capsys.readouterr().out

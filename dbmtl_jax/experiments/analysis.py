@@ -37,7 +37,8 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from dbmtl_jax.experiments.report import Row, Setting, load_results, schedule_text, setting_title, summarize
+from dbmtl_jax.experiments.report import (Row, Setting, load_results, optimizer_text, schedule_text, setting_title,
+                                          summarize)
 from dbmtl_jax.experiments.train import RECORDED_DEFAULTS, canonical_hparams, method_defaults, resolved_hparams
 from dbmtl_jax.metrics import delta_p
 
@@ -550,14 +551,14 @@ def index_rows(root: os.PathLike, *, skipped: Optional[list] = None) -> list[dic
         out.append({
             "study": Path(os.path.relpath(folder, root)).as_posix(),
             "benchmarks": sorted({r["benchmark"] for r in records}),
-            "recipes": [_recipe_text(st.recipe, st.quick) + (f", optimizer {st.optimizer.get('name')}"
+            "recipes": [_recipe_text(st.recipe, st.quick) + (f", optimizer {optimizer_text(st.optimizer)}"
                                                              if st.optimizer else "") for st in settings],
             "rows": sum(len(st.rows) for st in settings),
             "methods": methods,
             "seeds": sorted({r["seed"] for r in records}),
             "runs": len(records),
             "wall_time_s": sum(float(r.get("wall_time_s") or 0.0) for r in records),
-            "files": [p for p in ("report.md", "val_selection.md", "breakdown.md") if (folder / p).is_file()],
+            "files": sorted(p.name for p in folder.glob("*.md")),
             "paths": {r["_path"] for r in records},
         })
     return out
