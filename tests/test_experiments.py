@@ -715,7 +715,9 @@ def test_cli_optimizer_quick_toy_run(tmp_path, capsys, flags, expected):
     assert ex.config_hash(default) not in {r["config_hash"] for r in recs}
     res = ex.write_report(out, plots=False)
     (st,) = res["settings"]  # one setting: STL is the Δp reference of the same optimizer
-    assert st.optimizer == expected and f"optimizer {expected['name']}" in res["markdown"]
+    title = (f"SGD (momentum = {expected['momentum']})" if expected["name"] == "sgdm"
+             else f"Adam (b1 = {expected['b1']})")
+    assert st.optimizer == expected and f"optimizer {title}" in res["markdown"]
     assert all(np.isfinite(np.mean(r.delta_p)) for r in st.rows.values())
 
 
