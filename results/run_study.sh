@@ -21,10 +21,10 @@
 #   hurts     (multimnist_digits) EW, DB-MTL, EW + log, DB-MTL without log, β = 0, β/k^0.5, STL: paired.md vs EW
 #   converged (multimnist160) 5 seeds at 160 quick epochs: STL, EW, DB-MTL (default, LibMTL's β, β = 0), nine other
 #             methods, Table 5 and Fig. 1 rows: paired.md
-#   finished  (qm9_2k, multifashion320, dense60, adult120) STL, EW and DB-MTL with --lr-schedule cosine, then DB-MTL at β = 0.9 and
+#   finished  (qm9_2k, multifashion320, dense60, adult120, adult120_l1) STL, EW and DB-MTL with --lr-schedule cosine, then DB-MTL at β = 0.9 and
 #             β = 0, 5 seeds: paired.md
 #   optimizer (qm9_2k) the finished section's DB-MTL β rows and EW again with Adam b1 = 0 (double momentum?): paired.md
-#   methods   (qm9_2k, multimnist320, adult120) the 26-method main table under the finished protocol, 5 seeds: paired.md
+#   methods   (qm9_2k, multimnist320, adult120, adult120_l1) the 26-method main table under the finished protocol, 5 seeds: paired.md
 #   paper     (adult120) the rest of the paper's tables under the finished protocol, 5 seeds: Table 5 (EW + log, DB-MTL
 #             without log), Fig. 1 (six gradient methods + log), Fig. 6 (α), Fig. 5 (β grid): paired.md
 #   strongest (multifashion320, dense60) STL, EW, DB-MTL and the 9 methods with the best mean Δp rank over the four
@@ -56,6 +56,7 @@ case $B in
   multimnist320)     B=multimnist; EPOCHS=320 ;;                # 5,120 steps, 5 seeds; sections converged, cosine
   multifashion320)   B=multifashion; EPOCHS=320 ;;              # the same 5,120 steps on MultiFashion; section finished
   adult120)          B=adult; EPOCHS=120; QUICK= ;;              # 120 epochs = 13,680 steps; sections methods, finished
+  adult120_l1)       B=adult_l1; EPOCHS=120; QUICK= ;;           # the same with L1-trained regressions (§22); finished, methods
   # dense at its full recipe (2,000 / 500 / 500 scenes, batch 32): 60 epochs = 3,780 steps; section finished. On one
   # CPU core ≈ 40 min (EW) to 90 min (STL) per run: meant for a GPU session
   dense60)           B=dense; EPOCHS=60; QUICK= ;;
@@ -63,7 +64,7 @@ case $B in
   # molecules, a fixed random 2,000 training molecules, 2,000 validation and 2,000 test, batch 64
   qm9_2k)            B=qm9; EPOCHS=150; QUICK=; DATA="--batch-size 64 --max-train-examples 2000 --max-eval-examples 2000" ;;
   *) echo "unknown benchmark $B (multimnist, dense, qm9, multimnist80, multimnist160, multimnist320, multifashion320," \
-          "dense60, multimnist_digits, qm9_2k or adult120)" >&2
+          "dense60, multimnist_digits, qm9_2k, adult120 or adult120_l1)" >&2
      exit 2 ;;
 esac
 P=results/${B}_${EPOCHS}ep   # study prefix: the tables are $P_<section>/
