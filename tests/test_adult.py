@@ -336,3 +336,43 @@ def test_quickstart_runs_on_a_fixture(tmp_path):
         assert needle in out
     assert "nan" not in out.lower()
     assert not (tmp_path / "no-cache").exists()  # --data given: nothing fetched or cached
+
+
+# ---------------------------------------------------------------- the adult / adult_l1 benchmarks
+
+
+def test_adult_l1_trains_the_regressions_with_l1_and_starts_them_at_the_median(monkeypatch, tmp_path):
+    """``adult_l1`` differs from ``adult`` only in the regression loss (L1, the loss of their MAE score) and in the
+    head biases (training median instead of mean)."""
+    from flax import nnx
+
+    from dbmtl_jax import experiments as ex
+    from dbmtl_jax.experiments import builtin
+
+    rng = np.random.default_rng(1)
+    wheel = write_wheel(tmp_path / "w.whl", _random_rows(rng, 101), _random_rows(rng, 20))
+    monkeypatch.setenv("DBMTL_JAX_ADULT", str(wheel))
+    builtin._adult.cache_clear()
+    try:
+        mse, l1 = ex.get_benchmark("adult"), ex.get_benchmark("adult_l1")
+        assert (mse.name, l1.name) == ("adult", "adult_l1")
+        y = load_adult(wheel).y_train
+        perm = np.random.default_rng(0).permutation(len(y))  # the benchmark's fixed validation split
+        y_tr = y[np.sort(perm[int(round(0.1 * len(y))):])]
+        pred, target = np.array([1.0, -2.0, 4.0], np.float32), np.array([0.0, 1.0, 1.0], np.float32)
+        for t, (a, b) in enumerate(zip(mse.tasks, l1.tasks)):
+            assert a.name == b.name and a.metric is b.metric
+            bias_a = float(mse.model(nnx.Rngs(0)).heads[t].layers[0].bias[0])
+            bias_b = float(l1.model(nnx.Rngs(0)).heads[t].layers[0].bias[0])
+            if a.name in ("hours_per_week", "age"):
+                np.testing.assert_allclose(float(a.loss(pred, target)), np.mean((pred - target) ** 2), rtol=1e-6)
+                np.testing.assert_allclose(float(b.loss(pred, target)), np.mean(np.abs(pred - target)), rtol=1e-6)
+                np.testing.assert_allclose(bias_a, y_tr[:, t].mean(), rtol=1e-5)
+                np.testing.assert_allclose(bias_b, np.median(y_tr[:, t]), rtol=1e-5)
+            else:
+                assert a.loss is b.loss and bias_a == bias_b == 0.0
+        assert builtin.adult_benchmark("l1").name == "adult_l1"
+        with pytest.raises(ValueError, match="regression_loss"):
+            builtin.adult_benchmark("huber")
+    finally:
+        builtin._adult.cache_clear()

@@ -803,7 +803,7 @@ def test_report_without_stl_has_no_delta_p(tmp_path):
 
 
 def test_builtin_benchmarks_are_registered_and_cheap_to_build():
-    expected = {"toy": 3, "adult": 4, "qm9": 11, "multimnist": 2, "multifashion": 2, "dense": 3}
+    expected = {"toy": 3, "adult": 4, "adult_l1": 4, "qm9": 11, "multimnist": 2, "multifashion": 2, "dense": 3}
     assert set(expected) <= set(ex.BENCHMARKS)
     for name, num_tasks in expected.items():
         bench = ex.get_benchmark(name)  # factories load no data
