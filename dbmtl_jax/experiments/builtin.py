@@ -231,9 +231,8 @@ def adult_benchmark(regression_loss: str = "mse") -> Benchmark:
 
 
 def adult_l1_benchmark() -> Benchmark:
-    """``adult`` with the regressions trained by the L1 loss that their MAE score measures (see
-    :func:`adult_benchmark`): the MSE-trained ``adult`` scores hours-per-week by a metric its loss does not
-    minimise, so validation MAE is best at epoch 1 (results/README.md §20)."""
+    """``adult`` with the regressions trained by the L1 loss that their MAE score measures, so that loss and
+    metric agree (see :func:`adult_benchmark`; why it exists: results/README.md §20 and §22)."""
     return adult_benchmark("l1")
 
 
