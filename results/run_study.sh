@@ -25,7 +25,7 @@
 #             β = 0, 5 seeds: paired.md
 #   optimizer (qm9_2k) the finished section's DB-MTL β rows and EW again with Adam b1 = 0 (double momentum?): paired.md
 #   methods   (qm9_2k, multimnist320, adult120, adult120_l1) the 26-method main table under the finished protocol, 5 seeds: paired.md
-#   paper     (adult120) the rest of the paper's tables under the finished protocol, 5 seeds: Table 5 (EW + log, DB-MTL
+#   paper     (adult120, adult120_l1) the rest of the paper's tables under the finished protocol, 5 seeds: Table 5 (EW + log, DB-MTL
 #             without log), Fig. 1 (six gradient methods + log), Fig. 6 (α), Fig. 5 (β grid): paired.md
 #   strongest (multifashion320, dense60) STL, EW, DB-MTL and the 9 methods with the best mean Δp rank over the four
 #             short-budget main tables, under the finished protocol, 5 seeds: paired.md
@@ -219,7 +219,7 @@ for section in $SECTIONS; do
       run --methods graddrop,mtadam,moco,excessmtl --lr-schedule cosine --seeds $s, --test-curve --study $O
     done
     [ -n "$DRY" ] || dbmtl-jax paired $O --out $O/paired.md ;;
-  paper)  # (adult120) issue 12 item 3: Table 5, Fig. 1, Fig. 6 and Fig. 5 under the finished protocol (cosine decay,
+  paper)  # (adult120, adult120_l1) issue 12 item 3: Table 5, Fig. 1, Fig. 6 and Fig. 5 under the finished protocol (cosine decay,
     # 5 paired seeds, test curves), seed by seed. The base rows (STL, EW, DB-MTL at the default β, LibMTL's β, β = 0,
     # and the six gradient methods without log) come from the methods and finished sections (listed, not rerun).
     for s in 0 1 2 3 4; do
