@@ -129,7 +129,8 @@ for section in $SECTIONS; do
     run --optimizer sgdm --lr 0.01 --methods ew,dbmtl $LIBMTL --study $O
     run --optimizer sgdm --lr 0.01 --methods dbmtl --hp dbmtl.beta_sigma=0.5 --study $O
     run --optimizer sgdm --lr 0.01 --methods dbmtl --hp dbmtl.beta=0.0 --study $O
-    [ -n "$DRY" ] || { dbmtl-jax paired $O --out $O/paired.md && dbmtl-jax paired $O --baseline ew --out $O/paired_vs_ew.md; } ;;
+    [ -n "$DRY" ] || { dbmtl-jax paired $O --out $O/paired.md && dbmtl-jax paired $O --baseline ew --out $O/paired_vs_ew.md \
+      && dbmtl-jax paired $O --across --out $O/across.md; } ;;   # across.md: each row's gain from one optimizer to another
   hurts)  # issue 12 item 5: which part of DB-MTL hurts on many binary tasks with little data
     run --methods ew,dbmtl $LIBMTL --study $O
     run --methods dbmtl+nolog,ew+log $LIBMTL --study $O
@@ -179,7 +180,7 @@ for section in $SECTIONS; do
           --test-curve --study $O
       done
     done
-    [ -n "$DRY" ] || dbmtl-jax paired $O --out $O/paired.md ;;
+    [ -n "$DRY" ] || { dbmtl-jax paired $O --out $O/paired.md && dbmtl-jax paired $O --across --out $O/across.md; } ;;
   finished)  # (qm9_2k, multifashion320, dense60) STL, EW and DB-MTL with the learning rate decayed to 0, seed by seed (a partial study is paired)
     for s in 0 1 2 3 4; do run --methods dbmtl,stl,ew --lr-schedule cosine --seeds $s, --test-curve --study $O; done
     # then DB-MTL at LibMTL's constant β = 0.9 and with β = 0 (no EMA), the other two β of issue 12 item 4
@@ -202,7 +203,7 @@ for section in $SECTIONS; do
       run --optimizer adam --b1 0.0 --methods dbmtl --hp dbmtl.beta=0.0 --lr-schedule cosine --seeds $s, --test-curve \
         --study $O
     done
-    [ -n "$DRY" ] || dbmtl-jax paired $O --out $O/paired.md ;;
+    [ -n "$DRY" ] || { dbmtl-jax paired $O --out $O/paired.md && dbmtl-jax paired $O --across --out $O/across.md; } ;;
   methods)  # (qm9_2k, multimnist320) issue 12 item 3: the 26-method main table under the finished protocol (cosine
     # decay to 0, 5 paired seeds, test curves), seed by seed so that a partial table is already paired; the cheap
     # loss-weighting methods first, then the gradient methods. STL, EW and DB-MTL come from the finished / cosine

@@ -279,3 +279,78 @@ def test_a_schedule_without_stl_borrows_the_constant_rate_stl():
     assert ("Δp against the STL row trained with Adam (b1 = 0.9) and a constant learning rate "
             "(no STL was trained with this learning-rate schedule)") in text
     assert "| **ew** | 3 | +2.50 ± 0.00 |" in text  # (0.84 − 0.80) / 0.80 on one of two tasks, ×100 / 2
+
+
+def _across_records(second_stl=None):
+    """EW and DB-MTL under Adam (with STL) and under Adam b1 = 0 (STL optional): EW gains 0.5 Δp points on every
+    seed, DB-MTL 1.0, 1.5, 2.0 on seeds 0, 1, 2 (Δp = 62.5 · (acc_a − 0.8) against STL's 0.8, 0.8)."""
+    flat = [2.0] * 5 + [1.0] * 5
+    recs = []
+    for s in range(3):
+        recs.append(_record("stl", s, {}, (0.80, 0.80), 10, flat))
+        recs.append(_record("ew", s, {}, (0.80 + 0.01 * s, 0.80), 9, flat))
+        recs.append(_record("dbmtl", s, {}, (0.82, 0.80), 3, flat))
+        second = [_record("ew", s, {}, (0.808 + 0.01 * s, 0.80), 10, flat),
+                  _record("dbmtl", s, {}, (0.836 + 0.008 * s, 0.80), 2, flat)]
+        if second_stl is not None:
+            second.append(_record("stl", s, {}, (second_stl, second_stl), 10, flat))
+        for r in second:
+            r["config"]["optimizer"] = {"name": "adam", "b1": 0.0}
+            r["config_hash"] += "-b1-0"
+        recs += second
+    return recs
+
+
+def test_across_settings_gains_and_interactions_against_one_stl():
+    recs = _across_records()
+    text = pr.across_settings_report(summarize(recs))
+    assert text.startswith("### b: optimizer Adam (b1 = 0.9) → Adam (b1 = 0.0)\n")
+    rows = {ln.split(" | ")[0][2:]: ln.split(" | ") for ln in text.splitlines() if ln.startswith("| ") and " | 3 | " in ln}
+    assert set(rows) == {"dbmtl", "ew"}  # STL ran in the first setting only: not a shared row
+    half = 4.303 * 0.5 / math.sqrt(3)
+    db, ew = rows["dbmtl"], rows["ew"]
+    assert db[2:5] == ["+1.25", "+2.75", f"+1.50 [{1.5 - half:+.2f}, {1.5 + half:+.2f}]"]
+    assert ew[4] == "+0.50 [+0.50, +0.50]"
+    assert db[5] == f"+1.00 [{1.0 - half:+.2f}, {1.0 + half:+.2f}]" and db[6] == "—"  # interaction with EW
+    assert ew[5] == "—" and ew[6] == f"-1.00 [{-1.0 - half:+.2f}, {-1.0 + half:+.2f}]"
+    assert db[7] == "0 of 3; 0 of 3 |" and ew[7] == "3 of 3; 3 of 3 |"
+    assert text.index("| dbmtl |") < text.index("| ew |")  # largest gain first
+    # The same table whatever the record order, and the second setting's own STL does not move the baseline.
+    assert pr.across_settings_report(summarize(recs[::-1])) == text
+    with_stl = pr.across_settings_report(summarize(_across_records(second_stl=0.9)))
+    assert "| dbmtl | 3 | +1.25 | +2.75 | +1.50 [" in with_stl and "| stl | 3 | +0.00 | +12.50 |" in with_stl
+    with pytest.raises(ValueError, match="no pair of settings shares the row 'gradnorm'; rows shared: dbmtl, ew"):
+        pr.across_settings_report(summarize(recs), ("gradnorm",))
+    assert "gain − gain of dbmtl" not in pr.across_settings_report(summarize(recs), ("ew",))
+    # A third setting (SGD) without STL: its pair with b1 = 0 borrows the first setting's STL; SGD's EW loses 0.25.
+    sgd = [_record("ew", s, {}, (0.804 + 0.01 * s, 0.80), 10, [1.0] * 10) for s in range(3)]
+    for r in sgd:
+        r["config"]["optimizer"] = {"name": "sgdm", "momentum": 0.9}
+        r["config_hash"] += "-sgd"
+    three = pr.across_settings_report(summarize(recs + sgd))
+    assert three.count("### b: ") == 3
+    pair = three[three.index("### b: optimizer SGD (momentum = 0.9) → Adam (b1 = 0.0)"):]
+    assert "Δp of both against the stl row of setting b-full-" in pair
+    assert "| ew | 3 | +0.87 | +1.12 | +0.25 [+0.25, +0.25] |" in pair
+
+
+def test_across_settings_cli(tmp_path, capsys):
+    import gzip
+    import json
+
+    from dbmtl_jax.experiments.cli import main
+
+    for i, r in enumerate(_across_records()):
+        r.update(format="dbmtl_jax.experiment/2", status="done", benchmark="b", seed=r["seed"])
+        with gzip.open(tmp_path / f"b__{r['method']}__seed{r['seed']}__{i:010d}.json.gz", "wt") as f:
+            json.dump(r, f)
+    assert main(["paired", str(tmp_path), "--across", "--ref", "ew"]) == 0
+    out = capsys.readouterr().out
+    assert "| dbmtl | 3 | +1.25 | +2.75 | +1.50 [" in out and "gain − gain of ew" in out
+    assert main(["paired", str(tmp_path), "--across", "--ref", "nope"]) == 2
+    assert "no pair of settings shares the row 'nope'" in capsys.readouterr().err
+    for f in tmp_path.glob("*.json.gz"):  # one setting left: nothing to compare
+        if "b1" in gzip.open(f, "rt").read():
+            f.unlink()
+    assert main(["paired", str(tmp_path), "--across"]) == 1
+    assert "no two settings of one benchmark share a row" in capsys.readouterr().err

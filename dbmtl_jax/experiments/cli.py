@@ -170,6 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="re-select every run's epoch on the W-epoch (odd) centred moving average of its validation "
                          "curve, with test metrics from its recorded test curve (runs trained with --test-curve; "
                          "others are left out)")
+    pa.add_argument("--across", action="store_true",
+                    help="compare settings instead of rows: for each pair of settings of one benchmark (e.g. two "
+                         "optimizers or schedules) the per-seed gain of every shared row and its interaction with "
+                         "the --ref rows (gain minus the reference's gain), Δp of both against the first setting's STL")
     pa.add_argument("--out", help="write to this file instead of stdout")
 
     ix = sub.add_parser("index", help="a markdown index of the study folders (folders with runs.txt) under DIR")
@@ -415,7 +419,7 @@ def _cmd_time(args: argparse.Namespace) -> int:
 
 
 def _cmd_paired(args: argparse.Namespace) -> int:
-    from dbmtl_jax.experiments.paired import paired_report
+    from dbmtl_jax.experiments.paired import across_settings_report, paired_report
     from dbmtl_jax.experiments.report import load_results, summarize
 
     if not _dirs_exist(args.dir):
@@ -450,11 +454,15 @@ def _cmd_paired(args: argparse.Namespace) -> int:
         return 1
     settings = summarize(records)  # a ValueError here (records that cannot share a table) exits 1 in main
     try:
-        body = paired_report(settings, args.ref, args.baseline)
+        body = (across_settings_report if args.across else paired_report)(settings, args.ref, args.baseline)
     except ValueError as e:  # a --ref / --baseline that names no row
         print(f"error: {e}", file=sys.stderr)
         return 2
     text = head + body
+    if not body.strip() and args.across:
+        print(f"error: {args.dir}: no table: no two settings of one benchmark share a row "
+              f"(and have {'an STL' if args.baseline == 'stl' else f'a {args.baseline}'} row).", file=sys.stderr)
+        return 1
     if not body.strip():
         print(f"error: {args.dir}: no table: no setting has an STL row to measure Δp against "
               "(give --baseline ROW, e.g. --baseline ew).", file=sys.stderr)

@@ -8,6 +8,11 @@ ranked in *groups* that these intervals cannot separate: the best remaining
 row leads a group, and every row whose paired interval against the leader
 contains 0 joins it.
 
+Across settings (one change of the recipe or optimizer, e.g. Adam's b1 = 0.9 → 0): a row's *gain* is its
+per-seed Δp under the changed setting minus its Δp under the first, both against one STL; the
+*interaction* of two rows is the paired difference of their gains (does the change help one row more
+than the other?).
+
 Convergence (the study protocol of results/README.md): the share of runs
 whose validation-selected epoch lies in the last 20 % of training; the
 relative change of the summed training loss over the last 20 % of epochs;
@@ -23,7 +28,8 @@ from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
 
 import numpy as np
 
-from dbmtl_jax.experiments.report import Row, Setting, optimizer_text, rebase_delta_p, schedule_text, setting_title
+from dbmtl_jax.experiments.report import (Row, Setting, optimizer_text, rebase_delta_p, runs_delta_p, schedule_text,
+                                          setting_title)
 
 __all__ = [
     "PairedInterval",
@@ -39,6 +45,7 @@ __all__ = [
     "borrow_stl",
     "find_row",
     "paired_report",
+    "across_settings_report",
 ]
 
 # Two-sided 95 % quantiles t_{0.975, df} of Student's t for df = 1 … 30.
@@ -333,4 +340,116 @@ def paired_report(
         out.append(f"Not shown, for want of {what} to measure Δp against: "
                    + "; ".join(f"{st.benchmark} {st.key} ({sum(len(r.runs) for r in st.rows.values())} runs)"
                                for st in left_out) + ".\n")
+    return "\n".join(out)
+
+
+def _reference_order(st: Setting) -> tuple:
+    """Which of two settings is the "from" side: the default optimizer, a constant rate, fewer epochs first."""
+    return (bool(st.optimizer), schedule_text(st.recipe) != "", st.recipe.get("epochs") or 0, st.key)
+
+
+def _changes(a: Setting, b: Setting) -> list[str]:
+    """What differs between two settings of one benchmark, in words (``"optimizer X → Y"``)."""
+    out = []
+    if optimizer_text(a.optimizer) != optimizer_text(b.optimizer):
+        out.append(f"optimizer {optimizer_text(a.optimizer)} → {optimizer_text(b.optimizer)}")
+    if schedule_text(a.recipe) != schedule_text(b.recipe):
+        out.append(f"schedule {schedule_text(a.recipe) or 'constant'} → {schedule_text(b.recipe) or 'constant'}")
+    for k in sorted(set(a.recipe) | set(b.recipe)):
+        if k not in _SCHEDULE_KEYS and a.recipe.get(k) != b.recipe.get(k):
+            out.append(f"{k} {a.recipe.get(k)} → {b.recipe.get(k)}")
+    if a.quick != b.quick:
+        out.append(f"{'quick' if a.quick else 'full'} → {'quick' if b.quick else 'full'} recipe")
+    return out
+
+
+def _unique_labels(st: Setting) -> dict[str, Row]:
+    """The setting's rows by label; a label that several configs share (e.g. ``--grad-stats``) is left out."""
+    rows = list(st.rows.values())
+    labels = [r.label for r in rows]
+    return {r.label: r for r in rows if labels.count(r.label) == 1}
+
+
+def across_settings_report(
+    settings: Sequence[Setting], references: Optional[Sequence[str]] = None, baseline: str = "stl"
+) -> str:
+    """One table per pair of settings of one benchmark (same tasks) that share rows: each shared row's
+    per-seed gain (Δp in the second setting minus Δp in the first) with its 95 % interval, and its
+    interaction with each reference row (its gain minus the reference's gain, paired over seeds).
+
+    Both settings' Δp are measured against one row, so that a gain is a change of the row's own metrics:
+    the first setting's ``baseline`` row (STL by default), else the second's, else that of another setting
+    of the benchmark.
+    The first setting is the one with the default optimizer, a constant learning rate or fewer epochs.
+    ``references``: row labels or method names (default: ``ew`` and ``dbmtl`` where both settings have
+    them); a name that no pair of settings shares is an error (``ValueError`` listing the shared rows).
+    """
+    settings = sorted(settings, key=_reference_order)
+    pairs = [(a, b) for i, a in enumerate(settings) for b in settings[i + 1:]
+             if a.benchmark == b.benchmark and a.higher_is_better == b.higher_is_better
+             and set(_unique_labels(a)) & set(_unique_labels(b))]
+    explicit = references is not None
+    references = tuple(references) if explicit else ("ew", "dbmtl")
+
+    def shared(a: Setting, b: Setting, name: str) -> Optional[str]:  # the label a name stands for in both
+        ra, rb = find_row(list(a.rows.values()), name), find_row(list(b.rows.values()), name)
+        return ra.label if ra is not None and rb is not None and ra.label == rb.label else None
+
+    missing = [n for n in references if explicit and not any(shared(a, b, n) for a, b in pairs)]
+    if missing and pairs:
+        labels = sorted({lab for a, b in pairs for lab in set(_unique_labels(a)) & set(_unique_labels(b))})
+        raise ValueError(f"no pair of settings shares the row {', '.join(map(repr, missing))}; "
+                         f"rows shared: {', '.join(labels)}.")
+    out, left_out = [], []
+    for a, b in pairs:
+        base = None  # the first setting's, else the second's, else that of the first other setting that has one
+        others = [o for o in settings if o not in (a, b) and o.benchmark == a.benchmark
+                  and o.higher_is_better == a.higher_is_better]
+        for st in (a, b, *others):
+            base = st.stl if baseline == "stl" else find_row(list(st.rows.values()), baseline)
+            if base is not None:
+                where = {id(a): "the first setting", id(b): "the second setting"}.get(id(st), f"setting {st.key}")
+                base_text = f"the {base.label} row of {where}"
+                break
+        if base is None:
+            left_out.append(f"{a.key} → {b.key}")
+            continue
+        hib = a.higher_is_better
+        ref_metrics = base.mean_metrics(hib)
+        la, lb = _unique_labels(a), _unique_labels(b)
+        scores = {}  # label -> (Δp in a, Δp in b) by seed
+        for lab in set(la) & set(lb):
+            scores[lab] = tuple({int(s): d for s, d in zip(row.seeds, runs_delta_p(row, ref_metrics, hib))}
+                                for row in (la[lab], lb[lab]))
+        gains = {lab: {s: vb[s] - va[s] for s in set(va) & set(vb)} for lab, (va, vb) in scores.items()}
+        refs = [lab for n in references if (lab := shared(a, b, n)) is not None]
+
+        def mean(xs: Mapping[int, float]) -> float:
+            vals = [v for v in xs.values() if math.isfinite(v)]
+            return float(np.mean(vals)) if vals else -math.inf
+
+        head = (["row", "seeds", "Δp, first", "Δp, second", "gain: second − first [95 % CI]"]
+                + [f"gain − gain of {r} [95 % CI]" for r in refs] + ["selected in the last 20 % (first; second)"])
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for lab in sorted(gains, key=lambda k: (-mean(gains[k]), k)):
+            iv = paired_interval(gains[lab], {s: 0.0 for s in gains[lab]})
+            cells = [lab, str(iv.n if iv else 0)] + [f"{round(mean(v), 2) + 0.0:+.2f}" if mean(v) > -math.inf else "—"
+                                                      for v in scores[lab]]
+            cells.append("—" if iv is None else iv.text())
+            for r in refs:
+                ix = None if r == lab else paired_interval(gains[lab], gains[r])
+                cells.append("—" if ix is None else ix.text())
+            late = []
+            for row in (la[lab], lb[lab]):
+                sel = [r for r in row.runs if all(e is not None for e in r["selected_epoch"].values())]
+                late.append(f"{sum(selected_late(r) for r in sel)} of {len(sel)}" if sel else "—")
+            cells.append("; ".join(late))
+            lines.append("| " + " | ".join(cells) + " |")
+        changes = "; ".join(_changes(a, b)) or "the setting key only"
+        out.append(f"### {a.benchmark}: {changes}\n\nFirst: {setting_title(a)}.\nSecond: {setting_title(b)}.\n\n"
+                   f"Δp of both against {base_text} (its mean metrics); a gain is paired over the seeds both "
+                   f"settings ran, an interaction over the seeds all four runs share.\n\n" + "\n".join(lines) + "\n")
+    if out and left_out:
+        what = "an STL row" if baseline == "stl" else f"a {baseline} row"
+        out.append(f"Not shown, for want of {what} in any setting of the benchmark: {'; '.join(left_out)}.\n")
     return "\n".join(out)
