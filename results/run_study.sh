@@ -24,6 +24,7 @@
 #   finished  (qm9_2k, multifashion320, dense60, adult120, adult120_l1) STL, EW and DB-MTL with --lr-schedule cosine, then DB-MTL at β = 0.9 and
 #             β = 0, 5 seeds: paired.md
 #   optimizer (qm9_2k) the finished section's DB-MTL β rows and EW again with Adam b1 = 0 (double momentum?): paired.md
+#   sgdlr     (qm9_2k, multimnist320) the SGD-with-momentum learning-rate pilot of item 4 (EW, DB-MTL; seed 0)
 #   methods   (qm9_2k, multimnist320, adult120, adult120_l1) the 26-method main table under the finished protocol, 5 seeds: paired.md
 #   paper     (adult120, adult120_l1) the rest of the paper's tables under the finished protocol, 5 seeds: Table 5 (EW + log, DB-MTL
 #             without log), Fig. 1 (six gradient methods + log), Fig. 6 (α), Fig. 5 (β grid): paired.md
@@ -252,8 +253,17 @@ for section in $SECTIONS; do
         --study $O
     done
     [ -n "$DRY" ] || dbmtl-jax paired $O --out $O/paired.md ;;
+  sgdlr)  # (qm9_2k, multimnist320) the learning-rate pilot of item 4's third optimizer, SGD with momentum 0.9
+    # (optax.sgd, PyTorch's convention), under the finished protocol (cosine decay), seed 0. SGD is not
+    # scale-invariant and the rows' updates differ in scale (EW: the summed gradient; DB-MTL: α times a sum of unit
+    # vectors of log-loss gradients), so EW and DB-MTL each get the rate best on validation Δp (vs the Adam STL);
+    # the sgd section then runs every row at its rate. Rates from the smallest up.
+    for lr in 0.003 0.01 0.03 0.1; do
+      run --optimizer sgdm --lr $lr --methods ew,dbmtl --lr-schedule cosine --seeds 0, --test-curve --study $O
+    done
+    [ -n "$DRY" ] || dbmtl-jax paired $O --out $O/paired.md ;;
   *) echo "unknown section $section (main beta ablation log alpha budget betaopt hurts converged cosine finished optimizer" \
-          "methods paper strongest)" >&2
+          "methods paper strongest sgdlr)" >&2
      exit 2 ;;
   esac
 done

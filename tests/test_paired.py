@@ -354,3 +354,42 @@ def test_across_settings_cli(tmp_path, capsys):
             f.unlink()
     assert main(["paired", str(tmp_path), "--across"]) == 1
     assert "no two settings of one benchmark share a row" in capsys.readouterr().err
+
+
+def test_validation_split_and_an_stl_borrowed_across_a_learning_rate(tmp_path, capsys):
+    import gzip
+    import json
+
+    from dbmtl_jax.experiments.cli import main
+
+    flat = [2.0] * 5 + [1.0] * 5
+    recs = []
+    for s in range(3):
+        stl = _record("stl", s, {}, (0.80, 0.80), 10, flat)
+        stl["config"]["recipe"]["learning_rate"] = 0.001
+        recs.append(stl)
+        for lr, acc in ((0.1, 0.76), (0.01, 0.84)):  # an SGD pilot: two rates, no STL of its own
+            r = _record("ew", s, {}, (acc, 0.80), 10, flat)
+            r["metrics"]["val"]["a"]["acc"] = acc - 0.04  # validation 0.04 below test: +0 and −10 Δp on val
+            r["config"]["optimizer"] = {"name": "sgdm", "momentum": 0.9}
+            r["config"]["recipe"] = {"epochs": 10, "learning_rate": lr}
+            r["config_hash"] = f"ew-sgd-{lr}"
+            recs.append(r)
+    test = pr.paired_report(summarize(recs), ("ew",))
+    assert test.count("Δp against the STL row trained with Adam (b1 = 0.9) at learning rate 0.001 and a constant "
+                      "learning rate (no STL was trained with this optimizer and learning rate)") == 2
+    assert "| **ew** | 3 | +2.50 ± 0.00 |" in test and "| **ew** | 3 | -2.50 ± 0.00 |" in test
+    val = pr.paired_report(summarize(recs), ("ew",), split="val")
+    assert "| **ew** | 3 | +0.00 ± 0.00 |" in val and "| **ew** | 3 | -5.00 ± 0.00 |" in val
+    across = pr.across_settings_report(summarize(recs), split="val")
+    assert across.startswith("### b: learning_rate 0.01 → 0.1\n")  # the smaller rate first
+    assert "| ew | 3 | +0.00 | -5.00 | -5.00 [-5.00, -5.00] |" in across
+    with pytest.raises(ValueError, match="split must be 'test' or 'val'"):
+        pr.paired_report(summarize(recs), split="train")
+    for i, r in enumerate(recs):
+        r.update(format="dbmtl_jax.experiment/2", status="done", benchmark="b", seed=r["seed"])
+        with gzip.open(tmp_path / f"b__{r['method']}__seed{r['seed']}__{i:010d}.json.gz", "wt") as f:
+            json.dump(r, f)
+    assert main(["paired", str(tmp_path), "--split", "val"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Δp on the validation split") and "| **ew** | 3 | -5.00 ± 0.00 |" in out

@@ -174,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="compare settings instead of rows: for each pair of settings of one benchmark (e.g. two "
                          "optimizers or schedules) the per-seed gain of every shared row and its interaction with "
                          "the --ref rows (gain minus the reference's gain), Δp of both against the first setting's STL")
+    pa.add_argument("--split", choices=("test", "val"), default="test",
+                    help="Δp on the test split (default, the result) or on the validation split (the selection split: "
+                         "for choosing a hyperparameter, e.g. a learning rate, from a pilot)")
     pa.add_argument("--out", help="write to this file instead of stdout")
 
     ix = sub.add_parser("index", help="a markdown index of the study folders (folders with runs.txt) under DIR")
@@ -454,10 +457,13 @@ def _cmd_paired(args: argparse.Namespace) -> int:
         return 1
     settings = summarize(records)  # a ValueError here (records that cannot share a table) exits 1 in main
     try:
-        body = (across_settings_report if args.across else paired_report)(settings, args.ref, args.baseline)
+        body = (across_settings_report if args.across else paired_report)(settings, args.ref, args.baseline, args.split)
     except ValueError as e:  # a --ref / --baseline that names no row
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.split == "val":
+        head += ("Δp on the validation split (the selection split, against the baseline's validation metrics): for "
+                 "choosing hyperparameters, not a result.\n\n")
     text = head + body
     if not body.strip() and args.across:
         print(f"error: {args.dir}: no table: no two settings of one benchmark share a row "

@@ -258,30 +258,41 @@ def paired_table_markdown(
 _SCHEDULE_KEYS = ("lr_schedule", "lr_decay_epoch", "lr_decay_factor")
 
 
-def _without_schedule(recipe: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in recipe.items() if k not in _SCHEDULE_KEYS}
+def _data_and_budget(recipe: Mapping[str, Any]) -> dict[str, Any]:
+    """A recipe without its learning rate and schedule: what an STL row must share to be borrowed."""
+    return {k: v for k, v in recipe.items() if k not in _SCHEDULE_KEYS and k != "learning_rate"}
 
 
-def borrow_stl(settings: Sequence[Setting]) -> dict[str, str]:
+def borrow_stl(settings: Sequence[Setting], split: str = "test") -> dict[str, str]:
     """Gives a setting without an STL row the STL row of a setting with the same benchmark, data and
-    epochs (another optimizer, or another learning-rate schedule; the same recipe and optimizer are
-    preferred) and recomputes its Δp against it; returns ``{setting key: note}``."""
+    epochs (another optimizer, learning rate or schedule; the closest recipe and the same optimizer are
+    preferred) and recomputes its Δp on ``split`` against it; returns ``{setting key: note}``."""
     notes = {}
     for st in settings:
         if st.stl is not None:
             continue
         donors = [o for o in settings if o.stl is not None and o.benchmark == st.benchmark and o.quick == st.quick
-                  and _without_schedule(o.recipe) == _without_schedule(st.recipe)]
+                  and _data_and_budget(o.recipe) == _data_and_budget(st.recipe)]
         if not donors:
             continue
-        donor = min(donors, key=lambda o: (o.recipe != st.recipe, o.optimizer != st.optimizer))
-        rebase_delta_p(st, donor.stl)
+        lr = lambda rc: rc.get("learning_rate")  # noqa: E731
+        donor = min(donors, key=lambda o: (o.recipe != st.recipe, o.optimizer != st.optimizer,
+                                           lr(o.recipe) != lr(st.recipe), o.key))
+        rebase_delta_p(st, donor.stl, split)
         sched = schedule_text(donor.recipe) or "a constant learning rate"
         differs = [w for w, d in (("optimizer", donor.optimizer != st.optimizer),
-                                  ("learning-rate schedule", donor.recipe != st.recipe)) if d]
-        notes[st.key] = (f"Δp against the STL row trained with {optimizer_text(donor.optimizer)} and {sched} "
+                                  ("learning rate", lr(donor.recipe) != lr(st.recipe)),
+                                  ("learning-rate schedule", schedule_text(donor.recipe) != schedule_text(st.recipe)))
+                   if d]
+        rate = f" at learning rate {lr(donor.recipe)}" if lr(donor.recipe) != lr(st.recipe) else ""
+        notes[st.key] = (f"Δp against the STL row trained with {optimizer_text(donor.optimizer)}{rate} and {sched} "
                          f"(no STL was trained with this {' and '.join(differs)})")
     return notes
+
+
+def _check_split(split: str) -> None:
+    if split not in ("test", "val"):
+        raise ValueError(f"split must be 'test' or 'val', got {split!r}.")
 
 
 def find_row(rows: Sequence[Row], name: str) -> Optional[Row]:
@@ -299,7 +310,8 @@ def find_row(rows: Sequence[Row], name: str) -> Optional[Row]:
 
 
 def paired_report(
-    settings: Sequence[Setting], references: Optional[Sequence[str]] = None, baseline: str = "stl"
+    settings: Sequence[Setting], references: Optional[Sequence[str]] = None, baseline: str = "stl",
+    split: str = "test",
 ) -> str:
     """One paired table per setting.
 
@@ -307,8 +319,10 @@ def paired_report(
     :func:`find_row`); ``None``: ``ew`` and ``dbmtl`` where a setting has them.  A reference or
     ``baseline`` given by name that no setting has is an error (``ValueError`` listing the rows).
     ``baseline``: the row Δp is measured against, ``"stl"`` (the paper's Eq. 3–4) or another row, for
-    studies without STL runs.
+    studies without STL runs.  ``split``: ``"test"`` (the reported result) or ``"val"`` (the selection
+    split's Δp, for choosing a hyperparameter such as a learning rate).
     """
+    _check_split(split)
     explicit = references is not None
     references = tuple(references) if explicit else ("ew", "dbmtl")
     wanted = (list(references) if explicit else []) + ([baseline] if baseline != "stl" else [])
@@ -316,7 +330,11 @@ def paired_report(
     if missing and settings:
         labels = sorted({r.label for st in settings for r in st.rows.values()})
         raise ValueError(f"no row {', '.join(map(repr, missing))} in these results; rows: {', '.join(labels)}.")
-    notes = borrow_stl(settings) if baseline == "stl" else {}
+    if baseline == "stl" and split != "test":
+        for st in settings:
+            if st.stl is not None:
+                rebase_delta_p(st, st.stl, split)
+    notes = borrow_stl(settings, split) if baseline == "stl" else {}
     out, left_out = [], []
     for st in settings:
         rows = list(st.rows.values())
@@ -328,7 +346,7 @@ def paired_report(
             if base_row is None:
                 left_out.append(st)
                 continue
-            rebase_delta_p(st, base_row)
+            rebase_delta_p(st, base_row, split)
             notes[st.key] = f"Δp is measured against {baseline} (mean over its seeds), not STL"
         refs = {m: r for m in references if (r := find_row(rows, m)) is not None}
         loss_rows = [r for r in (find_row(rows, "ew"), find_row(rows, "stl")) if r is not None]
@@ -344,8 +362,10 @@ def paired_report(
 
 
 def _reference_order(st: Setting) -> tuple:
-    """Which of two settings is the "from" side: the default optimizer, a constant rate, fewer epochs first."""
-    return (bool(st.optimizer), schedule_text(st.recipe) != "", st.recipe.get("epochs") or 0, st.key)
+    """Which of two settings is the "from" side: the default optimizer, a constant rate, fewer epochs, a smaller
+    learning rate first."""
+    return (bool(st.optimizer), schedule_text(st.recipe) != "", st.recipe.get("epochs") or 0,
+            st.recipe.get("learning_rate") or 0.0, st.key)
 
 
 def _changes(a: Setting, b: Setting) -> list[str]:
@@ -371,7 +391,8 @@ def _unique_labels(st: Setting) -> dict[str, Row]:
 
 
 def across_settings_report(
-    settings: Sequence[Setting], references: Optional[Sequence[str]] = None, baseline: str = "stl"
+    settings: Sequence[Setting], references: Optional[Sequence[str]] = None, baseline: str = "stl",
+    split: str = "test",
 ) -> str:
     """One table per pair of settings of one benchmark (same tasks) that share rows: each shared row's
     per-seed gain (Δp in the second setting minus Δp in the first) with its 95 % interval, and its
@@ -383,7 +404,9 @@ def across_settings_report(
     The first setting is the one with the default optimizer, a constant learning rate or fewer epochs.
     ``references``: row labels or method names (default: ``ew`` and ``dbmtl`` where both settings have
     them); a name that no pair of settings shares is an error (``ValueError`` listing the shared rows).
+    ``split``: as in :func:`paired_report`.
     """
+    _check_split(split)
     settings = sorted(settings, key=_reference_order)
     pairs = [(a, b) for i, a in enumerate(settings) for b in settings[i + 1:]
              if a.benchmark == b.benchmark and a.higher_is_better == b.higher_is_better
@@ -415,11 +438,11 @@ def across_settings_report(
             left_out.append(f"{a.key} → {b.key}")
             continue
         hib = a.higher_is_better
-        ref_metrics = base.mean_metrics(hib)
+        ref_metrics = base.mean_metrics(hib, split)
         la, lb = _unique_labels(a), _unique_labels(b)
         scores = {}  # label -> (Δp in a, Δp in b) by seed
         for lab in set(la) & set(lb):
-            scores[lab] = tuple({int(s): d for s, d in zip(row.seeds, runs_delta_p(row, ref_metrics, hib))}
+            scores[lab] = tuple({int(s): d for s, d in zip(row.seeds, runs_delta_p(row, ref_metrics, hib, split))}
                                 for row in (la[lab], lb[lab]))
         gains = {lab: {s: vb[s] - va[s] for s in set(va) & set(vb)} for lab, (va, vb) in scores.items()}
         refs = [lab for n in references if (lab := shared(a, b, n)) is not None]

@@ -298,23 +298,25 @@ def _setting_key(rec: Mapping[str, Any]) -> str:
     return f"{cfg['benchmark']}-{'quick' if cfg['quick'] else 'full'}-{hashlib.sha256(text.encode()).hexdigest()[:6]}"
 
 
-def runs_delta_p(row: Row, base: Mapping[str, Mapping[str, float]], hib: Mapping[str, Mapping[str, bool]]) -> list[float]:
-    """Each run's test Δp against the metrics ``base`` (NaN where it is undefined), in the row's run order."""
+def runs_delta_p(row: Row, base: Mapping[str, Mapping[str, float]], hib: Mapping[str, Mapping[str, bool]],
+                 split: str = "test") -> list[float]:
+    """Each run's Δp on ``split`` against the metrics ``base`` (NaN where it is undefined), in the row's run order."""
     out = []
     for r in row.runs:
         try:
-            out.append(delta_p(r["metrics"]["test"], base, hib))
+            out.append(delta_p(r["metrics"][split], base, hib))
         except ValueError:
             out.append(float("nan"))
     return out
 
 
-def rebase_delta_p(st: Setting, baseline: Row) -> None:
-    """Sets every row's per-run test Δp (NaN where it is undefined) against ``baseline``'s mean metrics."""
+def rebase_delta_p(st: Setting, baseline: Row, split: str = "test") -> None:
+    """Sets every row's per-run Δp on ``split`` ("test" or "val"; NaN where it is undefined) against
+    ``baseline``'s mean metrics on the same split."""
     hib = st.higher_is_better
-    base = baseline.mean_metrics(hib)
+    base = baseline.mean_metrics(hib, split)
     for row in st.rows.values():
-        row.delta_p = runs_delta_p(row, base, hib)
+        row.delta_p = runs_delta_p(row, base, hib, split)
 
 
 def summarize(records: Iterable[Mapping[str, Any]]) -> list[Setting]:
