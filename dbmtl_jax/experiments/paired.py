@@ -24,7 +24,7 @@ geometrically (memorisation), where the relative change never becomes small.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional, Sequence
 
 import numpy as np
 
@@ -96,6 +96,12 @@ def paired_interval(a: Mapping[int, float], b: Mapping[int, float]) -> Optional[
     return PairedInterval(mean, mean - half, mean + half, len(d))
 
 
+def _finite_mean(xs: Iterable[float]) -> float:
+    """The mean of the finite values (−inf if there are none)."""
+    vals = [v for v in xs if math.isfinite(v)]
+    return float(np.mean(vals)) if vals else -math.inf
+
+
 def rank_groups(scores: Mapping[str, Mapping[int, float]]) -> dict[str, int]:
     """Group number (1 = best) of each row of per-seed scores (higher is better, e.g. Δp).
 
@@ -104,8 +110,7 @@ def rank_groups(scores: Mapping[str, Mapping[int, float]]) -> dict[str, int]:
     score get no group.
     """
     def mean(k: str) -> float:
-        vals = [v for v in scores[k].values() if math.isfinite(v)]
-        return float(np.mean(vals)) if vals else -math.inf
+        return _finite_mean(scores[k].values())
 
     left = sorted((k for k in scores if mean(k) > -math.inf), key=mean, reverse=True)
     groups: dict[str, int] = {}
@@ -169,6 +174,17 @@ def loss_share_last_fifth(run: Mapping[str, Any], fraction: float = 0.2) -> floa
 
 def _seed_scores(row: Row) -> dict[int, float]:
     return {int(s): float(d) for s, d in zip(row.seeds, row.delta_p)}
+
+
+def _selected_runs(row: Row) -> list:
+    """The row's runs that selected an epoch (none do under ``--average-last``)."""
+    return [r for r in row.runs if all(e is not None for e in r["selected_epoch"].values())]
+
+
+def _late_cell(row: Row) -> str:
+    """``"k of n"``: how many of the row's runs select an epoch in the last 20 % ("—" if none selected)."""
+    selected = _selected_runs(row)
+    return f"{sum(selected_late(r) for r in selected)} of {len(selected)}" if selected else "—"
 
 
 def convergence_line(st: Setting, rows: Sequence[Row], loss_rows: Sequence[Row]) -> str:
@@ -238,8 +254,8 @@ def paired_table_markdown(
             short = iv is not None and 2 <= iv.n < min(len(row.runs), len(ref.runs))
             cells.append("—" if iv is None else iv.text() + (f" (n={iv.n})" if short else ""))
         cells.append("—" if g is None else str(g))
-        selected = [r for r in row.runs if all(e is not None for e in r["selected_epoch"].values())]
-        late = f"{sum(selected_late(r) for r in selected)} of {len(selected)}" if selected else "—"
+        selected = _selected_runs(row)
+        late = _late_cell(row)
         if selected and row.method == "stl":  # one network per task: also count the late networks
             late += (f" ({sum(late_task_selections(r) for r in selected)} of "
                      f"{sum(len(r['selected_epoch']) for r in selected)} task networks)")
@@ -401,7 +417,8 @@ def across_settings_report(
     Both settings' Δp are measured against one row, so that a gain is a change of the row's own metrics:
     the first setting's ``baseline`` row (STL by default), else the second's, else that of another setting
     of the benchmark.
-    The first setting is the one with the default optimizer, a constant learning rate or fewer epochs.
+    The first setting is the one with the default optimizer, a constant learning rate, fewer epochs or a
+    smaller learning rate.
     ``references``: row labels or method names (default: ``ew`` and ``dbmtl`` where both settings have
     them); a name that no pair of settings shares is an error (``ValueError`` listing the shared rows).
     ``split``: as in :func:`paired_report`.
@@ -448,8 +465,7 @@ def across_settings_report(
         refs = [lab for n in references if (lab := shared(a, b, n)) is not None]
 
         def mean(xs: Mapping[int, float]) -> float:
-            vals = [v for v in xs.values() if math.isfinite(v)]
-            return float(np.mean(vals)) if vals else -math.inf
+            return _finite_mean(xs.values())
 
         head = (["row", "seeds", "Δp, first", "Δp, second", "gain: second − first [95 % CI]"]
                 + [f"gain − gain of {r} [95 % CI]" for r in refs] + ["selected in the last 20 % (first; second)"])
@@ -462,11 +478,7 @@ def across_settings_report(
             for r in refs:
                 ix = None if r == lab else paired_interval(gains[lab], gains[r])
                 cells.append("—" if ix is None else ix.text())
-            late = []
-            for row in (la[lab], lb[lab]):
-                sel = [r for r in row.runs if all(e is not None for e in r["selected_epoch"].values())]
-                late.append(f"{sum(selected_late(r) for r in sel)} of {len(sel)}" if sel else "—")
-            cells.append("; ".join(late))
+            cells.append(f"{_late_cell(la[lab])}; {_late_cell(lb[lab])}")
             lines.append("| " + " | ".join(cells) + " |")
         changes = "; ".join(_changes(a, b)) or "the setting key only"
         out.append(f"### {a.benchmark}: {changes}\n\nFirst: {setting_title(a)}.\nSecond: {setting_title(b)}.\n\n"
