@@ -79,6 +79,33 @@ def beta_at(beta: ScalarOrSchedule, beta_sigma: Union[float, jax.Array], count: 
     return jnp.asarray(beta_k, dtype) / count.astype(dtype) ** jnp.asarray(beta_sigma, dtype)
 
 
+def options_ok(
+    beta_k: jax.Array, beta_sigma: Any, alpha: Any, eps: Any, count: jax.Array
+) -> jax.Array:
+    """Whether this step's hyperparameters are in range: ``0 ≤ β_k < 1``, ``σ ≥ 0``, a constant ``α``
+    finite and > 0, ``ε`` finite and > 0 (a bool, traced under ``jit``).
+
+    :func:`check_options` checks what construction can see; a β schedule, and values traced under
+    ``optax.inject_hyperparams`` + ``jit``, are only known per step.  A concrete value out of range
+    raises ``ValueError`` naming it and the step; a traced one makes the step invalid (NaN update,
+    state kept), as a non-finite gradient does, instead of letting β_k ≥ 1 freeze or reverse the EMA.
+    """
+    checks = [("beta_k = beta / k^beta_sigma", beta_k, lambda b: (b >= 0) & (b < 1), "in [0, 1)"),
+              ("beta_sigma", beta_sigma, lambda v: jnp.isfinite(v) & (v >= 0), "finite and >= 0"),
+              ("eps", eps, lambda v: jnp.isfinite(v) & (v > 0), "finite and > 0")]
+    if not isinstance(alpha, str):
+        checks.append(("alpha", alpha, lambda v: jnp.isfinite(v) & (v > 0), "finite and > 0"))
+    ok = jnp.asarray(True)
+    for name, value, pred, want in checks:
+        good = pred(jnp.asarray(value))
+        if not isinstance(good, jax.core.Tracer) and not bool(good):
+            k = "" if isinstance(count, jax.core.Tracer) else f" at step k = {int(count)}"
+            raise ValueError(f"DB-MTL: {name} must be {want}, got {float(jnp.asarray(value))}{k} "
+                             "(from a schedule or a value injected by optax.inject_hyperparams).")
+        ok = ok & good
+    return ok
+
+
 def _concrete_scalar(value: Any, name: str) -> Optional[float]:
     """``value`` as a float, or None when it is traced (``inject_hyperparams`` under ``jit``)."""
     if isinstance(value, jax.core.Tracer):
@@ -103,7 +130,7 @@ def check_options(
     """Validates the options shared by :func:`dbmtl` and the fused step; errors name the option and its range.
 
     Traced values (``optax.inject_hyperparams`` under ``jit``) and β schedules
-    cannot be checked here and are taken as they are.
+    cannot be checked here: :func:`options_ok` checks them at every step.
     """
     if num_tasks is None:
         raise ValueError(
@@ -185,7 +212,8 @@ def dbmtl(
         It sizes the EMA state, so it is static (with ``optax.inject_hyperparams``
         pass ``static_args=("num_tasks",)``).
       beta: EMA forgetting rate β ∈ [0, 1), a float or an optax schedule of the
-        step count.  β weights the old value: ``ĝ ← β_k ĝ + (1 − β_k) g``.  The
+        step count (a schedule value, or an injected traced one, outside [0, 1)
+        makes its step invalid: NaN update, state kept; eagerly, an error).  β weights the old value: ``ĝ ← β_k ĝ + (1 − β_k) g``.  The
         paper sets no default: it grid-searches β ∈ {0.1, 0.5, 0.9} × σ ∈ {0, 0.5}
         per data set (Sec. 4.1) and reports the β/k^0.5 family insensitive to β
         (Fig. 5).
@@ -243,16 +271,15 @@ def dbmtl(
         acc = functools.reduce(jnp.promote_types, [m.dtype for m in ema_leaves], jnp.dtype(jnp.float32))
         beta_k = beta_at(beta, beta_sigma, count, acc)
 
-        # A non-finite gradient never enters the EMA: the state is kept as it was and
-        # the (non-finite) update is passed on for a wrapper such as
-        # optax.apply_if_finite or skip_invalid_steps to reject.  The check reads the
-        # gradients first, so the EMA update stays one elementwise pass (in place
-        # when the state is donated).
-        finite = functools.reduce(jnp.logical_and, [jnp.all(jnp.isfinite(g)) for g in g_shared], jnp.asarray(True))
-        new_ema = [jnp.where(finite, ema_step(m, g, beta_k), m) for g, m in zip(g_shared, ema_leaves)]
+        # A non-finite gradient, or a hyperparameter out of range this step (a schedule, an injected
+        # value), never enters the EMA: the state is kept as it was and the update is NaN, for a wrapper
+        # such as optax.apply_if_finite or skip_invalid_steps to reject.  The check reads the gradients
+        # first, so the EMA update stays one elementwise pass (in place when the state is donated).
+        valid = functools.reduce(jnp.logical_and, [jnp.all(jnp.isfinite(g)) for g in g_shared], jnp.asarray(True))
+        valid = valid & options_ok(beta_k, beta_sigma, alpha, eps, count)
+        new_ema = [jnp.where(valid, ema_step(m, g, beta_k), m) for g, m in zip(g_shared, ema_leaves)]
         if new_ema:
-            # A non-finite gradient keeps the step visibly invalid (NaN update).
-            norms, directions = dbmtl_direction(new_ema, alpha, eps, acc, valid=finite)
+            norms, directions = dbmtl_direction(new_ema, alpha, eps, acc, valid=valid)
             out_shared = [d.astype(g.dtype) for g, d in zip(g_shared, directions)]
         else:
             norms, out_shared = state.norms, []
@@ -260,8 +287,8 @@ def dbmtl(
         out = ta.merge_shared(out_shared, out_heads, mask, treedef)
 
         if new_ema:
-            count = jnp.where(finite, count, state.count)
-            norms = jnp.where(finite, norms, state.norms)
+            count = jnp.where(valid, count, state.count)
+            norms = jnp.where(valid, norms, state.norms)
         ema_tree = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(state.ema), new_ema)
         return out, DBMTLState(count=count, ema=ema_tree, norms=norms.astype(jnp.float32))
 

@@ -19,7 +19,8 @@ The update is exactly :func:`dbmtl_jax.dbmtl`'s (every option: β schedules,
 and the transform chain can replace each other mid-run (checkpoints too).
 
 Invalid steps are skipped, as by :func:`dbmtl_jax.skip_invalid_steps`: when a
-loss is NaN/inf (or negative with ``log=True``), a gradient is non-finite, or
+loss is NaN/inf (or negative with ``log=True``), a gradient is non-finite, a
+β schedule or an injected hyperparameter leaves its range (β_k ∉ [0, 1)), or
 the optimizer's output is (an update or a state entry: finite inputs can still
 overflow Adam's second moment; so the optimizer's state must be finite, as
 Adam's, SGD's and most are: a state holding an ``inf`` sentinel belongs in
@@ -51,7 +52,8 @@ import jax.numpy as jnp
 import optax
 
 from dbmtl_jax import task_axis as ta
-from dbmtl_jax.dbmtl import DBMTLState, ScalarOrSchedule, beta_at, check_options, dbmtl, dbmtl_direction, ema_step
+from dbmtl_jax.dbmtl import (DBMTLState, ScalarOrSchedule, beta_at, check_options, dbmtl, dbmtl_direction, ema_step,
+                             options_ok)
 from dbmtl_jax.guard import output_ok, select_step
 from dbmtl_jax.task_gradients import (
     Model,
@@ -164,9 +166,11 @@ def _finish(
 
 
 def _prepare(
-    state: tuple, params: PyTree, mask: PyTree, num_tasks: int, beta: ScalarOrSchedule, beta_sigma: Any
+    state: tuple, params: PyTree, mask: PyTree, num_tasks: int, beta: ScalarOrSchedule, beta_sigma: Any,
+    alpha: Any, eps: Any,
 ) -> tuple:
-    """Validates the state against the parameters; returns ``(ema leaves, acc dtype, k, β_k, treedef, heads)``."""
+    """Validates the state against the parameters and this step's hyperparameters (:func:`options_ok`);
+    returns ``(ema leaves, acc dtype, k, β_k, options ok, treedef, heads)``."""
     if not (isinstance(state, tuple) and len(state) == 2 and isinstance(state[0], DBMTLState)):
         raise TypeError(
             "state must be (DBMTLState, optimizer_state) as returned by init() or by "
@@ -178,7 +182,8 @@ def _prepare(
     ta.check_state_leaves(params, mask, stacked, ema, "fused DB-MTL", "ema")
     acc = functools.reduce(jnp.promote_types, [m.dtype for m in ema], jnp.dtype(jnp.float32))
     count = optax.safe_increment(state[0].count)
-    return ema, acc, count, beta_at(beta, beta_sigma, count, acc), treedef, p_heads
+    beta_k = beta_at(beta, beta_sigma, count, acc)
+    return ema, acc, count, beta_k, options_ok(beta_k, beta_sigma, alpha, eps, count), treedef, p_heads
 
 
 def fused_dbmtl(
@@ -256,7 +261,8 @@ def _fused_loss_fn(
 
     def update(state: tuple, params: PyTree, *args: Any, **kwargs: Any) -> tuple:
         mask = ta.resolve_shared(shared, params)
-        ema, acc, count, beta_k, treedef, p_heads = _prepare(state, params, mask, num_tasks, beta, beta_sigma)
+        ema, acc, count, beta_k, opts_ok, treedef, p_heads = _prepare(state, params, mask, num_tasks, beta,
+                                                                       beta_sigma, alpha, eps)
 
         def fold(carry: tuple, start: jax.Array, grads: PyTree) -> tuple:
             ema_c, sq, heads, ok = carry
@@ -272,7 +278,7 @@ def _fused_loss_fn(
                 raise ValueError(f"loss_fn must return {num_tasks} task losses (the task axis), got shape "
                                  f"{losses.shape}.")
             heads0 = [jnp.zeros(jnp.shape(h), jnp.promote_types(jnp.result_type(h), jnp.float32)) for h in p_heads]
-            return ema, jnp.zeros([2, num_tasks], acc), heads0, _losses_ok(losses, log)
+            return ema, jnp.zeros([2, num_tasks], acc), heads0, _losses_ok(losses, log) & opts_ok
 
         grads_fn = _fold_task_grads(loss_fn, fold, log=log, eps=eps, has_aux=has_aux, chunk_size=chunk_size,
                                     unroll=unroll)
@@ -303,7 +309,8 @@ def _fused_trunk_heads(
 
     def update(state: tuple, params: PyTree, batch: Any) -> tuple:
         mask = spec.shared_mask(params)
-        ema, acc, count, beta_k, treedef, _ = _prepare(state, params, mask, num_tasks, beta, beta_sigma)
+        ema, acc, count, beta_k, opts_ok, treedef, _ = _prepare(state, params, mask, num_tasks, beta, beta_sigma,
+                                                                 alpha, eps)
         trunk_params, head_params = spec.parts(params)
 
         def in_params_order(trunk: PyTree, heads: Sequence[PyTree]) -> tuple[list, list]:
@@ -317,7 +324,7 @@ def _fused_trunk_heads(
             return ema_c, sq, ok
 
         def first_carry(losses: jax.Array) -> tuple:
-            return ema, jnp.zeros([2, num_tasks], acc), _losses_ok(losses, log)
+            return ema, jnp.zeros([2, num_tasks], acc), _losses_ok(losses, log) & opts_ok
 
         grads_fn = _trunk_heads_fold_task_grads(spec.trunk_fn, spec.head_loss_fns, fold, log=log, eps=eps,
                                                 chunk_size=chunk_size, unroll=unroll)

@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from dbmtl_jax import task_axis as ta
+
 __all__ = ["TaskMultiSteps"]
 
 
@@ -53,3 +55,10 @@ class TaskMultiSteps(optax.MultiSteps):
             lambda p: jnp.zeros((self._num_tasks,) + jnp.shape(p), self._acc_dtype or jnp.asarray(p).dtype), params
         )
         return state._replace(acc_grads=acc)
+
+    def update(self, updates: Any, state: optax.MultiStepsState, params: Optional[Any] = None,
+               **extra_args: Any) -> tuple[Any, optax.MultiStepsState]:
+        """``optax.MultiSteps.update`` after checking the task axis (the accumulator would broadcast a
+        wrong one: one task's gradient, or none, copied into every task's row)."""
+        ta.check_task_axis(updates, self._num_tasks, params=params)
+        return super().update(updates, state, params, **extra_args)

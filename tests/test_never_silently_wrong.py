@@ -226,6 +226,90 @@ def test_dbmtl_hyperparameter_edges_and_traced_values_are_accepted():
     assert bool(jnp.all(jnp.isfinite(u["w"])))
 
 
+def test_a_beta_schedule_or_injected_value_out_of_range_makes_the_step_invalid():
+    """β_k ≥ 1 would freeze (= 1) or reverse (> 1) the EMA while every number stays finite."""
+    params = {"w": jnp.zeros(2)}
+    g = {"w": jnp.array([[1.0, 0.0], [0.0, 1.0]])}
+    beta = optax.linear_schedule(0.5, 1.5, 10)  # β_k = 0.5 + k/10: ≥ 1 from step k = 5 on
+    tx = dbmtl_jax.dbmtl(2, beta=beta, beta_sigma=0.0)
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    for _ in range(4):
+        u, state = update(g, state, params)
+        assert bool(jnp.all(jnp.isfinite(u["w"])))
+    before = state
+    u, state = update(g, state, params)
+    assert bool(jnp.all(jnp.isnan(u["w"]))) and _same(state, before)  # NaN update, EMA and count kept
+    with pytest.raises(ValueError, match=r"beta_k = beta / k\^beta_sigma must be in \[0, 1\), got 1.0 at step k = 5"):
+        tx.update(g, state, params)  # eagerly: an error naming the value and the step
+    guarded = dbmtl_jax.skip_invalid_steps(optax.chain(tx, optax.sgd(1.0)))
+    gs = guarded.init(params)
+    for _ in range(8):
+        _, gs = jax.jit(guarded.update)(g, gs, params, losses=jnp.ones(2))
+    assert int(gs.num_skipped) == 4  # the count stays at 4, so every later step is k = 5 again
+    # values injected by optax.inject_hyperparams and traced under jit: σ < 0, α ≤ 0, β ≥ 1
+    inj = optax.inject_hyperparams(dbmtl_jax.dbmtl, static_args=("num_tasks",))
+    tx = inj(num_tasks=2, beta=0.5, beta_sigma=0.5, alpha=1.0)
+    for kw in (dict(beta=1.2), dict(beta_sigma=-1.0), dict(alpha=-1.0)):  # set in the state, as a schedule would
+        st = tx.init(params)
+        st = st._replace(hyperparams={**st.hyperparams, **{k: jnp.asarray(v) for k, v in kw.items()}})
+        u, new = jax.jit(tx.update)(g, st, params)
+        assert bool(jnp.all(jnp.isnan(u["w"]))), kw
+        assert _same(new.inner_state.ema, st.inner_state.ema) and int(new.inner_state.count) == 0, kw
+    # the fused step skips it as a whole (zero update, state kept)
+    loss_fn = lambda p: jnp.stack([(p["w"][0] - 1.0) ** 2 + 1.0, (p["w"][1] + 2.0) ** 2 + 1.0])  # noqa: E731
+    fused = dbmtl_jax.fused_dbmtl(loss_fn, 2, optax.sgd(0.1), beta=optax.linear_schedule(0.5, 1.5, 10),
+                                  beta_sigma=0.0)
+    fs, p = fused.init(params), params
+    for k in range(8):
+        before = fs
+        _, upd, fs = jax.jit(fused.update)(fs, p)
+        if k >= 4:
+            assert _same(fs, before) and all(bool(jnp.all(x == 0)) for x in jax.tree.leaves(upd)), k
+        p = optax.apply_updates(p, upd)
+
+
+def test_task_multi_steps_rejects_a_wrong_task_axis():
+    params = {"w": jnp.ones(4)}
+    tx = dbmtl_jax.TaskMultiSteps(optax.chain(dbmtl_jax.dbmtl(3), optax.sgd(1.0)), num_tasks=3, every_k_schedule=2)
+    state = tx.init(params)
+    for g in ({"w": jnp.ones((1, 4))}, {"w": jnp.ones(4)}):  # one task's gradient, or no task axis at all
+        with pytest.raises(ValueError, match="leading task axis of size"):
+            tx.update(g, state, params)
+
+
+@pytest.mark.parametrize("name", ["gradnorm", "excessmtl"])
+def test_a_finite_step_that_overflows_a_methods_state_is_rejected_and_the_state_kept(name):
+    """GradNorm's Adam second moment and ExcessMTL's sums of squares overflow for gradients of ~1e20
+    (float32): the step is invalid (NaN update) and the state is kept, so the run continues exactly as
+    if the step had not happened (without the fix, an inf stayed in the state and froze the weights)."""
+    params = {"w": jnp.zeros(4)}
+    scale = jnp.array([[1.0], [5.0], [0.2]])
+    grads = [{"w": jnp.asarray(np.random.default_rng(i).standard_normal((3, 4)), jnp.float32) * scale}
+             for i in range(30)]
+    losses = [jnp.array([1.0, 2.0, 3.0]) * (1 + 0.01 * i) for i in range(30)]
+    tx = dbmtl_jax.get_method(name, 3)
+    update = jax.jit(tx.update)
+
+    def run(spike_at):
+        state, outs = tx.init(params), []
+        for i, (g, l) in enumerate(zip(grads, losses)):
+            if i == spike_at:
+                before = state
+                u, state = update(jax.tree.map(lambda x: x * 1e20, g), state, params, losses=l)
+                assert bool(jnp.all(jnp.isfinite(g["w"] * 1e20)))  # the input itself is finite
+                assert bool(jnp.all(jnp.isnan(u["w"]))) and _same(state, before), name
+            u, state = update(g, state, params, losses=l)
+            outs.append(u)
+        return outs, state
+
+    clean, clean_state = run(None)
+    spiked, spiked_state = run(10)
+    assert _same(spiked, clean) and _same(spiked_state, clean_state)
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(clean_state) if x.dtype != jnp.int32)
+    assert not bool(jnp.allclose(clean_state.weights, 1.0))  # the weights move (GradNorm's froze at 1 before)
+
+
 # -- item 6: debug under jit, complex and integer parameters -----------------------------------------
 
 

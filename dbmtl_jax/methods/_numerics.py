@@ -21,6 +21,9 @@ that each exists once:
   :func:`sum_heads` (plain ``Σ_t g_t``), all accumulated in float32 or wider.
 * :func:`project_simplex` (``optax.projections.projection_simplex`` on a
   sanitised input) and :func:`safe_div`.
+* guarding what a step produces: :func:`all_finite` and :func:`reject_unless`
+  (a state that overflowed on finite input is kept as it was and the update is
+  NaN, so the step is visibly invalid).
 
 Why not ``optax.tree_utils`` for the norms, scalar products and weighted sums:
 those reduce over the whole pytree without a task axis and square the raw
@@ -70,6 +73,8 @@ __all__ = [
     "combine_per_leaf",
     "sum_heads",
     "safe_div",
+    "all_finite",
+    "reject_unless",
     "project_simplex",
 ]
 
@@ -478,6 +483,30 @@ def combine_per_leaf(leaves: Sequence[jax.Array], coeffs: jax.Array) -> list:
 def sum_heads(leaves: Sequence[jax.Array]) -> list:
     """Plain ``Σ_t g_t`` per leaf, accumulated in float32 or wider, cast back."""
     return [jnp.sum(x.astype(jnp.promote_types(x.dtype, jnp.float32)), axis=0).astype(x.dtype) for x in leaves]
+
+
+def all_finite(tree: PyTree) -> jax.Array:
+    """Whether every entry of every floating leaf of ``tree`` is finite (a traced bool)."""
+    ok = jnp.asarray(True)
+    for x in jax.tree_util.tree_leaves(tree):
+        if jnp.issubdtype(jnp.result_type(x), jnp.inexact):
+            ok = ok & jnp.all(jnp.isfinite(x))
+    return ok
+
+
+def reject_unless(ok: jax.Array, updates: PyTree, new_state: Any, old_state: Any) -> tuple[PyTree, Any]:
+    """``(updates, new_state)`` when ``ok``, else ``(NaN updates, old_state)``.
+
+    For state that a finite input can still overflow (a running sum of squared
+    gradients, an inner optimizer's second moment): a non-finite entry would
+    stay in the state for good while the updates looked fine.  The step is made
+    visibly invalid instead, as a non-finite gradient makes it, and the state is
+    kept, so :func:`dbmtl_jax.skip_invalid_steps` (or ``optax.apply_if_finite``)
+    rejects it and the next step starts from the old state.
+    """
+    updates = jax.tree_util.tree_map(lambda u: jnp.where(ok, u, jnp.asarray(jnp.nan, u.dtype)), updates)
+    state = jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), new_state, old_state)
+    return updates, state
 
 
 def safe_div(num: jax.Array, den: jax.Array) -> jax.Array:

@@ -138,7 +138,6 @@ def excessmtl(
             new_sq.append(a_new)
             e = jnp.sum((g2 / jnp.sqrt(a_new + eps)).reshape(num_tasks, -1), axis=1)
             excess = excess + e.astype(jnp.float32)
-        excess = jnp.where(jnp.isfinite(excess), excess, 0.0)
 
         base = state.initial_excess
         have = base > 0
@@ -159,6 +158,9 @@ def excessmtl(
             log_weights=logits,
             weights=weights.astype(jnp.float32),
         )
-        return out, new_state
+        # The running sums of squares overflow (inf) for gradient entries above ~1e19 in float32, and
+        # an inf would silence those entries' excess-risk terms for good: such a step (or one with a
+        # non-finite gradient) is made visibly invalid and the state kept.
+        return nm.reject_unless(nm.all_finite(new_state), out, new_state, state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

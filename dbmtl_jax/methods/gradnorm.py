@@ -158,17 +158,20 @@ def gradnorm(
         diff = gw - target
         loss = jnp.sum(jnp.abs(diff))
         grad_w = jnp.sign(diff) * n
-        grad_w = jnp.where(jnp.isfinite(grad_w), grad_w, 0.0)
         step, inner_state = inner.update(grad_w, state.inner_state, w)
         new_w = jnp.maximum(optax.apply_updates(w, step), min_weight)
-        new_w = jnp.where(jnp.isfinite(new_w), new_w, 1.0)
         new_w = (num_tasks * new_w / jnp.sum(new_w)).astype(sdt)
-        return out, GradNormState(
+        new_state = GradNormState(
             count=optax.safe_increment(state.count),
             weights=new_w,
             initial_losses=init_l.astype(sdt),
             inner_state=inner_state,
-            gradnorm_loss=jnp.where(jnp.isfinite(loss), loss, jnp.finfo(sdt).max).astype(sdt),
+            gradnorm_loss=loss.astype(sdt),
         )
+        # Finite gradients can still overflow the weight step: Adam's second moment squares the
+        # gradient norms (above ~1e19 in float32), and an inf there would freeze the weights for
+        # good.  Such a step (or one with a non-finite loss) is made visibly invalid, state kept.
+        ok = nm.all_finite((grad_w, loss, new_state))
+        return nm.reject_unless(ok, out, new_state, state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
