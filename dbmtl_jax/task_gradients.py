@@ -114,11 +114,34 @@ def _check_spec_call(argnums: int, has_aux: bool) -> None:
 
 
 def transform_losses(losses: jax.Array, *, log: bool = True, eps: float = 1e-8) -> jax.Array:
-    """``log(ℓ + ε)`` (paper Sec. 3.1) or the identity when ``log=False``."""
+    """``log(ℓ + ε)`` (paper Sec. 3.1) or the identity when ``log=False``.
+
+    A loss with ``ℓ + ε ≤ 0`` has no logarithm: its value *and its gradient* are NaN (``jnp.log``'s
+    derivative ``1/x`` alone would stay finite, with the wrong sign), so the step is visibly invalid.
+    """
     if not log:
         return losses
     acc = jnp.promote_types(losses.dtype, jnp.float32)
-    return jnp.log(losses.astype(acc) + eps)
+    return _log_or_nan(losses.astype(acc) + eps)
+
+
+@jax.custom_vjp
+def _log_or_nan(x: jax.Array) -> jax.Array:
+    """``log(x)``, NaN where ``x ≤ 0``, with gradient ``1/x``, NaN where ``x ≤ 0``: only in the rows of the
+    tasks whose entry is pulled back (a one-hot cotangent of another task stays finite)."""
+    return jnp.log(jnp.where(x > 0, x, jnp.nan))
+
+
+def _log_or_nan_fwd(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return _log_or_nan(x), x
+
+
+def _log_or_nan_bwd(x: jax.Array, ct: jax.Array) -> tuple[jax.Array]:
+    ok = x > 0
+    return (jnp.where(ok, ct / jnp.where(ok, x, 1), jnp.where(ct != 0, jnp.nan, 0)).astype(x.dtype),)
+
+
+_log_or_nan.defvjp(_log_or_nan_fwd, _log_or_nan_bwd)
 
 
 def _check_losses(losses: Any, what: str) -> jax.Array:

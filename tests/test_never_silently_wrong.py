@@ -269,6 +269,23 @@ def test_a_beta_schedule_or_injected_value_out_of_range_makes_the_step_invalid()
         p = optax.apply_updates(p, upd)
 
 
+def test_a_negative_loss_gives_nan_log_gradients_not_finite_wrong_ones():
+    """d log(x)/dx = 1/x is finite for x < 0: a negative loss would give a finite gradient pointing the wrong
+    way. Its task's gradient is NaN instead, so DB-MTL keeps its state and returns a NaN update."""
+    params = {"w": jnp.array([1.0, 2.0])}
+    loss_fn = lambda p, shift: jnp.stack([jnp.sum(p["w"] ** 2) + shift, jnp.sum(p["w"] ** 2), 0.0 * p["w"][0]])  # noqa: E731
+    losses, g = dbmtl_jax.value_and_task_grads(loss_fn)(params, -10.0)
+    assert bool(jnp.all(jnp.isnan(g["w"][0]))) and bool(jnp.all(jnp.isfinite(g["w"][1:])))  # zero loss: finite
+    np.testing.assert_allclose(g["w"][1], 2 * np.array([1.0, 2.0]) / (5.0 + 1e-8), rtol=1e-6)
+    assert float(losses[0]) == -5.0
+    tx = dbmtl_jax.dbmtl(3)
+    state = tx.init(params)
+    u, new = tx.update(g, state, params)
+    assert bool(jnp.all(jnp.isnan(u["w"]))) and _same(new, state)
+    _, g_raw = dbmtl_jax.value_and_task_grads(loss_fn, log=False)(params, -10.0)  # without the log: valid
+    assert bool(jnp.all(jnp.isfinite(g_raw["w"])))
+
+
 def test_task_multi_steps_rejects_a_wrong_task_axis():
     params = {"w": jnp.ones(4)}
     tx = dbmtl_jax.TaskMultiSteps(optax.chain(dbmtl_jax.dbmtl(3), optax.sgd(1.0)), num_tasks=3, every_k_schedule=2)
