@@ -45,6 +45,7 @@ import numpy as np
 import optax
 
 from dbmtl_jax import task_axis as ta
+from dbmtl_jax.guard import finite_flags
 
 PyTree = Any
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -487,11 +488,7 @@ def sum_heads(leaves: Sequence[jax.Array]) -> list:
 
 def all_finite(tree: PyTree) -> jax.Array:
     """Whether every entry of every floating leaf of ``tree`` is finite (a traced bool)."""
-    ok = jnp.asarray(True)
-    for x in jax.tree_util.tree_leaves(tree):
-        if jnp.issubdtype(jnp.result_type(x), jnp.inexact):
-            ok = ok & jnp.all(jnp.isfinite(x))
-    return ok
+    return functools.reduce(jnp.logical_and, finite_flags(tree), jnp.asarray(True))
 
 
 def reject_unless(ok: jax.Array, updates: PyTree, new_state: Any, old_state: Any) -> tuple[PyTree, Any]:
