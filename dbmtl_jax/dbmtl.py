@@ -213,8 +213,8 @@ def dbmtl(
         pass ``static_args=("num_tasks",)``).
       beta: EMA forgetting rate β ∈ [0, 1), a float or an optax schedule of the
         step count (a schedule value, or an injected traced one, outside [0, 1)
-        makes its step invalid: NaN update, state kept; eagerly, an error).  β weights the old value: ``ĝ ← β_k ĝ + (1 − β_k) g``.  The
-        paper sets no default: it grid-searches β ∈ {0.1, 0.5, 0.9} × σ ∈ {0, 0.5}
+        makes its step invalid: NaN update, state kept; eagerly, an error).  β
+        weights the old value: ``ĝ ← β_k ĝ + (1 − β_k) g``.  The paper sets no default: it grid-searches β ∈ {0.1, 0.5, 0.9} × σ ∈ {0, 0.5}
         per data set (Sec. 4.1) and reports the β/k^0.5 family insensitive to β
         (Fig. 5).
       beta_sigma: σ ≥ 0 in ``β_k = β / k^σ`` with ``k = 1, 2, …``; 0 keeps β

@@ -254,9 +254,9 @@ def paired_table_markdown(
             short = iv is not None and 2 <= iv.n < min(len(row.runs), len(ref.runs))
             cells.append("—" if iv is None else iv.text() + (f" (n={iv.n})" if short else ""))
         cells.append("—" if g is None else str(g))
-        selected = _selected_runs(row)
         late = _late_cell(row)
-        if selected and row.method == "stl":  # one network per task: also count the late networks
+        selected = _selected_runs(row) if row.method == "stl" else []
+        if selected:  # one network per task: also count the late networks
             late += (f" ({sum(late_task_selections(r) for r in selected)} of "
                      f"{sum(len(r['selected_epoch']) for r in selected)} task networks)")
         cells.append(late)
@@ -464,16 +464,13 @@ def across_settings_report(
         gains = {lab: {s: vb[s] - va[s] for s in set(va) & set(vb)} for lab, (va, vb) in scores.items()}
         refs = [lab for n in references if (lab := shared(a, b, n)) is not None]
 
-        def mean(xs: Mapping[int, float]) -> float:
-            return _finite_mean(xs.values())
-
         head = (["row", "seeds", "Δp, first", "Δp, second", "gain: second − first [95 % CI]"]
                 + [f"gain − gain of {r} [95 % CI]" for r in refs] + ["selected in the last 20 % (first; second)"])
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for lab in sorted(gains, key=lambda k: (-mean(gains[k]), k)):
+        for lab in sorted(gains, key=lambda k: (-_finite_mean(gains[k].values()), k)):
             iv = paired_interval(gains[lab], {s: 0.0 for s in gains[lab]})
-            cells = [lab, str(iv.n if iv else 0)] + [f"{round(mean(v), 2) + 0.0:+.2f}" if mean(v) > -math.inf else "—"
-                                                      for v in scores[lab]]
+            means = [_finite_mean(v.values()) for v in scores[lab]]
+            cells = [lab, str(iv.n if iv else 0)] + [f"{round(m, 2) + 0.0:+.2f}" if m > -math.inf else "—" for m in means]
             cells.append("—" if iv is None else iv.text())
             for r in refs:
                 ix = None if r == lab else paired_interval(gains[lab], gains[r])

@@ -45,7 +45,7 @@ import numpy as np
 import optax
 
 from dbmtl_jax import task_axis as ta
-from dbmtl_jax.guard import finite_flags
+from dbmtl_jax.guard import finite_flags, select_step
 
 PyTree = Any
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -501,9 +501,8 @@ def reject_unless(ok: jax.Array, updates: PyTree, new_state: Any, old_state: Any
     kept, so :func:`dbmtl_jax.skip_invalid_steps` (or ``optax.apply_if_finite``)
     rejects it and the next step starts from the old state.
     """
-    updates = jax.tree_util.tree_map(lambda u: jnp.where(ok, u, jnp.asarray(jnp.nan, u.dtype)), updates)
-    state = jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), new_state, old_state)
-    return updates, state
+    _, state = select_step(ok, updates, new_state, old_state)
+    return jax.tree_util.tree_map(lambda u: jnp.where(ok, u, jnp.asarray(jnp.nan, u.dtype)), updates), state
 
 
 def safe_div(num: jax.Array, den: jax.Array) -> jax.Array:

@@ -171,7 +171,7 @@ def gradnorm(
         # Finite gradients can still overflow the weight step: Adam's second moment squares the
         # gradient norms (above ~1e19 in float32), and an inf there would freeze the weights for
         # good.  Such a step (or one with a non-finite loss) is made visibly invalid, state kept.
-        ok = nm.all_finite((grad_w, loss, new_state))
+        ok = nm.all_finite((grad_w, new_state))  # +inf in grad_w would be clipped to min_weight, unseen
         return nm.reject_unless(ok, out, new_state, state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
