@@ -26,6 +26,8 @@
 #   optimizer (qm9_2k) the finished section's DB-MTL β rows and EW again with Adam b1 = 0 (double momentum?): paired.md
 #   table5    (qm9_2k) Table 5's EW + log and DB-MTL without log under the finished protocol, 5 seeds: paired.md
 #   sgdlr     (qm9_2k, multimnist320) the SGD-with-momentum learning-rate pilot of item 4 (EW, DB-MTL; seed 0)
+#   sgd       (qm9_2k) EW and DB-MTL's three β rows with SGD with momentum at the pilot's rates, 5 seeds, into the
+#             optimizer table: paired.md, across.md (Adam → SGD gains)
 #   methods   (qm9_2k, multimnist320, adult120, adult120_l1) the 26-method main table under the finished protocol, 5 seeds: paired.md
 #   paper     (adult120, adult120_l1) the rest of the paper's tables under the finished protocol, 5 seeds: Table 5 (EW + log, DB-MTL
 #             without log), Fig. 1 (six gradient methods + log), Fig. 6 (α), Fig. 5 (β grid): paired.md
@@ -274,8 +276,23 @@ for section in $SECTIONS; do
       run --optimizer sgdm --lr $lr --methods ew --lr-schedule cosine --seeds 0, --test-curve --study $O
     done
     [ -n "$DRY" ] || dbmtl-jax paired $O --out $O/paired.md ;;
+  sgd)  # (qm9_2k) item 4's third optimizer at the finished protocol: SGD with momentum 0.9 (a momentum of its own,
+    # unlike Adam b1 = 0) for EW and DB-MTL's three β rows, each at the rate the sgdlr pilot chose on validation
+    # (EW 0.001, DB-MTL 0.0003), plus EW at DB-MTL's rate so that the DB-MTL rows have an EW in their own setting;
+    # written into the optimizer table, so that its across.md gives each row's Adam → SGD gain. Seed by seed, the
+    # decisive row (constant β) first among the DB-MTL rows.
+    O="$P"_optimizer
+    for s in 0 1 2 3 4; do
+      run --optimizer sgdm --lr 0.001 --methods ew --lr-schedule cosine --seeds $s, --test-curve --study $O
+      run --optimizer sgdm --lr 0.0003 --methods ew --lr-schedule cosine --seeds $s, --test-curve --study $O
+      run --optimizer sgdm --lr 0.0003 --methods dbmtl $LIBMTL --lr-schedule cosine --seeds $s, --test-curve --study $O
+      run --optimizer sgdm --lr 0.0003 --methods dbmtl --lr-schedule cosine --seeds $s, --test-curve --study $O
+      run --optimizer sgdm --lr 0.0003 --methods dbmtl --hp dbmtl.beta=0.0 --lr-schedule cosine --seeds $s, --test-curve \
+        --study $O
+    done
+    [ -n "$DRY" ] || { dbmtl-jax paired $O --out $O/paired.md && dbmtl-jax paired $O --across --out $O/across.md; } ;;
   *) echo "unknown section $section (main beta ablation log alpha budget betaopt hurts converged cosine finished optimizer" \
-          "methods paper strongest table5 sgdlr)" >&2
+          "methods paper strongest table5 sgdlr sgd)" >&2
      exit 2 ;;
   esac
 done
