@@ -42,6 +42,8 @@
 # (`dbmtl-jax select DIR --print-grid-best`), so run `beta` before `ablation`, `alpha` and `budget`.
 # Each table gets report.md, summary.csv, runs.csv and plots (`dbmtl-jax report`) and breakdown.md
 # (`dbmtl-jax breakdown`); `dbmtl-jax summary results/<benchmark>_<E>ep` puts the tables side by side.
+# Seed-by-seed sections run seeds 0-4 in order; RUN_STUDY_SEEDS="4 3" runs only those (in that order), so that two
+# cores can share one section without training the same run twice.
 # Resumable: finished runs are skipped. RUN_STUDY_DRY_RUN=1 lists what each table would train or reuse (nothing is
 # written). Pin it to a core on a shared machine, e.g. `taskset -c 1 bash results/run_study.sh qm9 beta`.
 set -u
@@ -75,6 +77,7 @@ P=results/${B}_${EPOCHS}ep   # study prefix: the tables are $P_<section>/
 STORE=results/runs           # the record store
 SECTIONS="${*:-main beta ablation log alpha budget}"
 DRY=${RUN_STUDY_DRY_RUN:+--dry-run}
+SEEDS=${RUN_STUDY_SEEDS:-0 1 2 3 4}
 run() { dbmtl-jax run "$B" $QUICK $DATA --epochs "$EPOCHS" --seeds 3 --no-progress --out "$STORE" $DRY "$@"; }
 report() { [ -n "$DRY" ] || { dbmtl-jax report "$1" > /dev/null && dbmtl-jax breakdown "$1" > /dev/null; }; }
 selected_beta() {  # "--hp dbmtl.beta=B --hp dbmtl.beta_sigma=S" of the validation-selected grid row
@@ -151,7 +154,7 @@ for section in $SECTIONS; do
     # of the 12-epoch main table, Table 5 and Fig. 1 rows. --test-curve records test after every epoch (never used
     # for selection) so that other selection rules can be compared afterwards (`dbmtl-jax paired --smooth`).
     # Cost per run on one core of the 2-core VM at 160 epochs: ≈ 5 min (EW), 7 min (DB-MTL), 10-17 min (STL).
-    for s in 0 1 2 3 4; do
+    for s in $SEEDS; do
       run --methods ew,dbmtl --seeds $s, --test-curve --study $O   # "3," is the one seed 3
       run --methods dbmtl $LIBMTL --seeds $s, --test-curve --study $O
     done
@@ -165,20 +168,20 @@ for section in $SECTIONS; do
     # the Δp reference of both schedules (no STL is trained with the cosine schedule), so the tables compare.
     run --methods stl --seeds 5 --test-curve --study $O
     run --methods ew,dbmtl --seeds 5 --test-curve --study $O
-    for s in 0 1 2 3 4; do run --methods ew,dbmtl --lr-schedule cosine --seeds $s, --test-curve --study $O; done
+    for s in $SEEDS; do run --methods ew,dbmtl --lr-schedule cosine --seeds $s, --test-curve --study $O; done
     # the other methods under the same protocol, two rows at a time, seed by seed (a partial block is still paired):
     # the paper's two strongest gradient methods, then them with the log transform (Fig. 1), then Table 5's rows
     for rows in nash_mtl,cagrad nash_mtl+log,cagrad+log ew+log,dbmtl+nolog; do
-      for s in 0 1 2 3 4; do run --methods $rows --lr-schedule cosine --seeds $s, --test-curve --study $O; done
+      for s in $SEEDS; do run --methods $rows --lr-schedule cosine --seeds $s, --test-curve --study $O; done
     done
     # Fig. 6 (α ∈ {min, mean, median, 1.0} beside the default max) and Fig. 5 (the paper's β grid and β = 0) at the
     # default β = 0.9/√k resp. the default α, seed by seed
-    for s in 0 1 2 3 4; do
+    for s in $SEEDS; do
       for a in "'min'" "'mean'" "'median'" 1.0; do
         run --methods dbmtl --hp "dbmtl.alpha=$a" --lr-schedule cosine --seeds $s, --test-curve --study $O
       done
     done
-    for s in 0 1 2 3 4; do
+    for s in $SEEDS; do
       for hp in "0.0 0.0" "0.1 0.0" "0.5 0.0" "0.9 0.0" "0.1 0.5" "0.5 0.5"; do
         set -- $hp; run --methods dbmtl --hp dbmtl.beta=$1 --hp dbmtl.beta_sigma=$2 --lr-schedule cosine --seeds $s, \
           --test-curve --study $O
@@ -186,9 +189,9 @@ for section in $SECTIONS; do
     done
     [ -n "$DRY" ] || { dbmtl-jax paired $O --out $O/paired.md && dbmtl-jax paired $O --across --out $O/across.md; } ;;
   finished)  # (qm9_2k, multifashion320, dense60) STL, EW and DB-MTL with the learning rate decayed to 0, seed by seed (a partial study is paired)
-    for s in 0 1 2 3 4; do run --methods dbmtl,stl,ew --lr-schedule cosine --seeds $s, --test-curve --study $O; done
+    for s in $SEEDS; do run --methods dbmtl,stl,ew --lr-schedule cosine --seeds $s, --test-curve --study $O; done
     # then DB-MTL at LibMTL's constant β = 0.9 and with β = 0 (no EMA), the other two β of issue 12 item 4
-    for s in 0 1 2 3 4; do
+    for s in $SEEDS; do
       run --methods dbmtl $LIBMTL --lr-schedule cosine --seeds $s, --test-curve --study $O
       run --methods dbmtl --hp dbmtl.beta=0.0 --lr-schedule cosine --seeds $s, --test-curve --study $O
     done
@@ -196,12 +199,12 @@ for section in $SECTIONS; do
   optimizer)  # (qm9_2k) issue 12 item 4 under the finished protocol: is the constant β's deficit on qm9 (§18) double
     # momentum? The finished section's Adam (b1 = 0.9) rows (found in the store, not rerun), then the same β rows
     # and EW with Adam's momentum removed (b1 = 0), seed by seed, the decisive row (constant β) first
-    for s in 0 1 2 3 4; do
+    for s in $SEEDS; do
       run --methods stl,ew,dbmtl --lr-schedule cosine --seeds $s, --test-curve --study $O  # STL: the Δp reference
       run --methods dbmtl $LIBMTL --lr-schedule cosine --seeds $s, --test-curve --study $O
       run --methods dbmtl --hp dbmtl.beta=0.0 --lr-schedule cosine --seeds $s, --test-curve --study $O
     done
-    for s in 0 1 2 3 4; do
+    for s in $SEEDS; do
       run --optimizer adam --b1 0.0 --methods dbmtl $LIBMTL --lr-schedule cosine --seeds $s, --test-curve --study $O
       run --optimizer adam --b1 0.0 --methods dbmtl,ew --lr-schedule cosine --seeds $s, --test-curve --study $O
       run --optimizer adam --b1 0.0 --methods dbmtl --hp dbmtl.beta=0.0 --lr-schedule cosine --seeds $s, --test-curve \
@@ -214,11 +217,11 @@ for section in $SECTIONS; do
     # sections (listed from the store; on multimnist320 the constant-rate STL is the Δp reference, as in cosine).
     ROWS=stl,ew,dbmtl
     [ "$B" = multimnist ] && { ROWS=ew,dbmtl; run --methods stl --seeds 5 --test-curve --study $O; }
-    for s in 0 1 2 3 4; do
+    for s in $SEEDS; do
       run --methods $ROWS --lr-schedule cosine --seeds $s, --test-curve --study $O
       run --methods gls,rlw,uw,dwa,imtl_l,igbv2,famo,stch --lr-schedule cosine --seeds $s, --test-curve --study $O
     done
-    for s in 0 1 2 3 4; do
+    for s in $SEEDS; do
       run --methods nash_mtl,cagrad,pcgrad,gradvac,upgrad,fairgrad,imtl,imtl_g,aligned_mtl,metabalance,gradnorm,mgda \
         --lr-schedule cosine --seeds $s, --test-curve --study $O
       run --methods graddrop,mtadam,moco,excessmtl --lr-schedule cosine --seeds $s, --test-curve --study $O
@@ -227,7 +230,7 @@ for section in $SECTIONS; do
   paper)  # (adult120, adult120_l1) issue 12 item 3: Table 5, Fig. 1, Fig. 6 and Fig. 5 under the finished protocol (cosine decay,
     # 5 paired seeds, test curves), seed by seed. The base rows (STL, EW, DB-MTL at the default β, LibMTL's β, β = 0,
     # and the six gradient methods without log) come from the methods and finished sections (listed, not rerun).
-    for s in 0 1 2 3 4; do
+    for s in $SEEDS; do
       run --methods stl,ew,dbmtl,pcgrad,gradvac,imtl_g,cagrad,nash_mtl,aligned_mtl --lr-schedule cosine --seeds $s, \
         --test-curve --study $O
       run --methods dbmtl $LIBMTL --lr-schedule cosine --seeds $s, --test-curve --study $O
@@ -249,7 +252,7 @@ for section in $SECTIONS; do
     # multimnist_12ep_main, dense_8ep_main, qm9_10ep_main; EW and DB-MTL excluded as they are rows anyway):
     # MetaBalance 5.8, STCH 5.8, GradVac 7.5, CAGrad 8.2, IMTL-L 9.2, DWA 9.5, PCGrad 9.8, Aligned-MTL and GradNorm 10.0
     # (tied for 8th, both kept). STL, EW and DB-MTL come from the finished section. Seed by seed, cheap rows first.
-    for s in 0 1 2 3 4; do
+    for s in $SEEDS; do
       run --methods stl,ew,dbmtl --lr-schedule cosine --seeds $s, --test-curve --study $O
       run --methods stch,imtl_l,dwa,gradnorm --lr-schedule cosine --seeds $s, --test-curve --study $O
       run --methods metabalance,gradvac,cagrad,pcgrad,aligned_mtl --lr-schedule cosine --seeds $s, --test-curve \
@@ -260,7 +263,7 @@ for section in $SECTIONS; do
     # gradient balancing, or both? EW + log and DB-MTL without log beside the finished section's STL, EW and DB-MTL
     # (listed from the store), 5 seeds, the cheap EW + log rows first
     run --methods stl,ew,dbmtl,ew+log --lr-schedule cosine --seeds 5 --test-curve --study $O
-    for s in 0 1 2 3 4; do run --methods dbmtl+nolog --lr-schedule cosine --seeds $s, --test-curve --study $O; done
+    for s in $SEEDS; do run --methods dbmtl+nolog --lr-schedule cosine --seeds $s, --test-curve --study $O; done
     [ -n "$DRY" ] || dbmtl-jax paired $O --out $O/paired.md ;;
   sgdlr)  # (qm9_2k, multimnist320) the learning-rate pilot of item 4's third optimizer, SGD with momentum 0.9
     # (optax.sgd, PyTorch's convention), under the finished protocol (cosine decay), seed 0. SGD is not
@@ -282,7 +285,7 @@ for section in $SECTIONS; do
     # written into the optimizer table, so that its across.md gives each row's Adam → SGD gain. Seed by seed, the
     # decisive row (constant β) first among the DB-MTL rows.
     O="$P"_optimizer
-    for s in 0 1 2 3 4; do
+    for s in $SEEDS; do
       run --optimizer sgdm --lr 0.001 --methods ew --lr-schedule cosine --seeds $s, --test-curve --study $O
       run --optimizer sgdm --lr 0.0003 --methods ew --lr-schedule cosine --seeds $s, --test-curve --study $O
       run --optimizer sgdm --lr 0.0003 --methods dbmtl $LIBMTL --lr-schedule cosine --seeds $s, --test-curve --study $O
