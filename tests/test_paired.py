@@ -393,3 +393,38 @@ def test_validation_split_and_an_stl_borrowed_across_a_learning_rate(tmp_path, c
     assert main(["paired", str(tmp_path), "--split", "val"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("Δp on the validation split") and "| **ew** | 3 | -5.00 ± 0.00 |" in out
+
+
+def test_paired_cli_reads_several_study_folders_as_one_set_of_runs(tmp_path):
+    """Two studies that share seeds pair across folders; a run listed in both counts once."""
+    import gzip
+    import json
+
+    from dbmtl_jax.experiments.cli import main
+    from dbmtl_jax.experiments.train import write_study
+
+    flat = [2.0] * 5 + [1.0] * 5
+    store = tmp_path / "runs"
+    store.mkdir()
+    names = {}
+    for s in range(3):
+        for i, r in enumerate([_record("stl", s, {}, (0.80, 0.80), 10, flat),
+                               _record("ew", s, {}, (0.78 + 0.01 * s, 0.80), 9, flat),
+                               _record("gls", s, {}, (0.79 + 0.01 * s, 0.80), 9, flat)]):
+            r.update(format="dbmtl_jax.experiment/2", status="done", benchmark="b")
+            name = f"b__{r['method']}__seed{s}__{i:010d}.json.gz"
+            with gzip.open(store / name, "wt") as f:
+                json.dump(r, f)
+            names.setdefault(r["method"], []).append(f"../runs/{name}")
+    one, two = tmp_path / "one", tmp_path / "two"
+    write_study(one, names["stl"] + names["ew"])
+    write_study(two, names["stl"] + names["gls"])  # STL listed in both
+    assert main(["paired", str(one), str(two), "--ref", "ew", "--out", str(tmp_path / "both.md")]) == 0
+    assert main(["paired", str(store), "--ref", "ew", "--out", str(tmp_path / "store.md")]) == 0
+    both = (tmp_path / "both.md").read_text()
+    assert both == (tmp_path / "store.md").read_text()
+    assert "| stl | 3 |" in both and "| **gls** | 3 |" in both  # STL once per seed, not twice
+    # GLS − EW is +1 accuracy point on task a every seed: +0.625 Δp (1/0.80 × 100 / 2 tasks).
+    gls_row = next(line for line in both.splitlines() if line.startswith("| **gls**"))
+    assert "+0.6" in gls_row.split("|")[4]
+    assert main(["paired", str(one), str(tmp_path / "missing")]) == 2

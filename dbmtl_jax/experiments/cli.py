@@ -156,7 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     pa = sub.add_parser("paired", help="paired per-seed Δp differences (95 %% t-intervals), rank groups and "
                                        "convergence figures, one table per setting")
-    pa.add_argument("dir", help="results directory or study folder")
+    pa.add_argument("dirs", nargs="+", metavar="dir",
+                    help="results directories or study folders; several are read as one set of runs (a run listed in "
+                         "two counts once), e.g. to pair rows of two studies that share seeds and settings")
     pa.add_argument("--ref", action="append", default=None, metavar="METHOD",
                     help="reference row: a row label as printed (e.g. 'dbmtl (beta_sigma=0.0)') or a method name "
                          "(its default-hyperparameter row), repeatable (default: ew and dbmtl where present)")
@@ -425,10 +427,17 @@ def _cmd_paired(args: argparse.Namespace) -> int:
     from dbmtl_jax.experiments.paired import across_settings_report, paired_report
     from dbmtl_jax.experiments.report import load_results, summarize
 
-    if not _dirs_exist(args.dir):
+    if not _dirs_exist(*args.dirs):
         return 2
     skipped: list = []
-    records = load_results(args.dir, skipped=skipped)
+    records, seen = [], set()
+    for d in args.dirs:
+        for rec in load_results(d, skipped=skipped):
+            key = Path(rec["_path"]).resolve()
+            if key not in seen:
+                seen.add(key)
+                records.append(rec)
+    where = " ".join(args.dirs)
     found = bool(records)
     head = ""
     if args.smooth is not None and args.average_last is not None:
@@ -453,7 +462,7 @@ def _cmd_paired(args: argparse.Namespace) -> int:
     _report_skipped(skipped)
     if not records:
         why = "no run with a recorded test curve (--test-curve) to re-select" if found else "no run records"
-        print(f"error: {why} under {args.dir}.", file=sys.stderr)
+        print(f"error: {why} under {where}.", file=sys.stderr)
         return 1
     settings = summarize(records)  # a ValueError here (records that cannot share a table) exits 1 in main
     try:
@@ -466,11 +475,11 @@ def _cmd_paired(args: argparse.Namespace) -> int:
                  "choosing hyperparameters, not a result.\n\n")
     text = head + body
     if not body.strip() and args.across:
-        print(f"error: {args.dir}: no table: no two settings of one benchmark share a row "
+        print(f"error: {where}: no table: no two settings of one benchmark share a row "
               f"(and have {'an STL' if args.baseline == 'stl' else f'a {args.baseline}'} row).", file=sys.stderr)
         return 1
     if not body.strip():
-        print(f"error: {args.dir}: no table: no setting has an STL row to measure Δp against "
+        print(f"error: {where}: no table: no setting has an STL row to measure Δp against "
               "(give --baseline ROW, e.g. --baseline ew).", file=sys.stderr)
         return 1
     if args.out:
