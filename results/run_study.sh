@@ -43,7 +43,9 @@
 # Each table gets report.md, summary.csv, runs.csv and plots (`dbmtl-jax report`) and breakdown.md
 # (`dbmtl-jax breakdown`); `dbmtl-jax summary results/<benchmark>_<E>ep` puts the tables side by side.
 # Seed-by-seed sections run seeds 0-4 in order; RUN_STUDY_SEEDS="4 3" runs only those (in that order), so that two
-# cores can share one section without training the same run twice.
+# cores can share one section: give them disjoint seeds (a process started from another copy of the repository does
+# not see the other's records, so it would train an overlapping seed again). A section's all-seed lines (--seeds 5)
+# still run in full.
 # Resumable: finished runs are skipped. RUN_STUDY_DRY_RUN=1 lists what each table would train or reuse (nothing is
 # written). Pin it to a core on a shared machine, e.g. `taskset -c 1 bash results/run_study.sh qm9 beta`.
 set -u
