@@ -430,13 +430,7 @@ def _cmd_paired(args: argparse.Namespace) -> int:
     if not _dirs_exist(*args.dirs):
         return 2
     skipped: list = []
-    records, seen = [], set()
-    for d in args.dirs:
-        for rec in load_results(d, skipped=skipped):
-            key = Path(rec["_path"]).resolve()
-            if key not in seen:
-                seen.add(key)
-                records.append(rec)
+    records = load_results(args.dirs, skipped=skipped)
     where = " ".join(args.dirs)
     found = bool(records)
     head = ""

@@ -43,7 +43,7 @@ import math
 import os
 import statistics
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
@@ -167,11 +167,15 @@ def record_paths(directory: os.PathLike, *, skipped: Optional[list] = None) -> l
     return out
 
 
-def load_results(directory: os.PathLike, *, skipped: Optional[list] = None) -> list[dict[str, Any]]:
-    """All finished run records of ``directory``, sorted by benchmark, method, config hash, seed.
+def load_results(
+    directory: Union[os.PathLike, str, Sequence[Union[os.PathLike, str]]], *, skipped: Optional[list] = None
+) -> list[dict[str, Any]]:
+    """All finished run records of ``directory`` (or of several, read as one set), sorted by benchmark, method,
+    config hash, seed.
 
     The files are those of :func:`record_paths` (recursively, and a study
-    folder's ``runs.txt``), in both formats.  A file that is not a usable run
+    folder's ``runs.txt``), in both formats, each file once (a file listed by
+    two directories is read once).  A file that is not a usable run
     record (unreadable, truncated or invalid JSON or gzip data, another
     format, an unfinished run, missing or malformed keys: :func:`check_record`)
     is left out and appended to ``skipped`` as ``(path, reason)``; without a
@@ -182,7 +186,12 @@ def load_results(directory: os.PathLike, *, skipped: Optional[list] = None) -> l
 
     out = []
     bad: list[tuple[str, str]] = []
-    for path in record_paths(directory, skipped=bad):
+    dirs = [directory] if isinstance(directory, (str, os.PathLike)) else list(directory)
+    paths: dict[Path, Path] = {}
+    for d in dirs:
+        for p in record_paths(d, skipped=bad):
+            paths.setdefault(p.resolve(), p)
+    for path in sorted(paths.values(), key=str):
         try:
             rec = read_record(path)
         except OSError as e:
