@@ -97,6 +97,9 @@ def loss_weights(opt_state: PyTree, losses: Optional[jax.Array] = None, key: Opt
         losses = jnp.asarray(losses)
         if losses.ndim != 1:
             raise ValueError(f"{name}: losses must be a [T] vector, got shape {losses.shape}.")
+        t = getattr(state, "num_tasks", None)
+        if t is not None and losses.shape[0] != t:
+            raise ValueError(f"{name}: losses has {losses.shape[0]} entries but the method was built for {t} tasks.")
         losses = losses.astype(jnp.promote_types(losses.dtype, jnp.float32))
     return state.loss_weights(losses, key)
 

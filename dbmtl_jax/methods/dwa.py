@@ -61,6 +61,11 @@ class DWAState(NamedTuple):
     needs_losses = True
     needs_key = False
 
+    @property
+    def num_tasks(self) -> int:
+        """``T``, the length of ``epoch_sum``."""
+        return self.epoch_sum.shape[0]
+
     def loss_weights(self, losses: Optional[jax.Array] = None, key: Optional[jax.Array] = None) -> jax.Array:
         """``T softmax(r / τ)`` once two epochs are complete, ones before."""
         del losses, key

@@ -43,6 +43,11 @@ class EWState(NamedTuple):
     needs_losses = False
     needs_key = False
 
+    @property
+    def num_tasks(self) -> int:
+        """``T``, the length of ``weights``."""
+        return self.weights.shape[0]
+
     def loss_weights(self, losses: Optional[jax.Array] = None, key: Optional[jax.Array] = None) -> jax.Array:
         """The constant weights."""
         del losses, key

@@ -83,6 +83,11 @@ class FAMOState(NamedTuple):
     needs_losses = True
     needs_key = False
 
+    @property
+    def num_tasks(self) -> int:
+        """``T``, the length of ``logits``."""
+        return self.logits.shape[0]
+
     def log_gap(self, losses: jax.Array) -> jax.Array:
         """``log D = log(max(ℓ − ℓ*, 0) + ε)``."""
         return lc.clamped_log(losses.astype(jnp.float32) - self.min_losses, self.eps)

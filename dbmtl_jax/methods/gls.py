@@ -33,24 +33,36 @@ __all__ = ["GLSState", "gls"]
 
 
 class GLSState(NamedTuple):
-    """State of :func:`gls`: ``count`` (int32) and the loss floor ``eps`` (float32)."""
+    """State of :func:`gls`.
+
+    Attributes:
+      count: number of updates applied (int32 scalar).
+      eps: the loss floor ``ε`` (float32 scalar).
+      last_weights: the weights used by the last update (``[T]`` float32, ``1/T``
+        before the first); its length is the state's task count.
+    """
 
     count: chex.Array
     eps: chex.Array
+    last_weights: chex.Array
 
     needs_losses = True
     needs_key = False
+
+    @property
+    def num_tasks(self) -> int:
+        """``T``, the length of ``last_weights``."""
+        return self.last_weights.shape[0]
 
     def loss_weights(self, losses: Optional[jax.Array] = None, key: Optional[jax.Array] = None) -> jax.Array:
         """``w_t = G / (T ℓ̃_t)`` with ``G`` the geometric mean of ``ℓ̃``."""
         del key
         log_l = lc.clamped_log(losses.astype(jnp.promote_types(losses.dtype, jnp.float32)), self.eps)
-        t = losses.shape[0]
-        return jnp.exp(jnp.mean(log_l) - log_l - jnp.log(float(t))).astype(jnp.float32)
+        return jnp.exp(jnp.mean(log_l) - log_l - jnp.log(float(self.num_tasks))).astype(jnp.float32)
 
     def advance(self, losses: Optional[jax.Array], key: Optional[jax.Array], **extra_args: Any) -> "GLSState":
-        del losses, key, extra_args
-        return self._replace(count=optax.safe_increment(self.count))
+        del extra_args
+        return self._replace(count=optax.safe_increment(self.count), last_weights=self.loss_weights(losses, key))
 
 
 def gls(
@@ -77,7 +89,11 @@ def gls(
     nm.check_real(eps, "eps", "gls", lo=0, lo_open=True)
 
     def init_state() -> GLSState:
-        return GLSState(count=jnp.zeros([], jnp.int32), eps=lc.f32(eps))
+        return GLSState(
+            count=jnp.zeros([], jnp.int32),
+            eps=lc.f32(eps),
+            last_weights=jnp.full([num_tasks], 1.0 / num_tasks, jnp.float32),
+        )
 
     return lc.make_loss_transform(
         num_tasks, "gls", init_state, {"eps": eps}, grads=grads, weight_heads=weight_heads, shared=shared

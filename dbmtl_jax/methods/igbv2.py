@@ -135,6 +135,11 @@ class IGBv2State(NamedTuple):
     needs_losses = True
     needs_key = True
 
+    @property
+    def num_tasks(self) -> int:
+        """``T``, the length of ``prev_losses``."""
+        return self.prev_losses.shape[0]
+
     def epoch(self) -> jax.Array:
         return self.count // self.steps_per_epoch
 

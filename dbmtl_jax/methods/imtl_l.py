@@ -56,6 +56,11 @@ class IMTLLState(NamedTuple):
     needs_losses = True
     needs_key = False
 
+    @property
+    def num_tasks(self) -> int:
+        """``T``, the length of ``scale``."""
+        return self.scale.shape[0]
+
     def loss_weights(self, losses: Optional[jax.Array] = None, key: Optional[jax.Array] = None) -> jax.Array:
         """``w_t = e^{s_t}``."""
         del losses, key

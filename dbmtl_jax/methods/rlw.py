@@ -78,6 +78,11 @@ class RLWState(NamedTuple):
     needs_losses = False
     needs_key = True
 
+    @property
+    def num_tasks(self) -> int:
+        """``T``, the length of ``last_weights``."""
+        return self.last_weights.shape[0]
+
     def loss_weights(self, losses: Optional[jax.Array] = None, key: Optional[jax.Array] = None) -> jax.Array:
         """Weights drawn from ``key`` with the state's distribution."""
         del losses

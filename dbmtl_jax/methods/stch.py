@@ -79,6 +79,11 @@ class STCHState(NamedTuple):
     needs_losses = True
     needs_key = False
 
+    @property
+    def num_tasks(self) -> int:
+        """``T``, the length of ``nadir``."""
+        return self.nadir.shape[0]
+
     def phase(self) -> tuple[jax.Array, jax.Array]:
         """``(use_stch, accumulate)`` booleans for the current step."""
         epoch = self.count // self.steps_per_epoch

@@ -63,6 +63,11 @@ class UWState(NamedTuple):
     needs_losses = True
     needs_key = False
 
+    @property
+    def num_tasks(self) -> int:
+        """``T``, the length of ``log_var``."""
+        return self.log_var.shape[0]
+
     def loss_weights(self, losses: Optional[jax.Array] = None, key: Optional[jax.Array] = None) -> jax.Array:
         """``w_t = e^{-s_t} / 2``."""
         del losses, key

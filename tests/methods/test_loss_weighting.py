@@ -492,6 +492,14 @@ def test_missing_args_and_bad_shapes(name):
             tx.update(g, s, p, losses=jnp.ones(T))
     with pytest.raises(ValueError, match="losses must be a \\[T\\]"):
         tx.update(g, s, p, losses=jnp.ones(T + 1), key=key)
+    # The cheap path's weights refuse a wrong task count too (before any weight is computed, so a [1]
+    # vector cannot broadcast against the state's [T] arrays into a plausible-looking weighting).
+    assert lw.find_loss_weighting_state(s).num_tasks == T
+    for wrong in (1, T + 1):
+        with pytest.raises(ValueError, match=f"losses has {wrong} entries but the method was built for {T} tasks"):
+            lw.loss_weights(s, jnp.ones(wrong), key=key)
+        with pytest.raises(ValueError, match=f"built for {T} tasks"):
+            lw.weighted_loss(s, jnp.ones(wrong), key=key)
     with pytest.raises(ValueError, match="task axis"):
         tx.update({"trunk": g["trunk"][:2], "head": g["head"][:2]}, s, p, losses=jnp.ones(T), key=key)
     txw = make(name, grads="weighted")
