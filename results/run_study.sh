@@ -23,7 +23,8 @@
 #             methods, Table 5 and Fig. 1 rows: paired.md
 #   finished  (qm9_2k, multifashion320, dense60, adult120, adult120_l1) STL, EW and DB-MTL with --lr-schedule cosine, then DB-MTL at β = 0.9 and
 #             β = 0, 5 seeds: paired.md
-#   optimizer (qm9_2k) the finished section's DB-MTL β rows and EW again with Adam b1 = 0 (double momentum?): paired.md
+#   optimizer (qm9_2k, multimnist320) the finished (cosine) section's DB-MTL β rows and EW again with Adam b1 = 0
+#             (double momentum?): paired.md, across.md
 #   table5    (qm9_2k) Table 5's EW + log and DB-MTL without log under the finished protocol, 5 seeds: paired.md
 #   sgdlr     (qm9_2k, multimnist320) the SGD-with-momentum learning-rate pilot of item 4 (EW, DB-MTL; seed 0)
 #   sgd       (qm9_2k) EW and DB-MTL's three β rows with SGD with momentum at the pilot's rates, 5 seeds, into the
@@ -198,19 +199,23 @@ for section in $SECTIONS; do
       run --methods dbmtl --hp dbmtl.beta=0.0 --lr-schedule cosine --seeds $s, --test-curve --study $O
     done
     [ -n "$DRY" ] || dbmtl-jax paired $O --out $O/paired.md ;;
-  optimizer)  # (qm9_2k) issue 12 item 4 under the finished protocol: is the constant β's deficit on qm9 (§18) double
-    # momentum? The finished section's Adam (b1 = 0.9) rows (found in the store, not rerun), then the same β rows
-    # and EW with Adam's momentum removed (b1 = 0), seed by seed, the decisive row (constant β) first
+  optimizer)  # (qm9_2k, multimnist320) issue 12 item 4 under the finished protocol: is the constant β's deficit
+    # double momentum? The finished (qm9) or cosine (multimnist) section's Adam (b1 = 0.9) rows (found in the store,
+    # not rerun; on multimnist the constant-rate STL is the Δp reference, as in cosine), then the same β rows and EW
+    # with Adam's momentum removed (b1 = 0), seed by seed, the decisive row (constant β) first. β = 0 is spelled as
+    # the section that ran it first spelled it (the spelling is part of the row's label and config hash).
+    ROWS=stl,ew,dbmtl; ZERO="--hp dbmtl.beta=0.0"
+    [ "$B" = multimnist ] && { ROWS=ew,dbmtl; ZERO="--hp dbmtl.beta=0.0 --hp dbmtl.beta_sigma=0.0"
+                              run --methods stl --seeds 5 --test-curve --study $O; }
     for s in $SEEDS; do
-      run --methods stl,ew,dbmtl --lr-schedule cosine --seeds $s, --test-curve --study $O  # STL: the Δp reference
+      run --methods $ROWS --lr-schedule cosine --seeds $s, --test-curve --study $O  # STL: the Δp reference
       run --methods dbmtl $LIBMTL --lr-schedule cosine --seeds $s, --test-curve --study $O
-      run --methods dbmtl --hp dbmtl.beta=0.0 --lr-schedule cosine --seeds $s, --test-curve --study $O
+      run --methods dbmtl $ZERO --lr-schedule cosine --seeds $s, --test-curve --study $O
     done
     for s in $SEEDS; do
       run --optimizer adam --b1 0.0 --methods dbmtl $LIBMTL --lr-schedule cosine --seeds $s, --test-curve --study $O
       run --optimizer adam --b1 0.0 --methods dbmtl,ew --lr-schedule cosine --seeds $s, --test-curve --study $O
-      run --optimizer adam --b1 0.0 --methods dbmtl --hp dbmtl.beta=0.0 --lr-schedule cosine --seeds $s, --test-curve \
-        --study $O
+      run --optimizer adam --b1 0.0 --methods dbmtl $ZERO --lr-schedule cosine --seeds $s, --test-curve --study $O
     done
     [ -n "$DRY" ] || { dbmtl-jax paired $O --out $O/paired.md && dbmtl-jax paired $O --across --out $O/across.md; } ;;
   methods)  # (qm9_2k, multimnist320) issue 12 item 3: the 26-method main table under the finished protocol (cosine
