@@ -28,7 +28,7 @@
 #   table5    (qm9_2k) Table 5's EW + log and DB-MTL without log under the finished protocol, 5 seeds: paired.md
 #   sgdlr     (qm9_2k, multimnist320) the SGD-with-momentum learning-rate pilot of item 4 (EW, DB-MTL; seed 0;
 #             grids per benchmark)
-#   sgd       (qm9_2k) EW and DB-MTL's three β rows with SGD with momentum at the pilot's rates, 5 seeds, into the
+#   sgd       (qm9_2k; multimnist320 once sgdlr has chosen its rates) EW and DB-MTL's three β rows with SGD with momentum at the pilot's rates, 5 seeds, into the
 #             optimizer table: paired.md, across.md (Adam → SGD gains)
 #   methods   (qm9_2k, multimnist320, adult120, adult120_l1) the 26-method main table under the finished protocol, 5 seeds: paired.md
 #   paper     (adult120, adult120_l1) the rest of the paper's tables under the finished protocol, 5 seeds: Table 5 (EW + log, DB-MTL
@@ -297,13 +297,18 @@ for section in $SECTIONS; do
     # written into the optimizer table, so that its across.md gives each row's Adam → SGD gain. Seed by seed, the
     # decisive row (constant β) first among the DB-MTL rows.
     O="$P"_optimizer
+    EW_LR=0.001; DB_LR=0.0003; ZERO="--hp dbmtl.beta=0.0"
+    if [ "$B" = multimnist ]; then  # β = 0 spelled as the optimizer section spells it there
+      echo "sgd on multimnist320: run sgdlr first and set EW_LR / DB_LR here from its validation table" \
+           "(dbmtl-jax paired results/multimnist_320ep_sgdlr --split val)" >&2
+      exit 2
+    fi
     for s in $SEEDS; do
-      run --optimizer sgdm --lr 0.001 --methods ew --lr-schedule cosine --seeds $s, --test-curve --study $O
-      run --optimizer sgdm --lr 0.0003 --methods ew --lr-schedule cosine --seeds $s, --test-curve --study $O
-      run --optimizer sgdm --lr 0.0003 --methods dbmtl $LIBMTL --lr-schedule cosine --seeds $s, --test-curve --study $O
-      run --optimizer sgdm --lr 0.0003 --methods dbmtl --lr-schedule cosine --seeds $s, --test-curve --study $O
-      run --optimizer sgdm --lr 0.0003 --methods dbmtl --hp dbmtl.beta=0.0 --lr-schedule cosine --seeds $s, --test-curve \
-        --study $O
+      run --optimizer sgdm --lr $EW_LR --methods ew --lr-schedule cosine --seeds $s, --test-curve --study $O
+      run --optimizer sgdm --lr $DB_LR --methods ew --lr-schedule cosine --seeds $s, --test-curve --study $O
+      run --optimizer sgdm --lr $DB_LR --methods dbmtl $LIBMTL --lr-schedule cosine --seeds $s, --test-curve --study $O
+      run --optimizer sgdm --lr $DB_LR --methods dbmtl --lr-schedule cosine --seeds $s, --test-curve --study $O
+      run --optimizer sgdm --lr $DB_LR --methods dbmtl $ZERO --lr-schedule cosine --seeds $s, --test-curve --study $O
     done
     [ -n "$DRY" ] || { dbmtl-jax paired $O --out $O/paired.md && dbmtl-jax paired $O --across --out $O/across.md; } ;;
   *) echo "unknown section $section (main beta ablation log alpha budget betaopt hurts converged cosine finished optimizer" \
