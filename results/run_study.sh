@@ -28,8 +28,8 @@
 #   table5    (qm9_2k) Table 5's EW + log and DB-MTL without log under the finished protocol, 5 seeds: paired.md
 #   sgdlr     (qm9_2k, multimnist320) the SGD-with-momentum learning-rate pilot of item 4 (EW, DB-MTL; seed 0;
 #             grids per benchmark)
-#   sgd       (qm9_2k; multimnist320 once sgdlr has chosen its rates) EW and DB-MTL's three β rows with SGD with momentum at the pilot's rates, 5 seeds, into the
-#             optimizer table: paired.md, across.md (Adam → SGD gains)
+#   sgd       (qm9_2k; multimnist320 once sgdlr has chosen its rates) EW and DB-MTL's three β rows with SGD with
+#             momentum at the pilot's rates, 5 seeds, into the optimizer table: paired.md, across.md (Adam → SGD gains)
 #   methods   (qm9_2k, multimnist320, adult120, adult120_l1) the 26-method main table under the finished protocol, 5 seeds: paired.md
 #   paper     (adult120, adult120_l1) the rest of the paper's tables under the finished protocol, 5 seeds: Table 5 (EW + log, DB-MTL
 #             without log), Fig. 1 (six gradient methods + log), Fig. 6 (α), Fig. 5 (β grid): paired.md
