@@ -279,10 +279,10 @@ for section in $SECTIONS; do
     # vectors of log-loss gradients), so EW and DB-MTL each get the rate best on validation Δp (vs the Adam STL;
     # `dbmtl-jax paired DIR --split val`); the sgd section then runs every row at its rate. On qm9 DB-MTL did not
     # train at all at 0.003 (summed loss flat at 11 from epoch 1) while EW did, hence its lower grid.
-    # On multimnist the grids are centred on 0.01, the rate of the 192-step SGD rows (§11), and the constant-rate
-    # Adam STL is the reference (as in cosine).
+    # On multimnist the grids are centred on 0.01, the rate of the 192-step SGD rows (§11), each extended by one rate
+    # where its best was at the grid's edge (EW 0.1, DB-MTL 0.001), and the constant-rate Adam STL is the reference.
     DB_LRS="0.0003 0.001 0.0001 0.003"; EW_LRS="0.001 0.003 0.01"; STL_SCHEDULE="--lr-schedule cosine"
-    [ "$B" = multimnist ] && { DB_LRS="0.01 0.003 0.03"; EW_LRS="0.01 0.003 0.03"; STL_SCHEDULE=; }
+    [ "$B" = multimnist ] && { DB_LRS="0.01 0.003 0.03 0.001"; EW_LRS="0.01 0.003 0.03 0.1"; STL_SCHEDULE=; }
     run --methods stl $STL_SCHEDULE --seeds 0, --test-curve --study $O   # the Δp reference (Adam; listed)
     for lr in $DB_LRS; do
       run --optimizer sgdm --lr $lr --methods dbmtl --lr-schedule cosine --seeds 0, --test-curve --study $O
