@@ -68,7 +68,7 @@ case $B in
   adult120)          B=adult; EPOCHS=120; QUICK= ;;              # 120 epochs = 13,680 steps; sections methods, finished
   adult120_l1)       B=adult_l1; EPOCHS=120; QUICK= ;;           # the same with L1-trained regressions (§22); finished, methods
   # dense at its full recipe (2,000 / 500 / 500 scenes, batch 32): 60 epochs = 3,780 steps; section finished. On one
-  # CPU core ≈ 40 min (EW) to 90 min (STL) per run: meant for a GPU session
+  # CPU core ≈ 40 min (EW) to 90 min (STL) per run: meant for a GPU session (results/dense_gpu.sh runs it there)
   dense60)           B=dense; EPOCHS=60; QUICK= ;;
   # qm9 at a size two cores can finish (results/README.md §18): the full recipe's random split of all 130,831
   # molecules, a fixed random 2,000 training molecules, 2,000 validation and 2,000 test, batch 64
