@@ -327,6 +327,40 @@ def test_a_finite_step_that_overflows_a_methods_state_is_rejected_and_the_state_
     assert not bool(jnp.allclose(clean_state.weights, 1.0))  # the weights move (GradNorm's froze at 1 before)
 
 
+def test_gradnorm_rejects_a_nan_loss_after_the_first_step():
+    """A NaN loss made GradNorm's relative rates NaN, which ``where(mean > 0, ..)`` turned into 1 for
+    every task: a finite update and an advanced state. Now the step is invalid and the state kept."""
+    params = {"w": jnp.zeros(4)}
+    g = {"w": jnp.asarray(np.random.default_rng(0).standard_normal((3, 4)), jnp.float32)}
+    tx = dbmtl_jax.get_method("gradnorm", 3)
+    state = tx.init(params)
+    for _ in range(3):
+        _, state = tx.update(g, state, params, losses=jnp.array([1.0, 2.0, 3.0]))
+    for bad in (np.nan, np.inf):
+        u, new = tx.update(g, state, params, losses=jnp.array([1.0, bad, 3.0]))
+        assert bool(jnp.all(jnp.isnan(u["w"]))) and _same(new, state)
+
+
+@pytest.mark.parametrize("normalization", ["loss", "loss+"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, 0.0, -2.0])
+def test_mgda_loss_normalization_rejects_a_loss_that_cannot_normalise(normalization, bad):
+    """MGDA's "loss" normalisations divide each gradient by its loss: a NaN, inf, zero or negative loss
+    was replaced by 1 (or flipped a gradient's sign) and the solver reported convergence on a finite
+    update. Such a step is now visibly invalid (NaN update), and a valid one is unchanged."""
+    params = {"w": jnp.zeros(4)}
+    g = {"w": jnp.asarray(np.random.default_rng(1).standard_normal((3, 4)), jnp.float32)}
+    tx = dbmtl_jax.get_method("mgda", 3, normalization=normalization)
+    state = tx.init(params)
+    good, _ = tx.update(g, state, params, losses=jnp.array([1.0, 2.0, 3.0]))
+    assert bool(jnp.all(jnp.isfinite(good["w"])))
+    u, _ = tx.update(g, state, params, losses=jnp.array([1.0, bad, 3.0]))
+    assert bool(jnp.all(jnp.isnan(u["w"])))
+    guarded = dbmtl_jax.skip_invalid_steps(tx)
+    gs = guarded.init(params)
+    _, gs_after = guarded.update(g, gs, params, losses=jnp.array([1.0, bad, 3.0]))
+    assert _same(gs_after.inner_state, gs.inner_state)
+
+
 # -- item 6: debug under jit, complex and integer parameters -----------------------------------------
 
 

@@ -171,7 +171,8 @@ def gradnorm(
         # Finite gradients can still overflow the weight step: Adam's second moment squares the
         # gradient norms (above ~1e19 in float32), and an inf there would freeze the weights for
         # good.  Such a step (or one with a non-finite loss) is made visibly invalid, state kept.
-        ok = nm.all_finite((grad_w, new_state))  # +inf in grad_w would be clipped to min_weight, unseen
+        # +inf in grad_w would be clipped to min_weight, unseen; a NaN loss would only make r = 1, unseen
+        ok = nm.all_finite((grad_w, new_state, losses))
         return nm.reject_unless(ok, out, new_state, state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

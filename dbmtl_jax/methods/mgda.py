@@ -127,7 +127,14 @@ def mgda_weights(
             norm = loss if normalization == "loss" else loss * l2
         norm = jnp.where(jnp.abs(norm) > tiny, norm, 1.0)
     g = gram / (norm[:, None] * norm[None, :])
-    return _qp.min_norm_simplex(g, solver=solver, max_iter=max_iter, tol=tol)
+    res = _qp.min_norm_simplex(g, solver=solver, max_iter=max_iter, tol=tol)
+    if normalization in ("loss", "loss+"):
+        # A loss that is not finite and > 0 cannot normalise its gradient (the solver would read it as
+        # a zero task or flip its sign): the weights, and so the update, become NaN (a visibly invalid
+        # step, which skip_invalid_steps rejects) and the residual inf, rather than a finite update.
+        bad = ~jnp.all(jnp.isfinite(loss) & (loss > 0))
+        res = res._replace(x=jnp.where(bad, jnp.nan, res.x), residual=jnp.where(bad, jnp.inf, res.residual))
+    return res
 
 
 def mgda(
