@@ -97,8 +97,11 @@ def imtl_g_weights(gram: jax.Array) -> tuple[jax.Array, jax.Array]:
     alpha = a * beta
     # spread of the projections ⟨d, u_t⟩ ∝ (Cβ)_t over ‖d‖ ∝ ‖β‖_C, widened by the rounding margin
     proj = jnp.matmul(cos, beta, precision=nm.HIGHEST)
-    dn = jnp.sqrt(jnp.maximum(jnp.dot(beta, proj, precision=nm.HIGHEST), 0))
     err = (4.0 + 2.0 * t**0.5) * jnp.finfo(dt).eps * jnp.matmul(jnp.abs(cos), jnp.abs(beta), precision=nm.HIGHEST)
+    # ‖d‖² = βᵀCβ less its own rounding margin |β|ᵀ err: when the weights cancel, βᵀCβ is rounding noise, and
+    # dividing by its square root made a numerically zero d look converged
+    dn2 = jnp.dot(beta, proj, precision=nm.HIGHEST) - jnp.dot(jnp.abs(beta), err, precision=nm.HIGHEST)
+    dn = jnp.sqrt(jnp.maximum(dn2, 0))
     spread = jnp.max(jnp.where(active, proj + err, -jnp.inf)) - jnp.min(jnp.where(active, proj - err, jnp.inf))
     resid = jnp.where(dn > 0, spread / jnp.where(dn > 0, dn, 1), jnp.where(spread > 0, 1e30, 0))
     resid = jnp.minimum(jnp.maximum(resid, jnp.abs(jnp.sum(alpha) - 1)), 1e30)
