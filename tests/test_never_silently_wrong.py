@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import jax
@@ -380,6 +381,25 @@ def test_imtl_g_residual_certifies_the_spread_of_its_projections(case):
         assert float(st.residual) < 1e-4  # a well-posed system still reports convergence
     else:
         assert float(st.residual) >= 1.0
+
+
+@pytest.mark.parametrize("name", ["uw", "dwa", "imtl_l", "famo", "gls", "igbv2", "stch"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_loss_weighting_rejects_a_non_finite_loss_and_keeps_its_state(name, bad):
+    """DWA (NaN/inf) and FAMO (inf) returned a finite update while a NaN/inf entered their state (DWA's next
+    epoch's weights became NaN); UW, IMTL-L took the bad loss without a sign. Every loss weighting now makes
+    such a step visibly invalid (NaN update) and keeps its state, and skip_invalid_steps then skips it."""
+    params = {"w": jnp.zeros(4)}
+    g = {"w": jnp.asarray(np.random.default_rng(2).standard_normal((3, 4)), jnp.float32)}
+    tx = dbmtl_jax.get_method(name, 3)
+    update = jax.jit(functools.partial(tx.update, key=jax.random.key(0)))  # IGBv2 is randomised
+    state = tx.init(params)
+    for i in range(4):
+        _, state = update(g, state, params, losses=jnp.array([1.0, 2.0, 3.0]) * (1 - 0.1 * i))
+    u, new = update(g, state, params, losses=jnp.array([1.0, bad, 3.0]))
+    assert bool(jnp.all(jnp.isnan(u["w"]))) and _same(new, state)
+    u, _ = update(g, state, params, losses=jnp.array([0.5, 1.5, 2.5]))
+    assert bool(jnp.all(jnp.isfinite(u["w"])))
 
 
 # -- item 6: debug under jit, complex and integer parameters -----------------------------------------

@@ -245,6 +245,8 @@ def make_loss_transform(
         new_state = state.advance(losses, key, **extra_args)
         if hparams:
             new_state = new_state._replace(**{k: f32(v) for k, v in hparams.items()})
-        return out, new_state
+        # A NaN or inf loss (or a state it overflows) would stay in the state (DWA's loss history, FAMO's
+        # previous losses) behind a finite update: the step is made visibly invalid and the state kept.
+        return nm.reject_unless(nm.all_finite((losses, new_state)), out, new_state, state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
