@@ -279,6 +279,8 @@ def _heads_once(
             loss = jnp.asarray(fn(hp_, z_, batch))
             if loss.ndim != 0:
                 raise ValueError(f"head_loss_fns[{t}] must return a scalar loss, got shape {loss.shape}.")
+            if not jnp.issubdtype(loss.dtype, jnp.floating):  # an integer loss has zero gradients, silently
+                raise TypeError(f"head_loss_fns[{t}] must return a floating-point loss, got dtype {loss.dtype}.")
             return transform_losses(loss[None], log=log, eps=eps)[0], loss
 
         (_, loss), (g_head, g_feat) = jax.value_and_grad(head_obj, argnums=(0, 1), has_aux=True)(hp, features)

@@ -147,6 +147,10 @@ def test_errors():
         dbmtl_jax.value_and_task_grads(spec)((params["trunk"], params["heads"][:2]), x)
     with pytest.raises(ValueError, match="head parameter sets"):
         dbmtl_jax.value_and_task_grads(spec._replace(split=lambda p: p))((params["trunk"], params["heads"][:2]), x)
+    with pytest.raises(TypeError, match="floating-point loss"):  # was all-zero gradients for that task
+        dbmtl_jax.value_and_task_grads(dbmtl_jax.TrunkHeads(trunk_fn, [lambda hp, z, b: jnp.sum(z).astype(int)] * T))(
+            (params["trunk"], params["heads"]), x
+        )
     with pytest.raises(ValueError, match="scalar loss"):
         dbmtl_jax.value_and_task_grads(dbmtl_jax.TrunkHeads(trunk_fn, [lambda hp, z, b: z @ hp["w"]] * T))(
             (params["trunk"], params["heads"]), x
