@@ -362,7 +362,8 @@ def test_beta_schedule_and_has_aux():
         np.testing.assert_allclose(float(aux["total"]), float(jnp.sum(losses)), rtol=1e-6)
         p = optax.apply_updates(p, u)
         p_ref, s_ref = _chain_step(tx, p_ref, s_ref, batch)
-    _assert_trees_close((p, s), (p_ref, s_ref))
+    # 4 float32 steps through two op orders: 3e-5 relative was seen on an AMD EPYC host (2e-5 elsewhere)
+    _assert_trees_close((p, s), (p_ref, s_ref), rtol=1e-4)
 
 
 def test_flax_nnx_model():
