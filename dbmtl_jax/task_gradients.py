@@ -21,8 +21,6 @@ for methods that want raw-loss gradients.
 
 from __future__ import annotations
 
-import math
-import numbers
 import warnings
 from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
@@ -193,14 +191,6 @@ def _check_strategy(strategy: str, chunk_size: Optional[int]) -> str:
     return strategy
 
 
-def _check_eps(eps: Any) -> None:
-    """``eps`` (the ε of log(ℓ_t + ε)) must be a finite number > 0: a negative one shifts the log silently."""
-    if not isinstance(eps, numbers.Real):
-        raise TypeError(f"eps must be a finite number > 0 (the ε of log(ℓ_t + ε)), got {eps!r}.")
-    if isinstance(eps, bool) or not 0 < float(eps) < math.inf:
-        raise ValueError(f"eps must be a finite number > 0 (the ε of log(ℓ_t + ε)), got {eps!r}.")
-
-
 def value_and_task_grads(
     model: Model,
     argnums: int = 0,
@@ -242,7 +232,10 @@ def value_and_task_grads(
     """
     if not isinstance(argnums, int):
         raise TypeError(f"argnums must be a single int, got {argnums!r}.")
-    _check_eps(eps)
+    from dbmtl_jax.methods import _numerics  # here, not at the top, as in task_axis
+
+    # a negative eps would shift the log silently (∇ log(ℓ − 1) for eps = −1)
+    _numerics.check_real(eps, "eps", "value_and_task_grads", lo=0, lo_open=True, note="the ε of log(ℓ_t + ε)")
     strategy = _check_strategy(strategy, chunk_size)
     if isinstance(model, TrunkHeads):
         _check_spec_call(argnums, has_aux)
