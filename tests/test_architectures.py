@@ -180,7 +180,9 @@ def test_dense_head_receptive_field():
         r = (k - 1) // 2
         expected = np.zeros((7, 7), bool)
         expected[3 - r : 4 + r, 3 - r : 4 + r] = True
-        np.testing.assert_array_equal(diff > 0, expected)
+        # Far pixels see identical inputs; a blocked conv kernel may still round them differently (float32 noise
+        # ~1e-7 of the signal was seen on an AMD EPYC host), so "changed" means above 1e-4 of the largest change.
+        np.testing.assert_array_equal(diff > 1e-4 * diff.max(), expected)
     with pytest.raises(ValueError, match="kernel_size"):
         DenseHead(2, 2, kernel_size=5, rngs=_rngs(0))
 
