@@ -208,6 +208,20 @@ def convergence_line(st: Setting, rows: Sequence[Row], loss_rows: Sequence[Row])
     return "; ".join(parts) + "."
 
 
+
+def _wall_time_text(runs: Sequence[Mapping[str, Any]]) -> str:
+    """The runs' summed wall time, per device (a record's ``device``: "cpu:cpu", "gpu:NVIDIA H200", ...)."""
+    per: dict[str, tuple[int, float]] = {}
+    for r in runs:
+        dev = str(r.get("device") or "cpu:cpu")
+        n, t = per.get(dev, (0, 0.0))
+        per[dev] = (n + 1, t + float(r.get("wall_time_s") or 0.0))
+    if set(per) <= {"cpu:cpu"}:
+        return f"Wall time of the runs in this table: {sum(t for _, t in per.values()) / 60:.0f} min (one CPU core each)."
+    parts = [f"{t / 60:.0f} min for {n} run{'s' * (n != 1)} on "
+             + ("one CPU core each" if dev == "cpu:cpu" else dev.split(":", 1)[-1]) for dev, (n, t) in sorted(per.items())]
+    return "Wall time of the runs in this table: " + "; ".join(parts) + "."
+
 def paired_table_markdown(
     st: Setting,
     rows: Sequence[Row],
@@ -266,8 +280,7 @@ def paired_table_markdown(
             f"{', '.join(dropped)}.\n\n") if dropped else ""
     out = "\n".join(lines) + "\n\n" + note + convergence_line(st, rows, loss_rows)
     if wall_time:
-        total = sum(float(r.get("wall_time_s") or 0.0) for row in rows for r in row.runs)
-        out += f" Wall time of the runs in this table: {total / 60:.0f} min (one CPU core each)."
+        out += " " + _wall_time_text([r for row in rows for r in row.runs])
     return out + "\n"
 
 
