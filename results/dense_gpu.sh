@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# dense60's finished section (STL, EW, DB-MTL at the default β, LibMTL's β = 0.9 and β = 0; cosine decay; 5 seeds;
-# the same runs as `bash results/run_study.sh dense60 finished`) in one call of a lent GPU machine, as 10 parallel
-# streams that stop T seconds after the start (a run cut off leaves its checkpoint in results/runs/dense/.partial,
-# which comes back too, so that a later call resumes it). On one CPU core a run takes 40-90 min; that is why.
+# dense's finished section (STL, EW, DB-MTL at the default β, LibMTL's β = 0.9 and β = 0; cosine decay; 5 seeds;
+# at EPOCHS=60 the same runs as `bash results/run_study.sh dense60 finished`; ROWS=core: STL, EW and DB-MTL only) in
+# one call of a lent GPU machine, STREAMS (10) runs at a time, stopping T seconds after the start (a run cut off
+# leaves its checkpoint in results/runs/dense/.partial, which comes back too, so that a later call resumes it). On
+# one CPU core a 60-epoch run takes 40-90 min; that is why.
 # That machine reaches no network and has no Fashion-MNIST, so build the scenes here and carry them (8.8 MB):
 #   apt-get install dataset-fashion-mnist && python -c "from dbmtl_jax.datasets import load_dense_fashion as f; f()"
 #   python -c "import gzip,shutil,struct,os; from dbmtl_jax.datasets.multimnist import load_fashion_mnist as L, FASHION_FILES as F, FASHION_DIR as D
@@ -12,14 +13,16 @@
 #     im=fm[k].copy(); im[64:]=0; f=gzip.open('.gpu/fashion-key/'+n,'wb'); f.write(struct.pack('>HBBIII',0,8,3,*im.shape)+im.tobytes()); f.close()"
 #   echo /.gpu/ >> .git/info/exclude; for f in ~/.cache/dbmtl_jax/dense_fashion/*.npz; do xz -9 -c $f > .gpu/$(basename $f).xz; done
 # then call the device tool with carry [".gpu"], timeout_s 580 and the command `T=470 bash results/dense_gpu.sh`.
-# Back come $OUT/records (the new records), $OUT/partial (the checkpoints of runs cut off), $OUT/studies (one runs.txt
-# per stream) and $OUT/logs.tgz; from the folder they come back to (A):
-#   cp A/records/* results/runs/dense/; cp A/partial/* results/runs/dense/.partial/
-#   cat A/studies/*.txt | grep -v '^#' | sort -u >> results/dense_60ep_finished/runs.txt   (then drop duplicate lines)
-# Carry results/runs/dense/.partial too when resuming: the checkpoints are how a cut-off run continues.
-# Measured on an H200 (2026-12-04): 10 streams at once, a 60-epoch run takes 100-130 s (EW) to 300-330 s (DB-MTL,
-# STL), so the 25 runs need about 13 min of device time; the 15-minute budget fits them with a resumed second call.
-# (each stream writes its own study file: ten processes appending to one are not safe).
+# Back come records.tgz (the new records and one runs.txt per run), partial.tar.* (the checkpoints of runs cut
+# off) and logs.tgz; from the folder A they come back to, with E the epochs:
+#   tar xzf A/records.tgz; cat A/partial.tar.* | tar xf -
+#   mkdir -p results/dense_${E}ep_finished; cat results/dense_${E}ep_finished_*/runs.txt | grep -v '^#' | sort -u \
+#     >> results/dense_${E}ep_finished/runs.txt; rm -r results/dense_${E}ep_finished_*   (then drop duplicate lines)
+# (each run writes its own study file: processes appending to one are not safe). Records already in the repository
+# travel with it, so finished runs are skipped; carry results/runs/dense/.partial when resuming cut-off runs.
+# Measured on an H200 (2026-12-04), 10 runs at once: a 60-epoch run takes 100-130 s (EW) to 300-330 s (DB-MTL,
+# STL), so the 25 runs need about 13 min of device time (one 8-min call and a resumed 3.5-min call).
+# EPOCHS=120 ROWS=core (STL, EW, DB-MTL: 15 runs, about 17 min) needs two sessions' device time: resume as above.
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false DBMTL_JAX_CACHE=$PWD/.gpu/cache
 mkdir -p $DBMTL_JAX_CACHE/dense_fashion $OUT/logs
@@ -33,28 +36,29 @@ if [ "$(ls $DBMTL_JAX_CACHE/dense_fashion | wc -l)" != 1 ]; then echo "the carri
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > $OUT/logs/gpu.txt 2>&1
 python3 -c "import jax, optax, flax, chex; print(jax.__version__, optax.__version__, flax.__version__, chex.__version__, jax.devices())" >> $OUT/logs/gpu.txt 2>&1
 touch /tmp/marker
-R="python3 -m dbmtl_jax.experiments.cli run dense --epochs ${EPOCHS:-60} --no-progress --out results/runs --lr-schedule cosine --test-curve"
+E=${EPOCHS:-60}; S=results/dense_${E}ep_finished; ROWS=${ROWS:-all}
+R="python3 -m dbmtl_jax.experiments.cli run dense --epochs $E --no-progress --out results/runs --lr-schedule cosine --test-curve"
 LIB="--hp dbmtl.beta=0.9 --hp dbmtl.beta_sigma=0.0"
-T=${T:-480}; PIDS=()
+T=${T:-480}
 END=$(( $(date +%s) + T ))
 left() { echo $(( END - $(date +%s) > 1 ? END - $(date +%s) : 1 )); }
-for s in 0 1 2 3 4; do
-  ( timeout $(left) $R --seeds $s, --study results/dense_60ep_finished_s$s --methods stl
-    timeout $(left) $R --seeds $s, --study results/dense_60ep_finished_l$s --methods dbmtl $LIB ) > $OUT/logs/s$s.txt 2>&1 &
-  PIDS+=($!)
-  ( timeout $(left) $R --seeds $s, --study results/dense_60ep_finished_d$s --methods dbmtl,ew
-    timeout $(left) $R --seeds $s, --study results/dense_60ep_finished_z$s --methods dbmtl --hp dbmtl.beta=0.0 ) > $OUT/logs/d$s.txt 2>&1 &
-  PIDS+=($!)
-done
+jobs() {  # one run per line: a tag (its log and study file) and its arguments; long runs first, EW last
+  for s in 0 1 2 3 4; do echo "stl$s --seeds $s, --methods stl"; echo "db$s --seeds $s, --methods dbmtl"; done
+  if [ "$ROWS" != core ]; then
+    for s in 0 1 2 3 4; do echo "lib$s --seeds $s, --methods dbmtl $LIB"; echo "z$s --seeds $s, --methods dbmtl --hp dbmtl.beta=0.0"; done
+  fi
+  for s in 0 1 2 3 4; do echo "ew$s --seeds $s, --methods ew"; done
+}
+one() { tag=$1; shift; timeout $(left) $R "$@" --study ${S}_$tag >> $OUT/logs/$tag.txt 2>&1; }
+export -f one left; export R S END OUT
 ( while sleep 60; do nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader; done ) >> $OUT/logs/gpu.txt 2>&1 &
 SMI=$!
-wait "${PIDS[@]}"
+jobs | xargs -P ${STREAMS:-10} -L 1 bash -c 'one "$@"' _
 kill $SMI
 find results/runs/dense -name "*.json.gz" -newer /tmp/marker > /tmp/new.txt
-# One file each, not one archive: a file over the device tool's size limit (about 20 MB) does not come back at all.
-mkdir -p $OUT/records $OUT/partial $OUT/studies
-cp $(cat /tmp/new.txt) $OUT/records/ 2>/dev/null
-cp results/runs/dense/.partial/*.ckpt.npz $OUT/partial/ 2>/dev/null
-for d in results/dense_60ep_finished_*; do cp $d/runs.txt $OUT/studies/$(basename $d).txt; done
-tar czf $OUT/logs.tgz -C $OUT logs
-ls -la $OUT; cat /tmp/new.txt; tail -n 3 $OUT/logs/*.txt
+# What comes back is at most 8 files of 16 MiB: the records and study lists in one archive, the checkpoints (3.7 MB
+# each) in 15 MB pieces, the logs in one archive.
+tar czf $OUT/records.tgz $(cat /tmp/new.txt) ${S}_*/runs.txt
+[ -d results/runs/dense/.partial ] && tar cf - results/runs/dense/.partial | split -b 15M - $OUT/partial.tar.
+tar czf $OUT/logs.tgz -C $OUT logs && rm -r $OUT/logs
+ls -la $OUT; cat /tmp/new.txt; tar xzf $OUT/logs.tgz -O | grep -h " -> \|Error\|error" | tail -n 40
