@@ -277,13 +277,29 @@ def dbmtl(
         # first, so the EMA update stays one elementwise pass (in place when the state is donated).
         valid = functools.reduce(jnp.logical_and, [jnp.all(jnp.isfinite(g)) for g in g_shared], jnp.asarray(True))
         valid = valid & options_ok(beta_k, beta_sigma, alpha, eps, count)
+        # The heads' plain sum has no state, but a non-finite one (a NaN head gradient, or T finite ones
+        # summing past the dtype's range) makes the step invalid, and an invalid step keeps the EMA.
+        out_heads = [jnp.sum(g, axis=0) for g in g_heads]
+        valid = functools.reduce(jnp.logical_and, [jnp.all(jnp.isfinite(h)) for h in out_heads], valid)
         new_ema = [jnp.where(valid, ema_step(m, g, beta_k), m) for g, m in zip(g_shared, ema_leaves)]
         if new_ema:
             norms, directions = dbmtl_direction(new_ema, alpha, eps, acc, valid=valid)
             out_shared = [d.astype(g.dtype) for g, d in zip(g_shared, directions)]
+            # Guard what is produced too: finite gradients can give a direction that overflows the
+            # parameters' dtype (α Σ_t ĝ_t/‖ĝ_t‖ reaches T·α; float16 tops out at 65504).  Such a step is
+            # invalid like a non-finite input: NaN update, EMA, count and norms kept.  Only a narrowing
+            # cast can overflow here (the norms are overflow-safe), so only then is the EMA selected
+            # again, which keeps the common same-dtype step one elementwise pass over the EMA.
+            narrowing = [jnp.finfo(o.dtype).max < jnp.finfo(d.dtype).max for o, d in zip(out_shared, directions)]
+            if any(narrowing):
+                fits = functools.reduce(jnp.logical_and, [jnp.all(jnp.isfinite(o)) for o, n in
+                                                          zip(out_shared, narrowing) if n], jnp.asarray(True))
+                fits = fits | ~valid  # an invalid step is already NaN and keeps its state
+                new_ema = [jnp.where(fits, e, m) for e, m in zip(new_ema, ema_leaves)]
+                out_shared = [jnp.where(fits, o, jnp.nan) for o in out_shared]
+                valid = valid & fits
         else:
             norms, out_shared = state.norms, []
-        out_heads = [jnp.sum(g, axis=0) for g in g_heads]
         out = ta.merge_shared(out_shared, out_heads, mask, treedef)
 
         if new_ema:

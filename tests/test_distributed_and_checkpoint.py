@@ -16,7 +16,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def _run(args, env_extra=None, timeout=600):
     env = dict(os.environ)
-    env.update(env_extra or {})
+    extra = dict(env_extra or {})
+    if "XLA_FLAGS" in extra:  # add to the suite's flags (conftest.py), do not replace them
+        extra["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + extra["XLA_FLAGS"]).strip()
+    env.update(extra)
     proc = subprocess.run(
         [sys.executable, *args], cwd=HERE, env=env, capture_output=True, text=True, timeout=timeout
     )

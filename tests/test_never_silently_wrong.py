@@ -41,6 +41,41 @@ def test_dbmtl_norms_do_not_overflow_for_large_finite_gradients():
     np.testing.assert_allclose(np.asarray(state.norms), [0.1 * np.sqrt(14), 0.1 * np.sqrt(5.25e42)], rtol=1e-5)
 
 
+@pytest.mark.parametrize("jit", [False, True])
+def test_dbmtl_float16_direction_that_overflows_is_rejected_and_the_state_kept(jit):
+    """Finite float16 gradients whose direction exceeds 65504 (α times a unit vector concentrated in one entry):
+    the update is NaN, not inf, and the EMA, count and norms stay as they were; a step that fits is exact."""
+    params = {"w": jnp.zeros(4, jnp.float16)}
+    tx = dbmtl_jax.dbmtl(2, beta=0.0)
+    update = jax.jit(tx.update) if jit else tx.update
+    state = tx.init(params)
+    big = jnp.asarray([[6e4, 6e4, 6e4, 6e4], [0.0, 0.0, 0.0, 1.0]], jnp.float16)  # α = 1.2e5 > float16 max
+    u, new = update({"w": big}, state, params)
+    assert np.isnan(np.asarray(u["w"], np.float32)).all()
+    assert _same(new, state)
+    ok = jnp.asarray([[6.0, 6.0, 6.0, 6.0], [0.0, 0.0, 0.0, 1.0]], jnp.float16)
+    u, new = update({"w": ok}, state, params)
+    np.testing.assert_allclose(np.asarray(u["w"], np.float64), _numpy_dbmtl(ok, beta=0.0), rtol=1e-3)
+    assert int(new.count) == 1 and not _same(new.ema, state.ema)
+
+
+def test_dbmtl_invalid_head_gradient_keeps_the_ema():
+    """A non-finite head sum (NaN, or float16 entries that overflow when summed over tasks) makes the step
+    invalid: the shared update is NaN and the EMA, count and norms are kept, as for a bad shared gradient."""
+    params = {"trunk": jnp.zeros(3, jnp.float16), "head": jnp.zeros(2, jnp.float16)}
+    tx = dbmtl_jax.dbmtl(2, shared=lambda path: path.startswith("trunk"))
+    state = tx.init(params)
+    trunk = jnp.asarray([[1.0, 2.0, 3.0], [0.5, 0.0, -1.0]], jnp.float16)
+    for head in (jnp.asarray([[jnp.nan, 1.0], [1.0, 1.0]], jnp.float16),
+                 jnp.asarray([[4e4, 1.0], [4e4, 1.0]], jnp.float16)):  # 8e4 > float16 max
+        u, new = tx.update({"trunk": trunk, "head": head}, state, params)
+        assert np.isnan(np.asarray(u["trunk"], np.float32)).all()
+        assert not np.isfinite(np.asarray(u["head"], np.float32)).all()
+        assert _same(new, state)
+    u, new = tx.update({"trunk": trunk, "head": jnp.ones((2, 2), jnp.float16)}, state, params)
+    assert np.isfinite(np.asarray(u["trunk"], np.float32)).all() and int(new.count) == 1
+
+
 def test_skip_invalid_steps_guards_the_output():
     """The issue's reproduction: finite gradients, Adam's second moment overflows → skipped and counted."""
     tx = dbmtl_jax.skip_invalid_steps(optax.chain(dbmtl_jax.dbmtl(2), optax.adam(1e-3)))

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import dbmtl_jax
 
-SETTINGS = settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @st.composite

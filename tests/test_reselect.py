@@ -60,8 +60,19 @@ def _toy_runs(tmp_path, *extra):
     return out, load_results(out)
 
 
-def test_window_one_reproduces_the_runners_selection_and_test_metrics(tmp_path):
-    _, runs = _toy_runs(tmp_path, "--test-curve")
+@pytest.fixture(scope="module")
+def curve_runs(tmp_path_factory):
+    """One store of toy runs with test curves, shared by the tests of this module (they only read it)."""
+    return _toy_runs(tmp_path_factory.mktemp("curves"), "--test-curve")
+
+
+@pytest.fixture(scope="module")
+def plain_runs(tmp_path_factory):
+    return _toy_runs(tmp_path_factory.mktemp("plain"))
+
+
+def test_window_one_reproduces_the_runners_selection_and_test_metrics(curve_runs):
+    _, runs = curve_runs
     assert {r["method"] for r in runs} == {"stl", "ew", "dbmtl"} and len(runs) == 6
     for run in runs:
         again = rs.reselect_smoothed(run, 1)
@@ -79,8 +90,8 @@ def test_window_one_reproduces_the_runners_selection_and_test_metrics(tmp_path):
         assert again is not run and run["selection"] != again["selection"]  # the input record is unchanged
 
 
-def test_wider_windows_pick_an_epoch_whose_smoothed_score_is_best(tmp_path):
-    _, runs = _toy_runs(tmp_path, "--test-curve")
+def test_wider_windows_pick_an_epoch_whose_smoothed_score_is_best(curve_runs):
+    _, runs = curve_runs
     for run in (r for r in runs if r["method"] != "stl"):
         picked = rs.reselect_smoothed(run, 3)
         e = picked["selected_epoch"][next(iter(run["tasks"]))]
@@ -89,8 +100,8 @@ def test_wider_windows_pick_an_epoch_whose_smoothed_score_is_best(tmp_path):
         assert picked["metrics"]["test"] == {t: run["history"]["test"][e - 1][t] for t in run["tasks"]}
 
 
-def test_runs_without_a_test_curve_are_refused_or_skipped_and_the_cli(tmp_path, capsys):
-    out, runs = _toy_runs(tmp_path)
+def test_runs_without_a_test_curve_are_refused_or_skipped_and_the_cli(tmp_path, capsys, plain_runs, curve_runs):
+    out, runs = plain_runs
     with pytest.raises(ValueError, match="--test-curve"):
         rs.reselect_smoothed(runs[0], 3)
     skipped: list = []
@@ -101,7 +112,7 @@ def test_runs_without_a_test_curve_are_refused_or_skipped_and_the_cli(tmp_path, 
     assert main(["paired", str(out), "--smooth", "3"]) == 1
     assert "no run with a recorded test curve (--test-curve) to re-select" in capsys.readouterr().err
     # With test curves, the table says how selection was made and still ranks the rows.
-    out2, _ = _toy_runs(tmp_path / "curves", "--test-curve")
+    out2, _ = curve_runs
     assert main(["paired", str(out2), "--smooth", "3"]) == 0
     text = capsys.readouterr().out
     assert "3-epoch centred moving average" in text and "| ew |" in text.replace("**", "")
@@ -113,8 +124,8 @@ def test_runs_without_a_test_curve_are_refused_or_skipped_and_the_cli(tmp_path, 
     assert path is not None and path.stat().st_size > 1000
 
 
-def test_average_last_is_the_mean_of_the_last_epochs_of_each_curve(tmp_path, capsys):
-    out, runs = _toy_runs(tmp_path, "--test-curve")
+def test_average_last_is_the_mean_of_the_last_epochs_of_each_curve(capsys, curve_runs, plain_runs):
+    out, runs = curve_runs
     for run in runs:
         avg = rs.average_last(run, 0.5)  # 6 epochs: the last 3
         for split in ("val", "test"):
@@ -144,6 +155,6 @@ def test_average_last_is_the_mean_of_the_last_epochs_of_each_curve(tmp_path, cap
     assert main(["paired", str(out), "--average-last", "0.5", "--smooth", "3"]) == 2
     assert "give one of them" in capsys.readouterr().err
     assert main(["paired", str(out), "--average-last", "2"]) == 2
-    _, plain = _toy_runs(tmp_path / "plain")
+    _, plain = plain_runs
     with pytest.raises(ValueError, match="no per-epoch test curve to average"):
         rs.average_last(plain[0], 0.2)
