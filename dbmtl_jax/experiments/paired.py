@@ -208,7 +208,6 @@ def convergence_line(st: Setting, rows: Sequence[Row], loss_rows: Sequence[Row])
     return "; ".join(parts) + "."
 
 
-
 def _wall_time_text(runs: Sequence[Mapping[str, Any]]) -> str:
     """The runs' summed wall time, per device (a record's ``device``: "cpu:cpu", "gpu:NVIDIA H200", ...)."""
     per: dict[str, tuple[int, float]] = {}
@@ -221,6 +220,7 @@ def _wall_time_text(runs: Sequence[Mapping[str, Any]]) -> str:
     parts = [f"{t / 60:.0f} min for {n} run{'s' * (n != 1)} on "
              + ("one CPU core each" if dev == "cpu:cpu" else dev.split(":", 1)[-1]) for dev, (n, t) in sorted(per.items())]
     return "Wall time of the runs in this table: " + "; ".join(parts) + "."
+
 
 def paired_table_markdown(
     st: Setting,
