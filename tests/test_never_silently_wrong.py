@@ -377,6 +377,20 @@ def test_gradnorm_rejects_a_nan_loss_after_the_first_step():
         assert bool(jnp.all(jnp.isnan(u["w"]))) and _same(new, state)
 
 
+def test_gradnorm_initial_loss_is_the_first_non_zero_one():
+    """A task whose loss is exactly 0 on the first step used to keep ℓ(0) = 0, so its ratio was pinned to 1
+    for the whole run; ℓ(0) is now the first non-zero loss, and the rates follow it from then on."""
+    params = {"w": jnp.zeros(4)}
+    g = {"w": jnp.asarray(np.random.default_rng(0).standard_normal((2, 4)), jnp.float32)}
+    tx = dbmtl_jax.get_method("gradnorm", 2)
+    state = tx.init(params)
+    for losses in ([0.0, 2.0], [0.5, 1.0]):
+        _, state = tx.update(g, state, params, losses=jnp.array(losses))
+    np.testing.assert_array_equal(np.asarray(state.initial_losses), [0.5, 2.0])
+    _, after = tx.update(g, state, params, losses=jnp.array([0.25, 1.0]))
+    np.testing.assert_array_equal(np.asarray(after.initial_losses), [0.5, 2.0])  # set once, then kept
+
+
 @pytest.mark.parametrize("normalization", ["loss", "loss+"])
 @pytest.mark.parametrize("bad", [np.nan, np.inf, 0.0, -2.0])
 def test_mgda_loss_normalization_rejects_a_loss_that_cannot_normalise(normalization, bad):

@@ -28,8 +28,9 @@ Choices and defaults:
   last shared layer to save compute; pass ``norm_leaves=lambda path: ...`` to
   do the same.  All the gradients are already available here, so the full
   norm costs nothing extra.
-* ``ℓ_t(0)`` are the losses of the first update (state); LibMTL uses the
-  first epoch's average and runs equal weights during that epoch.
+* ``ℓ_t(0)`` are the losses of the first update (state), per task the first
+  non-zero one; LibMTL uses the first epoch's average and runs equal weights
+  during that epoch.
 * ``weight_optimizer=None`` means ``optax.adam(1e-4)``: LibMTL trains the
   weights with the model's optimizer (its NYUv2 recipe: Adam, 1e-4).  The
   weights are used directly (the paper), not through LibMTL's softmax.
@@ -37,7 +38,7 @@ Choices and defaults:
   are weighted too (the DB-MTL paper counts GradNorm among the methods whose
   weights affect the task-specific parameters).
 * Guards: ``min_weight`` (1e-6) keeps weights positive before the
-  renormalisation; where ``ℓ_t(0) = 0`` the ratio ``L̃_t`` is taken as 1.
+  renormalisation; until a task's loss is first non-zero its ratio ``L̃_t`` is 1.
 """
 
 from __future__ import annotations
@@ -149,7 +150,9 @@ def gradnorm(
         else:
             n = jnp.zeros([num_tasks], sdt)
 
-        init_l = jnp.where(state.count == 0, losses, state.initial_losses)
+        # ℓ_t(0) is each task's first non-zero loss: a task at exactly 0 on the first step (already solved,
+        # or a masked batch) would otherwise have no training rate for the whole run.
+        init_l = jnp.where((state.count == 0) | (state.initial_losses == 0), losses, state.initial_losses)
         rel = jnp.where(init_l != 0, nm.safe_div(losses, init_l), 1.0)
         mean_rel = jnp.mean(rel)
         r = jnp.where(mean_rel > 0, nm.safe_div(rel, mean_rel), 1.0)
