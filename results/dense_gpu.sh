@@ -22,7 +22,10 @@
 # travel with it, so finished runs are skipped; carry results/runs/dense/.partial when resuming cut-off runs.
 # Measured on an H200 (2026-12-04), 10 runs at once: a 60-epoch run takes 100-130 s (EW) to 300-330 s (DB-MTL,
 # STL), so the 25 runs need about 13 min of device time (one 8-min call and a resumed 3.5-min call).
-# EPOCHS=120 ROWS=core (STL, EW, DB-MTL: 15 runs, about 17 min) needs two sessions' device time: resume as above.
+# The 120-epoch study (`run_study.sh dense120`: 1,000 validation and 1,000 test scenes, since 500 left STL's seed sd
+# at 2.16) is EPOCHS=120 ROWS=core DATA_OPTS="num_val=1000 num_test=1000" (STL, EW, DB-MTL: 15 runs, roughly
+# 20-25 min of device time: two sessions, resume as above); build and carry its scenes first (the loader call above
+# with num_val=1000, num_test=1000, then the same xz line).
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false DBMTL_JAX_CACHE=$PWD/.gpu/cache
 mkdir -p $DBMTL_JAX_CACHE/dense_fashion $OUT/logs
@@ -31,13 +34,16 @@ for f in .gpu/dense_fashion-*.npz.xz; do xz -dc $f > $DBMTL_JAX_CACHE/dense_fash
 # 64 MiB carry, so a key stand-in travels: real labels and first 64 images, the rest zeros (.gpu/fashion-key, 150 kB).
 # It can only ever hit the carried cache: if it does not, the scenes would be built from zeros, so stop instead.
 [ -d /usr/share/datasets/fashion-mnist ] || { mkdir -p /usr/share/datasets && cp -r .gpu/fashion-key /usr/share/datasets/fashion-mnist; }
-python3 -c "from dbmtl_jax.datasets import load_dense_fashion as f; f()" > $OUT/logs/cache.txt 2>&1
-if [ "$(ls $DBMTL_JAX_CACHE/dense_fashion | wc -l)" != 1 ]; then echo "the carried scene cache was not hit; stopping" | tee -a $OUT/logs/cache.txt; exit 3; fi
+# DATA_OPTS="num_val=1000 num_test=1000": the dense data options of the runs (their scenes must be carried too).
+DATA_OPTS=${DATA_OPTS:-}; KW=$(echo $DATA_OPTS | tr ' ' ','); DATA=""; for o in $DATA_OPTS; do DATA="$DATA --data-option $o"; done
+n0=$(ls $DBMTL_JAX_CACHE/dense_fashion | wc -l)
+python3 -c "from dbmtl_jax.datasets import load_dense_fashion as f; f($KW)" > $OUT/logs/cache.txt 2>&1
+if [ "$(ls $DBMTL_JAX_CACHE/dense_fashion | wc -l)" != "$n0" ]; then echo "the carried scene cache was not hit; stopping" | tee -a $OUT/logs/cache.txt; exit 3; fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > $OUT/logs/gpu.txt 2>&1
 python3 -c "import jax, optax, flax, chex; print(jax.__version__, optax.__version__, flax.__version__, chex.__version__, jax.devices())" >> $OUT/logs/gpu.txt 2>&1
 touch /tmp/marker
 E=${EPOCHS:-60}; S=results/dense_${E}ep_finished; ROWS=${ROWS:-all}
-R="python3 -m dbmtl_jax.experiments.cli run dense --epochs $E --no-progress --out results/runs --lr-schedule cosine --test-curve"
+R="python3 -m dbmtl_jax.experiments.cli run dense --epochs $E --no-progress --out results/runs --lr-schedule cosine --test-curve$DATA"
 LIB="--hp dbmtl.beta=0.9 --hp dbmtl.beta_sigma=0.0"
 T=${T:-480}
 END=$(( $(date +%s) + T ))

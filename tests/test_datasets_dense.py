@@ -149,6 +149,19 @@ def test_cache_roundtrip_and_determinism(tmp_path, monkeypatch):
     assert len(list((tmp_path / "cache" / "dense_fashion").glob("*.npz"))) == 1  # cache=False wrote nothing
 
 
+def test_evaluation_sizes_do_not_change_the_training_scenes(tmp_path):
+    """The dense benchmark's data options num_val / num_test enlarge the evaluation sets; the training
+    scenes come from their own random stream, so a model trained on them (and its depth-bias init) is
+    the same, and only evaluation changes."""
+    write_solid_fashion(tmp_path / "fm")
+    small = _load(tmp_path / "fm", cache=False)
+    large = _load(tmp_path / "fm", num_val=9, num_test=11, cache=False)
+    assert len(large.val.image) == 9 and len(large.test.image) == 11
+    np.testing.assert_array_equal(small.train.image, large.train.image)
+    for k, v in small.train.targets().items():
+        np.testing.assert_array_equal(v, large.train.targets()[k])
+
+
 def test_errors(tmp_path):
     with pytest.raises(DatasetUnavailableError, match="apt-get install -y dataset-fashion-mnist"):
         load_dense_fashion(tmp_path / "missing")

@@ -443,6 +443,31 @@ def test_built_in_providers_reject_data_options_they_do_not_read():
     check_data_options(toy.quick.replace(data_options={"limit": 100}), ("limit",))
 
 
+def test_dense_data_options_are_checked_before_any_data_is_read():
+    dense = ex.get_benchmark("dense")
+    for bad, match in (({"num_tests": 900}, r"\['num_tests'\] .* takes: num_val, num_test"),
+                       ({"num_test": 0}, "num_test must be a positive int"),
+                       ({"num_val": 2.5}, "num_val must be a positive int"),
+                       ({"num_test": True}, "num_test must be a positive int")):
+        with pytest.raises(ValueError, match=match):
+            dense.data(dense.recipe.replace(data_options=bad))
+
+
+def test_cli_data_option_sets_the_recipe_and_names_the_setting(tmp_path, capsys):
+    """--data-option NAME=VALUE reaches the provider (JSON values), changes the config hash, and titles say it."""
+    from dbmtl_jax.experiments.cli import _data_options
+
+    assert _data_options(["num_test=2000", "name=abc", "x=[1, 2]"]) == {"num_test": 2000, "name": "abc", "x": [1, 2]}
+    with pytest.raises(ValueError, match="expected NAME=VALUE"):
+        _data_options(["num_test"])
+    assert main(["run", "toy", "--quick", "--epochs", "1", "--methods", "ew", "--seeds", "1", "--out",
+                 str(tmp_path), "--data-option", "limt=5", "--no-progress", "--no-compile-cache"]) == 2
+    assert "unknown data option(s) ['limt']" in capsys.readouterr().err
+    assert main(["run", "toy", "--quick", "--epochs", "1", "--methods", "ew", "--seeds", "1", "--out",
+                 str(tmp_path), "--data-option", "oops", "--no-progress", "--no-compile-cache"]) == 2
+    assert "expected NAME=VALUE" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("reported", [3, 9])
 def test_a_provider_whose_batches_disagree_with_steps_per_epoch_is_an_error(reported):
     """The schedule (cosine decays over epochs × steps_per_epoch), logging and checkpoints count on the

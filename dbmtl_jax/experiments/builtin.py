@@ -17,7 +17,7 @@ recipe and process), never at registration.
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -374,22 +374,40 @@ def depth_l1_loss(pred: jax.Array, target: jax.Array) -> jax.Array:
     return jnp.sum(jnp.abs(pred.astype(jnp.float32) - t) * valid) / jnp.maximum(jnp.sum(valid), 1.0)
 
 
+DENSE_DATA_OPTIONS = ("num_val", "num_test")
+
+
 @functools.lru_cache(maxsize=None)
-def _dense() -> Any:
+def _dense(num_val: Optional[int] = None, num_test: Optional[int] = None) -> Any:
     from dbmtl_jax.datasets import load_dense_fashion
 
-    return load_dense_fashion()
+    sizes = {k: v for k, v in (("num_val", num_val), ("num_test", num_test)) if v is not None}
+    return load_dense_fashion(**sizes)
+
+
+def _dense_sizes(recipe: Recipe) -> tuple[Optional[int], Optional[int]]:
+    """The validation / test scene counts of ``recipe.data_options`` (``None``: the loader's 500)."""
+    check_data_options(recipe, DENSE_DATA_OPTIONS)
+    out = []
+    for name in DENSE_DATA_OPTIONS:
+        v = recipe.data_options.get(name)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ValueError(f"dense data option {name} must be a positive int, got {v!r}.")
+        out.append(v)
+    return out[0], out[1]
 
 
 @functools.lru_cache(maxsize=None)
 def _dense_mean_depth() -> float:
+    # The training scenes have their own random stream: the validation / test sizes do not change them.
     return float(np.mean(_dense().train.depth))
 
 
 def dense_benchmark() -> Benchmark:
     """Layered Fashion-MNIST scenes (:func:`dbmtl_jax.datasets.load_dense_fashion`, a NYUv2 stand-in).
 
-    2,000 / 500 / 500 scenes of 64×64; tasks ``segmentation`` (11 classes,
+    2,000 / 500 / 500 scenes of 64×64 (data options ``num_val`` and ``num_test``
+    set the evaluation scene counts; the training scenes stay the same); tasks ``segmentation`` (11 classes,
     cross-entropy; mIoU and pixel accuracy), ``depth`` (L1; absolute and
     relative error) and ``normal`` (cosine loss; mean / median angle and the
     fractions within 11.25°, 22.5°, 30°): NYUv2's tasks, losses and metrics.
@@ -411,8 +429,7 @@ def dense_benchmark() -> Benchmark:
     )
 
     def data(recipe: Recipe) -> ArraySplits:
-        check_data_options(recipe, ())
-        d = _dense()
+        d = _dense(*_dense_sizes(recipe))
 
         def split(s: Any) -> tuple:
             return s.image, (s.segmentation, s.depth, s.normal)

@@ -461,6 +461,8 @@ def setting_title(st: Setting) -> str:
         parts.append(f"≤{rc['max_eval_examples']} val/test examples")
     if rc.get("weight_decay"):
         parts.append(f"weight decay {rc['weight_decay']}")
+    if rc.get("data_options"):
+        parts.append("data " + ", ".join(f"{k}={v}" for k, v in sorted(rc["data_options"].items())))
     parts.append(f"optimizer {optimizer_text(st.optimizer)}")
     return f"{st.benchmark} ({'quick' if st.quick else 'full'} recipe: {', '.join(parts)}) [{st.key}]"
 
