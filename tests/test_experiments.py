@@ -455,7 +455,7 @@ def test_dense_data_options_are_checked_before_any_data_is_read():
 
 def test_cli_data_option_sets_the_recipe_and_names_the_setting(tmp_path, capsys):
     """--data-option NAME=VALUE reaches the provider (JSON values), changes the config hash, and titles say it."""
-    from dbmtl_jax.experiments.cli import _data_options
+    from dbmtl_jax.experiments.train import parse_data_options as _data_options
 
     assert _data_options(["num_test=2000", "name=abc", "x=[1, 2]"]) == {"num_test": 2000, "name": "abc", "x": [1, 2]}
     with pytest.raises(ValueError, match="expected NAME=VALUE"):

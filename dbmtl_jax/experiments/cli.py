@@ -22,7 +22,6 @@ import argparse
 import hashlib
 import importlib
 import importlib.util
-import json
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -104,8 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override the recipe's cap on validation and on test examples (a fixed random subset of "
                         "N of each)")
     r.add_argument("--data-option", action="append", default=[], metavar="NAME=VALUE",
-                   help="an option of the benchmark's data provider, repeatable (VALUE is read as JSON, else as a "
-                        "string), e.g. dense's num_test=2000 or qm9's limit=13000; it is part of the config hash")
+                   help="an option of the benchmark's data provider, repeatable (VALUE is read as --hp reads it: a "
+                        "number, list, true/none, else a string), e.g. dense's num_test=2000 or qm9's limit=13000; it is part of the config hash")
     r.add_argument("--lr-schedule", choices=("recipe", "cosine"), default="recipe",
                    help="learning-rate schedule: the recipe's (default; constant for the built-in benchmarks) or "
                         "cosine decay to 0 over all epochs, so that training ends where the updates vanish")
@@ -232,6 +231,7 @@ def _optimizer(args: argparse.Namespace) -> Optional[dict]:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from dbmtl_jax import experiments as ex
+    from dbmtl_jax.experiments.train import parse_data_options
 
     if not args.no_compile_cache:
         _enable_compile_cache()
@@ -241,7 +241,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         methods = ex.parse_methods(args.methods, force_log=args.log)
         hparams = ex.parse_hparams(args.hp)
         optimizer = _optimizer(args)
-        data_options = _data_options(args.data_option)
+        data_options = parse_data_options(args.data_option)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -273,21 +273,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
     print(f"{len(paths)} result file(s) under {Path(args.out) / bench.name}{where}; "
           f"`dbmtl-jax report {args.study or args.out}` summarises them.")
     return 0
-
-
-def _data_options(items: list) -> dict:
-    """``["num_test=2000", "name=x"]`` -> ``{"num_test": 2000, "name": "x"}`` (values as JSON, else strings)."""
-    out: dict = {}
-    for item in items:
-        name, sep, text = item.partition("=")
-        if not sep or not name.strip():
-            raise ValueError(f"--data-option {item!r}: expected NAME=VALUE.")
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError:
-            value = text
-        out[name.strip()] = value
-    return out
 
 
 def _cmd_report(args: argparse.Namespace) -> int:

@@ -215,6 +215,17 @@ def parse_hparams(items: Iterable[str]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def parse_data_options(items: Iterable[str]) -> dict[str, Any]:
+    """``["num_test=2000", "name=x"]`` -> ``{"num_test": 2000, "name": "x"}`` (values read as ``--hp`` reads them)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        name, eq, value = item.partition("=")
+        if not eq or not name.strip():
+            raise ValueError(f"--data-option {item!r}: expected NAME=VALUE.")
+        out[name.strip()] = _literal(value)
+    return out
+
+
 def _factory(name: str) -> Optional[Callable[..., Any]]:
     """The registered factory of ``name`` (for signature inspection only)."""
     from dbmtl_jax.methods.registry import METHODS, get_factory
