@@ -7,6 +7,8 @@ NumPy formulas.
 from __future__ import annotations
 
 import csv
+import gzip
+import json
 import re
 from pathlib import Path
 
@@ -367,3 +369,14 @@ def test_index_of_studies(study, tmp_path, capsys):
     (study / "syn_4ep_main" / "paired.md").write_text("x")
     assert main(["index", str(study)]) == 0
     assert "[paired](syn_4ep_main/paired.md)" in capsys.readouterr().out
+    # minutes on an accelerator are not added to CPU-core minutes: a study with both names each device
+    ew_paths = sorted((study / "runs" / "syn").glob("syn__ew__*.json.gz"))
+    for p in ew_paths:
+        with gzip.open(p, "rt") as f:
+            rec = json.load(f)
+        write_record(p, dict(rec, device="gpu:NVIDIA H200", wall_time_s=90.0))
+    assert main(["index", str(study)]) == 0
+    rows = {ln.split(" | ")[0][3:-2]: ln.strip("| ").split(" | ") for ln in capsys.readouterr().out.splitlines()
+            if ln.startswith("| `")}
+    assert rows["syn_4ep_main"][7] == f"{9 * 60 / 60:.1f} CPU + {3 * 90 / 60:.1f} NVIDIA H200"
+    assert rows["syn_4ep_beta"][7] == f"{(3 * 5 * 60) / 60:.1f}"  # no EW run: CPU minutes alone, as before

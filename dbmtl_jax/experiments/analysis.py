@@ -37,8 +37,8 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from dbmtl_jax.experiments.report import (Row, Setting, load_results, optimizer_text, schedule_text, setting_title,
-                                          summarize)
+from dbmtl_jax.experiments.report import (Row, Setting, device_text, load_results, optimizer_text, schedule_text,
+                                          setting_title, summarize, wall_time_by_device)
 from dbmtl_jax.experiments.train import RECORDED_DEFAULTS, canonical_hparams, method_defaults, resolved_hparams
 from dbmtl_jax.metrics import delta_p
 
@@ -558,6 +558,7 @@ def index_rows(root: os.PathLike, *, skipped: Optional[list] = None) -> list[dic
             "seeds": sorted({r["seed"] for r in records}),
             "runs": len(records),
             "wall_time_s": sum(float(r.get("wall_time_s") or 0.0) for r in records),
+            "wall_time_by_device": wall_time_by_device(records),
             "files": sorted(p.name for p in folder.glob("*.md")),
             "paths": {r["_path"] for r in records},
         })
@@ -570,6 +571,13 @@ def _methods_text(methods: Sequence[str], limit: int = 8) -> str:
     return f"{len(methods)} labels: " + ", ".join(methods[:limit - 2]) + ", …"
 
 
+def _run_time_text(per: Mapping[str, tuple[int, float]]) -> str:
+    """Minutes of one study: ``"63.3"`` on CPU cores alone, else per device (``"12.0 CPU + 63.3 NVIDIA H200"``)."""
+    if set(per) <= {"cpu:cpu"}:
+        return f"{sum(t for _, t in per.values()) / 60:.1f}"
+    return " + ".join(f"{t / 60:.1f} {device_text(dev)}" for dev, (_, t) in per.items())
+
+
 def index_markdown(root: os.PathLike, *, skipped: Optional[list] = None) -> str:
     """``INDEX.md``: a table of the study folders under ``root``, generated from their records."""
     from dbmtl_jax.experiments.report import record_paths
@@ -579,15 +587,15 @@ def index_markdown(root: os.PathLike, *, skipped: Optional[list] = None) -> str:
     lines = ["# Index of studies", "",
              f"Generated from the run records by `dbmtl-jax index {root.as_posix()}`; one row per study folder "
              "(a folder with a `runs.txt`). *Rows*: table rows (method and hyperparameter configuration); "
-             "*run time*: the summed `wall_time_s` of the study's runs (a run shared by several studies counts "
-             "in each).", "",
+             "*run time*: the summed `wall_time_s` of the study's runs, per device when not all ran on one CPU core "
+             "(a run shared by several studies counts in each).", "",
              "| study | benchmark | recipe | rows | methods | seeds | runs | run time (min) | pages |",
              "|---|---|---|---:|---|---|---:|---:|---|"]
     for r in rows:
         pages = ", ".join(f"[{p[:-3]}]({r['study']}/{p})" for p in r["files"]) or "—"
         lines.append(f"| `{r['study']}/` | {', '.join(r['benchmarks'])} | {'; '.join(r['recipes'])} | {r['rows']} | "
                      f"{_methods_text(r['methods'])} | {','.join(map(str, r['seeds']))} | {r['runs']} | "
-                     f"{r['wall_time_s'] / 60:.1f} | {pages} |")
+                     f"{_run_time_text(r['wall_time_by_device'])} | {pages} |")
     listed = {os.path.abspath(p) for r in rows for p in r["paths"]}
     stored = record_paths(root)
     unlisted = [p for p in stored if os.path.abspath(p) not in listed]

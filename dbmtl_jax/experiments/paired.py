@@ -28,8 +28,8 @@ from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional, Seque
 
 import numpy as np
 
-from dbmtl_jax.experiments.report import (Row, Setting, optimizer_text, rebase_delta_p, runs_delta_p, schedule_text,
-                                          setting_title)
+from dbmtl_jax.experiments.report import (Row, Setting, device_text, optimizer_text, rebase_delta_p, runs_delta_p, schedule_text,
+                                          setting_title, wall_time_by_device)
 
 __all__ = [
     "PairedInterval",
@@ -210,15 +210,11 @@ def convergence_line(st: Setting, rows: Sequence[Row], loss_rows: Sequence[Row])
 
 def _wall_time_text(runs: Sequence[Mapping[str, Any]]) -> str:
     """The runs' summed wall time, per device (a record's ``device``: "cpu:cpu", "gpu:NVIDIA H200", ...)."""
-    per: dict[str, tuple[int, float]] = {}
-    for r in runs:
-        dev = str(r.get("device") or "cpu:cpu")
-        n, t = per.get(dev, (0, 0.0))
-        per[dev] = (n + 1, t + float(r.get("wall_time_s") or 0.0))
+    per = wall_time_by_device(runs)
     if set(per) <= {"cpu:cpu"}:
         return f"Wall time of the runs in this table: {sum(t for _, t in per.values()) / 60:.0f} min (one CPU core each)."
     parts = [f"{t / 60:.0f} min for {n} run{'s' * (n != 1)} on "
-             + ("one CPU core each" if dev == "cpu:cpu" else dev.split(":", 1)[-1]) for dev, (n, t) in sorted(per.items())]
+             + ("one CPU core each" if dev == "cpu:cpu" else device_text(dev)) for dev, (n, t) in per.items()]
     return "Wall time of the runs in this table: " + "; ".join(parts) + "."
 
 

@@ -446,6 +446,21 @@ def optimizer_text(opt: Optional[Mapping[str, Any]]) -> str:
     return name + (f" ({rest})" if rest else "")
 
 
+def wall_time_by_device(runs: Iterable[Mapping[str, Any]]) -> dict[str, tuple[int, float]]:
+    """``device -> (runs, summed wall_time_s)``, the device as a record names it ("cpu:cpu", "gpu:NVIDIA H200")."""
+    per: dict[str, tuple[int, float]] = {}
+    for r in runs:
+        dev = str(r.get("device") or "cpu:cpu")
+        n, t = per.get(dev, (0, 0.0))
+        per[dev] = (n + 1, t + float(r.get("wall_time_s") or 0.0))
+    return dict(sorted(per.items()))
+
+
+def device_text(device: str) -> str:
+    """A record's device in words: "CPU" for "cpu:cpu", the accelerator's name otherwise."""
+    return "CPU" if device == "cpu:cpu" else device.split(":", 1)[-1]
+
+
 def setting_title(st: Setting) -> str:
     """``benchmark (quick|full recipe: lr, batch, epochs, ...) [setting key]``: names a setting."""
     rc = st.recipe
