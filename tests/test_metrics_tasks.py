@@ -302,6 +302,28 @@ def test_normals_properties_exact_zero_small_angles_and_scales():
     assert _all_finite(empty) and empty["count"] == 0 and empty["mean"] == 0.0 and empty["median"] == 0.0
 
 
+def test_normals_nan_prediction_makes_every_value_nan():
+    """A NaN prediction on a valid pixel used to count as a zero vector (90°): every value stayed finite."""
+    rng = np.random.default_rng(12)
+    pred, target = _normal_batch(rng)
+    valid = np.any(target != 0, -1)
+    i = tuple(np.argwhere(valid)[0])
+    bad = pred.copy()
+    bad[i + (0,)] = np.nan
+    np.testing.assert_array_equal(np.isnan(np.asarray(jax.jit(angular_error)(bad, target))), np.isnan(bad).any(-1))
+    got = run(NormalMetric(), bad, target)
+    assert got["count"] == valid.sum()
+    for k in ("mean", "median", "within_11.25", "within_22.5", "within_30"):
+        assert np.isnan(got[k]), k
+    # the same NaN on an invalid (zero-normal) or masked-out pixel does not count
+    mask = np.ones(valid.shape, bool)
+    mask[i] = False
+    assert _all_finite(run(NormalMetric(), bad, target, mask))
+    on_missing = pred.copy()
+    on_missing[tuple(np.argwhere(~valid)[0])] = np.nan
+    assert _all_finite(run(NormalMetric(), on_missing, target))
+
+
 def test_normals_channel_first_and_mask():
     rng = np.random.default_rng(8)
     pred, target = _normal_batch(rng)

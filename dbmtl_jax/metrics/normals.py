@@ -20,6 +20,9 @@ components' *sum* is non-zero, which also drops the rare valid normals whose
 components cancel), intersected with an optional ``mask``; both vectors are
 normalised (LibMTL assumes a unit ground truth); a zero-length *prediction* on a
 valid pixel counts as 90° (LibMTL would produce NaN).  Empty state: all values 0.
+A NaN or infinite component in a prediction on a valid pixel makes that pixel's
+angle NaN, and then every value NaN (the median and the fractions too, which a
+histogram and counts could not show on their own).
 """
 
 from __future__ import annotations
@@ -53,9 +56,12 @@ class NormalState(NamedTuple):
 
 
 def _unit(v: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
-    """``v / ‖v‖`` along ``axis`` (pre-scaled by the max |component| so 1e±30 inputs survive) and ``‖v‖ > 0``."""
+    """``v / ‖v‖`` along ``axis`` (pre-scaled by the max |component| so 1e±30 inputs survive) and ``v ≠ 0``.
+
+    A vector with a NaN component is not "zero": it normalises to NaN.
+    """
     big = jnp.max(jnp.abs(v), axis=axis, keepdims=True)
-    nonzero = big > 0
+    nonzero = big != 0
     v = v / jnp.where(nonzero, big, 1.0)
     norm = jnp.sqrt(jnp.sum(v * v, axis=axis, keepdims=True))
     return v / jnp.where(nonzero, norm, 1.0), jnp.squeeze(nonzero, axis)
@@ -66,7 +72,8 @@ def angular_error(pred: Any, target: Any, axis: int = -1) -> jax.Array:
 
     Scale-invariant in both arguments; 90° where ``pred`` is the zero vector (a
     zero ``target`` gives an arbitrary angle; :class:`NormalMetric` treats such
-    pixels as invalid).  Computed in float32 or wider.
+    pixels as invalid); NaN where either vector has a NaN or infinite component.
+    Computed in float32 or wider.
     """
     pred = jnp.asarray(pred)
     target = jnp.asarray(target)
@@ -152,7 +159,9 @@ class NormalMetric(st.StreamingMetric):
         return (b.astype(st.ACC_DTYPE) + jnp.clip(frac, 0.0, 1.0)) * self.bin_width
 
     def compute(self, state: NormalState) -> dict[str, jax.Array]:
-        """``mean``, ``median`` (degrees), ``within_<t>`` (fractions, e.g. ``within_11.25``), ``count``."""
+        """``mean``, ``median`` (degrees), ``within_<t>`` (fractions, e.g. ``within_11.25``), ``count``;
+        all but ``count`` NaN once a valid pixel's angle was NaN (its sum is then NaN)."""
+        bad = jnp.isnan(state.angle_sum)
         cum = jnp.cumsum(state.hist)
         n = cum[-1]
         lo = jnp.maximum(n - 1, 0) // 2
@@ -160,9 +169,9 @@ class NormalMetric(st.StreamingMetric):
         median = 0.5 * (self._value_at_rank(cum, lo) + self._value_at_rank(cum, hi))
         out = {
             "mean": st.safe_ratio(state.angle_sum, n),
-            "median": jnp.where(n > 0, median, 0.0).astype(st.ACC_DTYPE),
+            "median": jnp.where(bad, jnp.nan, jnp.where(n > 0, median, 0.0)).astype(st.ACC_DTYPE),
         }
         for i, t in enumerate(self.thresholds):
-            out[f"within_{t:g}"] = st.safe_ratio(state.within[i], n)
+            out[f"within_{t:g}"] = jnp.where(bad, jnp.nan, st.safe_ratio(state.within[i], n))
         out["count"] = n
         return out
