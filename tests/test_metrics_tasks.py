@@ -160,6 +160,60 @@ def test_segmentation_merge_equals_single_stream_and_errors():
         SegmentationMetric(0)
 
 
+def test_segmentation_scores_must_have_num_classes_entries():
+    """Logits over 14 (or 5) classes for a 13-class metric gave a plausible mIoU."""
+    rng = np.random.default_rng(13)
+    target = rng.integers(0, 13, (2, 4, 5))
+    for c in (5, 14):
+        with pytest.raises(ValueError, match="num_classes is 13"):
+            SegmentationMetric(13).update(SegmentationMetric(13).init(), rng.normal(size=(2, 4, 5, c)), target)
+    with pytest.raises(ValueError, match="num_classes is 13"):  # NCHW scores read with the default class_axis=-1
+        SegmentationMetric(13).update(SegmentationMetric(13).init(), rng.normal(size=(2, 13, 4, 5)), target)
+
+
+def test_nan_scores_and_non_integer_targets_make_argmax_metrics_nan():
+    """argmax picks a NaN's class and a cast truncates 2.7 to 2 (NaN to class 0): both gave plausible values."""
+    rng = np.random.default_rng(14)
+    logits = rng.normal(size=(2, 4, 5, 3)).astype(np.float32)
+    target = rng.integers(0, 3, (2, 4, 5)).astype(np.float32)
+    target[0, 0, 1] = -1  # ignored
+    metric = SegmentationMetric(3)
+    assert _all_finite({k: v for k, v in run(metric, logits, target).items() if k != "class_present"})
+    float_keys = ("miou", "pixel_accuracy", "mean_class_accuracy", "iou")
+    cases = []
+    nan_scores = logits.copy()
+    nan_scores[1, 2, 3, 0] = np.nan
+    cases.append((nan_scores, target))
+    for value in (np.nan, 1.5, -0.5):
+        bad = target.copy()
+        bad[1, 2, 3] = value
+        cases.append((logits, bad))
+    for pred, tgt in cases:
+        got = stream(metric, [(pred[:1], tgt[:1]), (pred[1:], tgt[1:])])
+        assert all(np.all(np.isnan(got[k])) for k in float_keys)
+    # the same inputs on a pixel that is masked out or ignored do not count
+    keep = np.ones(target.shape, bool)
+    keep[1, 2, 3] = False
+    for pred, tgt in cases:
+        assert np.isfinite(run(metric, pred, tgt, keep)["miou"])
+    ignored = target.copy()
+    ignored[1, 2, 3] = -1
+    assert np.isfinite(run(metric, nan_scores, ignored)["miou"])
+    # accuracy: the same rules, per sample
+    acc = Accuracy()
+    scores, labels = logits[0, 0], target[0, 0].copy()  # [5, 3], [5]
+    labels[1] = 2
+    assert np.isfinite(run(acc, scores, labels)["accuracy"])
+    bad_scores = scores.copy()
+    bad_scores[2, 1] = np.nan
+    assert np.isnan(run(acc, bad_scores, labels)["accuracy"])
+    assert np.isfinite(run(acc, bad_scores, labels, np.arange(5) != 2)["accuracy"])
+    for value in (np.nan, 0.5):
+        bad_labels = labels.copy()
+        bad_labels[3] = value
+        assert np.isnan(run(acc, scores, bad_labels)["accuracy"])
+
+
 # --- depth --------------------------------------------------------------------------------------
 
 

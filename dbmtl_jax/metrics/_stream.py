@@ -79,19 +79,46 @@ def check_positive_int(value: Any, name: str) -> None:
         raise ValueError(f"{name} must be a positive Python int, got {value!r}.")
 
 
-def labels_from(pred: Any, target_ndim: int, class_axis: int, name: str = "pred") -> jax.Array:
-    """Integer labels from ``pred``: argmax over ``class_axis`` if ``pred`` has one more axis than the target."""
+def labels_from(
+    pred: Any, target_ndim: int, class_axis: int, name: str = "pred", num_classes: Optional[int] = None
+) -> tuple[jax.Array, jax.Array]:
+    """Integer labels from ``pred``, and where they are not to be trusted.
+
+    Argmax over ``class_axis`` if ``pred`` has one more axis than the target (whose
+    length must be ``num_classes`` when given); the second array (the target's
+    shape) is True where those scores hold a NaN (argmax would pick the NaN's
+    class).  Integer / bool labels are taken as they are (the second array all False).
+    """
     pred = jnp.asarray(pred)
     if pred.ndim == target_ndim + 1:
-        return jnp.argmax(pred, axis=class_axis).astype(jnp.int32)
+        if num_classes is not None and pred.shape[class_axis] != num_classes:
+            raise ValueError(
+                f"{name} of shape {pred.shape} has {pred.shape[class_axis]} scores on its class axis "
+                f"{class_axis}, but num_classes is {num_classes}."
+            )
+        labels = jnp.argmax(pred, axis=class_axis).astype(jnp.int32)
+        if jnp.issubdtype(pred.dtype, jnp.inexact):
+            return labels, jnp.any(jnp.isnan(pred), axis=class_axis)
+        return labels, jnp.zeros(labels.shape, bool)
     if pred.ndim == target_ndim:
         if not (jnp.issubdtype(pred.dtype, jnp.integer) or pred.dtype == jnp.bool_):
             raise TypeError(
                 f"{name} has the target's rank but dtype {pred.dtype}; pass integer labels, or scores/logits "
                 "with an extra class axis."
             )
-        return pred.astype(jnp.int32)
+        return pred.astype(jnp.int32), jnp.zeros(pred.shape, bool)
     raise ValueError(
         f"{name} must have the target's rank ({target_ndim}, integer labels) or one more axis (scores over "
         f"classes), got rank {pred.ndim}."
     )
+
+
+def integer_targets(target: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``target`` as int32 labels, and True where a float target is not an integer (NaN, 2.7, ...).
+
+    Casting would truncate such a value into a plausible class (NaN into class 0).
+    """
+    if jnp.issubdtype(target.dtype, jnp.inexact):
+        bad = target != jnp.round(target)
+        return jnp.where(bad, -1, target).astype(jnp.int32), bad
+    return target.astype(jnp.int32), jnp.zeros(target.shape, bool)

@@ -2,7 +2,8 @@
 
 Accuracy: ``correct / count`` over valid samples (Office-31 / Office-Home in the
 DB-MTL paper, Table 4); ``pred`` is either labels or scores with a class axis
-(argmax, first maximum on ties).
+(argmax, first maximum on ties).  A valid sample whose scores hold a NaN, or whose
+float target is not an integer (NaN, 2.7), makes the accuracy NaN.
 
 Binary AUC (Mann–Whitney form, ties counted one half)::
 
@@ -37,10 +38,12 @@ __all__ = ["AccuracyState", "Accuracy", "AUCState", "BinaryAUC", "binary_auc"]
 
 
 class AccuracyState(NamedTuple):
-    """int32 counts of correct and of valid samples."""
+    """int32 counts of correct and of valid samples, and of valid samples with NaN scores or a
+    non-integer target (any makes the accuracy NaN)."""
 
     correct: chex.Array
     count: chex.Array
+    invalid: chex.Array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,22 +58,28 @@ class Accuracy(st.StreamingMetric):
 
     def init(self) -> AccuracyState:
         zero = jnp.zeros([], st.COUNT_DTYPE)
-        return AccuracyState(correct=zero, count=zero)
+        return AccuracyState(correct=zero, count=zero, invalid=zero)
 
     def update(self, state: AccuracyState, pred: Any, target: Any, mask: Optional[Any] = None) -> AccuracyState:
         """Add one batch: ``pred`` labels shaped like ``target`` or scores with an extra class axis;
         ``mask`` (broadcastable to ``target``) False skips a sample."""
         target = jnp.asarray(target)
-        labels = st.labels_from(pred, target.ndim, self.class_axis)
+        labels, nan_scores = st.labels_from(pred, target.ndim, self.class_axis)
         if labels.shape != target.shape:
             raise ValueError(f"pred labels have shape {labels.shape} but target has shape {target.shape}.")
+        t, fractional = st.integer_targets(target)
         valid = st.valid_mask(mask, target.shape)
-        hit = valid & (labels == target.astype(jnp.int32))
-        return AccuracyState(correct=state.correct + st.count(hit), count=state.count + st.count(valid))
+        hit = valid & (labels == t)
+        return AccuracyState(
+            correct=state.correct + st.count(hit),
+            count=state.count + st.count(valid),
+            invalid=state.invalid + st.count(valid & (nan_scores | fractional)),
+        )
 
     def compute(self, state: AccuracyState) -> dict[str, jax.Array]:
-        """``accuracy`` (fraction in [0, 1], 0 when empty) and ``count``."""
-        return {"accuracy": st.safe_ratio(state.correct, state.count), "count": state.count}
+        """``accuracy`` (fraction in [0, 1], 0 when empty; NaN if ``state.invalid > 0``) and ``count``."""
+        acc = st.safe_ratio(state.correct, state.count)
+        return {"accuracy": jnp.where(state.invalid > 0, jnp.nan, acc), "count": state.count}
 
 
 class AUCState(NamedTuple):

@@ -20,6 +20,12 @@ its ``-1`` padding), targets equal to ``ignore_index``, and pixels where
 ``mask`` is False.  Predicted labels outside ``[0, num_classes)`` (possible only
 when integer labels are passed) count as wrong: they add to the true class's
 row (a false negative) and to no class's column.
+
+Input that has no right answer makes every float value NaN (not a plausible
+number): a non-integer float target (NaN, 2.7: a cast would truncate it into a
+class) on a pixel ``mask`` keeps, or scores holding a NaN on a valid pixel
+(argmax would pick the NaN's class).  Scores must have ``num_classes`` entries on
+their class axis.
 """
 
 from __future__ import annotations
@@ -44,10 +50,13 @@ class SegmentationState(NamedTuple):
         class ``g`` predicted as class ``p``.
       missed: int32 ``[C]``; valid pixels of true class ``g`` whose predicted label
         lies outside ``[0, C)``.
+      invalid: int32 scalar; pixels with a non-integer target or NaN scores (see the
+        module docstring); any makes ``compute`` NaN.
     """
 
     confusion: chex.Array
     missed: chex.Array
+    invalid: chex.Array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +83,9 @@ class SegmentationMetric(st.StreamingMetric):
     def init(self) -> SegmentationState:
         c = self.num_classes
         return SegmentationState(
-            confusion=jnp.zeros((c, c), st.COUNT_DTYPE), missed=jnp.zeros((c,), st.COUNT_DTYPE)
+            confusion=jnp.zeros((c, c), st.COUNT_DTYPE),
+            missed=jnp.zeros((c,), st.COUNT_DTYPE),
+            invalid=jnp.zeros([], st.COUNT_DTYPE),
         )
 
     def update(
@@ -85,31 +96,36 @@ class SegmentationMetric(st.StreamingMetric):
         Args:
           state: the running state.
           pred: integer labels with ``target``'s shape, or scores/logits with an
-            extra class axis at ``class_axis`` (argmax is taken).
+            extra class axis at ``class_axis`` of length ``num_classes`` (argmax is taken).
           target: integer (or integral float) labels, any shape, e.g. ``[N, H, W]``.
           mask: optional bool array broadcastable to ``target``; False skips a pixel.
         """
         target = jnp.asarray(target)
-        labels = st.labels_from(pred, target.ndim, self.class_axis)
+        labels, nan_scores = st.labels_from(pred, target.ndim, self.class_axis, num_classes=self.num_classes)
         if labels.shape != target.shape:
             raise ValueError(f"pred labels have shape {labels.shape} but target has shape {target.shape}.")
         c = self.num_classes
-        t = target.astype(jnp.int32).reshape(-1)
+        t, fractional = st.integer_targets(target)
+        t = t.reshape(-1)
         p = labels.reshape(-1)
-        valid = (t >= 0) & (t < c) & (t != self.ignore_index)
-        valid = valid & st.valid_mask(mask, target.shape).reshape(-1)
+        keep = st.valid_mask(mask, target.shape).reshape(-1)
+        valid = (t >= 0) & (t < c) & (t != self.ignore_index) & keep
+        invalid = st.count((keep & fractional.reshape(-1)) | (valid & nan_scores.reshape(-1)))
         col = jnp.where((p >= 0) & (p < c), p, c)  # column c collects out-of-range predictions
         sink = c * (c + 1)  # one extra bin collects the ignored pixels
         idx = jnp.where(valid, jnp.clip(t, 0, c - 1) * (c + 1) + col, sink)
         counts = jnp.bincount(idx, length=sink + 1)[:sink].reshape(c, c + 1).astype(st.COUNT_DTYPE)
         return SegmentationState(
-            confusion=state.confusion + counts[:, :c], missed=state.missed + counts[:, c]
+            confusion=state.confusion + counts[:, :c],
+            missed=state.missed + counts[:, c],
+            invalid=state.invalid + invalid,
         )
 
     def compute(self, state: SegmentationState) -> dict[str, jax.Array]:
         """``miou``, ``pixel_accuracy``, ``mean_class_accuracy`` (fractions in [0, 1]),
         ``iou`` (per class, 0 where undefined) and ``class_present`` (bool per class:
-        its union is non-empty, i.e. it enters the mIoU)."""
+        its union is non-empty, i.e. it enters the mIoU); the float values are NaN if
+        ``state.invalid > 0``."""
         conf = state.confusion.astype(st.ACC_DTYPE)
         tp = jnp.diagonal(conf)
         gt_total = jnp.sum(conf, axis=1) + state.missed.astype(st.ACC_DTYPE)
@@ -119,10 +135,15 @@ class SegmentationMetric(st.StreamingMetric):
         iou = st.safe_ratio(tp, union)
         in_gt = gt_total > 0
         class_acc = st.safe_ratio(tp, gt_total)
+        bad = state.invalid > 0
+
+        def checked(x: jax.Array) -> jax.Array:
+            return jnp.where(bad, jnp.nan, x)
+
         return {
-            "miou": st.safe_ratio(jnp.sum(iou), jnp.sum(present)),
-            "pixel_accuracy": st.safe_ratio(jnp.sum(tp), jnp.sum(gt_total)),
-            "mean_class_accuracy": st.safe_ratio(jnp.sum(class_acc), jnp.sum(in_gt)),
-            "iou": iou,
+            "miou": checked(st.safe_ratio(jnp.sum(iou), jnp.sum(present))),
+            "pixel_accuracy": checked(st.safe_ratio(jnp.sum(tp), jnp.sum(gt_total))),
+            "mean_class_accuracy": checked(st.safe_ratio(jnp.sum(class_acc), jnp.sum(in_gt))),
+            "iou": checked(iou),
             "class_present": present,
         }
