@@ -80,6 +80,47 @@ def test_nyuv2_errors(tmp_path):
         load_nyuv2(tmp_path, "dev")
 
 
+def test_npy_items_with_wrong_shapes_or_labels_raise(tmp_path):
+    """Such files used to load: a channel-first image or depth, labels of another class count (ignored by mIoU),
+    fractional labels (rounded), an item whose arrays disagree on H, W."""
+    write_npy_tree(tmp_path, {"train": 2}, ("image", "label", "depth", "normal"))
+    tr = load_nyuv2(tmp_path)
+    tr[1]  # the fixture is valid
+    f = tmp_path / "train"
+    good = {k: np.load(f / k / "1.npy") for k in ("image", "label", "depth", "normal")}
+    bad_cases = [
+        ("image", np.moveaxis(good["image"], -1, 0), r"image/1\.npy: shape \(3, 6, 8\); expected \[H, W, 3\]"),
+        ("depth", np.moveaxis(good["depth"], -1, 0), r"depth/1\.npy: shape \(1, 6, 8\); expected \[H, W, 1\]"),
+        ("normal", good["normal"][..., :2], r"normal/1\.npy: shape \(6, 8, 2\)"),
+        ("normal", good["normal"][:, :7], r"normal/1\.npy: shape \(6, 7, 3\), but the item's image is \(6, 8\)"),
+        ("label", good["label"].T, r"label/1\.npy: shape \(8, 6\), but the item's image is \(6, 8\)"),
+        ("label", np.where(good["label"] == 0, 13.0, good["label"]), r"label 13(\.0)? outside -1 \(ignore\) \.\. 12"),
+        ("label", np.where(good["label"] == 0, 255, good["label"]).astype(np.uint8), "label 255 outside"),
+        ("label", np.where(good["label"] == 0, -2.0, good["label"]), "label -2(\\.0)? outside"),
+        ("label", good["label"] + 0.5, "not an integer"),
+        ("label", np.where(good["label"] == 0, np.nan, good["label"]), "nan is not an integer"),
+        ("label", good["label"] > 0, "dtype bool"),
+    ]
+    for folder, arr, match in bad_cases:
+        np.save(f / folder / "1.npy", arr)
+        with pytest.raises(ValueError, match=match):
+            tr[1]
+        tr[0]
+        np.save(f / folder / "1.npy", good[folder])
+    # accepted variants: [H, W] depth, [H, W, 1] integer labels
+    np.save(f / "depth" / "1.npy", good["depth"][..., 0])
+    np.save(f / "label" / "1.npy", good["label"][..., None].astype(np.int64))
+    it = tr[1]
+    assert it["depth"].shape == (H, W, 1) and it["segmentation"].shape == (H, W)
+    np.testing.assert_array_equal(it["segmentation"], good["label"].astype(np.int32))
+    # Cityscapes: 19-class labels in the 7-class folder
+    write_npy_tree(tmp_path / "cs", {"train": 1}, ("image", "label_7", "depth"))
+    lab = np.load(tmp_path / "cs" / "train" / "label_7" / "0.npy")
+    np.save(tmp_path / "cs" / "train" / "label_7" / "0.npy", np.where(lab == 0, 18.0, lab))
+    with pytest.raises(ValueError, match=r"label 18(\.0)? outside -1 \(ignore\) \.\. 6"):
+        load_cityscapes(tmp_path / "cs")[0]
+
+
 def test_cityscapes_label_folders(tmp_path):
     data = write_npy_tree(tmp_path / "libmtl", {"train": 2, "val": 1}, ("image", "label", "depth"))
     cs = load_cityscapes(tmp_path / "libmtl", "val")

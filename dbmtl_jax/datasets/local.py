@@ -21,7 +21,11 @@ LibMTL evaluates on ``val`` (NYUv2: 795 train / 654 val; Cityscapes: 2,975 /
 500); ``split="test"`` is accepted as an alias of ``val``.  Returned items:
 ``image`` float32, ``segmentation`` int32 (-1 ignore), ``depth`` float32
 ``[H, W, 1]``, ``normal`` float32 ``[H, W, 3]`` (NYUv2 only), unchanged
-otherwise.
+otherwise.  Every item is checked on reading: real (integer or float) arrays
+of those shapes (an ``[H, W]`` depth or ``[H, W, 1]`` label is accepted), one
+``H, W`` for all of an item's arrays, and labels that are integers in
+``-1 .. num_classes - 1``; anything else raises a ValueError naming the file
+(a channel-first image, or 19-class labels read as 7, would otherwise load).
 
 Office-31 (Saenko et al., 2010; domains amazon, dslr, webcam; 31 classes) and
 Office-Home (Venkateswara et al., 2017; Art, Clipart, Product, Real_World; 65
@@ -76,6 +80,7 @@ NYU_TASKS: tuple[TaskInfo, ...] = (
     TaskInfo("normal", "cosine", "mean_angle", False, "degrees"),
 )
 CITYSCAPES_TASKS: tuple[TaskInfo, ...] = NYU_TASKS[:2]
+_CHANNELS = {"image": 3, "depth": 1, "normal": 3}
 _NPY_HOW = (
     "Copy the MTAN/LibMTL preprocessed {name} (.npy files) to a local folder with the layout\n"
     "  <root>/{{train,val}}/{{{dirs}}}/<i>.npy\n"
@@ -118,17 +123,39 @@ class NpyDenseDataset:
         i %= self._n
         out = {}
         for key, d in self.folders.items():
-            a = np.load(self.root / d / f"{i}.npy", allow_pickle=False)
+            path = self.root / d / f"{i}.npy"
+            a = np.load(path, allow_pickle=False)
+            if not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)):
+                raise ValueError(f"{path}: dtype {a.dtype}; expected an integer or float array.")
             if key == "segmentation":
-                a = np.rint(a).astype(np.int32)
-                if a.ndim == 3 and a.shape[-1] == 1:
-                    a = a[..., 0]
+                a = self._labels(a, path)
             else:
                 a = np.asarray(a, np.float32)
                 if key == "depth" and a.ndim == 2:
                     a = a[..., None]
+                channels = _CHANNELS.get(key)
+                if channels is not None and (a.ndim != 3 or a.shape[-1] != channels):
+                    raise ValueError(f"{path}: shape {a.shape}; expected [H, W, {channels}] (channel-last).")
+            hw = out["image"].shape[:2] if out else a.shape[:2]
+            if a.shape[:2] != hw:
+                raise ValueError(f"{path}: shape {a.shape}, but the item's image is {hw} pixels.")
             out[key] = a
         return out
+
+    def _labels(self, a: np.ndarray, path: Path) -> np.ndarray:
+        """``a`` as int32 ``[H, W]`` labels in ``-1 .. num_classes - 1`` (-1 = ignore), or a ValueError."""
+        if a.ndim == 3 and a.shape[-1] == 1:
+            a = a[..., 0]
+        if a.ndim != 2:
+            raise ValueError(f"{path}: shape {a.shape}; expected [H, W] labels.")
+        if np.issubdtype(a.dtype, np.floating):
+            whole = np.isfinite(a) & (a == np.round(a))
+            if not np.all(whole):
+                raise ValueError(f"{path}: label value {a[~whole][0]} is not an integer.")
+        if a.size and (a.min() < -1 or a.max() >= self.num_classes):
+            bad = a[(a < -1) | (a >= self.num_classes)][0]
+            raise ValueError(f"{path}: label {bad} outside -1 (ignore) .. {self.num_classes - 1}.")
+        return a.astype(np.int32)
 
     def get_batch(self, indices: Sequence[int]) -> dict[str, np.ndarray]:
         """Items ``indices`` stacked along a new leading axis."""
