@@ -514,3 +514,46 @@ def test_binary_auc_logit_range_and_clipping():
     assert big["auc"] == pytest.approx(0.75) and big["num_pos"] + big["num_neg"] == 3
     with pytest.raises(ValueError, match="score_range"):
         BinaryAUC(score_range=(1.0, 0.0))
+
+
+# --- int32 count overflow -----------------------------------------------------------------------
+
+
+def test_int32_counts_that_would_wrap_make_the_values_nan():
+    """Counts near 2**31 wrapped to negative numbers, and the ratios built on them stayed plausible."""
+    near = 2**31 - 20
+    half = 2**30 + 5  # two of them overflow when merged; one alone is exact
+    cases = []
+    seg = SegmentationMetric(2)
+    zeros = np.zeros((50,), np.int32)
+    cases.append((seg, seg.init()._replace(confusion=jnp.asarray([[near, 0], [0, 7]], jnp.int32)), (zeros, zeros),
+                  ("miou", "pixel_accuracy", "mean_class_accuracy")))
+    depth = DepthMetric()
+    ones = np.ones((50,), np.float32)
+    cases.append((depth, depth.init()._replace(count=jnp.int32(near), abs_sum=jnp.float32(near)), (ones, ones),
+                  ("abs_err", "rel_err")))
+    acc = Accuracy()
+    cases.append((acc, acc.init()._replace(correct=jnp.int32(near), count=jnp.int32(near)), (zeros, zeros),
+                  ("accuracy",)))
+    mae = MeanAbsoluteError()
+    cases.append((mae, mae.init()._replace(count=jnp.int32(near)), (ones, ones), ("mae",)))
+    normal = NormalMetric(bin_width=90.0)
+    e = np.tile(np.float32([[0, 0, 1]]), (50, 1))
+    cases.append((normal, normal.init()._replace(hist=jnp.asarray([near, 0], jnp.int32)), (e, e),
+                  ("mean", "median", "within_11.25")))
+    for metric, state, batch, keys in cases:
+        assert all(np.all(np.isfinite(np.asarray(v))) for v in metric.compute(state).values()), type(metric)
+        got = _np(metric.compute(metric.update(state, *batch)))
+        assert all(np.all(np.isnan(got[k])) for k in keys), (type(metric), got)
+    # merging two states whose counts fit but whose sum does not
+    st = depth.init()._replace(count=jnp.int32(half), abs_sum=jnp.float32(half))
+    assert np.isnan(depth.compute(depth.merge(st, st))["abs_err"])
+    # every histogram cell fits but the total does not (normals, AUC)
+    st = normal.init()._replace(hist=jnp.asarray([half, half], jnp.int32))
+    assert np.isnan(normal.compute(st)["median"]) and normal.compute(st)["count"] == 2**31 - 1
+    auc = BinaryAUC(num_bins=2)
+    st = auc.init()._replace(pos_hist=jnp.asarray([half, half], jnp.int32), neg_hist=jnp.asarray([1, 1], jnp.int32))
+    assert np.isnan(auc.compute(st)["auc"])
+    # a plain valid state just below the limits stays finite
+    st = auc.init()._replace(pos_hist=jnp.asarray([half, 3], jnp.int32), neg_hist=jnp.asarray([1, 1], jnp.int32))
+    assert np.isfinite(auc.compute(st)["auc"])

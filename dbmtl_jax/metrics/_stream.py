@@ -10,7 +10,10 @@ configuration, with the clu/optax-like protocol::
 States are NamedTuples of sufficient statistics (counts, sums, histograms) with
 shapes and dtypes fixed at ``init``; they are additive, so two states of the same
 metric (e.g. from two hosts) combine with :meth:`StreamingMetric.merge`.
-Counts are int32 (exact up to 2**31 - 1 per cell); float sums are float32.
+Counts are int32, exact below 2**31 - 1 per cell (and per total that ``compute``
+forms): a count that would pass it saturates at ``COUNT_MAX`` (``add_counts``,
+also in ``merge``) and ``compute`` then returns NaN for the values it enters
+(a wrapped, negative count would give a plausible number).  Float sums are float32.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import jax.numpy as jnp
 
 ACC_DTYPE = jnp.float32
 COUNT_DTYPE = jnp.int32
+COUNT_MAX = int(jnp.iinfo(COUNT_DTYPE).max)
 
 
 class StreamingMetric:
@@ -37,8 +41,12 @@ class StreamingMetric:
         raise NotImplementedError
 
     def merge(self, a: Any, b: Any) -> Any:
-        """The state of the union of the data behind ``a`` and ``b``."""
-        return jax.tree_util.tree_map(jnp.add, a, b)
+        """The state of the union of the data behind ``a`` and ``b`` (counts saturate, see ``add_counts``)."""
+
+        def add(x: jax.Array, y: jax.Array) -> jax.Array:
+            return add_counts(x, y) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.integer) else jnp.add(x, y)
+
+        return jax.tree_util.tree_map(add, a, b)
 
     def __call__(self, *args: Any, **kwargs: Any) -> dict[str, jax.Array]:
         """One-shot evaluation: ``compute(update(init(), *args, **kwargs))``."""
@@ -67,6 +75,30 @@ def safe_ratio(num: jax.Array, den: jax.Array, empty: float = 0.0) -> jax.Array:
 def count(valid: jax.Array) -> jax.Array:
     """Number of True entries as an int32 scalar."""
     return jnp.sum(valid, dtype=COUNT_DTYPE)
+
+
+def add_counts(a: jax.Array, b: jax.Array) -> jax.Array:
+    """``a + b`` for non-negative int32 counts, saturating at ``COUNT_MAX`` instead of wrapping.
+
+    With ``a, b >= 0`` the int32 sum wraps exactly when it comes out below ``a``; a
+    saturated count stays saturated.
+    """
+    total = a + b
+    return jnp.where(total < a, jnp.asarray(COUNT_MAX, COUNT_DTYPE), total)
+
+
+def saturated(counts: jax.Array) -> jax.Array:
+    """Whether any of ``counts`` reached ``COUNT_MAX`` (may have overflowed): a bool scalar."""
+    return jnp.any(counts == COUNT_MAX)
+
+
+def cumulative_counts(counts: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Running int32 totals of the non-negative 1-D ``counts``, and whether a count or a total overflowed.
+
+    The running total of non-negative terms wraps exactly where it first decreases.
+    """
+    cum = jnp.cumsum(counts, dtype=COUNT_DTYPE)
+    return cum, saturated(counts) | saturated(cum) | jnp.any(cum[1:] < cum[:-1])
 
 
 def masked_sum(x: jax.Array, valid: jax.Array) -> jax.Array:

@@ -71,15 +71,17 @@ class Accuracy(st.StreamingMetric):
         valid = st.valid_mask(mask, target.shape)
         hit = valid & (labels == t)
         return AccuracyState(
-            correct=state.correct + st.count(hit),
-            count=state.count + st.count(valid),
-            invalid=state.invalid + st.count(valid & (nan_scores | fractional)),
+            correct=st.add_counts(state.correct, st.count(hit)),
+            count=st.add_counts(state.count, st.count(valid)),
+            invalid=st.add_counts(state.invalid, st.count(valid & (nan_scores | fractional))),
         )
 
     def compute(self, state: AccuracyState) -> dict[str, jax.Array]:
-        """``accuracy`` (fraction in [0, 1], 0 when empty; NaN if ``state.invalid > 0``) and ``count``."""
+        """``accuracy`` (fraction in [0, 1], 0 when empty; NaN if ``state.invalid > 0`` or the count
+        overflowed int32) and ``count``."""
         acc = st.safe_ratio(state.correct, state.count)
-        return {"accuracy": jnp.where(state.invalid > 0, jnp.nan, acc), "count": state.count}
+        bad = (state.invalid > 0) | st.saturated(state.count)
+        return {"accuracy": jnp.where(bad, jnp.nan, acc), "count": state.count}
 
 
 class AUCState(NamedTuple):
@@ -133,16 +135,20 @@ class BinaryAUC(st.StreamingMetric):
         pos = jnp.bincount(jnp.where(valid & labels, b, nb).reshape(-1), length=nb + 1)[:nb]
         neg = jnp.bincount(jnp.where(valid & ~labels, b, nb).reshape(-1), length=nb + 1)[:nb]
         return AUCState(
-            pos_hist=state.pos_hist + pos.astype(st.COUNT_DTYPE),
-            neg_hist=state.neg_hist + neg.astype(st.COUNT_DTYPE),
+            pos_hist=st.add_counts(state.pos_hist, pos.astype(st.COUNT_DTYPE)),
+            neg_hist=st.add_counts(state.neg_hist, neg.astype(st.COUNT_DTYPE)),
         )
 
     def compute(self, state: AUCState) -> dict[str, jax.Array]:
-        """``auc``, ``auc_error_bound`` (max |auc − exact AUC| due to binning), ``num_pos``, ``num_neg``."""
+        """``auc``, ``auc_error_bound`` (max |auc − exact AUC| due to binning), ``num_pos``, ``num_neg``;
+        ``auc`` and the bound are NaN (and the counts ``2**31 - 1``) if a count overflowed int32."""
         pos = state.pos_hist.astype(st.ACC_DTYPE)
         neg = state.neg_hist.astype(st.ACC_DTYPE)
-        num_pos = jnp.sum(state.pos_hist)
-        num_neg = jnp.sum(state.neg_hist)
+        cum_pos, over_pos = st.cumulative_counts(state.pos_hist)
+        cum_neg, over_neg = st.cumulative_counts(state.neg_hist)
+        over = over_pos | over_neg
+        num_pos = jnp.where(over_pos, st.COUNT_MAX, cum_pos[-1])
+        num_neg = jnp.where(over_neg, st.COUNT_MAX, cum_neg[-1])
         neg_below = jnp.cumsum(neg) - neg
         # Normalise each factor first so the products stay well inside float32.
         p = st.safe_ratio(pos, num_pos)
@@ -151,8 +157,8 @@ class BinaryAUC(st.StreamingMetric):
         defined = (num_pos > 0) & (num_neg > 0)
         auc = jnp.sum(p * (q_below + 0.5 * q))
         return {
-            "auc": jnp.where(defined, auc, 0.5),
-            "auc_error_bound": jnp.where(defined, 0.5 * jnp.sum(p * q), 0.0),
+            "auc": jnp.where(over, jnp.nan, jnp.where(defined, auc, 0.5)),
+            "auc_error_bound": jnp.where(over, jnp.nan, jnp.where(defined, 0.5 * jnp.sum(p * q), 0.0)),
             "num_pos": num_pos,
             "num_neg": num_neg,
         }

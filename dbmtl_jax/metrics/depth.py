@@ -63,13 +63,15 @@ class DepthMetric(st.StreamingMetric):
         return DepthState(
             abs_sum=state.abs_sum + st.masked_sum(err, valid),
             rel_sum=state.rel_sum + st.masked_sum(rel, valid),
-            count=state.count + st.count(valid),
+            count=st.add_counts(state.count, st.count(valid)),
         )
 
     def compute(self, state: DepthState) -> dict[str, jax.Array]:
-        """``abs_err`` and ``rel_err`` (0 when no valid pixel was seen) and ``count``."""
+        """``abs_err`` and ``rel_err`` (0 when no valid pixel was seen; NaN if the count overflowed int32)
+        and ``count``."""
+        over = st.saturated(state.count)
         return {
-            "abs_err": st.safe_ratio(state.abs_sum, state.count),
-            "rel_err": st.safe_ratio(state.rel_sum, state.count),
+            "abs_err": jnp.where(over, jnp.nan, st.safe_ratio(state.abs_sum, state.count)),
+            "rel_err": jnp.where(over, jnp.nan, st.safe_ratio(state.rel_sum, state.count)),
             "count": state.count,
         }

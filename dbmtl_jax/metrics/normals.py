@@ -144,9 +144,9 @@ class NormalMetric(st.StreamingMetric):
         within = [st.count(valid & (angle < t)) for t in self.thresholds]
         within = jnp.stack(within) if within else jnp.zeros((0,), st.COUNT_DTYPE)
         return NormalState(
-            hist=state.hist + hist.astype(st.COUNT_DTYPE),
+            hist=st.add_counts(state.hist, hist.astype(st.COUNT_DTYPE)),
             angle_sum=state.angle_sum + st.masked_sum(angle, valid),
-            within=state.within + within,
+            within=st.add_counts(state.within, within),
         )
 
     def _value_at_rank(self, cum: jax.Array, rank: jax.Array) -> jax.Array:
@@ -160,18 +160,20 @@ class NormalMetric(st.StreamingMetric):
 
     def compute(self, state: NormalState) -> dict[str, jax.Array]:
         """``mean``, ``median`` (degrees), ``within_<t>`` (fractions, e.g. ``within_11.25``), ``count``;
-        all but ``count`` NaN once a valid pixel's angle was NaN (its sum is then NaN)."""
-        bad = jnp.isnan(state.angle_sum)
-        cum = jnp.cumsum(state.hist)
+        all but ``count`` NaN once a valid pixel's angle was NaN (its sum is then NaN) or the
+        count overflowed int32 (``count`` is then ``2**31 - 1``)."""
+        cum, over = st.cumulative_counts(state.hist)
+        over = over | st.saturated(state.within)
+        bad = jnp.isnan(state.angle_sum) | over
         n = cum[-1]
         lo = jnp.maximum(n - 1, 0) // 2
         hi = jnp.maximum(n, 1) // 2
         median = 0.5 * (self._value_at_rank(cum, lo) + self._value_at_rank(cum, hi))
         out = {
-            "mean": st.safe_ratio(state.angle_sum, n),
+            "mean": jnp.where(over, jnp.nan, st.safe_ratio(state.angle_sum, n)),
             "median": jnp.where(bad, jnp.nan, jnp.where(n > 0, median, 0.0)).astype(st.ACC_DTYPE),
         }
         for i, t in enumerate(self.thresholds):
             out[f"within_{t:g}"] = jnp.where(bad, jnp.nan, st.safe_ratio(state.within[i], n))
-        out["count"] = n
+        out["count"] = jnp.where(over, st.COUNT_MAX, n)
         return out

@@ -92,12 +92,13 @@ class MeanAbsoluteError(st.StreamingMetric):
         batch_axes = tuple(range(target.ndim - k))
         return MAEState(
             abs_sum=state.abs_sum + jnp.sum(err, axis=batch_axes, dtype=st.ACC_DTYPE),
-            count=state.count + jnp.sum(valid, axis=batch_axes, dtype=st.COUNT_DTYPE),
+            count=st.add_counts(state.count, jnp.sum(valid, axis=batch_axes, dtype=st.COUNT_DTYPE)),
         )
 
     def compute(self, state: MAEState) -> dict[str, jax.Array]:
-        """``mae`` (shape ``target_shape``, scaled), ``mean_mae`` (mean over targets), ``count``."""
-        mae = st.safe_ratio(state.abs_sum, state.count)
+        """``mae`` (shape ``target_shape``, scaled; NaN for a target whose count overflowed int32),
+        ``mean_mae`` (mean over targets), ``count``."""
+        mae = jnp.where(state.count == st.COUNT_MAX, jnp.nan, st.safe_ratio(state.abs_sum, state.count))
         if self.scale is not None:
             mae = mae * jnp.asarray(self.scale, st.ACC_DTYPE)
         return {"mae": mae, "mean_mae": jnp.mean(mae), "count": state.count}

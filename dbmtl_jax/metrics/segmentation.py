@@ -116,16 +116,16 @@ class SegmentationMetric(st.StreamingMetric):
         idx = jnp.where(valid, jnp.clip(t, 0, c - 1) * (c + 1) + col, sink)
         counts = jnp.bincount(idx, length=sink + 1)[:sink].reshape(c, c + 1).astype(st.COUNT_DTYPE)
         return SegmentationState(
-            confusion=state.confusion + counts[:, :c],
-            missed=state.missed + counts[:, c],
-            invalid=state.invalid + invalid,
+            confusion=st.add_counts(state.confusion, counts[:, :c]),
+            missed=st.add_counts(state.missed, counts[:, c]),
+            invalid=st.add_counts(state.invalid, invalid),
         )
 
     def compute(self, state: SegmentationState) -> dict[str, jax.Array]:
         """``miou``, ``pixel_accuracy``, ``mean_class_accuracy`` (fractions in [0, 1]),
         ``iou`` (per class, 0 where undefined) and ``class_present`` (bool per class:
         its union is non-empty, i.e. it enters the mIoU); the float values are NaN if
-        ``state.invalid > 0``."""
+        ``state.invalid > 0`` or a count overflowed int32."""
         conf = state.confusion.astype(st.ACC_DTYPE)
         tp = jnp.diagonal(conf)
         gt_total = jnp.sum(conf, axis=1) + state.missed.astype(st.ACC_DTYPE)
@@ -135,7 +135,7 @@ class SegmentationMetric(st.StreamingMetric):
         iou = st.safe_ratio(tp, union)
         in_gt = gt_total > 0
         class_acc = st.safe_ratio(tp, gt_total)
-        bad = state.invalid > 0
+        bad = (state.invalid > 0) | st.saturated(state.confusion) | st.saturated(state.missed)
 
         def checked(x: jax.Array) -> jax.Array:
             return jnp.where(bad, jnp.nan, x)
