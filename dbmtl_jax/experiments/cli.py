@@ -104,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "N of each)")
     r.add_argument("--data-option", action="append", default=[], metavar="NAME=VALUE",
                    help="an option of the benchmark's data provider, repeatable (VALUE is read as --hp reads it: a "
-                        "number, list, true/none, else a string), e.g. dense's num_test=2000 or qm9's limit=13000; it is part of the config hash")
+                        "number, list, true/none, else a string), e.g. dense's num_test=2000 or qm9's limit=13000; "
+                        "it is part of the config hash")
     r.add_argument("--lr-schedule", choices=("recipe", "cosine"), default="recipe",
                    help="learning-rate schedule: the recipe's (default; constant for the built-in benchmarks) or "
                         "cosine decay to 0 over all epochs, so that training ends where the updates vanish")

@@ -28,8 +28,8 @@ from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional, Seque
 
 import numpy as np
 
-from dbmtl_jax.experiments.report import (Row, Setting, device_text, optimizer_text, rebase_delta_p, runs_delta_p, schedule_text,
-                                          setting_title, wall_time_by_device)
+from dbmtl_jax.experiments.report import (Row, Setting, device_text, optimizer_text, rebase_delta_p, runs_delta_p,
+                                          schedule_text, setting_title, wall_time_by_device)
 
 __all__ = [
     "PairedInterval",
