@@ -841,6 +841,28 @@ def test_builtin_benchmarks_are_registered_and_cheap_to_build():
                                "within_30": True}
 
 
+def test_binary_labels_accuracy_matches_numpy_and_nan_outputs_make_it_nan():
+    from dbmtl_jax.experiments.builtin import binary_labels
+    from dbmtl_jax.metrics import Accuracy
+
+    rng = np.random.default_rng(0)
+    logit = rng.normal(size=64).astype(np.float32)
+    logit[:3] = 0.0  # a zero logit is class 0, as ``logit > 0``
+    target = (rng.random(64) < 0.5).astype(np.float32)
+    metric = Accuracy()
+
+    def accuracy(lg, tg):
+        return float(metric.compute(metric.update(metric.init(), *binary_labels(lg, tg)))["accuracy"])
+
+    assert accuracy(logit, target) == pytest.approx(np.mean((logit > 0) == (target > 0.5)))
+    bad_logit = logit.copy()
+    bad_logit[5] = np.nan  # a diverged model: must not score as "predicted 0"
+    assert math.isnan(accuracy(bad_logit, target))
+    bad_target = target.copy()
+    bad_target[7] = np.nan
+    assert math.isnan(accuracy(logit, bad_target))
+
+
 def test_cosine_loss_matches_numpy_and_has_finite_gradient_at_zero_prediction():
     """Regression: a pixel predicted exactly 0 gave a NaN gradient (d‖p‖ at 0) and stalled dense STL."""
     rng = np.random.default_rng(0)

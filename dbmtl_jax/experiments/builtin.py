@@ -50,8 +50,17 @@ def bce_loss(logit: jax.Array, target: jax.Array) -> jax.Array:
 
 
 def binary_labels(logit: jax.Array, target: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``metric_input`` for binary accuracy: 0/1 labels from a logit and from a 0/1 target."""
-    return (logit > 0).astype(jnp.int32), (target > 0.5).astype(jnp.int32)
+    """``metric_input`` for binary accuracy from a logit and a 0/1 target.
+
+    Returns two-class scores ``[0, logit]`` (argmax is ``logit > 0``) and the
+    target as 0.0/1.0, so a NaN logit or a NaN target reaches
+    :class:`~dbmtl_jax.metrics.Accuracy` as NaN (accuracy NaN) instead of label 0.
+    """
+    logit = jnp.asarray(logit)
+    target = jnp.asarray(target)
+    scores = jnp.stack([jnp.zeros_like(logit), logit], axis=-1)
+    labels = jnp.where(jnp.isnan(target), jnp.nan, (target > 0.5).astype(jnp.float32))
+    return scores, labels
 
 
 def _nnx():
