@@ -516,6 +516,34 @@ def test_binary_auc_logit_range_and_clipping():
         BinaryAUC(score_range=(1.0, 0.0))
 
 
+@pytest.mark.parametrize("labels_dtype", [np.int32, np.float32])
+def test_binary_auc_takes_0_1_labels_and_is_nan_for_other_labels_or_nan_scores(labels_dtype):
+    rng = np.random.default_rng(15)
+    scores = rng.random(100).astype(np.float32)
+    labels = rng.random(100) < scores
+    metric = BinaryAUC(num_bins=100)
+    exact = ref_auc(scores, labels)
+    as_01 = labels.astype(labels_dtype)
+    assert float(_binary_auc(scores, as_01)) == pytest.approx(exact, abs=1e-6)
+    assert abs(run(metric, scores, as_01)["auc"] - exact) <= 0.011
+    # -1/+1 labels: a bool cast would call every sample positive (AUC 0.5); now NaN
+    pm1 = np.where(labels, 1, -1).astype(labels_dtype)
+    assert np.isnan(float(_binary_auc(scores, pm1)))
+    assert np.isnan(run(metric, scores, pm1)["auc"])
+    # a NaN score on a kept sample (a diverged model) is NaN, not skipped
+    bad = scores.copy()
+    bad[4] = np.nan
+    assert np.isnan(float(_binary_auc(bad, labels)))
+    got = run(metric, bad, labels)
+    assert np.isnan(got["auc"]) and np.isnan(got["auc_error_bound"])
+    # ... unless the mask drops that sample; and a bad label in one batch poisons the stream
+    keep = np.ones(100, bool)
+    keep[4] = False
+    assert float(_binary_auc(bad, labels, keep)) == pytest.approx(ref_auc(scores[keep], labels[keep]), abs=1e-6)
+    assert np.isfinite(run(metric, bad, labels, keep)["auc"])
+    assert np.isnan(stream(metric, [(scores, labels), (scores[:3], np.array([0.0, 0.5, 1.0], np.float32))])["auc"])
+
+
 # --- int32 count overflow -----------------------------------------------------------------------
 
 

@@ -303,8 +303,9 @@ def multifashion_benchmark() -> Benchmark:
 
 
 def _digit_present_labels(logit: jax.Array, target: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``metric_input`` for the digit-presence AUC: logits clipped to the AUC's score range, bool labels."""
-    return jnp.clip(logit.reshape(target.shape).astype(jnp.float32), -20.0, 20.0), target > 0.5
+    """``metric_input`` for the digit-presence AUC: logits clipped to the AUC's score range, the 0/1
+    targets as they are (a NaN logit or target makes the AUC NaN)."""
+    return jnp.clip(logit.reshape(target.shape).astype(jnp.float32), -20.0, 20.0), target
 
 
 def _digit_present_loss(logit: jax.Array, target: jax.Array) -> jax.Array:

@@ -20,7 +20,9 @@ Binary AUC (Mann–Whitney form, ties counted one half)::
   memory (O(n log n), jit-able).
 
 Both return 0.5 (chance) when there is no positive or no negative sample,
-instead of NaN or an error (scikit-learn raises).
+instead of NaN or an error (scikit-learn raises).  Labels are bool or 0/1; a
+valid sample with another label (-1, 2, 0.5, NaN) or a NaN score makes the AUC
+NaN (casting -1/+1 labels to bool would call every sample positive).
 """
 
 from __future__ import annotations
@@ -85,17 +87,22 @@ class Accuracy(st.StreamingMetric):
 
 
 class AUCState(NamedTuple):
-    """int32 ``[num_bins]`` score histograms of the positive and the negative samples."""
+    """int32 ``[num_bins]`` score histograms of the positive and the negative samples, and the
+    count of valid samples with a NaN score or a label other than 0/1 (any makes the AUC NaN)."""
 
     pos_hist: chex.Array
     neg_hist: chex.Array
+    invalid: chex.Array
 
 
-def _labels_bool(labels: Any, shape: tuple[int, ...]) -> jax.Array:
+def _labels_bool(labels: Any, shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+    """``labels`` as bool, and True where a label is neither 0 nor 1 (-1, 2, 0.5, NaN)."""
     labels = jnp.asarray(labels)
     if labels.shape != shape:
         raise ValueError(f"labels have shape {labels.shape} but scores have shape {shape}.")
-    return labels.astype(bool) if labels.dtype != jnp.bool_ else labels
+    if labels.dtype == jnp.bool_:
+        return labels, jnp.zeros(shape, bool)
+    return labels == 1, (labels != 0) & (labels != 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,15 +126,18 @@ class BinaryAUC(st.StreamingMetric):
 
     def init(self) -> AUCState:
         zeros = jnp.zeros((self.num_bins,), st.COUNT_DTYPE)
-        return AUCState(pos_hist=zeros, neg_hist=zeros)
+        return AUCState(pos_hist=zeros, neg_hist=zeros, invalid=jnp.zeros([], st.COUNT_DTYPE))
 
     def update(self, state: AUCState, scores: Any, labels: Any, mask: Optional[Any] = None) -> AUCState:
         """Add one batch: ``scores`` (higher = more positive) and ``labels`` (bool or 0/1) of the same
-        shape; ``mask`` (broadcastable) False skips a sample; NaN scores are skipped."""
+        shape; ``mask`` (broadcastable) False skips a sample.  A kept sample with a NaN score or
+        another label is counted in ``invalid`` and left out of the histograms."""
         scores = jnp.asarray(scores)
-        labels = _labels_bool(labels, scores.shape)
+        labels, bad_label = _labels_bool(labels, scores.shape)
         s = scores.astype(jnp.promote_types(scores.dtype, st.ACC_DTYPE))
-        valid = st.valid_mask(mask, scores.shape) & ~jnp.isnan(s)
+        kept = st.valid_mask(mask, scores.shape)
+        bad = kept & (jnp.isnan(s) | bad_label)
+        valid = kept & ~bad
         low, high = self.score_range
         nb = self.num_bins
         pos_s = (s - low) / (high - low) * nb
@@ -137,16 +147,18 @@ class BinaryAUC(st.StreamingMetric):
         return AUCState(
             pos_hist=st.add_counts(state.pos_hist, pos.astype(st.COUNT_DTYPE)),
             neg_hist=st.add_counts(state.neg_hist, neg.astype(st.COUNT_DTYPE)),
+            invalid=st.add_counts(state.invalid, st.count(bad)),
         )
 
     def compute(self, state: AUCState) -> dict[str, jax.Array]:
         """``auc``, ``auc_error_bound`` (max |auc − exact AUC| due to binning), ``num_pos``, ``num_neg``;
-        ``auc`` and the bound are NaN (and the counts ``2**31 - 1``) if a count overflowed int32."""
+        ``auc`` and the bound are NaN if ``state.invalid > 0`` or a count overflowed int32 (the
+        overflowed count then reads ``2**31 - 1``)."""
         pos = state.pos_hist.astype(st.ACC_DTYPE)
         neg = state.neg_hist.astype(st.ACC_DTYPE)
         cum_pos, over_pos = st.cumulative_counts(state.pos_hist)
         cum_neg, over_neg = st.cumulative_counts(state.neg_hist)
-        over = over_pos | over_neg
+        bad = over_pos | over_neg | (state.invalid > 0)
         num_pos = jnp.where(over_pos, st.COUNT_MAX, cum_pos[-1])
         num_neg = jnp.where(over_neg, st.COUNT_MAX, cum_neg[-1])
         neg_below = jnp.cumsum(neg) - neg
@@ -157,8 +169,8 @@ class BinaryAUC(st.StreamingMetric):
         defined = (num_pos > 0) & (num_neg > 0)
         auc = jnp.sum(p * (q_below + 0.5 * q))
         return {
-            "auc": jnp.where(over, jnp.nan, jnp.where(defined, auc, 0.5)),
-            "auc_error_bound": jnp.where(over, jnp.nan, jnp.where(defined, 0.5 * jnp.sum(p * q), 0.0)),
+            "auc": jnp.where(bad, jnp.nan, jnp.where(defined, auc, 0.5)),
+            "auc_error_bound": jnp.where(bad, jnp.nan, jnp.where(defined, 0.5 * jnp.sum(p * q), 0.0)),
             "num_pos": num_pos,
             "num_neg": num_neg,
         }
@@ -168,12 +180,15 @@ def binary_auc(scores: Any, labels: Any, mask: Optional[Any] = None) -> jax.Arra
     """Exact binary ROC AUC (ties count one half) of in-memory ``scores``/``labels``; jit-able.
 
     ``AUC = (Σ_{positives} rank − P(P+1)/2) / (P·N)`` with 1-based average ranks
-    over the valid samples.  0.5 when there is no positive or no negative sample.
+    over the valid samples.  0.5 when there is no positive or no negative sample; NaN when a
+    sample ``mask`` keeps has a NaN score or a label other than 0/1.
     """
     scores = jnp.asarray(scores)
-    labels = _labels_bool(labels, scores.shape)
+    labels, bad_label = _labels_bool(labels, scores.shape)
     s = scores.astype(jnp.promote_types(scores.dtype, st.ACC_DTYPE)).reshape(-1)
-    valid = (st.valid_mask(mask, scores.shape).reshape(-1)) & ~jnp.isnan(s)
+    kept = st.valid_mask(mask, scores.shape).reshape(-1)
+    bad = jnp.any(kept & (jnp.isnan(s) | bad_label.reshape(-1)))
+    valid = kept & ~jnp.isnan(s)
     pos = valid & labels.reshape(-1)
     # Invalid samples are sent to +inf, at the end of the sorted order; capping ``last`` at
     # the number of valid samples keeps them out of the ranks of valid +inf scores.
@@ -186,4 +201,4 @@ def binary_auc(scores: Any, labels: Any, mask: Optional[Any] = None) -> jax.Arra
     n_neg = jnp.sum(valid & ~pos, dtype=st.ACC_DTYPE)
     u = jnp.sum(jnp.where(pos, rank, 0.0)) - 0.5 * n_pos * (n_pos + 1.0)
     defined = (n_pos > 0) & (n_neg > 0)
-    return jnp.where(defined, st.safe_ratio(u, n_pos * n_neg), 0.5)
+    return jnp.where(bad, jnp.nan, jnp.where(defined, st.safe_ratio(u, n_pos * n_neg), 0.5))
