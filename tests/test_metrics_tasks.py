@@ -390,6 +390,18 @@ def test_normals_channel_first_and_mask():
     np.testing.assert_allclose(last["mean"], ref_angles(pred[valid], target[valid]).mean(), atol=2e-3)
 
 
+def test_normals_thresholds_are_checked():
+    assert NormalMetric(thresholds=[5, 45]).thresholds == (5.0, 45.0)
+    assert NormalMetric(thresholds=()).thresholds == ()
+    for bad in [(0.0,), (-5.0,), (200.0,), (float("nan"),)]:
+        with pytest.raises(ValueError, match=r"\(0, 180\]"):
+            NormalMetric(thresholds=bad)
+    with pytest.raises(TypeError, match="sequence of numbers"):
+        NormalMetric(thresholds="30")  # would be (3.0, 0.0)
+    with pytest.raises(ValueError, match="repeated"):
+        NormalMetric(thresholds=(11.25, 11.25))  # within_11.25 would be written twice
+
+
 # --- classification accuracy ---------------------------------------------------------------------
 
 

@@ -105,7 +105,19 @@ class NormalMetric(st.StreamingMetric):
     def __post_init__(self) -> None:
         if not (isinstance(self.bin_width, (int, float)) and 0 < self.bin_width <= 180):
             raise ValueError(f"bin_width must be a float in (0, 180] degrees, got {self.bin_width!r}.")
-        object.__setattr__(self, "thresholds", tuple(float(t) for t in self.thresholds))
+        ts = self.thresholds
+        if isinstance(ts, (str, bytes)) or not all(
+            isinstance(t, (int, float)) and not isinstance(t, bool) for t in ts
+        ):
+            raise TypeError(f"thresholds must be a sequence of numbers (degrees), got {ts!r}.")
+        ts = tuple(float(t) for t in ts)
+        bad = [t for t in ts if not 0 < t <= 180]  # also catches NaN
+        if bad:
+            raise ValueError(f"thresholds must lie in (0, 180] degrees, got {bad}.")
+        keys = [f"within_{t:g}" for t in ts]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"thresholds {ts} give repeated result names {keys}; each value would overwrite another.")
+        object.__setattr__(self, "thresholds", ts)
 
     @property
     def num_bins(self) -> int:
