@@ -162,6 +162,43 @@ def test_select_functions_compose(study):
     assert an.finite_mean([float("nan")]) == float("-inf")
 
 
+def test_select_borrows_stl_for_a_schedule_without_one_and_ranks_on_shared_seeds(tmp_path, capsys):
+    """Rows trained with cosine decay beside an STL trained at a constant rate only: validation and test
+    Δp are taken against that STL (as ``paired`` does), not skipped; a row run on fewer seeds is compared
+    on the seeds every row has, not against other rows' means over more seeds."""
+    root = tmp_path / "results"
+    put(root, "cos", "stl", (0.80, 1.00), (0.80, 1.00))
+
+    def put_cosine(hparams: dict, val: tuple, test: tuple, seeds=SEEDS) -> list:
+        out = []
+        for s in seeds:
+            cfg = _config("dbmtl", hparams, 4)
+            cfg = RunConfig(**{**cfg.to_dict(), "recipe": {**cfg.recipe, "lr_schedule": "cosine"}})
+            rec = record("dbmtl", s, val, test, hparams=hparams)
+            rec.update(config=cfg.to_dict(), config_hash=config_hash(cfg))
+            out.append(write_record(result_path(root / "runs", cfg, s), rec))
+        add_to_study(root / "cos", out)
+        return out
+
+    put_cosine({"beta": 0.5, "beta_sigma": 0.5}, (0.810, 0.98), (0.81, 0.98))
+    # seed 0 only: better than the row above on seed 0, worse than its mean over seeds 0-2
+    put_cosine({"beta": 0.1, "beta_sigma": 0.0}, (0.8105, 0.98), (0.79, 1.00), seeds=(0,))
+    assert main(["select", str(root / "cos"), "--print-grid-best"]) == 0
+    assert capsys.readouterr().out.split() == ["0.1", "0.0"]
+    assert main(["select", str(root / "cos")]) == 0
+    page = capsys.readouterr().out
+    assert "cosine decay to 0" in page and "Validation and test Δp against the STL row" in page
+    assert "ranked on the mean validation Δp over the seeds they all share (0)" in page
+    table = [ln for ln in page.splitlines() if ln.startswith("| ") and "configuration" not in ln]
+    assert table[0].startswith("| **dbmtl (beta=0.1, beta_sigma=0.0)** (selected) | 1 |")
+    recs = load_results(root / "cos")
+    stl = [r for r in recs if r["method"] == "stl"]
+    only = [r for r in recs if r["config"]["hparams"] == {"beta": 0.1, "beta_sigma": 0.0}]
+    val = np_delta_p(only[0]["metrics"]["val"], _mean_metrics(stl, "val"))
+    test = np_delta_p(only[0]["metrics"]["test"], _mean_metrics(stl, "test"))
+    assert table[0].split(" | ")[2:4] == [f"{val:+.2f}", f"{test:+.2f} |"]
+
+
 def test_select_and_friends_reject_missing_directories(tmp_path, capsys):
     for cmd in (["select", str(tmp_path / "nope")], ["breakdown", str(tmp_path / "nope")],
                 ["time", str(tmp_path / "nope")], ["index", str(tmp_path / "nope")]):

@@ -10,8 +10,9 @@ separate from the markdown that shows them, and per-seed lists are kept wherever
 mean, so paired per-seed statistics can be added next to them.
 
 * :func:`val_selection_markdown` (``dbmtl-jax select DIR``): ranks the configurations of one method
-  by their mean **validation** Δp against the STL row's validation metrics, as the paper tunes
-  DB-MTL's β (Sec. 4.1); :func:`grid_best` is the validation-best row of the paper's grid
+  by their mean **validation** Δp against the STL row's validation metrics (a setting without STL
+  borrows one as ``paired`` does; rows on different seeds are ranked on the seeds they share), as the
+  paper tunes DB-MTL's β (Sec. 4.1); :func:`grid_best` is the validation-best row of the paper's grid
   (β ∈ {0.1, 0.5, 0.9} × σ ∈ {0, 0.5}).
 * :func:`breakdown_markdown` (``dbmtl-jax breakdown DIR``): per row, the signed relative change (%)
   of each task metric's seed mean against STL's (positive = better), whose mean is the row's Δp.
@@ -37,6 +38,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
+from dbmtl_jax.experiments.paired import borrow_stl, stl_donor
 from dbmtl_jax.experiments.report import (Row, Setting, device_text, load_results, optimizer_text, schedule_text,
                                           setting_title, summarize, wall_time_by_device)
 from dbmtl_jax.experiments.train import RECORDED_DEFAULTS, canonical_hparams, method_defaults, resolved_hparams
@@ -44,7 +46,7 @@ from dbmtl_jax.metrics import delta_p
 
 __all__ = [
     "finite_mean", "mean_std", "load_settings",
-    "PAPER_GRID", "beta_sigma_of", "val_reference", "val_delta_p", "scored_rows", "grid_best_row", "grid_best",
+    "PAPER_GRID", "beta_sigma_of", "val_reference", "val_delta_p", "reference_stl", "ranking_seeds", "scored_rows", "grid_best_row", "grid_best",
     "val_selection_markdown",
     "task_metric_changes", "task_changes", "breakdown_markdown",
     "SECTIONS", "study_settings", "summary_markdown",
@@ -104,9 +106,10 @@ def beta_sigma_of(row: Row) -> tuple[float, float]:
     return float(hp.get("beta", 0.9)), float(hp.get("beta_sigma", 0.0))
 
 
-def val_reference(st: Setting) -> dict[str, dict[str, float]]:
-    """The STL row's mean **validation** metrics (the reference of validation Δp)."""
-    return st.stl.mean_metrics(st.higher_is_better, "val")
+def val_reference(st: Setting, stl: Optional[Row] = None) -> dict[str, dict[str, float]]:
+    """The STL row's mean **validation** metrics (the reference of validation Δp); ``stl`` defaults
+    to the setting's own STL row."""
+    return (st.stl if stl is None else stl).mean_metrics(st.higher_is_better, "val")
 
 
 def val_delta_p(st: Setting, row: Row, reference: Optional[Mapping] = None) -> list[float]:
@@ -115,26 +118,47 @@ def val_delta_p(st: Setting, row: Row, reference: Optional[Mapping] = None) -> l
     return [delta_p(r["metrics"]["val"], ref, st.higher_is_better) for r in row.runs]
 
 
-def scored_rows(st: Setting, method: str) -> list[tuple[float, Row, list[float]]]:
-    """``(mean val Δp, row, per-seed val Δp)`` of every row of ``method``, best first."""
-    ref = val_reference(st)
+def reference_stl(settings: Sequence[Setting], st: Setting) -> Optional[Row]:
+    """``st``'s STL row, or the one it borrows (:func:`~dbmtl_jax.experiments.paired.stl_donor`)."""
+    donor = stl_donor(settings, st)
+    return st.stl if donor is None else donor.stl
+
+
+def ranking_seeds(st: Setting, method: str) -> list[int]:
+    """The seeds every row of ``method`` ran (empty if none is shared or there is no row)."""
+    rows = [r for r in st.rows.values() if r.method == method]
+    return sorted(set.intersection(*(set(r.seeds) for r in rows))) if rows else []
+
+
+def scored_rows(st: Setting, method: str, stl: Optional[Row] = None) -> list[tuple[float, Row, list[float]]]:
+    """``(score, row, per-seed val Δp)`` of every row of ``method``, best score first.
+
+    Validation Δp against ``stl`` (by default the setting's own STL row); the score is its mean over
+    :func:`ranking_seeds`, so rows run on more seeds are ranked on the same seeds as the others
+    (over each row's own seeds when the rows share none).
+    """
+    ref = val_reference(st, stl)
+    shared = set(ranking_seeds(st, method))
     scored = []
     for row in (r for r in st.rows.values() if r.method == method):
         val = val_delta_p(st, row, ref)
-        scored.append((float(np.mean(val)), row, val))
+        on = [v for v, run in zip(val, row.runs) if run["seed"] in shared] or val
+        scored.append((float(np.mean(on)), row, val))
     return sorted(scored, key=lambda x: -x[0])
 
 
-def grid_best_row(st: Setting, method: str = "dbmtl") -> Optional[Row]:
+def grid_best_row(st: Setting, method: str = "dbmtl", stl: Optional[Row] = None) -> Optional[Row]:
     """The validation-best row of ``method`` within :data:`PAPER_GRID`, or ``None``."""
-    rows = [x[1] for x in scored_rows(st, method) if beta_sigma_of(x[1]) in PAPER_GRID]
+    rows = [x[1] for x in scored_rows(st, method, stl) if beta_sigma_of(x[1]) in PAPER_GRID]
     return rows[0] if rows else None
 
 
 def grid_best(settings: Sequence[Setting], method: str = "dbmtl") -> Optional[tuple[float, float]]:
-    """``(β, σ)`` of :func:`grid_best_row` in the first setting that has one next to an STL row."""
+    """``(β, σ)`` of :func:`grid_best_row` in the first setting that has one next to an STL row (its own
+    or a borrowed one, :func:`reference_stl`)."""
     for st in settings:
-        row = grid_best_row(st, method) if st.stl is not None else None
+        stl = reference_stl(settings, st)
+        row = grid_best_row(st, method, stl) if stl is not None else None
         if row is not None:
             return beta_sigma_of(row)
     return None
@@ -145,14 +169,21 @@ def val_selection_markdown(settings: Sequence[Setting], method: str = "dbmtl", t
     lines = [f"# Validation selection of `{method}` hyperparameters: `{title}`", ""]
     lines.append("Each configuration's mean validation Δp (%) against the STL row's validation metrics ranks it; "
                  "the test Δp of the best is the tuned result. Mean ± std over seeds.")
+    notes = borrow_stl(settings, "test")  # a setting without STL: test Δp against the borrowed row
     for st in settings:
-        if st.stl is None or not any(r.method == method for r in st.rows.values()):
+        stl = reference_stl(settings, st)
+        if stl is None or not any(r.method == method for r in st.rows.values()):
             continue
-        scored = scored_rows(st, method)
-        recipe = st.recipe
-        lines += ["", f"## {st.benchmark} ({'quick' if st.quick else 'full'} recipe: lr {recipe['learning_rate']}, "
-                      f"batch {recipe['batch_size']}, {recipe['epochs']} epochs)", "",
-                  "| configuration | seeds | val Δp (%) | test Δp (%) |", "|---|---|---|---|"]
+        scored = scored_rows(st, method, stl)
+        lines += ["", f"## {setting_title(st)}", ""]
+        if st.key in notes:
+            lines += [notes[st.key].replace("Δp against", "Validation and test Δp against", 1) + ".", ""]
+        shared = ranking_seeds(st, method)
+        if any(sorted(r.seeds) != shared for _, r, _ in scored):
+            lines += [(f"The rows ran on different seeds: ranked on the mean validation Δp over the seeds they all "
+                       f"share ({', '.join(map(str, shared))}); the columns show every seed of a row."
+                       if shared else "The rows share no seed: each is ranked on its own seeds (not paired)."), ""]
+        lines += ["| configuration | seeds | val Δp (%) | test Δp (%) |", "|---|---|---|---|"]
         for i, (_, row, val) in enumerate(scored):
             name = f"**{row.label}** (selected)" if i == 0 else row.label
             lines.append(f"| {name} | {len(row.runs)} | {mean_std(val)} | {mean_std(row.delta_p)} |")

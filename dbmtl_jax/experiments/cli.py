@@ -364,7 +364,8 @@ def _cmd_select(args: argparse.Namespace) -> int:
             return 1
         print(*best)
         return 0
-    if not any(st.stl is not None and any(r.method == args.method for r in st.rows.values()) for st in settings):
+    if not any(an.reference_stl(settings, st) is not None and any(r.method == args.method for r in st.rows.values())
+               for st in settings):
         present = sorted({r.method for st in settings for r in st.rows.values()})
         print(f"error: {args.dir}: no {args.method} row next to an STL row (methods there: "
               f"{', '.join(present) or 'none, no run records'}); nothing written.", file=sys.stderr)

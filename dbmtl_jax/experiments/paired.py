@@ -43,6 +43,7 @@ __all__ = [
     "convergence_line",
     "paired_table_markdown",
     "borrow_stl",
+    "stl_donor",
     "find_row",
     "paired_report",
     "across_settings_report",
@@ -288,21 +289,30 @@ def _data_and_budget(recipe: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in recipe.items() if k not in _SCHEDULE_KEYS and k != "learning_rate"}
 
 
+def stl_donor(settings: Sequence[Setting], st: Setting) -> Optional[Setting]:
+    """The setting whose STL row ``st`` borrows when it has none: the same benchmark, data and epochs
+    (another optimizer, learning rate or schedule; the closest recipe and the same optimizer are
+    preferred); ``None`` if ``st`` has an STL row or no setting qualifies."""
+    if st.stl is not None:
+        return None
+    donors = [o for o in settings if o.stl is not None and o.benchmark == st.benchmark and o.quick == st.quick
+              and _data_and_budget(o.recipe) == _data_and_budget(st.recipe)]
+    if not donors:
+        return None
+    lr = lambda rc: rc.get("learning_rate")  # noqa: E731
+    return min(donors, key=lambda o: (o.recipe != st.recipe, o.optimizer != st.optimizer,
+                                      lr(o.recipe) != lr(st.recipe), o.key))
+
+
 def borrow_stl(settings: Sequence[Setting], split: str = "test") -> dict[str, str]:
-    """Gives a setting without an STL row the STL row of a setting with the same benchmark, data and
-    epochs (another optimizer, learning rate or schedule; the closest recipe and the same optimizer are
-    preferred) and recomputes its Δp on ``split`` against it; returns ``{setting key: note}``."""
+    """Gives a setting without an STL row the STL row of :func:`stl_donor` and recomputes its Δp on
+    ``split`` against it; returns ``{setting key: note}``."""
     notes = {}
+    lr = lambda rc: rc.get("learning_rate")  # noqa: E731
     for st in settings:
-        if st.stl is not None:
+        donor = stl_donor(settings, st)
+        if donor is None:
             continue
-        donors = [o for o in settings if o.stl is not None and o.benchmark == st.benchmark and o.quick == st.quick
-                  and _data_and_budget(o.recipe) == _data_and_budget(st.recipe)]
-        if not donors:
-            continue
-        lr = lambda rc: rc.get("learning_rate")  # noqa: E731
-        donor = min(donors, key=lambda o: (o.recipe != st.recipe, o.optimizer != st.optimizer,
-                                           lr(o.recipe) != lr(st.recipe), o.key))
         rebase_delta_p(st, donor.stl, split)
         sched = schedule_text(donor.recipe) or "a constant learning rate"
         differs = [w for w, d in (("optimizer", donor.optimizer != st.optimizer),
