@@ -159,6 +159,9 @@ def test_select_functions_compose(study):
     assert an.beta_sigma_of(an.grid_best_row(st)) == (0.1, 0.0)
     assert an.grid_best([st]) == (0.1, 0.0) and an.grid_best([], "dbmtl") is None
     assert an.mean_std([1.0, 3.0]) == "+2.00 ± 1.41" and an.mean_std([float("nan")]) == "n/a"
+    # a diverged seed is named, not silently left out of the mean
+    assert an.mean_std([1.0, float("nan"), 3.0]) == "+2.00 ± 1.41 (2 of 3 finite)"
+    assert an.mean_std([2.0, float("inf")]) == "+2.00 (1 of 2 finite)"
     assert an.finite_mean([float("nan")]) == float("-inf")
 
 

@@ -65,12 +65,15 @@ def finite_mean(xs: Iterable[float]) -> float:
 
 
 def mean_std(xs: Iterable[float]) -> str:
-    """``+1.23 ± 0.45`` (sample std, ddof 1) of the finite values; ``n/a`` when there is none."""
-    xs = [x for x in xs if math.isfinite(x)]
-    if not xs:
+    """``+1.23 ± 0.45`` (sample std, ddof 1) of the finite values, ``+1.23 ± 0.45 (4 of 5 finite)`` when
+    some are not (a diverged seed is named, never silently left out); ``n/a`` when none is finite."""
+    xs = list(xs)
+    finite = [x for x in xs if math.isfinite(x)]
+    if not finite:
         return "n/a"
-    std = float(np.std(xs, ddof=1)) if len(xs) > 1 else float("nan")
-    return f"{np.mean(xs):+.2f} ± {std:.2f}" if math.isfinite(std) else f"{np.mean(xs):+.2f}"
+    std = float(np.std(finite, ddof=1)) if len(finite) > 1 else float("nan")
+    text = f"{np.mean(finite):+.2f} ± {std:.2f}" if math.isfinite(std) else f"{np.mean(finite):+.2f}"
+    return text if len(finite) == len(xs) else f"{text} ({len(finite)} of {len(xs)} finite)"
 
 
 def load_settings(directory: os.PathLike, *, skipped: Optional[list] = None) -> list[Setting]:
