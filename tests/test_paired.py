@@ -434,3 +434,35 @@ def test_paired_cli_reads_several_study_folders_as_one_set_of_runs(tmp_path):
     gls_row = next(line for line in both.splitlines() if line.startswith("| **gls**"))
     assert "+0.6" in gls_row.split("|")[4]
     assert main(["paired", str(one), str(tmp_path / "missing")]) == 2
+
+
+def _reference_loss_figures(losses, fraction=0.2):
+    """Independent reference: per-epoch summed losses, the window's start epoch e0 (1-based) as the nearest whole
+    number of epochs to (1 − fraction)·E but at least one epoch before the end."""
+    totals = [sum(x) for x in losses]
+    E = len(totals)
+    k = max(1, E - int(math.floor((1 - fraction) * E + 0.5)))  # epochs in the window, at least one
+    start, end, first = totals[E - k - 1], totals[-1], totals[0]
+    return (start - end) / abs(start), (start - end) / (first - end)
+
+
+def test_loss_figures_of_a_two_epoch_run_are_not_a_flat_zero():
+    """With 2 epochs, round(0.8 · 2) = 2 put the window's start on the last epoch: a change of exactly 0 %, and 0 %
+    of the decrease, for any loss curve (read as "finished")."""
+    for losses in ([2.0, 1.0], [2.0, 1.9], list(np.linspace(3.0, 1.0, 7)), list(np.linspace(3.0, 1.0, 16))):
+        rec = _record("ew", 0, {}, (0.8, 0.8), 2, losses, epochs=len(losses))
+        change, share = _reference_loss_figures([[v, v] for v in losses])
+        assert pr.loss_change_last_fifth(rec) == pytest.approx(change)
+        assert pr.loss_share_last_fifth(rec) == pytest.approx(share)
+    two = _record("ew", 0, {}, (0.8, 0.8), 2, [2.0, 1.0], epochs=2)
+    assert pr.loss_change_last_fifth(two) == pytest.approx(0.5) and pr.loss_share_last_fifth(two) == pytest.approx(1.0)
+
+
+def test_loss_figures_of_a_run_with_a_non_finite_loss_are_nan_not_an_error():
+    """The runner stores a NaN loss as null and an infinite one as "inf": the figures say NaN, the table still prints."""
+    losses = [[2.0, 2.0], [1.5, 1.5], [1.2, 1.2], [None, 1.0], [1.0, 1.0]]
+    rec = _record("ew", 0, {}, (0.8, 0.8), 2, [0.0] * 5, epochs=5)
+    rec["history"]["train_loss"] = losses  # epoch 4 (the window's start) is NaN
+    assert math.isnan(pr.loss_change_last_fifth(rec)) and math.isnan(pr.loss_share_last_fifth(rec))
+    rec["history"]["train_loss"] = losses[:3] + [[1.1, 1.1], ["inf", 1.0]]
+    assert pr.loss_change_last_fifth(rec) == -math.inf and math.isnan(pr.loss_share_last_fifth(rec))

@@ -144,17 +144,21 @@ def late_task_selections(run: Mapping[str, Any], fraction: float = 0.2) -> int:
 
 
 def _loss_ends(run: Mapping[str, Any], fraction: float) -> Optional[tuple[float, float, float]]:
-    """Summed training loss at epoch 1, at ``e₀ = round((1 − fraction)·E)`` and at the last epoch E."""
+    """Summed training loss at epoch 1, at ``e₀ = min(round((1 − fraction)·E), E − 1)`` and at the last epoch E
+    (the window holds at least one epoch; a loss the record stores as null or "inf" is NaN or inf)."""
     losses = run.get("history", {}).get("train_loss") or []
-    totals = [float(np.sum(x)) for x in losses]
+    totals = [float(np.sum([math.nan if v is None else float(v) for v in np.ravel(np.asarray(x, object))]))
+              for x in losses]
     if len(totals) < 2:
         return None
-    return totals[0], totals[max(0, int(round((1 - fraction) * len(totals))) - 1)], totals[-1]
+    e0 = min(int(round((1 - fraction) * len(totals))), len(totals) - 1)
+    return totals[0], totals[max(0, e0 - 1)], totals[-1]
 
 
 def loss_change_last_fifth(run: Mapping[str, Any], fraction: float = 0.2) -> float:
     """Relative drop of the summed per-epoch training loss over the last ``fraction`` of epochs:
-    ``(L(e₀) − L(E)) / L(e₀)`` with ``e₀ = round((1 − fraction)·E)`` (positive: still falling)."""
+    ``(L(e₀) − L(E)) / L(e₀)`` with ``e₀ = round((1 − fraction)·E)``, at most ``E − 1`` (positive: still
+    falling)."""
     ends = _loss_ends(run, fraction)
     if ends is None:
         return math.nan
