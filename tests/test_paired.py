@@ -466,3 +466,25 @@ def test_loss_figures_of_a_run_with_a_non_finite_loss_are_nan_not_an_error():
     assert math.isnan(pr.loss_change_last_fifth(rec)) and math.isnan(pr.loss_share_last_fifth(rec))
     rec["history"]["train_loss"] = losses[:3] + [[1.1, 1.1], ["inf", 1.0]]
     assert pr.loss_change_last_fifth(rec) == -math.inf and math.isnan(pr.loss_share_last_fifth(rec))
+
+
+def test_a_row_sharing_no_seed_with_the_leader_is_not_ranked_below_it():
+    """Without a shared seed there is no paired interval: nothing separates the row from the leader, so it must not
+    get a later group (which the table reads as "worse than group 1, by the intervals")."""
+    scores = {"a": {0: 5.0, 1: 5.1, 2: 4.9}, "b": {3: 4.0, 4: 4.2, 5: 4.1},
+              "c": {0: 1.0, 1: 1.1, 2: 0.9, 3: 1.0}}  # c pairs with a: 4.0 below on every shared seed
+    assert pr.paired_interval(scores["b"], scores["a"]) is None
+    assert pr.paired_interval(scores["c"], scores["a"]).separated
+    assert pr.rank_groups(scores) == {"a": 1, "b": 1, "c": 2}
+    # the same with a diverged (NaN) seed as the only overlap, and in a table: b is bold, with "—" against a
+    scores["b"] = {0: float("nan"), 4: 4.2, 5: 4.1}
+    assert pr.rank_groups(scores) == {"a": 1, "b": 1, "c": 2}
+    flat = [2.0] * 5 + [1.0] * 5
+    recs = [_record("stl", s, {}, (0.80, 0.80), 10, flat) for s in range(6)]
+    recs += [_record("ew", s, {}, (0.84 + 0.001 * s, 0.80), 3, flat) for s in range(3)]
+    recs += [_record("dbmtl", s, {}, (0.82 + 0.001 * s, 0.80), 3, flat) for s in range(3, 6)]
+    (st,) = summarize(recs)
+    rows = list(st.rows.values())
+    ew = next(r for r in rows if r.method == "ew")
+    md = pr.paired_table_markdown(st, rows, {"ew": ew})
+    assert "| **ew** | 3 |" in md and "| **dbmtl** | 3 |" in md and " | — | 1 | 0 of 3 |" in md

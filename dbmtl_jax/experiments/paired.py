@@ -107,8 +107,9 @@ def rank_groups(scores: Mapping[str, Mapping[int, float]]) -> dict[str, int]:
     """Group number (1 = best) of each row of per-seed scores (higher is better, e.g. Δp).
 
     The best remaining row by mean leads the next group; a row joins it when
-    its paired interval against the leader contains 0.  Rows without a finite
-    score get no group.
+    its paired interval against the leader contains 0, or when it shares no
+    seed with a finite score with the leader (no interval can separate them).
+    Rows without a finite score get no group.
     """
     def mean(k: str) -> float:
         return _finite_mean(scores[k].values())
@@ -121,7 +122,7 @@ def rank_groups(scores: Mapping[str, Mapping[int, float]]) -> dict[str, int]:
         leader = left[0]
         members = [leader] + [
             k for k in left[1:]
-            if (iv := paired_interval(scores[k], scores[leader])) is not None and not iv.separated
+            if (iv := paired_interval(scores[k], scores[leader])) is None or not iv.separated
         ]
         for k in members:
             groups[k] = g
