@@ -200,6 +200,12 @@ def test_select_borrows_stl_for_a_schedule_without_one_and_ranks_on_shared_seeds
     val = np_delta_p(only[0]["metrics"]["val"], _mean_metrics(stl, "val"))
     test = np_delta_p(only[0]["metrics"]["test"], _mean_metrics(stl, "test"))
     assert table[0].split(" | ")[2:4] == [f"{val:+.2f}", f"{test:+.2f} |"]
+    # the per-task breakdown borrows the same STL row
+    page = an.breakdown_markdown(an.load_settings(root / "cos"))
+    assert "Δp against the STL row trained with" in page
+    base = _mean_metrics(stl, "test")["a"]["acc"]
+    acc = 100.0 * (only[0]["metrics"]["test"]["a"]["acc"] - base) / base
+    assert f"| dbmtl {{\"beta\": 0.1, \"beta_sigma\": 0.0}} | {acc:+.2f} |" in page
 
 
 def test_select_and_friends_reject_missing_directories(tmp_path, capsys):

@@ -203,8 +203,9 @@ def val_selection_markdown(settings: Sequence[Setting], method: str = "dbmtl", t
 # --------------------------------------------------------------------------- per-task breakdown
 
 
-def task_metric_changes(st: Setting, row: Row) -> dict[tuple[str, str], float]:
-    """``(task, metric) -> signed relative change (%)`` of the row's seed-mean metric vs the STL row's mean.
+def task_metric_changes(st: Setting, row: Row, stl: Optional[Row] = None) -> dict[tuple[str, str], float]:
+    """``(task, metric) -> signed relative change (%)`` of the row's seed-mean metric vs the STL row's mean
+    (``stl``, by default the setting's own).
 
     Positive is better than STL.  Their mean over the metrics (then tasks,
     weighted per metric) is the Δp of the seed means, equal to the row's mean
@@ -213,7 +214,7 @@ def task_metric_changes(st: Setting, row: Row) -> dict[tuple[str, str], float]:
     out = {}
     for task, metrics in st.higher_is_better.items():
         for metric, hib in metrics.items():
-            base = _seed_mean(st.stl.values(task, metric))
+            base = _seed_mean((st.stl if stl is None else stl).values(task, metric))
             mean = _seed_mean(row.values(task, metric))
             out[(task, metric)] = 100.0 * (1.0 if hib else -1.0) * (mean - base) / abs(base)
     return out
@@ -242,10 +243,13 @@ def _row_label(row: Row) -> str:
 
 
 def breakdown_markdown(settings: Sequence[Setting]) -> str:
-    """The ``breakdown.md`` page: per setting, every row ranked by Δp with its per-metric changes vs STL."""
+    """The ``breakdown.md`` page: per setting, every row ranked by Δp with its per-metric changes vs STL
+    (a setting without STL against the row it borrows, :func:`reference_stl`, saying so)."""
     out = []
+    notes = borrow_stl(settings)
     for st in settings:
-        if st.stl is None:
+        stl = reference_stl(settings, st)
+        if stl is None:
             continue
         rows = list(st.rows.values())
         labels = [_row_label(r) for r in rows]
@@ -253,10 +257,12 @@ def breakdown_markdown(settings: Sequence[Setting]) -> str:
         for r, label in zip(rows, labels):
             if labels.count(label) > 1:  # same method and hyperparameters, other settings (e.g. --grad-stats)
                 label += f" [{r.config.get('grad_path', '')} {r.config_hash}]"
-            changes[label] = task_metric_changes(st, r)
+            changes[label] = task_metric_changes(st, r, stl)
         keys = [(t, m) for t, ms in st.higher_is_better.items() for m in ms]
         ranked = sorted(changes.items(), key=lambda kv: -sum(kv[1].values()) / len(keys))
         out.append(f"## {st.key}\n")
+        if st.key in notes:
+            out.append(f"{notes[st.key]}.\n")
         out.append("| rank | row | " + " | ".join(f"{t} {m} (%)" for t, m in keys) + " | Δp (%) |")
         out.append("|---" * (len(keys) + 3) + "|")
         for i, (label, v) in enumerate(ranked, 1):
