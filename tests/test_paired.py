@@ -488,3 +488,50 @@ def test_a_row_sharing_no_seed_with_the_leader_is_not_ranked_below_it():
     ew = next(r for r in rows if r.method == "ew")
     md = pr.paired_table_markdown(st, rows, {"ew": ew})
     assert "| **ew** | 3 |" in md and "| **dbmtl** | 3 |" in md and " | — | 1 | 0 of 3 |" in md
+
+
+def test_across_settings_states_runs_left_out_and_pairs_the_delta_p_columns():
+    """A diverged run and seeds run in one setting only: the Δp columns are means over the gain's seeds (so that
+    second − first is the gain), short interactions say n, and what was left out is listed under the table."""
+    recs = _across_records()
+    for r in recs:  # EW seed 2 diverged in the first setting
+        if r["method"] == "ew" and r["seed"] == 2 and "b1" not in r["config_hash"]:
+            r["metrics"]["test"]["a"]["acc"] = float("nan")
+    flat = [2.0] * 5 + [1.0] * 5
+    for s in (3, 4):  # DB-MTL seeds 3 and 4 in the second setting only, far above the others
+        r = _record("dbmtl", s, {}, (0.9, 0.80), 2, flat)
+        r["config"]["optimizer"] = {"name": "adam", "b1": 0.0}
+        r["config_hash"] += "-b1-0"
+        recs.append(r)
+    text = pr.across_settings_report(summarize(recs))
+    rows = {ln.split(" | ")[0][2:]: ln.split(" | ") for ln in text.splitlines() if ln.startswith("| ")}
+
+    def dp(acc):  # Δp against STL's 0.80, 0.80: task a only, ×100, /2 tasks
+        return 100 * (acc - 0.8) / 0.8 / 2
+
+    ew_first = [dp(0.80 + 0.01 * s) for s in (0, 1)]  # seed 2 is NaN in the first setting
+    ew_second = [dp(0.808 + 0.01 * s) for s in (0, 1)]
+    ew = rows["ew"]
+    assert ew[1:4] == ["2", f"{sum(ew_first) / 2:+.2f}", f"{sum(ew_second) / 2:+.2f}"]  # +0.31, +0.81 (not +1.12)
+    db = rows["dbmtl"]
+    db_first, db_second = [dp(0.82)] * 3, [dp(0.836 + 0.008 * s) for s in range(3)]
+    assert db[1:4] == ["3", f"{sum(db_first) / 3:+.2f}", f"{sum(db_second) / 3:+.2f}"]  # +1.25, +2.75 (not +4.15)
+    assert db[5] == "+0.75 [-2.43, +3.93]"  # over EW's 2 seeds: the seeds column says so, no "(n=2)"
+    assert ("Left out of means and intervals (non-finite Δp: a diverged run or a missing metric): "
+            "ew seed 2 (first setting).") in text
+    assert ("Left out of means and intervals (no run of the seed in the other setting): "
+            "dbmtl seed 3 (second setting), dbmtl seed 4 (second setting).") in text
+    clean = pr.across_settings_report(summarize(_across_records()))
+    assert "Left out" not in clean and "(n=" not in clean
+    # An interaction over fewer seeds than either gain has says how many: EW lacks seed 0, DB-MTL seed 2.
+    recs = [r for r in _across_records() if (r["method"], r["seed"]) not in (("ew", 0), ("dbmtl", 2))]
+    recs += [_record("ew", 3, {}, (0.80, 0.80), 9, flat), _record("dbmtl", 3, {}, (0.82, 0.80), 3, flat)]
+    second = [_record("ew", 3, {}, (0.81, 0.80), 9, flat), _record("dbmtl", 3, {}, (0.84, 0.80), 3, flat)]
+    for r in second:
+        r["config"]["optimizer"] = {"name": "adam", "b1": 0.0}
+        r["config_hash"] += "-b1-0"
+    recs += second
+    short = pr.across_settings_report(summarize(recs))
+    db = next(ln.split(" | ") for ln in short.splitlines() if ln.startswith("| dbmtl |"))
+    assert db[1] == "3" and db[5].endswith(" (n=2)")  # seeds 1 and 3
+    assert "Left out" not in short  # a seed a row ran in neither setting is not a left-out run

@@ -491,20 +491,34 @@ def across_settings_report(
         head = (["row", "seeds", "Δp, first", "Δp, second", "gain: second − first [95 % CI]"]
                 + [f"gain − gain of {r} [95 % CI]" for r in refs] + ["selected in the last 20 % (first; second)"])
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for lab in sorted(gains, key=lambda k: (-_finite_mean(gains[k].values()), k)):
+        order = sorted(gains, key=lambda k: (-_finite_mean(gains[k].values()), k))
+        for lab in order:
             iv = paired_interval(gains[lab], {s: 0.0 for s in gains[lab]})
-            means = [_finite_mean(v.values()) for v in scores[lab]]
+            pairs = [s for s, g in gains[lab].items() if math.isfinite(g)]  # the seeds the gain is over
+            means = [_finite_mean(v[s] for s in pairs) for v in scores[lab]]  # so that second − first = gain
             cells = [lab, str(iv.n if iv else 0)] + [f"{round(m, 2) + 0.0:+.2f}" if m > -math.inf else "—" for m in means]
             cells.append("—" if iv is None else iv.text())
             for r in refs:
                 ix = None if r == lab else paired_interval(gains[lab], gains[r])
-                cells.append("—" if ix is None else ix.text())
+                # fewer seeds than both gains have: say how many, as the paired table does
+                short = ix is not None and 2 <= ix.n < min(iv.n, sum(math.isfinite(g) for g in gains[r].values()))
+                cells.append("—" if ix is None else ix.text() + (f" (n={ix.n})" if short else ""))
             cells.append(f"{_late_cell(la[lab])}; {_late_cell(lb[lab])}")
             lines.append("| " + " | ".join(cells) + " |")
+        sides = ("first", "second")
+        bad = [f"{lab} seed {s} ({side} setting)" for lab in order for side, v in zip(sides, scores[lab])
+               for s in sorted(v) if not math.isfinite(v[s])]
+        alone = [f"{lab} seed {s} ({side} setting)" for lab in order
+                 for side, v, w in zip(sides, scores[lab], scores[lab][::-1]) for s in sorted(set(v) - set(w))]
+        why = (("non-finite Δp: a diverged run or a missing metric", bad),
+               ("no run of the seed in the other setting", alone))
+        note = "".join(f"\n\nLeft out of means and intervals ({w}): {', '.join(xs)}." for w, xs in why if xs)
         changes = "; ".join(_changes(a, b)) or "the setting key only"
         out.append(f"### {a.benchmark}: {changes}\n\nFirst: {setting_title(a)}.\nSecond: {setting_title(b)}.\n\n"
-                   f"Δp of both against {base_text} (its mean metrics); a gain is paired over the seeds both "
-                   f"settings ran, an interaction over the seeds all four runs share.\n\n" + "\n".join(lines) + "\n")
+                   f"Δp of both against {base_text} (its mean metrics), over the seeds both settings ran with a "
+                   f"finite Δp; a gain is paired over those seeds, an interaction over the seeds all four runs "
+                   f"share.\n\n"
+                   + "\n".join(lines) + note + "\n")
     if out and left_out:
         what = "an STL row" if baseline == "stl" else f"a {baseline} row"
         out.append(f"Not shown, for want of {what} in any setting of the benchmark: {'; '.join(left_out)}.\n")
