@@ -158,3 +158,26 @@ def test_average_last_is_the_mean_of_the_last_epochs_of_each_curve(capsys, curve
     _, plain = plain_runs
     with pytest.raises(ValueError, match="no per-epoch test curve to average"):
         rs.average_last(plain[0], 0.2)
+
+
+def _curve_run(method, scores, accs):
+    """A minimal record with per-epoch validation / test curves of one task "a" (accuracy; None: NaN, as stored)."""
+    val = [{"a": {"acc": v}} for v in accs]
+    return {"method": method, "seed": 0, "tasks": {"a": {"metrics": {"acc": True}, "select_metric": "acc"}},
+            "selected_epoch": {"a": 1}, "metrics": {"val": val[0], "test": val[0]},
+            "history": {"val": val, "test": [{"a": {"acc": None if v is None else v - 0.01}} for v in accs],
+                        "selection_score": scores}}
+
+
+def test_smoothing_never_selects_a_diverged_epoch_for_its_neighbours_scores():
+    """A run that rose to epoch 3 and then diverged (NaN from epoch 4): the truncated mean at epoch 4 is epoch 3's
+    score alone, the best smoothed value, but epoch 4 has no metrics; epoch 3 is the best one that has."""
+    curve = [0.1, 0.5, 0.9, math.nan, math.nan, math.nan]
+    assert rs.smoothed_epoch(curve, 3) == 3 and rs.smoothed_epoch([-v for v in curve], 3, higher=False) == 3
+    assert rs.smoothed_epoch([0.1, 0.5, 0.9, 1.0, math.nan, 0.2], 3) == 4  # finite neighbours still smooth
+    assert rs.smoothed_epoch([math.nan, 1.0, math.nan], 3) == 2  # epochs 1 and 3 also smooth to 1.0
+    accs = [0.5, 0.6, 0.7, None, None, None]
+    for run in (_curve_run("ew", [0.0, 0.2, 0.4, None, None, None], accs), _curve_run("stl", [None] * 6, accs)):
+        again = rs.reselect_smoothed(run, 3)
+        assert again["selected_epoch"] == {"a": 3}
+        assert again["metrics"]["test"] == {"a": {"acc": pytest.approx(0.69)}}

@@ -52,11 +52,13 @@ def smooth_curve(values: Sequence[float], window: int) -> np.ndarray:
 
 
 def smoothed_epoch(scores: Sequence[float], window: int, higher: bool = True) -> int:
-    """The 1-based epoch whose smoothed score is best (the first such epoch on ties)."""
+    """The 1-based epoch whose smoothed score is best (the first such epoch on ties), among the epochs whose own
+    score is finite (a diverged epoch is never chosen for its neighbours' scores)."""
     s = smooth_curve(scores, window)
-    if not np.any(np.isfinite(s)):
+    ok = np.isfinite(s) & np.isfinite(np.asarray(scores, np.float64))
+    if not np.any(ok):
         raise ValueError("the validation curve has no finite value to select on.")
-    s = np.where(np.isfinite(s), s if higher else -s, -np.inf)
+    s = np.where(ok, s if higher else -s, -np.inf)
     return int(np.argmax(s)) + 1
 
 
