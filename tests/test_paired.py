@@ -248,6 +248,15 @@ def test_settings_left_out_of_the_report_are_named():
     text = pr.paired_report(summarize(recs))
     assert text.count("### b (full recipe: 10 epochs,") == 1 and "20 epochs" not in text
     assert "Not shown, for want of an STL row to measure Δp against: b " in text and "(2 runs)" in text
+    # an STL row whose metrics are NaN is named as the reason, not reported as missing
+    bad = [dict(r) for r in recs if r["config_hash"] == "ew-20ep"]
+    nan_stl = _record("stl", 0, {}, (0.80, 0.80), 20, flat, epochs=20)
+    nan_stl["metrics"] = {**nan_stl["metrics"], "test": {t: {k: float("nan") for k in ms}
+                                                          for t, ms in nan_stl["metrics"]["test"].items()}}
+    nan_stl["config_hash"] = "stl-20ep"
+    text = pr.paired_report(summarize([r for r in recs if r["config_hash"] != "ew-20ep"] + bad + [nan_stl]))
+    assert "20 epochs" not in text.split("Not shown")[0]
+    assert "(3 runs; its STL row has a non-finite test metric in 1 of 1 runs)" in text
 
 
 def test_titles_tell_settings_apart_by_every_recipe_field():

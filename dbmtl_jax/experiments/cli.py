@@ -482,7 +482,7 @@ def _cmd_paired(args: argparse.Namespace) -> int:
               f"(and have {'an STL' if args.baseline == 'stl' else f'a {args.baseline}'} row).", file=sys.stderr)
         return 1
     if not body.strip():
-        print(f"error: {where}: no table: no setting has an STL row to measure Δp against "
+        print(f"error: {where}: no table: no setting has an STL row with finite metrics to measure Δp against "
               "(give --baseline ROW, e.g. --baseline ew).", file=sys.stderr)
         return 1
     if args.out:

@@ -396,9 +396,22 @@ def paired_report(
     if out and left_out:  # say what is not in the tables (with no table at all, the caller reports it)
         what = "an STL row" if baseline == "stl" else f"a {baseline} row"
         out.append(f"Not shown, for want of {what} to measure Δp against: "
-                   + "; ".join(f"{st.benchmark} {st.key} ({sum(len(r.runs) for r in st.rows.values())} runs)"
+                   + "; ".join(f"{st.benchmark} {st.key} ({sum(len(r.runs) for r in st.rows.values())} runs"
+                               f"{_unusable_stl_text(settings, st, split) if baseline == 'stl' else ''})"
                                for st in left_out) + ".\n")
     return "\n".join(out)
+
+
+def _unusable_stl_text(settings: Sequence[Setting], st: Setting, split: str) -> str:
+    """Why a setting with an STL row (its own or borrowed) still has no finite Δp: ``"; its STL row has
+    a non-finite <split> metric in 1 of 5 runs"`` (``""`` when it has no STL row)."""
+    donor = stl_donor(settings, st)
+    stl = st.stl if donor is None else donor.stl
+    if stl is None:
+        return ""
+    bad = sum(not all(math.isfinite(float(v)) for ms in r["metrics"][split].values() for v in ms.values())
+              for r in stl.runs)
+    return f"; its STL row has a non-finite {split} metric in {bad} of {len(stl.runs)} runs"
 
 
 def _reference_order(st: Setting) -> tuple:
