@@ -49,6 +49,19 @@ def test_pairing_separates_what_unpaired_means_cannot():
     assert not pr.paired_interval(e, b).separated and pr.rank_groups({"e": e, "b": b}) == {"e": 1, "b": 1}
 
 
+def test_a_row_ahead_of_the_leader_on_their_shared_seeds_is_not_ranked_below_it():
+    # A leads by its mean over three seeds (one lucky seed); B diverged on seed 2 and is ahead of A on seeds 0
+    # and 1 with an interval above 0: it must not be put in a lower group as if it were worse.
+    a = {0: 1.0, 1: 1.0, 2: 10.0}
+    b = {0: 2.0, 1: 2.1, 2: float("nan")}
+    assert pr.paired_interval(b, a).low > 0
+    assert pr.rank_groups({"a": a, "b": b}) == {"a": 1, "b": 1}
+    # a row clearly worse than the leader on the same seeds still starts the next group
+    c = {0: 0.0, 1: 0.05, 2: 0.1}
+    d = {0: -1.0, 1: -0.9, 2: -1.05}
+    assert pr.rank_groups({"c": c, "d": d}) == {"c": 1, "d": 2}
+
+
 def test_rank_groups_orders_and_is_invariant_to_a_common_seed_shift():
     rng = np.random.default_rng(1)
     base = rng.normal(0, 1, size=6)

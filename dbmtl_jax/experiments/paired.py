@@ -106,10 +106,11 @@ def _finite_mean(xs: Iterable[float]) -> float:
 def rank_groups(scores: Mapping[str, Mapping[int, float]]) -> dict[str, int]:
     """Group number (1 = best) of each row of per-seed scores (higher is better, e.g. Δp).
 
-    The best remaining row by mean leads the next group; a row joins it when
-    its paired interval against the leader contains 0, or when it shares no
-    seed with a finite score with the leader (no interval can separate them).
-    Rows without a finite score get no group.
+    The best remaining row by mean leads the next group; a row joins it unless
+    its paired interval against the leader lies below 0 (it contains 0, the
+    row shares no seed with a finite score with the leader, or, when the rows
+    ran on different seeds, the row is ahead of the leader on the seeds they
+    share).  Rows without a finite score get no group.
     """
     def mean(k: str) -> float:
         return _finite_mean(scores[k].values())
@@ -122,7 +123,7 @@ def rank_groups(scores: Mapping[str, Mapping[int, float]]) -> dict[str, int]:
         leader = left[0]
         members = [leader] + [
             k for k in left[1:]
-            if (iv := paired_interval(scores[k], scores[leader])) is None or not iv.separated
+            if (iv := paired_interval(scores[k], scores[leader])) is None or not iv.high < 0
         ]
         for k in members:
             groups[k] = g
