@@ -368,6 +368,34 @@ def test_errors(tmp_path, csv_dir, monkeypatch):
     assert d.featurizer == "coordinates" and any("RDKit is not installed" in str(x.message) for x in w)
 
 
+def test_bad_rows_raise_instead_of_loading(tmp_path, mols):
+    """NaN / inf values, molecules read twice (they could sit in two splits), atom-less rows and
+    empty part files raise naming the file and line instead of loading silently."""
+    def load(ms: list, name: str, **kw):
+        return load_qm9(write_csvs(tmp_path / name, ms, **kw), cache=False, progress=False, featurizer="coordinates")
+
+    nan_prop = [dict(m) for m in mols]
+    nan_prop[3] = dict(nan_prop[3], props=np.where(np.arange(11) == 6, np.nan, nan_prop[3]["props"]))
+    with pytest.raises(ValueError, match=r"qm9_part1\.csv:5: molecule 4 has non-finite values in \['InternalEnergy_0K_au'\]"):
+        load(nan_prop, "nan_prop")
+    inf_pos = [dict(m) for m in mols]
+    inf_pos[20] = dict(inf_pos[20], pos=np.where(np.arange(3) == 1, np.inf, inf_pos[20]["pos"]))
+    with pytest.raises(ValueError, match=r"qm9_part2\.csv:\d+: molecule \d+ has non-finite values in \['XYZ_Ang'\]"):
+        load(inf_pos, "inf_pos")
+    dup = [dict(m) for m in mols]
+    dup[25] = dict(dup[25], index=dup[2]["index"])  # the same molecule id in both part files
+    with pytest.raises(ValueError, match=r"qm9_part2\.csv:\d+: molecule Index 3 was already read at .*qm9_part1\.csv:4"):
+        load(dup, "dup")
+    no_atoms = [dict(m) for m in mols]
+    no_atoms[1] = dict(no_atoms[1], elements=[], pos=np.zeros((0, 3)))
+    with pytest.raises(ValueError, match=r"qm9_part1\.csv:3: malformed QM9 row \(molecule 2 has no atoms\)"):
+        load(no_atoms, "no_atoms")
+    root = write_csvs(tmp_path / "truncated", mols, parts=3)
+    (root / "qm9_part2.csv").write_text("")
+    with pytest.raises(ValueError, match=r"qm9_part2\.csv is empty"):
+        load_qm9(root, cache=False, progress=False, featurizer="coordinates")
+
+
 def test_exported():
     assert ds.load_qm9 is load_qm9
 

@@ -183,15 +183,20 @@ def _elements(text: str) -> list[str]:
 
 def read_qm9_csv(files: Sequence[Union[str, os.PathLike]], limit: Optional[int] = None) -> Iterator[dict[str, Any]]:
     """Yields one parsed molecule per row: ``index``, ``smiles``, ``z`` (int64 ``[n]``), ``pos``
-    (float64 ``[n, 3]``, Å) and each column of :data:`REQUIRED_COLUMNS` as a float."""
+    (float64 ``[n, 3]``, Å) and each column of :data:`REQUIRED_COLUMNS` as a float.
+
+    Raises a ValueError naming the file and line for an empty file, a malformed row, a molecule
+    without atoms, a non-finite coordinate or property, or a molecule ``Index`` read before (a
+    duplicated molecule could land in two splits)."""
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
     count = 0
+    seen: dict[int, str] = {}
     for path in files:
         with open(path, newline="", encoding="utf-8") as fh:
             reader = csv.reader(fh)
             header = next(reader, None)
             if header is None:
-                continue
+                raise ValueError(f"{path} is empty (not even a header row); is it a complete qm9pack CSV?")
             missing = [c for c in REQUIRED_COLUMNS if c not in header]
             if missing:
                 raise ValueError(f"{path} lacks the column(s) {missing}; is it a qm9pack CSV?")
@@ -208,6 +213,17 @@ def read_qm9_csv(files: Sequence[Union[str, os.PathLike]], limit: Optional[int] 
                         mol[t[1]] = float(row[col[t[1]]].replace("*^", "e"))
                 except (KeyError, ValueError, IndexError) as e:
                     raise ValueError(f"{path}:{line}: malformed QM9 row ({e}).") from e
+                where = f"{path}:{line}"
+                if len(z) == 0:
+                    raise ValueError(f"{where}: malformed QM9 row (molecule {mol['index']} has no atoms).")
+                bad = [] if np.all(np.isfinite(pos)) else ["XYZ_Ang"]
+                bad += [t[1] for t in _TARGETS if not np.isfinite(mol[t[1]])]
+                if bad:
+                    raise ValueError(f"{where}: molecule {mol['index']} has non-finite values in {bad}.")
+                if mol["index"] in seen:
+                    raise ValueError(f"{where}: molecule Index {mol['index']} was already read at {seen[mol['index']]} "
+                                     "(a duplicated molecule would sit in more than one split).")
+                seen[mol["index"]] = where
                 count += 1
                 yield mol
 
