@@ -222,6 +222,40 @@ def test_multifashion_errors(tmp_path):
         load_multifashion(tmp_path / "fm")
 
 
+def test_out_of_range_labels_and_bad_pixels_raise(tmp_path):
+    """Labels outside 0..9 (cross-entropy over 10 logits would take them silently), NaN or fractional
+    pixels (NaN passed the range test; the uint8 cast truncated) and non-uint8 IDX images raise."""
+    images, labels = write_mnist_5k(tmp_path / "mnist_5k.csv.gz", per_class=3)
+    table = np.concatenate([images.reshape(len(labels), -1), labels[:, None]], axis=1).astype(object)
+
+    def write(name: str, row: int, col: int, value: str) -> Path:
+        t = table.copy()
+        t[row, col] = value
+        path = tmp_path / name
+        path.write_bytes(gzip.compress("\n".join(",".join(str(v) for v in r) for r in t).encode()))
+        return path
+
+    for value in ("10", "-1"):
+        with pytest.raises(ValueError, match=rf"row 8 has label {float(value)}; labels must be integers in 0\.\.9"):
+            load_multimnist(write(f"label{value}.csv.gz", 7, 784, value))
+    for value in ("nan", "12.5", "256"):
+        with pytest.raises(ValueError, match=r"row 3 has pixel value .*; pixels must be integers in 0\.\.255"):
+            load_multimnist(write(f"px{value}.csv.gz", 2, 100, value))
+
+    data = write_fashion(tmp_path / "fm")
+    lb = data["test_labels"].copy()
+    lb[4] = 10
+    (tmp_path / "fm" / mm.FASHION_FILES["test_labels"]).write_bytes(gzip.compress(idx_bytes(lb)))
+    with pytest.raises(ValueError, match=r"Fashion-MNIST test: item 4 has label 10; labels must be 0\.\.9"):
+        load_multifashion(tmp_path / "fm")
+    write_fashion(tmp_path / "fm")
+    im = data["train_images"].astype(">f4")  # float pixels in 0..255 would be clipped to 1, not scaled
+    blob = struct.pack(">BBBB", 0, 0, 0x0D, 3) + struct.pack(">3I", *im.shape) + im.tobytes()
+    (tmp_path / "fm" / mm.FASHION_FILES["train_images"]).write_bytes(gzip.compress(blob))
+    with pytest.raises(ValueError, match=r"Fashion-MNIST train: images are float32; expected uint8"):
+        load_multifashion(tmp_path / "fm")
+
+
 def test_exported_from_package():
     assert ds.load_multimnist is load_multimnist and ds.load_multifashion is load_multifashion
 

@@ -252,8 +252,16 @@ def load_mnist_5k(path: Optional[Union[str, os.PathLike]] = None) -> tuple[np.nd
         raise ValueError(f"{p}: expected 785 columns (784 pixels + label), got {sorted(widths)}.")
     table = np.asarray(",".join(lines).split(","), dtype=np.float64).reshape(len(lines), 785)
     pixels, labels = table[:, :-1], table[:, -1]
-    if pixels.min(initial=0) < 0 or pixels.max(initial=0) > 255 or np.any(labels != np.round(labels)):
-        raise ValueError(f"{p}: pixels must be in 0..255 and labels integers.")
+    # NaN passes a min / max range test and a fractional pixel would be truncated by the uint8 cast
+    bad_px = ~np.isfinite(pixels) | (pixels < 0) | (pixels > 255) | (pixels != np.round(pixels))
+    if np.any(bad_px):
+        row = int(np.nonzero(bad_px.any(axis=1))[0][0])
+        raise ValueError(f"{p}: row {row + 1} has pixel value {float(pixels[row][bad_px[row]][0])}; "
+                         "pixels must be integers in 0..255.")
+    bad_lb = ~np.isin(labels, np.arange(len(DIGIT_CLASSES)))
+    if np.any(bad_lb):
+        row = int(np.nonzero(bad_lb)[0][0])
+        raise ValueError(f"{p}: row {row + 1} has label {float(labels[row])}; labels must be integers in 0..9.")
     return pixels.astype(np.uint8).reshape(-1, 28, 28), labels.astype(np.int64)
 
 
@@ -273,6 +281,12 @@ def load_fashion_mnist(path: Optional[Union[str, os.PathLike]] = None) -> dict[s
         im, lb = out[f"{split}_images"], out[f"{split}_labels"]
         if im.ndim != 3 or im.shape[1:] != (28, 28) or lb.shape != (im.shape[0],):
             raise ValueError(f"Fashion-MNIST {split}: images {im.shape} and labels {lb.shape} do not match.")
+        if im.dtype != np.uint8:  # compose_pairs would take float pixels as they are, not divided by 255
+            raise ValueError(f"Fashion-MNIST {split}: images are {im.dtype}; expected uint8 (0..255).")
+        bad = ~np.isin(lb, np.arange(len(FASHION_CLASSES)))
+        if np.any(bad):
+            k = int(np.nonzero(bad)[0][0])
+            raise ValueError(f"Fashion-MNIST {split}: item {k} has label {int(lb[k])}; labels must be 0..9.")
         out[f"{split}_labels"] = lb.astype(np.int64)
     return out
 
