@@ -231,6 +231,23 @@ def test_office_list_dir_and_errors(tmp_path, monkeypatch):
     assert lazy.splits["dslr"]["val"].labels.shape == (2,)
 
 
+def test_office_image_listed_in_two_splits_raises(tmp_path):
+    """An image in train and test (test leakage) or twice in one list raises naming both entries."""
+    made = write_office(tmp_path, pil=False)
+    lists = tmp_path / "data_txt" / "office-31"
+    test = lists / "webcam_test.txt"
+    good = test.read_text()
+    leaked, label, _ = made["webcam"]["train"][2]
+    test.write_text(good + f"./{leaked} {label}\n")  # the same file, spelt differently
+    with pytest.raises(ValueError, match=r"webcam_test: entry 3 \(\./webcam/.*\) is also entry 3 of webcam_train"):
+        load_office(tmp_path)
+    test.write_text(good + good.splitlines()[0] + "\n")
+    with pytest.raises(ValueError, match=r"webcam_test: entry 3 .* is also entry 1 of webcam_test"):
+        load_office(tmp_path, check_files=False)
+    test.write_text(good)
+    assert len(load_office(tmp_path).splits["webcam"]["test"]) == 2
+
+
 def test_read_split_list_paths_with_spaces(tmp_path):
     p = tmp_path / "l.txt"
     p.write_text("Art/Alarm Clock/00001.jpg 62\n\nArt/Pan/00005.jpg 63\n")

@@ -315,6 +315,20 @@ class OfficeData:
         return self.domains
 
 
+def _check_disjoint(domain: str, entries: dict[str, list[tuple[str, int]]]) -> None:
+    """Raises a ValueError if an image is listed twice in one domain's train / val / test lists (an image in
+    two splits leaks test items into training; one listed twice in a split counts twice)."""
+    first: dict[str, tuple[str, int]] = {}
+    for mode, es in entries.items():
+        for n, (path, _) in enumerate(es, 1):
+            key = os.path.normpath(path).replace("\\", "/")
+            if key in first:
+                m0, n0 = first[key]
+                raise ValueError(f"{domain}_{mode}: entry {n} ({path}) is also entry {n0} of {domain}_{m0}; the "
+                                 "train, val and test lists must name each image once.")
+            first[key] = (mode, n)
+
+
 def load_office(root: Union[str, os.PathLike], dataset: str = "office-31", *,
                 list_dir: Optional[Union[str, os.PathLike]] = None, image_size: int = 224,
                 normalize: bool = True, check_files: bool = True) -> OfficeData:
@@ -331,7 +345,8 @@ def load_office(root: Union[str, os.PathLike], dataset: str = "office-31", *,
 
     Raises:
       DatasetUnavailableError: ``root`` or a list file is missing.
-      ValueError: a list is malformed or a label is out of range.
+      ValueError: a list is malformed, a label is out of range, or an image is listed twice in a
+        domain's train / val / test lists.
     """
     if dataset not in OFFICE_DOMAINS:
         raise ValueError(f"dataset must be one of {sorted(OFFICE_DOMAINS)}, got {dataset!r}.")
@@ -353,6 +368,7 @@ def load_office(root: Union[str, os.PathLike], dataset: str = "office-31", *,
     splits: dict[str, dict[str, ImageListDataset]] = {}
     for d in domains:
         entries = {m: read_split_list(lists / f"{d}_{m}.txt") for m in ("train", "val", "test")}
+        _check_disjoint(d, entries)
         entries["trval"] = entries["train"] + entries["val"]
         for m, es in entries.items():
             bad = [lb for _, lb in es if not 0 <= lb < n_cls]
