@@ -272,6 +272,17 @@ def test_settings_left_out_of_the_report_are_named():
     assert "(3 runs; its STL row has a non-finite test metric in 1 of 1 runs)" in text
 
 
+def test_two_stl_configurations_in_one_setting_are_an_error_not_a_guess():
+    flat = [2.0] * 5 + [1.0] * 5
+    recs = [_record("stl", 0, {}, (0.80, 0.80), 10, flat), _record("ew", 0, {}, (0.80, 0.80), 3, flat)]
+    other = _record("stl", 0, {}, (0.90, 0.90), 10, flat)  # e.g. STL recorded under other defaults
+    other["config_hash"] = "stl-other"
+    other["config"] = {**other["config"], "defaults": {"dbmtl": {"beta_sigma": 0.0}}}
+    assert summarize(recs)[0].stl is not None
+    with pytest.raises(ValueError, match=r"2 STL configurations .*differ in defaults"):
+        summarize(recs + [other])
+
+
 def test_titles_tell_settings_apart_by_every_recipe_field():
     """Two settings that differ only in one recipe field (batch, caps, steps per epoch, weight decay) get two headings."""
     flat = [2.0] * 5 + [1.0] * 5

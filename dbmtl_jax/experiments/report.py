@@ -331,8 +331,9 @@ def rebase_delta_p(st: Setting, baseline: Row, split: str = "test") -> None:
 def summarize(records: Iterable[Mapping[str, Any]]) -> list[Setting]:
     """Groups run records into settings and rows and computes Δp against each setting's STL row.
 
-    Raises ``ValueError`` when two records are the same run (method, config and seed) or when runs of
-    one setting disagree on their tasks' metrics, directions or selection metrics.
+    Raises ``ValueError`` when two records are the same run (method, config and seed), when runs of
+    one setting disagree on their tasks' metrics, directions or selection metrics, or when a setting
+    holds two STL configurations (which of them Δp is measured against would be a guess).
     """
     from dbmtl_jax.experiments.train import task_semantics
 
@@ -360,6 +361,14 @@ def summarize(records: Iterable[Mapping[str, Any]]) -> list[Setting]:
                              "(`dbmtl-jax compact DIR --store STORE` merges copies).")
         row.runs.append(dict(rec))
     for st in settings.values():
+        stls = [r for r in st.rows.values() if r.method == "stl"]
+        if len(stls) > 1:
+            differ = sorted(k for k in set().union(*(r.config for r in stls))
+                            if len({json.dumps(r.config.get(k), sort_keys=True) for r in stls}) > 1)
+            raise ValueError(f"setting {st.key} has {len(stls)} STL configurations ("
+                             + ", ".join(f"{r.config_hash}: {len(r.runs)} runs" for r in stls)
+                             + f"; they differ in {', '.join(differ) or 'nothing recorded'}): Δp needs one. "
+                             "List one of them in the study (runs.txt) or report them from separate folders.")
         if st.stl is not None:
             rebase_delta_p(st, st.stl)
     ordered = sorted(settings.values(), key=lambda s: s.key)
