@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import subprocess
 import sys
 import zipfile
@@ -199,6 +200,12 @@ def test_malformed_rows_raise(tmp_path):
     bad[0][-1] = "maybe"
     with pytest.raises(ValueError, match="income label"):
         load_adult(write_wheel(tmp_path / "b.whl", train_rows=bad))
+    # a non-finite or missing number (an input, or a regression target) raised nowhere or without the line
+    for k, (col, value) in enumerate((("hours-per-week", "nan"), ("fnlwgt", "inf"), ("age", "?"))):
+        bad = [r[:] for r in TEST_ROWS]
+        bad[1][COLS.index(col)] = value
+        with pytest.raises(ValueError, match=rf"Adult line 3 has {col} '{re.escape(value)}', expected a finite number"):
+            load_adult(write_wheel(tmp_path / f"c{k}.whl", test_rows=bad))
 
 
 # ---------------------------------------------------------------- cache and errors

@@ -84,6 +84,7 @@ ADULT_COLUMNS: tuple[str, ...] = (
 NUMERIC_INPUTS: tuple[str, ...] = ("fnlwgt", "education-num", "capital-gain", "capital-loss")
 CATEGORICAL_INPUTS: tuple[str, ...] = ("workclass", "education", "occupation", "race", "sex", "native-country")
 DROPPED_COLUMNS: tuple[str, ...] = ("income", "marital-status", "hours-per-week", "age", "relationship")
+_NUMBER_COLUMNS: tuple[str, ...] = ("age",) + NUMERIC_INPUTS + ("hours-per-week",)
 
 
 class TaskInfo(NamedTuple):
@@ -252,6 +253,8 @@ def parse_adult_lines(text: str) -> list[list[str]]:
 
     Blank lines and comment lines (the first line of ``adult.test`` starts with
     ``|``) are skipped; the trailing ``'.'`` of ``adult.test`` labels is removed.
+    A line whose numeric column (age, fnlwgt, education-num, capital-gain,
+    capital-loss, hours-per-week) is not a finite number raises a ValueError.
     """
     rows = []
     for n, line in enumerate(io.StringIO(text), 1):
@@ -265,6 +268,14 @@ def parse_adult_lines(text: str) -> list[list[str]]:
             fields[-1] = fields[-1][:-1]
         if fields[-1] not in ("<=50K", ">50K"):
             raise ValueError(f"Adult line {n} has income label {fields[-1]!r}, expected '<=50K' or '>50K'.")
+        for c in _NUMBER_COLUMNS:  # a NaN or inf input or regression target would load silently
+            v = fields[ADULT_COLUMNS.index(c)]
+            try:
+                ok = np.isfinite(float(v))
+            except ValueError:
+                ok = False
+            if not ok:
+                raise ValueError(f"Adult line {n} has {c} {v!r}, expected a finite number.")
         rows.append(fields)
     return rows
 
