@@ -149,6 +149,20 @@ def test_cache_roundtrip_and_determinism(tmp_path, monkeypatch):
     assert len(list((tmp_path / "cache" / "dense_fashion").glob("*.npz"))) == 1  # cache=False wrote nothing
 
 
+def test_cache_is_not_reused_for_other_labels_or_items(tmp_path):
+    """The old key checked only the item counts and the first 64 items' pixel sum: new labels, or
+    items changed after the 64th, silently reused the scenes of the first files."""
+    write_solid_fashion(tmp_path / "fm")
+    first = _load(tmp_path / "fm")
+    f = tmp_path / "fm" / mm.FASHION_FILES["train_labels"]
+    f.write_bytes(gzip.compress(idx_bytes((np.arange(N_TRAIN_ITEMS) + 3) % 10)))
+    relabelled = _load(tmp_path / "fm")
+    np.testing.assert_array_equal(relabelled.train.image, first.train.image)
+    shifted = np.where(first.train.segmentation > 0, (first.train.segmentation - 1 + 3) % 10 + 1, 0)
+    np.testing.assert_array_equal(relabelled.train.segmentation, shifted)
+    assert len(list((tmp_path / "cache" / "dense_fashion").glob("*.npz"))) == 2
+
+
 def test_evaluation_sizes_do_not_change_the_training_scenes(tmp_path):
     """The dense benchmark's data options num_val / num_test enlarge the evaluation sets; the training
     scenes come from their own random stream, so a model trained on them (and its depth-bias init) is

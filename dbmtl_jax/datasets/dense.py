@@ -45,12 +45,15 @@ The scenes are cached compactly (uint8 image and layer map, per-layer class
 and depth, float16 height field) as ``.npz`` under the cache directory
 (``$DBMTL_JAX_CACHE``, else ``$XDG_CACHE_HOME/dbmtl_jax``, else
 ``~/.cache/dbmtl_jax``); the float targets are expanded from that compact form
-both on a fresh build and on a cache hit, so the two are identical.
+both on a fresh build and on a cache hit, so the two are identical.  The cache
+key holds the options and, for files given with ``path=``, a digest of all four
+arrays (an edited copy is built again).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from typing import Optional, Union
 
@@ -244,6 +247,8 @@ def load_dense_fashion(
     key = dict(cfg, version=_VERSION, sizes=(num_train, num_val, num_test), val_fraction=val_fraction, seed=seed,
                source=[int(fm[k].shape[0]) for k in ("train_images", "test_images")],
                checksum=[int(fm[k][:64].astype(np.int64).sum()) for k in ("train_images", "test_images")])
+    if path is not None:  # the Debian package's files never change; a user's copy may differ beyond item 64
+        key["digest"] = hashlib.sha256(b"".join(np.ascontiguousarray(fm[k]).tobytes() for k in sorted(fm))).hexdigest()
     target = artefact_path("dense_fashion", key)
     arrays = load_artefact(target) if cache else None
     names = ("train", "val", "test")
