@@ -248,6 +248,18 @@ def test_office_image_listed_in_two_splits_raises(tmp_path):
     assert len(load_office(tmp_path).splits["webcam"]["test"]) == 2
 
 
+def test_office_labels_disagreeing_within_a_class_folder_raise(tmp_path):
+    """A line whose label differs from its class folder's other images (a mislabelled item) raises."""
+    made = write_office(tmp_path, "office-home", pil=False)
+    lst = tmp_path / "data_txt" / "office-home" / "Clipart_val.txt"
+    path, label, _ = made["Clipart"]["val"][0]
+    assert any(p.rsplit("/", 1)[0] == path.rsplit("/", 1)[0] for p, _, _ in made["Clipart"]["train"])
+    lst.write_text(f"{path} {(label + 1) % 3}\n")
+    with pytest.raises(ValueError, match=rf"Clipart_val: entry 1 \({path}\) has label {(label + 1) % 3}, but entry "
+                                         rf"\d of Clipart_train in the same class folder Clipart/class_{label}/ has label {label}"):
+        load_office(tmp_path, "office-home")
+
+
 def test_read_split_list_paths_with_spaces(tmp_path):
     p = tmp_path / "l.txt"
     p.write_text("Art/Alarm Clock/00001.jpg 62\n\nArt/Pan/00005.jpg 63\n")

@@ -317,7 +317,8 @@ class OfficeData:
 
 def _check_disjoint(domain: str, entries: dict[str, list[tuple[str, int]]]) -> None:
     """Raises a ValueError if an image is listed twice in one domain's train / val / test lists (an image in
-    two splits leaks test items into training; one listed twice in a split counts twice)."""
+    two splits leaks test items into training; one listed twice in a split counts twice), or if two images
+    of one class folder have different labels (a mislabelled line)."""
     first: dict[str, tuple[str, int]] = {}
     for mode, es in entries.items():
         for n, (path, _) in enumerate(es, 1):
@@ -327,6 +328,14 @@ def _check_disjoint(domain: str, entries: dict[str, list[tuple[str, int]]]) -> N
                 raise ValueError(f"{domain}_{mode}: entry {n} ({path}) is also entry {n0} of {domain}_{m0}; the "
                                  "train, val and test lists must name each image once.")
             first[key] = (mode, n)
+    label_of: dict[str, tuple[int, str, int]] = {}  # class folder -> (label, list, entry)
+    for mode, es in entries.items():
+        for n, (path, label) in enumerate(es, 1):
+            folder = os.path.dirname(os.path.normpath(path).replace("\\", "/"))
+            lb0, m0, n0 = label_of.setdefault(folder, (label, mode, n))
+            if lb0 != label:
+                raise ValueError(f"{domain}_{mode}: entry {n} ({path}) has label {label}, but entry {n0} of "
+                                 f"{domain}_{m0} in the same class folder {folder}/ has label {lb0}.")
 
 
 def load_office(root: Union[str, os.PathLike], dataset: str = "office-31", *,
@@ -345,8 +354,8 @@ def load_office(root: Union[str, os.PathLike], dataset: str = "office-31", *,
 
     Raises:
       DatasetUnavailableError: ``root`` or a list file is missing.
-      ValueError: a list is malformed, a label is out of range, or an image is listed twice in a
-        domain's train / val / test lists.
+      ValueError: a list is malformed, a label is out of range, an image is listed twice in a
+        domain's train / val / test lists, or one class folder's images have different labels.
     """
     if dataset not in OFFICE_DOMAINS:
         raise ValueError(f"dataset must be one of {sorted(OFFICE_DOMAINS)}, got {dataset!r}.")
