@@ -158,6 +158,13 @@ def test_select_functions_compose(study):
     assert all(len(per_seed) == len(SEEDS) and np.isclose(np.mean(per_seed), m) for m, _, per_seed in scored)
     assert an.beta_sigma_of(an.grid_best_row(st)) == (0.1, 0.0)
     assert an.grid_best([st]) == (0.1, 0.0) and an.grid_best([], "dbmtl") is None
+    # a row with a diverged seed (NaN validation metric) is ranked last, never picked by an unordered sort
+    bad = next(r for r in st.rows.values() if an.beta_sigma_of(r) == (0.1, 0.0))
+    bad.runs[1] = {**bad.runs[1], "metrics": {**bad.runs[1]["metrics"], "val": {"a": {"acc": float("nan")},
+                                                                                   "b": {"err": 1.0}}}}
+    ranked = an.scored_rows(st, "dbmtl")
+    assert ranked[-1][1] is bad and all(np.isfinite(x[0]) for x in ranked[:-1])
+    assert an.beta_sigma_of(an.grid_best_row(st)) == (0.5, 0.5)
     assert an.mean_std([1.0, 3.0]) == "+2.00 ± 1.41" and an.mean_std([float("nan")]) == "n/a"
     # a diverged seed is named, not silently left out of the mean
     assert an.mean_std([1.0, float("nan"), 3.0]) == "+2.00 ± 1.41 (2 of 3 finite)"

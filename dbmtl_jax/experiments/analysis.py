@@ -39,14 +39,15 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 import numpy as np
 
 from dbmtl_jax.experiments.paired import borrow_stl, stl_donor
-from dbmtl_jax.experiments.report import (Row, Setting, device_text, load_results, optimizer_text, schedule_text,
-                                          setting_title, summarize, wall_time_by_device)
+from dbmtl_jax.experiments.report import (Row, Setting, device_text, load_results, optimizer_text, runs_delta_p,
+                                          schedule_text, setting_title, summarize, wall_time_by_device)
 from dbmtl_jax.experiments.train import RECORDED_DEFAULTS, canonical_hparams, method_defaults, resolved_hparams
 from dbmtl_jax.metrics import delta_p
 
 __all__ = [
     "finite_mean", "mean_std", "load_settings",
-    "PAPER_GRID", "beta_sigma_of", "val_reference", "val_delta_p", "reference_stl", "ranking_seeds", "scored_rows", "grid_best_row", "grid_best",
+    "PAPER_GRID", "beta_sigma_of", "val_reference", "val_delta_p", "reference_stl", "ranking_seeds", "scored_rows",
+    "grid_best_row", "grid_best",
     "val_selection_markdown",
     "task_metric_changes", "task_changes", "breakdown_markdown",
     "SECTIONS", "study_settings", "summary_markdown",
@@ -116,9 +117,10 @@ def val_reference(st: Setting, stl: Optional[Row] = None) -> dict[str, dict[str,
 
 
 def val_delta_p(st: Setting, row: Row, reference: Optional[Mapping] = None) -> list[float]:
-    """Per seed (the row's run order): validation Δp (%) against :func:`val_reference`."""
+    """Per seed (the row's run order): validation Δp (%) against :func:`val_reference` (NaN where it is
+    undefined, e.g. a diverged run's NaN metric)."""
     ref = val_reference(st) if reference is None else reference
-    return [delta_p(r["metrics"]["val"], ref, st.higher_is_better) for r in row.runs]
+    return runs_delta_p(row, ref, st.higher_is_better, "val")
 
 
 def reference_stl(settings: Sequence[Setting], st: Setting) -> Optional[Row]:
@@ -138,7 +140,7 @@ def scored_rows(st: Setting, method: str, stl: Optional[Row] = None) -> list[tup
 
     Validation Δp against ``stl`` (by default the setting's own STL row); the score is its mean over
     :func:`ranking_seeds`, so rows run on more seeds are ranked on the same seeds as the others
-    (over each row's own seeds when the rows share none).
+    (over each row's own seeds when the rows share none).  A NaN score (a diverged seed) ranks last.
     """
     ref = val_reference(st, stl)
     shared = set(ranking_seeds(st, method))
@@ -147,7 +149,7 @@ def scored_rows(st: Setting, method: str, stl: Optional[Row] = None) -> list[tup
         val = val_delta_p(st, row, ref)
         on = [v for v, run in zip(val, row.runs) if run["seed"] in shared] or val
         scored.append((float(np.mean(on)), row, val))
-    return sorted(scored, key=lambda x: -x[0])
+    return sorted(scored, key=lambda x: (math.isnan(x[0]), -x[0] if not math.isnan(x[0]) else 0.0))
 
 
 def grid_best_row(st: Setting, method: str = "dbmtl", stl: Optional[Row] = None) -> Optional[Row]:
