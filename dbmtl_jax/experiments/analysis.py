@@ -261,7 +261,7 @@ def breakdown_markdown(settings: Sequence[Setting]) -> str:
                 label += f" [{r.config.get('grad_path', '')} {r.config_hash}]"
             changes[label] = task_metric_changes(st, r, stl)
         keys = [(t, m) for t, ms in st.higher_is_better.items() for m in ms]
-        ranked = sorted(changes.items(), key=lambda kv: -sum(kv[1].values()) / len(keys))
+        ranked = sorted(changes.items(), key=lambda kv: -finite_mean([sum(kv[1].values()) / len(keys)]))
         out.append(f"## {st.key}\n")
         if st.key in notes:
             out.append(f"{notes[st.key]}.\n")
