@@ -122,6 +122,14 @@ def test_runs_without_a_test_curve_are_refused_or_skipped_and_the_cli(tmp_path, 
     (st,) = summarize(lr(out2))
     path = _epoch_plot(st, list(st.rows.values()), tmp_path)
     assert path is not None and path.stat().st_size > 1000
+    # a run that diverged (NaN metrics from some epoch on) is drawn, not a crash of the whole report
+    mtl = next(r for r in st.rows.values() if r.method != "stl")
+    run = mtl.runs[0]
+    nan_epoch = {t: {m: float("nan") for m in ms} for t, ms in run["history"]["val"][-1].items()}
+    run["history"] = {**run["history"], "val": run["history"]["val"][:-2] + [nan_epoch] * 2,
+                      "test": run["history"]["test"][:-2] + [nan_epoch] * 2}
+    path = _epoch_plot(st, list(st.rows.values()), tmp_path)
+    assert path is not None and path.stat().st_size > 1000
 
 
 def test_average_last_is_the_mean_of_the_last_epochs_of_each_curve(capsys, curve_runs, plain_runs):

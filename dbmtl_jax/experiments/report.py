@@ -649,10 +649,17 @@ def _epoch_plot(st: Setting, rows: Sequence[Row], out: Path) -> Optional[Path]:
     the STL row's selected validation metrics (without STL: the runner's selection score, which is
     relative to each run's first epoch and so not comparable across rows) and, for rows trained with
     ``--test-curve``, its test Δp against STL's selected test metrics; each row's mean selected epoch
-    is marked.  Shows how long each row keeps improving."""
+    is marked.  Shows how long each row keeps improving.  An epoch with a non-finite metric (a diverged
+    run) is NaN in its run's curve and breaks the row's mean curve there."""
     import matplotlib.pyplot as plt
 
     hib = st.higher_is_better
+
+    def dp(m: Mapping[str, Mapping[str, float]], ref: Mapping[str, Mapping[str, float]]) -> float:
+        try:
+            return delta_p(m, ref, hib)
+        except ValueError:  # a NaN / inf metric
+            return math.nan
     stl = st.stl
     if stl is not None:
         val_ref, test_ref = stl.mean_metrics(hib, "val"), stl.mean_metrics(hib)
@@ -661,12 +668,12 @@ def _epoch_plot(st: Setting, rows: Sequence[Row], out: Path) -> Optional[Path]:
         if r.method == "stl":
             continue
         if stl is not None:
-            val.append((r, [[delta_p(m, val_ref, hib) for m in run["history"]["val"]] for run in r.runs]))
+            val.append((r, [[dp(m, val_ref) for m in run["history"]["val"]] for run in r.runs]))
         else:
             val.append((r, [[math.nan if v is None else float(v) for v in run["history"]["selection_score"]]
                             for run in r.runs]))
         if stl is not None and r.runs and all(run["history"].get("test") for run in r.runs):
-            test.append((r, [[delta_p(m, test_ref, hib) for m in run["history"]["test"]] for run in r.runs]))
+            test.append((r, [[dp(m, test_ref) for m in run["history"]["test"]] for run in r.runs]))
     if not val:
         return None
     vlabel = "validation Δp % vs STL" if stl is not None else "validation selection score (vs epoch 1)"
@@ -677,7 +684,7 @@ def _epoch_plot(st: Setting, rows: Sequence[Row], out: Path) -> Optional[Path]:
         ax = axes[0][k]
         for i, (r, curves) in enumerate(series):
             n = min(len(c) for c in curves)
-            y = np.nanmean(np.asarray([c[:n] for c in curves], float), axis=0)
+            y = np.mean(np.asarray([c[:n] for c in curves], float), axis=0)  # NaN where a seed diverged
             style = _style(order.index(r))
             ax.plot(np.arange(1, n + 1), y, label=r.label, **style)
             sel = np.mean([max(run["selected_epoch"].values()) for run in r.runs])
