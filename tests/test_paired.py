@@ -471,11 +471,11 @@ def test_paired_cli_reads_several_study_folders_as_one_set_of_runs(tmp_path):
 
 
 def _reference_loss_figures(losses, fraction=0.2):
-    """Independent reference: per-epoch summed losses, the window's start epoch e0 (1-based) as the nearest whole
-    number of epochs to (1 − fraction)·E but at least one epoch before the end."""
+    """Independent reference: per-epoch summed losses over the window of the late-selection count (the epochs
+    e > (1 − fraction)·E, at least one), from the loss of the epoch before it to the last."""
     totals = [sum(x) for x in losses]
     E = len(totals)
-    k = max(1, E - int(math.floor((1 - fraction) * E + 0.5)))  # epochs in the window, at least one
+    k = max(1, sum(e > (1 - fraction) * E for e in range(1, E + 1)))  # the late-selection count's window, >= 1
     start, end, first = totals[E - k - 1], totals[-1], totals[0]
     return (start - end) / abs(start), (start - end) / (first - end)
 

@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional, Seque
 
 import numpy as np
 
+from dbmtl_jax.experiments.reselect import last_epochs
 from dbmtl_jax.experiments.report import (Row, Setting, device_text, optimizer_text, rebase_delta_p, runs_delta_p,
                                           schedule_text, setting_title, wall_time_by_device)
 
@@ -148,21 +149,21 @@ def late_task_selections(run: Mapping[str, Any], fraction: float = 0.2) -> int:
 
 
 def _loss_ends(run: Mapping[str, Any], fraction: float) -> Optional[tuple[float, float, float]]:
-    """Summed training loss at epoch 1, at ``e₀ = min(round((1 − fraction)·E), E − 1)`` and at the last epoch E
-    (the window holds at least one epoch; a loss the record stores as null or "inf" is NaN or inf)."""
+    """Summed training loss at epoch 1, at ``e₀ = E − last_epochs(E, fraction)`` (the epochs after e₀ are the
+    last ``ceil(fraction·E)``, at least one, as in the late-selection count) and at the last epoch E; a loss
+    the record stores as null or "inf" is NaN or inf."""
     losses = run.get("history", {}).get("train_loss") or []
     totals = [float(np.sum([math.nan if v is None else float(v) for v in np.ravel(np.asarray(x, object))]))
               for x in losses]
     if len(totals) < 2:
         return None
-    e0 = min(int(round((1 - fraction) * len(totals))), len(totals) - 1)
+    e0 = len(totals) - last_epochs(len(totals), fraction)
     return totals[0], totals[max(0, e0 - 1)], totals[-1]
 
 
 def loss_change_last_fifth(run: Mapping[str, Any], fraction: float = 0.2) -> float:
     """Relative drop of the summed per-epoch training loss over the last ``fraction`` of epochs:
-    ``(L(e₀) − L(E)) / L(e₀)`` with ``e₀ = round((1 − fraction)·E)``, at most ``E − 1`` (positive: still
-    falling)."""
+    ``(L(e₀) − L(E)) / L(e₀)`` with ``e₀ = E − ceil(fraction·E)`` (positive: still falling)."""
     ends = _loss_ends(run, fraction)
     if ends is None:
         return math.nan

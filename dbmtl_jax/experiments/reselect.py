@@ -26,7 +26,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["smooth_curve", "smoothed_epoch", "reselect_smoothed", "reselect_all", "average_last", "average_all"]
+__all__ = ["smooth_curve", "smoothed_epoch", "reselect_smoothed", "reselect_all", "average_last", "average_all",
+           "last_epochs"]
 
 
 def _check_window(window: Any) -> None:
@@ -128,7 +129,9 @@ def reselect_all(runs: Sequence[Mapping[str, Any]], window: int,
     return _each(runs, lambda r: reselect_smoothed(r, window), skipped)
 
 
-def _last_epochs(n: int, fraction: float) -> int:
+def last_epochs(n: int, fraction: float) -> int:
+    """How many epochs "the last ``fraction`` of ``n``" holds: ``ceil(fraction · n)``, at least 1 (the
+    window of ``--average-last``, of the late-selection count and of the training-loss figures)."""
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
         raise ValueError(f"fraction must be in (0, 1], got {fraction!r}.")
     return max(1, int(math.ceil(fraction * n - 1e-9)))
@@ -140,7 +143,7 @@ def average_last(run: Mapping[str, Any], fraction: float) -> dict[str, Any]:
     any of those epochs averages to NaN.  ``selected_epoch`` becomes ``None`` per task (no epoch was
     selected).  Raises ``ValueError`` without a test curve."""
     val, test = _curves(run, " to average")
-    k = _last_epochs(len(test), fraction)
+    k = last_epochs(len(test), fraction)
 
     def mean(curve: Sequence[Mapping[str, Any]], task: str) -> dict[str, float]:
         out = {}
@@ -161,5 +164,5 @@ def average_all(runs: Sequence[Mapping[str, Any]], fraction: float,
                 skipped: list | None = None) -> list[dict[str, Any]]:
     """:func:`average_last` of every run; runs without a test curve go to ``skipped`` (or raise when
     ``skipped`` is None).  A bad ``fraction`` always raises."""
-    _last_epochs(1, fraction)
+    last_epochs(1, fraction)
     return _each(runs, lambda r: average_last(r, fraction), skipped)
