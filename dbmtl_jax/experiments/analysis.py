@@ -38,7 +38,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from dbmtl_jax.experiments.paired import borrow_stl, stl_donor
+from dbmtl_jax.experiments.paired import borrow_stl, reference_stl
 from dbmtl_jax.experiments.report import (Row, Setting, device_text, load_results, optimizer_text, runs_delta_p,
                                           schedule_text, setting_title, summarize, wall_time_by_device)
 from dbmtl_jax.experiments.train import RECORDED_DEFAULTS, canonical_hparams, method_defaults, resolved_hparams
@@ -121,12 +121,6 @@ def val_delta_p(st: Setting, row: Row, reference: Optional[Mapping] = None) -> l
     undefined, e.g. a diverged run's NaN metric)."""
     ref = val_reference(st) if reference is None else reference
     return runs_delta_p(row, ref, st.higher_is_better, "val")
-
-
-def reference_stl(settings: Sequence[Setting], st: Setting) -> Optional[Row]:
-    """``st``'s STL row, or the one it borrows (:func:`~dbmtl_jax.experiments.paired.stl_donor`)."""
-    donor = stl_donor(settings, st)
-    return st.stl if donor is None else donor.stl
 
 
 def ranking_seeds(st: Setting, method: str) -> list[int]:

@@ -45,6 +45,7 @@ __all__ = [
     "paired_table_markdown",
     "borrow_stl",
     "stl_donor",
+    "reference_stl",
     "find_row",
     "paired_report",
     "across_settings_report",
@@ -298,6 +299,10 @@ def _data_and_budget(recipe: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in recipe.items() if k not in _SCHEDULE_KEYS and k != "learning_rate"}
 
 
+def _lr(rc: Mapping[str, Any]) -> Any:
+    return rc.get("learning_rate")
+
+
 def stl_donor(settings: Sequence[Setting], st: Setting) -> Optional[Setting]:
     """The setting whose STL row ``st`` borrows when it has none: the same benchmark, data and epochs
     (another optimizer, learning rate or schedule; the closest recipe and the same optimizer are
@@ -308,16 +313,20 @@ def stl_donor(settings: Sequence[Setting], st: Setting) -> Optional[Setting]:
               and _data_and_budget(o.recipe) == _data_and_budget(st.recipe)]
     if not donors:
         return None
-    lr = lambda rc: rc.get("learning_rate")  # noqa: E731
     return min(donors, key=lambda o: (o.recipe != st.recipe, o.optimizer != st.optimizer,
-                                      lr(o.recipe) != lr(st.recipe), o.key))
+                                      _lr(o.recipe) != _lr(st.recipe), o.key))
+
+
+def reference_stl(settings: Sequence[Setting], st: Setting) -> Optional[Row]:
+    """``st``'s STL row, or the one it borrows (:func:`stl_donor`)."""
+    donor = stl_donor(settings, st)
+    return st.stl if donor is None else donor.stl
 
 
 def borrow_stl(settings: Sequence[Setting], split: str = "test") -> dict[str, str]:
     """Gives a setting without an STL row the STL row of :func:`stl_donor` and recomputes its Δp on
     ``split`` against it; returns ``{setting key: note}``."""
     notes = {}
-    lr = lambda rc: rc.get("learning_rate")  # noqa: E731
     for st in settings:
         donor = stl_donor(settings, st)
         if donor is None:
@@ -325,10 +334,10 @@ def borrow_stl(settings: Sequence[Setting], split: str = "test") -> dict[str, st
         rebase_delta_p(st, donor.stl, split)
         sched = schedule_text(donor.recipe) or "a constant learning rate"
         differs = [w for w, d in (("optimizer", donor.optimizer != st.optimizer),
-                                  ("learning rate", lr(donor.recipe) != lr(st.recipe)),
+                                  ("learning rate", _lr(donor.recipe) != _lr(st.recipe)),
                                   ("learning-rate schedule", schedule_text(donor.recipe) != schedule_text(st.recipe)))
                    if d]
-        rate = f" at learning rate {lr(donor.recipe)}" if lr(donor.recipe) != lr(st.recipe) else ""
+        rate = f" at learning rate {_lr(donor.recipe)}" if _lr(donor.recipe) != _lr(st.recipe) else ""
         notes[st.key] = (f"Δp against the STL row trained with {optimizer_text(donor.optimizer)}{rate} and {sched} "
                          f"(no STL was trained with this {' and '.join(differs)})")
     return notes
@@ -409,8 +418,7 @@ def paired_report(
 def _unusable_stl_text(settings: Sequence[Setting], st: Setting, split: str) -> str:
     """Why a setting with an STL row (its own or borrowed) still has no finite Δp: ``"; its STL row has
     a non-finite <split> metric in 1 of 5 runs"`` (``""`` when it has no STL row)."""
-    donor = stl_donor(settings, st)
-    stl = st.stl if donor is None else donor.stl
+    stl = reference_stl(settings, st)
     if stl is None:
         return ""
     bad = sum(not all(math.isfinite(float(v)) for ms in r["metrics"][split].values() for v in ms.values())
