@@ -337,6 +337,20 @@ def test_cache_and_limit(csv_dir, tmp_path, monkeypatch):
     assert len(list((tmp_path / "cache" / "qm9").glob("*.npz"))) == 2
 
 
+def test_part_files_read_in_numeric_order(tmp_path, mols):
+    """Twelve part files are read part1, part2, ..., part12 (a name sort reads part10 second), so the
+    molecules keep their order and the data equal those of the same rows in two files."""
+    two = load_qm9(write_csvs(tmp_path / "two", mols, parts=2), progress=False, featurizer="coordinates")
+    root = write_csvs(tmp_path / "twelve", mols, parts=12)
+    (root / "qm9_part_extra.csv").write_bytes((root / "qm9_part12.csv").read_bytes())  # no number: read last
+    assert [f.name for f in qm9_mod._source_files(root)] == [f"qm9_part{i}.csv" for i in range(1, 13)] + [
+        "qm9_part_extra.csv"]
+    (root / "qm9_part_extra.csv").unlink()
+    twelve = load_qm9(root, progress=False, featurizer="coordinates")
+    np.testing.assert_array_equal(twelve.y, two.y)
+    np.testing.assert_array_equal(twelve.positions, two.positions)
+
+
 def test_cache_is_not_reused_for_other_files_of_the_same_size(tmp_path, mols):
     """A file edited in place, or another copy whose files have the same names and sizes, is processed again."""
     root = write_csvs(tmp_path / "a", mols)

@@ -89,6 +89,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -158,6 +159,13 @@ _HOW = (
 # --------------------------------------------------------------------------- reading
 
 
+def _part_order(f: Path) -> tuple:
+    """Sort key of ``qm9_part<N>.csv`` files by their number, so ``part10`` follows ``part9`` (a name sort
+    would read it second); a part name without a number sorts after the numbered ones, by name."""
+    m = re.fullmatch(r"qm9_part(\d+)\.csv", f.name)
+    return (0, int(m.group(1)), f.name) if m else (1, 0, f.name)
+
+
 def _source_files(path: Optional[Union[str, os.PathLike]]) -> list[Path]:
     if path is None:
         files = [package_file("qm9pack", m) for m in QM9_MEMBERS]
@@ -168,7 +176,7 @@ def _source_files(path: Optional[Union[str, os.PathLike]]) -> list[Path]:
     if p.is_file():
         return [p]
     if p.is_dir():
-        files = sorted(p.glob("qm9_part*.csv"))
+        files = sorted(p.glob("qm9_part*.csv"), key=_part_order)
         if files:
             return files
         raise unavailable("QM9", f"{p} holds no qm9_part*.csv file.", _HOW)
