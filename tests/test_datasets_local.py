@@ -264,6 +264,11 @@ def test_read_split_list_paths_with_spaces(tmp_path):
     p = tmp_path / "l.txt"
     p.write_text("Art/Alarm Clock/00001.jpg 62\n\nArt/Pan/00005.jpg 63\n")
     assert local.read_split_list(p) == [("Art/Alarm Clock/00001.jpg", 62), ("Art/Pan/00005.jpg", 63)]
+    p.write_text("Art/Room 2/00001.jpg 62\nArt/Pan/00005.jpg 1 63\n")  # a stray second label, not a path " 1"
+    with pytest.raises(ValueError, match=r"l\.txt:2: two integer fields at the end of 'Art/Pan/00005\.jpg 1 63'"):
+        local.read_split_list(p)
+    p.write_text("Art/Room 2/00001.jpg 62\n")
+    assert local.read_split_list(p) == [("Art/Room 2/00001.jpg", 62)]
 
 
 def test_exported():

@@ -219,7 +219,10 @@ def load_cityscapes(root: Union[str, os.PathLike], split: str = "train", *, num_
 
 
 def read_split_list(path: Union[str, os.PathLike]) -> list[tuple[str, int]]:
-    """Parses a LibMTL split list: ``<relative path> <integer label>`` per line (blank lines skipped)."""
+    """Parses a LibMTL split list: ``<relative path> <integer label>`` per line (blank lines skipped).
+
+    A path may contain spaces, but a line ending in two integer fields (``a.jpg 1 2``) is an error: it
+    would otherwise read as the path ``a.jpg 1``."""
     out = []
     for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
         line = line.strip()
@@ -228,6 +231,9 @@ def read_split_list(path: Union[str, os.PathLike]) -> list[tuple[str, int]]:
         m = re.fullmatch(r"(.+?)\s+(-?\d+)", line)
         if m is None:
             raise ValueError(f"{path}:{n}: expected '<relative path> <label>', got {line[:80]!r}.")
+        if re.search(r"\s-?\d+$", m.group(1)):
+            raise ValueError(f"{path}:{n}: two integer fields at the end of {line[:80]!r}; expected one label "
+                             "after the path.")
         out.append((m.group(1), int(m.group(2))))
     return out
 
