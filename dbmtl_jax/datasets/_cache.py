@@ -1,7 +1,7 @@
 """Private helpers shared by the offline loaders: cached ``.npz`` artefacts,
 package-file lookup and error messages.
 
-Cache files live in :func:`dbmtl_jax.datasets.adult.cache_dir` (``$DBMTL_JAX_CACHE``,
+Cache files live in :func:`cache_dir` (``$DBMTL_JAX_CACHE``,
 else ``$XDG_CACHE_HOME/dbmtl_jax``, else ``~/.cache/dbmtl_jax``) under one
 sub-folder per data set.  A file's name carries a hash of everything that
 determines its content (loader version, options, source file sizes), so
@@ -21,9 +21,22 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
-from dbmtl_jax.datasets.adult import DatasetUnavailableError, cache_dir
+__all__ = ["DatasetUnavailableError", "cache_dir", "artefact_path", "file_digest", "load_artefact", "package_file", "save_artefact", "unavailable"]
 
-__all__ = ["artefact_path", "file_digest", "load_artefact", "package_file", "save_artefact", "unavailable"]
+
+class DatasetUnavailableError(FileNotFoundError):
+    """A data set's files are missing (or a shipped copy is corrupt); the message says how to provide them."""
+
+
+def cache_dir() -> Path:
+    """``$DBMTL_JAX_CACHE``, else ``$XDG_CACHE_HOME/dbmtl_jax``, else ``~/.cache/dbmtl_jax``."""
+    env = os.environ.get("DBMTL_JAX_CACHE")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    if xdg:
+        return Path(xdg).expanduser() / "dbmtl_jax"
+    return Path.home() / ".cache" / "dbmtl_jax"
 
 
 def unavailable(dataset: str, reason: str, how: str) -> DatasetUnavailableError:

