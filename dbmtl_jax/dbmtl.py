@@ -226,7 +226,10 @@ def dbmtl(
         ``beta=0.9, beta_sigma=0.0``.  Select (β, σ) on validation
         (``dbmtl-jax select``).
       alpha: ``"max"`` (DB-MTL), ``"min"``, ``"mean"``, ``"median"`` of the EMA
-        norms, or a float constant (the paper's Fig. 6 ablation).
+        norms, or a float constant (the paper's Fig. 6 ablation).  With two
+        tasks ``"median"`` is ``"mean"``.  Under Adam a constant factor on the
+        shared update cancels (up to Adam's ε), so α acts through how it
+        changes over steps.
       eps: ε in ``ĝ_t / (‖ĝ_t‖ + ε)``.
       shared: which leaves are shared parameters θ.  ``None`` (default): all.  A
         pytree of bools with the parameters' structure, or a callable taking a
