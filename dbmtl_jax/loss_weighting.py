@@ -104,12 +104,18 @@ def loss_weights(opt_state: PyTree, losses: Optional[jax.Array] = None, key: Opt
     return state.loss_weights(losses, key)
 
 
-def weighted_loss(opt_state: PyTree, losses: jax.Array, key: Optional[jax.Array] = None) -> jax.Array:
-    """``Σ_t stop_gradient(w_t) ℓ_t`` (float32 or wider): differentiate this once for the cheap path."""
+def weighted_loss(opt_state: PyTree, losses: jax.Array, key: Optional[jax.Array] = None, *, log: bool = False,
+                  eps: float = 1e-8) -> jax.Array:
+    """``Σ_t stop_gradient(w_t) ℓ_t`` (float32 or wider): differentiate this once for the cheap path.
+
+    With ``log=True`` the objective is ``Σ_t stop_gradient(w_t) log(ℓ_t + ε)`` (the weights still come from the
+    raw losses), whose gradient is the weighted sum of the per-task gradients that
+    ``value_and_task_grads(log=True)`` returns: a method's ``+log`` variant in one backward pass."""
     losses = jnp.asarray(losses)
     w = jax.lax.stop_gradient(loss_weights(opt_state, jax.lax.stop_gradient(losses), key))
     acc = jnp.promote_types(losses.dtype, jnp.float32)
-    return jnp.sum(w.astype(acc) * losses.astype(acc))
+    objective = jnp.log(losses.astype(acc) + eps) if log else losses.astype(acc)
+    return jnp.sum(w.astype(acc) * objective)
 
 
 def observe_losses(opt_state: PyTree, next_losses: jax.Array) -> PyTree:
@@ -132,7 +138,8 @@ def observe_losses(opt_state: PyTree, next_losses: jax.Array) -> PyTree:
     return jax.tree_util.tree_map(f, opt_state, is_leaf=is_loss_weighting_state)
 
 
-def value_and_weighted_grad(model: Model, argnums: int = 0, *, has_aux: bool = False) -> Callable[..., Any]:
+def value_and_weighted_grad(model: Model, argnums: int = 0, *, has_aux: bool = False, log: bool = False,
+                            eps: float = 1e-8) -> Callable[..., Any]:
     """One-backward-pass gradient of the loss-weighted objective ``Σ_t stop_gradient(w_t) ℓ_t``.
 
     Args:
@@ -142,6 +149,10 @@ def value_and_weighted_grad(model: Model, argnums: int = 0, *, has_aux: bool = F
         ``argnums`` 0, no ``has_aux``).
       argnums: which positional argument of ``loss_fn`` to differentiate.
       has_aux: whether ``loss_fn`` returns ``(losses, aux)``.
+      log, eps: differentiate ``Σ_t w_t log(ℓ_t + ε)`` instead (the method's
+        ``+log`` variant, the same update as the per-task path of
+        ``value_and_task_grads(log=True)``); the weights and the returned
+        ``losses`` stay the raw ones.
 
     Returns:
       ``wrapped(opt_state, *args, key=None, **kwargs)`` returning
@@ -169,7 +180,7 @@ def value_and_weighted_grad(model: Model, argnums: int = 0, *, has_aux: bool = F
             losses = jnp.asarray(losses)
             if losses.ndim != 1:
                 raise ValueError(f"loss_fn must return a [T] vector of task losses, got shape {losses.shape}.")
-            return weighted_loss(opt_state, losses, key), (losses, aux)
+            return weighted_loss(opt_state, losses, key, log=log, eps=eps), (losses, aux)
 
         grads, (losses, aux) = jax.grad(f, has_aux=True)(args[argnums])
         return ((losses, aux), grads) if has_aux else (losses, grads)

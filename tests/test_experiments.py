@@ -549,10 +549,11 @@ def test_cli_data_size_flags(tmp_path, capsys):
     assert rc == 2 and "max_eval_examples must be a positive int" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("method", ["ew", "dwa"])
+@pytest.mark.parametrize("method", ["ew", "dwa", "ew+log", "uw+log"])
 def test_cheap_path_equals_per_task_path(method):
     bench = tiny_benchmark(epochs=2)
     data = bench.data(bench.recipe)
+    assert ex.train.uses_cheap_path(parse_method(method), grad_stats=False)
     cheap = _run(bench, method, data=data)
     full = _run(bench, method, data=data, grad_stats=True)
     assert cheap["history"]["grad_norm"] is None and full["history"]["grad_norm"] is not None

@@ -308,11 +308,10 @@ def upgrade_config(config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def uses_cheap_path(spec: MethodSpec, grad_stats: bool) -> bool:
-    """Loss-weighting methods on raw losses use the one-backward-pass weighted loss."""
+    """Loss-weighting methods use the one-backward-pass weighted loss (of ``log(ℓ_t + ε)`` for ``+log``)."""
     return (
         spec.name != "stl"
         and spec.group == "loss"
-        and not spec.log
         and not grad_stats
         and _accepts(spec.name, "grads")
     )
@@ -966,7 +965,7 @@ class _Trainer:
 
                 (_, (losses, new_rest)), grads = jax.value_and_grad(total, has_aux=True)(params, rest)
             elif self.cheap:
-                vg = loss_weighting.value_and_weighted_grad(self._loss_fn, has_aux=True)
+                vg = loss_weighting.value_and_weighted_grad(self._loss_fn, has_aux=True, log=spec.log, eps=LOG_EPS)
                 (losses, new_rest), grads = vg(opt_state, params, rest, inputs, targets, key=key)
             else:
                 vg = dbmtl_jax.value_and_task_grads(self._loss_fn, log=spec.log, eps=LOG_EPS, has_aux=True)

@@ -309,16 +309,17 @@ def toy_problem():
     return params, batches
 
 
+@pytest.mark.parametrize("log", [False, True])
 @pytest.mark.parametrize("name", CHEAP)
-def test_per_task_and_weighted_paths_agree(name):
+def test_per_task_and_weighted_paths_agree(name, log):
     params0, batches = toy_problem()
     extra = {"steps_per_epoch": 2} if name in ("dwa", "stch", "igbv2") else {}
     if name == "stch":
         extra["warmup_epochs"] = 0
     tx_a = optax.chain(make(name, **extra), optax.sgd(0.05))
     tx_b = optax.chain(make(name, grads="weighted", **extra), optax.sgd(0.05))
-    per_task = value_and_task_grads(loss_fn, log=False)
-    weighted = lw.value_and_weighted_grad(loss_fn)
+    per_task = value_and_task_grads(loss_fn, log=log)
+    weighted = lw.value_and_weighted_grad(loss_fn, log=log)
 
     xs = jax.tree_util.tree_map(lambda *b: jnp.stack(b), *batches)
 
