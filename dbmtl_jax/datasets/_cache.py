@@ -21,7 +21,8 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
-__all__ = ["DatasetUnavailableError", "cache_dir", "artefact_path", "file_digest", "load_artefact", "package_file", "save_artefact", "unavailable"]
+__all__ = ["DatasetUnavailableError", "artefact_path", "cache_dir", "file_digest", "load_artefact", "package_file",
+           "save_artefact", "unavailable"]
 
 
 class DatasetUnavailableError(FileNotFoundError):
