@@ -789,6 +789,18 @@ def test_task_and_recipe_validation():
                      quick=b.quick)
 
 
+def test_recipe_rejects_non_finite_or_bool_rates():
+    """A NaN weight decay was accepted (every step NaN) and recorded in the config as null, JSON having no NaN; an
+    infinite decay factor made the learning rate infinite from the decay epoch on; True was a learning rate of 1."""
+    base = {"learning_rate": 1e-3, "batch_size": 1, "epochs": 1}
+    for kw in ({"weight_decay": float("nan")}, {"weight_decay": float("inf")}, {"weight_decay": True},
+               {"weight_decay": "0.1"}, {"lr_decay_epoch": 1, "lr_decay_factor": float("inf")},
+               {"lr_decay_epoch": 1, "lr_decay_factor": float("nan")}, {"lr_decay_factor": -0.5},
+               {"learning_rate": True}):
+        with pytest.raises(ValueError, match=next(iter(kw)) if len(kw) == 1 else "lr_decay_factor"):
+            ex.Recipe(**{**base, **kw})
+    ex.Recipe(**base, weight_decay=0, lr_decay_epoch=1, lr_decay_factor=1)  # ints are numbers
+
 def test_array_splits_batches():
     x = np.arange(50, dtype=np.float32)[:, None]
     ys = (np.arange(50), np.arange(50) * 2)

@@ -158,11 +158,13 @@ class Recipe:
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ValueError(f"Recipe.{name} must be a positive int or None, got {v!r}.")
-        if not (isinstance(self.learning_rate, (int, float)) and math.isfinite(self.learning_rate)
-                and self.learning_rate > 0):
+        if not (isinstance(self.learning_rate, (int, float)) and not isinstance(self.learning_rate, bool)
+                and math.isfinite(self.learning_rate) and self.learning_rate > 0):
             raise ValueError(f"Recipe.learning_rate must be a positive float, got {self.learning_rate!r}.")
-        if self.weight_decay < 0:
-            raise ValueError(f"Recipe.weight_decay must be >= 0, got {self.weight_decay!r}.")
+        for name in ("weight_decay", "lr_decay_factor"):  # a NaN would be recorded in the config as null
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"Recipe.{name} must be a finite number >= 0, got {v!r}.")
         if self.lr_schedule is not None:
             if self.lr_schedule not in LR_SCHEDULES:
                 raise ValueError(f"Recipe.lr_schedule: unknown schedule {self.lr_schedule!r}; "
