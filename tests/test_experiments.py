@@ -402,6 +402,47 @@ def test_a_non_finite_first_validation_does_not_pin_the_selection_to_epoch_1():
     assert res["selected_epoch"] == {"a": best, "b": best} and best > 1
 
 
+def test_stl_task_without_a_finite_validation_epoch_keeps_epoch_1_as_multi_task_runs_do():
+    """A task whose selection metric is never finite on val: the multi-task rule keeps epoch 1 (and says so);
+    STL recorded "epoch 0" and took that copy's test metrics from the last epoch's parameters (its val metrics
+    from ``history.val[-1]``), so a Δp against STL compared epoch 1 with the last epoch."""
+
+    split = {"now": None}
+
+    class Tracking:  # remembers which split is being evaluated
+        def __init__(self, inner):
+            self.inner, self.steps_per_epoch = inner, inner.steps_per_epoch
+
+        def train_batches(self, rng):
+            return self.inner.train_batches(rng)
+
+        def eval_batches(self, name):
+            split["now"] = name
+            yield from self.inner.eval_batches(name)
+
+    class NanValMAE(MeanAbsoluteError):  # task b's val MAE is NaN at every epoch, its test MAE finite
+        def compute(self, state):
+            out = super().compute(state)
+            return {k: jnp.nan for k in out} if split["now"] == "val" else out
+
+    bench = tiny_benchmark(epochs=3)
+    real = bench.data
+    bench = dataclasses.replace(bench, data=lambda r: Tracking(real(r)),
+                                tasks=(bench.tasks[0], ex.Task("b", mse_loss, NanValMAE, {"mae": False})))
+    ew = _run(bench, "ew")
+    assert ew["selected_epoch"] == {"a": 1, "b": 1} and "epoch 1 kept" in ew["selection"]
+    res = _run(bench, "stl", test_curve=True)
+    h = res["history"]
+    assert res["selected_epoch"]["b"] == 1
+    assert res["selected_epoch"]["a"] == int(np.argmin([e["a"]["mae"] for e in h["val"]])) + 1
+    assert "task(s) b:" in res["selection"] and "epoch 1 kept" in res["selection"]
+    assert math.isnan(res["metrics"]["val"]["b"]["mae"])
+    # copy b is restored from epoch 1, not left at the last epoch
+    test_b = [e["b"]["mae"] for e in h["test"]]
+    assert test_b[0] != test_b[-1]
+    assert res["metrics"]["test"]["b"]["mae"] == pytest.approx(test_b[0], rel=1e-6)
+
+
 def test_resume_and_tables_refuse_records_made_with_other_tasks_or_twice(tmp_path, capsys):
     """A task whose metric direction changed under the same config hash would be skipped on resume and
     mixed into one table; a copied record would count its seed twice. Both are errors now."""

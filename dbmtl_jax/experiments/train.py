@@ -1057,6 +1057,15 @@ def _selection_text(val_curve: Sequence[Mapping[str, Mapping[str, float]]], task
     return "none: no epoch had a finite select_metric for every task; epoch 1 kept"
 
 
+def _stl_selection_text(val_curve: Sequence[Mapping[str, Mapping[str, float]]], tasks: Sequence[Task]) -> str:
+    """How an STL run's epochs were selected: per task, naming the tasks that had no finite epoch."""
+    never = [t.name for t in tasks if not any(math.isfinite(v[t.name][t.select_metric]) for v in val_curve)]
+    text = "per task: best select_metric on val"
+    if never:
+        text += f"; none: no epoch had a finite select_metric for task(s) {', '.join(never)}: epoch 1 kept"
+    return text
+
+
 def _better(value: float, best: Optional[float], higher: bool) -> bool:
     if not math.isfinite(value):
         return False
@@ -1246,6 +1255,9 @@ def train_run(
                     if _better(v, best_score[g], task.metrics[task.select_metric]):
                         best_score[g], selected[g] = v, epoch
                         snaps.save(g, params, rest)
+                    elif selected[g] == 0:  # not finite: epoch 1 is kept until a finite epoch comes, as in MTL
+                        selected[g] = epoch
+                        snaps.save(g, params, rest)
                 score = float("nan")
             else:
                 score = selection_score(val, first_val, tasks) if first_val is not None else -math.inf
@@ -1289,7 +1301,7 @@ def train_run(
     return {
         "metrics": {"val": val_sel, "test": test},
         "selected_epoch": sel,
-        "selection": ("per task: best select_metric on val" if spec.name == "stl"
+        "selection": (_stl_selection_text(hist["val"], tasks) if spec.name == "stl"
                       else _selection_text(hist["val"], tasks)),
         "history": hist,
         "curve": curve,
