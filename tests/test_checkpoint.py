@@ -141,3 +141,36 @@ def test_checkpoint_files_round_trip_nan_and_weak_types(tmp_path):
     (tmp_path / "bad.npz").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="not a readable checkpoint"):
         ck.load_checkpoint(tmp_path / "bad.npz", run="r", template=tree)
+
+
+def test_a_checkpoint_of_other_data_or_other_tasks_is_discarded_not_continued(tmp_path, monkeypatch):
+    """The config hash names neither the data a provider yields nor the tasks' metric directions: a checkpoint
+    written with 16 steps per epoch was continued with 8 (a record of 3 x 16 + 2 x 8 steps claiming 8 per epoch),
+    and one whose best epoch was chosen with another selection direction went on comparing against it."""
+    bench, recipe = _bench_recipe()
+    spe = {"cap": None}
+    real_data = bench.data
+    bench = dataclasses.replace(bench, data=lambda r: real_data(r.replace(max_steps_per_epoch=spe["cap"])))
+
+    def run(store, b, **kw):
+        messages: list[str] = []
+        (path,) = ex.run_experiments(b, parse_methods("ew"), [0], store, recipe=recipe, progress=False,
+                                     echo=messages.append, checkpoint_every_s=0.0, **kw)
+        return path, messages
+
+    for store, change in (("data", "data"), ("tasks", "tasks")):
+        stop = _StopAt(monkeypatch, 4)
+        with pytest.raises(KeyboardInterrupt):
+            run(tmp_path / store, bench)
+        monkeypatch.setattr(tr, "evaluate", stop.real)
+        assert next((tmp_path / store).rglob("*.ckpt.npz")).is_file()
+        if change == "data":
+            spe["cap"], b = 8, bench
+        else:
+            spe["cap"] = None
+            flipped = dataclasses.replace(bench.tasks[0], metrics={"mae": True})  # same name, same config hash
+            b = dataclasses.replace(bench, tasks=(flipped, *bench.tasks[1:]))
+        path, messages = run(tmp_path / store, b)
+        assert any("discarding the checkpoint" in m for m in messages), (change, messages)
+        rec = read_record(path)
+        assert rec["steps"] == 5 * rec["steps_per_epoch"] == 5 * (spe["cap"] or 16)

@@ -1188,10 +1188,17 @@ def train_run(
     step = 0
     start_epoch = 1
     elapsed_before = 0.0
+    semantics = task_semantics(tasks_block(benchmark))  # what the selection state in a checkpoint depends on
     if checkpoint is not None and Path(checkpoint).is_file():
         ck = load_checkpoint(checkpoint, run=run, template=(params, rest, opt_state))
         if test_curve and "test" not in ck.loop["history"]:
             raise CheckpointMismatch(f"{checkpoint}: written without the test curve this run records.")
+        if ck.loop["step"] != ck.loop["epoch"] * steps_per_epoch:
+            raise CheckpointMismatch(f"{checkpoint}: {ck.loop['step']} steps in {ck.loop['epoch']} epochs, but the "
+                                     f"data provider now has {steps_per_epoch} steps per epoch (other data).")
+        if list(ck.loop.get("tasks", semantics).items()) != list(semantics.items()):  # older ones: not checked
+            raise CheckpointMismatch(f"{checkpoint}: written with other tasks (metrics, their directions or "
+                                     "selection metrics) than the benchmark has now.")
         params, rest, opt_state = ck.tree
         snaps.saved = ck.snapshots
         lp = ck.loop
@@ -1279,7 +1286,8 @@ def train_run(
                 loop = {"epoch": epoch, "step": step, "nonfinite": nonfinite,
                         "elapsed_s": elapsed_before + now - t_start, "step_times": step_times,
                         "best_score": best_score, "selected": selected, "first_val": first_val,
-                        "history": hist, "curve": curve, "order_rng": order_rng.bit_generator.state}
+                        "history": hist, "curve": curve, "order_rng": order_rng.bit_generator.state,
+                        "tasks": semantics}
                 save_checkpoint(checkpoint, run=run, tree=(params, rest, opt_state), snapshots=snaps.saved,
                                 loop=loop)
                 t_saved = time.perf_counter()
