@@ -30,7 +30,8 @@ import dbmtl_jax  # noqa: E402
 from dbmtl_jax import experiments as ex  # noqa: E402
 from dbmtl_jax.experiments.builtin import cosine_loss, encoder_shared, mlp_hps, mse_loss  # noqa: E402
 from dbmtl_jax.experiments.cli import main  # noqa: E402
-from dbmtl_jax.experiments.train import parse_method, read_record, train_run  # noqa: E402
+from dbmtl_jax.experiments import train as tr  # noqa: E402
+from dbmtl_jax.experiments.train import parse_method, parse_methods, read_record, train_run  # noqa: E402
 from dbmtl_jax.metrics import MeanAbsoluteError  # noqa: E402
 
 # --------------------------------------------------------------------------- helpers
@@ -937,3 +938,33 @@ def test_cosine_loss_matches_numpy_and_has_finite_gradient_at_zero_prediction():
     g_np = -(target - cos * p) / np.maximum(norm, 1e-6) * valid[..., None] / valid.sum()
     ok = norm[..., 0] > 0
     np.testing.assert_allclose(np.asarray(g)[ok], g_np[ok], rtol=1e-4, atol=1e-6)
+
+
+def test_a_last_update_that_leaves_nonfinite_parameters_is_counted(tmp_path, monkeypatch):
+    """nonfinite_steps counts steps with non-finite losses; the last step's update is seen by no later
+    loss, so the state left at the end is checked too (a run that diverged never reads as clean)."""
+    bench = ex.get_benchmark("toy")
+    recipe = dataclasses.replace(bench.quick, epochs=2)
+    calls: list[int] = []
+
+    class PoisonLast(tr._Trainer):
+        def __init__(self, benchmark, spec, recipe, hparams, seed, steps_per_epoch, *rest):
+            super().__init__(benchmark, spec, recipe, hparams, seed, steps_per_epoch, *rest)
+            inner, total = self.train_step, recipe.epochs * steps_per_epoch
+
+            def step(*args):
+                params, *out = inner(*args)
+                calls.append(1)
+                if len(calls) == total:  # finite losses, then an update that leaves NaN parameters
+                    params = jax.tree_util.tree_map(lambda x: x * np.nan, params)
+                return (params, *out)
+
+            self.train_step = step
+
+    monkeypatch.setattr(tr, "_Trainer", PoisonLast)
+    (path,) = ex.run_experiments(bench, parse_methods("ew"), [0], tmp_path, recipe=recipe, progress=False,
+                                 echo=lambda s: None)
+    rec = read_record(path)
+    assert len(calls) == rec["steps"] == 2 * rec["steps_per_epoch"]
+    assert rec["nonfinite_steps"] == 1
+    assert set(rec["selected_epoch"].values()) == {1}  # the NaN last epoch is not selected

@@ -146,3 +146,24 @@ def test_compact_restates_old_records_and_merges_one_configuration_trained_twice
         assert ex.train.find_finished(ex.train.result_path(store, _config(hp, epochs=1), 0)) is not None
     assert sorted(r["method"] + str(r["config"]["hparams"]) for r in ex.load_results(study)) == \
         ["dbmtl{'beta_sigma': 0.0}", "dbmtl{}"]
+
+
+def test_a_changed_method_default_is_recorded_in_the_config():
+    """A run's config hash covers its hyperparameters only as given, plus the defaults of
+    RECORDED_DEFAULTS; changing any other default of a method would let an old record pass for a run
+    under the new default (resume would skip it, tables would pool the two). This pins every method's
+    current defaults: a change must add the parameter to RECORDED_DEFAULTS (with its old value in
+    LEGACY_DEFAULTS) and then update tests/method_defaults.json."""
+    import inspect
+
+    from dbmtl_jax.methods.registry import METHODS, get_factory
+
+    pinned = json.loads((Path(__file__).parent / "method_defaults.json").read_text())
+    assert sorted(pinned) == sorted(METHODS), "a method was added or removed: update tests/method_defaults.json"
+    for name in sorted(METHODS):
+        params = inspect.signature(get_factory(name)).parameters
+        now = {k: repr(p.default) for k, p in params.items() if p.default is not inspect.Parameter.empty}
+        changed = {k for k in set(now) | set(pinned[name]) if now.get(k) != pinned[name].get(k)}
+        unrecorded = changed - set(ex.train.RECORDED_DEFAULTS.get(name, ()))
+        assert not unrecorded, (f"{name}: default of {sorted(unrecorded)} changed without being recorded "
+                                f"(was {[pinned[name].get(k) for k in sorted(unrecorded)]})")

@@ -243,7 +243,12 @@ class ArraySplits:
       recipe: gives ``batch_size``, ``eval_batch_size`` and the optional
         ``max_train_examples`` / ``max_eval_examples`` / ``max_steps_per_epoch``.
       subset_seed: seed of the fixed subsample taken when a split is capped
-        (the same for every method and run seed).
+        (the same for every method and run seed).  The subsets are drawn from
+        one generator in the order train, val, test, so the val and test
+        subsets also depend on whether and how far the training split is
+        capped: runs with other ``max_train_examples`` are evaluated on other
+        examples even with the same ``max_eval_examples`` (compare them on
+        uncapped evaluation splits).
       collate: ``collate(split_data, index_array) -> batch``; the default
         indexes every array.  Override it for inputs that are not plain arrays
         (e.g. padded graph batches).

@@ -250,7 +250,9 @@ RECORDED_DEFAULTS: Mapping[str, tuple[str, ...]] = {"dbmtl": ("beta", "beta_sigm
 
 DB-MTL's default σ changed (0 → 0.5, dbmtl_jax 0.2.0): a config states the
 defaults it ran under, so a record written under one default is never taken
-for a run under another (its config hash differs)."""
+for a run under another (its config hash differs).  Other defaults are not
+recorded (keeping every stored hash valid): changing one means adding it here
+and its old value to :data:`LEGACY_DEFAULTS` (a test pins them all)."""
 
 LEGACY_DEFAULTS: Mapping[str, Mapping[str, Any]] = {"dbmtl": {"beta": 0.9, "beta_sigma": 0.0}}
 """The defaults of the :data:`RECORDED_DEFAULTS` in force for a config without ``defaults`` (before 0.2.0)."""
@@ -1106,6 +1108,12 @@ class _Snapshots:
         return jax.tree_util.tree_unflatten(self.treedef, leaves)
 
 
+def _tree_finite(tree: Any) -> bool:
+    """Whether every floating-point leaf of ``tree`` is finite."""
+    leaves = [np.asarray(x) for x in jax.tree_util.tree_leaves(jax.device_get(tree))]
+    return all(np.all(np.isfinite(x)) for x in leaves if np.issubdtype(x.dtype, np.inexact))
+
+
 def _mean_rows(rows: list[np.ndarray]) -> Optional[list]:
     if not rows:
         return None
@@ -1185,6 +1193,7 @@ def train_run(
     curve: dict[str, list] = {k: [] for k in ("step", "train_loss", "grad_norm", "raw_grad_norm", "grad_cosine")}
     step_times: list[float] = []
     nonfinite = 0
+    last_finite = True  # the last step's losses were finite (its update may still not be: checked at the end)
     step = 0
     start_epoch = 1
     elapsed_before = 0.0
@@ -1230,7 +1239,8 @@ def train_run(
                 losses = np.asarray(jax.device_get(losses))  # waits for the step
                 step_times.append(time.perf_counter() - t0)
                 step += 1
-                if not np.all(np.isfinite(losses)):
+                last_finite = bool(np.all(np.isfinite(losses)))
+                if not last_finite:
                     nonfinite += 1
                 ep_loss.append(losses)
                 win_loss.append(losses)
@@ -1294,6 +1304,8 @@ def train_run(
     finally:
         bar.close()
 
+    if step and last_finite and not _tree_finite((params, rest, opt_state)):
+        nonfinite += 1  # the last update made the state non-finite: no later step's losses would show it
     best_params, best_rest = snaps.restore(params, rest)
     test = evaluate(tr, data, "test", best_params, best_rest)
     if spec.name == "stl":
