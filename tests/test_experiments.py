@@ -322,8 +322,10 @@ OPTIMIZERS = {
     None: lambda lr: optax.adam(lr),
     "sgdm": lambda lr: optax.sgd(lr, momentum=0.9),
     "adam_b1_0": lambda lr: optax.adam(lr, b1=0.0),
+    "adam_b2_09": lambda lr: optax.adam(lr, b2=0.9),
 }
-OPTIMIZER_SPECS = {None: None, "sgdm": {"name": "sgdm"}, "adam_b1_0": {"name": "adam", "b1": 0.0}}
+OPTIMIZER_SPECS = {None: None, "sgdm": {"name": "sgdm"}, "adam_b1_0": {"name": "adam", "b1": 0.0},
+                   "adam_b2_09": {"name": "adam", "b2": 0.9}}
 
 
 @pytest.mark.parametrize("opt", [None, "sgdm"])
@@ -351,7 +353,7 @@ def test_stl_equals_separate_single_task_training(opt):
         np.testing.assert_allclose(stl_losses[:, t], losses, rtol=2e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("opt", [None, "sgdm", "adam_b1_0"])
+@pytest.mark.parametrize("opt", [None, "sgdm", "adam_b1_0", "adam_b2_09"])
 def test_dbmtl_step_matches_manual_optax_chain(opt):
     bench = tiny_benchmark(epochs=2)
     res = _run(bench, "dbmtl", hparams={"beta": 0.5}, optimizer=OPTIMIZER_SPECS[opt])
@@ -746,7 +748,12 @@ def test_optimizer_option_is_validated_and_recorded():
     assert norm("sgdm") == {"name": "sgdm", "momentum": 0.9}
     assert norm({"name": "sgdm", "momentum": 0}) == {"name": "sgdm", "momentum": 0.0}
     assert norm({"name": "adam", "b1": 0}) == {"name": "adam", "b1": 0.0}
+    # b2 came later: listed only when set, so the Adam b1 = 0 records made before keep their configs and hashes
+    assert norm({"name": "adam", "b2": 0.999}) is None
+    assert norm({"name": "adam", "b1": 0.0, "b2": 0.999}) == {"name": "adam", "b1": 0.0}
+    assert norm({"name": "adam", "b2": 0.9}) == {"name": "adam", "b1": 0.9, "b2": 0.9}
     for bad, match in (("rmsprop", "unknown optimizer"), ({"name": "adam", "b1": 1.0}, r"\[0, 1\)"),
+                       ({"name": "adam", "b2": 1.0}, r"b2 must be a number in \[0, 1\)"),
                        ({"name": "sgdm", "b1": 0.0}, "no option"), ({"name": "adam", "b1": "x"}, "b1"),
                        ({"name": "sgdm", "momentum": float("nan")}, "momentum")):
         with pytest.raises(ValueError, match=match):
@@ -758,7 +765,9 @@ def test_optimizer_option_is_validated_and_recorded():
     adam0 = ex.train.make_config(bench, spec, bench.recipe, quick=False, hparams={},
                                  optimizer={"name": "adam", "b1": 0.0})
     assert "optimizer" not in base.to_dict() and sgd.to_dict()["optimizer"] == {"name": "sgdm", "momentum": 0.9}
-    assert len({ex.config_hash(c) for c in (base, sgd, adam0)}) == 3
+    adam_b2 = ex.train.make_config(bench, spec, bench.recipe, quick=False, hparams={},
+                                   optimizer={"name": "adam", "b2": 0.9})
+    assert len({ex.config_hash(c) for c in (base, sgd, adam0, adam_b2)}) == 4
     assert ex.train.RunConfig(**sgd.to_dict()) == sgd  # a stored config rebuilds to the same hash
 
 
@@ -766,6 +775,7 @@ def test_optimizer_option_is_validated_and_recorded():
     (["--optimizer", "sgdm"], {"name": "sgdm", "momentum": 0.9}),
     (["--optimizer", "sgdm", "--momentum", "0.5"], {"name": "sgdm", "momentum": 0.5}),
     (["--b1", "0"], {"name": "adam", "b1": 0.0}),
+    (["--b2", "0.9"], {"name": "adam", "b1": 0.9, "b2": 0.9}),
 ])
 def test_cli_optimizer_quick_toy_run(tmp_path, capsys, flags, expected):
     out = tmp_path / "res"
@@ -783,8 +793,8 @@ def test_cli_optimizer_quick_toy_run(tmp_path, capsys, flags, expected):
     assert ex.config_hash(default) not in {r["config_hash"] for r in recs}
     res = ex.write_report(out, plots=False)
     (st,) = res["settings"]  # one setting: STL is the Δp reference of the same optimizer
-    title = (f"SGD (momentum = {expected['momentum']})" if expected["name"] == "sgdm"
-             else f"Adam (b1 = {expected['b1']})")
+    opts = ", ".join(f"{k} = {v}" for k, v in expected.items() if k != "name")
+    title = f"SGD ({opts})" if expected["name"] == "sgdm" else f"Adam ({opts})"
     assert st.optimizer == expected and f"optimizer {title}" in res["markdown"]
     assert all(np.isfinite(np.mean(r.delta_p)) for r in st.rows.values())
 
@@ -792,6 +802,8 @@ def test_cli_optimizer_quick_toy_run(tmp_path, capsys, flags, expected):
 def test_cli_optimizer_options_must_match(tmp_path, capsys):
     for flags, match in ((["--optimizer", "sgdm", "--b1", "0"], "--b1"),
                          (["--momentum", "0.5"], "--momentum"),
+                         (["--optimizer", "sgdm", "--b2", "0.9"], "--b2 is an option of --optimizer adam"),
+                         (["--b2", "1.5"], "--b2"),
                          (["--optimizer", "sgdm", "--momentum", "1"], "momentum")):
         rc = main(["run", "toy", "--quick", "--out", str(tmp_path), "--no-progress", "--no-compile-cache", *flags])
         assert rc == 2

@@ -4,7 +4,7 @@ Commands::
 
     dbmtl-jax run <benchmark> --methods stl,ew,dbmtl --seeds 3 [--quick] [--out results/]
                   [--hp dbmtl.beta=0.5 ...] [--log] [--grad-stats] [--import my_module]
-                  [--optimizer adam|sgdm] [--b1 0.0] [--momentum 0.9] [--lr-schedule cosine]
+                  [--optimizer adam|sgdm] [--b1 0.0] [--b2 0.9] [--momentum 0.9] [--lr-schedule cosine]
                   [--study DIR] [--dry-run]
     dbmtl-jax report <dir> [--out DIR] [--no-plots] [--strict]
     dbmtl-jax compact <dir> [--store STORE] [--dry-run]
@@ -121,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="final optimizer of every method and of STL: adam (default; optax.adam) or sgdm "
                         "(optax.sgd with momentum); the learning rate is the recipe's (--lr)")
     r.add_argument("--b1", type=float, help="Adam's b1 (default 0.9; e.g. 0 for Adam without momentum)")
+    r.add_argument("--b2", type=float, help="Adam's b2 (default 0.999; e.g. 0.9 for a second moment of ~10 steps)")
     r.add_argument("--momentum", type=float, help="SGD momentum of --optimizer sgdm (default 0.9)")
 
     rp = sub.add_parser("report", help="markdown table, CSV and plots from a results directory")
@@ -214,20 +215,21 @@ def _enable_compile_cache() -> None:
 
 
 def _optimizer(args: argparse.Namespace) -> Optional[dict]:
-    """``--optimizer`` / ``--b1`` / ``--momentum`` -> the runner's optimizer (``None``: default Adam)."""
-    from dbmtl_jax.experiments.train import normalize_optimizer
+    """``--optimizer`` / ``--b1`` / ``--b2`` / ``--momentum`` -> the runner's optimizer (``None``: default Adam)."""
+    from dbmtl_jax.experiments.train import OPTIMIZERS, normalize_optimizer
 
     name = args.optimizer or "adam"
-    if args.b1 is not None and name != "adam":
-        raise ValueError(f"--b1 is an option of --optimizer adam, not of --optimizer {name}.")
-    if args.momentum is not None and name != "sgdm":
-        raise ValueError(f"--momentum is an option of --optimizer sgdm, not of --optimizer {name}.")
-    opts = {"b1": args.b1} if name == "adam" else {"momentum": args.momentum}
-    try:
-        return normalize_optimizer({"name": name, **opts})
-    except ValueError as e:
-        flag = "--b1" if name == "adam" else "--momentum"
-        raise ValueError(f"{flag}: {e}") from None
+    given = {k: getattr(args, k) for k in ("b1", "b2", "momentum") if getattr(args, k) is not None}
+    for key in given:
+        if key not in OPTIMIZERS[name]:
+            owner = next(n for n, opts in OPTIMIZERS.items() if key in opts)
+            raise ValueError(f"--{key} is an option of --optimizer {owner}, not of --optimizer {name}.")
+    for key, v in given.items():
+        try:
+            normalize_optimizer({"name": name, key: v})
+        except ValueError as e:
+            raise ValueError(f"--{key}: {e}") from None
+    return normalize_optimizer({"name": name, **given})
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

@@ -475,10 +475,14 @@ def validate_seeds(seeds: Iterable[Any]) -> list[int]:
 # --------------------------------------------------------------------------- optimizers
 
 OPTIMIZERS: dict[str, dict[str, float]] = {
-    "adam": {"b1": 0.9},  # optax.adam(lr, b1=b1); b2 = 0.999, eps = 1e-8
+    "adam": {"b1": 0.9, "b2": 0.999},  # optax.adam(lr, b1=b1, b2=b2); eps = 1e-8
     "sgdm": {"momentum": 0.9},  # optax.sgd(lr, momentum=momentum) (PyTorch SGD: v <- g + mu v)
 }
 """The final optimizer of the runner's chain and its options (with their defaults)."""
+
+_LISTED_WHEN_SET: dict[str, tuple[str, ...]] = {"adam": ("b2",)}
+"""Options added after runs were recorded: the canonical form lists them only when not at their default, so the
+configs (and hashes) of the runs made before keep their meaning (Adam's b2 came after b1)."""
 
 
 def normalize_optimizer(optimizer: Any = None) -> Optional[dict[str, Any]]:
@@ -509,11 +513,12 @@ def normalize_optimizer(optimizer: Any = None) -> Optional[dict[str, Any]]:
         v = default if v is None else v
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not 0 <= v < 1:
             raise ValueError(f"optimizer {name!r}: {key} must be a number in [0, 1), got {v!r}.")
-        out[key] = float(v)
+        if not (key in _LISTED_WHEN_SET.get(name, ()) and float(v) == default):
+            out[key] = float(v)
     extra = {k: v for k, v in spec.items() if v is not None}
     if extra:
         raise ValueError(f"optimizer {name!r} has no option(s) {sorted(extra)}; it takes: {', '.join(defaults)}.")
-    if out == {"name": "adam", **OPTIMIZERS["adam"]}:
+    if out == {"name": "adam", "b1": OPTIMIZERS["adam"]["b1"]}:
         return None
     return out
 
@@ -524,7 +529,7 @@ def make_optimizer(optimizer: Any, learning_rate: Any) -> optax.GradientTransfor
     if spec is None:
         return optax.adam(learning_rate)
     if spec["name"] == "adam":
-        return optax.adam(learning_rate, b1=spec["b1"])
+        return optax.adam(learning_rate, b1=spec["b1"], b2=spec.get("b2", OPTIMIZERS["adam"]["b2"]))
     return optax.sgd(learning_rate, momentum=spec["momentum"] or None)
 
 
