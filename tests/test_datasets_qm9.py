@@ -473,3 +473,26 @@ def test_batches_feed_the_mpnn_encoder(csv_dir):
     alone = d.graph_batch([k], *d.batch_budget("train", 6, complete=True), max_graphs=7, complete=True)
     g = qm9_mod.to_graph_batch({kk: jnp.asarray(v) for kk, v in alone.items()})
     np.testing.assert_allclose(np.asarray(fwd(model, g))[0], outs[0][0], rtol=1e-4, atol=1e-5)
+
+
+def test_benchmark_metric_scale_comes_from_the_run_s_own_data(csv_dir, monkeypatch):
+    """The qm9 benchmark reports MAE in the paper's units, scale = training std × unit factor of the data set
+    the run loaded: with two data sets loaded (other ``limit``s), each run's metric uses its own."""
+    pytest.importorskip("flax")
+    import dataclasses
+
+    from dbmtl_jax.experiments import builtin, get_benchmark
+
+    first = load_qm9(csv_dir, featurizer=FEATURIZERS[0], progress=False)
+    other = dataclasses.replace(first, y_std=first.y_std * 3.0)
+    monkeypatch.setattr(builtin, "_qm9", lambda limit: first if limit is None else other)
+    bench = get_benchmark("qm9")
+    recipe = bench.recipe.replace(batch_size=2, eval_batch_size=2, max_train_examples=None)
+    mine = bench.data(recipe)
+    bench.data(recipe.replace(data_options={"limit": 5}))  # loaded after, with another training std
+    for t, task in enumerate(bench.tasks):
+        metric = task.make_metric(mine)
+        y = np.zeros((1,), np.float32)
+        state = metric.update(metric.init(), jnp.ones((1,)), jnp.asarray(y), jnp.ones((1,), bool))
+        expected = first.y_std[t] * first.metric_scale[t]  # an error of 1 standardised unit
+        np.testing.assert_allclose(float(metric.compute(state)["mae"]), expected, rtol=1e-5)

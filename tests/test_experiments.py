@@ -980,3 +980,31 @@ def test_a_last_update_that_leaves_nonfinite_parameters_is_counted(tmp_path, mon
     assert len(calls) == rec["steps"] == 2 * rec["steps_per_epoch"]
     assert rec["nonfinite_steps"] == 1
     assert set(rec["selected_epoch"].values()) == {1}  # the NaN last epoch is not selected
+
+
+def test_a_metric_that_takes_the_data_provider_is_built_from_the_run_s_own_data():
+    """``Task.metric(data)``: a metric that depends on the loaded data (qm9's MAE scale is the training std)
+    is built from the provider the run trains on, not from whichever data set was loaded last."""
+    base = tiny_benchmark(epochs=1)
+    seen = []
+
+    def scaled_mae(data):
+        seen.append(data)
+        return MeanAbsoluteError(scale=data.scale)
+
+    def data(recipe):
+        splits = base.data(recipe)
+        splits.scale = recipe.learning_rate * 100  # stands for a statistic of the loaded data
+        return splits
+
+    tasks = tuple(dataclasses.replace(t, metric=scaled_mae) for t in base.tasks)
+    bench = dataclasses.replace(base, tasks=tasks, data=data)
+    mine, other = bench.data(bench.recipe), bench.data(bench.recipe.replace(learning_rate=0.05))
+    res = _run(bench, "ew", data=mine)
+    plain = _run(base, "ew")  # same training, unscaled MAE
+    assert seen and all(d is mine for d in seen) and other is not mine
+    for t in ("a", "b"):
+        np.testing.assert_allclose(res["metrics"]["test"][t]["mae"], plain["metrics"]["test"][t]["mae"] * 3.0,
+                                   rtol=1e-5)
+    with pytest.raises(ValueError, match="takes the data provider"):
+        tasks[0].make_metric()

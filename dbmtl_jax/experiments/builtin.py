@@ -594,19 +594,10 @@ def qm9_benchmark() -> Benchmark:
     from dbmtl_jax.architectures import HPS, MPNN
     from dbmtl_jax.datasets.qm9 import QM9_TASKS
 
-    meta: dict[str, Any] = {}
-
-    def scales() -> Any:
-        # metric scales depend on the training std of the loaded data set.
-        d = meta.get("data")
-        if d is None:
-            raise RuntimeError("QM9 metrics need the data set; the runner loads it before building metrics.")
-        return d.y_std * d.metric_scale, d.metric_units
-
     def make_task(t: int, info: Any) -> Task:
-        def metric() -> MeanAbsoluteError:
-            sc, _ = scales()
-            return MeanAbsoluteError(scale=float(sc[t]))
+        def metric(data: QM9Splits) -> MeanAbsoluteError:
+            # the scale is the training std of the loaded data set: taken from this run's data provider
+            return MeanAbsoluteError(scale=float(data.data.y_std[t] * data.data.metric_scale[t]))
 
         return Task(info.name, masked_mse_loss, metric, {"mae": False}, metric_input=_graph_metric_input)
 
@@ -614,9 +605,7 @@ def qm9_benchmark() -> Benchmark:
 
     def data(recipe: Recipe) -> QM9Splits:
         check_data_options(recipe, ("limit",))
-        d = _qm9(recipe.data_options.get("limit"))
-        meta["data"] = d
-        return QM9Splits(d, recipe)
+        return QM9Splits(_qm9(recipe.data_options.get("limit")), recipe)
 
     def model(rngs: Any) -> Any:
         enc = MPNN(11, 5, dim=32, edge_hidden=64, steps=3, aggregation="mean", readout="set2set", rngs=rngs)

@@ -31,6 +31,7 @@ per task.  Register a benchmark under a name for the console command with
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from typing import Any, Callable, Iterator, Mapping, MutableMapping, Optional, Protocol, Sequence, Union
 
@@ -52,6 +53,16 @@ Batch = tuple  # (inputs pytree, tuple of T target arrays)
 SPLITS = ("train", "val", "test")
 
 
+def _required_args(f: Callable[..., Any]) -> int:
+    """How many positional arguments ``f`` requires (0 when its signature cannot be read)."""
+    try:
+        params = inspect.signature(f).parameters.values()
+    except (TypeError, ValueError):
+        return 0
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return sum(p.kind in kinds and p.default is inspect.Parameter.empty for p in params)
+
+
 def _identity_metric_input(pred: Any, target: Any) -> tuple[Any, Any]:
     return pred, target
 
@@ -65,7 +76,9 @@ class Task:
       loss: ``loss(pred, target) -> scalar`` (mean over the batch), traced under jit.
       metric: factory returning a streaming metric of :mod:`dbmtl_jax.metrics`
         (or any object with ``init()``, ``update(state, pred, target)``,
-        ``compute(state) -> dict``).
+        ``compute(state) -> dict``): ``metric()``, or ``metric(data)`` when the
+        metric depends on the loaded data (e.g. a target scale): it is then
+        given the run's data provider (what ``Benchmark.data`` returned).
       metrics: the entries of ``metric.compute`` that are reported, mapped to
         ``higher_is_better`` (e.g. ``{"accuracy": True}``); every value must be a
         scalar.  The order is the column order of the tables.
@@ -80,11 +93,19 @@ class Task:
 
     name: str
     loss: Callable[[Any, Any], Any]
-    metric: Callable[[], Any]
+    metric: Callable[..., Any]
     metrics: Mapping[str, bool]
     select_metric: Optional[str] = None
     metric_input: Callable[[Any, Any], tuple[Any, Any]] = _identity_metric_input
     units: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    def make_metric(self, data: Any = None) -> Any:
+        """A fresh streaming metric: ``metric(data)`` if the factory takes an argument, else ``metric()``."""
+        if _required_args(self.metric) == 0:
+            return self.metric()
+        if data is None:
+            raise ValueError(f"task {self.name!r}: its metric factory takes the data provider; none was given.")
+        return self.metric(data)
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name:

@@ -884,6 +884,8 @@ class _Trainer:
         steps_per_epoch: int,
         grad_stats: bool,
         optimizer: Any = None,
+        *,
+        data: Any = None,
     ) -> None:
         nnx = _nnx()
         self.nnx = nnx
@@ -927,7 +929,7 @@ class _Trainer:
                 raise ValueError(f"method {spec.label!r}: bad hyperparameters {sorted(hparams)} ({e}).") from e
             self.tx = optax.chain(method, *tail)
         self.opt_state = self.tx.init(self.params)
-        self.metrics = [t.metric() for t in benchmark.tasks]
+        self.metrics = [t.make_metric(data) for t in benchmark.tasks]
         self.record_grads = spec.name != "stl" and not self.cheap
         mask = task_axis.resolve_shared(benchmark.shared, self.params)
         self.shared_flags = [bool(f) for f in jax.tree_util.tree_leaves(mask)]
@@ -1176,7 +1178,7 @@ def train_run(
     if steps_per_epoch < 1:
         raise ValueError("the data provider reports no training step per epoch.")
     tr = _Trainer(benchmark, spec, recipe, hparams, seed, steps_per_epoch, grad_stats,
-                  normalize_optimizer(optimizer))
+                  normalize_optimizer(optimizer), data=data)
     params, rest, opt_state = tr.params, tr.rest, tr.opt_state
     tasks = benchmark.tasks
     T = len(tasks)
