@@ -272,6 +272,27 @@ def test_breakdown_matches_independent_changes_and_delta_p(study, capsys):
         assert float(r[-1]) == pytest.approx(np.mean(row.delta_p), abs=0.006)  # Δp is linear in the metrics
 
 
+def test_breakdown_delta_p_weights_tasks_not_metrics():
+    """A task with two metrics and one with one (as NYUv2's 2/2/5): the Δp column is Eq. 3-4, the mean over tasks
+    of the mean over each task's metrics, as the row's Δp; the mean over all metrics weights the first task 2/3."""
+    tasks = {"seg": {"metrics": {"miou": True, "pix": True}, "select_metric": "miou"},
+             "depth": {"metrics": {"abs": False}, "select_metric": "abs"}}
+
+    def rec(method: str, seed: int, m: dict) -> dict:
+        return {"method": method, "seed": seed, "config_hash": method, "tasks": tasks,
+                "config": {"benchmark": "nyu", "recipe": {"epochs": 4}, "quick": False, "hparams": {}},
+                "metrics": {"test": m, "val": m}, "selected_epoch": {"seg": 4, "depth": 4}}
+
+    stl = {"seg": {"miou": 0.40, "pix": 0.70}, "depth": {"abs": 0.50}}
+    ew = {"seg": {"miou": 0.44, "pix": 0.77}, "depth": {"abs": 0.60}}  # seg +10 % on both, depth −20 %
+    (st,) = summarize([rec("stl", 0, stl), rec("ew", 0, ew)])
+    page = an.breakdown_markdown([st])
+    row = next(ln.strip("| ").split(" | ") for ln in page.splitlines() if " | ew | " in ln)
+    want = np.mean([np.mean([10.0, 10.0]), -20.0])  # −5.00 (the mean over the three metrics is 0.00)
+    assert [float(x) for x in row[2:]] == pytest.approx([10.0, 10.0, -20.0, want], abs=0.006)
+    assert float(row[-1]) == pytest.approx(st.rows[("ew", "ew")].delta_p[0], abs=0.006)
+
+
 # --------------------------------------------------------------------------- summary
 
 

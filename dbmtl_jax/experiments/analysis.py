@@ -15,7 +15,8 @@ mean, so paired per-seed statistics can be added next to them.
   paper tunes DB-MTL's β (Sec. 4.1); :func:`grid_best` is the validation-best row of the paper's grid
   (β ∈ {0.1, 0.5, 0.9} × σ ∈ {0, 0.5}).
 * :func:`breakdown_markdown` (``dbmtl-jax breakdown DIR``): per row, the signed relative change (%)
-  of each task metric's seed mean against STL's (positive = better), whose mean is the row's Δp.
+  of each task metric's seed mean against STL's (positive = better), whose mean over each task's metrics,
+  then over tasks, is the row's Δp.
 * :func:`summary_markdown` (``dbmtl-jax summary PREFIX``): the tables of one study
   (``PREFIX_main``, ``PREFIX_beta``, ``PREFIX_ablation``, ``PREFIX_log``, ``PREFIX_alpha``,
   ``PREFIX_budget``) side by side, as ``results/run_study.sh`` makes them.
@@ -49,7 +50,7 @@ __all__ = [
     "PAPER_GRID", "beta_sigma_of", "val_reference", "val_delta_p", "reference_stl", "ranking_seeds", "scored_rows",
     "grid_best_row", "grid_best",
     "val_selection_markdown",
-    "task_metric_changes", "task_changes", "breakdown_markdown",
+    "task_metric_changes", "changes_delta_p", "task_changes", "breakdown_markdown",
     "SECTIONS", "study_settings", "summary_markdown",
     "time_tables", "time_rows", "time_markdown", "write_time",
     "study_folders", "index_rows", "index_markdown",
@@ -203,9 +204,9 @@ def task_metric_changes(st: Setting, row: Row, stl: Optional[Row] = None) -> dic
     """``(task, metric) -> signed relative change (%)`` of the row's seed-mean metric vs the STL row's mean
     (``stl``, by default the setting's own).
 
-    Positive is better than STL.  Their mean over the metrics (then tasks,
-    weighted per metric) is the Δp of the seed means, equal to the row's mean
-    Δp (Δp is linear in the metrics).
+    Positive is better than STL.  Their mean over each task's metrics, then over
+    the tasks (Eq. 3-4, :func:`changes_delta_p`), is the Δp of the seed means,
+    equal to the row's mean Δp (Δp is linear in the metrics).
     """
     out = {}
     for task, metrics in st.higher_is_better.items():
@@ -214,6 +215,12 @@ def task_metric_changes(st: Setting, row: Row, stl: Optional[Row] = None) -> dic
             mean = _seed_mean(row.values(task, metric))
             out[(task, metric)] = 100.0 * (1.0 if hib else -1.0) * (mean - base) / abs(base)
     return out
+
+
+def changes_delta_p(changes: Mapping[tuple[str, str], float], hib: Mapping[str, Mapping[str, bool]]) -> float:
+    """Δp (Eq. 3-4) of :func:`task_metric_changes`: the mean over tasks of the mean over each task's metrics
+    (not the mean over all metrics, which weights a task by its number of metrics)."""
+    return float(np.mean([np.mean([changes[(t, m)] for m in ms]) for t, ms in hib.items()]))
 
 
 def _seed_mean(xs: Sequence[float]) -> float:
@@ -255,7 +262,8 @@ def breakdown_markdown(settings: Sequence[Setting]) -> str:
                 label += f" [{r.config.get('grad_path', '')} {r.config_hash}]"
             changes[label] = task_metric_changes(st, r, stl)
         keys = [(t, m) for t, ms in st.higher_is_better.items() for m in ms]
-        ranked = sorted(changes.items(), key=lambda kv: -finite_mean([sum(kv[1].values()) / len(keys)]))
+        hib = st.higher_is_better
+        ranked = sorted(changes.items(), key=lambda kv: -finite_mean([changes_delta_p(kv[1], hib)]))
         out.append(f"## {st.key}\n")
         if st.key in notes:
             out.append(f"{notes[st.key]}.\n")
@@ -263,7 +271,7 @@ def breakdown_markdown(settings: Sequence[Setting]) -> str:
         out.append("|---" * (len(keys) + 3) + "|")
         for i, (label, v) in enumerate(ranked, 1):
             out.append(f"| {i} | {label} | " + " | ".join(f"{v[k]:+.2f}" for k in keys)
-                       + f" | {sum(v.values()) / len(keys):+.2f} |")
+                       + f" | {changes_delta_p(v, hib):+.2f} |")
         out.append("")
     return "\n".join(out) + "\n"
 
