@@ -1311,8 +1311,8 @@ def train_run(
     finally:
         bar.close()
 
-    if step and last_finite and not _tree_finite((params, rest, opt_state)):
-        nonfinite += 1  # the last update made the state non-finite: no later step's losses would show it
+    if step and last_finite and not _tree_finite((params, rest)):
+        nonfinite += 1  # the last update left non-finite parameters: no later step's losses would show it
     best_params, best_rest = snaps.restore(params, rest)
     test = evaluate(tr, data, "test", best_params, best_rest)
     if spec.name == "stl":
