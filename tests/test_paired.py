@@ -569,3 +569,15 @@ def test_across_settings_states_runs_left_out_and_pairs_the_delta_p_columns():
     db = next(ln.split(" | ") for ln in short.splitlines() if ln.startswith("| dbmtl |"))
     assert db[1] == "3" and db[5].endswith(" (n=2)")  # seeds 1 and 3
     assert "Left out" not in short  # a seed a row ran in neither setting is not a left-out run
+
+
+def test_late_selection_counts_the_last_ceil_fraction_epochs_as_the_loss_figures_do():
+    """The last 30 % of 90 epochs are epochs 64..90 (27 epochs); in floats 0.7 · 90 = 62.99999999999999, and
+    ``e > (1 − fraction) · E`` counted epoch 63 as late."""
+    for epochs, fraction, first_late in ((90, 0.3, 64), (170, 0.3, 120), (320, 0.2, 257), (12, 0.2, 10)):
+        window = int(math.ceil(round(fraction * epochs, 9)))  # independent: the last ceil(fraction·E) epochs
+        assert first_late == epochs - window + 1
+        for e, late in ((first_late - 1, False), (first_late, True)):
+            rec = _record("stl", 0, {}, (0.8, 0.8), e, [1.0] * epochs, epochs=epochs)
+            assert pr.selected_late(rec, fraction) is late, (epochs, fraction, e)
+            assert pr.late_task_selections(rec, fraction) == 2 * late

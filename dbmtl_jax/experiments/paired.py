@@ -136,17 +136,20 @@ def rank_groups(scores: Mapping[str, Mapping[int, float]]) -> dict[str, int]:
 
 
 def selected_late(run: Mapping[str, Any], fraction: float = 0.2) -> bool:
-    """Whether the run's validation-selected epoch (the latest over tasks) lies in the last ``fraction``."""
+    """Whether the run's validation-selected epoch (the latest over tasks) lies in the last ``fraction``: the last
+    ``ceil(fraction·E)`` epochs (:func:`last_epochs`, the loss figures' window; ``e > (1 − fraction)·E`` in floats
+    counted epoch 63 of 90 in the last 30 %)."""
     epochs = int(run["config"]["recipe"]["epochs"])
     chosen = max(int(e) for e in run["selected_epoch"].values() if e is not None)
-    return chosen > (1 - fraction) * epochs
+    return chosen > epochs - last_epochs(epochs, fraction)
 
 
 def late_task_selections(run: Mapping[str, Any], fraction: float = 0.2) -> int:
     """How many of the run's per-task selected epochs lie in the last ``fraction`` of training.  For STL,
     whose tasks are separate networks selected one by one, this is the count of late networks."""
     epochs = int(run["config"]["recipe"]["epochs"])
-    return sum(int(e) > (1 - fraction) * epochs for e in run["selected_epoch"].values() if e is not None)
+    start = epochs - last_epochs(epochs, fraction)
+    return sum(int(e) > start for e in run["selected_epoch"].values() if e is not None)
 
 
 def _loss_ends(run: Mapping[str, Any], fraction: float) -> Optional[tuple[float, float, float]]:
