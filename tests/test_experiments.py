@@ -960,8 +960,8 @@ def test_a_last_update_that_leaves_nonfinite_parameters_is_counted(tmp_path, mon
     calls: list[int] = []
 
     class PoisonLast(tr._Trainer):
-        def __init__(self, benchmark, spec, recipe, hparams, seed, steps_per_epoch, *rest):
-            super().__init__(benchmark, spec, recipe, hparams, seed, steps_per_epoch, *rest)
+        def __init__(self, benchmark, spec, recipe, hparams, seed, steps_per_epoch, *rest, **kw):
+            super().__init__(benchmark, spec, recipe, hparams, seed, steps_per_epoch, *rest, **kw)
             inner, total = self.train_step, recipe.epochs * steps_per_epoch
 
             def step(*args):
