@@ -262,8 +262,8 @@ def breakdown_markdown(settings: Sequence[Setting]) -> str:
                 label += f" [{r.config.get('grad_path', '')} {r.config_hash}]"
             changes[label] = task_metric_changes(st, r, stl)
         keys = [(t, m) for t, ms in st.higher_is_better.items() for m in ms]
-        hib = st.higher_is_better
-        ranked = sorted(changes.items(), key=lambda kv: -finite_mean([changes_delta_p(kv[1], hib)]))
+        dp = {label: changes_delta_p(v, st.higher_is_better) for label, v in changes.items()}
+        ranked = sorted(changes.items(), key=lambda kv: -finite_mean([dp[kv[0]]]))
         out.append(f"## {st.key}\n")
         if st.key in notes:
             out.append(f"{notes[st.key]}.\n")
@@ -271,7 +271,7 @@ def breakdown_markdown(settings: Sequence[Setting]) -> str:
         out.append("|---" * (len(keys) + 3) + "|")
         for i, (label, v) in enumerate(ranked, 1):
             out.append(f"| {i} | {label} | " + " | ".join(f"{v[k]:+.2f}" for k in keys)
-                       + f" | {changes_delta_p(v, hib):+.2f} |")
+                       + f" | {dp[label]:+.2f} |")
         out.append("")
     return "\n".join(out) + "\n"
 

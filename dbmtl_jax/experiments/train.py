@@ -63,6 +63,7 @@ import optax
 
 import dbmtl_jax
 from dbmtl_jax import loss_weighting, task_axis
+from dbmtl_jax.guard import finite_flags
 from dbmtl_jax.experiments.spec import Benchmark, Recipe, Task
 
 __all__ = [
@@ -1115,12 +1116,6 @@ class _Snapshots:
         return jax.tree_util.tree_unflatten(self.treedef, leaves)
 
 
-def _tree_finite(tree: Any) -> bool:
-    """Whether every floating-point leaf of ``tree`` is finite."""
-    leaves = [np.asarray(x) for x in jax.tree_util.tree_leaves(jax.device_get(tree))]
-    return all(np.all(np.isfinite(x)) for x in leaves if np.issubdtype(x.dtype, np.inexact))
-
-
 def _mean_rows(rows: list[np.ndarray]) -> Optional[list]:
     if not rows:
         return None
@@ -1311,7 +1306,7 @@ def train_run(
     finally:
         bar.close()
 
-    if step and last_finite and not _tree_finite((params, rest)):
+    if step and last_finite and not all(finite_flags((params, rest))):
         nonfinite += 1  # the last update left non-finite parameters: no later step's losses would show it
     best_params, best_rest = snaps.restore(params, rest)
     test = evaluate(tr, data, "test", best_params, best_rest)
