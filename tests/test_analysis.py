@@ -293,6 +293,52 @@ def test_breakdown_delta_p_weights_tasks_not_metrics():
     assert float(row[-1]) == pytest.approx(st.rows[("ew", "ew")].delta_p[0], abs=0.006)
 
 
+def _syn_rows(rows: dict) -> object:
+    """A setting of hand-made records: ``rows`` maps method -> per-seed ``(a.acc, b.err)`` test metrics."""
+    recs = []
+    for method, per_seed in rows.items():
+        for seed, (acc, err) in per_seed.items():
+            m = {"a": {"acc": acc}, "b": {"err": err}}
+            recs.append({"method": method, "seed": seed, "config_hash": method, "tasks": TASKS,
+                         "config": {"benchmark": "syn", "recipe": {"epochs": 4}, "quick": True, "hparams": {}},
+                         "metrics": {"test": m, "val": m}, "selected_epoch": {"a": 4, "b": 4}})
+    (st,) = summarize(recs)
+    return st
+
+
+def test_main_table_task_columns_average_the_seeds_of_the_delta_p_column():
+    """Seed 2 has a finite task-a metric but a NaN task-b metric, so its Δp is NaN and Δp averages seeds 0-1:
+    the task columns must average the same seeds (a NaN-aware mean per metric would add seed 2's task a)."""
+    stl = {0: (0.80, 1.0), 1: (0.80, 1.0), 2: (0.80, 1.0)}
+    ew = {0: (0.84, 0.90), 1: (0.88, 0.95), 2: (0.40, float("nan"))}
+    st = _syn_rows({"stl": stl, "ew": ew})
+    row = st.rows[("ew", "ew")]
+    ch = an.task_changes(st, row)
+    want_a = 100 * (np.mean([0.84, 0.88]) - 0.80) / 0.80
+    want_b = -100 * (np.mean([0.90, 0.95]) - 1.0) / 1.0
+    assert ch["a"] == pytest.approx(want_a) and ch["b"] == pytest.approx(want_b)
+    dp = [d for d in row.delta_p if np.isfinite(d)]
+    assert len(dp) == 2 and np.mean([ch["a"], ch["b"]]) == pytest.approx(np.mean(dp))
+    line = next(ln for ln in an.main_table(st) if "| ew |" in ln)
+    assert f"{want_a:+.2f} | {want_b:+.2f} | " in line and "(2 of 3 finite)" in line
+
+
+def test_paired_change_uses_only_seeds_both_rows_have():
+    """Fig. 1's change column: the mean of per-seed differences over the seeds both rows ran with a finite Δp,
+    not the difference of the two rows' means over different seed sets."""
+    stl = {s: (0.80, 1.0) for s in range(4)}
+    raw = {0: (0.80, 1.0), 1: (0.90, 1.0), 2: (0.70, 1.0)}              # seeds 0-2
+    log = {1: (0.92, 1.0), 2: (0.74, 1.0), 3: (0.60, 1.0)}              # seeds 1-3
+    st = _syn_rows({"stl": stl, "pcgrad": raw, "pcgrad+log": log})
+    first, second = st.rows[("pcgrad", "pcgrad")], st.rows[("pcgrad+log", "pcgrad+log")]
+    diff, n = an.paired_change(first, second)
+    # Δp of a row = 0.5 · 100 · (acc − 0.8)/0.8 (task b unchanged): seeds 1 and 2 gain 0.02 and 0.04 acc
+    assert n == 2 and diff == pytest.approx(np.mean([0.5 * 100 * 0.02 / 0.8, 0.5 * 100 * 0.04 / 0.8]))
+    unpaired = np.mean(second.delta_p) - np.mean(first.delta_p)
+    assert abs(unpaired - diff) > 1.0  # the old column (−2.92 here) had the opposite sign
+    assert an.paired_change(first, _syn_rows({"stl": stl, "x": {3: (0.9, 1.0)}}).rows[("x", "x")]) [1] == 0
+
+
 # --------------------------------------------------------------------------- summary
 
 

@@ -50,7 +50,7 @@ __all__ = [
     "PAPER_GRID", "beta_sigma_of", "val_reference", "val_delta_p", "reference_stl", "ranking_seeds", "scored_rows",
     "grid_best_row", "grid_best",
     "val_selection_markdown",
-    "task_metric_changes", "changes_delta_p", "task_changes", "breakdown_markdown",
+    "task_metric_changes", "changes_delta_p", "task_changes", "paired_change", "breakdown_markdown",
     "SECTIONS", "study_settings", "summary_markdown",
     "time_tables", "time_rows", "time_markdown", "write_time",
     "study_folders", "index_rows", "index_markdown",
@@ -228,16 +228,29 @@ def _seed_mean(xs: Sequence[float]) -> float:
 
 
 def task_changes(st: Setting, row: Row) -> dict[str, float]:
-    """Per task: the mean over its metrics of :func:`task_metric_changes` (uses the NaN-aware seed mean)."""
+    """Per task: the mean over its metrics of the signed relative change (%) vs the STL mean, averaged over
+    the seeds whose Δp is finite (those :func:`mean_std` of ``row.delta_p`` averages), so that the columns
+    average to the Δp column also when a seed diverged; NaN when no seed has a finite Δp."""
+    keep = [i for i, d in enumerate(row.delta_p) if math.isfinite(d)]
     out = {}
     for task, metrics in st.higher_is_better.items():
         vals = []
         for metric, hib in metrics.items():
             base = float(np.mean(st.stl.values(task, metric)))
-            mean = float(np.nanmean(row.values(task, metric)))
+            xs = row.values(task, metric)
+            mean = float(np.mean([xs[i] for i in keep])) if keep else float("nan")
             vals.append((1 if hib else -1) * 100.0 * (mean - base) / abs(base))
         out[task] = float(np.mean(vals))
     return out
+
+
+def paired_change(first: Row, second: Row) -> tuple[float, int]:
+    """``(mean over shared seeds of second's Δp − first's Δp, number of such seeds)``: the seeds both rows ran
+    with a finite Δp (seeds are paired: same initialisation and batches); ``(nan, 0)`` when there is none."""
+    a = {s: d for s, d in zip(first.seeds, first.delta_p) if math.isfinite(d)}
+    b = {s: d for s, d in zip(second.seeds, second.delta_p) if math.isfinite(d)}
+    shared = sorted(set(a) & set(b))
+    return (float(np.mean([b[s] - a[s] for s in shared])) if shared else float("nan")), len(shared)
 
 
 def _row_label(row: Row) -> str:
@@ -419,11 +432,13 @@ def summary_markdown(prefix: os.PathLike, *, skipped: Optional[list] = None) -> 
     if st["log"] is not None:
         lg = st["log"]
         lines += ["", f"## Fig. 1: the log transform for other methods (`{name}_log/`)", "",
-                  "| method | raw losses | + log | change (points) |", "|---|---|---|---|"]
+                  "| method | raw losses | + log | change (points, paired) |", "|---|---|---|---|"]
         for m in FIG1:
             raw, log = _find(lg, m), _find(lg, m + "+log")
-            change = (f"{finite_mean(log.delta_p) - finite_mean(raw.delta_p):+.2f}"
-                      if raw is not None and log is not None else "–")
+            change = "–"
+            if raw is not None and log is not None:
+                diff, n = paired_change(raw, log)
+                change = f"{diff:+.2f} ({n} paired seeds)" if n else "no shared seed"
             lines.append(f"| {m} | {_row_cell(raw)} | {_row_cell(log)} | {change} |")
     if st["alpha"] is not None:
         al = st["alpha"]
