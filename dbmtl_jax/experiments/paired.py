@@ -139,9 +139,7 @@ def selected_late(run: Mapping[str, Any], fraction: float = 0.2) -> bool:
     """Whether the run's validation-selected epoch (the latest over tasks) lies in the last ``fraction``: the last
     ``ceil(fraction·E)`` epochs (:func:`last_epochs`, the loss figures' window; ``e > (1 − fraction)·E`` in floats
     counted epoch 63 of 90 in the last 30 %)."""
-    epochs = int(run["config"]["recipe"]["epochs"])
-    chosen = max(int(e) for e in run["selected_epoch"].values() if e is not None)
-    return chosen > epochs - last_epochs(epochs, fraction)
+    return late_task_selections(run, fraction) > 0
 
 
 def late_task_selections(run: Mapping[str, Any], fraction: float = 0.2) -> int:
