@@ -19,7 +19,7 @@ pytest.importorskip("matplotlib")
 
 from dbmtl_jax.experiments import analysis as an  # noqa: E402
 from dbmtl_jax.experiments.cli import main  # noqa: E402
-from dbmtl_jax.experiments.report import load_results, summarize  # noqa: E402
+from dbmtl_jax.experiments.report import Setting, load_results, summarize  # noqa: E402
 from dbmtl_jax.experiments.train import (  # noqa: E402
     RESULT_FORMAT,
     RunConfig,
@@ -293,7 +293,7 @@ def test_breakdown_delta_p_weights_tasks_not_metrics():
     assert float(row[-1]) == pytest.approx(st.rows[("ew", "ew")].delta_p[0], abs=0.006)
 
 
-def _syn_rows(rows: dict) -> object:
+def _syn_rows(rows: dict) -> Setting:
     """A setting of hand-made records: ``rows`` maps method -> per-seed ``(a.acc, b.err)`` test metrics."""
     recs = []
     for method, per_seed in rows.items():
@@ -336,7 +336,7 @@ def test_paired_change_uses_only_seeds_both_rows_have():
     assert n == 2 and diff == pytest.approx(np.mean([0.5 * 100 * 0.02 / 0.8, 0.5 * 100 * 0.04 / 0.8]))
     unpaired = np.mean(second.delta_p) - np.mean(first.delta_p)
     assert abs(unpaired - diff) > 1.0  # the old column (−2.92 here) had the opposite sign
-    assert an.paired_change(first, _syn_rows({"stl": stl, "x": {3: (0.9, 1.0)}}).rows[("x", "x")]) [1] == 0
+    assert an.paired_change(first, _syn_rows({"stl": stl, "x": {3: (0.9, 1.0)}}).rows[("x", "x")])[1] == 0
 
 
 # --------------------------------------------------------------------------- summary
