@@ -39,7 +39,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from dbmtl_jax.experiments.paired import borrow_stl, reference_stl
+from dbmtl_jax.experiments.paired import borrow_stl, paired_interval, reference_stl
 from dbmtl_jax.experiments.report import (Row, Setting, device_text, load_results, optimizer_text, runs_delta_p,
                                           schedule_text, setting_title, summarize, wall_time_by_device)
 from dbmtl_jax.experiments.train import RECORDED_DEFAULTS, canonical_hparams, method_defaults, resolved_hparams
@@ -50,7 +50,7 @@ __all__ = [
     "PAPER_GRID", "beta_sigma_of", "val_reference", "val_delta_p", "reference_stl", "ranking_seeds", "scored_rows",
     "grid_best_row", "grid_best",
     "val_selection_markdown",
-    "task_metric_changes", "changes_delta_p", "task_changes", "paired_change", "breakdown_markdown",
+    "task_metric_changes", "changes_delta_p", "task_changes", "breakdown_markdown",
     "SECTIONS", "study_settings", "summary_markdown",
     "time_tables", "time_rows", "time_markdown", "write_time",
     "study_folders", "index_rows", "index_markdown",
@@ -200,9 +200,10 @@ def val_selection_markdown(settings: Sequence[Setting], method: str = "dbmtl", t
 # --------------------------------------------------------------------------- per-task breakdown
 
 
-def task_metric_changes(st: Setting, row: Row, stl: Optional[Row] = None) -> dict[tuple[str, str], float]:
+def task_metric_changes(st: Setting, row: Row, stl: Optional[Row] = None,
+                        runs: Optional[Sequence[int]] = None) -> dict[tuple[str, str], float]:
     """``(task, metric) -> signed relative change (%)`` of the row's seed-mean metric vs the STL row's mean
-    (``stl``, by default the setting's own).
+    (``stl``, by default the setting's own); ``runs``: average only those of the row's runs (indices).
 
     Positive is better than STL.  Their mean over each task's metrics, then over
     the tasks (Eq. 3-4, :func:`changes_delta_p`), is the Δp of the seed means,
@@ -212,7 +213,8 @@ def task_metric_changes(st: Setting, row: Row, stl: Optional[Row] = None) -> dic
     for task, metrics in st.higher_is_better.items():
         for metric, hib in metrics.items():
             base = _seed_mean((st.stl if stl is None else stl).values(task, metric))
-            mean = _seed_mean(row.values(task, metric))
+            xs = row.values(task, metric)
+            mean = _seed_mean(xs if runs is None else [xs[i] for i in runs])
             out[(task, metric)] = 100.0 * (1.0 if hib else -1.0) * (mean - base) / abs(base)
     return out
 
@@ -228,29 +230,19 @@ def _seed_mean(xs: Sequence[float]) -> float:
 
 
 def task_changes(st: Setting, row: Row) -> dict[str, float]:
-    """Per task: the mean over its metrics of the signed relative change (%) vs the STL mean, averaged over
-    the seeds whose Δp is finite (those :func:`mean_std` of ``row.delta_p`` averages), so that the columns
-    average to the Δp column also when a seed diverged; NaN when no seed has a finite Δp."""
+    """Per task: the mean over its metrics of :func:`task_metric_changes`, averaged over the seeds whose Δp is
+    finite (those :func:`mean_std` of ``row.delta_p`` averages), so that the columns average to the Δp column
+    also when a seed diverged; NaN when no seed has a finite Δp."""
     keep = [i for i, d in enumerate(row.delta_p) if math.isfinite(d)]
-    out = {}
-    for task, metrics in st.higher_is_better.items():
-        vals = []
-        for metric, hib in metrics.items():
-            base = float(np.mean(st.stl.values(task, metric)))
-            xs = row.values(task, metric)
-            mean = float(np.mean([xs[i] for i in keep])) if keep else float("nan")
-            vals.append((1 if hib else -1) * 100.0 * (mean - base) / abs(base))
-        out[task] = float(np.mean(vals))
-    return out
+    changes = task_metric_changes(st, row, runs=keep)
+    return {task: float(np.mean([changes[(task, m)] for m in ms])) for task, ms in st.higher_is_better.items()}
 
 
-def paired_change(first: Row, second: Row) -> tuple[float, int]:
-    """``(mean over shared seeds of second's Δp − first's Δp, number of such seeds)``: the seeds both rows ran
-    with a finite Δp (seeds are paired: same initialisation and batches); ``(nan, 0)`` when there is none."""
-    a = {s: d for s, d in zip(first.seeds, first.delta_p) if math.isfinite(d)}
-    b = {s: d for s, d in zip(second.seeds, second.delta_p) if math.isfinite(d)}
-    shared = sorted(set(a) & set(b))
-    return (float(np.mean([b[s] - a[s] for s in shared])) if shared else float("nan")), len(shared)
+def _paired_change_cell(first: Row, second: Row) -> str:
+    """Fig. 1's change cell: the mean per-seed Δp difference ``second − first`` over the seeds both rows ran
+    with a finite Δp (:func:`~dbmtl_jax.experiments.paired.paired_interval`), with their number."""
+    iv = paired_interval(dict(zip(second.seeds, second.delta_p)), dict(zip(first.seeds, first.delta_p)))
+    return "no shared seed" if iv is None else f"{iv.mean:+.2f} ({iv.n} paired seeds)"
 
 
 def _row_label(row: Row) -> str:
@@ -435,10 +427,7 @@ def summary_markdown(prefix: os.PathLike, *, skipped: Optional[list] = None) -> 
                   "| method | raw losses | + log | change (points, paired) |", "|---|---|---|---|"]
         for m in FIG1:
             raw, log = _find(lg, m), _find(lg, m + "+log")
-            change = "–"
-            if raw is not None and log is not None:
-                diff, n = paired_change(raw, log)
-                change = f"{diff:+.2f} ({n} paired seeds)" if n else "no shared seed"
+            change = _paired_change_cell(raw, log) if raw is not None and log is not None else "–"
             lines.append(f"| {m} | {_row_cell(raw)} | {_row_cell(log)} | {change} |")
     if st["alpha"] is not None:
         al = st["alpha"]
