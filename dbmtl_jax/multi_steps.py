@@ -26,7 +26,11 @@ __all__ = ["TaskMultiSteps"]
 
 
 class TaskMultiSteps(optax.MultiSteps):
-    """``optax.MultiSteps`` whose gradient accumulator carries a leading task axis of size ``num_tasks``."""
+    """``optax.MultiSteps`` whose gradient accumulator carries a leading task axis of size ``num_tasks``.
+
+    ``accumulator_dtype`` defaults to float32, as in ``optax.MultiSteps`` (low-precision parameters get a float32
+    accumulator; the summed gradient is cast back to the updates' dtype before the inner transformation).
+    """
 
     def __init__(
         self,
@@ -35,7 +39,7 @@ class TaskMultiSteps(optax.MultiSteps):
         every_k_schedule: Union[int, Callable[[jax.Array], jax.Array]],
         use_grad_mean: bool = True,
         should_skip_update_fn: Optional[Callable[..., Any]] = None,
-        accumulator_dtype: Optional[Any] = None,
+        accumulator_dtype: Optional[Any] = jnp.float32,
     ):
         if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
             raise ValueError(f"num_tasks must be a positive int, got {num_tasks!r}.")
@@ -47,12 +51,13 @@ class TaskMultiSteps(optax.MultiSteps):
             accumulator_dtype=accumulator_dtype,
         )
         self._num_tasks = num_tasks
-        self._acc_dtype = accumulator_dtype
 
     def init(self, params: Any) -> optax.MultiStepsState:
         state = super().init(params)
+        # The dtype optax's own accumulator gets (its update casts to it: float32 for low-precision parameters
+        # when accumulator_dtype is None), with the task axis in front.
         acc = jax.tree_util.tree_map(
-            lambda p: jnp.zeros((self._num_tasks,) + jnp.shape(p), self._acc_dtype or jnp.asarray(p).dtype), params
+            lambda a: jnp.zeros((self._num_tasks,) + jnp.shape(a), jnp.asarray(a).dtype), state.acc_grads
         )
         return state._replace(acc_grads=acc)
 

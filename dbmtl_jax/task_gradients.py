@@ -118,9 +118,21 @@ def transform_losses(losses: jax.Array, *, log: bool = True, eps: float = 1e-8) 
 
     A loss with ``ℓ + ε ≤ 0`` has no logarithm: its value *and its gradient* are NaN (``jnp.log``'s
     derivative ``1/x`` alone would stay finite, with the wrong sign), so the step is visibly invalid.
+
+    float16 losses warn: the pull-back enters the loss's graph as ``1/(ℓ + ε)`` in the loss dtype, which
+    overflows float16 (max 65504) once a loss falls below about 1.5e-5, so those steps' gradients are inf and
+    every guard rejects them although ``∇ℓ/ℓ`` itself may be small.  Reduce the losses in float32 (cast the
+    per-example terms before the mean) to keep the whole log-gradient in range.
     """
     if not log:
         return losses
+    if jnp.dtype(losses.dtype) == jnp.float16:
+        warnings.warn(
+            "float16 task losses under the log transform: the gradient of log(ℓ + ε) carries 1/ℓ in float16, "
+            "which overflows (inf gradients, rejected steps) once a loss falls below ~1.5e-5; reduce the losses "
+            "in float32 (cast the per-example terms before the mean).",
+            stacklevel=2,
+        )
     acc = jnp.promote_types(losses.dtype, jnp.float32)
     return _log_or_nan(losses.astype(acc) + eps)
 

@@ -100,6 +100,12 @@ def test_npy_items_with_wrong_shapes_or_labels_raise(tmp_path):
         ("label", good["label"] + 0.5, "not an integer"),
         ("label", np.where(good["label"] == 0, np.nan, good["label"]), "nan is not an integer"),
         ("label", good["label"] > 0, "dtype bool"),
+        # non-finite pixels, and a finite float64 value that overflows the float32 cast
+        ("depth", np.where(np.arange(W)[None, :, None] == 5, 1e39, good["depth"].astype(np.float64)),
+         r"depth/1\.npy: value at index \(0, 5, 0\) is not finite as float32 \(1e\+39"),
+        ("normal", np.where(np.arange(H)[:, None, None] == 4, np.inf, good["normal"]),
+         r"normal/1\.npy: value at index \(4, 0, 0\) is not finite"),
+        ("image", np.where(np.arange(W)[None, :, None] == 7, np.nan, good["image"]), r"image/1\.npy: .* \(nan in"),
     ]
     for folder, arr, match in bad_cases:
         np.save(f / folder / "1.npy", arr)

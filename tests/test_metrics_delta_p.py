@@ -274,6 +274,13 @@ def test_negative_baseline_keeps_sign_convention():
         ({"a": {"x": [1.0, 2.0]}}, {"a": {"x": 1.0}}, {"a": {"x": True}}, "real scalar"),
         ({"a": {"x": 1.0}}, {"a": {"x": 1.0}}, {"a": {"x": "up"}}, "must be a bool"),
         ({"a": {"x": 1.0}}, {"a": {"x": 1.0}}, {"a": {}}, "names no metric"),
+        # finite inputs whose relative change overflows a float: an error, not inf
+        ({"a": {"x": 1.0}}, {"a": {"x": 1e-310}}, {"a": {"x": True}}, r"metrics\['a'\]\['x'\].*overflows"),
+        ({"a": {"x": 1e308}}, {"a": {"x": -1e308}}, {"a": {"x": True}}, "overflows"),
+        ({"a": {"x": 1e308, "y": 1e308}}, {"a": {"x": 1.0, "y": 1.0}}, {"a": {"x": True, "y": True}},
+         "task 'a' overflows"),
+        ({"a": {"x": 1e306}, "b": {"x": 1e306}}, {"a": {"x": 1.0}, "b": {"x": 1.0}},
+         {"a": {"x": True}, "b": {"x": True}}, "Δp overflows"),
     ],
 )
 def test_clear_errors(metrics, stl, spec, match):

@@ -32,6 +32,29 @@ def _numpy_dbmtl(grads, beta=0.9, eps=1e-8):
 # -- item 1: finite inputs that overflow inside --------------------------------------------------
 
 
+def test_float16_losses_under_the_log_warn_and_float32_reduction_keeps_the_gradient():
+    """A float16 loss of 8.6e-6 makes the pulled-back 1/ℓ overflow float16 (inf gradient, every later step
+    rejected), though ∂ log ℓ/∂w = 2/(w - 1) ≈ 667 fits: the log transform warns about float16 losses, and the
+    advice it gives (reduce in float32) yields the exact gradient with float16 parameters."""
+    p = {"w": jnp.array([1.0 + 3e-3, 0.0], jnp.float16)}
+
+    def f16(q):
+        return jnp.stack([(q["w"][0] - 1) ** 2, (q["w"][1] - 2) ** 2])
+
+    with pytest.warns(UserWarning, match="float16 task losses under the log transform"):
+        _, g = dbmtl_jax.value_and_task_grads(f16)(p)
+    assert not bool(jnp.isfinite(g["w"][0, 0]))  # the documented limit, now announced
+
+    def f32(q):
+        w = q["w"].astype(jnp.float32)
+        return jnp.stack([(w[0] - 1) ** 2, (w[1] - 2) ** 2])
+
+    losses, g = dbmtl_jax.value_and_task_grads(f32)(p)
+    w0 = float(p["w"][0])
+    assert g["w"].dtype == jnp.float16
+    np.testing.assert_allclose(float(g["w"][0, 0]), 2 * (w0 - 1) / ((w0 - 1) ** 2 + 1e-8), rtol=2e-3)
+
+
 def test_dbmtl_norms_do_not_overflow_for_large_finite_gradients():
     """Entries around 1e21 overflow a float32 sum of squares, not the norm: the update is exact."""
     g = jnp.asarray([[1.0, 2.0, 3.0], [1e21, -2e21, 5e20]], jnp.float32)

@@ -35,6 +35,27 @@ def test_task_multi_steps_accumulates_then_one_update():
     np.testing.assert_allclose(state.inner_opt_state[0].ema["w"], ref_state[0].ema["w"], rtol=1e-5)
 
 
+def test_task_multi_steps_with_bfloat16_params_matches_optax_accumulator_dtype():
+    """bf16 parameters: the accumulator takes the dtype optax.MultiSteps gives its own (float32), so the jitted
+    update compiles (a bf16 accumulator made optax's lax.cond branches disagree) and emits the mean update."""
+    params = {"w": jnp.zeros((4, 5), jnp.bfloat16)}
+    inner = optax.chain(dbmtl_jax.dbmtl(T), optax.sgd(1.0))
+    tx = dbmtl_jax.TaskMultiSteps(inner, num_tasks=T, every_k_schedule=2)
+    state = tx.init(params)
+    plain = optax.MultiSteps(optax.sgd(1.0), every_k_schedule=2).init(params)
+    assert state.acc_grads["w"].shape == (T, 4, 5)
+    assert state.acc_grads["w"].dtype == plain.acc_grads["w"].dtype
+    g1, g2 = (jax.tree.map(lambda x: x.astype(jnp.bfloat16), _grads(s)) for s in (0, 1))
+    update = jax.jit(tx.update)
+    u1, state = update(g1, state, params)
+    u2, state = update(g2, state, params)
+    assert bool(jnp.all(u1["w"] == 0))
+    mean = jax.tree.map(lambda a, b: ((a.astype(jnp.float32) + b.astype(jnp.float32)) / 2).astype(jnp.bfloat16), g1, g2)
+    want, _ = inner.update(mean, inner.init(params), params)
+    assert u2["w"].dtype == want["w"].dtype
+    np.testing.assert_allclose(np.asarray(u2["w"], np.float32), np.asarray(want["w"], np.float32), rtol=2e-2, atol=1e-3)
+
+
 def test_apply_if_finite_after_dbmtl_skips_nan_step_with_nothing_lost():
     """optax.apply_if_finite keeps shapes, so it wraps the optimizer after dbmtl;
     dbmtl itself never lets a non-finite gradient into its EMA."""

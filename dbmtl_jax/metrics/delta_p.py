@@ -65,7 +65,8 @@ def delta_p_per_task(
 
     Raises:
       ValueError: on a missing or extra task, a missing metric, a task with no
-        metrics, a zero or non-finite STL value, a non-finite metric value.
+        metrics, a zero or non-finite STL value, a non-finite metric value, a relative change
+        that overflows a float.
     """
     if not higher_is_better:
         raise ValueError("higher_is_better is empty: Δp needs at least one task.")
@@ -98,8 +99,15 @@ def delta_p_per_task(
                     f"stl[{task!r}][{name!r}] is 0: the relative change of Eq. (4) is undefined."
                 )
             change = (value - base) / abs(base)
+            if not math.isfinite(change):
+                raise ValueError(
+                    f"the relative change of metrics[{task!r}][{name!r}] = {value!r} against stl = {base!r} overflows "
+                    "(the STL value is too close to 0 or the values too far apart for a float)."
+                )
             total += change if up else -change
         out[task] = 100.0 * total / len(spec)
+        if not math.isfinite(out[task]):
+            raise ValueError(f"Δp of task {task!r} overflows: its metrics' relative changes are too large for a float.")
     return out
 
 
@@ -114,4 +122,7 @@ def delta_p(metrics: NestedMetrics, stl: NestedMetrics, higher_is_better: Nested
         delta_p(mtl, stl, hib)   # > 0: better than STL on average
     """
     per_task = delta_p_per_task(metrics, stl, higher_is_better)
-    return sum(per_task.values()) / len(per_task)
+    value = sum(per_task.values()) / len(per_task)
+    if not math.isfinite(value):
+        raise ValueError("Δp overflows: the tasks' relative changes are too large for a float.")
+    return value
