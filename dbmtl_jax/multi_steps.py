@@ -54,8 +54,8 @@ class TaskMultiSteps(optax.MultiSteps):
 
     def init(self, params: Any) -> optax.MultiStepsState:
         state = super().init(params)
-        # The dtype optax's own accumulator gets (its update casts to it: float32 for low-precision parameters
-        # when accumulator_dtype is None), with the task axis in front.
+        # optax's own accumulator dtype (its update casts the accumulator to accumulator_dtype, float32 by
+        # default, so a parameter-dtype accumulator would make its lax.cond branches disagree), task axis in front.
         acc = jax.tree_util.tree_map(
             lambda a: jnp.zeros((self._num_tasks,) + jnp.shape(a), jnp.asarray(a).dtype), state.acc_grads
         )
