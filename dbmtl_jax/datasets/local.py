@@ -130,13 +130,14 @@ class NpyDenseDataset:
             if key == "segmentation":
                 a = self._labels(a, path)
             else:
+                raw = a
                 with np.errstate(over="ignore", invalid="ignore"):
-                    a = np.asarray(a, np.float32)
+                    a = np.asarray(raw, np.float32)
                 bad = ~np.isfinite(a)
                 if bad.any():
                     raise ValueError(
                         f"{path}: value at index {tuple(int(j) for j in np.argwhere(bad)[0])} is not finite as float32 "
-                        f"({np.load(path, allow_pickle=False)[bad][0].item()!r} in the file); mark invalid pixels with 0, "
+                        f"({raw[bad][0].item()!r} in the file); mark invalid pixels with 0, "
                         "as the LibMTL layouts do, not NaN or inf."
                     )
                 if key == "depth" and a.ndim == 2:
