@@ -26,6 +26,16 @@ denominators are floored at ``ε`` and losses clamped at 0, so the weights stay
 finite (``≤ T/ε``) for zero losses.  Passing ``nadir=`` skips the warm-up and
 uses STCH with that nadir from the first step.
 
+Numerics: a memorised training set drives float32 losses to exactly 0 while
+their gradients stay nonzero (a cross-entropy whose margins pass ~17 rounds to
+0; its gradient ``softmax − onehot`` does not).  When *every* task loss of a
+batch rounds to 0 the softmax is uniform and each weight is ``1/ε``: with the
+official ``ε = 1e-20`` one step then hands Adam a gradient ~1e14 times too large
+(a maximal step on every parameter, and a second moment that takes ~5e4 steps to
+decay), which the run does not recover from.  Use ``eps=1e-8`` (the ``ε`` of
+DB-MTL's log transform) when training losses can reach 0; results/README.md
+(§31) has the trace and the runs.
+
 Defaults from the official code: ``μ = 1``, ``warmup_epochs = 4``,
 ``ε = 1e-20``.  ``steps_per_epoch`` (default 1) must be set to the number of
 batches per epoch to reproduce it.  Every leaf, shared or head, gets the
