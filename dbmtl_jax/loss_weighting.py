@@ -38,7 +38,7 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 
-from dbmtl_jax.task_gradients import Model, TrunkHeads, _check_spec_call
+from dbmtl_jax.task_gradients import Model, TrunkHeads, _check_spec_call, _cotangent_scale, _scale_rows
 
 PyTree = Any
 
@@ -154,6 +154,13 @@ def value_and_weighted_grad(model: Model, argnums: int = 0, *, has_aux: bool = F
         ``value_and_task_grads(log=True)``); the weights and the returned
         ``losses`` stay the raw ones.
 
+    float16 losses: the cotangent ``w_t`` (``w_t/(ℓ_t + ε)`` with ``log``) that
+    reaches each loss would overflow float16 past 65504; it is divided by one
+    power of two that brings the largest to ≤ 1024, and the gradient multiplied
+    back in float32.  A task whose cotangent is below ~1e-10 of the largest then
+    falls under float16's range and contributes nothing (in a shared layer it
+    would be lost to rounding anyway).
+
     Returns:
       ``wrapped(opt_state, *args, key=None, **kwargs)`` returning
       ``(losses, grads)`` (or ``((losses, aux), grads)``) where ``grads`` is the
@@ -180,9 +187,18 @@ def value_and_weighted_grad(model: Model, argnums: int = 0, *, has_aux: bool = F
             losses = jnp.asarray(losses)
             if losses.ndim != 1:
                 raise ValueError(f"loss_fn must return a [T] vector of task losses, got shape {losses.shape}.")
-            return weighted_loss(opt_state, losses, key, log=log, eps=eps), (losses, aux)
+            objective = weighted_loss(opt_state, losses, key, log=log, eps=eps)
+            if jnp.dtype(losses.dtype) != jnp.float16:
+                return objective, (losses, aux, None)
+            # float16 losses: the cotangent w_t (w_t / (ℓ_t + ε) under the log) that reaches each loss may
+            # overflow float16; pull back objective / R instead and multiply the gradient by R (a power of two).
+            w = loss_weights(opt_state, jax.lax.stop_gradient(losses), key).astype(jnp.float32)
+            cot = w / (losses.astype(jnp.float32) + eps) if log else w
+            scale = _cotangent_scale(jnp.max(jnp.abs(cot)))
+            return objective / scale, (losses, aux, scale)
 
-        grads, (losses, aux) = jax.grad(f, has_aux=True)(args[argnums])
+        grads, (losses, aux, scale) = jax.grad(f, has_aux=True)(args[argnums])
+        grads = grads if scale is None else _scale_rows(grads, scale)
         return ((losses, aux), grads) if has_aux else (losses, grads)
 
     return wrapped

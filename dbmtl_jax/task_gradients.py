@@ -119,22 +119,75 @@ def transform_losses(losses: jax.Array, *, log: bool = True, eps: float = 1e-8) 
     A loss with ``ℓ + ε ≤ 0`` has no logarithm: its value *and its gradient* are NaN (``jnp.log``'s
     derivative ``1/x`` alone would stay finite, with the wrong sign), so the step is visibly invalid.
 
-    float16 losses warn: the pull-back enters the loss's graph as ``1/(ℓ + ε)`` in the loss dtype, which
-    overflows float16 (max 65504) once a loss falls below about 1.5e-5, so those steps' gradients are inf and
-    every guard rejects them although ``∇ℓ/ℓ`` itself may be small.  Reduce the losses in float32 (cast the
-    per-example terms before the mean) to keep the whole log-gradient in range.
+    float16 losses warn when this function is differentiated by hand: the pull-back enters the loss's graph
+    as ``1/(ℓ + ε)`` in float16, which overflows (max 65504) once a loss falls below about 1.5e-5.  The
+    library's gradient functions (:func:`value_and_task_grads`, :func:`dbmtl_jax.fused_dbmtl`,
+    :func:`dbmtl_jax.value_and_weighted_grad`) rescale that cotangent and are exact for float16 losses.
     """
-    if not log:
-        return losses
-    if jnp.dtype(losses.dtype) == jnp.float16:
+    if log and jnp.dtype(losses.dtype) == jnp.float16:
         warnings.warn(
             "float16 task losses under the log transform: the gradient of log(ℓ + ε) carries 1/ℓ in float16, "
-            "which overflows (inf gradients, rejected steps) once a loss falls below ~1.5e-5; reduce the losses "
-            "in float32 (cast the per-example terms before the mean).",
+            "which overflows (inf gradients, rejected steps) once a loss falls below ~1.5e-5; use "
+            "value_and_task_grads (it rescales the cotangent) or reduce the losses in float32.",
             stacklevel=2,
         )
+    return _transform(losses, log, eps)
+
+
+def _transform(losses: jax.Array, log: bool, eps: float) -> jax.Array:
+    """:func:`transform_losses` without the float16 warning (for the paths that rescale the cotangent)."""
+    if not log:
+        return losses
     acc = jnp.promote_types(losses.dtype, jnp.float32)
     return _log_or_nan(losses.astype(acc) + eps)
+
+
+# float16 losses under the log: the cotangent 1/(ℓ_t + ε) that a pull-back carries into the loss's graph
+# overflows float16 once ℓ_t < ~1.5e-5.  The gradient paths pull back 1/((ℓ_t + ε) R_t) instead, R_t ≥ 1 a
+# power of two that keeps it ≤ _COTANGENT_CAP, and multiply task t's gradient by R_t in float32 afterwards
+# (loss scaling, per task).  Other dtypes have float32's range and keep the unscaled, bitwise-unchanged path.
+_COTANGENT_CAP = 2.0 ** 10
+
+
+def _rescales(dtype: Any, log: bool) -> bool:
+    """Whether a loss of ``dtype`` needs its cotangent rescaled (float16 under the log)."""
+    return bool(log) and jnp.dtype(dtype) == jnp.float16
+
+
+def _cotangent_scale(cotangent: jax.Array) -> jax.Array:
+    """Powers of two ``R ≥ 1`` with ``|cotangent| / R ≤ _COTANGENT_CAP`` (``R = 1`` where not finite), no gradient."""
+    a = jnp.abs(jax.lax.stop_gradient(cotangent).astype(jnp.float32))
+    big = jnp.isfinite(a) & (a > _COTANGENT_CAP)
+    return jnp.where(big, jnp.exp2(jnp.ceil(jnp.log2(jnp.where(big, a, 1.0) / _COTANGENT_CAP))), 1.0)
+
+
+def _log_scale(losses: jax.Array, eps: float) -> jax.Array:
+    """``R_t`` for the log transform's cotangent ``1/(ℓ_t + ε)``."""
+    return _cotangent_scale(1.0 / (losses.astype(jnp.float32) + eps))
+
+
+def _scale_rows(tree: PyTree, scale: jax.Array) -> PyTree:
+    """Multiplies row ``t`` of every leaf (``[n, ...]``) by ``scale[t]`` in float32, keeping the leaf dtype
+    (a scalar ``scale`` multiplies every leaf, whatever its shape)."""
+
+    def f(g: jax.Array) -> jax.Array:
+        acc = jnp.promote_types(g.dtype, jnp.float32)
+        s = scale if scale.ndim == 0 else scale.reshape((-1,) + (1,) * (g.ndim - 1))
+        return (g.astype(acc) * s.astype(acc)).astype(g.dtype)
+
+    return jax.tree_util.tree_map(f, tree)
+
+
+def _scaled_fold(fold_fn: Callable[[Any, jax.Array, PyTree], Any], scale: Optional[jax.Array]) -> Callable:
+    """``fold_fn`` fed chunks whose rows are multiplied by their ``scale`` entries first (``None``: unchanged)."""
+    if scale is None:
+        return fold_fn
+
+    def fold(carry: Any, start: jax.Array, grads: PyTree) -> Any:
+        n = jax.tree_util.tree_leaves(grads)[0].shape[0]
+        return fold_fn(carry, start, _scale_rows(grads, jax.lax.dynamic_slice_in_dim(scale, start, n)))
+
+    return fold
 
 
 @jax.custom_vjp
@@ -170,13 +223,18 @@ def _check_losses(losses: Any, what: str) -> jax.Array:
 def _objective(
     loss_fn: Callable[..., Any], args: list, kwargs: dict, argnums: int, has_aux: bool, log: bool, eps: float
 ) -> Callable[[PyTree], tuple[jax.Array, tuple]]:
-    """``p -> (log(ℓ + ε), (ℓ, aux))`` with ``p`` in position ``argnums`` of ``loss_fn``'s arguments."""
+    """``p -> (log(ℓ + ε) / R, (ℓ, aux, R))`` with ``p`` in position ``argnums`` of ``loss_fn``'s arguments.
+
+    ``R`` (``[T]``, see :func:`_log_scale`) is ``None`` unless the losses are float16 under the log; then row
+    ``t`` of the pull-back must be multiplied by ``R_t``."""
 
     def f(p: PyTree) -> tuple[jax.Array, tuple]:
         out = loss_fn(*(args[:argnums] + [p] + args[argnums + 1 :]), **kwargs)
         losses, aux = out if has_aux else (out, None)
         losses = _check_losses(losses, "loss_fn")
-        return transform_losses(losses, log=log, eps=eps), (losses, aux)
+        tl = _transform(losses, log, eps)
+        scale = _log_scale(losses, eps) if _rescales(losses.dtype, log) else None
+        return (tl if scale is None else tl / scale), (losses, aux, scale)
 
     return f
 
@@ -256,9 +314,10 @@ def value_and_task_grads(
 
     def wrapped(*args: Any, **kwargs: Any) -> Any:
         f = _objective(loss_fn, list(args), kwargs, argnums, has_aux, log, eps)
-        tl, vjp_fn, (losses, aux) = jax.vjp(f, args[argnums], has_aux=True)
+        tl, vjp_fn, (losses, aux, scale) = jax.vjp(f, args[argnums], has_aux=True)
         eye = jnp.eye(tl.shape[0], dtype=tl.dtype)
         grads = _pullback(lambda c: vjp_fn(c)[0], eye, strategy, chunk_size)
+        grads = grads if scale is None else _scale_rows(grads, scale)
         return ((losses, aux), grads) if has_aux else (losses, grads)
 
     return wrapped
@@ -270,7 +329,10 @@ def _heads_once(
 ) -> tuple[jax.Array, tuple, PyTree, Callable]:
     """Trunk forward, then each head differentiated once for its own task.
 
-    Returns ``(losses [T], head_grads, feature cotangents stacked [T, ...], trunk_vjp)``.
+    Returns ``(losses [T], head_grads, feature cotangents stacked [T, ...], trunk_vjp, scale)``.  ``scale``
+    is ``None`` unless a head's loss is float16 under the log: then its feature cotangent is divided by
+    ``scale[t]`` (:func:`_log_scale`; 1 for the other heads), so the trunk gradient of row ``t`` must be
+    multiplied by it (the head gradients come out multiplied already).
     """
     if len(head_params) != len(head_loss_fns):
         raise ValueError(
@@ -278,7 +340,7 @@ def _heads_once(
             "the task axis must match."
         )
     features, trunk_vjp = jax.vjp(lambda p: trunk_fn(p, batch), trunk_params)
-    losses, head_grads, feat_cts = [], [], []
+    losses, head_grads, feat_cts, scales = [], [], [], []
     for t, (fn, hp) in enumerate(zip(head_loss_fns, head_params)):
         def head_obj(hp_, z_, fn=fn, t=t):
             loss = jnp.asarray(fn(hp_, z_, batch))
@@ -286,14 +348,20 @@ def _heads_once(
                 raise ValueError(f"head_loss_fns[{t}] must return a scalar loss, got shape {loss.shape}.")
             if not jnp.issubdtype(loss.dtype, jnp.floating):  # an integer loss has zero gradients, silently
                 raise TypeError(f"head_loss_fns[{t}] must return a floating-point loss, got dtype {loss.dtype}.")
-            return transform_losses(loss[None], log=log, eps=eps)[0], loss
+            tl = _transform(loss[None], log, eps)[0]
+            scale = _log_scale(loss, eps) if _rescales(loss.dtype, log) else None
+            return (tl if scale is None else tl / scale), (loss, scale)
 
-        (_, loss), (g_head, g_feat) = jax.value_and_grad(head_obj, argnums=(0, 1), has_aux=True)(hp, features)
+        (_, (loss, scale)), (g_head, g_feat) = jax.value_and_grad(head_obj, argnums=(0, 1), has_aux=True)(hp, features)
         losses.append(loss)
-        head_grads.append(g_head)
+        head_grads.append(g_head if scale is None else _scale_rows(g_head, scale))
         feat_cts.append(g_feat)
+        scales.append(scale)
     stacked = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *feat_cts)
-    return jnp.stack(losses), tuple(head_grads), stacked, trunk_vjp
+    scale = None
+    if any(s is not None for s in scales):
+        scale = jnp.stack([jnp.ones([], jnp.float32) if s is None else s for s in scales])
+    return jnp.stack(losses), tuple(head_grads), stacked, trunk_vjp, scale
 
 
 def _trunk_heads_grads(
@@ -317,10 +385,11 @@ def _trunk_heads_pull(
     strategy: str, chunk_size: Optional[int],
 ) -> tuple[jax.Array, PyTree, tuple]:
     """``(losses, trunk grads [T, ...], plain head grads)``: heads once, then the T feature cotangents pulled back."""
-    losses, head_grads, stacked, trunk_vjp = _heads_once(
+    losses, head_grads, stacked, trunk_vjp, scale = _heads_once(
         spec.trunk_fn, spec.head_loss_fns, trunk_params, head_params, batch, log, eps
     )
-    return losses, _pullback(lambda c: trunk_vjp(c)[0], stacked, strategy, chunk_size), head_grads
+    trunk_grads = _pullback(lambda c: trunk_vjp(c)[0], stacked, strategy, chunk_size)
+    return losses, (trunk_grads if scale is None else _scale_rows(trunk_grads, scale)), head_grads
 
 
 def _heads_to_task_axis(head_grads: Sequence[PyTree]) -> tuple[PyTree, ...]:
@@ -488,10 +557,10 @@ def _fold_task_grads(
 
     def wrapped(carry: Any, *args: Any, **kwargs: Any) -> Any:
         f = _objective(loss_fn, list(args), kwargs, argnums, has_aux, log, eps)
-        tl, vjp_fn, (losses, aux) = jax.vjp(f, args[argnums], has_aux=True)
+        tl, vjp_fn, (losses, aux, scale) = jax.vjp(f, args[argnums], has_aux=True)
         eye = jnp.eye(tl.shape[0], dtype=tl.dtype)
         carry = carry(losses) if callable(carry) else carry
-        carry = _fold_chunks(lambda c: vjp_fn(c)[0], eye, fold_fn, carry, chunk_size, unroll)
+        carry = _fold_chunks(lambda c: vjp_fn(c)[0], eye, _scaled_fold(fold_fn, scale), carry, chunk_size, unroll)
         return ((losses, aux), carry) if has_aux else (losses, carry)
 
     return wrapped
@@ -523,11 +592,12 @@ def _trunk_heads_fold_task_grads(
         raise ValueError("head_loss_fns is empty; give one head loss per task.")
 
     def wrapped(carry: Any, trunk_params: PyTree, head_params: Sequence[PyTree], batch: Any) -> Any:
-        losses, head_grads, stacked, trunk_vjp = _heads_once(
+        losses, head_grads, stacked, trunk_vjp, scale = _heads_once(
             trunk_fn, head_loss_fns, trunk_params, head_params, batch, log, eps
         )
         carry = carry(losses) if callable(carry) else carry
-        carry = _fold_chunks(lambda c: trunk_vjp(c)[0], stacked, fold_fn, carry, chunk_size, unroll)
+        carry = _fold_chunks(lambda c: trunk_vjp(c)[0], stacked, _scaled_fold(fold_fn, scale), carry, chunk_size,
+                             unroll)
         return losses, head_grads, carry
 
     return wrapped

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +13,8 @@ import optax
 import pytest
 
 import dbmtl_jax
-from dbmtl_jax import InvalidStepError, reraise_invalid_step
+from dbmtl_jax import InvalidStepError, loss_weighting, reraise_invalid_step
+from dbmtl_jax.task_gradients import transform_losses
 from dbmtl_jax.methods.registry import get_factory
 
 
@@ -32,27 +34,90 @@ def _numpy_dbmtl(grads, beta=0.9, eps=1e-8):
 # -- item 1: finite inputs that overflow inside --------------------------------------------------
 
 
-def test_float16_losses_under_the_log_warn_and_float32_reduction_keeps_the_gradient():
-    """A float16 loss of 8.6e-6 makes the pulled-back 1/ℓ overflow float16 (inf gradient, every later step
-    rejected), though ∂ log ℓ/∂w = 2/(w - 1) ≈ 667 fits: the log transform warns about float16 losses, and the
-    advice it gives (reduce in float32) yields the exact gradient with float16 parameters."""
-    p = {"w": jnp.array([1.0 + 3e-3, 0.0], jnp.float16)}
+def _f16_params():
+    return {"w": jnp.array([1.0 + 3e-3, 0.0], jnp.float16)}
 
-    def f16(q):
-        return jnp.stack([(q["w"][0] - 1) ** 2, (q["w"][1] - 2) ** 2])
 
+def _f16_losses(q):
+    """float16 losses; task 0's is 8.6e-6, so 1/ℓ_0 ≈ 1.2e5 overflows float16 while ∂ log ℓ_0/∂w_0 ≈ 667 fits."""
+    return jnp.stack([(q["w"][0] - 1) ** 2, (q["w"][1] - 2) ** 2])
+
+
+def _f16_want(p, eps=1e-8):
+    """The exact per-task gradients of log(ℓ_t + ε) in float64 (rows: tasks)."""
+    w = np.asarray(p["w"], np.float64)
+    r = w - np.array([1.0, 2.0])
+    return np.diag(2 * r / (r**2 + eps))
+
+
+def test_float16_losses_under_the_log_overflow_only_when_differentiated_by_hand():
+    """Differentiating transform_losses by hand carries 1/ℓ in float16 (inf): it warns; the same objective
+    through value_and_task_grads (every strategy and chunking) is exact, without a warning."""
+    p = _f16_params()
     with pytest.warns(UserWarning, match="float16 task losses under the log transform"):
-        _, g = dbmtl_jax.value_and_task_grads(f16)(p)
-    assert not bool(jnp.isfinite(g["w"][0, 0]))  # the documented limit, now announced
+        g_hand = jax.jacrev(lambda q: transform_losses(_f16_losses(q)))(p)
+    assert not bool(jnp.isfinite(g_hand["w"][0, 0]))  # the limit the warning names
+    for kw in ({}, {"strategy": "vmap"}, {"chunk_size": 1}):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            losses, g = jax.jit(dbmtl_jax.value_and_task_grads(_f16_losses, **kw))(p)
+        assert g["w"].dtype == jnp.float16 and losses.dtype == jnp.float16
+        np.testing.assert_allclose(np.asarray(g["w"], np.float64), _f16_want(p), rtol=2e-3, atol=1e-3)
 
-    def f32(q):
-        w = q["w"].astype(jnp.float32)
-        return jnp.stack([(w[0] - 1) ** 2, (w[1] - 2) ** 2])
 
-    losses, g = dbmtl_jax.value_and_task_grads(f32)(p)
-    w0 = float(p["w"][0])
+def test_float16_head_losses_give_the_exact_log_gradient_through_a_trunk_heads_spec():
+    """Head t's loss (z_t h_t − c_t)² in float16, ℓ_0 = 8.6e-6: trunk and head gradients of log(ℓ_t + ε) are exact."""
+    c = jnp.array([1.0, 2.0], jnp.float16)
+    spec = dbmtl_jax.TrunkHeads(lambda tp, b: tp * 1, [lambda h, z, b, t=t: (z[t] * h - c[t]) ** 2 for t in range(2)])
+    params = (jnp.array([1.0 + 3e-3, 0.5], jnp.float16), (jnp.array(1.0, jnp.float16), jnp.array(1.0, jnp.float16)))
+    losses, (g_trunk, g_heads) = jax.jit(dbmtl_jax.value_and_task_grads(spec))(params, None)
+    z = np.asarray(params[0], np.float64)
+    r = z - np.asarray(c, np.float64)
+    d = 2 * r / (r**2 + 1e-8)
+    np.testing.assert_allclose(np.asarray(g_trunk, np.float64), np.diag(d), rtol=2e-3, atol=1e-3)
+    for t in range(2):  # head t's gradient sits in row t
+        assert g_heads[t].dtype == jnp.float16
+        np.testing.assert_allclose(float(g_heads[t][t]), d[t] * z[t], rtol=2e-3)
+
+
+@pytest.mark.parametrize("variant", ["loss_fn", "trunk_heads"])
+def test_fused_dbmtl_with_float16_losses_equals_the_chain_and_is_finite(variant):
+    """The streamed fold rescales the same way: fused_dbmtl's float16 update equals the transform chain's."""
+    if variant == "loss_fn":
+        model, params, args = _f16_losses, _f16_params(), ()
+        vg = dbmtl_jax.value_and_task_grads(_f16_losses)
+        shared = None
+    else:
+        c = jnp.array([1.0, 2.0], jnp.float16)
+        model = dbmtl_jax.TrunkHeads(lambda tp, b: tp * 1, [lambda h, z, b, t=t: (z[t] * h - c[t]) ** 2 for t in range(2)])
+        params = (jnp.array([1.0 + 3e-3, 0.5], jnp.float16), (jnp.array(1.0, jnp.float16), jnp.array(1.0, jnp.float16)))
+        args = (None,)
+        vg = dbmtl_jax.value_and_task_grads(model)
+        shared = model.shared_mask(params)
+    step = dbmtl_jax.fused_dbmtl(model, 2, optax.sgd(1.0))
+    _, updates, _ = jax.jit(step.update)(step.init(params), params, *args)
+    tx = optax.chain(dbmtl_jax.dbmtl(2, shared=shared), optax.sgd(1.0))
+    _, g = vg(params, *args)
+    want, _ = tx.update(g, tx.init(params), params)
+    for a, b in zip(jax.tree.leaves(updates), jax.tree.leaves(want)):
+        assert bool(jnp.all(jnp.isfinite(a)))
+        np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=2e-3, atol=1e-4)
+    assert float(jnp.max(jnp.abs(jax.tree.leaves(updates)[0]))) > 1.0  # not the zeros of a rejected step
+
+
+@pytest.mark.parametrize("method,log", [("stch", False), ("ew", True)])
+def test_weighted_path_with_float16_losses_and_large_cotangents_is_exact(method, log):
+    """The one-backward-pass gradient Σ_t w_t ∇f(ℓ_t) on a float16 loss of 8.6e-6 carries a cotangent of
+    ~1.2e5 into the float16 graph, either from STCH's warm-up weight 1/(ℓ_t + 1e-20) or from EW + log's
+    1/(ℓ_t + ε): rescaled, the gradient (≈ 667 and small) is exact instead of inf."""
+    p = _f16_params()
+    state = dbmtl_jax.get_method(method, 2, grads="weighted").init(p)
+    losses, g = jax.jit(loss_weighting.value_and_weighted_grad(_f16_losses, log=log))(state, p)
+    r = np.asarray(p["w"], np.float64) - np.array([1.0, 2.0])
+    weights = 1.0 / np.asarray(losses, np.float64) if method == "stch" else np.ones(2)  # from the float16 losses
+    want = weights * 2 * r / ((r**2 + 1e-8) if log else 1.0)
     assert g["w"].dtype == jnp.float16
-    np.testing.assert_allclose(float(g["w"][0, 0]), 2 * (w0 - 1) / ((w0 - 1) ** 2 + 1e-8), rtol=2e-3)
+    np.testing.assert_allclose(np.asarray(g["w"], np.float64), want, rtol=3e-3)
 
 
 def test_dbmtl_norms_do_not_overflow_for_large_finite_gradients():
