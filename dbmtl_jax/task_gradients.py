@@ -122,7 +122,7 @@ def transform_losses(losses: jax.Array, *, log: bool = True, eps: float = 1e-8) 
     float16 losses warn when this function is differentiated by hand: the pull-back enters the loss's graph
     as ``1/(ℓ + ε)`` in float16, which overflows (max 65504) once a loss falls below about 1.5e-5.  The
     library's gradient functions (:func:`value_and_task_grads`, :func:`dbmtl_jax.fused_dbmtl`,
-    :func:`dbmtl_jax.value_and_weighted_grad`) rescale that cotangent and are exact for float16 losses.
+    :func:`dbmtl_jax.loss_weighting.value_and_weighted_grad`) rescale that cotangent and are exact for float16 losses.
     """
     if log and jnp.dtype(losses.dtype) == jnp.float16:
         warnings.warn(
@@ -326,7 +326,7 @@ def value_and_task_grads(
 def _heads_once(
     trunk_fn: Callable, head_loss_fns: Sequence[Callable], trunk_params: PyTree, head_params: Sequence[PyTree],
     batch: Any, log: bool, eps: float,
-) -> tuple[jax.Array, tuple, PyTree, Callable]:
+) -> tuple[jax.Array, tuple, PyTree, Callable, Optional[jax.Array]]:
     """Trunk forward, then each head differentiated once for its own task.
 
     Returns ``(losses [T], head_grads, feature cotangents stacked [T, ...], trunk_vjp, scale)``.  ``scale``
