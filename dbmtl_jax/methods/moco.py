@@ -136,10 +136,18 @@ def moco(
                 h = [x * c.reshape((num_tasks,) + (1,) * (x.ndim - 1)) for x in h]
             new_y = [y.astype(dt) - beta_k.astype(dt) * (y.astype(dt) - x) for y, x in zip(y_l, h)]
             gram, scale = nm.gram(new_y, num_tasks, dt)
-            gram = gram * scale
             lam = state.lambd.astype(dt)
-            step = jnp.matmul(gram + rho * jnp.eye(num_tasks, dtype=dt), lam, precision=nm.HIGHEST)
-            z = lam - gamma_k.astype(dt) * step
+            gk = gamma_k.astype(dt)
+            step = jnp.matmul(gram * scale + rho * jnp.eye(num_tasks, dtype=dt), lam, precision=nm.HIGHEST)
+            z = lam - gk * step
+            # For ‖y‖ above ~1e19 (float32) the raw Y Yᵀ overflows (inf, and 0·inf = NaN) and z is no longer
+            # finite: the projection (or softmax) would read its entries as ties and reset λ.  Both maps are
+            # invariant to a common shift of z, so drop γ s min_t (G̃λ)_t: the task(s) with the smallest
+            # (Y Yᵀ λ)_t keep a finite entry, the others are pushed down by their difference (inf: excluded).
+            v = jnp.matmul(gram, lam, precision=nm.HIGHEST)
+            dv = v - jnp.min(v)
+            push = jnp.where((dv > 0) & (gk > 0), gk * (scale * dv), 0.0)
+            z = jnp.where(jnp.all(jnp.isfinite(z)), z, lam - gk * rho * lam - push)
             if lambda_update == "project":
                 lambd = nm.project_simplex(z)
             else:

@@ -188,7 +188,7 @@ def mtadam(
         def rebuild(tree: PyTree, leaves: list) -> PyTree:
             return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(tree), leaves)
 
-        return out, MTAdamState(
+        new_state = MTAdamState(
             count=count,
             norms=norms,
             mu=rebuild(state.mu, new_mu),
@@ -196,5 +196,9 @@ def mtadam(
             mu_heads=rebuild(state.mu_heads, new_muh),
             nu_heads=rebuild(state.nu_heads, new_nuh),
         )
+        # Finite gradients can still overflow the second moments (squares of entries above ~1e19 in
+        # float32): an inf there makes the update a silent m / inf = 0, now and at every later step.  Such a
+        # step (or one with a non-finite gradient) is made visibly invalid and the state kept, as GradNorm's.
+        return nm.reject_unless(nm.all_finite(new_state), out, new_state, state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
