@@ -183,12 +183,12 @@ def dbmtl_direction(
     """``(‖ĝ_t‖, [α Σ_t ĝ_t / (‖ĝ_t‖ + ε) per leaf])`` from the updated EMA leaves ``[T, *shape]``.
 
     The one place of the rescaling maths, shared by :func:`dbmtl` and the fused
-    step (which passes the ``[2, T]`` squared norms it accumulated while
+    step (which passes the ``[3, T]`` squared norms it accumulated while
     streaming, :func:`dbmtl_jax.task_axis.task_sq_norms_pair`).  Norms stay
-    finite whenever the true norm is.  The directions are in
+    finite and accurate whenever the true norm is representable.  The directions are in
     ``promote_types(ema dtype, acc)``; with ``valid`` False they are NaN.
     """
-    norms = ta.norms_from_pair(ta.task_sq_norms_pair(ema, acc) if sq_pair is None else sq_pair)
+    norms = ta.norms_from_pair(ta.task_sq_norms_pair(ema, acc) if sq_pair is None else sq_pair, ema)
     scale = aggregate_alpha(norms, alpha) / (norms + jnp.asarray(eps, acc))
     if valid is not None:
         scale = jnp.where(valid, scale, jnp.nan)

@@ -94,7 +94,7 @@ def _fold_rows(
     in_place: bool, acc: Any,
 ) -> tuple[list, jax.Array]:
     """``ĝ_t ← β_k ĝ_t + (1 − β_k) g_t`` for the rows ``start …`` of every EMA leaf (written in place into
-    the loop carry), and their squared norms into ``sq`` (``[2, T]``, :func:`ta.task_sq_norms_pair`)."""
+    the loop carry), and their squared norms into ``sq`` (``[3, T]``, :func:`ta.task_sq_norms_pair`)."""
     c = g_shared[0].shape[0]
     rows_ok = jnp.ones([c], bool)
     out, news = [], []
@@ -107,8 +107,8 @@ def _fold_rows(
             new = jnp.where(ok & jnp.isfinite(new), new, old)
         out.append(jax.lax.dynamic_update_slice_in_dim(m, new, start, axis=0))
     # NaN marks a row with a non-finite entry (even where in-place mode did not write it); an inf
-    # in the plain row of the pair is only an overflow of the squares (see ta.norms_from_pair).
-    sq_rows = jnp.where(rows_ok, ta.task_sq_norms_pair(news, acc), jnp.nan)
+    # in the plain or the up-scaled row is only an overflow of the squares (see ta.norms_from_pair).
+    sq_rows = jnp.where(rows_ok, ta.task_sq_norms_pair(news, acc, small=True), jnp.nan)
     return out, jax.lax.dynamic_update_slice_in_dim(sq, sq_rows, start, axis=1)
 
 
@@ -278,7 +278,7 @@ def _fused_loss_fn(
                 raise ValueError(f"loss_fn must return {num_tasks} task losses (the task axis), got shape "
                                  f"{losses.shape}.")
             heads0 = [jnp.zeros(jnp.shape(h), jnp.promote_types(jnp.result_type(h), jnp.float32)) for h in p_heads]
-            return ema, jnp.zeros([2, num_tasks], acc), heads0, _losses_ok(losses, log) & opts_ok
+            return ema, jnp.zeros([3, num_tasks], acc), heads0, _losses_ok(losses, log) & opts_ok
 
         grads_fn = _fold_task_grads(loss_fn, fold, log=log, eps=eps, has_aux=has_aux, chunk_size=chunk_size,
                                     unroll=unroll)
@@ -324,7 +324,7 @@ def _fused_trunk_heads(
             return ema_c, sq, ok
 
         def first_carry(losses: jax.Array) -> tuple:
-            return ema, jnp.zeros([2, num_tasks], acc), _losses_ok(losses, log) & opts_ok
+            return ema, jnp.zeros([3, num_tasks], acc), _losses_ok(losses, log) & opts_ok
 
         grads_fn = _trunk_heads_fold_task_grads(spec.trunk_fn, spec.head_loss_fns, fold, log=log, eps=eps,
                                                 chunk_size=chunk_size, unroll=unroll)

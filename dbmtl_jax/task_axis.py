@@ -219,27 +219,52 @@ def _overflow_scale(dtype: Any) -> float:
     return 2.0 ** -(jnp.finfo(dtype).maxexp // 2)
 
 
-def task_sq_norms_pair(leaves: list, dtype: Any = jnp.float32) -> jax.Array:
+def task_sq_norms_pair(leaves: list, dtype: Any = jnp.float32, *, small: bool = False) -> jax.Array:
     """``[2, T]``: each task row's squared norm, plain and computed on the row times
-    ``2^-(maxexp/2)`` (one pass over the leaves, two reductions); see :func:`norms_from_pair`."""
+    ``s = 2^-(maxexp/2)`` (one pass over the leaves, two reductions); see :func:`norms_from_pair`.
+    With ``small``, ``[3, T]``: a third reduction on the row times ``1/s``, for norms whose plain
+    squares underflow (below ~5e-20 in float32); a caller that streams rows adds it while they are
+    at hand instead of passing the rows to :func:`norms_from_pair` later."""
     scale = _overflow_scale(dtype)
     total = None
     for x in leaves:
         x = x.astype(jnp.promote_types(x.dtype, dtype)).reshape(x.shape[0], -1)
-        s = jnp.stack([jnp.sum(jnp.square(x), axis=1), jnp.sum(jnp.square(x * scale), axis=1)])
+        rows = [jnp.sum(jnp.square(x), axis=1), jnp.sum(jnp.square(x * scale), axis=1)]
+        if small:
+            rows.append(jnp.sum(jnp.square(x / scale), axis=1))
+        s = jnp.stack(rows)
         total = s if total is None else total + s
     return total
 
 
-def norms_from_pair(sq_pair: jax.Array) -> jax.Array:
-    """``‖x_t‖`` from :func:`task_sq_norms_pair`'s ``[2, T]``: finite whenever the true norm is.
+def norms_from_pair(sq_pair: jax.Array, leaves: Optional[list] = None) -> jax.Array:
+    """``‖x_t‖`` from :func:`task_sq_norms_pair`'s rows: finite and accurate whenever the true norm is
+    representable.
 
     The plain sum of squares overflows for norms above ~1.8e19 in float32
-    although the norm itself is representable; there the scaled sum is exact
-    (entries small enough to underflow in it are negligible against such a norm).
+    although the norm itself is representable; there the down-scaled sum is
+    exact (entries small enough to underflow in it are negligible against such
+    a norm).  It also underflows, towards 0, for tiny norms: a norm whose plain
+    square is below ``s = 2^-(maxexp/2)`` (norm below ~2.3e-10 in float32) is
+    taken from the up-scaled sum, the third row of ``sq_pair`` if it has one,
+    else recomputed from the rows ``leaves`` (``[T, ...]`` each) inside a
+    ``lax.cond``, so that a step without such a norm reads them no third time.
+    Without either, tiny norms are the plain ones.
     """
-    sq, sq_scaled = sq_pair[0], sq_pair[1]
-    return jnp.where(jnp.isfinite(sq), jnp.sqrt(sq), jnp.sqrt(sq_scaled) / _overflow_scale(sq_pair.dtype))
+    sq, sq_down = sq_pair[0], sq_pair[1]
+    scale = _overflow_scale(sq_pair.dtype)
+    norms = jnp.where(jnp.isfinite(sq), jnp.sqrt(sq), jnp.sqrt(sq_down) / scale)
+    tiny = sq < scale  # a norm below 2^-(maxexp/4): its squares may have underflowed
+    if sq_pair.shape[0] == 3:
+        return jnp.where(tiny, jnp.sqrt(sq_pair[2]) * scale, norms)
+    if leaves is None:
+        return norms
+
+    def rescaled(_: Any) -> jax.Array:
+        up = sum(jnp.sum(jnp.square(x.astype(sq_pair.dtype).reshape(x.shape[0], -1) / scale), axis=1) for x in leaves)
+        return jnp.where(tiny, jnp.sqrt(up) * scale, norms)
+
+    return jax.lax.cond(jnp.any(tiny), rescaled, lambda _: norms, None)
 
 
 def task_norms(tree: PyTree, dtype: Any = jnp.float32) -> jax.Array:

@@ -13,7 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import optax
+
 import dbmtl_jax
+from dbmtl_jax import task_axis as ta
 
 
 def _same(a, b):
@@ -53,10 +56,10 @@ def test_moco_lambda_step_is_exact_when_the_raw_gram_matrix_overflows():
 
 
 @pytest.mark.xfail(strict=True, raises=AssertionError, reason="FairGrad's weights are returned on the raw gradient scale in float32: "
-                   "w_t = ‖g_t‖^(-4/3) (α = 2) is below the smallest float32 for ‖g_t‖ ≳ 1e34 (and flushed to "
-                   "0 by XLA:CPU below 1.2e-38, ‖g_t‖ ≳ 3e28), so the update is a silent 0 although it is "
-                   "~‖g_t‖^(-1/3); only state.residual (≥ 1) says so. Not fixed: needs the weights in a "
-                   "scaled form through power_balance, balance_transform and make_gradient_transform.")
+                   "w_t = ‖g_t‖^(-4/3) (α = 2) is below the smallest normal float32 for ‖g_t‖ ≳ 3e28, so the "
+                   "update (~‖g_t‖^(-1/3), representable) cannot be formed; the step is made invalid instead (next "
+                   "test). Delivering it needs the weights in a scaled form through power_balance, "
+                   "balance_transform and make_gradient_transform.")
 def test_fairgrad_update_is_not_silently_zero_for_huge_gradients():
     s = 1e36
     params = {"w": jnp.zeros(2)}
@@ -66,15 +69,55 @@ def test_fairgrad_update_is_not_silently_zero_for_huge_gradients():
     np.testing.assert_allclose(np.asarray(u["w"]), [s ** (-1 / 3)] * 2, rtol=1e-3)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="DB-MTL's task norms (task_axis.norms_from_pair) "
-                   "guard the overflow of the sum of squares but not its underflow: a task norm below ~1e-19 "
-                   "(float32) comes out 0, and with eps below it the task's ĝ_t / (‖ĝ_t‖ + ε) is ‖ĝ_t‖/ε times "
-                   "too large. Harmless at the default eps=1e-8. Not fixed here: the fix belongs in "
-                   "dbmtl_jax/task_axis.py (shared with the fused step), outside dbmtl_jax/methods.")
-def test_dbmtl_tiny_task_norm_with_a_small_eps_does_not_explode():
+def test_fairgrad_unrepresentable_weights_make_the_step_invalid_and_keep_the_warm_start():
+    """Task-gradient norms of 1e30: the weights (~1e-40) underflowed float32 and the update was a silent 0 (only
+    state.residual showed it).  Now the update is NaN (for optax.apply_if_finite / skip_invalid_steps to reject)
+    and the warm-start weights are kept; the next ordinary step is finite."""
     params = {"w": jnp.zeros(2)}
-    g = {"w": jnp.asarray([[1.0, 0.0], [0.0, 1e-25]], jnp.float32)}
-    tx = dbmtl_jax.dbmtl(2, beta=0.0, eps=1e-30)  # β = 0: the EMA is the gradient
-    u, _ = jax.jit(tx.update)(g, tx.init(params), params)
-    # α = max_t ‖ĝ_t‖ = 1, d = Σ_t ĝ_t / (‖ĝ_t‖ + ε) = (1, 1e-25 / (1e-25 + 1e-30)) ≈ (1, 1); computed (1, 1e5)
-    np.testing.assert_allclose(np.asarray(u["w"]), [1.0, 1.0], rtol=1e-4)
+    g = {"w": jnp.asarray([[3.0, 0.0], [1.0, 2.0]], jnp.float32)}
+    tx = dbmtl_jax.get_method("fairgrad", 2, max_norm=0.0)
+    update = jax.jit(tx.update)
+    u, state = update(g, tx.init(params), params)
+    assert bool(jnp.all(jnp.isfinite(u["w"])))
+    u, new = update(jax.tree.map(lambda x: x * 1e30, g), state, params)
+    assert bool(jnp.all(jnp.isnan(u["w"])))
+    np.testing.assert_array_equal(np.asarray(new.weights), np.asarray(state.weights))
+    u, _ = update(g, new, params)
+    assert bool(jnp.all(jnp.isfinite(u["w"]))) and bool(jnp.any(u["w"] != 0))
+
+
+@pytest.mark.parametrize("scale", [1e-36, 1e-30, 1e-25, 1e-20, 1e-10, 1.0, 1e10, 1e19, 1e25, 1e37])
+def test_task_norms_from_scaled_rows_match_float64_at_every_scale(scale):
+    """DB-MTL's task norms (task_sq_norms_pair + norms_from_pair, used by dbmtl and fused_dbmtl) against
+    NumPy in float64, from norms near float32's smallest normal (XLA:CPU flushes subnormals) to near overflow: neither the squares' overflow (> ~1.8e19) nor their
+    underflow (< ~5e-20, where a plain norm comes out 0 or loses digits) shows."""
+    rng = np.random.default_rng(0)
+    rows = rng.normal(size=(3, 40)) * np.asarray([[1.0], [0.3], [2.0]])
+    leaves = [jnp.asarray(rows[:, :25] * scale, jnp.float32), jnp.asarray(rows[:, 25:] * scale, jnp.float32)]
+    want = np.linalg.norm(np.concatenate([np.asarray(x, np.float64) for x in leaves], axis=1), axis=1)
+    got = np.asarray(jax.jit(lambda ls: ta.norms_from_pair(ta.task_sq_norms_pair(ls), ls))(leaves))
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert np.all(got > 0)
+
+
+def _tiny_task_step(variant):
+    """One β = 0 step with task gradients (1, 0) and (0, 1e-25), eps = 1e-30, SGD(1): the update is −α Σ_t ĝ_t/(‖ĝ_t‖+ε)."""
+    tx_kw = dict(beta=0.0, eps=1e-30)
+    params = {"w": jnp.zeros(2)}
+    if variant == "dbmtl":
+        g = {"w": jnp.asarray([[1.0, 0.0], [0.0, 1e-25]], jnp.float32)}
+        tx = dbmtl_jax.dbmtl(2, **tx_kw)
+        u, _ = jax.jit(tx.update)(g, tx.init(params), params)
+        return -u["w"]
+    loss_fn = lambda p: jnp.stack([p["w"][0], 1e-25 * p["w"][1]]) + 1.0  # noqa: E731
+    step = dbmtl_jax.fused_dbmtl(loss_fn, 2, optax.sgd(1.0), log=False, **tx_kw)
+    _, u, _ = jax.jit(step.update)(step.init(params), params)
+    return u["w"]
+
+
+@pytest.mark.parametrize("variant", ["dbmtl", "fused"])
+def test_dbmtl_tiny_task_norm_with_a_small_eps_does_not_explode(variant):
+    """A task norm of 1e-25 squared underflowed to 0, and with eps = 1e-30 the task's ĝ_t/(‖ĝ_t‖ + ε) came out
+    ‖ĝ_t‖/ε = 1e5 times too large: the update was (1, 1e5) instead of (1, 1)."""
+    # α = max_t ‖ĝ_t‖ = 1, d = (1, 1e-25 / (1e-25 + 1e-30)) ≈ (1, 1); SGD(1) applies −d
+    np.testing.assert_allclose(np.asarray(_tiny_task_step(variant)), [-1.0, -1.0], rtol=1e-4)

@@ -32,8 +32,11 @@ Choices:
 * residual: the state keeps a *bound* on ``max_t |w_t^{1/α} (Gw)_t − 1|``
   (the residual in the scaled variables plus a rounding margin that grows
   with the cancellation in ``Gw``) and the iterations; ``residual ≤ tol``
-  certifies the condition, while ill-conditioned problems, weights outside
-  the float32 range or a cap hit report a residual above ``tol``.
+  certifies the condition, while ill-conditioned problems or a cap hit
+  report a residual above ``tol``.  Weights outside float32's normal range
+  (task-gradient norms above ~3e28 at α = 2) make the step invalid: NaN
+  update, warm start kept (the update itself, of norm ~‖g‖^((1−α)/(1+α)),
+  is representable, but not through raw-scale weights).
 * ``ridge`` (default 1e-6, relative to each task's own squared gradient
   norm) is added to the diagonal of ``G`` to keep ``w`` finite when the
   equation has no solution; its bias is removed by two final Newton steps
