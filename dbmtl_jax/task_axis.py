@@ -226,13 +226,15 @@ def task_sq_norms_pair(leaves: list, dtype: Any = jnp.float32, *, small: bool = 
     squares underflow (below ~5e-20 in float32); a caller that streams rows adds it while they are
     at hand instead of passing the rows to :func:`norms_from_pair` later."""
     scale = _overflow_scale(dtype)
+    return _scaled_sq_sums(leaves, dtype, (1.0, scale, 1.0 / scale) if small else (1.0, scale))
+
+
+def _scaled_sq_sums(leaves: list, dtype: Any, factors: tuple) -> jax.Array:
+    """``[len(factors), T]``: ``Σ (f·x)²`` over each task row of the leaves, for each factor ``f``."""
     total = None
     for x in leaves:
         x = x.astype(jnp.promote_types(x.dtype, dtype)).reshape(x.shape[0], -1)
-        rows = [jnp.sum(jnp.square(x), axis=1), jnp.sum(jnp.square(x * scale), axis=1)]
-        if small:
-            rows.append(jnp.sum(jnp.square(x / scale), axis=1))
-        s = jnp.stack(rows)
+        s = jnp.stack([jnp.sum(jnp.square(x if f == 1.0 else x * f), axis=1) for f in factors])
         total = s if total is None else total + s
     return total
 
@@ -261,7 +263,7 @@ def norms_from_pair(sq_pair: jax.Array, leaves: Optional[list] = None) -> jax.Ar
         return norms
 
     def rescaled(_: Any) -> jax.Array:
-        up = sum(jnp.sum(jnp.square(x.astype(sq_pair.dtype).reshape(x.shape[0], -1) / scale), axis=1) for x in leaves)
+        up = _scaled_sq_sums(leaves, sq_pair.dtype, (1.0 / scale,))[0]
         return jnp.where(tiny, jnp.sqrt(up) * scale, norms)
 
     return jax.lax.cond(jnp.any(tiny), rescaled, lambda _: norms, None)
