@@ -11,9 +11,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
-
 import optax
+import pytest
 
 import dbmtl_jax
 from dbmtl_jax import task_axis as ta
@@ -89,8 +88,9 @@ def test_fairgrad_unrepresentable_weights_make_the_step_invalid_and_keep_the_war
 @pytest.mark.parametrize("scale", [1e-36, 1e-30, 1e-25, 1e-20, 1e-10, 1.0, 1e10, 1e19, 1e25, 1e37])
 def test_task_norms_from_scaled_rows_match_float64_at_every_scale(scale):
     """DB-MTL's task norms (task_sq_norms_pair + norms_from_pair, used by dbmtl and fused_dbmtl) against
-    NumPy in float64, from norms near float32's smallest normal (XLA:CPU flushes subnormals) to near overflow: neither the squares' overflow (> ~1.8e19) nor their
-    underflow (< ~5e-20, where a plain norm comes out 0 or loses digits) shows."""
+    NumPy in float64, from norms near float32's smallest normal (XLA:CPU flushes subnormals) to near overflow:
+    neither the squares' overflow (> ~1.8e19) nor their underflow (< ~5e-20, where a plain norm comes out 0 or
+    loses digits) shows."""
     rng = np.random.default_rng(0)
     rows = rng.normal(size=(3, 40)) * np.asarray([[1.0], [0.3], [2.0]])
     leaves = [jnp.asarray(rows[:, :25] * scale, jnp.float32), jnp.asarray(rows[:, 25:] * scale, jnp.float32)]
