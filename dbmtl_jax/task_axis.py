@@ -230,11 +230,17 @@ def task_sq_norms_pair(leaves: list, dtype: Any = jnp.float32, *, small: bool = 
 
 
 def _scaled_sq_sums(leaves: list, dtype: Any, factors: tuple) -> jax.Array:
-    """``[len(factors), T]``: ``Σ (f·x)²`` over each task row of the leaves, for each factor ``f``."""
+    """``[len(factors), T]``: ``Σ (f·x)²`` over each task row of the leaves, for each factor ``f``.
+
+    Each factor other than 1 goes through ``lax.optimization_barrier`` (a scalar, so nothing else is
+    kept from fusing): as a visible constant, XLA's simplifier may rewrite ``(f·x)²`` as ``f²·x²``, and
+    ``f²`` is 0 or inf in the dtype (it did for single-element leaves: 0 → NaN, 1e25 → NaN).
+    """
     total = None
     for x in leaves:
         x = x.astype(jnp.promote_types(x.dtype, dtype)).reshape(x.shape[0], -1)
-        s = jnp.stack([jnp.sum(jnp.square(x if f == 1.0 else x * f), axis=1) for f in factors])
+        fs = [None if f == 1.0 else jax.lax.optimization_barrier(jnp.asarray(f, x.dtype)) for f in factors]
+        s = jnp.stack([jnp.sum(jnp.square(x if f is None else x * f), axis=1) for f in fs])
         total = s if total is None else total + s
     return total
 

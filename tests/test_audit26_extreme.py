@@ -100,6 +100,20 @@ def test_task_norms_from_scaled_rows_match_float64_at_every_scale(scale):
     assert np.all(got > 0)
 
 
+@pytest.mark.parametrize("shape", [(1,), (1, 1), (2, 1), (1, 3)])
+@pytest.mark.parametrize("value", [0.0, 1e-25, 1.0, 1e25])
+def test_task_norms_of_single_element_leaves_survive_xla_simplification(shape, value):
+    """With the scale factors as visible constants, XLA rewrote (f·x)² as f²·x² when the leaf had one element, and
+    f² = 2^±128 is inf or 0 in float32: a zero gradient got the norm NaN (found by test_properties, T = 1 with a
+    scalar parameter) and a gradient of 1e25 too."""
+    x = jnp.full(shape, value, jnp.float32)
+    got = np.asarray(jax.jit(lambda ls: ta.norms_from_pair(ta.task_sq_norms_pair(ls), ls))([x]))
+    want = np.linalg.norm(np.asarray(x, np.float64).reshape(shape[0], -1), axis=1)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    small = np.asarray(jax.jit(lambda ls: ta.norms_from_pair(ta.task_sq_norms_pair(ls, small=True)))([x]))
+    np.testing.assert_allclose(small, want, rtol=1e-6)
+
+
 def _tiny_task_step(variant):
     """One β = 0 step with task gradients (1, 0) and (0, 1e-25), eps = 1e-30, SGD(1): the update is −α Σ_t ĝ_t/(‖ĝ_t‖+ε)."""
     tx_kw = dict(beta=0.0, eps=1e-30)
