@@ -71,7 +71,8 @@ def test_fairgrad_update_is_not_silently_zero_for_huge_gradients():
 def test_fairgrad_unrepresentable_weights_make_the_step_invalid_and_keep_the_warm_start():
     """Task-gradient norms of 1e30: the weights (~1e-40) underflowed float32 and the update was a silent 0 (only
     state.residual showed it).  Now the update is NaN (for optax.apply_if_finite / skip_invalid_steps to reject)
-    and the warm-start weights are kept; the next ordinary step is finite."""
+    and the whole state is kept (warm-start weights, step count, solver report); the next ordinary step is
+    finite.  Nash-MTL shares the guard (balance_transform)."""
     params = {"w": jnp.zeros(2)}
     g = {"w": jnp.asarray([[3.0, 0.0], [1.0, 2.0]], jnp.float32)}
     tx = dbmtl_jax.get_method("fairgrad", 2, max_norm=0.0)
@@ -80,9 +81,27 @@ def test_fairgrad_unrepresentable_weights_make_the_step_invalid_and_keep_the_war
     assert bool(jnp.all(jnp.isfinite(u["w"])))
     u, new = update(jax.tree.map(lambda x: x * 1e30, g), state, params)
     assert bool(jnp.all(jnp.isnan(u["w"])))
-    np.testing.assert_array_equal(np.asarray(new.weights), np.asarray(state.weights))
+    for field in state._fields:
+        np.testing.assert_array_equal(np.asarray(getattr(new, field)), np.asarray(getattr(state, field)), err_msg=field)
     u, _ = update(g, new, params)
     assert bool(jnp.all(jnp.isfinite(u["w"]))) and bool(jnp.any(u["w"] != 0))
+
+
+@pytest.mark.parametrize("weight_heads", [False, True])
+def test_balance_rejection_makes_every_leaf_invalid_including_the_heads(weight_heads):
+    """A rejected FairGrad step is rejected as a whole: with a task-specific leaf (summed or weighted), its
+    update is NaN too, so a skip wrapper cannot apply half a step (the head part alone)."""
+    params = {"w": jnp.zeros(2), "head": jnp.zeros(3)}
+    g = {"w": jnp.asarray([[3.0, 0.0], [1.0, 2.0]], jnp.float32), "head": jnp.ones((2, 3), jnp.float32)}
+    tx = dbmtl_jax.get_method("fairgrad", 2, max_norm=0.0, weight_heads=weight_heads,
+                              shared=lambda path: path == "w")
+    update = jax.jit(tx.update)
+    u, state = update(g, tx.init(params), params)
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(u))
+    huge = {"w": g["w"] * 1e30, "head": g["head"]}
+    u, new = update(huge, state, params)
+    assert all(bool(jnp.all(jnp.isnan(x))) for x in jax.tree.leaves(u))
+    assert int(new.count) == int(state.count)
 
 
 @pytest.mark.parametrize("scale", [1e-36, 1e-30, 1e-25, 1e-20, 1e-10, 1.0, 1e10, 1e19, 1e25, 1e37])

@@ -113,6 +113,7 @@ def make_gradient_transform(
     stale: Optional[Callable[[NamedTuple], tuple[jax.Array, Mapping[str, Any]]]] = None,
     advance: Optional[Callable[..., Mapping[str, Any]]] = None,
     postprocess: Optional[Callable[[list], list]] = None,
+    accept: Optional[Callable[[jax.Array], jax.Array]] = None,
 ) -> optax.GradientTransformationExtraArgs:
     """The Optax transform of a method that is a *weighting* of the task Gram matrix (TorchJD's view).
 
@@ -147,6 +148,12 @@ def make_gradient_transform(
       advance: ``advance(state, *, losses, key) -> fields``, a state update that
         does not need the gradients (run on every update).
       postprocess: applied to the combined shared leaves (e.g. norm clipping).
+      accept: ``accept(weights) -> bool`` (traced): a step whose weights fail it
+        is rejected as a whole: every update leaf NaN and the *old* state kept
+        (:func:`dbmtl_jax.methods._numerics.reject_unless`), so
+        :func:`dbmtl_jax.skip_invalid_steps` skips it and the next step starts
+        from where this one did.  For weights that a finite Gram matrix can still
+        make meaningless (underflowed to 0).
     """
     nm.check_choice(gram, GRAMS, "gram", name)
 
@@ -204,6 +211,9 @@ def make_gradient_transform(
         if advance is not None:
             fields.update(advance(state, losses=losses, key=key))
         out = ta.merge_shared(out_shared, out_heads, mask, treedef)
-        return out, state._replace(count=optax.safe_increment(state.count), **fields)
+        new_state = state._replace(count=optax.safe_increment(state.count), **fields)
+        if accept is None or weights is None:
+            return out, new_state
+        return nm.reject_unless(accept(weights), out, new_state, state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

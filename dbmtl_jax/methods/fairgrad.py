@@ -35,7 +35,7 @@ Choices:
   certifies the condition, while ill-conditioned problems or a cap hit
   report a residual above ``tol``.  Weights outside float32's normal range
   (task-gradient norms above ~3e28 at α = 2) make the step invalid: NaN
-  update, warm start kept (the update itself, of norm ~‖g‖^((1−α)/(1+α)),
+  update and the whole state kept (the update itself, of norm ~‖g‖^((1−α)/(1+α)),
   is representable, but not through raw-scale weights).
 * ``ridge`` (default 1e-6, relative to each task's own squared gradient
   norm) is added to the diagonal of ``G`` to keep ``w`` finite when the

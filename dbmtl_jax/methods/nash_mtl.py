@@ -229,13 +229,12 @@ def balance_transform(
     def weighting(gram: tuple, state: NamedTuple, **_: Any) -> tuple[jax.Array, dict]:
         res = solve_balanced_weights(gram, p, state.weights, ridge=ridge, max_iter=max_iter, tol=tol)
         w = res.x.astype(jnp.float32)
+        return w, dict(weights=w, residual=res.residual.astype(jnp.float32), iterations=res.iterations.astype(jnp.int32))
+
+    def normal_weights(w: jax.Array) -> jax.Array:
         # The weights are positive by construction; one that is not a normal float32 (FairGrad's grow like
-        # ‖g_t‖^(−2/(1+p)) and underflow for norms above ~3e28) would give a silently wrong update: the step
-        # is made invalid instead (NaN update) and the warm start kept.
-        ok = jnp.all(jnp.isfinite(w) & (w >= jnp.finfo(jnp.float32).tiny))
-        return jnp.where(ok, w, jnp.nan), dict(weights=jnp.where(ok, w, state.weights),
-                                               residual=res.residual.astype(jnp.float32),
-                                               iterations=res.iterations.astype(jnp.int32))
+        # ‖g_t‖^(−2/(1+p)) and underflow for norms above ~3e28) would give a silently wrong update.
+        return jnp.all(jnp.isfinite(w) & (w >= jnp.finfo(jnp.float32).tiny))
 
     def refresh(state: NamedTuple) -> jax.Array:
         return state.count % update_every == 0
@@ -255,4 +254,5 @@ def balance_transform(
         refresh=None if update_every == 1 else refresh,
         stale=stale,
         postprocess=lambda leaves: clip_leaves(leaves, max_norm),
+        accept=normal_weights,
     )
