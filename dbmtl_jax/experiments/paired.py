@@ -4,9 +4,9 @@ Seeds are paired across methods (same initialisation and batch order), so two
 methods are compared by the per-seed differences of their Δp (Lin et al.,
 Eq. 3–4) rather than by their means: ``d_s = Δp_a(s) − Δp_b(s)`` over the
 seeds both ran, reported as ``mean(d) ± t_{0.975, n−1} · sd(d) / √n``.  Rows are
-ranked in *groups* that these intervals cannot separate: the best remaining
-row leads a group, and every row whose paired interval against the leader
-contains 0 joins it.
+ranked in *groups* that these intervals cannot separate: maximal sets of rows
+no two of which have a paired interval excluding 0, shown as letters (two rows
+share a letter exactly when their interval contains 0).
 
 Across settings (one change of the recipe or optimizer, e.g. Adam's b1 = 0.9 → 0): a row's *gain* is its
 per-seed Δp under the changed setting minus its Δp under the first, both against one STL; the
@@ -37,6 +37,8 @@ __all__ = [
     "t_quantile_975",
     "paired_interval",
     "rank_groups",
+    "group_text",
+    "top_group",
     "selected_late",
     "late_task_selections",
     "loss_change_last_fifth",
@@ -51,10 +53,11 @@ __all__ = [
     "across_settings_report",
 ]
 
-# Two-sided 95 % quantiles t_{0.975, df} of Student's t for df = 1 … 30.
-_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
-         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
-         2.045, 2.042)
+# Two-sided 95 % quantiles t_{0.975, df} of Student's t for df = 1 … 30, to 5 decimals (so that a printed
+# 2-decimal bound is the exact interval's rounding).
+_T975 = (12.70620, 4.30265, 3.18245, 2.77645, 2.57058, 2.44691, 2.36462, 2.30600, 2.26216, 2.22814, 2.20099,
+         2.17881, 2.16037, 2.14479, 2.13145, 2.11991, 2.10982, 2.10092, 2.09302, 2.08596, 2.07961, 2.07387,
+         2.06866, 2.06390, 2.05954, 2.05553, 2.05183, 2.04841, 2.04523, 2.04227)
 
 
 def t_quantile_975(df: int) -> float:
@@ -107,32 +110,61 @@ def _finite_mean(xs: Iterable[float]) -> float:
     return float(np.mean(vals)) if vals else -math.inf
 
 
-def rank_groups(scores: Mapping[str, Mapping[int, float]]) -> dict[str, int]:
-    """Group number (1 = best) of each row of per-seed scores (higher is better, e.g. Δp).
+def group_text(groups: Sequence[int]) -> str:
+    """Group numbers (0-based) as letters: ``(0, 2)`` → ``"ac"``; beyond ``z``, ``[27]``, ``[28]``, …"""
+    return "".join("abcdefghijklmnopqrstuvwxyz"[i] if i < 26 else f"[{i + 1}]" for i in groups)
 
-    The best remaining row by mean leads the next group; a row joins it unless
-    its paired interval against the leader lies below 0 (it contains 0, the
-    row shares no seed with a finite score with the leader, or, when the rows
-    ran on different seeds, the row is ahead of the leader on the seeds they
-    share).  Rows without a finite score get no group.
+
+def _maximal_cliques(nodes: Sequence[str], adjacent: Mapping[str, set]) -> list[set]:
+    """Every maximal clique of an undirected graph (Bron–Kerbosch with a pivot)."""
+    out: list[set] = []
+
+    def expand(r: set, p: set, x: set) -> None:
+        if not p and not x:
+            out.append(r)
+            return
+        pivot = max(sorted(p | x), key=lambda u: len(adjacent[u] & p))
+        for v in sorted(p - adjacent[pivot]):
+            expand(r | {v}, p & adjacent[v], x & adjacent[v])
+            p = p - {v}
+            x = x | {v}
+
+    expand(set(), set(nodes), set())
+    return out
+
+
+def rank_groups(scores: Mapping[str, Mapping[int, float]]) -> dict[str, tuple[int, ...]]:
+    """The groups of rows that the paired intervals cannot separate (a compact letter display).
+
+    Two rows are *separated* when their paired 95 % interval (:func:`paired_interval`, over the seeds both
+    have a finite score for, at least two) excludes 0.  A group is a maximal set of rows no two of which
+    are separated; groups are numbered 0, 1, … by their members' means (best first; higher is better,
+    e.g. Δp) and shown as letters (:func:`group_text`).  Each row gets every group it belongs to, so two
+    rows share a group exactly when their interval contains 0 (or they share fewer than two seeds), and
+    rows with no group in common are separated.  Rows without a finite score get no group.
     """
     def mean(k: str) -> float:
         return _finite_mean(scores[k].values())
 
-    left = sorted((k for k in scores if mean(k) > -math.inf), key=mean, reverse=True)
-    groups: dict[str, int] = {}
-    g = 0
-    while left:
-        g += 1
-        leader = left[0]
-        members = [leader] + [
-            k for k in left[1:]
-            if (iv := paired_interval(scores[k], scores[leader])) is None or not iv.high < 0
-        ]
-        for k in members:
-            groups[k] = g
-        left = [k for k in left if k not in groups]
-    return groups
+    rows = sorted((k for k in scores if mean(k) > -math.inf), key=lambda k: (-mean(k), k))
+    adjacent: dict[str, set] = {k: set() for k in rows}
+    for i, a in enumerate(rows):
+        for b in rows[i + 1:]:
+            iv = paired_interval(scores[a], scores[b])
+            if iv is None or iv.n < 2 or not iv.separated:
+                adjacent[a].add(b)
+                adjacent[b].add(a)
+    rank = {k: i for i, k in enumerate(rows)}
+    cliques = sorted(_maximal_cliques(rows, adjacent), key=lambda c: sorted(rank[k] for k in c))
+    return {k: tuple(i for i, c in enumerate(cliques) if k in c) for k in rows}
+
+
+def top_group(groups: Mapping[str, Sequence[int]], scores: Mapping[str, Mapping[int, float]]) -> set[str]:
+    """The rows that share a group with the best row by mean: those no interval separates from it (bold)."""
+    if not groups:
+        return set()
+    best = min(groups, key=lambda k: (-_finite_mean(scores[k].values()), k))
+    return {k for k, g in groups.items() if set(g) & set(groups[best])}
 
 
 def selected_late(run: Mapping[str, Any], fraction: float = 0.2) -> bool:
@@ -240,8 +272,9 @@ def paired_table_markdown(
     wall_time: bool = True,
 ) -> str:
     """A table of rows with Δp (mean ± sd over seeds), the paired difference to each reference row
-    (95 % t-interval), the rank group (bold: group 1), and the convergence figures under it.  Rows are
-    listed STL first, then by group and mean Δp (best first).  Rows that
+    (95 % t-interval), the groups the intervals cannot separate (:func:`rank_groups`, as letters; bold: the
+    rows not separated from the best), and the convergence figures under it.  Rows are listed STL first,
+    then by mean Δp (best first).  Rows that
     share a label (e.g. one method with and without ``--grad-stats``) are told apart by their gradient
     path and config hash."""
     base = [label(r) for r in rows]
@@ -251,11 +284,11 @@ def paired_table_markdown(
     label = lambda r: names[id(r)]  # noqa: E731 - unique within this table
     scores = {label(r): _seed_scores(r) for r in rows if r.method != "stl"}
     groups = rank_groups(scores)
+    bold = top_group(groups, scores)
 
-    def order(r: Row) -> tuple:  # STL first, then by group and mean Δp; rows without a finite Δp last
+    def order(r: Row) -> tuple:  # STL first, then by mean Δp (best first); rows without a finite Δp last
         vals = [v for v in r.delta_p if math.isfinite(v)]
-        g = groups.get(label(r))
-        return (r.method != "stl", g is None, g or 0, -float(np.mean(vals)) if vals else 0.0, label(r))
+        return (r.method != "stl", not vals, -float(np.mean(vals)) if vals else 0.0, label(r))
 
     rows = sorted(rows, key=order)
     head = (["method", "seeds", "Δp % (mean ± sd)"] + [f"Δp − {k} [95 % CI]" for k in references]
@@ -267,7 +300,7 @@ def paired_table_markdown(
         sd = float(np.std(vals, ddof=1)) if len(vals) > 1 else math.nan
         cell = f"{round(float(np.mean(vals)), 2) + 0.0:+.2f} ± {sd:.2f}" if vals else "—"  # no "-0.00"
         g = groups.get(key)
-        name = f"**{key}**" if g == 1 else key
+        name = f"**{key}**" if key in bold else key
         n_fin = len(vals)
         cells = [name, str(len(row.runs)) if n_fin == len(row.runs) else f"{n_fin} of {len(row.runs)} finite", cell]
         for ref in references.values():
@@ -275,7 +308,7 @@ def paired_table_markdown(
             # fewer pairs than the smaller row has seeds: non-finite runs or other seed sets; say how many
             short = iv is not None and 2 <= iv.n < min(len(row.runs), len(ref.runs))
             cells.append("—" if iv is None else iv.text() + (f" (n={iv.n})" if short else ""))
-        cells.append("—" if g is None else str(g))
+        cells.append("—" if g is None else group_text(g))
         late = _late_cell(row)
         selected = _selected_runs(row) if row.method == "stl" else []
         if selected:  # one network per task: also count the late networks
@@ -286,7 +319,9 @@ def paired_table_markdown(
     dropped = [f"{label(row)} seed {s}" for row in rows for s, d in zip(row.seeds, row.delta_p) if not math.isfinite(d)]
     note = (f"Left out of means and intervals (non-finite Δp: a diverged run or a missing metric): "
             f"{', '.join(dropped)}.\n\n") if dropped else ""
-    out = "\n".join(lines) + "\n\n" + note + convergence_line(st, rows, loss_rows)
+    key_line = ("Groups: rows that share a letter are not separated by their paired 95 % interval, rows with no "
+                "letter in common are; bold: the rows not separated from the best row by mean.\n\n") if groups else ""
+    out = "\n".join(lines) + "\n\n" + key_line + note + convergence_line(st, rows, loss_rows)
     if wall_time:
         out += " " + _wall_time_text([r for row in rows for r in row.runs])
     return out + "\n"
