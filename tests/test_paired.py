@@ -45,10 +45,10 @@ def test_pairing_separates_what_unpaired_means_cannot():
     assert abs(np.mean(list(a.values())) - np.mean(list(b.values()))) < np.std(noise)  # unpaired: overlap
     c = {s: float(noise[s] + 0.1 + 0.01 * (-1) ** s) for s in range(5)}
     assert pr.paired_interval(c, b).text().startswith("+0.10") and pr.paired_interval(c, b).separated
-    assert pr.rank_groups({"c": c, "b": b}) == {"c": (0,), "b": (1,)}
+    assert pr.rank_ranges({"c": c, "b": b}) == {"c": (1, 1), "b": (2, 2)}
     # Swapping which seeds got the advantage's noise makes it indistinguishable from 0.
     e = {s: float(noise[s] + 0.1 * (-1) ** s) for s in range(5)}
-    assert not pr.paired_interval(e, b).separated and pr.rank_groups({"e": e, "b": b}) == {"e": (0,), "b": (0,)}
+    assert not pr.paired_interval(e, b).separated and pr.rank_ranges({"e": e, "b": b}) == {"e": (1, 2), "b": (1, 2)}
 
 
 def test_a_row_ahead_of_the_leader_on_their_shared_seeds_is_not_ranked_below_it():
@@ -57,15 +57,15 @@ def test_a_row_ahead_of_the_leader_on_their_shared_seeds_is_not_ranked_below_it(
     a = {0: 1.0, 1: 1.0, 2: 10.0}
     b = {0: 2.0, 1: 2.1, 2: float("nan")}
     assert pr.paired_interval(b, a).low > 0
-    assert pr.rank_groups({"a": a, "b": b}) == {"a": (0,), "b": (1,)}  # separated: b ahead on both shared seeds
-    assert pr.top_group(pr.rank_groups({"a": a, "b": b}), {"a": a, "b": b}) == {"a"}
-    # a row clearly worse than the leader on the same seeds gets a group of its own
+    # separated on the seeds both have: b ranks first although a's mean over its own seeds is higher
+    assert pr.rank_ranges({"a": a, "b": b}) == {"a": (2, 2), "b": (1, 1)}
+    # a row clearly worse than the leader on the same seeds ranks below it
     c = {0: 0.0, 1: 0.05, 2: 0.1}
     d = {0: -1.0, 1: -0.9, 2: -1.05}
-    assert pr.rank_groups({"c": c, "d": d}) == {"c": (0,), "d": (1,)}
+    assert pr.rank_ranges({"c": c, "d": d}) == {"c": (1, 1), "d": (2, 2)}
 
 
-def test_rank_groups_orders_and_is_invariant_to_a_common_seed_shift():
+def test_rank_ranges_order_and_are_invariant_to_a_common_seed_shift():
     rng = np.random.default_rng(1)
     base = rng.normal(0, 1, size=6)
     scores = {
@@ -74,10 +74,10 @@ def test_rank_groups_orders_and_is_invariant_to_a_common_seed_shift():
         "worse": {s: base[s] + 0.0 + 0.2 * rng.normal() for s in range(6)},
         "empty": {0: float("nan")},
     }
-    g = pr.rank_groups(scores)
-    assert g["best"][0] == 0 and not set(g["worse"]) & set(g["best"]) and "empty" not in g
+    g = pr.rank_ranges(scores)
+    assert g["best"][0] == 1 and g["worse"] == (3, 3) and "empty" not in g
     shifted = {k: {s: v + 10 * s for s, v in d.items()} for k, d in scores.items()}
-    assert pr.rank_groups(shifted) == g
+    assert pr.rank_ranges(shifted) == g
 
 
 def _record(method, seed, hp, test_acc, selected, losses, epochs=10, wall=60.0):
@@ -247,7 +247,8 @@ def test_rows_sharing_a_label_stay_apart():
     (st,) = summarize(recs)
     rows = list(st.rows.values())
     md = pr.paired_table_markdown(st, rows, {})
-    assert "| **ew [per_task, ew-grad-stats]** | 3 |" in md and "| ew [weighted, " in md and "| b |" in md
+    assert "| **ew [per_task, ew-grad-stats]** | 3 |" in md and "| ew [weighted, " in md
+    assert "| 2 | 0 of 3 |" in md and "| 1 | 0 of 3 |" in md  # rank ranges: the two rows are separated
     with pytest.raises(ValueError, match="'ew' fits 2 rows"):
         pr.paired_report([st], ("ew",))
 
@@ -494,10 +495,10 @@ def test_loss_figures_of_a_two_epoch_run_are_not_a_flat_zero():
     assert pr.loss_change_last_fifth(two) == pytest.approx(0.5) and pr.loss_share_last_fifth(two) == pytest.approx(1.0)
 
 
-def test_groups_are_the_maximal_sets_no_interval_separates():
-    """Compact letter display: two rows share a group exactly when their paired interval contains 0.  A chain
-    a ~ b ~ c with a, c separated gives two overlapping groups {a, b} and {b, c}: b is level with both, and the
-    old leader-only rule (b joins a's group, c starts the next) hid that b and c are level too."""
+def test_rank_ranges_count_the_rows_separated_above_and_below():
+    """A chain a ~ b ~ c with a, c separated: b can rank 1st to 3rd, a 1st or 2nd, c 2nd or 3rd; d, separated
+    from all, is 4th.  The old leader-only groups put b with a and c in the next group, hiding that b and c
+    are level too; and a row level with the best but separated from another row cannot rank first."""
     rng = np.random.default_rng(3)
     base = rng.normal(0, 2, size=5)
     wiggle = np.asarray([0.6, -0.6, 0.4, -0.4, 0.0])  # a − c is exactly 1: separated; a − b, b − c are not
@@ -507,18 +508,17 @@ def test_groups_are_the_maximal_sets_no_interval_separates():
               "d": {s: base[s] - 5.0 for s in range(5)}}
     iv = lambda x, y: pr.paired_interval(scores[x], scores[y])  # noqa: E731
     assert not iv("a", "b").separated and not iv("b", "c").separated and iv("a", "c").separated
-    g = pr.rank_groups(scores)
-    assert g == {"a": (0,), "b": (0, 1), "c": (1,), "d": (2,)}
-    assert [pr.group_text(g[k]) for k in "abcd"] == ["a", "ab", "b", "c"]
-    assert pr.top_group(g, scores) == {"a", "b"}
-    # the defining property, on random rows: shared group <=> not separated
+    r = pr.rank_ranges(scores)
+    assert r == {"a": (1, 2), "b": (1, 3), "c": (2, 3), "d": (4, 4)}
+    assert [pr.rank_text(r[k]) for k in "abcd"] == ["1–2", "1–3", "2–3", "4"]
+    # the definition, on random rows: the counts of separated rows above and below, against a direct count
     rows = {f"r{i}": {s: float(base[s] + rng.normal(0, 0.4) + 0.3 * i) for s in range(5)} for i in range(9)}
-    g = pr.rank_groups(rows)
+    r = pr.rank_ranges(rows)
     for x in rows:
-        for y in rows:
-            if x < y:
-                assert bool(set(g[x]) & set(g[y])) == (not pr.paired_interval(rows[x], rows[y]).separated), (x, y)
-    assert pr.group_text(range(28))[-9:] == "z[27][28]"
+        ivs = [pr.paired_interval(rows[y], rows[x]) for y in rows if y != x]
+        assert r[x] == (1 + sum(v.low > 0 for v in ivs), 9 - sum(v.high < 0 for v in ivs)), x
+    # a common shift of one seed across rows changes nothing (pairing)
+    assert pr.rank_ranges({k: {s: v + 7 * (s == 2) for s, v in d.items()} for k, d in rows.items()}) == r
 
 
 def test_loss_figures_of_a_run_with_a_non_finite_loss_are_nan_not_an_error():
@@ -538,10 +538,10 @@ def test_a_row_sharing_no_seed_with_the_leader_is_not_ranked_below_it():
               "c": {0: 1.0, 1: 1.1, 2: 0.9, 3: 1.0}}  # c pairs with a: 4.0 below on every shared seed
     assert pr.paired_interval(scores["b"], scores["a"]) is None
     assert pr.paired_interval(scores["c"], scores["a"]).separated
-    assert pr.rank_groups(scores) == {"a": (0,), "b": (0, 1), "c": (1,)}  # b pairs with neither
+    assert pr.rank_ranges(scores) == {"a": (1, 2), "b": (1, 3), "c": (2, 3)}  # b pairs with neither
     # the same with a diverged (NaN) seed as the only overlap, and in a table: b is bold, with "—" against a
     scores["b"] = {0: float("nan"), 4: 4.2, 5: 4.1}
-    assert pr.rank_groups(scores) == {"a": (0,), "b": (0, 1), "c": (1,)}
+    assert pr.rank_ranges(scores) == {"a": (1, 2), "b": (1, 3), "c": (2, 3)}
     flat = [2.0] * 5 + [1.0] * 5
     recs = [_record("stl", s, {}, (0.80, 0.80), 10, flat) for s in range(6)]
     recs += [_record("ew", s, {}, (0.84 + 0.001 * s, 0.80), 3, flat) for s in range(3)]
@@ -550,7 +550,7 @@ def test_a_row_sharing_no_seed_with_the_leader_is_not_ranked_below_it():
     rows = list(st.rows.values())
     ew = next(r for r in rows if r.method == "ew")
     md = pr.paired_table_markdown(st, rows, {"ew": ew})
-    assert "| **ew** | 3 |" in md and "| **dbmtl** | 3 |" in md and " | — | a | 0 of 3 |" in md
+    assert "| **ew** | 3 |" in md and "| **dbmtl** | 3 |" in md and " | — | 1–2 | 0 of 3 |" in md
 
 
 def test_across_settings_states_runs_left_out_and_pairs_the_delta_p_columns():

@@ -4,9 +4,10 @@ Seeds are paired across methods (same initialisation and batch order), so two
 methods are compared by the per-seed differences of their Δp (Lin et al.,
 Eq. 3–4) rather than by their means: ``d_s = Δp_a(s) − Δp_b(s)`` over the
 seeds both ran, reported as ``mean(d) ± t_{0.975, n−1} · sd(d) / √n``.  Rows are
-ranked in *groups* that these intervals cannot separate: maximal sets of rows
-no two of which have a paired interval excluding 0, shown as letters (two rows
-share a letter exactly when their interval contains 0).
+ranked by the ranks these intervals allow: a row's *rank range* runs from one
+plus the number of rows separated above it (paired interval excluding 0) to
+the number of rows minus those separated below it; rows whose ranges start at 1
+(no row separated above them) are the top group.
 
 Across settings (one change of the recipe or optimizer, e.g. Adam's b1 = 0.9 → 0): a row's *gain* is its
 per-seed Δp under the changed setting minus its Δp under the first, both against one STL; the
@@ -36,9 +37,8 @@ __all__ = [
     "PairedInterval",
     "t_quantile_975",
     "paired_interval",
-    "rank_groups",
-    "group_text",
-    "top_group",
+    "rank_ranges",
+    "rank_text",
     "selected_late",
     "late_task_selections",
     "loss_change_last_fifth",
@@ -110,61 +110,35 @@ def _finite_mean(xs: Iterable[float]) -> float:
     return float(np.mean(vals)) if vals else -math.inf
 
 
-def group_text(groups: Sequence[int]) -> str:
-    """Group numbers (0-based) as letters: ``(0, 2)`` → ``"ac"``; beyond ``z``, ``[27]``, ``[28]``, …"""
-    return "".join("abcdefghijklmnopqrstuvwxyz"[i] if i < 26 else f"[{i + 1}]" for i in groups)
+def rank_ranges(scores: Mapping[str, Mapping[int, float]]) -> dict[str, tuple[int, int]]:
+    """The ranks each row can take by the paired intervals: ``(1 + above, n − below)``.
 
-
-def _maximal_cliques(nodes: Sequence[str], adjacent: Mapping[str, set]) -> list[set]:
-    """Every maximal clique of an undirected graph (Bron–Kerbosch with a pivot)."""
-    out: list[set] = []
-
-    def expand(r: set, p: set, x: set) -> None:
-        if not p and not x:
-            out.append(r)
-            return
-        pivot = max(sorted(p | x), key=lambda u: len(adjacent[u] & p))
-        for v in sorted(p - adjacent[pivot]):
-            expand(r | {v}, p & adjacent[v], x & adjacent[v])
-            p = p - {v}
-            x = x | {v}
-
-    expand(set(), set(nodes), set())
-    return out
-
-
-def rank_groups(scores: Mapping[str, Mapping[int, float]]) -> dict[str, tuple[int, ...]]:
-    """The groups of rows that the paired intervals cannot separate (a compact letter display).
-
-    Two rows are *separated* when their paired 95 % interval (:func:`paired_interval`, over the seeds both
-    have a finite score for, at least two) excludes 0.  A group is a maximal set of rows no two of which
-    are separated; groups are numbered 0, 1, … by their members' means (best first; higher is better,
-    e.g. Δp) and shown as letters (:func:`group_text`).  Each row gets every group it belongs to, so two
-    rows share a group exactly when their interval contains 0 (or they share fewer than two seeds), and
-    rows with no group in common are separated.  Rows without a finite score get no group.
+    ``above`` counts the rows that are ahead of this one with a paired 95 % interval (:func:`paired_interval`,
+    over the seeds both have a finite score for, at least two) excluding 0, ``below`` those behind it by such
+    an interval, ``n`` the rows with a finite score (higher is better, e.g. Δp).  Rows whose ranges overlap
+    are not ordered by the intervals; a row whose range starts at 1 has no row separated above it (the top
+    group, bold in the tables).  Unlike groups formed around a leader, the ranges need no choice of leader
+    and say when a row close to the best is still separated from another row (it cannot rank first).  Rows
+    without a finite score get no range.
     """
-    def mean(k: str) -> float:
-        return _finite_mean(scores[k].values())
-
-    rows = sorted((k for k in scores if mean(k) > -math.inf), key=lambda k: (-mean(k), k))
-    adjacent: dict[str, set] = {k: set() for k in rows}
+    rows = [k for k in scores if _finite_mean(scores[k].values()) > -math.inf]
+    above = {k: 0 for k in rows}
+    below = {k: 0 for k in rows}
     for i, a in enumerate(rows):
         for b in rows[i + 1:]:
             iv = paired_interval(scores[a], scores[b])
             if iv is None or iv.n < 2 or not iv.separated:
-                adjacent[a].add(b)
-                adjacent[b].add(a)
-    rank = {k: i for i, k in enumerate(rows)}
-    cliques = sorted(_maximal_cliques(rows, adjacent), key=lambda c: sorted(rank[k] for k in c))
-    return {k: tuple(i for i, c in enumerate(cliques) if k in c) for k in rows}
+                continue
+            ahead, behind = (a, b) if iv.low > 0 else (b, a)
+            above[behind] += 1
+            below[ahead] += 1
+    n = len(rows)
+    return {k: (1 + above[k], n - below[k]) for k in rows}
 
 
-def top_group(groups: Mapping[str, Sequence[int]], scores: Mapping[str, Mapping[int, float]]) -> set[str]:
-    """The rows that share a group with the best row by mean: those no interval separates from it (bold)."""
-    if not groups:
-        return set()
-    best = min(groups, key=lambda k: (-_finite_mean(scores[k].values()), k))
-    return {k for k, g in groups.items() if set(g) & set(groups[best])}
+def rank_text(r: tuple[int, int]) -> str:
+    """``(1, 1)`` → ``"1"``, ``(2, 7)`` → ``"2–7"``."""
+    return str(r[0]) if r[0] == r[1] else f"{r[0]}–{r[1]}"
 
 
 def selected_late(run: Mapping[str, Any], fraction: float = 0.2) -> bool:
@@ -272,8 +246,8 @@ def paired_table_markdown(
     wall_time: bool = True,
 ) -> str:
     """A table of rows with Δp (mean ± sd over seeds), the paired difference to each reference row
-    (95 % t-interval), the groups the intervals cannot separate (:func:`rank_groups`, as letters; bold: the
-    rows not separated from the best), and the convergence figures under it.  Rows are listed STL first,
+    (95 % t-interval), the rank range the intervals allow (:func:`rank_ranges`; bold: ranks from 1), and the
+    convergence figures under it.  Rows are listed STL first,
     then by mean Δp (best first).  Rows that
     share a label (e.g. one method with and without ``--grad-stats``) are told apart by their gradient
     path and config hash."""
@@ -283,8 +257,7 @@ def paired_table_markdown(
         names[id(r)] = b if base.count(b) == 1 else f"{b} [{r.config.get('grad_path')}, {r.config_hash}]"
     label = lambda r: names[id(r)]  # noqa: E731 - unique within this table
     scores = {label(r): _seed_scores(r) for r in rows if r.method != "stl"}
-    groups = rank_groups(scores)
-    bold = top_group(groups, scores)
+    ranks = rank_ranges(scores)
 
     def order(r: Row) -> tuple:  # STL first, then by mean Δp (best first); rows without a finite Δp last
         vals = [v for v in r.delta_p if math.isfinite(v)]
@@ -292,15 +265,15 @@ def paired_table_markdown(
 
     rows = sorted(rows, key=order)
     head = (["method", "seeds", "Δp % (mean ± sd)"] + [f"Δp − {k} [95 % CI]" for k in references]
-            + ["group", "selected in the last 20 %"])
+            + ["rank range", "selected in the last 20 %"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         key = label(row)
         vals = [v for v in row.delta_p if math.isfinite(v)]
         sd = float(np.std(vals, ddof=1)) if len(vals) > 1 else math.nan
         cell = f"{round(float(np.mean(vals)), 2) + 0.0:+.2f} ± {sd:.2f}" if vals else "—"  # no "-0.00"
-        g = groups.get(key)
-        name = f"**{key}**" if key in bold else key
+        rr = ranks.get(key)
+        name = f"**{key}**" if rr is not None and rr[0] == 1 else key
         n_fin = len(vals)
         cells = [name, str(len(row.runs)) if n_fin == len(row.runs) else f"{n_fin} of {len(row.runs)} finite", cell]
         for ref in references.values():
@@ -308,7 +281,7 @@ def paired_table_markdown(
             # fewer pairs than the smaller row has seeds: non-finite runs or other seed sets; say how many
             short = iv is not None and 2 <= iv.n < min(len(row.runs), len(ref.runs))
             cells.append("—" if iv is None else iv.text() + (f" (n={iv.n})" if short else ""))
-        cells.append("—" if g is None else group_text(g))
+        cells.append("—" if rr is None else rank_text(rr))
         late = _late_cell(row)
         selected = _selected_runs(row) if row.method == "stl" else []
         if selected:  # one network per task: also count the late networks
@@ -319,8 +292,9 @@ def paired_table_markdown(
     dropped = [f"{label(row)} seed {s}" for row in rows for s, d in zip(row.seeds, row.delta_p) if not math.isfinite(d)]
     note = (f"Left out of means and intervals (non-finite Δp: a diverged run or a missing metric): "
             f"{', '.join(dropped)}.\n\n") if dropped else ""
-    key_line = ("Groups: rows that share a letter are not separated by their paired 95 % interval, rows with no "
-                "letter in common are; bold: the rows not separated from the best row by mean.\n\n") if groups else ""
+    key_line = ("Rank range: the ranks a row can take when only the paired 95 % intervals that exclude 0 order two "
+                "rows (a − 1 rows are separated above it, n − b below it); bold: the rows that no interval puts "
+                "below another row (ranks from 1).\n\n") if ranks else ""
     out = "\n".join(lines) + "\n\n" + key_line + note + convergence_line(st, rows, loss_rows)
     if wall_time:
         out += " " + _wall_time_text([r for row in rows for r in row.runs])

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Regenerate every paired page from the committed records: one line per results/*/paired*.md page, with the
+# command and flags it was made with, and qm9's per-task breakdown (`dbmtl-jax paired`; see results/run_study.sh and results/README.md).
+#   bash results/pages.sh        (from any directory; reads results/runs/, writes the pages in place)
+# Each page is read-only arithmetic over the run records (seconds each; nothing is trained). On a shared machine
+# run it as `nice -n 10 bash results/pages.sh`.
+set -eu
+cd "$(dirname "$0")/.."
+P="python -m dbmtl_jax.experiments paired"
+R=results
+$P $R/adult_120ep_finished --out $R/adult_120ep_finished/paired.md
+$P $R/adult_120ep_methods --out $R/adult_120ep_methods/paired.md
+$P $R/adult_120ep_paper --out $R/adult_120ep_paper/paired.md
+$P $R/adult_16ep_budget --ref ew --ref 'dbmtl (beta_sigma=0.0)' --ref gradvac --ref stl --out $R/adult_16ep_budget/paired.md
+$P $R/adult_l1_120ep_finished --out $R/adult_l1_120ep_finished/paired.md
+$P $R/adult_l1_120ep_methods --out $R/adult_l1_120ep_methods/paired.md
+$P $R/adult_l1_120ep_paper --out $R/adult_l1_120ep_paper/paired.md
+$P $R/dense_60ep_finished --out $R/dense_60ep_finished/paired.md
+$P $R/dense_60ep_finished --average-last 0.2 --out $R/dense_60ep_finished/paired_no_selection.md
+$P $R/multifashion_320ep_finished --out $R/multifashion_320ep_finished/paired.md
+$P $R/multifashion_320ep_finished --average-last 0.2 --out $R/multifashion_320ep_finished/paired_no_selection.md
+$P $R/multimnist_12ep_betaopt --out $R/multimnist_12ep_betaopt/paired.md
+$P $R/multimnist_12ep_betaopt --baseline ew --out $R/multimnist_12ep_betaopt/paired_vs_ew.md
+$P $R/multimnist_160ep_converged --out $R/multimnist_160ep_converged/paired.md
+$P $R/multimnist_160ep_converged --baseline ew --out $R/multimnist_160ep_converged/paired_vs_ew.md
+$P $R/multimnist_320ep_cosine $R/multimnist_320ep_adam_b2 --ref ew --ref dbmtl --out $R/multimnist_320ep_adam_b2/paired.md
+$P $R/multimnist_320ep_cosine $R/multimnist_320ep_adam_b2 --ref ew --ref dbmtl --average-last 0.2 --out $R/multimnist_320ep_adam_b2/paired_no_selection.md
+$P $R/multimnist_320ep_converged --out $R/multimnist_320ep_converged/paired.md
+$P $R/multimnist_320ep_converged --average-last 0.2 --out $R/multimnist_320ep_converged/paired_last_fifth.md
+$P $R/multimnist_320ep_converged --smooth 21 --out $R/multimnist_320ep_converged/paired_smooth21.md
+$P $R/multimnist_320ep_converged --smooth 9 --out $R/multimnist_320ep_converged/paired_smooth9.md
+$P $R/multimnist_320ep_cosine --ref ew --ref dbmtl --ref 'dbmtl (beta=0.0)' --out $R/multimnist_320ep_cosine/paired.md
+$P $R/multimnist_320ep_cosine --ref ew --ref dbmtl --ref 'dbmtl (beta=0.0)' --average-last 0.2 --out $R/multimnist_320ep_cosine/paired_no_selection.md
+$P $R/multimnist_320ep_optimizer --out $R/multimnist_320ep_optimizer/paired.md
+$P $R/multimnist_320ep_sgdlr --out $R/multimnist_320ep_sgdlr/paired.md
+$P $R/multimnist_320ep_sgdlr --split val --out $R/multimnist_320ep_sgdlr/paired_val.md
+$P $R/multimnist_80ep_betaopt --out $R/multimnist_80ep_betaopt/paired.md
+$P $R/multimnist_80ep_betaopt --baseline ew --out $R/multimnist_80ep_betaopt/paired_vs_ew.md
+$P $R/multimnist_digits_100ep_hurts --baseline ew --out $R/multimnist_digits_100ep_hurts/paired.md
+$P $R/multimnist_digits_100ep_hurts --ref ew --ref dbmtl --ref stl --ref 'dbmtl (beta_sigma=0.0)' --out $R/multimnist_digits_100ep_hurts/paired_vs_stl.md
+$P $R/qm9_150ep_table5 $R/qm9_150ep_adam_b2 --ref ew --ref dbmtl --out $R/qm9_150ep_adam_b2/paired.md
+$P $R/qm9_150ep_table5 $R/qm9_150ep_adam_b2 --ref ew --ref dbmtl --average-last 0.2 --out $R/qm9_150ep_adam_b2/paired_no_selection.md
+$P $R/qm9_150ep_finished --out $R/qm9_150ep_finished/paired.md
+$P $R/qm9_150ep_finished --average-last 0.2 --out $R/qm9_150ep_finished/paired_no_selection.md
+$P $R/qm9_150ep_optimizer --out $R/qm9_150ep_optimizer/paired.md
+$P $R/qm9_150ep_sgdlr --split val --out $R/qm9_150ep_sgdlr/paired_val.md
+$P $R/qm9_150ep_table5 --out $R/qm9_150ep_table5/paired.md
+$P $R/qm9_150ep_table5 --average-last 0.2 --out $R/qm9_150ep_table5/paired_no_selection.md
+$P $R/multimnist_320ep_methods --out $R/multimnist_320ep_methods/paired.md
+$P $R/multimnist_320ep_methods --average-last 0.2 --out $R/multimnist_320ep_methods/paired_no_selection.md
+$P $R/qm9_150ep_methods --out $R/qm9_150ep_methods/paired.md
+$P $R/qm9_150ep_methods --average-last 0.2 --out $R/qm9_150ep_methods/paired_no_selection.md
+python -m dbmtl_jax.experiments breakdown $R/qm9_150ep_methods > $R/qm9_150ep_methods/breakdown.md
