@@ -159,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     tm.add_argument("--out", help="where to write (default: DIR)")
     tm.add_argument("--no-plot", action="store_true")
 
-    pa = sub.add_parser("paired", help="paired per-seed Δp differences (95 %% t-intervals), rank groups and "
+    pa = sub.add_parser("paired", help="paired per-seed Δp differences (95 %% t-intervals), rank ranges and "
                                        "convergence figures, one table per setting")
     pa.add_argument("dirs", nargs="+", metavar="dir",
                     help="results directories or study folders; several are read as one set of runs (a run listed in "
