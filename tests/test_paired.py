@@ -130,6 +130,8 @@ def test_convergence_figures_and_table():
     iv = pr.paired_interval(dict(zip(db.seeds, db.delta_p)), dict(zip(ew.seeds, ew.delta_p)))
     assert iv.mean == pytest.approx(1.25, abs=1e-9) and iv.separated
     assert "Wall time of the runs in this table: 9 min (one CPU core each)." in md
+    stl_only = pr.paired_table_markdown(st, [r for r in rows if r.method == "stl"], {})
+    assert "multi-task runs" not in stl_only and "nan" not in stl_only and "\n\nWall time" in stl_only
     # runs trained on an accelerator are not counted as CPU-core time: the line says which device took how long
     gpu = [dict(r, device="gpu:NVIDIA H200", wall_time_s=120.0) for r in recs]
     (st_gpu,) = summarize(gpu[:3] + recs[3:])

@@ -2,7 +2,9 @@
 
 Seeds are paired across methods (same initialisation and batch order), so two
 methods are compared by the per-seed differences of their Δp (Lin et al.,
-Eq. 3–4) rather than by their means: ``d_s = Δp_a(s) − Δp_b(s)`` over the
+Eq. 3–4; every run against the STL row's metrics averaged over its seeds, so
+the reference is common to all seeds and cancels in a difference) rather than
+by their means: ``d_s = Δp_a(s) − Δp_b(s)`` over the
 seeds both ran, reported as ``mean(d) ± t_{0.975, n−1} · sd(d) / √n``.  Rows are
 ranked by the ranks these intervals allow: a row's *rank range* runs from one
 plus the number of rows separated above it (paired interval excluding 0) to
@@ -210,6 +212,8 @@ def convergence_line(st: Setting, rows: Sequence[Row], loss_rows: Sequence[Row])
     runs = [r for row in rows if row.method != "stl" for r in row.runs]
     if any(e is None for r in runs for e in r["selected_epoch"].values()):  # average_last: nothing selected
         parts = ["no epoch selected (metrics averaged over the last epochs of each run)"]
+    elif not runs:  # an STL-only table: its late selections are in its row
+        parts = []
     else:
         late = sum(selected_late(r) for r in runs)
         per_row = [sum(selected_late(r) for r in row.runs) / len(row.runs)
@@ -223,7 +227,7 @@ def convergence_line(st: Setting, rows: Sequence[Row], loss_rows: Sequence[Row])
         parts.append(f"{row.label} training loss change over the last 20 % of epochs: "
                      + ", ".join(f"{100 * c:.1f} %" for c in ch)
                      + " (share of the run's whole decrease: " + ", ".join(f"{100 * c:.1f} %" for c in share) + ")")
-    return "; ".join(parts) + "."
+    return "; ".join(parts) + "." if parts else ""
 
 
 def _wall_time_text(runs: Sequence[Mapping[str, Any]]) -> str:
@@ -294,10 +298,12 @@ def paired_table_markdown(
             f"{', '.join(dropped)}.\n\n") if dropped else ""
     key_line = ("Rank range: the ranks a row can take when only the paired 95 % intervals that exclude 0 order two "
                 "rows (a − 1 rows are separated above it, n − b below it); bold: the rows that no interval puts "
-                "below another row (ranks from 1).\n\n") if ranks else ""
-    out = "\n".join(lines) + "\n\n" + key_line + note + convergence_line(st, rows, loss_rows)
+                "below another row (ranks from 1). Each interval is a single comparison's, not adjusted for the many in a "
+                "table: among 20 rows that all tie, some pairs will look separated by chance.\n\n") if ranks else ""
+    conv = convergence_line(st, rows, loss_rows)
+    out = "\n".join(lines) + "\n\n" + key_line + note + conv
     if wall_time:
-        out += " " + _wall_time_text([r for row in rows for r in row.runs])
+        out += (" " if conv else "") + _wall_time_text([r for row in rows for r in row.runs])
     return out + "\n"
 
 
