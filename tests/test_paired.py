@@ -51,15 +51,15 @@ def test_pairing_separates_what_unpaired_means_cannot():
     assert not pr.paired_interval(e, b).separated and pr.rank_ranges({"e": e, "b": b}) == {"e": (1, 2), "b": (1, 2)}
 
 
-def test_a_row_ahead_of_the_leader_on_their_shared_seeds_is_not_ranked_below_it():
+def test_a_row_ahead_on_the_shared_seeds_ranks_above_a_row_with_a_higher_mean():
     # A leads by its mean over three seeds (one lucky seed); B diverged on seed 2 and is ahead of A on seeds 0
-    # and 1 with an interval above 0: it must not be put in a lower group as if it were worse.
+    # and 1 with an interval above 0: it must not be ranked below A as if it were worse.
     a = {0: 1.0, 1: 1.0, 2: 10.0}
     b = {0: 2.0, 1: 2.1, 2: float("nan")}
     assert pr.paired_interval(b, a).low > 0
     # separated on the seeds both have: b ranks first although a's mean over its own seeds is higher
     assert pr.rank_ranges({"a": a, "b": b}) == {"a": (2, 2), "b": (1, 1)}
-    # a row clearly worse than the leader on the same seeds ranks below it
+    # a row clearly worse than another on the same seeds ranks below it
     c = {0: 0.0, 1: 0.05, 2: 0.1}
     d = {0: -1.0, 1: -0.9, 2: -1.05}
     assert pr.rank_ranges({"c": c, "d": d}) == {"c": (1, 1), "d": (2, 2)}
@@ -122,7 +122,7 @@ def test_convergence_figures_and_table():
     assert " | 3 of 3 (6 of 6 task networks) |" in md  # STL: every task's network selected late
     assert md.count(" | 3 of 3 |") == 1 and md.count(" | 0 of 3 |") == 1
     assert "(share of the run's whole decrease: 22.2 %, 22.2 %, 22.2 %)" in md
-    assert "**dbmtl**" in md and "| ew | 3 |" in md  # DB-MTL +1.25 points on every seed: its own group
+    assert "**dbmtl**" in md and "| ew | 3 |" in md  # DB-MTL +1.25 points on every seed: ranked alone above EW
     # listed STL first, then by mean Δp, whatever order the rows came in
     for order in (rows, rows[::-1]):
         table = pr.paired_table_markdown(st, order, {"EW": ew}, loss_rows=[ew])
@@ -533,9 +533,9 @@ def test_loss_figures_of_a_run_with_a_non_finite_loss_are_nan_not_an_error():
     assert pr.loss_change_last_fifth(rec) == -math.inf and math.isnan(pr.loss_share_last_fifth(rec))
 
 
-def test_a_row_sharing_no_seed_with_the_leader_is_not_ranked_below_it():
-    """Without a shared seed there is no paired interval: nothing separates the row from the leader, so it must not
-    get a later group (which the table reads as "worse than group 1, by the intervals")."""
+def test_a_row_sharing_no_seed_with_the_best_is_not_ranked_below_it():
+    """Without a shared seed there is no paired interval: nothing separates the row from the best, so it must keep
+    rank 1 in its range (the table would otherwise read it as "worse than the best, by the intervals")."""
     scores = {"a": {0: 5.0, 1: 5.1, 2: 4.9}, "b": {3: 4.0, 4: 4.2, 5: 4.1},
               "c": {0: 1.0, 1: 1.1, 2: 0.9, 3: 1.0}}  # c pairs with a: 4.0 below on every shared seed
     assert pr.paired_interval(scores["b"], scores["a"]) is None

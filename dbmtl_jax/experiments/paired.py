@@ -119,9 +119,8 @@ def rank_ranges(scores: Mapping[str, Mapping[int, float]]) -> dict[str, tuple[in
     over the seeds both have a finite score for, at least two) excluding 0, ``below`` those behind it by such
     an interval, ``n`` the rows with a finite score (higher is better, e.g. Δp).  Rows whose ranges overlap
     are not ordered by the intervals; a row whose range starts at 1 has no row separated above it (the top
-    group, bold in the tables).  Unlike groups formed around a leader, the ranges need no choice of leader
-    and say when a row close to the best is still separated from another row (it cannot rank first).  Rows
-    without a finite score get no range.
+    group, bold in the tables), so a row close to the best by mean but separated from another row cannot
+    rank first.  Rows without a finite score get no range.
     """
     rows = [k for k in scores if _finite_mean(scores[k].values()) > -math.inf]
     above = {k: 0 for k in rows}
@@ -129,7 +128,7 @@ def rank_ranges(scores: Mapping[str, Mapping[int, float]]) -> dict[str, tuple[in
     for i, a in enumerate(rows):
         for b in rows[i + 1:]:
             iv = paired_interval(scores[a], scores[b])
-            if iv is None or iv.n < 2 or not iv.separated:
+            if iv is None or not iv.separated:  # one shared seed: an unbounded interval, never separated
                 continue
             ahead, behind = (a, b) if iv.low > 0 else (b, a)
             above[behind] += 1
