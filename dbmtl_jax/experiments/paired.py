@@ -297,8 +297,9 @@ def paired_table_markdown(
             f"{', '.join(dropped)}.\n\n") if dropped else ""
     key_line = ("Rank range: the ranks a row can take when only the paired 95 % intervals that exclude 0 order two "
                 "rows (a − 1 rows are separated above it, n − b below it); bold: the rows that no interval puts "
-                "below another row (ranks from 1). Each interval is a single comparison's, not adjusted for the many in a "
-                "table: among 20 rows that all tie, some pairs will look separated by chance.\n\n") if ranks else ""
+                "below another row (ranks from 1). Each interval is a single comparison's, not adjusted for the "
+                "many in a table: among 20 rows that all tie, some pairs will look separated by chance.\n\n"
+                ) if ranks else ""
     conv = convergence_line(st, rows, loss_rows)
     out = "\n".join(lines) + "\n\n" + key_line + note + conv
     if wall_time:

@@ -229,7 +229,8 @@ def balance_transform(
     def weighting(gram: tuple, state: NamedTuple, **_: Any) -> tuple[jax.Array, dict]:
         res = solve_balanced_weights(gram, p, state.weights, ridge=ridge, max_iter=max_iter, tol=tol)
         w = res.x.astype(jnp.float32)
-        return w, dict(weights=w, residual=res.residual.astype(jnp.float32), iterations=res.iterations.astype(jnp.int32))
+        return w, dict(weights=w, residual=res.residual.astype(jnp.float32),
+                       iterations=res.iterations.astype(jnp.int32))
 
     def normal_weights(w: jax.Array) -> jax.Array:
         # The weights are positive by construction; one that is not a normal float32 (FairGrad's grow like
