@@ -326,6 +326,39 @@ def test_a_schedule_without_stl_borrows_the_constant_rate_stl():
     assert "| **ew** | 3 | +2.50 ± 0.00 |" in text  # (0.84 − 0.80) / 0.80 on one of two tasks, ×100 / 2
 
 
+def test_a_setting_without_stl_borrows_the_stl_of_its_own_schedule_first():
+    """Two STL rows (a constant rate and cosine decay, both Adam at 0.001): cosine rows with another optimizer,
+    or another optimizer and rate, borrow the cosine STL; a constant-rate row borrows the constant one."""
+    flat = [2.0] * 5 + [1.0] * 5
+    recs = []
+    for s in range(3):
+        stl = _record("stl", s, {}, (0.80, 0.80), 10, flat)
+        stl["config"]["recipe"]["learning_rate"] = 0.001
+        recs.append(stl)
+        cos_stl = _record("stl", s, {}, (0.90, 0.90), 10, flat)
+        cos_stl["config"]["recipe"] = {"epochs": 10, "learning_rate": 0.001, "lr_schedule": "cosine"}
+        cos_stl["config_hash"] = "stl-cosine"
+        recs.append(cos_stl)
+        for opt, lr, sched, tag in (({"name": "adam", "b1": 0.0}, 0.001, "cosine", "b1"),
+                                    ({"name": "sgdm", "momentum": 0.9}, 0.03, "cosine", "sgd"),
+                                    ({"name": "sgdm", "momentum": 0.9}, 0.03, None, "sgd-const")):
+            r = _record("ew", s, {}, (0.90, 0.90), 10, flat)
+            r["config"]["optimizer"] = opt
+            r["config"]["recipe"] = {"epochs": 10, "learning_rate": lr, **({"lr_schedule": sched} if sched else {})}
+            r["config_hash"] = f"ew-{tag}"
+            recs.append(r)
+    for order in (recs, recs[::-1]):
+        text = pr.paired_report(summarize(order), ("ew",))
+        assert text.count("| **ew** | 3 | +0.00 ± 0.00 |") == 2  # against the cosine STL's 0.90
+        assert text.count("| **ew** | 3 | +12.50 ± 0.00 |") == 1  # the constant-rate row: against 0.80
+        assert text.count("Δp against the STL row trained with Adam (b1 = 0.9) and cosine decay to 0 (no STL was "
+                          "trained with this optimizer)") == 1
+        assert text.count("Δp against the STL row trained with Adam (b1 = 0.9) at learning rate 0.001 and cosine "
+                          "decay to 0 (no STL was trained with this optimizer and learning rate)") == 1
+        assert text.count("at learning rate 0.001 and a constant learning rate (no STL was trained with this "
+                          "optimizer and learning rate)") == 1
+
+
 def _across_records(second_stl=None):
     """EW and DB-MTL under Adam (with STL) and under Adam b1 = 0 (STL optional): EW gains 0.5 Δp points on every
     seed, DB-MTL 1.0, 1.5, 2.0 on seeds 0, 1, 2 (Δp = 62.5 · (acc_a − 0.8) against STL's 0.8, 0.8)."""

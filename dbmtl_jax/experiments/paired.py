@@ -321,8 +321,9 @@ def _lr(rc: Mapping[str, Any]) -> Any:
 
 def stl_donor(settings: Sequence[Setting], st: Setting) -> Optional[Setting]:
     """The setting whose STL row ``st`` borrows when it has none: the same benchmark, data and epochs
-    (another optimizer, learning rate or schedule; the closest recipe and the same optimizer are
-    preferred); ``None`` if ``st`` has an STL row or no setting qualifies."""
+    (another optimizer, learning rate or schedule; preferred, in this order: the same recipe, the same
+    optimizer, the same learning-rate schedule, the same learning rate); ``None`` if ``st`` has an STL row
+    or no setting qualifies."""
     if st.stl is not None:
         return None
     donors = [o for o in settings if o.stl is not None and o.benchmark == st.benchmark and o.quick == st.quick
@@ -330,6 +331,7 @@ def stl_donor(settings: Sequence[Setting], st: Setting) -> Optional[Setting]:
     if not donors:
         return None
     return min(donors, key=lambda o: (o.recipe != st.recipe, o.optimizer != st.optimizer,
+                                      schedule_text(o.recipe) != schedule_text(st.recipe),
                                       _lr(o.recipe) != _lr(st.recipe), o.key))
 
 
