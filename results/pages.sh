@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerate every paired page from the committed records: one line per results/*/paired*.md page, with the
+# Regenerate every paired page from the committed records: one line per results/*/paired*.md page (and multimnist's across pages), with the
 # command and flags it was made with, and qm9's per-task breakdown (`dbmtl-jax paired`; see results/run_study.sh and results/README.md).
 #   bash results/pages.sh        (from any directory; reads results/runs/, writes the pages in place)
 # Each page is read-only arithmetic over the run records (seconds each; nothing is trained). On a shared machine
@@ -54,3 +54,9 @@ $P $R/multimnist_320ep_methods $R/multimnist_320ep_stlcosine --average-last 0.2 
 $P $R/qm9_150ep_methods --out $R/qm9_150ep_methods/paired.md
 $P $R/qm9_150ep_methods --average-last 0.2 --out $R/qm9_150ep_methods/paired_no_selection.md
 python -m dbmtl_jax.experiments breakdown $R/qm9_150ep_methods > $R/qm9_150ep_methods/breakdown.md
+# multimnist's cross-setting pages (each row's gain from one optimizer or schedule to another) and per-task breakdown
+$P $R/multimnist_320ep_cosine $R/multimnist_320ep_adam_b2 $R/multimnist_320ep_stlcosine --across --ref ew --ref dbmtl --out $R/multimnist_320ep_adam_b2/across.md
+$P $R/multimnist_320ep_cosine $R/multimnist_320ep_adam_b2 $R/multimnist_320ep_stlcosine --across --ref ew --ref dbmtl --average-last 0.2 --out $R/multimnist_320ep_adam_b2/across_no_selection.md
+$P $R/multimnist_320ep_optimizer $R/multimnist_320ep_stlcosine --across --ref ew --ref dbmtl --ref 'dbmtl (beta=0.0)' --out $R/multimnist_320ep_optimizer/across.md
+$P $R/multimnist_320ep_cosine $R/multimnist_320ep_stlcosine --across --ref ew --ref dbmtl --out $R/multimnist_320ep_cosine/across.md
+python -m dbmtl_jax.experiments breakdown $R/multimnist_320ep_cosine > /dev/null
