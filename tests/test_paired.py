@@ -93,6 +93,13 @@ def _record(method, seed, hp, test_acc, selected, losses, epochs=10, wall=60.0):
     }
 
 
+def _stl_at_rate(seed, lr, losses):
+    """An STL record at accuracy 0.80 on both tasks, trained at learning rate ``lr``."""
+    stl = _record("stl", seed, {}, (0.80, 0.80), 10, losses)
+    stl["config"]["recipe"]["learning_rate"] = lr
+    return stl
+
+
 def test_convergence_figures_and_table():
     falling = list(np.linspace(2.0, 1.0, 10))  # last fifth: 1.2222 → 1.0
     flat = [2.0] * 5 + [1.0] * 5
@@ -332,9 +339,7 @@ def test_a_setting_without_stl_borrows_the_stl_of_its_own_schedule_first():
     flat = [2.0] * 5 + [1.0] * 5
     recs = []
     for s in range(3):
-        stl = _record("stl", s, {}, (0.80, 0.80), 10, flat)
-        stl["config"]["recipe"]["learning_rate"] = 0.001
-        recs.append(stl)
+        recs.append(_stl_at_rate(s, 0.001, flat))
         cos_stl = _record("stl", s, {}, (0.90, 0.90), 10, flat)
         cos_stl["config"]["recipe"] = {"epochs": 10, "learning_rate": 0.001, "lr_schedule": "cosine"}
         cos_stl["config_hash"] = "stl-cosine"
@@ -443,9 +448,7 @@ def test_validation_split_and_an_stl_borrowed_across_a_learning_rate(tmp_path, c
     flat = [2.0] * 5 + [1.0] * 5
     recs = []
     for s in range(3):
-        stl = _record("stl", s, {}, (0.80, 0.80), 10, flat)
-        stl["config"]["recipe"]["learning_rate"] = 0.001
-        recs.append(stl)
+        recs.append(_stl_at_rate(s, 0.001, flat))
         for lr, acc in ((0.1, 0.76), (0.01, 0.84)):  # an SGD pilot: two rates, no STL of its own
             r = _record("ew", s, {}, (acc, 0.80), 10, flat)
             r["metrics"]["val"]["a"]["acc"] = acc - 0.04  # validation 0.04 below test: +0 and −10 Δp on val
