@@ -38,8 +38,8 @@
 #   stlcosine (multimnist320) STL with the cosine schedule, the same-protocol reference for the cosine section's rows: paired.md
 #   cosine    (multimnist320) EW and DB-MTL with the learning rate decayed to 0 over the run (--lr-schedule cosine),
 #             5 seeds, beside the constant-rate rows, then Nash-MTL, CAGrad, their log rows and Table 5's rows under
-#             the same schedule, then Fig. 6's α rows and Fig. 5's β grid: paired.md (Δp vs the constant-rate STL for
-#             both schedules)
+#             the same schedule, then Fig. 6's α rows and Fig. 5's β grid: paired.md (Δp of the cosine rows vs the
+#             stlcosine section's STL, listed in the study once trained; of the constant rows vs the constant-rate STL)
 # The beta, ablation and alpha tables also show the main table's STL, LibMTL-setting DB-MTL and DB-MTL β = 0 rows.
 # "Validation-selected β" is the best row of the paper's grid ({0.1, 0.5, 0.9} × σ ∈ {0, 0.5}) on validation Δp
 # (`dbmtl-jax select DIR --print-grid-best`), so run `beta` before `ablation`, `alpha` and `budget`.
