@@ -53,10 +53,10 @@ $P $R/multimnist_320ep_methods $R/multimnist_320ep_stlcosine --out $R/multimnist
 $P $R/multimnist_320ep_methods $R/multimnist_320ep_stlcosine --average-last 0.2 --out $R/multimnist_320ep_methods/paired_no_selection.md
 $P $R/qm9_150ep_methods --out $R/qm9_150ep_methods/paired.md
 $P $R/qm9_150ep_methods --average-last 0.2 --out $R/qm9_150ep_methods/paired_no_selection.md
-python -m dbmtl_jax.experiments breakdown $R/qm9_150ep_methods > $R/qm9_150ep_methods/breakdown.md
+python -m dbmtl_jax.experiments breakdown $R/qm9_150ep_methods > /dev/null  # writes breakdown.md itself
 # multimnist's cross-setting pages (each row's gain from one optimizer or schedule to another) and per-task breakdown
 $P $R/multimnist_320ep_cosine $R/multimnist_320ep_adam_b2 $R/multimnist_320ep_stlcosine --across --ref ew --ref dbmtl --out $R/multimnist_320ep_adam_b2/across.md
 $P $R/multimnist_320ep_cosine $R/multimnist_320ep_adam_b2 $R/multimnist_320ep_stlcosine --across --ref ew --ref dbmtl --average-last 0.2 --out $R/multimnist_320ep_adam_b2/across_no_selection.md
 $P $R/multimnist_320ep_optimizer $R/multimnist_320ep_stlcosine --across --ref ew --ref dbmtl --ref 'dbmtl (beta=0.0)' --out $R/multimnist_320ep_optimizer/across.md
 $P $R/multimnist_320ep_cosine $R/multimnist_320ep_stlcosine --across --ref ew --ref dbmtl --out $R/multimnist_320ep_cosine/across.md
-python -m dbmtl_jax.experiments breakdown $R/multimnist_320ep_cosine > /dev/null
+python -m dbmtl_jax.experiments breakdown $R/multimnist_320ep_cosine > /dev/null  # writes breakdown.md itself
