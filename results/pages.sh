@@ -23,14 +23,14 @@ $P $R/multimnist_12ep_betaopt --out $R/multimnist_12ep_betaopt/paired.md
 $P $R/multimnist_12ep_betaopt --baseline ew --out $R/multimnist_12ep_betaopt/paired_vs_ew.md
 $P $R/multimnist_160ep_converged --out $R/multimnist_160ep_converged/paired.md
 $P $R/multimnist_160ep_converged --baseline ew --out $R/multimnist_160ep_converged/paired_vs_ew.md
-$P $R/multimnist_320ep_cosine $R/multimnist_320ep_adam_b2 $R/multimnist_320ep_stlcosine --ref ew --ref dbmtl --out $R/multimnist_320ep_adam_b2/paired.md
-$P $R/multimnist_320ep_cosine $R/multimnist_320ep_adam_b2 $R/multimnist_320ep_stlcosine --ref ew --ref dbmtl --average-last 0.2 --out $R/multimnist_320ep_adam_b2/paired_no_selection.md
+$P $R/multimnist_320ep_cosine $R/multimnist_320ep_adam_b2 --ref ew --ref dbmtl --out $R/multimnist_320ep_adam_b2/paired.md
+$P $R/multimnist_320ep_cosine $R/multimnist_320ep_adam_b2 --ref ew --ref dbmtl --average-last 0.2 --out $R/multimnist_320ep_adam_b2/paired_no_selection.md
 $P $R/multimnist_320ep_converged --out $R/multimnist_320ep_converged/paired.md
 $P $R/multimnist_320ep_converged --average-last 0.2 --out $R/multimnist_320ep_converged/paired_last_fifth.md
 $P $R/multimnist_320ep_converged --smooth 21 --out $R/multimnist_320ep_converged/paired_smooth21.md
 $P $R/multimnist_320ep_converged --smooth 9 --out $R/multimnist_320ep_converged/paired_smooth9.md
-$P $R/multimnist_320ep_cosine $R/multimnist_320ep_stlcosine --ref ew --ref dbmtl --ref 'dbmtl (beta=0.0)' --out $R/multimnist_320ep_cosine/paired.md
-$P $R/multimnist_320ep_cosine $R/multimnist_320ep_stlcosine --ref ew --ref dbmtl --ref 'dbmtl (beta=0.0)' --average-last 0.2 --out $R/multimnist_320ep_cosine/paired_no_selection.md
+$P $R/multimnist_320ep_cosine --ref ew --ref dbmtl --ref 'dbmtl (beta=0.0)' --out $R/multimnist_320ep_cosine/paired.md
+$P $R/multimnist_320ep_cosine --ref ew --ref dbmtl --ref 'dbmtl (beta=0.0)' --average-last 0.2 --out $R/multimnist_320ep_cosine/paired_no_selection.md
 $P $R/multimnist_320ep_stlcosine --out $R/multimnist_320ep_stlcosine/paired.md
 $P $R/multimnist_320ep_stlcosine --average-last 0.2 --out $R/multimnist_320ep_stlcosine/paired_no_selection.md
 $P $R/multimnist_320ep_converged $R/multimnist_320ep_stlcosine --across --out $R/multimnist_320ep_stlcosine/across.md
@@ -55,8 +55,8 @@ $P $R/qm9_150ep_methods --out $R/qm9_150ep_methods/paired.md
 $P $R/qm9_150ep_methods --average-last 0.2 --out $R/qm9_150ep_methods/paired_no_selection.md
 python -m dbmtl_jax.experiments breakdown $R/qm9_150ep_methods > /dev/null  # writes breakdown.md itself
 # multimnist's cross-setting pages (each row's gain from one optimizer or schedule to another) and per-task breakdown
-$P $R/multimnist_320ep_cosine $R/multimnist_320ep_adam_b2 $R/multimnist_320ep_stlcosine --across --ref ew --ref dbmtl --out $R/multimnist_320ep_adam_b2/across.md
-$P $R/multimnist_320ep_cosine $R/multimnist_320ep_adam_b2 $R/multimnist_320ep_stlcosine --across --ref ew --ref dbmtl --average-last 0.2 --out $R/multimnist_320ep_adam_b2/across_no_selection.md
+$P $R/multimnist_320ep_cosine $R/multimnist_320ep_adam_b2 --across --ref ew --ref dbmtl --out $R/multimnist_320ep_adam_b2/across.md
+$P $R/multimnist_320ep_cosine $R/multimnist_320ep_adam_b2 --across --ref ew --ref dbmtl --average-last 0.2 --out $R/multimnist_320ep_adam_b2/across_no_selection.md
 $P $R/multimnist_320ep_optimizer $R/multimnist_320ep_stlcosine --across --ref ew --ref dbmtl --ref 'dbmtl (beta=0.0)' --out $R/multimnist_320ep_optimizer/across.md
-$P $R/multimnist_320ep_cosine $R/multimnist_320ep_stlcosine --across --ref ew --ref dbmtl --out $R/multimnist_320ep_cosine/across.md
+$P $R/multimnist_320ep_cosine --across --ref ew --ref dbmtl --out $R/multimnist_320ep_cosine/across.md
 python -m dbmtl_jax.experiments breakdown $R/multimnist_320ep_cosine > /dev/null  # writes breakdown.md itself
