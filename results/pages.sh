@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Regenerate every paired page from the committed records: one line per results/*/paired*.md page (and multimnist's across pages), with the
-# command and flags it was made with, and qm9's per-task breakdown (`dbmtl-jax paired`; see results/run_study.sh and results/README.md).
+# Regenerate every paired page from the committed records: one line per results/*/paired*.md page (and multimnist's across
+# pages), with the command and flags it was made with, qm9's and multimnist's per-task breakdowns and the val_selection.md pages (`dbmtl-jax paired`; see results/run_study.sh and results/README.md).
 #   bash results/pages.sh        (from any directory; reads results/runs/, writes the pages in place)
 # Each page is read-only arithmetic over the run records (seconds each; nothing is trained). On a shared machine
 # run it as `nice -n 10 bash results/pages.sh`.
@@ -60,3 +60,9 @@ $P $R/multimnist_320ep_cosine $R/multimnist_320ep_adam_b2 --across --ref ew --re
 $P $R/multimnist_320ep_optimizer $R/multimnist_320ep_stlcosine --across --ref ew --ref dbmtl --ref 'dbmtl (beta=0.0)' --out $R/multimnist_320ep_optimizer/across.md
 $P $R/multimnist_320ep_cosine --across --ref ew --ref dbmtl --out $R/multimnist_320ep_cosine/across.md
 python -m dbmtl_jax.experiments breakdown $R/multimnist_320ep_cosine > /dev/null  # writes breakdown.md itself
+# validation selection of DB-MTL's β (Fig. 5's protocol): the β-grid folders, and the multimnist cosine study's β rows
+# (that folder also holds Fig. 6's α rows, which --vary leaves out)
+for d in adult_16ep_beta dense_8ep_beta multimnist_3ep_beta multimnist_12ep_beta qm9_10ep_beta; do
+  python -m dbmtl_jax.experiments select $R/$d > /dev/null  # writes val_selection.md itself
+done
+python -m dbmtl_jax.experiments select $R/multimnist_320ep_cosine --vary beta,beta_sigma > /dev/null

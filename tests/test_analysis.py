@@ -151,6 +151,38 @@ def test_select_ranks_on_validation_and_picks_the_grid_best(study, capsys):
     assert "Within the paper's grid" in page and "`dbmtl (beta=0.1, beta_sigma=0.0)`" in page
 
 
+def test_select_vary_ranks_only_the_rows_that_vary_those_hyperparameters(study, capsys):
+    """A folder holding the β grid and an α row (val-best): ``--vary beta,beta_sigma`` ranks the β grid alone
+    (the default row stays), ``--vary alpha`` the α row and the default; an unknown key is an error naming it."""
+    d = study / "syn_4ep_beta"
+    put(study, "syn_4ep_beta", "dbmtl", (0.90, 0.90), (0.70, 1.20), hparams={"alpha": "mean"})
+    assert main(["select", str(d)]) == 0
+    assert "**dbmtl (alpha=mean)** (selected)" in capsys.readouterr().out
+    assert main(["select", str(d), "--vary", "beta,beta_sigma"]) == 0
+    page = capsys.readouterr().out
+    assert page == (d / "val_selection.md").read_text() and "alpha" not in page
+    rows = [ln.split(" | ")[0] for ln in page.splitlines() if ln.startswith("| ") and "configuration" not in ln]
+    assert len(rows) == len(BETA_GRID) and rows[0] == "| **dbmtl (beta=0.0, beta_sigma=0.0)** (selected)"
+    # the α row runs at the default β = 0.9/√k, a grid point, but varies α: never the grid's best
+    for extra in ([], ["--vary", "beta, beta_sigma"]):
+        assert main(["select", str(d), "--print-grid-best", *extra]) == 0
+        assert capsys.readouterr().out.split() == ["0.1", "0.0"]
+    (st,) = an.load_settings(study / "syn_4ep_alpha")
+    grid = {r.label: an.in_paper_grid(r) for r in st.rows.values() if r.method == "dbmtl"}
+    assert grid == {"dbmtl": True, "dbmtl (alpha=min)": False, "dbmtl (alpha=max, beta=0.1)": True}  # max: default
+    assert main(["select", str(d), "--vary", "alpha"]) == 0
+    rows = [ln.split(" | ")[0] for ln in capsys.readouterr().out.splitlines()
+            if ln.startswith("| ") and "configuration" not in ln]
+    assert rows == ["| **dbmtl (alpha=mean)** (selected)", "| dbmtl"]
+    (st,) = an.restrict_rows(an.load_settings(d), "dbmtl", ["alpha"])
+    assert st.stl is not None  # other methods' rows are kept
+    before = (d / "val_selection.md").read_text()
+    for bad, msg in (("beta,gamma", "gamma: not a hyperparameter of dbmtl"), (" , ", "names no hyperparameter")):
+        assert main(["select", str(d), "--vary", bad]) == 2
+        assert msg in capsys.readouterr().err
+    assert (d / "val_selection.md").read_text() == before  # nothing written on a rejected call
+
+
 def test_select_functions_compose(study):
     (st,) = an.load_settings(study / "syn_4ep_beta")
     scored = an.scored_rows(st, "dbmtl")

@@ -29,6 +29,7 @@ mean, so paired per-seed statistics can be added next to them.
 from __future__ import annotations
 
 import csv
+import inspect
 import json
 import math
 import os
@@ -42,13 +43,14 @@ import numpy as np
 from dbmtl_jax.experiments.paired import borrow_stl, paired_interval, reference_stl
 from dbmtl_jax.experiments.report import (Row, Setting, device_text, load_results, optimizer_text, runs_delta_p,
                                           schedule_text, setting_title, summarize, wall_time_by_device)
-from dbmtl_jax.experiments.train import RECORDED_DEFAULTS, canonical_hparams, method_defaults, resolved_hparams
+from dbmtl_jax.experiments.train import (RECORDED_DEFAULTS, _factory, _jsonable, _same_value, canonical_hparams,
+                                         method_defaults, resolved_hparams)
 from dbmtl_jax.metrics import delta_p
 
 __all__ = [
     "finite_mean", "mean_std", "load_settings",
-    "PAPER_GRID", "beta_sigma_of", "val_reference", "val_delta_p", "reference_stl", "ranking_seeds", "scored_rows",
-    "grid_best_row", "grid_best",
+    "PAPER_GRID", "varied_hparams", "in_paper_grid", "beta_sigma_of", "val_reference", "val_delta_p",
+    "reference_stl", "ranking_seeds", "scored_rows", "grid_best_row", "grid_best", "restrict_rows",
     "val_selection_markdown",
     "task_metric_changes", "changes_delta_p", "task_changes", "breakdown_markdown",
     "SECTIONS", "study_settings", "summary_markdown",
@@ -111,6 +113,21 @@ def beta_sigma_of(row: Row) -> tuple[float, float]:
     return float(hp.get("beta", 0.9)), float(hp.get("beta_sigma", 0.0))
 
 
+def varied_hparams(row: Row) -> set[str]:
+    """The hyperparameters a row sets to other than its method's default (an explicit value equal to the
+    factory's default, e.g. ``alpha="max"``, does not count)."""
+    factory = _factory(row.config.get("base_method") or row.method)
+    params = inspect.signature(factory).parameters if factory is not None else {}
+    return {k for k, v in (row.config.get("hparams") or {}).items()
+            if k not in params or not _same_value(v, _jsonable(params[k].default))}
+
+
+def in_paper_grid(row: Row) -> bool:
+    """Whether a DB-MTL row is one of :data:`PAPER_GRID`: its (β, σ) is in the grid and it varies no other
+    hyperparameter (an α or ε row at a grid β is not a grid point)."""
+    return varied_hparams(row) <= {"beta", "beta_sigma"} and beta_sigma_of(row) in PAPER_GRID
+
+
 def val_reference(st: Setting, stl: Optional[Row] = None) -> dict[str, dict[str, float]]:
     """The STL row's mean **validation** metrics (the reference of validation Δp); ``stl`` defaults
     to the setting's own STL row."""
@@ -149,7 +166,7 @@ def scored_rows(st: Setting, method: str, stl: Optional[Row] = None) -> list[tup
 
 def grid_best_row(st: Setting, method: str = "dbmtl", stl: Optional[Row] = None) -> Optional[Row]:
     """The validation-best row of ``method`` within :data:`PAPER_GRID`, or ``None``."""
-    rows = [x[1] for x in scored_rows(st, method, stl) if beta_sigma_of(x[1]) in PAPER_GRID]
+    rows = [x[1] for x in scored_rows(st, method, stl) if in_paper_grid(x[1])]
     return rows[0] if rows else None
 
 
@@ -162,6 +179,22 @@ def grid_best(settings: Sequence[Setting], method: str = "dbmtl") -> Optional[tu
         if row is not None:
             return beta_sigma_of(row)
     return None
+
+
+def restrict_rows(settings: Sequence[Setting], method: str, keys: Iterable[str]) -> list[Setting]:
+    """Copies of ``settings`` whose ``method`` rows are only those whose :func:`varied_hparams` are all
+    among ``keys`` (the default configuration stays); other methods' rows are kept.
+
+    ``keys = ("beta", "beta_sigma")`` leaves a study's β grid when the folder also holds Fig. 6's α rows.
+    """
+    allowed = set(keys)
+    out = []
+    for st in settings:
+        copy = Setting(st.key, st.benchmark, st.recipe, st.quick, st.tasks, st.optimizer)
+        copy.rows = {k: r for k, r in st.rows.items()
+                     if r.method != method or varied_hparams(r) <= allowed}
+        out.append(copy)
+    return out
 
 
 def val_selection_markdown(settings: Sequence[Setting], method: str = "dbmtl", title: str = "") -> str:
@@ -190,7 +223,7 @@ def val_selection_markdown(settings: Sequence[Setting], method: str = "dbmtl", t
         best = scored[0][1]
         lines += ["", f"Selected on validation: `{best.label}`, test Δp {mean_std(best.delta_p)} "
                       f"(the best test Δp of the grid is {max(finite_mean(r.delta_p) for _, r, _ in scored):+.2f})."]
-        grid = [x for x in scored if beta_sigma_of(x[1]) in PAPER_GRID] if method == "dbmtl" else []
+        grid = [x for x in scored if in_paper_grid(x[1])] if method == "dbmtl" else []
         if grid and grid[0][1] is not best:
             lines += ["", f"Within the paper's grid (β ∈ {{0.1, 0.5, 0.9}}, σ ∈ {{0, 0.5}}): `{grid[0][1].label}`, "
                           f"test Δp {mean_std(grid[0][1].delta_p)}."]
@@ -407,7 +440,7 @@ def summary_markdown(prefix: os.PathLike, *, skipped: Optional[list] = None) -> 
         for _, row, val in scored_rows(st["beta"], "dbmtl"):
             mark = " (selected)" if row is sel else ""
             lines.append(f"| {_beta_text(_beta_hp(row))}{mark} | `{row.label}` | {mean_std(val)} | "
-                         f"{mean_std(row.delta_p)} | {'yes' if beta_sigma_of(row) in PAPER_GRID else 'no'} |")
+                         f"{mean_std(row.delta_p)} | {'yes' if in_paper_grid(row) else 'no'} |")
         lines += ["", "Ranked by validation Δp; the selected row is the validation-best of the paper's grid "
                       "({0.1, 0.5, 0.9} × σ ∈ {0, 0.5}). LibMTL's setting is β = 0.9, σ = 0; the library's default "
                       f"is {_beta_text(method_defaults('dbmtl'))}."]

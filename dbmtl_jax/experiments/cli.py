@@ -22,6 +22,7 @@ import argparse
 import hashlib
 import importlib
 import importlib.util
+import inspect
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -145,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--method", default="dbmtl", help="method label whose rows are ranked (default dbmtl)")
     se.add_argument("--print-grid-best", action="store_true",
                     help="print 'beta sigma' of the validation-best row of the paper's β grid and write nothing")
+    se.add_argument("--vary", metavar="KEYS",
+                    help="rank only the rows whose explicit hyperparameters are among KEYS (comma-separated; "
+                         "e.g. beta,beta_sigma for the β grid of a folder that also holds α rows); "
+                         "default: every row of the method")
 
     bd = sub.add_parser("breakdown", help="per-task changes vs STL behind each row's Δp (DIR/breakdown.md)")
     bd.add_argument("dirs", nargs="+", metavar="dir", help="results directories or study folders")
@@ -359,6 +364,18 @@ def _cmd_select(args: argparse.Namespace) -> int:
     skipped: list = []
     settings = an.load_settings(args.dir, skipped=skipped)
     _report_skipped(skipped)
+    if args.vary is not None:
+        from dbmtl_jax.experiments.train import _factory
+
+        keys = [k.strip() for k in args.vary.split(",") if k.strip()]
+        factory = _factory(args.method.split("+")[0])
+        unknown = [k for k in keys if factory is not None and k not in inspect.signature(factory).parameters]
+        if not keys or unknown:
+            why = (f"{', '.join(unknown)}: not a hyperparameter of {args.method}" if unknown
+                   else "names no hyperparameter")
+            print(f"error: --vary {args.vary!r} {why}; nothing written.", file=sys.stderr)
+            return 2
+        settings = an.restrict_rows(settings, args.method, keys)
     if args.print_grid_best:
         best = an.grid_best(settings, args.method)
         if best is None:
