@@ -287,7 +287,10 @@ def test_breakdown_matches_independent_changes_and_delta_p(study, capsys):
     d = study / "syn_4ep_main"
     assert main(["breakdown", str(d)]) == 0
     page = (d / "breakdown.md").read_text()
-    assert page in capsys.readouterr().out
+    assert page == capsys.readouterr().out  # one folder: stdout is the page, so a redirect into it is harmless
+    assert main(["breakdown", str(d), str(study / "syn_4ep_ablation")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"{d}\n{page}") and f"{study / 'syn_4ep_ablation'}\n" in out  # several: each named
     recs = load_results(d)
     stl = _mean_metrics([r for r in recs if r["method"] == "stl"], "test")
     rows = [ln.strip("| ").split(" | ") for ln in page.splitlines() if re.match(r"\| \d", ln)]

@@ -410,7 +410,8 @@ def _cmd_breakdown(args: argparse.Namespace) -> int:
             return 1
         text = an.breakdown_markdown(settings)
         (Path(d) / "breakdown.md").write_text(text)
-        _print(f"{d}\n{text}")
+        # one folder: stdout is the page itself, so `breakdown DIR > DIR/breakdown.md` writes the same file
+        _print(text if len(args.dirs) == 1 else f"{d}\n{text}")
     return 0
 
 
