@@ -60,6 +60,12 @@ $P $R/multimnist_320ep_cosine $R/multimnist_320ep_adam_b2 --across --ref ew --re
 $P $R/multimnist_320ep_optimizer $R/multimnist_320ep_stlcosine --across --ref ew --ref dbmtl --ref 'dbmtl (beta=0.0)' --out $R/multimnist_320ep_optimizer/across.md
 $P $R/multimnist_320ep_cosine --across --ref ew --ref dbmtl --out $R/multimnist_320ep_cosine/across.md
 python -m dbmtl_jax.experiments breakdown $R/multimnist_320ep_cosine > /dev/null  # writes breakdown.md itself
+# the other cross-setting pages: qm9's Adam b2 (§30) and optimizer (§21) studies, multimnist's short-budget optimizer study (§11)
+$P $R/qm9_150ep_table5 $R/qm9_150ep_adam_b2 --across --ref ew --ref dbmtl --out $R/qm9_150ep_adam_b2/across.md
+$P $R/qm9_150ep_table5 $R/qm9_150ep_adam_b2 --across --ref ew --ref dbmtl --average-last 0.2 --out $R/qm9_150ep_adam_b2/across_no_selection.md
+$P $R/qm9_150ep_optimizer --across --ref ew --ref dbmtl --ref 'dbmtl (beta=0.0)' --out $R/qm9_150ep_optimizer/across.md
+$P $R/multimnist_12ep_betaopt --across --out $R/multimnist_12ep_betaopt/across.md
+$P $R/multimnist_80ep_betaopt --across --out $R/multimnist_80ep_betaopt/across.md
 # validation selection of DB-MTL's β (Fig. 5's protocol): the β-grid folders, and the multimnist cosine study's β rows
 # (that folder also holds Fig. 6's α rows, which --vary leaves out)
 for d in adult_16ep_beta dense_8ep_beta multimnist_3ep_beta multimnist_12ep_beta qm9_10ep_beta; do
