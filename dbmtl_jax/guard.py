@@ -25,6 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from dbmtl_jax.multi_steps import MIN_LOSSES_ARG
+
 __all__ = ["SkipState", "skip_invalid_steps", "InvalidStepError", "reraise_invalid_step"]
 
 PyTree = Any
@@ -57,10 +59,13 @@ class SkipState(NamedTuple):
 
 
 def _invalid_flags(
-    updates: PyTree, losses: Optional[jax.Array], log_losses: bool, task_axis: bool
+    updates: PyTree, losses: Optional[jax.Array], log_losses: bool, task_axis: bool,
+    min_losses: Optional[jax.Array] = None,
 ) -> tuple[jax.Array, jax.Array]:
     """``(grad_bad, loss_bad)``: per-task flags of non-finite gradients (``[T]``, or ``[1]``
-    without a task axis) and of invalid losses (``[T]``, or ``[1]`` without losses)."""
+    without a task axis) and of invalid losses (``[T]``, or ``[1]`` without losses).  ``min_losses``
+    (from :class:`~dbmtl_jax.TaskMultiSteps`) are the accumulated micro-batches' smallest losses: with
+    ``log_losses``, a negative one is invalid even when the mean ``losses`` are not."""
     grad_bad = jnp.zeros([1], bool)
     for x in jax.tree_util.tree_leaves(updates):
         if task_axis:
@@ -72,20 +77,26 @@ def _invalid_flags(
         loss_bad = ~jnp.isfinite(losses)
         if log_losses:
             loss_bad = loss_bad | (losses < 0)
+            if min_losses is not None:
+                loss_bad = loss_bad | (min_losses < 0)
     return grad_bad, loss_bad
 
 
-def _raise(grad_bad: np.ndarray, loss_bad: np.ndarray, losses: Optional[np.ndarray], step: np.ndarray) -> None:
+def _raise(grad_bad: np.ndarray, loss_bad: np.ndarray, losses: Optional[np.ndarray], step: np.ndarray,
+           min_losses: Optional[np.ndarray] = None) -> None:
     if not (np.any(grad_bad) or np.any(loss_bad)):
         return
     parts = []
     if np.any(loss_bad) and losses is not None:
         tasks = [int(i) for i in np.flatnonzero(loss_bad)]
-        parts.append(
-            f"task(s) {tasks} have a NaN/inf/negative loss ("
-            + ", ".join(f"task {t}: {float(losses[t])!r}" for t in tasks)
-            + ")"
-        )
+
+        def describe(t: int) -> str:
+            text = f"task {t}: {float(losses[t])!r}"
+            if min_losses is not None and np.isfinite(losses[t]) and losses[t] >= 0 and min_losses[t] < 0:
+                text += f" on average, {float(min_losses[t])!r} in an accumulated micro-batch"
+            return text
+
+        parts.append(f"task(s) {tasks} have a NaN/inf/negative loss (" + ", ".join(map(describe, tasks)) + ")")
     if np.any(grad_bad):
         # A NaN loss usually makes every task's gradient NaN (0 · NaN in the pull-back), so the
         # loss flags above are the better pointer to the culprit.
@@ -200,7 +211,9 @@ def skip_invalid_steps(
         always skip.
 
     The validity check uses the updates' leading task axis and, when given, the
-    ``losses=`` extra argument.
+    ``losses=`` extra argument (and ``micro_batch_min_losses=``, which
+    :class:`~dbmtl_jax.TaskMultiSteps` passes with the mean losses of its
+    micro-batches, so that one micro-batch's negative loss is seen).
     """
     inner = optax.with_extra_args_support(inner)
 
@@ -213,11 +226,13 @@ def skip_invalid_steps(
     def update_fn(updates: PyTree, state: SkipState, params: Optional[PyTree] = None, **extra_args: Any):
         losses = extra_args.get("losses")
         losses = None if losses is None else jnp.asarray(losses)
-        grad_bad, loss_bad = _invalid_flags(updates, losses, log_losses, task_axis)
+        min_losses = extra_args.get(MIN_LOSSES_ARG)
+        min_losses = None if min_losses is None else jnp.asarray(min_losses)
+        grad_bad, loss_bad = _invalid_flags(updates, losses, log_losses, task_axis, min_losses)
         invalid = jnp.any(grad_bad) | jnp.any(loss_bad)
         step = optax.safe_increment(state.step)
         if debug:
-            _report(_raise, grad_bad, loss_bad, losses, step)
+            _report(_raise, grad_bad, loss_bad, losses, step, min_losses)
         apply = ~invalid
         if max_consecutive_skips is not None:
             apply = apply | (state.consecutive_skipped >= max_consecutive_skips)
