@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from dbmtl_jax import task_axis as ta
 from dbmtl_jax.multi_steps import MIN_LOSSES_ARG
 
 __all__ = ["SkipState", "skip_invalid_steps", "InvalidStepError", "reraise_invalid_step"]
@@ -56,6 +57,85 @@ class SkipState(NamedTuple):
     num_skipped: chex.Array
     consecutive_skipped: chex.Array
     last_valid: chex.Array
+
+
+def _shape_str(shape: tuple) -> str:
+    return "(" + ", ".join(str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
+_PLAIN_HINT = "pass task_axis=False for plain gradients (e.g. a grads='weighted' loss-weighting method)"
+
+
+def _check_inputs(updates: PyTree, losses: Optional[jax.Array], task_axis: bool,
+                  params: Optional[PyTree] = None, min_losses: Optional[jax.Array] = None) -> None:
+    """Trace-time checks of what the flags are computed from: with ``task_axis``, one leading size ``T``
+    shared by every update leaf and ``losses`` of shape ``(T,)``; without, a 1-D ``losses``."""
+    if task_axis:
+        sizes: dict = {}
+        for path, x in jax.tree_util.tree_flatten_with_path(updates)[0]:
+            name = ta._path_str(path)
+            if jnp.ndim(x) == 0:
+                raise ValueError(
+                    f"skip_invalid_steps: updates have no common task axis (leaf '{name}' is a scalar): "
+                    f"{_PLAIN_HINT}."
+                )
+            sizes.setdefault(jnp.shape(x)[0], name)
+        if len(sizes) > 1:
+            desc = ", ".join(f"'{p}' has {s}" for s, p in sizes.items())
+            raise ValueError(
+                f"skip_invalid_steps: updates have no common task axis (leading sizes differ: {desc}): "
+                f"{_PLAIN_HINT}."
+            )
+        if losses is not None and sizes:
+            (t,) = sizes
+            if losses.shape != (t,):
+                if _param_shaped(updates, params):
+                    hint = f": the updates have their parameters' shapes, no task axis; {_PLAIN_HINT}"
+                else:
+                    hint = (", one raw loss per task (T is the update leaves' leading size; for plain gradients, "
+                            "pass task_axis=False)")
+                raise ValueError(
+                    f"skip_invalid_steps: losses has shape {_shape_str(losses.shape)}, expected (T,) = ({t},){hint}."
+                )
+    elif losses is not None and losses.ndim != 1:
+        raise ValueError(
+            f"skip_invalid_steps: losses has shape {_shape_str(losses.shape)}, expected a 1-D vector of the raw "
+            "task losses, [T]."
+        )
+    if min_losses is not None and losses is not None and min_losses.shape != losses.shape:
+        raise ValueError(
+            f"skip_invalid_steps: {MIN_LOSSES_ARG} has shape {_shape_str(min_losses.shape)}, expected that of "
+            f"losses, {_shape_str(losses.shape)}."
+        )
+
+
+def _param_shaped(updates: PyTree, params: Optional[PyTree]) -> bool:
+    """Whether every update leaf has its parameter's shape (plain gradients, no task axis)."""
+    if params is None:
+        return False
+    u_leaves, u_def = jax.tree_util.tree_flatten(updates)
+    p_leaves, p_def = jax.tree_util.tree_flatten(params)
+    return u_def == p_def and all(jnp.shape(u) == jnp.shape(p) for u, p in zip(u_leaves, p_leaves))
+
+
+def _check_output_shapes(out: PyTree, params: Optional[PyTree]) -> None:
+    """Trace-time: every output update leaf has its parameter's shape (a leaf that kept the task axis,
+    ``[T, *shape]``, would broadcast into its parameter and give it a task axis of its own)."""
+    if params is None:
+        return
+    o_flat, o_def = jax.tree_util.tree_flatten_with_path(out)
+    p_leaves, p_def = jax.tree_util.tree_flatten(params)
+    if o_def != p_def:
+        return
+    for (path, o), p in zip(o_flat, p_leaves):
+        if hasattr(o, "shape") and hasattr(p, "shape") and tuple(o.shape) != tuple(p.shape):
+            raise ValueError(
+                f"skip_invalid_steps: the update of leaf '{ta._path_str(path)}' has shape {_shape_str(o.shape)} "
+                f"but its parameter has shape {_shape_str(p.shape)}. A leaf whose per-task gradients "
+                "([T, *param_shape]) bypassed the multi-task transform keeps its task axis (optax.masked or "
+                "optax.multi_transform around the method): mark heads with the method's shared= instead, and "
+                "put optax.multi_transform after the method (README, 'Composing with optax')."
+            )
 
 
 def _invalid_flags(
@@ -194,9 +274,12 @@ def skip_invalid_steps(
       inner: the optimizer to protect, usually ``optax.chain(method, adam)``.
       log_losses: treat negative losses as invalid (they are when the method takes
         ``log(ℓ + ε)``, as DB-MTL does).
-      task_axis: the updates carry a leading task axis (per-task gradients), so
-        a non-finite gradient can be blamed on its task.  Set False when the
-        inner transform takes one already-combined gradient.
+      task_axis: the updates carry a leading task axis (per-task gradients,
+        ``[T, *param_shape]``), so a non-finite gradient can be blamed on its
+        task; every leaf must then share the leading size ``T`` and ``losses``
+        must have shape ``(T,)`` (a ``ValueError`` otherwise).  Set False when the
+        inner transform takes one already-combined gradient (a
+        ``grads="weighted"`` loss-weighting method); ``losses`` must then be 1-D.
       debug: raise :class:`InvalidStepError` naming the task(s) and the step
         instead of skipping.
       check_output: also reject a step whose *output* is not finite (an update,
@@ -213,7 +296,11 @@ def skip_invalid_steps(
     The validity check uses the updates' leading task axis and, when given, the
     ``losses=`` extra argument (and ``micro_batch_min_losses=``, which
     :class:`~dbmtl_jax.TaskMultiSteps` passes with the mean losses of its
-    micro-batches, so that one micro-batch's negative loss is seen).
+    micro-batches, so that one micro-batch's negative loss is seen).  When
+    ``params`` is given, every update the inner transform returns must have its
+    parameter's shape: a leaf that kept its task axis (it bypassed the
+    multi-task transform, e.g. under ``optax.masked``) raises a ``ValueError``
+    instead of growing its parameter a task axis.
     """
     inner = optax.with_extra_args_support(inner)
 
@@ -228,6 +315,7 @@ def skip_invalid_steps(
         losses = None if losses is None else jnp.asarray(losses)
         min_losses = extra_args.get(MIN_LOSSES_ARG)
         min_losses = None if min_losses is None else jnp.asarray(min_losses)
+        _check_inputs(updates, losses, task_axis, params, min_losses)
         grad_bad, loss_bad = _invalid_flags(updates, losses, log_losses, task_axis, min_losses)
         invalid = jnp.any(grad_bad) | jnp.any(loss_bad)
         step = optax.safe_increment(state.step)
@@ -240,9 +328,11 @@ def skip_invalid_steps(
         def do_apply(_):
             return inner.update(updates, state.inner_state, params, **extra_args)
 
+        out_shapes = jax.eval_shape(do_apply, None)[0]
+        _check_output_shapes(out_shapes, params)
+
         def do_skip(_):
-            shapes = jax.eval_shape(do_apply, None)[0]
-            zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+            zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), out_shapes)
             return zeros, state.inner_state
 
         new_updates, new_inner = jax.lax.cond(apply, do_apply, do_skip, None)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -134,3 +136,57 @@ def test_without_task_axis_checks_whole_gradient():
     assert int(state.num_skipped) == 1 and bool(jnp.all(u["w"] == 0))
     u, state = tx.update({"w": jnp.ones(3)}, state, params, losses=jnp.ones(2))
     assert int(state.num_skipped) == 1 and bool(jnp.all(u["w"] != 0))
+
+
+# ---- skip_invalid_steps checks what it reads (audit 32, C5 and S6) ----
+
+@pytest.mark.parametrize("shape", [(8,), (), (8, T), (T - 1,)])
+def test_losses_that_are_not_one_per_task_raise(shape):
+    """Per-example losses, a scalar total, [B, T] or T - 1 entries were accepted, and an entry 7 blamed on
+    a 'task 7' of a 3-task model."""
+    params, tx, _ = _setup()
+    g = {"trunk": jnp.ones((T, 4, 6)), "head": jnp.ones((T, 6, T))}
+    want = "(" + ", ".join(map(str, shape)) + ("," if len(shape) == 1 else "") + ")"
+    with pytest.raises(ValueError, match=rf"losses has shape {re.escape(want)}, expected \(T,\) = \({T},\)"):
+        tx.update(g, tx.init(params), params, losses=jnp.ones(shape))
+
+
+def test_plain_gradients_with_task_axis_true_raise_naming_task_axis_false():
+    """A grads='weighted' method (plain gradients) wrapped without task_axis=False: an IndexError (scalar leaf),
+    a broadcasting TypeError (leaves of different leading sizes) or a NaN blamed on 'task 2' of a parameter row."""
+    inner = optax.chain(dbmtl_jax.get_method("uw", T, grads="weighted"), optax.adam(1e-3))
+    tx = dbmtl_jax.skip_invalid_steps(inner)
+    for params, pattern in [({"w": jnp.ones((4, 5)), "s": jnp.ones(())}, r"no common task axis \(leaf 's' is a scalar\)"),
+                            ({"w": jnp.ones((4, 5)), "v": jnp.ones(6)}, r"no common task axis \(leading sizes differ"),
+                            ({"w": jnp.ones((4, 5))}, r"losses has shape \(3,\), expected \(T,\) = \(4,\): the updates "
+                                                      r"have their parameters' shapes")]:
+        with pytest.raises(ValueError, match=pattern + ".*pass task_axis=False"):
+            tx.update(params, tx.init(params), params, losses=jnp.ones(T))
+    tx = dbmtl_jax.skip_invalid_steps(inner, task_axis=False)
+    params = {"w": jnp.ones((4, 5)), "s": jnp.ones(())}
+    u, state = tx.update(params, tx.init(params), params, losses=jnp.ones(T))
+    assert int(state.num_skipped) == 0
+    with pytest.raises(ValueError, match=r"losses has shape \(8, 3\), expected a 1-D vector"):
+        tx.update(params, tx.init(params), params, losses=jnp.ones((8, T)))
+
+
+@pytest.mark.parametrize("wrapper", ["masked", "multi_transform"])
+def test_an_update_that_kept_its_task_axis_raises_instead_of_growing_the_parameter(wrapper):
+    """optax.masked / optax.multi_transform around dbmtl pass the head's [T, 5] per-task gradients through;
+    Adam and apply_updates broadcast them, and the [5] head became [T, 5]. The guard compares shapes."""
+    params = {"trunk": jnp.zeros((4, 5)), "head": jnp.zeros(5)}
+    g = {"trunk": jnp.ones((T, 4, 5)), "head": jnp.ones((T, 5))}
+    if wrapper == "masked":
+        inner = optax.chain(optax.masked(dbmtl_jax.dbmtl(T), {"trunk": True, "head": False}), optax.adam(1e-2))
+    else:
+        inner = optax.multi_transform({"db": optax.chain(dbmtl_jax.dbmtl(T), optax.adam(1e-2)),
+                                       "head": optax.adam(1e-2)}, {"trunk": "db", "head": "head"})
+    tx = dbmtl_jax.skip_invalid_steps(inner)
+    with pytest.raises(ValueError, match=r"update of leaf 'head' has shape \(3, 5\) but its parameter has shape "
+                                         r"\(5,\).*shared="):
+        jax.jit(tx.update)(g, tx.init(params), params)
+    # the supported form: shared= marks the head, which gets the plain sum over tasks
+    tx = dbmtl_jax.skip_invalid_steps(optax.chain(dbmtl_jax.dbmtl(T, shared={"trunk": True, "head": False}),
+                                                  optax.adam(1e-2)))
+    u, _ = jax.jit(tx.update)(g, tx.init(params), params)
+    assert jax.tree.map(jnp.shape, u) == jax.tree.map(jnp.shape, params)
