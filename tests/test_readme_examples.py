@@ -87,3 +87,27 @@ def test_skip_invalid_steps_example_runs():
     assert all(np.all(u == 0) for u in jax.tree.leaves(updates))
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(state.inner_state),
                                                     jax.tree.leaves(ns["opt_state"].inner_state)))
+
+
+def test_linen_train_state_example_forwards_losses_and_key():
+    """TrainState.apply_gradients does not forward losses=/key= to tx.update; the README's step calls it itself."""
+    import types
+
+    ns = _context()
+    ns["model"] = types.SimpleNamespace(apply=None)
+    exec(compile(_block("from flax.training import train_state"), "README.md", "exec"), ns)  # noqa: S102
+    state0 = ns["state"]
+    state, losses = ns["train_step"](state0, ns["batch"], jax.random.key(0))
+    assert int(state.step) == 1 and int(state.opt_state.num_skipped) == 0
+    uw = dbmtl_jax.loss_weighting.find_loss_weighting_state(state.opt_state)
+    uw0 = dbmtl_jax.loss_weighting.find_loss_weighting_state(state0.opt_state)
+    assert not np.array_equal(uw.log_var, uw0.log_var)  # the losses reached UW
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(state0.params)))
+    # what apply_gradients gives: the errors say why (uw needs losses=, pcgrad and rlw a key=)
+    _, grads = dbmtl_jax.value_and_task_grads(ns["task_losses"], log=False)(state0.params, ns["batch"])
+    for tx in (ns["tx"], optax.chain(dbmtl_jax.get_method("pcgrad", 3), optax.sgd(0.1)),
+               optax.chain(dbmtl_jax.get_method("rlw", 3), optax.sgd(0.1))):
+        st = state0.replace(tx=tx, opt_state=tx.init(state0.params))
+        with pytest.raises(ValueError, match="TrainState.apply_gradients does not forward extra arguments"):
+            st.apply_gradients(grads=grads)
+

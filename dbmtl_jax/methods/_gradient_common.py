@@ -42,7 +42,11 @@ __all__ = [
 def require_key(key: Any, method: str) -> jax.Array:
     """The ``key=`` extra argument (a JAX PRNG key, new-style or raw uint32)."""
     if key is None:
-        raise ValueError(f"{method} is randomised and needs a PRNG key: call update(..., key=jax.random.key(...)).")
+        raise ValueError(
+            f"{method} is randomised and needs a PRNG key: call update(..., key=jax.random.key(...)) (flax's "
+            "TrainState.apply_gradients does not forward extra arguments: call "
+            "state.tx.update(grads, state.opt_state, state.params, key=...) and state.replace(...))."
+        )
     return key
 
 

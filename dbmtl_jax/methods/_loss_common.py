@@ -225,7 +225,11 @@ def make_loss_transform(
         if losses is not None or type(state).needs_losses:
             losses = nm.check_losses(losses, num_tasks, name)
         if key is None and type(state).needs_key:
-            raise ValueError(f"{name} is randomised and needs a PRNG key: call update(..., key=key).")
+            raise ValueError(
+                f"{name} is randomised and needs a PRNG key: call update(..., key=key) (flax's "
+                "TrainState.apply_gradients does not forward extra arguments: call "
+                "state.tx.update(grads, state.opt_state, state.params, key=...) and state.replace(...))."
+            )
 
         if grads == "per_task":
             ta.check_task_axis(updates, num_tasks, params=params)

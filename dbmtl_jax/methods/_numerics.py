@@ -265,7 +265,9 @@ def check_losses(losses: Any, num_tasks: int, method: str) -> jax.Array:
     """
     if losses is None:
         raise ValueError(
-            f"{method} needs the raw task losses: call update(..., losses=<array of shape [{num_tasks}]>)."
+            f"{method} needs the raw task losses: call update(..., losses=<array of shape [{num_tasks}]>) "
+            "(flax's TrainState.apply_gradients does not forward extra arguments: call "
+            "state.tx.update(grads, state.opt_state, state.params, losses=...) and state.replace(...))."
         )
     losses = jnp.asarray(losses)
     if losses.shape != (num_tasks,):
