@@ -25,6 +25,16 @@ the Optax state: ``chain``, ``inject_hyperparams``, ``masked``, ``MultiSteps``,
 arguments, so the key given to :func:`loss_weights` must be the one given to
 ``update``.
 
+Gradient accumulation: ``optax.MultiSteps`` averages the gradients of its
+micro-batches but forwards only the last micro-batch's extra arguments, so the
+method's state (loss histories, learned loss scales) would see one micro-batch's
+``losses`` in ``k``.  Use ``dbmtl_jax.TaskMultiSteps(tx, num_tasks, k,
+task_axis=False)``: it averages the ``losses`` too and passes the mean with the
+mean gradient (pass one ``key`` for the ``k`` micro-batches of a randomised
+method: each micro-batch's weights use its own key, the update the last one's).
+Likewise ``skip_invalid_steps(tx, task_axis=False)``: the weighted gradient has
+no task axis.
+
 FAMO needs the losses *after* the parameter update.  Either call
 :func:`observe_losses` with them (a second forward pass on the same batch, as
 in the official FAMO code), or do nothing and FAMO uses the next step's losses

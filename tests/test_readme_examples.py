@@ -111,3 +111,15 @@ def test_linen_train_state_example_forwards_losses_and_key():
         with pytest.raises(ValueError, match="TrainState.apply_gradients does not forward extra arguments"):
             st.apply_gradients(grads=grads)
 
+
+def test_per_group_learning_rates_example_keeps_dbmtl_over_all_shared_parameters():
+    ns = _context()
+    exec(compile(_block("tx = optax.chain(\n    dbmtl_jax.dbmtl"), "README.md", "exec"), ns)  # noqa: S102
+    params, tx = ns["params"], ns["tx"]
+    _, grads = dbmtl_jax.value_and_task_grads(ns["task_losses"])(params, ns["batch"])
+    u, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+    assert jax.tree.map(jnp.shape, u) == jax.tree.map(jnp.shape, params)
+    for lr, group in ((1e-4, "trunk"), (1e-3, "heads")):
+        ref = optax.chain(dbmtl_jax.dbmtl(3, shared=lambda path: path.startswith("trunk")), optax.adam(lr))
+        v, _ = ref.update(grads, ref.init(params), params)
+        np.testing.assert_allclose(u[group], v[group], rtol=1e-6)
