@@ -17,6 +17,7 @@ under ``jit``).
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Any, Callable, NamedTuple, Optional
 
 import chex
@@ -259,6 +260,25 @@ def select_step(apply: jax.Array, updates: PyTree, new_state: PyTree, old_state:
     return updates, state
 
 
+def _with_extra_args(inner: Any) -> optax.GradientTransformationExtraArgs:
+    """``inner`` as a transform that receives the extra arguments when its ``update`` takes them.
+
+    ``optax.with_extra_args_support`` drops them for anything that is not a ``GradientTransformationExtraArgs``,
+    including an ``optax.MultiSteps`` / :class:`~dbmtl_jax.TaskMultiSteps` object, whose ``update`` forwards them
+    (``skip_invalid_steps(TaskMultiSteps(chain(uw, adam), ...))`` gave UW no ``losses``).
+    """
+    if isinstance(inner, optax.GradientTransformationExtraArgs):
+        return inner
+    try:
+        takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD
+                           for p in inspect.signature(inner.update).parameters.values())
+    except (TypeError, ValueError):
+        takes_kwargs = False
+    if takes_kwargs:
+        return optax.GradientTransformationExtraArgs(inner.init, inner.update)
+    return optax.with_extra_args_support(inner)
+
+
 def skip_invalid_steps(
     inner: optax.GradientTransformation,
     *,
@@ -302,7 +322,7 @@ def skip_invalid_steps(
     multi-task transform, e.g. under ``optax.masked``) raises a ``ValueError``
     instead of growing its parameter a task axis.
     """
-    inner = optax.with_extra_args_support(inner)
+    inner = _with_extra_args(inner)
 
     def init_fn(params: PyTree) -> SkipState:
         inner_state = inner.init(params)

@@ -153,6 +153,11 @@ class TaskMultiSteps(optax.MultiSteps):
             loss_count=jnp.zeros([], jnp.int32),
         )
 
+    def gradient_transformation(self) -> optax.GradientTransformationExtraArgs:
+        """``(init, update)`` as an ``optax.GradientTransformationExtraArgs``, so that ``optax.chain`` forwards
+        ``losses=`` and ``key=`` to it (optax's returns a plain ``GradientTransformation``, which drops them)."""
+        return optax.GradientTransformationExtraArgs(init=self.init, update=self.update)
+
     def _check_losses(self, losses: Any) -> jax.Array:
         losses = jnp.asarray(losses)
         if losses.shape != (self._num_tasks,):

@@ -237,3 +237,21 @@ def test_task_multi_steps_rejects_bad_losses_and_an_optax_multi_steps_state():
     old = optax.MultiStepsState(*state[:5])
     with pytest.raises(TypeError, match="needs a TaskMultiStepsState"):
         tx.update(_micro(0), old, params)
+
+
+def test_losses_reach_a_task_multi_steps_inside_skip_invalid_steps_or_a_chain():
+    """skip_invalid_steps and optax.chain wrapped the TaskMultiSteps object with optax.with_extra_args_support,
+    which drops losses=/key= (it is not a GradientTransformationExtraArgs): UW inside raised 'needs the raw task
+    losses' although they were passed."""
+    params, gs, ls = _uw_micro_batches()
+    inner = optax.chain(dbmtl_jax.get_method("uw", T, learning_rate=0.1), optax.sgd(1.0))
+    want, ref_state = inner.update(jax.tree.map(lambda a, b: (a + b) / 2, gs[0], gs[1]), inner.init(params), params,
+                                   losses=(ls[0] + ls[1]) / 2)
+    multi = dbmtl_jax.TaskMultiSteps(inner, num_tasks=T, every_k_schedule=2)
+    for tx, get in ((dbmtl_jax.skip_invalid_steps(multi), lambda s: s.inner_state),
+                    (optax.chain(optax.identity(), multi.gradient_transformation()), lambda s: s[1])):
+        state = tx.init(params)
+        _, state = tx.update(gs[0], state, params, losses=ls[0])
+        u, state = tx.update(gs[1], state, params, losses=ls[1])
+        np.testing.assert_allclose(u["w"], want["w"], rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(get(state).inner_opt_state[0].log_var, ref_state[0].log_var, rtol=1e-6)
