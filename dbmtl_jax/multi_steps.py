@@ -133,9 +133,9 @@ class TaskMultiSteps(optax.MultiSteps):
         )
         self._num_tasks = num_tasks
         self._task_axis = task_axis
-        self._loss_dtype = jnp.promote_types(
+        self._loss_dtype = jax.dtypes.canonicalize_dtype(jnp.promote_types(
             jnp.float32 if accumulator_dtype is None else jnp.dtype(accumulator_dtype), jnp.float32
-        )
+        ))
 
     def init(self, params: Any) -> TaskMultiStepsState:
         state = super().init(params)
