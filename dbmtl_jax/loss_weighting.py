@@ -96,6 +96,16 @@ def loss_weights(opt_state: PyTree, losses: Optional[jax.Array] = None, key: Opt
         every method except ``ew`` and ``rlw``).
       key: PRNG key (required by ``rlw`` and ``igbv2``); pass the same key to
         ``update``.
+
+    The weights use the hyperparameters stored in the method's state: those of
+    the last ``update`` (or of ``init``).  Under ``optax.inject_hyperparams`` a
+    new value for the coming update (a schedule's next value, or one set in
+    ``state.hyperparams``) reaches the method only inside that ``update``, which
+    uses it at once.  So on the cheap path a changing hyperparameter that
+    enters the weights (DWA's ``temperature``, STCH's ``mu`` or epoch counts,
+    an ``eps``) acts on the differentiated loss one step after it acts on
+    ``update``; one used only by the state's own step (the Adam of UW's and
+    IMTL-L's log-variances) is used at once on both paths.
     """
     state = find_loss_weighting_state(opt_state)
     name = type(state).__name__

@@ -15,6 +15,10 @@ implements the *loss-weighting state protocol*:
 Every hyperparameter that ``loss_weights`` or ``advance`` needs lives in a state
 field, so the weights can be recomputed from the optimizer state alone
 (:func:`dbmtl_jax.loss_weighting.loss_weights`) and a checkpoint holds all of it.
+``update`` first writes the factory's current values into those fields, so a
+value injected by ``optax.inject_hyperparams`` (a schedule, or one set in
+``state.hyperparams``) is the one used by the update it is injected for; the
+state then holds the values of the last update.
 
 :func:`make_loss_transform` turns such a state into an Optax transform with two
 modes (``grads=``):
@@ -53,6 +57,7 @@ __all__ = [
     "check_grads_mode",
     "check_inner_adam",
     "f32",
+    "refresh_hparams",
     "clamped_log",
     "make_loss_transform",
 ]
@@ -81,6 +86,17 @@ def check_inner_adam(method: str, learning_rate: Any, b1: Any, b2: Any, adam_eps
 def f32(x: Any) -> jax.Array:
     """A float hyperparameter as a float32 scalar state field."""
     return jnp.asarray(x, jnp.float32)
+
+
+def refresh_hparams(state: NamedTuple, hparams: Mapping[str, Any]) -> NamedTuple:
+    """``state`` with its hyperparameter fields set to ``hparams`` (each cast to its field's dtype).
+
+    Under ``optax.inject_hyperparams`` the factory, and so ``hparams``, carries the values of the
+    current step (possibly traced); a field's shape and dtype never change.
+    """
+    if not hparams:
+        return state
+    return state._replace(**{k: jnp.asarray(v, getattr(state, k).dtype) for k, v in hparams.items()})
 
 
 def clamped_log(losses: jax.Array, eps: jax.Array) -> jax.Array:
@@ -183,6 +199,7 @@ def make_loss_transform(
     grads: str,
     weight_heads: bool,
     shared: ta.SharedSpec,
+    int_minimum: Optional[Mapping[str, int]] = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Builds the Optax transform of a loss-weighting method.
 
@@ -190,10 +207,16 @@ def make_loss_transform(
       num_tasks: ``T``.
       name: the method name (for error messages).
       init_state: returns the initial state (it does not depend on the parameters).
-      hparams: float hyperparameter fields of the state that are refreshed from
-        the factory arguments at the end of every update, so that
-        ``optax.inject_hyperparams`` schedules take effect (from the next step
-        on, identically in both ``grads`` modes).
+      hparams: hyperparameter fields of the state (float or int) and the factory's
+        values of them.  They are written into the state (cast to each field's
+        dtype) at the *start* of every update, before the weights and the state
+        step are computed, so a value injected by ``optax.inject_hyperparams``
+        for update k is used in update k, identically in both ``grads`` modes.
+      int_minimum: the smallest valid value of the integer fields among
+        ``hparams`` (``{"steps_per_epoch": 1}``).  A concrete value out of range
+        was rejected by the factory; a value traced under ``jit`` (injected) is
+        checked here, and one out of range makes its step invalid (NaN update,
+        state kept), as a non-finite loss does.
       grads: ``"per_task"`` or ``"weighted"`` (see the module docstring).
       weight_heads: in ``"per_task"`` mode, whether task-specific (head) leaves
         get ``Σ_t w_t g_t`` (True, the loss-weighting objective) or the plain
@@ -231,6 +254,14 @@ def make_loss_transform(
                 "state.tx.update(grads, state.opt_state, state.params, key=...) and state.replace(...))."
             )
 
+        # This update's hyperparameters first (optax.inject_hyperparams re-builds the transform with the
+        # values of this step): the weights and the state step below read them from the state.
+        old_state = state
+        state = refresh_hparams(state, hparams)
+        hparams_ok = jnp.asarray(True)
+        for field, lo in (int_minimum or {}).items():
+            hparams_ok = hparams_ok & (getattr(state, field) >= lo)
+
         if grads == "per_task":
             ta.check_task_axis(updates, num_tasks, params=params)
             w = state.loss_weights(losses, key)
@@ -247,10 +278,10 @@ def make_loss_transform(
             out = updates
 
         new_state = state.advance(losses, key, **extra_args)
-        if hparams:
-            new_state = new_state._replace(**{k: f32(v) for k, v in hparams.items()})
         # A NaN or inf loss (or a state it overflows) would stay in the state (DWA's loss history, FAMO's
-        # previous losses) behind a finite update: the step is made visibly invalid and the state kept.
-        return nm.reject_unless(nm.all_finite((losses, new_state)), out, new_state, state)
+        # previous losses) behind a finite update, and an injected integer out of range (steps_per_epoch
+        # = 0) would divide by zero: the step is made visibly invalid and the state kept as it was.
+        ok = nm.all_finite((losses, new_state)) & hparams_ok
+        return nm.reject_unless(ok, out, new_state, old_state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -134,8 +134,9 @@ def dwa(
         num_tasks,
         "dwa",
         init_state,
-        {"temperature": temperature},
+        {"temperature": temperature, "steps_per_epoch": steps_per_epoch},
         grads=grads,
         weight_heads=weight_heads,
         shared=shared,
+        int_minimum={"steps_per_epoch": 1},
     )

@@ -186,5 +186,6 @@ def famo(
         )
 
     return lc.make_loss_transform(
-        num_tasks, "famo", init_state, hp, grads=grads, weight_heads=weight_heads, shared=shared
+        num_tasks, "famo", init_state, {**hp, "min_losses": min_arr}, grads=grads, weight_heads=weight_heads,
+        shared=shared,
     )

@@ -37,8 +37,8 @@ Deviations, all forced by a pure, fixed-shape Optax state or by the cheap path:
   ``⌊256 κ / 2⌋`` enter the losses);
 * ``reward_scale`` is a hyperparameter (official: ``lr₀ / lr_current`` of the
   model's learning-rate schedule); to follow a schedule, wrap the factory in
-  ``optax.inject_hyperparams`` (the value is read into the state at the end of
-  every update and used from the next step on);
+  ``optax.inject_hyperparams`` (the value injected for an update is the one
+  that update uses, as for every hyperparameter stored in the state);
 * the networks are initialised from ``seed`` (PyTorch ``nn.Linear`` scheme,
   drawn with NumPy).
 
@@ -436,6 +436,8 @@ def igbv2(
     nm.check_real(reward_scale, "reward_scale", "igbv2", lo=0, lo_open=True)
     nm.check_real(eps, "eps", "igbv2", lo=0, lo_open=True)
     hp = dict(eps=eps, reward_scale=reward_scale, sac_lr=sac_lr, discount=discount, tau=tau)
+    int_hp = dict(steps_per_epoch=steps_per_epoch, base_epoch=base_epoch, start_epoch=start_epoch,
+                  update_after=update_after, update_every=update_every)
 
     def init_state() -> IGBv2State:
         sac = _init_sac(seed, init_alpha, num_tasks, sac_hidden)
@@ -459,14 +461,11 @@ def igbv2(
             train_rounds=i0,
             last_q_loss=jnp.zeros([], jnp.float32),
             sac_skipped=i0,
-            steps_per_epoch=i32(steps_per_epoch),
-            base_epoch=i32(base_epoch),
-            start_epoch=i32(start_epoch),
-            update_after=i32(update_after),
-            update_every=i32(update_every),
+            **{k: i32(v) for k, v in int_hp.items()},
             **{k: lc.f32(v) for k, v in hp.items()},
         )
 
     return lc.make_loss_transform(
-        num_tasks, "igbv2", init_state, hp, grads=grads, weight_heads=weight_heads, shared=shared
+        num_tasks, "igbv2", init_state, {**hp, **int_hp}, grads=grads, weight_heads=weight_heads, shared=shared,
+        int_minimum=dict(steps_per_epoch=1, base_epoch=0, start_epoch=0, update_after=0, update_every=1),
     )

@@ -166,6 +166,9 @@ def stch(
         if np.shape(nadir) != (num_tasks,):
             raise ValueError(f"stch: nadir must have shape ({num_tasks},), got {np.shape(nadir)}.")
         nm.check_real(nadir, "nadir", "stch", lo=0, lo_open=True, shapes=((num_tasks,),), note="it divides the losses")
+    hp = dict(mu=mu, eps=eps, steps_per_epoch=steps_per_epoch, warmup_epochs=warmup_epochs)
+    if nadir is not None:  # a given nadir is a hyperparameter (an accumulated one is learned state)
+        hp["nadir"] = nadir
 
     def init_state() -> STCHState:
         return STCHState(
@@ -183,8 +186,9 @@ def stch(
         num_tasks,
         "stch",
         init_state,
-        {"mu": mu, "eps": eps},
+        hp,
         grads=grads,
         weight_heads=weight_heads,
         shared=shared,
+        int_minimum={"steps_per_epoch": 1, "warmup_epochs": 0},
     )

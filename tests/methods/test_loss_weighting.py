@@ -398,6 +398,90 @@ def test_inject_hyperparams_matches_plain(name, kw):
         np.testing.assert_allclose(a["g"], b["g"], rtol=1e-6)
 
 
+def _inject(name, **kw):
+    from dbmtl_jax.methods import get_factory
+
+    return optax.inject_hyperparams(get_factory(name), static_args=("num_tasks",))(num_tasks=T, **kw)
+
+
+@pytest.mark.parametrize("grads", ["per_task", "weighted"])
+@pytest.mark.parametrize("how", ["schedule", "by_hand"])
+def test_inject_hyperparams_value_is_used_in_the_update_it_is_injected_for(grads, how):
+    """optax's rule: the value injected for update k (schedule(k), or one set in state.hyperparams) is the
+    one update k uses. UW's learning rate 0 freezes s in exactly the updates it is injected for."""
+    lrs = [0.0, 0.0, 0.05, 0.05, 0.0, 0.05]
+    if how == "schedule":
+        tx = _inject("uw", learning_rate=lambda c: jnp.asarray(lrs)[c], grads=grads)
+    else:
+        tx = _inject("uw", learning_rate=0.05, grads=grads)
+    p = {"g": jnp.zeros((T,), jnp.float32)}
+    g = {"g": jnp.eye(T, dtype=jnp.float32) if grads == "per_task" else jnp.ones((T,), jnp.float32)}
+    state, upd = tx.init(p), jax.jit(tx.update)
+    rng = np.random.default_rng(5)
+    s, m, v = np.full(T, -0.5), np.zeros(T), np.zeros(T)
+    for k, lr in enumerate(lrs, 1):
+        l = rng.uniform(0.5, 5.0, T)
+        if how == "by_hand":
+            state.hyperparams["learning_rate"] = jnp.asarray(lr)
+        u, state = upd(g, state, p, losses=jnp.asarray(l, jnp.float32))
+        if grads == "per_task":
+            np.testing.assert_allclose(u["g"], 0.5 * np.exp(-s), rtol=1e-5)
+        s, m, v = np_adam(s, 0.5 * (1 - l * np.exp(-s)), m, v, k, lr)
+        np.testing.assert_allclose(state.inner_state.log_var, s, rtol=1e-5, err_msg=f"update {k}")
+        # the state holds the values of the last update
+        assert float(state.inner_state.learning_rate) == np.float32(lr)
+
+
+def test_inject_hyperparams_dwa_temperature_schedule_and_integer_fields():
+    rng = np.random.default_rng(6)
+    seq = rng.uniform(0.1, 5.0, size=(7, T))
+    p = {"g": jnp.zeros((T,), jnp.float32)}
+    eye = {"g": jnp.eye(T, dtype=jnp.float32)}
+
+    def run(tx, set_by_hand=None):
+        state, upd, out = tx.init(p), jax.jit(tx.update), []
+        if set_by_hand:
+            state.hyperparams.update({k: jnp.asarray(v) for k, v in set_by_hand.items()})
+        for l in seq:
+            u, state = upd(eye, state, p, losses=jnp.asarray(l, jnp.float32))
+            out.append(np.asarray(u["g"]))
+        return np.array(out), state
+
+    # temperature 2 for the first four updates, 0.5 from the fifth on
+    w, _ = run(_inject("dwa", temperature=lambda c: jnp.where(c < 4, 2.0, 0.5)))
+    ref_hot, _ = np_dwa(seq, 1, 2.0)
+    ref_cold, _ = np_dwa(seq, 1, 0.5)
+    np.testing.assert_allclose(w[:4], ref_hot[:4], rtol=1e-5)
+    np.testing.assert_allclose(w[4:], ref_cold[4:], rtol=1e-5)
+    # an integer hyperparameter (the epoch length) injected by hand is used too
+    w, state = run(_inject("dwa", steps_per_epoch=1, temperature=0.7), set_by_hand={"steps_per_epoch": 3})
+    ref, means = np_dwa(seq, 3, 0.7)
+    np.testing.assert_allclose(w, ref, rtol=1e-5)
+    assert int(state.inner_state.epochs_done) == len(means) == 2
+    # STCH's warm-up and epoch length
+    w, _ = run(_inject("stch", mu=0.3), set_by_hand={"warmup_epochs": 0, "steps_per_epoch": 2})
+    ref, _ = np_stch(seq, 2, 0, 0.3)
+    np.testing.assert_allclose(w, ref, rtol=1e-4)
+
+
+def test_inject_hyperparams_integer_out_of_range_makes_the_step_invalid():
+    """A traced integer cannot be checked when the transform is built: steps_per_epoch = 0 (a division by
+    zero) makes its step invalid (NaN update, state kept); eagerly the factory raises."""
+    p = {"g": jnp.zeros((T,), jnp.float32)}
+    eye = {"g": jnp.eye(T, dtype=jnp.float32)}
+    for name, field in [("dwa", "steps_per_epoch"), ("stch", "steps_per_epoch"), ("stch", "warmup_epochs")]:
+        tx = _inject(name)
+        state = tx.init(p)
+        _, state = jax.jit(tx.update)(eye, state, p, losses=jnp.ones(T))
+        state.hyperparams[field] = jnp.asarray(-1 if field == "warmup_epochs" else 0)
+        u, new = jax.jit(tx.update)(eye, state, p, losses=jnp.ones(T))
+        assert bool(jnp.all(jnp.isnan(u["g"]))), (name, field)
+        for a, b in zip(jax.tree.leaves(new.inner_state), jax.tree.leaves(state.inner_state)):
+            np.testing.assert_array_equal(a, b)
+        with pytest.raises(ValueError, match=f"{name}: {field} must be an int"):
+            tx.update(eye, state, p, losses=jnp.ones(T))
+
+
 def test_find_state_errors_and_observe_noop():
     p = params_like()
     with pytest.raises(ValueError, match="no loss-weighting state"):

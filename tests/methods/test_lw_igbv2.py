@@ -176,3 +176,25 @@ def test_single_task():
                                 key=jax.random.PRNGKey(0))
     # Σ a = T = 1: the weight of the single log loss is 1 / (ℓ + ε)
     np.testing.assert_allclose(out["g"], [1 / (0.5 + EPS)], rtol=1e-6)
+
+
+def test_inject_hyperparams_epoch_fields_and_reward_scale_act_in_their_update():
+    """The integer schedule fields and reward_scale injected by optax.inject_hyperparams (set by hand in
+    state.hyperparams before the first update) are the ones that update uses: the trajectory equals the
+    plain transform built with those values."""
+    import optax
+
+    from dbmtl_jax.methods import get_factory
+
+    seq, key, ws, states = trajectory()
+    wrong = dict(steps_per_epoch=1, base_epoch=0, start_epoch=6, update_after=5, update_every=3, reward_scale=1.0)
+    tx = optax.inject_hyperparams(get_factory("igbv2"), static_args=("num_tasks", "buffer_size", "seed"))(
+        num_tasks=T, **{**CFG, **wrong})
+    state = tx.init(P)
+    state.hyperparams.update({k: jnp.asarray(CFG[k]) for k in wrong})
+    step = jax.jit(tx.update)
+    for i, l in enumerate(seq):
+        u, state = step(EYE, state, P, losses=jnp.asarray(l, jnp.float32), key=jax.random.fold_in(key, i))
+        np.testing.assert_allclose(np.asarray(u["g"], np.float64), ws[i], rtol=1e-6, err_msg=str(i))
+    for a, b in zip(jax.tree_util.tree_leaves(state.inner_state), jax.tree_util.tree_leaves(states[-1])):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
