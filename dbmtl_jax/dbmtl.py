@@ -47,7 +47,7 @@ class DBMTLState(NamedTuple):
 
     Attributes:
       count: number of updates applied so far (int32 scalar); the next update
-        uses ``k = count + 1``.
+        uses ``k = count + 1`` in ``β / k^σ`` and calls a β schedule with ``count``.
       ema: per-task EMA ``ĝ_t`` of the shared leaves, each of shape
         ``[T, *param_shape]``; head leaves hold ``optax.MaskedNode()``.
       norms: ``‖ĝ_t‖`` after the last update, shape ``[T]`` (for logging).
@@ -74,8 +74,14 @@ def aggregate_alpha(norms: jax.Array, alpha: Union[str, float, jax.Array]) -> ja
 
 
 def beta_at(beta: ScalarOrSchedule, beta_sigma: Union[float, jax.Array], count: jax.Array, dtype: Any) -> jax.Array:
-    """``β_k = β / k^σ`` for the update number ``k = count`` (``beta`` may be a schedule of ``k``)."""
-    beta_k = beta(count) if callable(beta) else beta
+    """``β_k = β / k^σ`` for the update number ``k = count`` (1, 2, …).
+
+    A schedule ``beta`` is called as Optax calls schedules, with the number of updates already applied,
+    ``k − 1`` (0 at the first update): ``β_k = beta(k − 1) / k^σ``.  So ``dbmtl(beta=schedule)`` and
+    ``optax.inject_hyperparams(dbmtl)(beta=schedule)`` use the same β at every update (as long as no step is
+    rejected: a rejected step advances inject_hyperparams' count, not DB-MTL's).
+    """
+    beta_k = beta(count - 1) if callable(beta) else beta
     return jnp.asarray(beta_k, dtype) / count.astype(dtype) ** jnp.asarray(beta_sigma, dtype)
 
 
@@ -211,10 +217,13 @@ def dbmtl(
       num_tasks: ``T``, the size of the leading task axis of every update leaf.
         It sizes the EMA state, so it is static (with ``optax.inject_hyperparams``
         pass ``static_args=("num_tasks",)``).
-      beta: EMA forgetting rate β ∈ [0, 1), a float or an optax schedule of the
-        step count (a schedule value, or an injected traced one, outside [0, 1)
-        makes its step invalid: NaN update, state kept; eagerly, an error).  β
-        weights the old value: ``ĝ ← β_k ĝ + (1 − β_k) g``.  The paper sets no default: it grid-searches β ∈ {0.1, 0.5, 0.9} × σ ∈ {0, 0.5}
+      beta: EMA forgetting rate β ∈ [0, 1), a float or an optax schedule.  A
+        schedule is called, as Optax calls schedules, with the number of updates
+        already applied (0 at the first update; rejected steps do not count), so
+        update k uses ``schedule(k − 1) / k^σ``; ``optax.inject_hyperparams`` gives
+        the same values.  A schedule value, or an injected traced one, outside
+        [0, 1) makes its step invalid: NaN update, state kept (eagerly, an
+        error).  β weights the old value: ``ĝ ← β_k ĝ + (1 − β_k) g``.  The paper sets no default: it grid-searches β ∈ {0.1, 0.5, 0.9} × σ ∈ {0, 0.5}
         per data set (Sec. 4.1) and reports the β/k^0.5 family insensitive to β
         (Fig. 5).
       beta_sigma: σ ≥ 0 in ``β_k = β / k^σ`` with ``k = 1, 2, …``; 0 keeps β

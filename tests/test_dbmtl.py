@@ -77,6 +77,36 @@ def test_beta_schedule_callable_matches_constant():
             np.testing.assert_allclose(x, y, rtol=1e-6)
 
 
+def test_beta_schedule_gets_optax_step_count_directly_and_under_inject_hyperparams():
+    """A schedule is called with the number of updates already applied (0 at the first update), as optax
+    calls schedules: update k uses β_k = schedule(k − 1) / k^σ (the paper's decay k^σ still counts k = 1, 2,
+    …), and dbmtl(beta=schedule) and inject_hyperparams(dbmtl)(beta=schedule) agree at every update."""
+    T, sigma = 3, 0.5
+    values = [0.0, 0.5, 0.8, 0.3, 0.6]
+    sched = lambda c: jnp.asarray(values)[c]  # noqa: E731
+    rng = np.random.default_rng(3)
+    grads = _random_grads(rng, T, len(values), [1.0, 2.0, 0.5])
+    params = {n: jnp.zeros(s) for n, s in SHAPES.items()}
+    direct = dbmtl_jax.dbmtl(T, beta=sched, beta_sigma=sigma, shared=lambda p: p != "h")
+    inj = optax.inject_hyperparams(dbmtl_jax.dbmtl, static_args=("num_tasks", "alpha", "shared", "ema_dtype"))(
+        num_tasks=T, beta=sched, beta_sigma=sigma, shared=lambda p: p != "h")
+    ref = NumpyDBMTL(T, beta_sigma=sigma, shared=("a", "b"))
+    sd, si = direct.init(params), inj.init(params)
+    ud, ui = jax.jit(direct.update), jax.jit(inj.update)
+    for k, g in enumerate(grads, 1):
+        g32 = {n: jnp.asarray(v, jnp.float32) for n, v in g.items()}
+        a, sd = ud(g32, sd, params)
+        b, si = ui(g32, si, params)
+        ref.beta = values[k - 1]  # NumpyDBMTL divides by its own k^σ
+        want = ref.step(g)
+        for n in SHAPES:
+            np.testing.assert_allclose(a[n], want[n], rtol=2e-5, atol=1e-6, err_msg=f"direct {n} k={k}")
+            np.testing.assert_allclose(b[n], want[n], rtol=2e-5, atol=1e-6, err_msg=f"inject {n} k={k}")
+        for n in ("a", "b"):
+            np.testing.assert_allclose(sd.ema[n], ref.ema[n], rtol=2e-5, atol=1e-6)
+            np.testing.assert_allclose(si.inner_state.ema[n], ref.ema[n], rtol=2e-5, atol=1e-6)
+
+
 def _loss_problem(T=3, seed=0):
     """A tiny 2-layer HPS regression problem with T tasks; returns (params, losses_fn)."""
     key = jax.random.key(seed)

@@ -354,23 +354,25 @@ def test_a_beta_schedule_or_injected_value_out_of_range_makes_the_step_invalid()
     """β_k ≥ 1 would freeze (= 1) or reverse (> 1) the EMA while every number stays finite."""
     params = {"w": jnp.zeros(2)}
     g = {"w": jnp.array([[1.0, 0.0], [0.0, 1.0]])}
-    beta = optax.linear_schedule(0.5, 1.5, 10)  # β_k = 0.5 + k/10: ≥ 1 from step k = 5 on
+    # optax's convention: the schedule gets the number of updates already applied, k - 1, so
+    # β_k = 0.5 + (k - 1)/10: ≥ 1 from step k = 6 on
+    beta = optax.linear_schedule(0.5, 1.5, 10)
     tx = dbmtl_jax.dbmtl(2, beta=beta, beta_sigma=0.0)
     state = tx.init(params)
     update = jax.jit(tx.update)
-    for _ in range(4):
+    for _ in range(5):
         u, state = update(g, state, params)
         assert bool(jnp.all(jnp.isfinite(u["w"])))
     before = state
     u, state = update(g, state, params)
     assert bool(jnp.all(jnp.isnan(u["w"]))) and _same(state, before)  # NaN update, EMA and count kept
-    with pytest.raises(ValueError, match=r"beta_k = beta / k\^beta_sigma must be in \[0, 1\), got 1.0 at step k = 5"):
+    with pytest.raises(ValueError, match=r"beta_k = beta / k\^beta_sigma must be in \[0, 1\), got 1.0 at step k = 6"):
         tx.update(g, state, params)  # eagerly: an error naming the value and the step
     guarded = dbmtl_jax.skip_invalid_steps(optax.chain(tx, optax.sgd(1.0)))
     gs = guarded.init(params)
     for _ in range(8):
         _, gs = jax.jit(guarded.update)(g, gs, params, losses=jnp.ones(2))
-    assert int(gs.num_skipped) == 4  # the count stays at 4, so every later step is k = 5 again
+    assert int(gs.num_skipped) == 3  # the count stays at 5, so every later step is k = 6 again
     # values injected by optax.inject_hyperparams and traced under jit: σ < 0, α ≤ 0, β ≥ 1
     inj = optax.inject_hyperparams(dbmtl_jax.dbmtl, static_args=("num_tasks",))
     tx = inj(num_tasks=2, beta=0.5, beta_sigma=0.5, alpha=1.0)
@@ -388,7 +390,7 @@ def test_a_beta_schedule_or_injected_value_out_of_range_makes_the_step_invalid()
     for k in range(8):
         before = fs
         _, upd, fs = jax.jit(fused.update)(fs, p)
-        if k >= 4:
+        if k >= 5:
             assert _same(fs, before) and all(bool(jnp.all(x == 0)) for x in jax.tree.leaves(upd)), k
         p = optax.apply_updates(p, upd)
 
