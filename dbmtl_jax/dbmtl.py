@@ -31,6 +31,7 @@ import numpy as np
 import optax
 
 from dbmtl_jax import task_axis as ta
+from dbmtl_jax.methods._numerics import low_precision_hint
 
 PyTree = Any
 ScalarOrSchedule = Union[float, jax.Array, Callable[[jax.Array], jax.Array]]
@@ -119,7 +120,8 @@ def _concrete_scalar(value: Any, name: str) -> Optional[float]:
     if isinstance(value, bool) or not (isinstance(value, (int, float)) or hasattr(value, "dtype")):
         raise TypeError(f"DB-MTL: {name} must be a real number, got {type(value).__name__} {value!r}.")
     arr = np.asarray(value)
-    if arr.shape != () or not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+    # jnp.issubdtype: bfloat16 (what inject_hyperparams passes with bfloat16 parameters) is not a NumPy floating
+    if arr.shape != () or not (jnp.issubdtype(arr.dtype, jnp.floating) or jnp.issubdtype(arr.dtype, jnp.integer)):
         raise TypeError(f"DB-MTL: {name} must be a real scalar, got shape {arr.shape} dtype {arr.dtype}.")
     return float(arr)
 
@@ -158,20 +160,23 @@ def check_options(
     else:
         a = _concrete_scalar(alpha, "alpha")
         if a is not None and not (0 < a < np.inf):
-            raise ValueError(f"DB-MTL: a constant alpha must be finite and > 0 (it is the update's norm), got {a}.")
+            raise ValueError(f"DB-MTL: a constant alpha must be finite and > 0 (it is the update's norm), got {a}"
+                             f"{low_precision_hint(alpha)}.")
     if not callable(beta):
         b = _concrete_scalar(beta, "beta")
         if b is not None and not 0 <= b < 1:
             raise ValueError(
                 f"DB-MTL: beta must be in [0, 1) (β weights the old EMA value; β ≥ 1 freezes or reverses "
-                f"the average), got {b}."
+                f"the average), got {b}{low_precision_hint(beta)}."
             )
     sigma = _concrete_scalar(beta_sigma, "beta_sigma")
     if sigma is not None and not 0 <= sigma < np.inf:
-        raise ValueError(f"DB-MTL: beta_sigma must be finite and >= 0 (β_k = β / k^σ must stay ≤ β), got {sigma}.")
+        raise ValueError(f"DB-MTL: beta_sigma must be finite and >= 0 (β_k = β / k^σ must stay ≤ β), got {sigma}"
+                         f"{low_precision_hint(beta_sigma)}.")
     e = _concrete_scalar(eps, "eps")
     if e is not None and not 0 < e < np.inf:
-        raise ValueError(f"DB-MTL: eps must be finite and > 0 (it keeps ĝ/(‖ĝ‖ + ε) and log(ℓ + ε) finite), got {e}.")
+        raise ValueError(f"DB-MTL: eps must be finite and > 0 (it keeps ĝ/(‖ĝ‖ + ε) and log(ℓ + ε) finite), got {e}"
+                         f"{low_precision_hint(eps)}.")
     if ema_dtype is not None and not jnp.issubdtype(jnp.dtype(ema_dtype), jnp.floating):
         raise ValueError(f"DB-MTL: ema_dtype must be a real floating dtype, got {jnp.dtype(ema_dtype)}.")
 

@@ -299,6 +299,35 @@ def test_inject_hyperparams():
             np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
 
 
+def test_inject_hyperparams_with_low_precision_params():
+    """inject_hyperparams casts β, σ, ε to the parameters' dtype. bfloat16 values are accepted and used (the
+    update equals dbmtl built with the bfloat16-rounded values); a float16 ε of 0 (1e-8 flushed) is refused
+    with an error naming hyperparam_dtype=jnp.float32, which keeps them float32."""
+    T = 3
+    params = {"w": jnp.ones(4, jnp.bfloat16)}
+    g = {"w": jnp.asarray(np.random.default_rng(0).standard_normal((T, 4)), jnp.bfloat16)}
+    make = optax.inject_hyperparams(dbmtl_jax.dbmtl, static_args=("num_tasks", "alpha", "shared", "ema_dtype"))
+    tx = make(num_tasks=T, beta=0.9, beta_sigma=0.5, eps=1e-8)
+    s = tx.init(params)
+    assert s.hyperparams["beta"].dtype == jnp.bfloat16
+    rounded = {k: float(np.float32(jnp.asarray(v, jnp.bfloat16))) for k, v in dict(beta=0.9, beta_sigma=0.5,
+                                                                                     eps=1e-8).items()}
+    assert rounded["beta"] != 0.9  # 0.8984375
+    ref = dbmtl_jax.dbmtl(T, **rounded)
+    r = ref.init(params)
+    for _ in range(3):
+        u, s = jax.jit(tx.update)(g, s, params)
+        v, r = ref.update(g, r, params)
+        np.testing.assert_array_equal(np.asarray(u["w"], np.float32), np.asarray(v["w"], np.float32))
+    p16 = {"w": jnp.ones(4, jnp.float16)}
+    with pytest.raises(ValueError, match=r"eps must be finite and > 0.*got 0.0; the value arrived as float16.*"
+                                         r"hyperparam_dtype=jnp.float32"):
+        make(num_tasks=T).init(p16)
+    ok = optax.inject_hyperparams(dbmtl_jax.dbmtl, static_args=("num_tasks", "alpha"),
+                                  hyperparam_dtype=jnp.float32)(num_tasks=T).init(p16)
+    assert float(ok.hyperparams["eps"]) == np.float32(1e-8)
+
+
 def test_chained_with_adam_lowers_every_task_loss():
     params, losses = _loss_problem(T=3, seed=1)
     tx = optax.chain(dbmtl_jax.dbmtl(3, shared=_is_trunk), optax.adam(1e-2))

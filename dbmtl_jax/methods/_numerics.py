@@ -55,6 +55,7 @@ __all__ = [
     "HIGHEST",
     "highest_precision",
     "is_traced",
+    "low_precision_hint",
     "check_num_tasks",
     "check_int",
     "check_real",
@@ -115,6 +116,25 @@ def is_traced(value: Any) -> bool:
 
 def _prefix(method: Optional[str]) -> str:
     return f"{method}: " if method else ""
+
+
+def low_precision_hint(value: Any) -> str:
+    """For a value out of range that arrived as a float narrower than float32: why, and the fix.
+
+    ``optax.inject_hyperparams`` (``hyperparam_dtype=None``) casts float hyperparameters to the
+    parameters' dtype, so with float16/bfloat16 parameters ``eps=1e-8`` becomes 0 and ``0.9999`` becomes
+    1.  Returns ``""`` for any other value.
+    """
+    dtype = getattr(value, "dtype", None)
+    try:
+        narrow = dtype is not None and jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32
+    except TypeError:
+        return ""
+    if not narrow:
+        return ""
+    return (f"; the value arrived as {jnp.dtype(dtype).name}, where it may have been rounded: "
+            "optax.inject_hyperparams casts hyperparameters to the parameters' dtype unless given "
+            "hyperparam_dtype=jnp.float32")
 
 
 def check_num_tasks(num_tasks: Any, method: Optional[str] = None) -> int:
@@ -187,15 +207,17 @@ def check_real(
 ) -> Any:
     """Validates a real-valued hyperparameter and returns it unchanged.
 
-    ``value`` may be a Python number, a NumPy scalar or a concrete JAX array
-    (what ``optax.inject_hyperparams`` passes at ``init``) whose shape is one of
+    ``value`` may be a Python number, a NumPy scalar or a concrete JAX array of
+    any integer or floating dtype, bfloat16 and float16 included (what
+    ``optax.inject_hyperparams`` passes at ``init``) whose shape is one of
     ``shapes`` (default: a scalar); every entry must be finite and lie in the
     range ``lo .. hi`` (bounds excluded with ``lo_open`` / ``hi_open``).  A
     tracer is returned unchecked.  Raises ``type_error`` (default ``TypeError``)
     for a non-number and ``ValueError`` (``"<method>: <option> must be ..."``)
     for a bad shape or value; ``note`` is appended to the message (why the
     range).  ``interval=True`` writes the range as an interval (``in [0, inf)``)
-    rather than as a comparison (``>= 0``).
+    rather than as a comparison (``>= 0``).  A float16/bfloat16 value out of
+    range gets :func:`low_precision_hint` appended.
     """
     if is_traced(value):
         return value
@@ -213,7 +235,7 @@ def check_real(
             arr = np.asarray(value)
         except Exception:  # noqa: BLE001 - anything that is not array-like is the wrong type
             arr = None
-    if arr is None or arr.dtype.kind not in "iuf":
+    if arr is None or not (jnp.issubdtype(arr.dtype, jnp.integer) or jnp.issubdtype(arr.dtype, jnp.floating)):
         raise type_error(f"{method}: {option} must be {what}, got {type(value).__name__} {value!r}.")
     if arr.shape not in shapes:
         shown = " or ".join((["be a scalar"] if () in shapes else []) + ([f"have shape {arrays}"] if arrays else []))
@@ -226,7 +248,7 @@ def check_real(
         ok &= (x < hi) if hi_open else (x <= hi)
     if not np.all(ok):
         shown = repr(arr.item()) if arr.ndim == 0 else repr(arr.tolist())
-        raise ValueError(f"{method}: {option} must be {what}, got {shown}{suffix}.")
+        raise ValueError(f"{method}: {option} must be {what}, got {shown}{suffix}{low_precision_hint(arr)}.")
     return value
 
 

@@ -241,6 +241,40 @@ def test_inject_hyperparams_schedules_and_tracers():
     jax.make_jaxpr(lambda s: get_method("dwa", T, temperature=s).init(p))(0.0)
 
 
+@pytest.mark.parametrize("name", [m for m in METHODS if m != "dbmtl"])
+def test_inject_hyperparams_with_bfloat16_params_accepts_bfloat16_values(name):
+    """inject_hyperparams casts float hyperparameters to the parameters' dtype: bfloat16 scalars are valid
+    numbers (NumPy's dtype kind of bfloat16 is 'V', which used to be rejected as "not a number")."""
+    floats = {k: jnp.asarray(v.default, jnp.bfloat16)
+              for k, v in inspect.signature(get_factory(name)).parameters.items()
+              if isinstance(v.default, float)}
+    for k, v in floats.items():
+        try:
+            get_factory(name)(T, **{k: v})
+        except ValueError as e:  # only a value that bfloat16 rounded out of range, and then with the hint
+            assert "arrived as bfloat16" in str(e) and "hyperparam_dtype=jnp.float32" in str(e), str(e)
+            assert k == "b2" and float(np.float32(v)) == 1.0, (k, v)  # Adam's b2 = 0.999 rounds to 1
+            floats[k] = jnp.asarray(0.99, jnp.bfloat16)
+    get_factory(name)(T, **floats)  # all at once
+
+
+def test_low_precision_value_out_of_range_names_hyperparam_dtype():
+    """float16 flushes eps = 1e-8 to 0 and bfloat16 rounds b2 = 0.999 to 1: the error says why and how."""
+    cases = [("gls", jnp.float16, "eps", "got 0.0"), ("stch", jnp.float16, "eps", "got 0.0"),
+             ("uw", jnp.bfloat16, "b2", "got 1.0"), ("famo", jnp.bfloat16, "b2", "got 1.0")]
+    for name, dt, option, got in cases:
+        p = {"w": jnp.ones(2, dt)}
+        with pytest.raises(ValueError, match=rf"{name}: {option} must .*{got}; the value arrived as "
+                                             rf"{jnp.dtype(dt).name}.*hyperparam_dtype=jnp.float32"):
+            optax.inject_hyperparams(get_factory(name), static_args=("num_tasks",))(num_tasks=T).init(p)
+        state = optax.inject_hyperparams(get_factory(name), static_args=("num_tasks",),
+                                         hyperparam_dtype=jnp.float32)(num_tasks=T).init(p)
+        assert state.hyperparams[option].dtype == jnp.float32
+    # a float32 value out of range gets no hint
+    with pytest.raises(ValueError, match=r"gls: eps must be a finite number > 0, got 0.0\.$"):
+        get_method("gls", T, eps=jnp.float32(0.0))
+
+
 def test_messages_state_the_range():
     with pytest.raises(ValueError, match=re.escape("pcgrad: unknown reduction='max'")):
         get_method("pcgrad", T, reduction="max")
