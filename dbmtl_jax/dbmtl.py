@@ -31,7 +31,7 @@ import numpy as np
 import optax
 
 from dbmtl_jax import task_axis as ta
-from dbmtl_jax.methods._numerics import low_precision_hint
+from dbmtl_jax.methods import _numerics as nm
 
 PyTree = Any
 ScalarOrSchedule = Union[float, jax.Array, Callable[[jax.Array], jax.Array]]
@@ -161,22 +161,29 @@ def check_options(
         a = _concrete_scalar(alpha, "alpha")
         if a is not None and not (0 < a < np.inf):
             raise ValueError(f"DB-MTL: a constant alpha must be finite and > 0 (it is the update's norm), got {a}"
-                             f"{low_precision_hint(alpha)}.")
+                             f"{nm.low_precision_hint(alpha)}.")
     if not callable(beta):
         b = _concrete_scalar(beta, "beta")
         if b is not None and not 0 <= b < 1:
             raise ValueError(
                 f"DB-MTL: beta must be in [0, 1) (β weights the old EMA value; β ≥ 1 freezes or reverses "
-                f"the average), got {b}{low_precision_hint(beta)}."
+                f"the average), got {b}{nm.low_precision_hint(beta)}."
             )
     sigma = _concrete_scalar(beta_sigma, "beta_sigma")
     if sigma is not None and not 0 <= sigma < np.inf:
         raise ValueError(f"DB-MTL: beta_sigma must be finite and >= 0 (β_k = β / k^σ must stay ≤ β), got {sigma}"
-                         f"{low_precision_hint(beta_sigma)}.")
+                         f"{nm.low_precision_hint(beta_sigma)}.")
     e = _concrete_scalar(eps, "eps")
     if e is not None and not 0 < e < np.inf:
         raise ValueError(f"DB-MTL: eps must be finite and > 0 (it keeps ĝ/(‖ĝ‖ + ε) and log(ℓ + ε) finite), got {e}"
-                         f"{low_precision_hint(eps)}.")
+                         f"{nm.low_precision_hint(eps)}.")
+    if isinstance(ema_dtype, jax.Array):
+        raise ValueError(
+            f"DB-MTL: ema_dtype must be a dtype (jnp.float32, 'bfloat16', ...), got a JAX array ({ema_dtype!r}). "
+            "optax.inject_hyperparams calls every callable argument as a schedule, a dtype class such as "
+            "jnp.bfloat16 included, unless it is in static_args: pass static_args=('num_tasks', 'alpha', "
+            "'shared', 'ema_dtype')."
+        )
     if ema_dtype is not None and not jnp.issubdtype(jnp.dtype(ema_dtype), jnp.floating):
         raise ValueError(f"DB-MTL: ema_dtype must be a real floating dtype, got {jnp.dtype(ema_dtype)}.")
 
@@ -220,8 +227,8 @@ def dbmtl(
 
     Args:
       num_tasks: ``T``, the size of the leading task axis of every update leaf.
-        It sizes the EMA state, so it is static (with ``optax.inject_hyperparams``
-        pass ``static_args=("num_tasks",)``).
+        It sizes the EMA state, so it is static (see ``optax.inject_hyperparams``
+        below).
       beta: EMA forgetting rate β ∈ [0, 1), a float or an optax schedule.  A
         schedule is called, as Optax calls schedules, with the number of updates
         already applied (0 at the first update; rejected steps do not count), so
@@ -258,8 +265,22 @@ def dbmtl(
       ``[T, *param_shape]`` and returns updates of shape ``param_shape``.
       Extra args (``losses=``, ``key=``) are accepted and ignored, so the
       transform is interchangeable with the other methods of this library.
+
+    Under ``optax.inject_hyperparams`` pass
+    ``static_args=("num_tasks", "alpha", "shared", "ema_dtype")``
+    (``dbmtl_jax.methods.STATIC_ARGS["dbmtl"]``): ``inject_hyperparams`` calls
+    every callable argument as a schedule with the step count, so a ``shared``
+    predicate or a dtype class (``jnp.bfloat16``) left out is evaluated on the
+    count (``lambda p: p != "head"`` gives True: every leaf shared; one that
+    arrives as a JAX array is refused).  With float16/bfloat16 parameters add
+    ``hyperparam_dtype=jnp.float32`` (else β, σ, ε are cast to that dtype).  With
+    an injected schedule, wrap the whole chain in
+    :func:`dbmtl_jax.skip_invalid_steps`, not ``optax.apply_if_finite`` after this
+    transform: ``inject_hyperparams``' own count, which drives the schedule,
+    advances on a rejected step too; or give the schedule to ``beta`` here.
     """
     check_options(num_tasks, alpha, beta=beta, beta_sigma=beta_sigma, eps=eps, ema_dtype=ema_dtype)
+    nm.check_shared(shared, "dbmtl")
     if ema_dtype is not None:
         ema_dtype = jnp.dtype(ema_dtype)
 

@@ -55,6 +55,7 @@ from dbmtl_jax import task_axis as ta
 from dbmtl_jax.dbmtl import (DBMTLState, ScalarOrSchedule, beta_at, check_options, dbmtl, dbmtl_direction, ema_step,
                              options_ok)
 from dbmtl_jax.guard import output_ok, select_step
+from dbmtl_jax.methods import _numerics as nm
 from dbmtl_jax.task_gradients import (
     Model,
     TrunkHeads,
@@ -235,6 +236,7 @@ def fused_dbmtl(
       ``params`` (for a spec, ``shared=spec.shared_mask(params)``).
     """
     check_options(num_tasks, alpha, beta=beta, beta_sigma=beta_sigma, eps=eps, ema_dtype=ema_dtype)
+    nm.check_shared(shared, "fused_dbmtl")
     _check_chunk(chunk_size)
     kw = dict(beta=beta, beta_sigma=beta_sigma, alpha=alpha, eps=eps, ema_dtype=ema_dtype, log=log,
               chunk_size=chunk_size, unroll=unroll, in_place=in_place, check_output=check_output)

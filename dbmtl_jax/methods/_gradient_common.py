@@ -160,6 +160,7 @@ def make_gradient_transform(
         make meaningless (underflowed to 0).
     """
     nm.check_choice(gram, GRAMS, "gram", name)
+    nm.check_shared(shared, name)
 
     def form_gram(g_shared: list) -> Any:
         if gram == "cosine":

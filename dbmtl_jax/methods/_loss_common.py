@@ -225,6 +225,7 @@ def make_loss_transform(
     """
     check_grads_mode(grads, name)
     nm.check_bool(weight_heads, "weight_heads", name)
+    nm.check_shared(shared, name)
     if not weight_heads and grads != "per_task":
         raise ValueError(
             f"{name}: weight_heads=False needs grads='per_task' (the weighted-loss gradient cannot "

@@ -7,8 +7,9 @@ that each exists once:
   solvers (full-float32 matmuls on accelerators).
 * argument checks: :func:`check_num_tasks`, :func:`check_int`,
   :func:`check_real`, :func:`check_bool`, :func:`check_choice`,
-  :func:`check_optimizer` (construction time; tracers pass unchecked) and
-  :func:`check_losses` (the ``losses=`` extra argument of ``update``).
+  :func:`check_optimizer` (construction time; tracers pass unchecked),
+  :func:`check_static` (a tracer is refused), :func:`check_shared` and :func:`check_losses` (the
+  ``losses=`` extra argument of ``update``).
 * dtypes: :func:`acc_dtype` (float32 or wider), :func:`state_dtype`.
 * Gram matrices of per-task gradients (leaves ``[T, *shape]``): :func:`gram`
   (one common overflow-safe scaling, normalised by :func:`normalize_gram`) and
@@ -55,6 +56,8 @@ __all__ = [
     "HIGHEST",
     "highest_precision",
     "is_traced",
+    "check_static",
+    "check_shared",
     "low_precision_hint",
     "check_num_tasks",
     "check_int",
@@ -116,6 +119,41 @@ def is_traced(value: Any) -> bool:
 
 def _prefix(method: Optional[str]) -> str:
     return f"{method}: " if method else ""
+
+
+def check_static(value: Any, option: str, method: str, why: str) -> Any:
+    """Raises ``ValueError`` when ``value`` is traced; returns it otherwise (concrete arrays unchanged).
+
+    For a hyperparameter that Python code must see as a number (a branch, an index, an iteration cap):
+    ``optax.inject_hyperparams`` passes every numeric argument not in ``static_args`` as a tracer inside
+    a jitted ``update``, which would otherwise fail with a raw tracer error.  ``why`` says what it
+    decides (e.g. ``"it selects the rescaling formula"``).
+    """
+    if is_traced(value):
+        raise ValueError(
+            f"{method}: {option} must be static under optax.inject_hyperparams ({why}); add it to static_args, "
+            f"e.g. optax.inject_hyperparams(factory, static_args=('num_tasks', '{option}')) "
+            f"(dbmtl_jax.methods.STATIC_ARGS['{method}'] lists every such argument)."
+        )
+    return value
+
+
+def check_shared(shared: Any, method: str) -> Any:
+    """Refuses a ``shared=`` that is a JAX array, what ``optax.inject_hyperparams`` passes when it calls a
+    callable ``shared`` (a path predicate) as a schedule; returns ``shared`` otherwise.
+
+    A bool pytree, a callable, ``None``, ``True`` and ``False`` are valid.  A predicate that returns a
+    Python bool for the step count (``lambda p: p != "head"``) cannot be told from ``shared=True``: the
+    documented recipe, ``static_args`` with ``"shared"``, is the only complete protection.
+    """
+    if isinstance(shared, jax.Array):
+        raise ValueError(
+            f"{method}: shared must be None, a bool, a bool pytree or a callable on leaf paths, got a JAX array "
+            f"({shared!r}). optax.inject_hyperparams calls every callable argument as a schedule (with the step "
+            f"count) unless it is in static_args: add 'shared' to static_args "
+            f"(dbmtl_jax.methods.STATIC_ARGS['{method}'])."
+        )
+    return shared
 
 
 def low_precision_hint(value: Any) -> str:

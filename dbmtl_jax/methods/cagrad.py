@@ -224,6 +224,10 @@ def cagrad(
     """
     nm.check_num_tasks(num_tasks, "cagrad")
     nm.check_real(c, "c", "cagrad", lo=0)
+    nm.check_static(rescale, "rescale", "cagrad", "it selects the rescaling formula")
+    nm.check_static(max_iter, "max_iter", "cagrad", "it sizes the solver's loop")
+    if hasattr(rescale, "dtype") and jnp.ndim(rescale) == 0 and jnp.issubdtype(rescale.dtype, jnp.integer):
+        rescale = int(rescale)  # a concrete array (inject_hyperparams outside jit)
     if isinstance(rescale, bool) or rescale not in RESCALES:
         raise ValueError(f"cagrad: unknown rescale={rescale!r}; expected one of {RESCALES}.")
     num_bisections = nm.check_int(num_bisections, "num_bisections", "cagrad", lo=1)

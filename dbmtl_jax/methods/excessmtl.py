@@ -107,6 +107,7 @@ def excessmtl(
       An ``optax.GradientTransformationExtraArgs``; extra args are ignored.
     """
     nm.check_num_tasks(num_tasks, "excessmtl")
+    nm.check_shared(shared, "excessmtl")
     nm.check_real(robust_step_size, "robust_step_size", "excessmtl", lo=0)
     nm.check_real(eps, "eps", "excessmtl", lo=0, lo_open=True,
                   note="0 gives 0/0 for a coordinate whose gradients were all 0")

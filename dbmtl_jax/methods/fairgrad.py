@@ -122,6 +122,7 @@ def fairgrad(
     """
     name = "fairgrad"
     num_tasks = nm.check_num_tasks(num_tasks, name)
+    nm.check_static(alpha, "alpha", name, "it sets the solver's exponent 1/α")
     alpha = float(nm.check_real(alpha, "alpha", name, lo=0.0, lo_open=True, type_error=ValueError, interval=True))
     return balance_transform(
         name,

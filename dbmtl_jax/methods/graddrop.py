@@ -76,6 +76,7 @@ def graddrop(
       extra argument ``key=`` (a JAX PRNG key).
     """
     nm.check_num_tasks(num_tasks, "graddrop")
+    nm.check_shared(shared, "graddrop")
     nm.check_real(leak, "leak", "graddrop", lo=0, hi=1, shapes=((), (num_tasks,)),
                   note="0 is full sign dropout, 1 the plain sum")
     leak_arr = jnp.asarray(leak, jnp.float32)

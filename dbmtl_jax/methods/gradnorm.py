@@ -107,12 +107,18 @@ def gradnorm(
       extra argument ``losses=`` (raw task losses, shape ``[T]``).
     """
     nm.check_num_tasks(num_tasks, "gradnorm")
+    nm.check_shared(shared, "gradnorm")
     nm.check_real(alpha, "alpha", "gradnorm", lo=0)
     nm.check_real(min_weight, "min_weight", "gradnorm", lo=0, lo_open=True)
     nm.check_optimizer(weight_optimizer, "weight_optimizer", "gradnorm")
     nm.check_bool(weight_heads, "weight_heads", "gradnorm")
     if norm_leaves is not None and not callable(norm_leaves):
-        raise TypeError(f"gradnorm: norm_leaves must be None or a callable on a leaf path, got {norm_leaves!r}.")
+        hint = ""
+        if isinstance(norm_leaves, (bool, jax.Array)):
+            hint = (" (optax.inject_hyperparams calls a callable argument as a schedule unless it is in "
+                    "static_args: add 'norm_leaves' to static_args)")
+        raise TypeError(f"gradnorm: norm_leaves must be None or a callable on a leaf path, got {norm_leaves!r}"
+                        f"{hint}.")
     inner = optax.adam(1e-4) if weight_optimizer is None else weight_optimizer
 
     def init_fn(params: PyTree) -> GradNormState:

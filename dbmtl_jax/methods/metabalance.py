@@ -86,11 +86,13 @@ def metabalance(
       An ``optax.GradientTransformationExtraArgs``; extra args are ignored.
     """
     nm.check_num_tasks(num_tasks, "metabalance")
+    nm.check_shared(shared, "metabalance")
     nm.check_choice(strategy, STRATEGIES, "strategy", "metabalance")
     nm.check_choice(granularity, gc.GRANULARITIES, "granularity", "metabalance")
     nm.check_real(relax_factor, "relax_factor", "metabalance", lo=0, hi=1)
     nm.check_real(beta, "beta", "metabalance", lo=0, hi=1, hi_open=True,
                   note="the weight of the old value; 1 freezes the norms at 0")
+    nm.check_static(main_task, "main_task", "metabalance", "it is an index")
     main_task = nm.check_int(main_task, "main_task", "metabalance", lo=0, hi=num_tasks - 1)
 
     def num_groups(tree: PyTree) -> int:

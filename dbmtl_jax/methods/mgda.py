@@ -172,6 +172,7 @@ def mgda(
     nm.check_num_tasks(num_tasks, "mgda")
     nm.check_choice(normalization, NORMALIZATIONS, "normalization", "mgda")
     nm.check_choice(solver, SOLVERS, "solver", "mgda")
+    nm.check_static(max_iter, "max_iter", "mgda", "it sizes the solver's loop")
     if max_iter is not None:
         max_iter = nm.check_int(max_iter, "max_iter", "mgda", lo=1)
     nm.check_real(tol, "tol", "mgda", lo=0, hi=1, lo_open=True, hi_open=True)

@@ -95,6 +95,7 @@ def moco(
       An ``optax.GradientTransformationExtraArgs``.
     """
     nm.check_num_tasks(num_tasks, "moco")
+    nm.check_shared(shared, "moco")
     nm.check_choice(lambda_update, LAMBDA_UPDATES, "lambda_update", "moco")
     nm.check_choice(grad_transform, GRAD_TRANSFORMS, "grad_transform", "moco")
     nm.check_real(beta, "beta", "moco", lo=0, hi=1, lo_open=True, note="the weight of the new gradient in y")

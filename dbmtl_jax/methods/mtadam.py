@@ -94,6 +94,7 @@ def mtadam(
       ``optax.scale_by_learning_rate(lr)``.
     """
     nm.check_num_tasks(num_tasks, "mtadam")
+    nm.check_shared(shared, "mtadam")
     nm.check_choice(granularity, gc.GRANULARITIES, "granularity", "mtadam")
     for name, b in (("b1", b1), ("b2", b2), ("b3", b3)):
         nm.check_real(b, name, "mtadam", lo=0, hi=1, hi_open=True)

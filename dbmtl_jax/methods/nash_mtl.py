@@ -171,6 +171,7 @@ def nash_mtl(
     """
     name = "nash_mtl"
     num_tasks = nm.check_num_tasks(num_tasks, name)
+    nm.check_static(update_weights_every, "update_weights_every", name, "it decides whether the solver runs")
     update_weights_every = nm.check_int(update_weights_every, "update_weights_every", name, lo=1, type_error=ValueError)
     return balance_transform(
         name,
@@ -211,6 +212,9 @@ def balance_transform(
     summed.  ``state_cls`` has the fields ``count, weights, residual, iterations``.
     """
     strict = {"type_error": ValueError, "interval": True}  # this family raises ValueError for every bad value
+    nm.check_static(max_norm, "max_norm", name, "0 turns the clipping off")
+    nm.check_static(ridge, "ridge", name, "the solver reads it as a Python float")
+    nm.check_static(tol, "tol", name, "the solver reads it as a Python float")
     max_norm = float(nm.check_real(max_norm, "max_norm", name, lo=0.0, **strict))
     max_iter = nm.check_int(max_iter, "max_iter", name, lo=1, type_error=ValueError)
     ridge = float(nm.check_real(ridge, "ridge", name, lo=0.0, hi=1.0, hi_open=True, **strict))

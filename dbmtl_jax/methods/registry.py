@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import optax
 
-__all__ = ["METHODS", "METHOD_GROUPS", "get_method", "get_factory"]
+__all__ = ["METHODS", "METHOD_GROUPS", "STATIC_ARGS", "get_method", "get_factory"]
 
 # name -> (group, module under dbmtl_jax.methods, factory attribute)
 _REGISTRY: dict[str, tuple[str, str, str]] = {
@@ -53,12 +53,32 @@ _REGISTRY: dict[str, tuple[str, str, str]] = {
 METHODS: tuple[str, ...] = tuple(_REGISTRY)
 METHOD_GROUPS: dict[str, str] = {name: _REGISTRY[name][0] for name in METHODS}
 
+# The `static_args` of optax.inject_hyperparams for each method: the arguments that must not be injected,
+# beyond the strings, bools, None and optimizers that inject_hyperparams keeps static by itself. num_tasks
+# sizes the state; shared, and any other callable (gradnorm's norm_leaves, dbmtl's ema_dtype given as a
+# dtype class), would be called as a schedule with the step count; the rest are numbers the factory's Python
+# code reads (a branch, an index, a loop bound), each of which raises a ValueError naming it when traced.
+_EXTRA_STATIC: dict[str, tuple[str, ...]] = {
+    "gradnorm": ("norm_leaves",),
+    "mgda": ("max_iter",),
+    "cagrad": ("rescale", "max_iter"),
+    "upgrad": ("max_iter",),
+    "nash_mtl": ("max_norm", "ridge", "tol", "update_weights_every"),
+    "fairgrad": ("alpha", "max_norm", "ridge", "tol"),
+    "metabalance": ("main_task",),
+}
+STATIC_ARGS: dict[str, tuple[str, ...]] = {
+    name: ("num_tasks", "shared") + _EXTRA_STATIC.get(name, ()) for name in METHODS if name != "dbmtl"
+}
+STATIC_ARGS["dbmtl"] = ("num_tasks", "alpha", "shared", "ema_dtype")  # a string alpha picks the α rule
+
 
 def get_factory(name: str) -> Callable[..., optax.GradientTransformationExtraArgs]:
     """The factory of method ``name`` (``factory(num_tasks, **hyperparameters)``).
 
     Use it where a factory is needed, e.g.
-    ``optax.inject_hyperparams(get_factory("uw"), static_args=("num_tasks",))``.
+    ``optax.inject_hyperparams(get_factory("uw"), static_args=STATIC_ARGS["uw"])``
+    (:data:`STATIC_ARGS`: the arguments that must not be injected).
     """
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; available: {', '.join(METHODS)}.")

@@ -182,6 +182,7 @@ def upgrad(
     """
     nm.check_num_tasks(num_tasks, "upgrad")
     nm.check_real(reg_eps, "reg_eps", "upgrad", lo=0)
+    nm.check_static(max_iter, "max_iter", "upgrad", "it sizes the solver's loop")
     if max_iter is not None:
         max_iter = nm.check_int(max_iter, "max_iter", "upgrad", lo=1)
     nm.check_real(tol, "tol", "upgrad", lo=0, hi=1, lo_open=True, hi_open=True)
@@ -189,7 +190,7 @@ def upgrad(
         pref = np.full([num_tasks], 1.0 / num_tasks, np.float32)
     else:
         nm.check_real(pref_vector, "pref_vector", "upgrad", lo=0, shapes=((num_tasks,),))
-        pref = np.asarray(pref_vector, np.float32)
+        pref = jnp.asarray(pref_vector, jnp.float32)  # jnp: a traced (injected) preference is fine
 
     def init_state(params: PyTree) -> UPGradState:
         del params
