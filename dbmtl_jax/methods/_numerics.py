@@ -8,8 +8,8 @@ that each exists once:
 * argument checks: :func:`check_num_tasks`, :func:`check_int`,
   :func:`check_real`, :func:`check_bool`, :func:`check_choice`,
   :func:`check_optimizer` (construction time; tracers pass unchecked),
-  :func:`check_static` (a tracer is refused), :func:`check_shared` and :func:`check_losses` (the
-  ``losses=`` extra argument of ``update``).
+  :func:`check_static` (a tracer is refused), :func:`check_shared` and
+  :func:`check_losses` (the ``losses=`` extra argument of ``update``).
 * dtypes: :func:`acc_dtype` (float32 or wider), :func:`state_dtype`.
 * Gram matrices of per-task gradients (leaves ``[T, *shape]``): :func:`gram`
   (one common overflow-safe scaling, normalised by :func:`normalize_gram`) and

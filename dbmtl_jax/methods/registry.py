@@ -67,10 +67,11 @@ _EXTRA_STATIC: dict[str, tuple[str, ...]] = {
     "fairgrad": ("alpha", "max_norm", "ridge", "tol"),
     "metabalance": ("main_task",),
 }
+_DBMTL_STATIC = ("num_tasks", "alpha", "shared", "ema_dtype")  # a string alpha picks the α rule
 STATIC_ARGS: dict[str, tuple[str, ...]] = {
-    name: ("num_tasks", "shared") + _EXTRA_STATIC.get(name, ()) for name in METHODS if name != "dbmtl"
+    name: _DBMTL_STATIC if name == "dbmtl" else ("num_tasks", "shared") + _EXTRA_STATIC.get(name, ())
+    for name in METHODS
 }
-STATIC_ARGS["dbmtl"] = ("num_tasks", "alpha", "shared", "ema_dtype")  # a string alpha picks the α rule
 
 
 def get_factory(name: str) -> Callable[..., optax.GradientTransformationExtraArgs]:
