@@ -23,6 +23,7 @@ import optax
 
 from dbmtl_jax import task_axis as ta
 from dbmtl_jax.methods import _numerics as nm
+from dbmtl_jax.methods._loss_common import _unalias
 
 PyTree = Any
 
@@ -168,7 +169,9 @@ def make_gradient_transform(
         return nm.gram(g_shared, num_tasks, per_leaf=gram == "leaf")[0]
 
     def init_fn(params: PyTree) -> NamedTuple:
-        return init_state(params)
+        # One buffer per leaf (init_state may reuse an array for several fields, as CAGrad's uniform
+        # weights), so the state can be donated to a jitted step.
+        return _unalias(init_state(params))
 
     def update_fn(
         updates: PyTree,
