@@ -90,6 +90,8 @@ def check_task_axis(
     flat, _ = jax.tree_util.tree_flatten_with_path(updates)
     if not flat:
         raise ValueError(f"{name} is an empty pytree; there is nothing to update.")
+    if params is not None:
+        _check_not_param_shaped(updates, params, num_tasks, name)
     sizes = {}
     for path, leaf in flat:
         check_real_float(leaf, f"{name} leaf '{_path_str(path)}'")
@@ -112,6 +114,31 @@ def check_task_axis(
     if params is not None:
         check_against_params(updates, params, t, name)
     return int(t)
+
+
+MISSING_TASK_AXIS_HINT = (
+    "it lacks the leading task axis: a plain jax.grad of the summed loss (use "
+    "dbmtl_jax.value_and_task_grads for per-task gradients), or optax.MultiSteps around the chain (its "
+    "accumulator drops the task axis; use dbmtl_jax.TaskMultiSteps)"
+)
+
+
+def _check_not_param_shaped(updates: PyTree, params: PyTree, num_tasks: Optional[int], name: str) -> None:
+    """Raises when an update leaf has exactly its parameter's shape (no task axis), before any size check,
+    so that such a gradient is not reported as "a leading task axis of size <param_shape[0]>"."""
+    u_flat, _ = jax.tree_util.tree_flatten_with_path(updates, is_leaf=is_variable)
+    p_flat = jax.tree_util.tree_leaves(params, is_leaf=is_variable)
+    if len(u_flat) != len(p_flat):
+        return  # a structure mismatch: check_against_params names it
+    for (path, u), p in zip(u_flat, p_flat):
+        u_shape = tuple(jnp.shape(u.get_value() if is_variable(u) else u))
+        p_shape = tuple(jnp.shape(p.get_value() if is_variable(p) else p))
+        if u_shape == p_shape:
+            want = "[num_tasks, *param_shape]" + ("" if num_tasks is None else f" = {(num_tasks,) + p_shape}")
+            raise ValueError(
+                f"{name} leaf '{_path_str(path)}' has shape {u_shape}, its parameter's shape; expected {want}: "
+                f"{MISSING_TASK_AXIS_HINT}."
+            )
 
 
 def check_against_params(updates: PyTree, params: PyTree, num_tasks: int, name: str = "updates") -> None:

@@ -59,3 +59,35 @@ def test_cagrad_state_can_be_donated_under_the_wrappers(wrap):
         u, state = step(_grads(T, i), state)
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(u))
     assert int(dbmtl_jax.get_method("cagrad", T).init(PARAMS).count) == 0
+
+
+# -- C6: a gradient without the task axis is reported as such ---------------------------------------
+
+
+@pytest.mark.parametrize("method", ["dbmtl", "pcgrad", "uw"])
+def test_a_gradient_without_the_task_axis_is_named_so(method):
+    """A plain gradient (parameter-shaped leaves) whose first dimension is not T: the error says the task
+    axis is missing, not 'a leading task axis of size 4'."""
+    params = {"w": jnp.zeros((4, 5)), "b": jnp.zeros((4,))}
+    tx = dbmtl_jax.get_method(method, T)
+    plain = jax.tree.map(jnp.ones_like, params)
+    with pytest.raises(ValueError, match=r"leaf '\w' has shape \(4,?\d*\), its parameter's shape; expected "
+                       r"\[num_tasks, \*param_shape\] = \(3, 4.*lacks the leading task axis.*TaskMultiSteps"):
+        tx.update(plain, tx.init(params), params, losses=jnp.ones(T), key=jax.random.key(0))
+
+
+def test_optax_multisteps_around_the_chain_is_named_in_the_error():
+    """optax.MultiSteps' parameter-shaped accumulator drops the task axis of correct [T, ...] gradients:
+    the error points to TaskMultiSteps."""
+    params = {"w": jnp.zeros((4, 5)), "b": jnp.zeros((4,))}
+    tx = optax.MultiSteps(optax.chain(dbmtl_jax.dbmtl(T), optax.adam(1e-3)), 2)
+    g = jax.tree.map(lambda p: jnp.ones((T,) + p.shape), params)
+    with pytest.raises(ValueError, match="lacks the leading task axis.*optax.MultiSteps.*dbmtl_jax.TaskMultiSteps"):
+        tx.update(g, tx.init(params), params)
+
+
+def test_a_scalar_parameter_without_the_task_axis_is_named_so():
+    params = {"s": jnp.zeros(()), "w": jnp.zeros((3,))}
+    tx = dbmtl_jax.dbmtl(T)
+    with pytest.raises(ValueError, match=r"leaf 's' has shape \(\), its parameter's shape.*lacks the leading"):
+        tx.update({"s": jnp.ones(()), "w": jnp.ones((T, 3))}, tx.init(params), params)
