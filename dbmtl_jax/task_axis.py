@@ -43,8 +43,15 @@ __all__ = [
 
 
 def is_variable(x: Any) -> bool:
-    """True for a Flax NNX ``Variable`` (duck-typed so flax stays optional)."""
-    return type(x).__module__.startswith("flax.") and hasattr(x, "get_metadata") and hasattr(x, "get_value")
+    """True for a Flax NNX ``Variable`` (duck-typed so flax stays optional) that holds a value.
+
+    A Variable whose value is an ``optax.MaskedNode`` (what ``optax.masked`` / ``optax.partition`` make of
+    a masked-out parameter of an NNX state) is not one: flattened, it has no leaves, as a bare
+    ``MaskedNode`` has, so the masked parameter is skipped like in a plain pytree.
+    """
+    if not (type(x).__module__.startswith("flax.") and hasattr(x, "get_metadata") and hasattr(x, "get_value")):
+        return False
+    return not isinstance(x.get_value(), optax.MaskedNode)
 
 
 def _path_str(path: tuple) -> str:
