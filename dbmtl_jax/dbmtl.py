@@ -303,6 +303,7 @@ def dbmtl(
         g_shared, g_heads, treedef = ta.split_shared(updates, mask)
         ema_leaves = jax.tree_util.tree_leaves(state.ema)
         ta.check_state_leaves(updates, mask, g_shared, ema_leaves, "DB-MTL", "ema")
+        ta.check_state_matches_init(state, init_fn, updates, params, "DB-MTL", num_tasks)  # norms: [T]
 
         count = optax.safe_increment(state.count)
         # Scalars in the widest EMA dtype (float64 under jax_enable_x64), at least float32.

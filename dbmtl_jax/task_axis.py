@@ -39,6 +39,8 @@ __all__ = [
     "stacked_zeros",
     "stacked_zeros_tree",
     "check_state_leaves",
+    "check_state_like",
+    "check_state_matches_init",
 ]
 
 
@@ -394,6 +396,48 @@ def stacked_zeros_tree(params: PyTree, mask: PyTree, num_tasks: int, dtype: Any 
     flags = jax.tree_util.tree_leaves(mask)
     out = [stacked_zeros(p, num_tasks, dtype) if f else optax.MaskedNode() for p, f in zip(flat, flags)]
     return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def check_state_like(state: PyTree, expected: PyTree, method: str, num_tasks: int) -> None:
+    """Checks that ``state`` has the leaves, and leaf shapes, of ``expected`` (trace time).
+
+    ``expected`` is what the method's ``init`` gives for these parameters, typically
+    ``jax.eval_shape(init, params)`` (no computation).  A state of another run (another ``num_tasks``,
+    shared mask or parameter structure, restored by a checkpointer that does not check shapes, as
+    ``flax.serialization.from_bytes``) would otherwise fail with a raw JAX error or, for a ``[1]`` field,
+    broadcast silently over the tasks.  Raises ``ValueError`` naming the field and both shapes.
+    """
+    e_flat = jax.tree_util.tree_flatten_with_path(expected)[0]
+    s_flat = jax.tree_util.tree_leaves(state)
+    hint = ("a checkpoint of another run (another num_tasks, shared mask or parameter structure)? "
+            "flax.serialization.from_bytes restores without checking shapes.")
+    if len(s_flat) != len(e_flat):
+        raise ValueError(
+            f"{method}: the state has {len(s_flat)} array leaves but this {method} (num_tasks={num_tasks}) keeps "
+            f"{len(e_flat)} ({type(expected).__name__}); the state of another transform, or {hint}"
+        )
+    for (path, e), s in zip(e_flat, s_flat):
+        if tuple(jnp.shape(s)) != tuple(e.shape):
+            field = jax.tree_util.keystr(path, simple=True, separator=".")
+            raise ValueError(
+                f"{method}: state field '{field}' has shape {tuple(jnp.shape(s))} but this {method} "
+                f"(num_tasks={num_tasks}) expects {tuple(e.shape)}: {hint}"
+            )
+
+
+def check_state_matches_init(
+    state: PyTree, init: Callable[[PyTree], PyTree], updates: PyTree, params: Optional[PyTree], method: str,
+    num_tasks: int,
+) -> None:
+    """:func:`check_state_like` against ``jax.eval_shape(init, params)`` (trace time, no computation).
+
+    Without ``params``, ``init`` sees parameters shaped like the (validated) ``[T, *param_shape]`` update
+    leaves minus the task axis.
+    """
+    like = params
+    if like is None:
+        like = jax.tree_util.tree_map(lambda u: jax.ShapeDtypeStruct(jnp.shape(u)[1:], jnp.result_type(u)), updates)
+    check_state_like(state, jax.eval_shape(init, like), method, num_tasks)
 
 
 def check_state_leaves(

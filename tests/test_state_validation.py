@@ -173,3 +173,97 @@ def test_partition_or_masked_dbmtl_in_nnx_optimizer_trains_like_a_shared_mask(wr
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(params)):
         assert a.shape == b.shape
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+# -- S8 / C1: a state of another num_tasks is an error naming the field ------------------------------
+
+
+def _kwargs(method: str) -> dict:
+    return {"warmup_epochs": 0} if method == "stch" else {}
+
+
+def _restored(method: str, t_from: int, t_to: int, steps: int = 0):
+    """A t_from-task state (after ``steps`` updates) restored by flax.serialization (which checks no shapes)
+    onto the state of a t_to-task transform."""
+    serialization = pytest.importorskip("flax.serialization")
+    a, b = dbmtl_jax.get_method(method, t_from, **_kwargs(method)), dbmtl_jax.get_method(method, t_to, **_kwargs(method))
+    s = a.init(PARAMS)
+    for i in range(steps):
+        _, s = a.update(_grads(t_from, i), s, PARAMS, losses=jnp.full([t_from], 2.0), key=jax.random.key(i))
+    return b, serialization.from_bytes(b.init(PARAMS), serialization.to_bytes(s))
+
+
+def _trace_update(tx, state, params=PARAMS):
+    """Traces one update (the checks run at trace time) without compiling or running it."""
+    return jax.eval_shape(
+        lambda g, s: tx.update(g, s, params, losses=jnp.array([1.0, 2.0, 3.0]), key=jax.random.key(0)), _grads(T), state
+    )
+
+
+# graddrop's state (a count and a fraction) does not depend on num_tasks: it is valid for any T.
+_PER_TASK = [m for m in dbmtl_jax.METHODS if m != "graddrop"]
+
+
+@pytest.mark.parametrize("t_from", [1, 2])
+@pytest.mark.parametrize("method", _PER_TASK)
+def test_a_state_of_another_num_tasks_is_an_error_naming_the_field(method, t_from):
+    """A T=1 or T=2 checkpoint restored into a T=3 transform raises a ValueError naming the state field (a T=1
+    FAMO/STCH/IMTL state broadcast silently over the 3 tasks; 13 methods failed with raw JAX errors)."""
+    tx, restored = _restored(method, t_from, T)
+    with pytest.raises(ValueError, match=rf"state.* has shape \(([0-9]+, )?{t_from}[,)]"):
+        _trace_update(tx, restored)
+
+
+@pytest.mark.parametrize("method", ["famo", "stch", "imtl", "uw", "nash_mtl", "fairgrad"])
+def test_the_state_error_names_num_tasks_and_hints_at_a_checkpoint(method):
+    tx, restored = _restored(method, 1, T, steps=1)
+    with pytest.raises(ValueError, match=rf"{method}: state field .* has shape \(1,?.*\) but this {method} "
+                                         rf"\(num_tasks=3\) expects \(3,?.*a checkpoint of another run"):
+        tx.update(_grads(T), restored, PARAMS, losses=jnp.array([1.0, 2.0, 3.0]), key=jax.random.key(0))
+
+
+@pytest.mark.parametrize("method", ["uw", "famo", "stch"])
+def test_a_state_of_another_num_tasks_is_rejected_in_the_weighted_mode_too(method):
+    serialization = pytest.importorskip("flax.serialization")
+    kw = dict(_kwargs(method), grads="weighted")
+    a, b = dbmtl_jax.get_method(method, 1, **kw), dbmtl_jax.get_method(method, T, **kw)
+    restored = serialization.from_bytes(b.init(PARAMS), serialization.to_bytes(a.init(PARAMS)))
+    plain = jax.tree.map(jnp.ones_like, PARAMS)
+    with pytest.raises(ValueError, match="state field .* has shape \\(1,\\)"):
+        b.update(plain, restored, PARAMS, losses=jnp.array([1.0, 2.0, 3.0]))
+
+
+@pytest.mark.parametrize("method", ["pcgrad", "gradvac", "dbmtl", "moco"])
+def test_the_state_check_works_without_params(method):
+    """params=None: the check runs on parameter shapes taken from the update leaves."""
+    tx, restored = _restored(method, 2, T)
+    with pytest.raises(ValueError, match=r"has shape \((1, )?2"):
+        _trace_update(tx, restored, params=None)
+
+
+def test_a_state_of_another_method_is_an_error():
+    state = dbmtl_jax.get_method("famo", T).init(PARAMS)
+    with pytest.raises(ValueError, match=r"uw: the state has \d+ array leaves but this uw \(num_tasks=3\) keeps \d+"):
+        dbmtl_jax.get_method("uw", T).update(_grads(T), state, PARAMS, losses=jnp.ones(T))
+
+
+@pytest.mark.parametrize("method", dbmtl_jax.METHODS)
+@pytest.mark.parametrize("params", ["given", "none"])
+def test_the_check_accepts_the_state_init_gives_and_a_restored_one(method, params):
+    """What init gives, and a state restored with the right shapes (NumPy leaves), pass the check."""
+    tx, restored = _restored(method, T, T)
+    p = PARAMS if params == "given" else None
+    for state in (tx.init(PARAMS), restored):
+        _, new = _trace_update(tx, state, params=p)
+        assert jax.tree.map(jnp.shape, new) == jax.tree.map(jnp.shape, tx.init(PARAMS))
+
+
+@pytest.mark.parametrize("method", ["famo", "stch", "imtl", "pcgrad", "dbmtl"])
+def test_a_matching_restored_state_gives_the_original_next_update(method):
+    tx, restored = _restored(method, T, T, steps=2)
+    s = tx.init(PARAMS)
+    for i in range(2):
+        _, s = tx.update(_grads(T, i), s, PARAMS, losses=jnp.full([T], 2.0), key=jax.random.key(i))
+    step = jax.jit(lambda g, s: tx.update(g, s, PARAMS, losses=jnp.array([1.0, 2.0, 3.0]), key=jax.random.key(5)))
+    for a, b in zip(jax.tree.leaves(step(_grads(T, 5), s)), jax.tree.leaves(step(_grads(T, 5), restored))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

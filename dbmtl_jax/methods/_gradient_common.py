@@ -184,6 +184,7 @@ def make_gradient_transform(
     ) -> tuple[PyTree, NamedTuple]:
         del extra_args
         g_shared, g_heads, mask, treedef = split_updates(updates, params, shared, num_tasks)
+        ta.check_state_matches_init(state, init_fn, updates, params, name, num_tasks)
         if needs_losses:
             losses = nm.check_losses(losses, num_tasks, name)
         if needs_key:

@@ -131,6 +131,7 @@ def excessmtl(
         g_shared, g_heads, mask, treedef = gc.split_updates(updates, params, shared, num_tasks)
         sq_leaves = jax.tree_util.tree_leaves(state.sq_sum)
         ta.check_state_leaves(updates, mask, g_shared, sq_leaves, "ExcessMTL", "sq_sum")
+        ta.check_state_matches_init(state, init_fn, updates, params, "excessmtl", num_tasks)  # the [T] fields
         new_sq = []
         excess = jnp.zeros([num_tasks], jnp.float32)
         for g, a in zip(g_shared, sq_leaves):

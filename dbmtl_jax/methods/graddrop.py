@@ -94,6 +94,7 @@ def graddrop(
     ) -> tuple[PyTree, GradDropState]:
         del extra
         g_shared, g_heads, mask, treedef = gc.split_updates(updates, params, shared, num_tasks)
+        ta.check_state_matches_init(state, init_fn, updates, params, "graddrop", num_tasks)
         key = gc.require_key(key, "graddrop")
         out_shared = []
         kept = jnp.zeros([], jnp.float32)

@@ -137,6 +137,7 @@ def gradnorm(
     ) -> tuple[PyTree, GradNormState]:
         del extra
         g_shared, g_heads, mask, treedef = gc.split_updates(updates, params, shared, num_tasks)
+        ta.check_state_matches_init(state, init_fn, updates, params, "gradnorm", num_tasks)
         sdt = state.weights.dtype
         losses = nm.check_losses(losses, num_tasks, "gradnorm").astype(sdt)
         w = state.weights

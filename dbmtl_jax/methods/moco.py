@@ -121,6 +121,7 @@ def moco(
             losses = nm.check_losses(losses, num_tasks, "moco (grad_transform='normalize_loss')")
         y_l = jax.tree_util.tree_leaves(state.y)
         ta.check_state_leaves(updates, mask, g_shared, y_l, "moco", "y")
+        ta.check_state_matches_init(state, init_fn, updates, params, "moco", num_tasks)  # the [T] fields
 
         count = optax.safe_increment(state.count)
         k = count.astype(jnp.float32)
