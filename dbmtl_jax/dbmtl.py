@@ -40,6 +40,7 @@ ALPHA_MODES = ("max", "min", "mean", "median")
 
 __all__ = [
     "DBMTLState", "dbmtl", "ALPHA_MODES", "aggregate_alpha", "beta_at", "check_options", "dbmtl_direction", "ema_step",
+    "expected_ema_dtypes",
 ]
 
 
@@ -188,6 +189,24 @@ def check_options(
         raise ValueError(f"DB-MTL: ema_dtype must be a real floating dtype, got {jnp.dtype(ema_dtype)}.")
 
 
+def expected_ema_dtypes(
+    ema_dtype: Optional[Any], ref_dtypes: list, ema_leaves: list, *, exact: bool
+) -> tuple[list, str]:
+    """The EMA dtype each shared leaf's state must have, and where it comes from (for the error message).
+
+    ``ema_dtype``, or else the parameter dtype (``ref_dtypes``) promoted to at least float32.  With
+    ``exact=False`` (no ``params`` passed: ``ref_dtypes`` are the update dtypes, which may be narrower than
+    the parameters') an EMA at least that wide is accepted.  A state of another dtype (a checkpoint of a run
+    with another ``ema_dtype``) would otherwise silently keep its precision.
+    """
+    if ema_dtype is not None:
+        return [jnp.dtype(ema_dtype)] * len(ema_leaves), f"ema_dtype={jnp.dtype(ema_dtype)}"
+    wants = [jnp.promote_types(d, jnp.float32) for d in ref_dtypes]
+    if not exact:
+        wants = [None if jnp.promote_types(m.dtype, w) == m.dtype else w for m, w in zip(ema_leaves, wants)]
+    return wants, "ema_dtype=None: the parameter dtype promoted to at least float32"
+
+
 def ema_step(old: jax.Array, grad: jax.Array, beta_k: jax.Array) -> jax.Array:
     """``ĝ ← β_k ĝ + (1 − β_k) g`` in the EMA's dtype (the one place of the EMA maths, shared with the fused step)."""
     return beta_k.astype(old.dtype) * old + (1 - beta_k).astype(old.dtype) * grad.astype(old.dtype)
@@ -302,7 +321,10 @@ def dbmtl(
         mask = ta.resolve_shared(shared, updates if params is None else params)
         g_shared, g_heads, treedef = ta.split_shared(updates, mask)
         ema_leaves = jax.tree_util.tree_leaves(state.ema)
-        ta.check_state_leaves(updates, mask, g_shared, ema_leaves, "DB-MTL", "ema")
+        ref = [g.dtype for g in g_shared] if params is None else [jnp.result_type(p) for p in
+                                                                   ta.split_shared(params, mask)[0]]
+        dtypes, note = expected_ema_dtypes(ema_dtype, ref, ema_leaves, exact=params is not None)
+        ta.check_state_leaves(updates, mask, g_shared, ema_leaves, "DB-MTL", "ema", dtypes, note)
         ta.check_state_matches_init(state, init_fn, updates, params, "DB-MTL", num_tasks)  # norms: [T]
 
         count = optax.safe_increment(state.count)

@@ -53,7 +53,7 @@ import optax
 
 from dbmtl_jax import task_axis as ta
 from dbmtl_jax.dbmtl import (DBMTLState, ScalarOrSchedule, beta_at, check_options, dbmtl, dbmtl_direction, ema_step,
-                             options_ok)
+                             expected_ema_dtypes, options_ok)
 from dbmtl_jax.guard import output_ok, select_step
 from dbmtl_jax.methods import _numerics as nm
 from dbmtl_jax.task_gradients import (
@@ -168,10 +168,10 @@ def _finish(
 
 def _prepare(
     state: tuple, params: PyTree, mask: PyTree, num_tasks: int, beta: ScalarOrSchedule, beta_sigma: Any,
-    alpha: Any, eps: Any,
+    alpha: Any, eps: Any, ema_dtype: Optional[Any] = None,
 ) -> tuple:
-    """Validates the state against the parameters and this step's hyperparameters (:func:`options_ok`);
-    returns ``(ema leaves, acc dtype, k, β_k, options ok, treedef, heads)``."""
+    """Validates the state against the parameters (shapes, and the EMA dtype against ``ema_dtype``) and this
+    step's hyperparameters (:func:`options_ok`); returns ``(ema leaves, acc dtype, k, β_k, options ok, treedef, heads)``."""
     if not (isinstance(state, tuple) and len(state) == 2 and isinstance(state[0], DBMTLState)):
         raise TypeError(
             "state must be (DBMTLState, optimizer_state) as returned by init() or by "
@@ -180,7 +180,8 @@ def _prepare(
     ema = jax.tree_util.tree_leaves(state[0].ema)
     p_shared, p_heads, treedef = ta.split_shared(params, mask)
     stacked = [jax.ShapeDtypeStruct((num_tasks,) + jnp.shape(p), jnp.result_type(p)) for p in p_shared]
-    ta.check_state_leaves(params, mask, stacked, ema, "fused DB-MTL", "ema")
+    dtypes, note = expected_ema_dtypes(ema_dtype, [s.dtype for s in stacked], ema, exact=True)
+    ta.check_state_leaves(params, mask, stacked, ema, "fused DB-MTL", "ema", dtypes, note)
     acc = functools.reduce(jnp.promote_types, [m.dtype for m in ema], jnp.dtype(jnp.float32))
     count = optax.safe_increment(state[0].count)
     beta_k = beta_at(beta, beta_sigma, count, acc)
@@ -264,7 +265,7 @@ def _fused_loss_fn(
     def update(state: tuple, params: PyTree, *args: Any, **kwargs: Any) -> tuple:
         mask = ta.resolve_shared(shared, params)
         ema, acc, count, beta_k, opts_ok, treedef, p_heads = _prepare(state, params, mask, num_tasks, beta,
-                                                                       beta_sigma, alpha, eps)
+                                                                       beta_sigma, alpha, eps, ema_dtype)
 
         def fold(carry: tuple, start: jax.Array, grads: PyTree) -> tuple:
             ema_c, sq, heads, ok = carry
@@ -312,7 +313,7 @@ def _fused_trunk_heads(
     def update(state: tuple, params: PyTree, batch: Any) -> tuple:
         mask = spec.shared_mask(params)
         ema, acc, count, beta_k, opts_ok, treedef, _ = _prepare(state, params, mask, num_tasks, beta, beta_sigma,
-                                                                 alpha, eps)
+                                                                 alpha, eps, ema_dtype)
         trunk_params, head_params = spec.parts(params)
 
         def in_params_order(trunk: PyTree, heads: Sequence[PyTree]) -> tuple[list, list]:

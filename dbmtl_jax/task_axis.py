@@ -441,9 +441,14 @@ def check_state_matches_init(
 
 
 def check_state_leaves(
-    updates: PyTree, mask: PyTree, g_shared: list, state_leaves: list, method: str, what: str
+    updates: PyTree, mask: PyTree, g_shared: list, state_leaves: list, method: str, what: str,
+    dtypes: Optional[list] = None, dtype_note: str = "",
 ) -> None:
-    """Checks that per-shared-leaf ``[T, *shape]`` state matches the shared update leaves (trace time)."""
+    """Checks that per-shared-leaf ``[T, *shape]`` state matches the shared update leaves (trace time).
+
+    With ``dtypes`` (one expected dtype per state leaf, ``None`` for any), a state leaf of another dtype
+    is a ``ValueError`` too (``dtype_note`` says where the expected dtype comes from).
+    """
     if len(state_leaves) != len(g_shared):
         raise ValueError(
             f"updates have {len(g_shared)} shared leaves but the {method} state ({what}) has "
@@ -456,4 +461,11 @@ def check_state_leaves(
             raise ValueError(
                 f"update leaf '{path}' has shape {g.shape} but its {method} state ({what}) has shape "
                 f"{m.shape} = [num_tasks, *param_shape]{hint}."
+            )
+    for path, m, want in zip(paths, state_leaves, dtypes or []):
+        if want is not None and jnp.dtype(m.dtype) != jnp.dtype(want):
+            raise ValueError(
+                f"the {method} state ({what}) of leaf '{path}' has dtype {jnp.dtype(m.dtype)} but this transform keeps "
+                f"it in {jnp.dtype(want)} ({dtype_note}): a checkpoint of another run? Build the transform with the "
+                f"dtype of the state to continue it, or cast the restored state to {jnp.dtype(want)}."
             )

@@ -267,3 +267,76 @@ def test_a_matching_restored_state_gives_the_original_next_update(method):
     step = jax.jit(lambda g, s: tx.update(g, s, PARAMS, losses=jnp.array([1.0, 2.0, 3.0]), key=jax.random.key(5)))
     for a, b in zip(jax.tree.leaves(step(_grads(T, 5), s)), jax.tree.leaves(step(_grads(T, 5), restored))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+# -- S7: a DB-MTL EMA of another dtype ------------------------------------------------------------
+
+
+def _ema_case():
+    params = {"w": jnp.ones((4,))}
+    g = {"w": jnp.array([[1.0, 2.0, 3.0, 4.0]] * T) * jnp.array([[1.0], [1.001], [1.002]])}
+    return params, g
+
+
+def _bf16_state_into(target_state):
+    """A bfloat16-EMA dbmtl state after one step, restored onto ``target_state`` (flax.serialization)."""
+    serialization = pytest.importorskip("flax.serialization")
+    params, g = _ema_case()
+    old = optax.chain(dbmtl_jax.dbmtl(T, ema_dtype=jnp.bfloat16), optax.sgd(0.1))
+    _, s = old.update(g, old.init(params), params)
+    return serialization.from_bytes(target_state, serialization.to_bytes(s))
+
+
+@pytest.mark.parametrize("params_given", [True, False])
+def test_a_bfloat16_ema_restored_into_a_float32_dbmtl_is_an_error(params_given):
+    """The restored bf16 EMA kept training in bf16 (rounding merged the tasks' rows), silently."""
+    params, g = _ema_case()
+    new = optax.chain(dbmtl_jax.dbmtl(T), optax.sgd(0.1))
+    restored = _bf16_state_into(new.init(params))
+    assert restored[0].ema["w"].dtype == jnp.bfloat16
+    with pytest.raises(ValueError, match=r"DB-MTL state \(ema\) of leaf 'w' has dtype bfloat16 but this transform "
+                                         r"keeps it in float32 \(ema_dtype=None.*a checkpoint of another run"):
+        jax.jit(new.update)(g, restored, params if params_given else None)
+
+
+def test_a_bfloat16_ema_restored_into_the_fused_step_is_an_error():
+    params, _ = _ema_case()
+    fused = dbmtl_jax.fused_dbmtl(lambda p: jnp.stack([jnp.sum(p["w"] ** 2) + t for t in range(1, T + 1)]), T,
+                                  optax.sgd(0.1))
+    restored = _bf16_state_into(fused.init(params))
+    with pytest.raises(ValueError, match=r"fused DB-MTL state \(ema\) of leaf 'w' has dtype bfloat16 .* float32"):
+        jax.jit(fused.update)(restored, params)
+
+
+def test_a_float32_ema_given_to_a_bfloat16_ema_dbmtl_is_an_error():
+    params, g = _ema_case()
+    tx = dbmtl_jax.dbmtl(T, ema_dtype=jnp.bfloat16)
+    with pytest.raises(ValueError, match=r"has dtype float32 but this transform keeps it in bfloat16 "
+                                         r"\(ema_dtype=bfloat16\)"):
+        tx.update(g, dbmtl_jax.dbmtl(T).init(params), params)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_consistent_ema_dtypes_still_run(fused):
+    """ema_dtype=bfloat16 built and used consistently, and bf16 parameters with their default float32 EMA."""
+    params32, g32 = _ema_case()
+    params16 = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params32)
+    g16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), g32)
+    for params, g, kw, want in [(params32, g32, {"ema_dtype": jnp.bfloat16}, jnp.bfloat16),
+                                (params16, g16, {}, jnp.float32), (params16, g16, {"ema_dtype": "float32"}, jnp.float32)]:
+        if fused:
+            tx = dbmtl_jax.fused_dbmtl(
+                lambda p: jnp.stack([jnp.sum(p["w"].astype(jnp.float32) ** 2) + t for t in range(1, T + 1)]), T,
+                optax.sgd(0.1), **kw)
+            state = tx.init(params)
+            for _ in range(2):
+                _, _, state = jax.jit(tx.update)(state, params)
+            ema = state[0].ema["w"]
+        else:
+            tx = dbmtl_jax.dbmtl(T, **kw)
+            state = tx.init(params)
+            for p in (params, None, params):
+                u, state = jax.jit(tx.update)(g, state, p)
+            assert u["w"].dtype == params["w"].dtype and bool(jnp.all(jnp.isfinite(u["w"])))
+            ema = state.ema["w"]
+        assert ema.dtype == want and int((state[0] if fused else state).count) > 0
