@@ -171,7 +171,8 @@ def _prepare(
     alpha: Any, eps: Any, ema_dtype: Optional[Any] = None,
 ) -> tuple:
     """Validates the state against the parameters (shapes, and the EMA dtype against ``ema_dtype``) and this
-    step's hyperparameters (:func:`options_ok`); returns ``(ema leaves, acc dtype, k, β_k, options ok, treedef, heads)``."""
+    step's hyperparameters (:func:`options_ok`); returns ``(ema leaves, acc dtype, k, β_k, options ok, treedef,
+    heads)``."""
     if not (isinstance(state, tuple) and len(state) == 2 and isinstance(state[0], DBMTLState)):
         raise TypeError(
             "state must be (DBMTLState, optimizer_state) as returned by init() or by "

@@ -8,8 +8,6 @@ works with every method.
 
 from __future__ import annotations
 
-import inspect
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,7 +15,6 @@ import optax
 import pytest
 
 import dbmtl_jax
-from dbmtl_jax.methods.registry import get_factory
 
 T = 3
 PARAMS = {"trunk": jnp.ones((4, 5)), "head": jnp.ones((5,))}
@@ -186,7 +183,8 @@ def _restored(method: str, t_from: int, t_to: int, steps: int = 0):
     """A t_from-task state (after ``steps`` updates) restored by flax.serialization (which checks no shapes)
     onto the state of a t_to-task transform."""
     serialization = pytest.importorskip("flax.serialization")
-    a, b = dbmtl_jax.get_method(method, t_from, **_kwargs(method)), dbmtl_jax.get_method(method, t_to, **_kwargs(method))
+    a = dbmtl_jax.get_method(method, t_from, **_kwargs(method))
+    b = dbmtl_jax.get_method(method, t_to, **_kwargs(method))
     s = a.init(PARAMS)
     for i in range(steps):
         _, s = a.update(_grads(t_from, i), s, PARAMS, losses=jnp.full([t_from], 2.0), key=jax.random.key(i))
@@ -322,8 +320,9 @@ def test_consistent_ema_dtypes_still_run(fused):
     params32, g32 = _ema_case()
     params16 = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params32)
     g16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), g32)
-    for params, g, kw, want in [(params32, g32, {"ema_dtype": jnp.bfloat16}, jnp.bfloat16),
-                                (params16, g16, {}, jnp.float32), (params16, g16, {"ema_dtype": "float32"}, jnp.float32)]:
+    cases = [(params32, g32, {"ema_dtype": jnp.bfloat16}, jnp.bfloat16), (params16, g16, {}, jnp.float32),
+             (params16, g16, {"ema_dtype": "float32"}, jnp.float32)]
+    for params, g, kw, want in cases:
         if fused:
             tx = dbmtl_jax.fused_dbmtl(
                 lambda p: jnp.stack([jnp.sum(p["w"].astype(jnp.float32) ** 2) + t for t in range(1, T + 1)]), T,
