@@ -246,7 +246,9 @@ def make_loss_transform(
         key: Optional[jax.Array] = None,
         **extra_args: Any,
     ) -> tuple[PyTree, NamedTuple]:
-        ta.check_state_like(state, jax.eval_shape(init_fn, None), name, num_tasks)  # trace time, no computation
+        expected = ta.init_shapes(init_fn, None)  # trace time, no computation
+        if expected is not None:
+            ta.check_state_like(state, expected, name, num_tasks)
         if losses is not None or type(state).needs_losses:
             losses = nm.check_losses(losses, num_tasks, name)
         if key is None and type(state).needs_key:
