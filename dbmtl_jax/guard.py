@@ -60,10 +60,6 @@ class SkipState(NamedTuple):
     last_valid: chex.Array
 
 
-def _shape_str(shape: tuple) -> str:
-    return "(" + ", ".join(str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
-
-
 _PLAIN_HINT = "pass task_axis=False for plain gradients (e.g. a grads='weighted' loss-weighting method)"
 
 
@@ -96,17 +92,17 @@ def _check_inputs(updates: PyTree, losses: Optional[jax.Array], task_axis: bool,
                     hint = (", one raw loss per task (T is the update leaves' leading size; for plain gradients, "
                             "pass task_axis=False)")
                 raise ValueError(
-                    f"skip_invalid_steps: losses has shape {_shape_str(losses.shape)}, expected (T,) = ({t},){hint}."
+                    f"skip_invalid_steps: losses has shape {tuple(losses.shape)}, expected (T,) = ({t},){hint}."
                 )
     elif losses is not None and losses.ndim != 1:
         raise ValueError(
-            f"skip_invalid_steps: losses has shape {_shape_str(losses.shape)}, expected a 1-D vector of the raw "
+            f"skip_invalid_steps: losses has shape {tuple(losses.shape)}, expected a 1-D vector of the raw "
             "task losses, [T]."
         )
     if min_losses is not None and losses is not None and min_losses.shape != losses.shape:
         raise ValueError(
-            f"skip_invalid_steps: {MIN_LOSSES_ARG} has shape {_shape_str(min_losses.shape)}, expected that of "
-            f"losses, {_shape_str(losses.shape)}."
+            f"skip_invalid_steps: {MIN_LOSSES_ARG} has shape {tuple(min_losses.shape)}, expected that of "
+            f"losses, {tuple(losses.shape)}."
         )
 
 
@@ -131,8 +127,8 @@ def _check_output_shapes(out: PyTree, params: Optional[PyTree]) -> None:
     for (path, o), p in zip(o_flat, p_leaves):
         if hasattr(o, "shape") and hasattr(p, "shape") and tuple(o.shape) != tuple(p.shape):
             raise ValueError(
-                f"skip_invalid_steps: the update of leaf '{ta._path_str(path)}' has shape {_shape_str(o.shape)} "
-                f"but its parameter has shape {_shape_str(p.shape)}. A leaf whose per-task gradients "
+                f"skip_invalid_steps: the update of leaf '{ta._path_str(path)}' has shape {tuple(o.shape)} "
+                f"but its parameter has shape {tuple(p.shape)}. A leaf whose per-task gradients "
                 "([T, *param_shape]) bypassed the multi-task transform keeps its task axis (optax.masked or "
                 "optax.multi_transform around the method): mark heads with the method's shared= instead, and "
                 "put optax.multi_transform after the method (README, 'Composing with optax')."

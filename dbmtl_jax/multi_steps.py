@@ -66,10 +66,6 @@ class TaskMultiStepsState(NamedTuple):
     loss_count: chex.Array
 
 
-def _shape_str(shape: tuple) -> str:
-    return "(" + ", ".join(str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
-
-
 class TaskMultiSteps(optax.MultiSteps):
     """Gradient accumulation for multi-task transforms: ``k`` micro-batches, then one update.
 
@@ -162,7 +158,7 @@ class TaskMultiSteps(optax.MultiSteps):
         losses = jnp.asarray(losses)
         if losses.shape != (self._num_tasks,):
             raise ValueError(
-                f"TaskMultiSteps: losses has shape {_shape_str(losses.shape)}, expected (T,) = "
+                f"TaskMultiSteps: losses has shape {tuple(losses.shape)}, expected (T,) = "
                 f"({self._num_tasks},): one raw loss per task for each micro-batch."
             )
         if not (jnp.issubdtype(losses.dtype, jnp.floating) or jnp.issubdtype(losses.dtype, jnp.integer)):
@@ -177,7 +173,7 @@ class TaskMultiSteps(optax.MultiSteps):
                 path, u = u_flat[0]
                 raise ValueError(
                     f"TaskMultiSteps: the updates have their parameters' shapes, without the task axis "
-                    f"[T, *param_shape] (leaf '{ta._path_str(path)}' has {_shape_str(jnp.shape(u))}): pass "
+                    f"[T, *param_shape] (leaf '{ta._path_str(path)}' has {tuple(jnp.shape(u))}): pass "
                     "per-task gradients, or task_axis=False for plain gradients (a grads='weighted' method)."
                 )
             # The accumulator would broadcast a wrong task axis: one task's gradient copied into every task's row.
@@ -192,8 +188,8 @@ class TaskMultiSteps(optax.MultiSteps):
                 hint = (" (plain gradients without the task axis: pass task_axis=False)" if self._task_axis
                         else " (per-task gradients: leave task_axis=True)")
                 raise ValueError(
-                    f"TaskMultiSteps: update leaf '{ta._path_str(path)}' has shape {_shape_str(jnp.shape(u))} "
-                    f"but its accumulator has {_shape_str(jnp.shape(a))}{hint}."
+                    f"TaskMultiSteps: update leaf '{ta._path_str(path)}' has shape {tuple(jnp.shape(u))} "
+                    f"but its accumulator has {tuple(jnp.shape(a))}{hint}."
                 )
 
     def update(
