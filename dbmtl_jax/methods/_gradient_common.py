@@ -24,6 +24,7 @@ import optax
 from dbmtl_jax import task_axis as ta
 from dbmtl_jax.methods import _numerics as nm
 from dbmtl_jax.methods._loss_common import _unalias
+from dbmtl_jax.methods._numerics import require_key
 
 PyTree = Any
 
@@ -38,17 +39,6 @@ __all__ = [
     "GRAMS",
     "make_gradient_transform",
 ]
-
-
-def require_key(key: Any, method: str) -> jax.Array:
-    """The ``key=`` extra argument (a JAX PRNG key, new-style or raw uint32)."""
-    if key is None:
-        raise ValueError(
-            f"{method} is randomised and needs a PRNG key: call update(..., key=jax.random.key(...)) (flax's "
-            "TrainState.apply_gradients does not forward extra arguments: call "
-            "state.tx.update(grads, state.opt_state, state.params, key=...) and state.replace(...))."
-        )
-    return key
 
 
 def split_updates(

@@ -251,12 +251,8 @@ def make_loss_transform(
             ta.check_state_like(state, expected, name, num_tasks)
         if losses is not None or type(state).needs_losses:
             losses = nm.check_losses(losses, num_tasks, name)
-        if key is None and type(state).needs_key:
-            raise ValueError(
-                f"{name} is randomised and needs a PRNG key: call update(..., key=key) (flax's "
-                "TrainState.apply_gradients does not forward extra arguments: call "
-                "state.tx.update(grads, state.opt_state, state.params, key=...) and state.replace(...))."
-            )
+        if type(state).needs_key:
+            nm.require_key(key, name)
 
         # This update's hyperparameters first (optax.inject_hyperparams re-builds the transform with the
         # values of this step): the weights and the state step below read them from the state.

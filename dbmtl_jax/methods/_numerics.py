@@ -58,6 +58,7 @@ __all__ = [
     "is_traced",
     "check_static",
     "check_shared",
+    "require_key",
     "low_precision_hint",
     "check_num_tasks",
     "check_int",
@@ -314,6 +315,23 @@ def check_optimizer(value: Any, option: str, method: str) -> Any:
     return value
 
 
+def _forward_hint(arg: str) -> str:
+    """Where a missing extra argument often went: Flax's ``TrainState.apply_gradients`` drops it."""
+    return ("(flax's TrainState.apply_gradients does not forward extra arguments: call "
+            f"state.tx.update(grads, state.opt_state, state.params, {arg}=...) and state.replace(...))")
+
+
+def require_key(key: Any, method: str) -> Any:
+    """The ``key=`` extra argument of a randomised method (a JAX PRNG key, new-style or raw uint32); a
+    ``ValueError`` when it is missing.  Used by both the loss-weighting and the gradient methods."""
+    if key is None:
+        raise ValueError(
+            f"{method} is randomised and needs a PRNG key: call update(..., key=jax.random.key(...)) "
+            f"{_forward_hint('key')}."
+        )
+    return key
+
+
 def check_losses(losses: Any, num_tasks: int, method: str) -> jax.Array:
     """The ``losses=`` extra argument of ``update``: the raw task losses as a ``[T]`` vector.
 
@@ -326,8 +344,7 @@ def check_losses(losses: Any, num_tasks: int, method: str) -> jax.Array:
     if losses is None:
         raise ValueError(
             f"{method} needs the raw task losses: call update(..., losses=<array of shape [{num_tasks}]>) "
-            "(flax's TrainState.apply_gradients does not forward extra arguments: call "
-            "state.tx.update(grads, state.opt_state, state.params, losses=...) and state.replace(...))."
+            f"{_forward_hint('losses')}."
         )
     losses = jnp.asarray(losses)
     if losses.shape != (num_tasks,):
