@@ -305,7 +305,7 @@ def value_and_task_grads(
     from dbmtl_jax.methods import _numerics  # here, not at the top, as in task_axis
 
     # a negative eps would shift the log silently (∇ log(ℓ − 1) for eps = −1)
-    _numerics.check_real(eps, "eps", "value_and_task_grads", lo=0, lo_open=True, note="the ε of log(ℓ_t + ε)")
+    eps = _numerics.check_real(eps, "eps", "value_and_task_grads", lo=0, lo_open=True, note="the ε of log(ℓ_t + ε)")
     strategy = _check_strategy(strategy, chunk_size)
     if isinstance(model, TrunkHeads):
         _check_spec_call(argnums, has_aux)

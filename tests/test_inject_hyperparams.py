@@ -62,7 +62,7 @@ MUST_BE_STATIC = [("cagrad", "rescale", 2), ("cagrad", "max_iter", 30), ("mgda",
                   ("upgrad", "max_iter", 30), ("nash_mtl", "max_norm", 0.5), ("nash_mtl", "ridge", 1e-5),
                   ("nash_mtl", "tol", 1e-3), ("nash_mtl", "update_weights_every", 2), ("fairgrad", "alpha", 1.5),
                   ("fairgrad", "max_norm", 0.5), ("fairgrad", "ridge", 1e-5), ("fairgrad", "tol", 1e-3),
-                  ("metabalance", "main_task", 1)]
+                  ("metabalance", "main_task", 1), ("igbv2", "buffer_size", 64), ("igbv2", "seed", 1)]
 
 
 @pytest.mark.parametrize("name,arg,value", MUST_BE_STATIC, ids=[f"{m}-{a}" for m, a, _ in MUST_BE_STATIC])

@@ -15,7 +15,7 @@ only its weighting, its NamedTuple state and its docstring.  The numerics
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, NamedTuple, Optional, Union
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -109,6 +109,8 @@ def make_gradient_transform(
     advance: Optional[Callable[..., Mapping[str, Any]]] = None,
     postprocess: Optional[Callable[[list], list]] = None,
     accept: Optional[Callable[[jax.Array], jax.Array]] = None,
+    hparams: Any = (),
+    int_minimum: Sequence[tuple[Any, int]] = (),
 ) -> optax.GradientTransformationExtraArgs:
     """The Optax transform of a method that is a *weighting* of the task Gram matrix (TorchJD's view).
 
@@ -149,6 +151,10 @@ def make_gradient_transform(
         :func:`dbmtl_jax.skip_invalid_steps` skips it and the next step starts
         from where this one did.  For weights that a finite Gram matrix can still
         make meaningless (underflowed to 0).
+      hparams: the hyperparameters the factory checked (the values
+        :func:`dbmtl_jax.methods._numerics.check_real` returned): one injected
+        out of range (NaN) makes the step invalid in the same way, as does a
+        traced integer of ``int_minimum`` (``(value, lo)`` pairs) below ``lo``.
     """
     nm.check_choice(gram, GRAMS, "gram", name)
     nm.check_shared(shared, name)
@@ -211,8 +217,7 @@ def make_gradient_transform(
             fields.update(advance(state, losses=losses, key=key))
         out = ta.merge_shared(out_shared, out_heads, mask, treedef)
         new_state = state._replace(count=optax.safe_increment(state.count), **fields)
-        if accept is None or weights is None:
-            return out, new_state
-        return nm.reject_unless(accept(weights), out, new_state, state)
+        accepted = None if accept is None or weights is None else accept(weights)
+        return nm.reject_unless(nm.conjoin(accepted, nm.injected_ok(hparams, int_minimum)), out, new_state, state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

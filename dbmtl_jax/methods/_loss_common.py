@@ -70,17 +70,20 @@ def check_grads_mode(grads: str, method: Optional[str] = None) -> str:
     return grads
 
 
-def check_inner_adam(method: str, learning_rate: Any, b1: Any, b2: Any, adam_eps: Any) -> None:
+def check_inner_adam(method: str, learning_rate: Any, b1: Any, b2: Any, adam_eps: Any) -> tuple[Any, Any, Any, Any]:
     """Ranges of the inner Adam of a learnable loss parameter (PyTorch's ``torch.optim.Adam`` rules).
 
     ``learning_rate >= 0`` (0 freezes the parameter; allowed so that an
     ``optax.inject_hyperparams`` schedule may start or end at 0), ``b1, b2`` in
     ``[0, 1)`` (1 would divide by a zero bias correction), ``adam_eps >= 0``.
+    Returns the four checked values (traced ones out of range are NaN, see
+    :func:`dbmtl_jax.methods._numerics.check_real`).
     """
-    nm.check_real(learning_rate, "learning_rate", method, lo=0)
-    nm.check_real(b1, "b1", method, lo=0, hi=1, hi_open=True)
-    nm.check_real(b2, "b2", method, lo=0, hi=1, hi_open=True)
-    nm.check_real(adam_eps, "adam_eps", method, lo=0)
+    learning_rate = nm.check_real(learning_rate, "learning_rate", method, lo=0)
+    b1 = nm.check_real(b1, "b1", method, lo=0, hi=1, hi_open=True)
+    b2 = nm.check_real(b2, "b2", method, lo=0, hi=1, hi_open=True)
+    adam_eps = nm.check_real(adam_eps, "adam_eps", method, lo=0)
+    return learning_rate, b1, b2, adam_eps
 
 
 def f32(x: Any) -> jax.Array:
@@ -212,6 +215,9 @@ def make_loss_transform(
         dtype) at the *start* of every update, before the weights and the state
         step are computed, so a value injected by ``optax.inject_hyperparams``
         for update k is used in update k, identically in both ``grads`` modes.
+        A float one injected out of range arrives as NaN (the factory's
+        :func:`dbmtl_jax.methods._numerics.check_real`) and makes its step
+        invalid (NaN update, state kept).
       int_minimum: the smallest valid value of the integer fields among
         ``hparams`` (``{"steps_per_epoch": 1}``).  A concrete value out of range
         was rejected by the factory; a value traced under ``jit`` (injected) is
@@ -258,9 +264,7 @@ def make_loss_transform(
         # values of this step): the weights and the state step below read them from the state.
         old_state = state
         state = refresh_hparams(state, hparams)
-        hparams_ok = jnp.asarray(True)
-        for field, lo in (int_minimum or {}).items():
-            hparams_ok = hparams_ok & (getattr(state, field) >= lo)
+        hparams_ok = nm.injected_ok(dict(hparams), [(hparams[f], lo) for f, lo in (int_minimum or {}).items()])
 
         if grads == "per_task":
             ta.check_task_axis(updates, num_tasks, params=params)
@@ -279,9 +283,9 @@ def make_loss_transform(
 
         new_state = state.advance(losses, key, **extra_args)
         # A NaN or inf loss (or a state it overflows) would stay in the state (DWA's loss history, FAMO's
-        # previous losses) behind a finite update, and an injected integer out of range (steps_per_epoch
-        # = 0) would divide by zero: the step is made visibly invalid and the state kept as it was.
-        ok = nm.all_finite((losses, new_state)) & hparams_ok
+        # previous losses) behind a finite update, and an injected hyperparameter out of range (steps_per_epoch
+        # = 0 would divide by zero, b2 = 1.5 would run): the step is made visibly invalid and the state kept.
+        ok = nm.conjoin(nm.all_finite((losses, new_state)), hparams_ok)
         return nm.reject_unless(ok, out, new_state, old_state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

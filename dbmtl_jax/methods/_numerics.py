@@ -7,7 +7,8 @@ that each exists once:
   solvers (full-float32 matmuls on accelerators).
 * argument checks: :func:`check_num_tasks`, :func:`check_int`,
   :func:`check_real`, :func:`check_bool`, :func:`check_choice`,
-  :func:`check_optimizer` (construction time; tracers pass unchecked),
+  :func:`check_optimizer` (construction time; a traced value out of range
+  becomes NaN, see :func:`check_real`),
   :func:`check_static` (a tracer is refused), :func:`check_shared` and
   :func:`check_losses` (the ``losses=`` extra argument of ``update``).
 * dtypes: :func:`acc_dtype` (float32 or wider), :func:`state_dtype`.
@@ -63,6 +64,7 @@ __all__ = [
     "check_num_tasks",
     "check_int",
     "check_real",
+    "nan_unless_in_range",
     "check_bool",
     "check_choice",
     "check_optimizer",
@@ -80,6 +82,8 @@ __all__ = [
     "sum_heads",
     "safe_div",
     "all_finite",
+    "injected_ok",
+    "conjoin",
     "reject_unless",
     "project_simplex",
 ]
@@ -250,16 +254,21 @@ def check_real(
     any integer or floating dtype, bfloat16 and float16 included (what
     ``optax.inject_hyperparams`` passes at ``init``) whose shape is one of
     ``shapes`` (default: a scalar); every entry must be finite and lie in the
-    range ``lo .. hi`` (bounds excluded with ``lo_open`` / ``hi_open``).  A
-    tracer is returned unchecked.  Raises ``type_error`` (default ``TypeError``)
+    range ``lo .. hi`` (bounds excluded with ``lo_open`` / ``hi_open``).  Raises ``type_error`` (default ``TypeError``)
     for a non-number and ``ValueError`` (``"<method>: <option> must be ..."``)
     for a bad shape or value; ``note`` is appended to the message (why the
     range).  ``interval=True`` writes the range as an interval (``in [0, inf)``)
     rather than as a comparison (``>= 0``).  A float16/bfloat16 value out of
     range gets :func:`low_precision_hint` appended.
+
+    A tracer (a value injected by ``optax.inject_hyperparams`` under ``jit``)
+    cannot raise: it is returned as is when every entry is finite and in range,
+    and as all NaN otherwise (:func:`nan_unless_in_range`), so the step that
+    uses the *returned* value is invalid (NaN update, state kept) instead of
+    running with a meaningless one.  Callers must use the returned value.
     """
     if is_traced(value):
-        return value
+        return nan_unless_in_range(value, lo=lo, hi=hi, lo_open=lo_open, hi_open=hi_open)
     rng = _range_text(lo, hi, lo_open, hi_open, interval)
     shapes = [tuple(s) for s in shapes]
     what = f"a finite number {rng}".rstrip()
@@ -289,6 +298,27 @@ def check_real(
         shown = repr(arr.item()) if arr.ndim == 0 else repr(arr.tolist())
         raise ValueError(f"{method}: {option} must be {what}, got {shown}{suffix}{low_precision_hint(arr)}.")
     return value
+
+
+def nan_unless_in_range(
+    value: Any,
+    *,
+    lo: Optional[float] = None,
+    hi: Optional[float] = None,
+    lo_open: bool = False,
+    hi_open: bool = False,
+) -> jax.Array:
+    """``value`` (floating; an integer array becomes float32) when every entry is finite and in ``lo .. hi``,
+    else the same shape of NaN: the traced half of :func:`check_real`, which a step cannot raise from."""
+    x = jnp.asarray(value)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        x = x.astype(jnp.float32)
+    ok = jnp.isfinite(x)
+    if lo is not None:
+        ok &= (x > lo) if lo_open else (x >= lo)
+    if hi is not None:
+        ok &= (x < hi) if hi_open else (x <= hi)
+    return jnp.where(jnp.all(ok), x, jnp.asarray(jnp.nan, x.dtype))
 
 
 def check_bool(value: Any, option: str, method: str, *, type_error: type = TypeError) -> bool:
@@ -570,8 +600,29 @@ def all_finite(tree: PyTree) -> jax.Array:
     return functools.reduce(jnp.logical_and, finite_flags(tree), jnp.asarray(True))
 
 
-def reject_unless(ok: jax.Array, updates: PyTree, new_state: Any, old_state: Any) -> tuple[PyTree, Any]:
-    """``(updates, new_state)`` when ``ok``, else ``(NaN updates, old_state)``.
+def injected_ok(hparams: PyTree, int_minimum: Sequence[tuple[Any, int]] = ()) -> Optional[jax.Array]:
+    """Whether the traced (injected) values among ``hparams`` are all finite and every traced integer of
+    ``int_minimum`` (``(value, lo)`` pairs) is ``>= lo``; ``None`` when nothing is traced.
+
+    :func:`check_real` turns a traced hyperparameter out of range into NaN (:func:`check_int` cannot: it
+    returns a traced integer as is); a method passes the values it checked here and, when the result is
+    not ``None``, makes its step invalid with :func:`reject_unless` unless it holds (a NaN hyperparameter
+    need not reach the update, e.g. through a comparison or an untaken ``lax.cond`` branch).  ``None``
+    leaves a step built from concrete values unchanged.
+    """
+    oks = [all_finite(x) for x in jax.tree_util.tree_leaves(hparams) if is_traced(x)]
+    oks += [jnp.all(v >= lo) for v, lo in int_minimum if is_traced(v)]
+    return conjoin(*oks)
+
+
+def conjoin(*oks: Optional[jax.Array]) -> Optional[jax.Array]:
+    """The logical and of the ``oks`` that are not ``None`` (``None`` when all are)."""
+    present = [ok for ok in oks if ok is not None]
+    return functools.reduce(jnp.logical_and, present) if present else None
+
+
+def reject_unless(ok: Optional[jax.Array], updates: PyTree, new_state: Any, old_state: Any) -> tuple[PyTree, Any]:
+    """``(updates, new_state)`` when ``ok`` (or ``ok is None``: nothing to check), else ``(NaN updates, old_state)``.
 
     For state that a finite input can still overflow (a running sum of squared
     gradients, an inner optimizer's second moment): a non-finite entry would
@@ -580,6 +631,8 @@ def reject_unless(ok: jax.Array, updates: PyTree, new_state: Any, old_state: Any
     kept, so :func:`dbmtl_jax.skip_invalid_steps` (or ``optax.apply_if_finite``)
     rejects it and the next step starts from the old state.
     """
+    if ok is None:
+        return updates, new_state
     _, state = select_step(ok, updates, new_state, old_state)
     return jax.tree_util.tree_map(lambda u: jnp.where(ok, u, jnp.asarray(jnp.nan, u.dtype)), updates), state
 

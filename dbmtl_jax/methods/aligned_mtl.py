@@ -396,5 +396,6 @@ def aligned_mtl(
         )
 
     return gc.make_gradient_transform(
-        name, num_tasks, weighting, init_state, shared=shared, gram="cosine", keep_when_no_shared=True
+        name, num_tasks, weighting, init_state, shared=shared, gram="cosine", keep_when_no_shared=True,
+        int_minimum=((max_sweeps, 1),),
     )

@@ -223,7 +223,7 @@ def cagrad(
       An ``optax.GradientTransformationExtraArgs``; extra args are ignored.
     """
     nm.check_num_tasks(num_tasks, "cagrad")
-    nm.check_real(c, "c", "cagrad", lo=0)
+    c = nm.check_real(c, "c", "cagrad", lo=0)
     nm.check_static(rescale, "rescale", "cagrad", "it selects the rescaling formula")
     nm.check_static(max_iter, "max_iter", "cagrad", "it sizes the solver's loop")
     if hasattr(rescale, "dtype") and jnp.ndim(rescale) == 0 and jnp.issubdtype(rescale.dtype, jnp.integer):
@@ -231,10 +231,10 @@ def cagrad(
     if isinstance(rescale, bool) or rescale not in RESCALES:
         raise ValueError(f"cagrad: unknown rescale={rescale!r}; expected one of {RESCALES}.")
     num_bisections = nm.check_int(num_bisections, "num_bisections", "cagrad", lo=1)
-    nm.check_real(eps, "eps", "cagrad", lo=0)
+    eps = nm.check_real(eps, "eps", "cagrad", lo=0)
     if max_iter is not None:
         max_iter = nm.check_int(max_iter, "max_iter", "cagrad", lo=1)
-    nm.check_real(tol, "tol", "cagrad", lo=0, hi=1, lo_open=True, hi_open=True)
+    tol = nm.check_real(tol, "tol", "cagrad", lo=0, hi=1, lo_open=True, hi_open=True)
 
     def init_state(params: PyTree) -> CAGradState:
         del params
@@ -259,4 +259,5 @@ def cagrad(
         )
         return coef, fields
 
-    return gc.make_gradient_transform("cagrad", num_tasks, weighting, init_state, shared=shared)
+    return gc.make_gradient_transform("cagrad", num_tasks, weighting, init_state, shared=shared, hparams=(c, eps, tol),
+                                     int_minimum=((num_bisections, 1),))

@@ -114,7 +114,7 @@ def dwa(
     """
     nm.check_num_tasks(num_tasks, "dwa")
     steps_per_epoch = nm.check_int(steps_per_epoch, "steps_per_epoch", "dwa", lo=1)
-    nm.check_real(temperature, "temperature", "dwa", lo=0, lo_open=True)
+    temperature = nm.check_real(temperature, "temperature", "dwa", lo=0, lo_open=True)
 
     def init_state() -> DWAState:
         z = jnp.zeros([num_tasks], jnp.float32)

@@ -108,8 +108,8 @@ def excessmtl(
     """
     nm.check_num_tasks(num_tasks, "excessmtl")
     nm.check_shared(shared, "excessmtl")
-    nm.check_real(robust_step_size, "robust_step_size", "excessmtl", lo=0)
-    nm.check_real(eps, "eps", "excessmtl", lo=0, lo_open=True,
+    robust_step_size = nm.check_real(robust_step_size, "robust_step_size", "excessmtl", lo=0)
+    eps = nm.check_real(eps, "eps", "excessmtl", lo=0, lo_open=True,
                   note="0 gives 0/0 for a coordinate whose gradients were all 0")
     nm.check_bool(weight_heads, "weight_heads", "excessmtl")
 
@@ -163,6 +163,7 @@ def excessmtl(
         # The running sums of squares overflow (inf) for gradient entries above ~1e19 in float32, and
         # an inf would silence those entries' excess-risk terms for good: such a step (or one with a
         # non-finite gradient) is made visibly invalid and the state kept.
-        return nm.reject_unless(nm.all_finite(new_state), out, new_state, state)
+        ok = nm.conjoin(nm.all_finite(new_state), nm.injected_ok((robust_step_size, eps)))
+        return nm.reject_unless(ok, out, new_state, state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -168,9 +168,9 @@ def famo(
         if np.shape(min_losses) != (num_tasks,):
             raise ValueError(f"famo: min_losses must have shape ({num_tasks},), got {np.shape(min_losses)}.")
         min_arr = nm.check_real(min_losses, "min_losses", "famo", shapes=((num_tasks,),))
-    lc.check_inner_adam("famo", learning_rate, b1, b2, adam_eps)
-    nm.check_real(gamma, "gamma", "famo", lo=0, note="the L2 weight decay of the logits")
-    nm.check_real(eps, "eps", "famo", lo=0, lo_open=True)
+    learning_rate, b1, b2, adam_eps = lc.check_inner_adam("famo", learning_rate, b1, b2, adam_eps)
+    gamma = nm.check_real(gamma, "gamma", "famo", lo=0, note="the L2 weight decay of the logits")
+    eps = nm.check_real(eps, "eps", "famo", lo=0, lo_open=True)
     hp = dict(learning_rate=learning_rate, gamma=gamma, b1=b1, b2=b2, adam_eps=adam_eps, eps=eps)
 
     def init_state() -> FAMOState:

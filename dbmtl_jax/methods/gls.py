@@ -86,7 +86,7 @@ def gls(
       An ``optax.GradientTransformationExtraArgs``; ``update`` requires ``losses=``.
     """
     nm.check_num_tasks(num_tasks, "gls")
-    nm.check_real(eps, "eps", "gls", lo=0, lo_open=True)
+    eps = nm.check_real(eps, "eps", "gls", lo=0, lo_open=True)
 
     def init_state() -> GLSState:
         return GLSState(

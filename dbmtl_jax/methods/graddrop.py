@@ -77,7 +77,7 @@ def graddrop(
     """
     nm.check_num_tasks(num_tasks, "graddrop")
     nm.check_shared(shared, "graddrop")
-    nm.check_real(leak, "leak", "graddrop", lo=0, hi=1, shapes=((), (num_tasks,)),
+    leak = nm.check_real(leak, "leak", "graddrop", lo=0, hi=1, shapes=((), (num_tasks,)),
                   note="0 is full sign dropout, 1 the plain sum")
     leak_arr = jnp.asarray(leak, jnp.float32)
     if leak_arr.ndim == 0:
@@ -113,6 +113,7 @@ def graddrop(
             nonzero = nonzero + jnp.sum(x != 0).astype(jnp.float32)
         out = ta.merge_shared(out_shared, nm.sum_heads(g_heads), mask, treedef)
         frac = jnp.where(nonzero > 0, kept / jnp.maximum(nonzero, 1.0), 1.0)
-        return out, GradDropState(count=optax.safe_increment(state.count), kept_fraction=frac)
+        new_state = GradDropState(count=optax.safe_increment(state.count), kept_fraction=frac)
+        return nm.reject_unless(nm.injected_ok(leak), out, new_state, state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -108,8 +108,8 @@ def gradnorm(
     """
     nm.check_num_tasks(num_tasks, "gradnorm")
     nm.check_shared(shared, "gradnorm")
-    nm.check_real(alpha, "alpha", "gradnorm", lo=0)
-    nm.check_real(min_weight, "min_weight", "gradnorm", lo=0, lo_open=True)
+    alpha = nm.check_real(alpha, "alpha", "gradnorm", lo=0)
+    min_weight = nm.check_real(min_weight, "min_weight", "gradnorm", lo=0, lo_open=True)
     nm.check_optimizer(weight_optimizer, "weight_optimizer", "gradnorm")
     nm.check_bool(weight_heads, "weight_heads", "gradnorm")
     if norm_leaves is not None and not callable(norm_leaves):
@@ -183,6 +183,6 @@ def gradnorm(
         # good.  Such a step (or one with a non-finite loss) is made visibly invalid, state kept.
         # +inf in grad_w would be clipped to min_weight, unseen; a NaN loss would only make r = 1, unseen
         ok = nm.all_finite((grad_w, new_state, losses))
-        return nm.reject_unless(ok, out, new_state, state)
+        return nm.reject_unless(nm.conjoin(ok, nm.injected_ok((alpha, min_weight))), out, new_state, state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -146,9 +146,9 @@ def gradvac(
     nm.check_num_tasks(num_tasks, "gradvac")
     nm.check_choice(ema_update, EMA_UPDATES, "ema_update", "gradvac")
     nm.check_choice(granularity, gc.GRANULARITIES, "granularity", "gradvac")
-    nm.check_real(beta, "beta", "gradvac", lo=0, hi=1, lo_open=True,
+    beta = nm.check_real(beta, "beta", "gradvac", lo=0, hi=1, lo_open=True,
                   note="the weight of the new cosine; 0 freezes the targets")
-    nm.check_real(eps, "eps", "gradvac", lo=0, lo_open=True)
+    eps = nm.check_real(eps, "eps", "gradvac", lo=0, lo_open=True)
 
     def num_groups(params: PyTree) -> int:
         if granularity == "global":
@@ -190,4 +190,5 @@ def gradvac(
         gram="leaf" if granularity == "leaf" else "scaled",
         needs_key=True,
         keep_when_no_shared=True,
+        hparams=(beta, eps),
     )

@@ -422,19 +422,22 @@ def igbv2(
     start_epoch = nm.check_int(start_epoch, "start_epoch", "igbv2", lo=0)
     update_after = nm.check_int(update_after, "update_after", "igbv2", lo=0)
     update_every = nm.check_int(update_every, "update_every", "igbv2", lo=1)
-    buffer_size = nm.check_int(buffer_size, "buffer_size", "igbv2", lo=1)
-    seed = nm.check_int(seed, "seed", "igbv2", lo=0)
+    buffer_size = nm.check_int(nm.check_static(buffer_size, "buffer_size", "igbv2", "it sizes the replay buffer"),
+                               "buffer_size", "igbv2", lo=1)
+    seed = nm.check_int(nm.check_static(seed, "seed", "igbv2", "NumPy draws the initial agent from it"),
+                        "seed", "igbv2", lo=0)
     if not isinstance(sac_hidden, (tuple, list)):
         raise TypeError(f"igbv2: sac_hidden must be a tuple of positive ints, got {sac_hidden!r}.")
     sac_hidden = tuple(sac_hidden)
     if not sac_hidden or any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in sac_hidden):
         raise ValueError(f"igbv2: sac_hidden must be a non-empty tuple of positive ints, got {sac_hidden!r}.")
-    nm.check_real(sac_lr, "sac_lr", "igbv2", lo=0)
-    nm.check_real(discount, "discount", "igbv2", lo=0, hi=1)
-    nm.check_real(tau, "tau", "igbv2", lo=0, hi=1, lo_open=True, note="0 freezes the target critic")
-    nm.check_real(init_alpha, "init_alpha", "igbv2", lo=0, lo_open=True, note="its log is the initial log-temperature")
-    nm.check_real(reward_scale, "reward_scale", "igbv2", lo=0, lo_open=True)
-    nm.check_real(eps, "eps", "igbv2", lo=0, lo_open=True)
+    sac_lr = nm.check_real(sac_lr, "sac_lr", "igbv2", lo=0)
+    discount = nm.check_real(discount, "discount", "igbv2", lo=0, hi=1)
+    tau = nm.check_real(tau, "tau", "igbv2", lo=0, hi=1, lo_open=True, note="0 freezes the target critic")
+    init_alpha = nm.check_real(init_alpha, "init_alpha", "igbv2", lo=0, lo_open=True,
+                               note="its log is the initial log-temperature")
+    reward_scale = nm.check_real(reward_scale, "reward_scale", "igbv2", lo=0, lo_open=True)
+    eps = nm.check_real(eps, "eps", "igbv2", lo=0, lo_open=True)
     hp = dict(eps=eps, reward_scale=reward_scale, sac_lr=sac_lr, discount=discount, tau=tau)
     int_hp = dict(steps_per_epoch=steps_per_epoch, base_epoch=base_epoch, start_epoch=start_epoch,
                   update_after=update_after, update_every=update_every)

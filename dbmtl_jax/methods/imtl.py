@@ -86,7 +86,7 @@ def imtl(
     """
     nm.check_num_tasks(num_tasks, "imtl")
     nm.check_optimizer(scale_optimizer, "scale_optimizer", "imtl")
-    nm.check_real(max_log_scale, "max_log_scale", "imtl", lo=0, hi=88, lo_open=True,
+    max_log_scale = nm.check_real(max_log_scale, "max_log_scale", "imtl", lo=0, hi=88, lo_open=True,
                   note="e^88 is near the float32 maximum")
     inner = optax.adam(1e-4) if scale_optimizer is None else scale_optimizer
 
@@ -130,4 +130,5 @@ def imtl(
         needs_losses=True,
         keep_when_no_shared=True,
         advance=advance,
+        hparams=max_log_scale,
     )

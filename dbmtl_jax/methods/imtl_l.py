@@ -105,9 +105,9 @@ def imtl_l(
       An ``optax.GradientTransformationExtraArgs``; ``update`` requires ``losses=``.
     """
     nm.check_num_tasks(num_tasks, "imtl_l")
-    nm.check_real(init, "init", "imtl_l", shapes=((), (num_tasks,)))
-    lc.check_inner_adam("imtl_l", learning_rate, b1, b2, adam_eps)
-    nm.check_real(weight_decay, "weight_decay", "imtl_l", lo=0)
+    init = nm.check_real(init, "init", "imtl_l", shapes=((), (num_tasks,)))
+    learning_rate, b1, b2, adam_eps = lc.check_inner_adam("imtl_l", learning_rate, b1, b2, adam_eps)
+    weight_decay = nm.check_real(weight_decay, "weight_decay", "imtl_l", lo=0)
     hp = dict(learning_rate=learning_rate, b1=b1, b2=b2, adam_eps=adam_eps, weight_decay=weight_decay)
 
     def init_state() -> IMTLLState:

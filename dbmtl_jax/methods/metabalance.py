@@ -89,8 +89,8 @@ def metabalance(
     nm.check_shared(shared, "metabalance")
     nm.check_choice(strategy, STRATEGIES, "strategy", "metabalance")
     nm.check_choice(granularity, gc.GRANULARITIES, "granularity", "metabalance")
-    nm.check_real(relax_factor, "relax_factor", "metabalance", lo=0, hi=1)
-    nm.check_real(beta, "beta", "metabalance", lo=0, hi=1, hi_open=True,
+    relax_factor = nm.check_real(relax_factor, "relax_factor", "metabalance", lo=0, hi=1)
+    beta = nm.check_real(beta, "beta", "metabalance", lo=0, hi=1, hi_open=True,
                   note="the weight of the old value; 1 freezes the norms at 0")
     nm.check_static(main_task, "main_task", "metabalance", "it is an index")
     main_task = nm.check_int(main_task, "main_task", "metabalance", lo=0, hi=num_tasks - 1)
@@ -141,6 +141,7 @@ def metabalance(
                 out_shared = nm.combine_per_leaf(g_shared, f)
             norms, factors = m.astype(state.norms.dtype), f.astype(jnp.float32)
         out = ta.merge_shared(out_shared, nm.sum_heads(g_heads), mask, treedef)
-        return out, MetaBalanceState(count=optax.safe_increment(state.count), norms=norms, factors=factors)
+        new_state = MetaBalanceState(count=optax.safe_increment(state.count), norms=norms, factors=factors)
+        return nm.reject_unless(nm.injected_ok((relax_factor, beta)), out, new_state, state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

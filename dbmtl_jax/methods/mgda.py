@@ -175,7 +175,7 @@ def mgda(
     nm.check_static(max_iter, "max_iter", "mgda", "it sizes the solver's loop")
     if max_iter is not None:
         max_iter = nm.check_int(max_iter, "max_iter", "mgda", lo=1)
-    nm.check_real(tol, "tol", "mgda", lo=0, hi=1, lo_open=True, hi_open=True)
+    tol = nm.check_real(tol, "tol", "mgda", lo=0, hi=1, lo_open=True, hi_open=True)
     nm.check_bool(weight_heads, "weight_heads", "mgda")
 
     def init_state(params: PyTree) -> MGDAState:
@@ -200,4 +200,4 @@ def mgda(
         return lam, fields
 
     heads = "weighted" if weight_heads else "sum"
-    return gc.make_gradient_transform("mgda", num_tasks, weighting, init_state, shared=shared, heads=heads)
+    return gc.make_gradient_transform("mgda", num_tasks, weighting, init_state, shared=shared, heads=heads, hparams=tol)

@@ -98,11 +98,11 @@ def moco(
     nm.check_shared(shared, "moco")
     nm.check_choice(lambda_update, LAMBDA_UPDATES, "lambda_update", "moco")
     nm.check_choice(grad_transform, GRAD_TRANSFORMS, "grad_transform", "moco")
-    nm.check_real(beta, "beta", "moco", lo=0, hi=1, lo_open=True, note="the weight of the new gradient in y")
-    nm.check_real(beta_sigma, "beta_sigma", "moco", lo=0)
-    nm.check_real(gamma, "gamma", "moco", lo=0)
-    nm.check_real(gamma_sigma, "gamma_sigma", "moco", lo=0)
-    nm.check_real(rho, "rho", "moco", lo=0, note="a negative ridge makes the λ step ascend")
+    beta = nm.check_real(beta, "beta", "moco", lo=0, hi=1, lo_open=True, note="the weight of the new gradient in y")
+    beta_sigma = nm.check_real(beta_sigma, "beta_sigma", "moco", lo=0)
+    gamma = nm.check_real(gamma, "gamma", "moco", lo=0)
+    gamma_sigma = nm.check_real(gamma_sigma, "gamma_sigma", "moco", lo=0)
+    rho = nm.check_real(rho, "rho", "moco", lo=0, note="a negative ridge makes the λ step ascend")
 
     def init_fn(params: PyTree) -> MoCoState:
         mask = ta.resolve_shared(shared, params)
@@ -161,6 +161,7 @@ def moco(
             new_y = [y.astype(old.dtype) for y, old in zip(new_y, y_l)]
         out = ta.merge_shared(out_shared, nm.sum_heads(g_heads), mask, treedef)
         y_tree = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(state.y), new_y)
-        return out, MoCoState(count=count, y=y_tree, lambd=lambd)
+        new_state = MoCoState(count=count, y=y_tree, lambd=lambd)
+        return nm.reject_unless(nm.injected_ok((beta, beta_sigma, gamma, gamma_sigma, rho)), out, new_state, state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -96,12 +96,12 @@ def mtadam(
     nm.check_num_tasks(num_tasks, "mtadam")
     nm.check_shared(shared, "mtadam")
     nm.check_choice(granularity, gc.GRANULARITIES, "granularity", "mtadam")
-    for name, b in (("b1", b1), ("b2", b2), ("b3", b3)):
-        nm.check_real(b, name, "mtadam", lo=0, hi=1, hi_open=True)
-    nm.check_real(eps, "eps", "mtadam", lo=0, lo_open=True, note="it guards the Adam denominator")
-    nm.check_real(norm_eps, "norm_eps", "mtadam", lo=0)
+    b1, b2, b3 = (nm.check_real(b, name, "mtadam", lo=0, hi=1, hi_open=True)
+                  for name, b in (("b1", b1), ("b2", b2), ("b3", b3)))
+    eps = nm.check_real(eps, "eps", "mtadam", lo=0, lo_open=True, note="it guards the Adam denominator")
+    norm_eps = nm.check_real(norm_eps, "norm_eps", "mtadam", lo=0)
     if ranks is not None:
-        nm.check_real(ranks, "ranks", "mtadam", lo=0, shapes=((num_tasks,),), note="a negative rank flips the task")
+        ranks = nm.check_real(ranks, "ranks", "mtadam", lo=0, shapes=((num_tasks,),), note="a negative rank flips the task")
     rank_arr = jnp.ones([num_tasks], jnp.float32) if ranks is None else jnp.asarray(ranks, jnp.float32)
     if rank_arr.shape != (num_tasks,):
         raise ValueError(f"mtadam: ranks must have shape [{num_tasks}], got {rank_arr.shape}.")
@@ -200,6 +200,7 @@ def mtadam(
         # Finite gradients can still overflow the second moments (squares of entries above ~1e19 in
         # float32): an inf there makes the update a silent m / inf = 0, now and at every later step.  Such a
         # step (or one with a non-finite gradient) is made visibly invalid and the state kept, as GradNorm's.
-        return nm.reject_unless(nm.all_finite(new_state), out, new_state, state)
+        ok = nm.conjoin(nm.all_finite(new_state), nm.injected_ok((b1, b2, b3, eps, norm_eps, ranks)))
+        return nm.reject_unless(ok, out, new_state, state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -57,8 +57,12 @@ METHOD_GROUPS: dict[str, str] = {name: _REGISTRY[name][0] for name in METHODS}
 # beyond the strings, bools, None and optimizers that inject_hyperparams keeps static by itself. num_tasks
 # sizes the state; shared, and any other callable (gradnorm's norm_leaves, dbmtl's ema_dtype given as a
 # dtype class), would be called as a schedule with the step count; the rest are numbers the factory's Python
-# code reads (a branch, an index, a loop bound), each of which raises a ValueError naming it when traced.
+# code reads (a branch, an index, a loop bound), each of which raises a ValueError naming it when traced, and
+# the values only init reads (an initial weight, a seed), which injected later would change nothing.
 _EXTRA_STATIC: dict[str, tuple[str, ...]] = {
+    "uw": ("init",),  # init-only: injected later it would change nothing
+    "imtl_l": ("init",),
+    "igbv2": ("buffer_size", "seed", "init_alpha"),  # the replay buffer's size and the agent's NumPy init
     "gradnorm": ("norm_leaves",),
     "mgda": ("max_iter",),
     "cagrad": ("rescale", "max_iter"),

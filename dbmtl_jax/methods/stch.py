@@ -160,12 +160,12 @@ def stch(
     nm.check_num_tasks(num_tasks, "stch")
     steps_per_epoch = nm.check_int(steps_per_epoch, "steps_per_epoch", "stch", lo=1)
     warmup_epochs = nm.check_int(warmup_epochs, "warmup_epochs", "stch", lo=0)
-    nm.check_real(mu, "mu", "stch", lo=0, lo_open=True)
-    nm.check_real(eps, "eps", "stch", lo=0, lo_open=True)
+    mu = nm.check_real(mu, "mu", "stch", lo=0, lo_open=True)
+    eps = nm.check_real(eps, "eps", "stch", lo=0, lo_open=True)
     if nadir is not None:
         if np.shape(nadir) != (num_tasks,):
             raise ValueError(f"stch: nadir must have shape ({num_tasks},), got {np.shape(nadir)}.")
-        nm.check_real(nadir, "nadir", "stch", lo=0, lo_open=True, shapes=((num_tasks,),), note="it divides the losses")
+        nadir = nm.check_real(nadir, "nadir", "stch", lo=0, lo_open=True, shapes=((num_tasks,),), note="it divides the losses")
     hp = dict(mu=mu, eps=eps, steps_per_epoch=steps_per_epoch, warmup_epochs=warmup_epochs)
     if nadir is not None:  # a given nadir is a hyperparameter (an accumulated one is learned state)
         hp["nadir"] = nadir

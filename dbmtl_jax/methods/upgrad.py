@@ -181,15 +181,15 @@ def upgrad(
       An ``optax.GradientTransformationExtraArgs``; extra args are ignored.
     """
     nm.check_num_tasks(num_tasks, "upgrad")
-    nm.check_real(reg_eps, "reg_eps", "upgrad", lo=0)
+    reg_eps = nm.check_real(reg_eps, "reg_eps", "upgrad", lo=0)
     nm.check_static(max_iter, "max_iter", "upgrad", "it sizes the solver's loop")
     if max_iter is not None:
         max_iter = nm.check_int(max_iter, "max_iter", "upgrad", lo=1)
-    nm.check_real(tol, "tol", "upgrad", lo=0, hi=1, lo_open=True, hi_open=True)
+    tol = nm.check_real(tol, "tol", "upgrad", lo=0, hi=1, lo_open=True, hi_open=True)
     if pref_vector is None:
         pref = np.full([num_tasks], 1.0 / num_tasks, np.float32)
     else:
-        nm.check_real(pref_vector, "pref_vector", "upgrad", lo=0, shapes=((num_tasks,),))
+        pref_vector = nm.check_real(pref_vector, "pref_vector", "upgrad", lo=0, shapes=((num_tasks,),))
         pref = jnp.asarray(pref_vector, jnp.float32)  # jnp: a traced (injected) preference is fine
 
     def init_state(params: PyTree) -> UPGradState:
@@ -208,4 +208,5 @@ def upgrad(
         )
         return w, fields
 
-    return gc.make_gradient_transform("upgrad", num_tasks, weighting, init_state, shared=shared)
+    return gc.make_gradient_transform("upgrad", num_tasks, weighting, init_state, shared=shared,
+                                      hparams=(reg_eps, tol, pref_vector))
