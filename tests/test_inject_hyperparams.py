@@ -158,3 +158,19 @@ def test_injected_beta_schedule_with_a_rejected_step_under_skip_invalid_steps():
     assert int(runs[1].num_skipped) == 1
     for a, b in zip(jax.tree.leaves(runs[0].inner_state), jax.tree.leaves(runs[1].inner_state)):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_injected_state_can_be_donated_to_a_jitted_step(name):
+    """inject_hyperparams keeps the values in ``hyperparams`` and a loss weighting keeps them in its state too:
+    one buffer in both places made a donated jitted step fail ("Attempt to donate the same buffer twice")."""
+    factory = get_factory(name)
+    kw = {k: p.default for k, p in inspect.signature(factory).parameters.items()
+          if k not in STATIC_ARGS[name] and isinstance(p.default, (int, float)) and not isinstance(p.default, bool)}
+    tx = optax.chain(optax.inject_hyperparams(factory, static_args=STATIC_ARGS[name])(num_tasks=T, **kw),
+                     optax.sgd(0.1))
+    state = tx.init(PARAMS)
+    step = jax.jit(lambda s, k: tx.update(GRADS, s, PARAMS, losses=LOSSES, key=k), donate_argnums=0)
+    for i in range(3):
+        updates, state = step(state, jax.random.key(i))
+    assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))

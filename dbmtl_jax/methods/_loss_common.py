@@ -87,19 +87,22 @@ def check_inner_adam(method: str, learning_rate: Any, b1: Any, b2: Any, adam_eps
 
 
 def f32(x: Any) -> jax.Array:
-    """A float hyperparameter as a float32 scalar state field."""
-    return jnp.asarray(x, jnp.float32)
+    """A float hyperparameter as a float32 state field: a copy, never ``x``'s own buffer, so that the state
+    and ``optax.inject_hyperparams``' ``hyperparams`` can both be donated to a jitted step."""
+    return jnp.array(x, jnp.float32, copy=True)
 
 
 def refresh_hparams(state: NamedTuple, hparams: Mapping[str, Any]) -> NamedTuple:
     """``state`` with its hyperparameter fields set to ``hparams`` (each cast to its field's dtype).
 
     Under ``optax.inject_hyperparams`` the factory, and so ``hparams``, carries the values of the
-    current step (possibly traced); a field's shape and dtype never change.
+    current step (possibly traced); a field's shape and dtype never change.  Each field is a copy:
+    returned as the wrapper's own input, a jitted step would give the state field and
+    ``hyperparams`` one buffer, which a donated next step refuses.
     """
     if not hparams:
         return state
-    return state._replace(**{k: jnp.asarray(v, getattr(state, k).dtype) for k, v in hparams.items()})
+    return state._replace(**{k: jnp.array(v, getattr(state, k).dtype, copy=True) for k, v in hparams.items()})
 
 
 def clamped_log(losses: jax.Array, eps: jax.Array) -> jax.Array:
