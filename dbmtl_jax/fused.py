@@ -101,7 +101,7 @@ def _fold_rows(
     out, news = [], []
     for m, g in zip(ema, g_shared):
         old = jax.lax.dynamic_slice_in_dim(m, start, c, axis=0)
-        new = ema_step(old, g, beta_k)
+        new = _as_stored(ema_step(old, g, beta_k))
         news.append(new)
         rows_ok = rows_ok & jnp.all(jnp.isfinite(new).reshape(c, -1), axis=1)
         if in_place:  # never write a row of an invalid-loss step, nor a non-finite entry
@@ -111,6 +111,20 @@ def _fold_rows(
     # in the plain or the up-scaled row is only an overflow of the squares (see ta.norms_from_pair).
     sq_rows = jnp.where(rows_ok, ta.task_sq_norms_pair(news, acc, small=True), jnp.nan)
     return out, jax.lax.dynamic_update_slice_in_dim(sq, sq_rows, start, axis=1)
+
+
+def _as_stored(x: jax.Array) -> jax.Array:
+    """``x`` (a value in the EMA's dtype) as the state stores it.
+
+    An EMA narrower than float32 (``ema_dtype=jnp.bfloat16``/``float16``) is computed in float32 where
+    the backend lacks that arithmetic (XLA:CPU), and ``xla_allow_excess_precision`` (on by default) lets
+    XLA feed that unrounded float32 value to the norms, which read the row again in float32: the norms
+    (so α and the 1/(‖ĝ_t‖ + ε) scaling) would be those of a row that is never stored, unlike
+    :func:`dbmtl_jax.dbmtl`'s.  The barrier makes every reader take the rounded value (a rounding
+    ``lax.reduce_precision`` would flush float16 subnormals on CPU).  An EMA of float32 or wider (the
+    default ``ema_dtype``) is returned as it is, so its step traces as before.
+    """
+    return jax.lax.optimization_barrier(x) if jnp.finfo(x.dtype).bits < 32 else x
 
 
 def _backup(ema: list, in_place: bool) -> Optional[list]:
@@ -132,8 +146,8 @@ def _finish(
 
     def apply(_: Any) -> tuple:
         norms, shared_dir = dbmtl_direction(ema_new, alpha, eps, acc, sq) if ema_new else (db.norms.astype(acc), [])
-        direction = ta.merge_shared([d.astype(m.dtype) for d, m in zip(shared_dir, ema_new)], list(head_dir),
-                                    mask, treedef)
+        # Straight to the parameter dtype, as dbmtl casts to the gradient's (not through a narrower EMA dtype).
+        direction = ta.merge_shared(list(shared_dir), list(head_dir), mask, treedef)
         direction = jax.tree_util.tree_map(lambda d, p: d.astype(p.dtype), direction, params)
         return optimizer.update(direction, inner, params) + (norms,)
 

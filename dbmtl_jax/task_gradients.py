@@ -21,11 +21,13 @@ for methods that want raw-loss gradients.
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 PyTree = Any
 
@@ -73,24 +75,46 @@ class TrunkHeads(NamedTuple):
         """``T``, the number of heads."""
         return len(self.head_loss_fns)
 
+    def _check_split_join(self) -> None:
+        if (self.split is None) != (self.join is None):
+            given, missing = ("split", "join") if self.join is None else ("join", "split")
+            raise ValueError(
+                f"TrunkHeads: {given} was given without {missing}; give both (split(params) -> (trunk, heads) and "
+                "join(trunk, heads) -> a tree like params) or neither (params = (trunk, heads))."
+            )
+
     def parts(self, params: PyTree) -> tuple[PyTree, Sequence[PyTree]]:
         """``(trunk_params, head_params)`` of ``params``."""
+        self._check_split_join()
         if self.split is not None:
             return self.split(params)
-        if not (isinstance(params, (tuple, list)) and len(params) == 2 and len(params[1]) == self.num_tasks):
+        if not (isinstance(params, (tuple, list)) and len(params) == 2):
             raise ValueError(
                 f"params must be (trunk_params, head_params) with one head per task ({self.num_tasks} head losses), "
                 f"got {type(params).__name__}" + (f" of length {len(params)}" if isinstance(params, (tuple, list)) else "")
-                + "."
+                + "; for another layout give split= and join=."
             )
-        return params[0], params[1]
+        heads = params[1]
+        if not isinstance(heads, (tuple, list)):
+            raise ValueError(
+                f"head_params (params[1]) must be a tuple or list of {self.num_tasks} head parameter trees, in the "
+                f"order of head_loss_fns, got {type(heads).__name__}; for heads in a dict give split= and join=."
+            )
+        if len(heads) != self.num_tasks:
+            raise ValueError(
+                f"params must be (trunk_params, head_params) with one head per task: {self.num_tasks} head losses, "
+                f"got {len(heads)} head parameter sets."
+            )
+        return params[0], heads
 
     def whole(self, params: PyTree, trunk: PyTree, heads: Sequence[PyTree]) -> PyTree:
         """The tree with ``params``' structure holding ``trunk`` and ``heads`` (inverse of :meth:`parts`)."""
+        self._check_split_join()
         if self.join is not None:
             return self.join(trunk, heads)
         container = jax.tree_util.tree_structure(params[1], is_leaf=lambda x: x is not params[1])
-        return (trunk, jax.tree_util.tree_unflatten(container, list(heads)))
+        pair = (trunk, jax.tree_util.tree_unflatten(container, list(heads)))
+        return list(pair) if isinstance(params, list) else pair
 
     def shared_mask(self, params: PyTree) -> PyTree:
         """``shared=`` mask of ``params`` for :func:`dbmtl_jax.dbmtl`: True on trunk leaves, False on heads."""
@@ -124,6 +148,10 @@ def transform_losses(losses: jax.Array, *, log: bool = True, eps: float = 1e-8) 
     library's gradient functions (:func:`value_and_task_grads`, :func:`dbmtl_jax.fused_dbmtl`,
     :func:`dbmtl_jax.loss_weighting.value_and_weighted_grad`) rescale that cotangent and are exact for float16 losses.
     """
+    from dbmtl_jax.methods import _numerics  # here, not at the top, as in task_axis
+
+    losses = jnp.asarray(losses)
+    eps = _numerics.check_real(eps, "eps", "transform_losses", lo=0, lo_open=True, note="the ε of log(ℓ_t + ε)")
     if log and jnp.dtype(losses.dtype) == jnp.float16:
         warnings.warn(
             "float16 task losses under the log transform: the gradient of log(ℓ + ε) carries 1/ℓ in float16, "
@@ -192,8 +220,9 @@ def _scaled_fold(fold_fn: Callable[[Any, jax.Array, PyTree], Any], scale: Option
 
 @jax.custom_vjp
 def _log_or_nan(x: jax.Array) -> jax.Array:
-    """``log(x)``, NaN where ``x ≤ 0``, with gradient ``1/x``, NaN where ``x ≤ 0``: only in the rows of the
-    tasks whose entry is pulled back (a one-hot cotangent of another task stays finite)."""
+    """``log(x)``, NaN where ``x ≤ 0``, with gradient ``1/x``, NaN where ``x ≤ 0`` or ``x`` is not finite (an
+    overflowed loss: ``1/inf = 0`` would be a finite, all-zero gradient that lets the step through): only in
+    the rows of the tasks whose entry is pulled back (a one-hot cotangent of another task stays finite)."""
     return jnp.log(jnp.where(x > 0, x, jnp.nan))
 
 
@@ -202,7 +231,7 @@ def _log_or_nan_fwd(x: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def _log_or_nan_bwd(x: jax.Array, ct: jax.Array) -> tuple[jax.Array]:
-    ok = x > 0
+    ok = (x > 0) & jnp.isfinite(x)
     return (jnp.where(ok, ct / jnp.where(ok, x, 1), jnp.where(ct != 0, jnp.nan, 0)).astype(x.dtype),)
 
 
@@ -215,9 +244,64 @@ def _check_losses(losses: Any, what: str) -> jax.Array:
         raise ValueError(
             f"{what} must return a 1-D vector of T task losses (the task axis), got shape {losses.shape}."
         )
+    if losses.shape[0] == 0:
+        raise ValueError(f"{what} returned no task losses (shape (0,)); it must return one loss per task.")
     if not jnp.issubdtype(losses.dtype, jnp.floating):
         raise TypeError(f"{what} must return floating-point losses, got dtype {losses.dtype}.")
     return losses
+
+
+def _is_scalar(x: Any) -> bool:
+    return isinstance(x, (numbers.Number, np.generic)) or (hasattr(x, "shape") and jnp.ndim(x) == 0)
+
+
+def _split_aux(out: Any, has_aux: bool) -> tuple[Any, Any]:
+    """``(losses, aux)`` of ``loss_fn``'s output, with errors that name ``has_aux`` when it looks mixed up."""
+    pair = isinstance(out, (tuple, list)) and len(out) == 2
+    if has_aux:
+        if not pair:
+            got = f"{type(out).__name__}" + (f" of shape {jnp.shape(out)}" if hasattr(out, "shape") else "")
+            raise ValueError(f"has_aux=True: loss_fn must return a pair (losses, aux), got {got}.")
+        return out[0], out[1]
+    if pair and not all(_is_scalar(x) for x in out):
+        raise ValueError(
+            "loss_fn returned a pair that is not two scalar task losses; if it returns (losses, aux), "
+            "pass has_aux=True."
+        )
+    return out, None
+
+
+def _check_argnums(argnums: Any) -> int:
+    if isinstance(argnums, (bool, np.bool_)) or not isinstance(argnums, numbers.Integral):
+        raise TypeError(f"argnums must be a single int, got {argnums!r}.")
+    return int(argnums)
+
+
+def _resolve_argnums(argnums: int, args: Sequence[Any]) -> int:
+    """``argnums`` as an index into ``args`` (a negative one counts from the end, as in ``jax.grad``)."""
+    n = len(args)
+    if not -n <= argnums < n:
+        need = argnums + 1 if argnums >= 0 else -argnums
+        raise ValueError(
+            f"argnums={argnums} needs at least {need} positional argument(s), got {n}: pass the parameters "
+            "positionally (keyword arguments are not differentiated)."
+        )
+    return argnums % n
+
+
+def _check_differentiable(params: PyTree, what: str) -> None:
+    """Every leaf of the differentiated argument must be a float (``jax.grad`` refuses the rest too)."""
+    for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
+        dtype = getattr(x, "dtype", None)
+        if dtype is None:
+            dtype = np.asarray(x).dtype
+        if not jnp.issubdtype(dtype, jnp.inexact):
+            name = jax.tree_util.keystr(path) or "(the argument itself)"
+            raise TypeError(
+                f"{what} differentiates every leaf of its argument, but leaf {name} has dtype {dtype} "
+                "(jax.grad refuses it too): keep integer state out of the differentiated argument "
+                "(e.g. nnx.split(model, nnx.Param, ...)) and pass it as another argument."
+            )
 
 
 def _objective(
@@ -230,7 +314,7 @@ def _objective(
 
     def f(p: PyTree) -> tuple[jax.Array, tuple]:
         out = loss_fn(*(args[:argnums] + [p] + args[argnums + 1 :]), **kwargs)
-        losses, aux = out if has_aux else (out, None)
+        losses, aux = _split_aux(out, has_aux)
         losses = _check_losses(losses, "loss_fn")
         tl = _transform(losses, log, eps)
         scale = _log_scale(losses, eps) if _rescales(losses.dtype, log) else None
@@ -256,8 +340,6 @@ def _check_strategy(strategy: str, chunk_size: Optional[int]) -> str:
         strategy = "vmap"
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}.")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}.")
     return strategy
 
 
@@ -300,8 +382,8 @@ def value_and_task_grads(
       zeros elsewhere), ready for :func:`dbmtl_jax.dbmtl` and the other
       transforms.
     """
-    if not isinstance(argnums, int):
-        raise TypeError(f"argnums must be a single int, got {argnums!r}.")
+    argnums = _check_argnums(argnums)
+    chunk_size = None if chunk_size is None else _check_chunk(chunk_size)
     from dbmtl_jax.methods import _numerics  # here, not at the top, as in task_axis
 
     # a negative eps would shift the log silently (∇ log(ℓ − 1) for eps = −1)
@@ -313,8 +395,10 @@ def value_and_task_grads(
     loss_fn = model
 
     def wrapped(*args: Any, **kwargs: Any) -> Any:
-        f = _objective(loss_fn, list(args), kwargs, argnums, has_aux, log, eps)
-        tl, vjp_fn, (losses, aux, scale) = jax.vjp(f, args[argnums], has_aux=True)
+        i = _resolve_argnums(argnums, args)
+        _check_differentiable(args[i], "value_and_task_grads")
+        f = _objective(loss_fn, list(args), kwargs, i, has_aux, log, eps)
+        tl, vjp_fn, (losses, aux, scale) = jax.vjp(f, args[i], has_aux=True)
         eye = jnp.eye(tl.shape[0], dtype=tl.dtype)
         grads = _pullback(lambda c: vjp_fn(c)[0], eye, strategy, chunk_size)
         grads = grads if scale is None else _scale_rows(grads, scale)
@@ -339,7 +423,15 @@ def _heads_once(
             f"got {len(head_params)} head parameter sets for {len(head_loss_fns)} head losses; "
             "the task axis must match."
         )
+    _check_differentiable((trunk_params, tuple(head_params)), "a TrunkHeads spec")
     features, trunk_vjp = jax.vjp(lambda p: trunk_fn(p, batch), trunk_params)
+    for path, z in jax.tree_util.tree_flatten_with_path(features)[0]:
+        if not jnp.issubdtype(jnp.result_type(z), jnp.inexact):
+            raise TypeError(
+                f"trunk_fn must return floating-point features (the heads are differentiated with respect to "
+                f"them), but feature {jax.tree_util.keystr(path) or '(the output)'} has dtype {jnp.result_type(z)}: "
+                "pass integer data to the heads through batch."
+            )
     losses, head_grads, feat_cts, scales = [], [], [], []
     for t, (fn, hp) in enumerate(zip(head_loss_fns, head_params)):
         def head_obj(hp_, z_, fn=fn, t=t):
@@ -509,9 +601,10 @@ def _has_conv(fn: Callable, *args: Any) -> bool:
 
 
 def _check_chunk(chunk_size: Any) -> int:
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+    """A positive int (a NumPy integer is converted; a bool is refused)."""
+    if isinstance(chunk_size, (bool, np.bool_)) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}.")
-    return chunk_size
+    return int(chunk_size)
 
 
 def _fold_task_grads(
@@ -551,13 +644,14 @@ def _fold_task_grads(
     a fold that depends on the losses, e.g. one that must not write when they
     are invalid).
     """
-    if not isinstance(argnums, int):
-        raise TypeError(f"argnums must be a single int, got {argnums!r}.")
+    argnums = _check_argnums(argnums)
     chunk_size = _check_chunk(chunk_size)
 
     def wrapped(carry: Any, *args: Any, **kwargs: Any) -> Any:
-        f = _objective(loss_fn, list(args), kwargs, argnums, has_aux, log, eps)
-        tl, vjp_fn, (losses, aux, scale) = jax.vjp(f, args[argnums], has_aux=True)
+        i = _resolve_argnums(argnums, args)
+        _check_differentiable(args[i], "fused_dbmtl")
+        f = _objective(loss_fn, list(args), kwargs, i, has_aux, log, eps)
+        tl, vjp_fn, (losses, aux, scale) = jax.vjp(f, args[i], has_aux=True)
         eye = jnp.eye(tl.shape[0], dtype=tl.dtype)
         carry = carry(losses) if callable(carry) else carry
         carry = _fold_chunks(lambda c: vjp_fn(c)[0], eye, _scaled_fold(fold_fn, scale), carry, chunk_size, unroll)

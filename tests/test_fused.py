@@ -149,6 +149,50 @@ def test_state_interchangeable_with_transform_chain(in_place):
     _assert_trees_close((p, s), (p_ref, s_ref))
 
 
+@pytest.mark.parametrize("ema_dtype", [jnp.bfloat16, jnp.float16], ids=["bf16_ema", "f16_ema"])
+@pytest.mark.parametrize("variant", ["full", "trunk_heads"])
+@pytest.mark.parametrize("chunk,in_place", [(1, False), (3, True)], ids=["exact", "in_place"])
+def test_narrow_ema_dtype_matches_transform_chain(ema_dtype, variant, chunk, in_place):
+    """ema_dtype narrower than the float32 parameters: from the same state, each of 3 jitted steps gives the
+    chain's update (not rounded to the EMA dtype), its EMA bit for bit, and its norms, which are those of the
+    stored EMA (not of the unrounded float32 row XLA's excess precision would hand over)."""
+    params, batch = _f32_problem()
+    opt = optax.sgd(0.05)
+    kw = dict(beta=0.5, beta_sigma=0.5, ema_dtype=ema_dtype)
+    if variant == "full":
+        model, shared = _loss_fn, _is_trunk
+        fused = dbmtl_jax.fused_dbmtl(model, T, opt, shared=shared, chunk_size=chunk, in_place=in_place, **kw)
+    else:
+        model = dbmtl_jax.TrunkHeads(_trunk, HEADS)
+        params = (params["w"], tuple(params["v"][t] for t in range(T)))
+        shared = model.shared_mask(params)
+        fused = dbmtl_jax.fused_dbmtl(model, T, opt, chunk_size=chunk, in_place=in_place, **kw)
+    tx = optax.chain(dbmtl_jax.dbmtl(T, shared=shared, **kw), opt)
+
+    @jax.jit
+    def chain_update(state, p, b):
+        _, g = dbmtl_jax.value_and_task_grads(model)(p, b)
+        return tx.update(g, state, p)
+
+    fused_update = jax.jit(fused.update)
+    state = fused.init(params)
+    for _ in range(3):
+        u_ref, s_ref = chain_update(state, params, batch)
+        _, u, new_state = fused_update(state, params, batch)
+        ema, ema_ref = jax.tree_util.tree_leaves(new_state[0].ema), jax.tree_util.tree_leaves(s_ref[0].ema)
+        assert [m.dtype for m in ema] == [jnp.dtype(ema_dtype)] * len(ema)
+        for m, m_ref in zip(ema, ema_ref):
+            np.testing.assert_array_equal(np.asarray(m, np.float32), np.asarray(m_ref, np.float32))
+        stored = np.sqrt(sum(np.sum(np.asarray(m, np.float64).reshape(T, -1) ** 2, axis=1) for m in ema))
+        np.testing.assert_allclose(np.asarray(new_state[0].norms), stored, rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(new_state[0].norms), np.asarray(s_ref[0].norms), rtol=1e-6)
+        assert int(new_state[0].count) == int(s_ref[0].count)
+        for a, b in zip(jax.tree_util.tree_leaves(u), jax.tree_util.tree_leaves(u_ref)):
+            assert a.dtype == b.dtype == jnp.float32
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-12)
+        state, params = new_state, optax.apply_updates(params, u)
+
+
 def test_trunk_heads_equals_full_variant():
     params, batch = _f32_problem()
     full = dbmtl_jax.fused_dbmtl(_loss_fn, T, optax.adam(1e-2), shared=_is_trunk)

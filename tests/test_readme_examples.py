@@ -48,6 +48,22 @@ def _context() -> dict:
                 task_losses=task_losses, batch=batch)
 
 
+def test_usage_example_runs_with_batch_norm():
+    """The usage block's step with a BatchNorm trunk (the library's own norm="batch"): the old form, merge without
+    copy=True inside the differentiated function, raised flax's TraceContextError; the statistics now move."""
+    code = _block("import jax")
+    assert "MLPEncoder(16, (64, 64), rngs=rngs)" in code
+    ns: dict = {}
+    exec(compile(code.replace("MLPEncoder(16, (64, 64), rngs=rngs)",  # noqa: S102 - the README's own code
+                              'MLPEncoder(16, (64, 64), norm="batch", rngs=rngs)'), "README.md", "exec"), ns)
+    nnx = ns["nnx"]
+    stats = jax.tree.map(np.asarray, nnx.state(ns["model"], nnx.BatchStat))
+    assert jax.tree.leaves(stats)
+    ns["train_step"](ns["model"], ns["optimizer"], ns["x"], ns["y"])
+    after = jax.tree.map(np.asarray, nnx.state(ns["model"], nnx.BatchStat))
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(stats), jax.tree.leaves(after)))
+
+
 def test_usage_example_runs_as_written():
     ns: dict = {}
     exec(compile(_block("import jax"), "README.md", "exec"), ns)  # noqa: S102 - the README's own code

@@ -147,7 +147,8 @@ def test_errors():
     with pytest.raises(ValueError, match="trunk_params, head_params"):
         dbmtl_jax.value_and_task_grads(spec)((params["trunk"], params["heads"][:2]), x)
     with pytest.raises(ValueError, match="head parameter sets"):
-        dbmtl_jax.value_and_task_grads(spec._replace(split=lambda p: p))((params["trunk"], params["heads"][:2]), x)
+        dbmtl_jax.value_and_task_grads(spec._replace(split=lambda p: p, join=lambda t, h: (t, h)))(
+            (params["trunk"], params["heads"][:2]), x)
     with pytest.raises(TypeError, match="floating-point loss"):  # was all-zero gradients for that task
         dbmtl_jax.value_and_task_grads(dbmtl_jax.TrunkHeads(trunk_fn, [lambda hp, z, b: jnp.sum(z).astype(int)] * T))(
             (params["trunk"], params["heads"]), x
@@ -199,3 +200,124 @@ def test_fold_task_grads_unroll_default_follows_convolutions(unroll):
     v, xs = jnp.ones(4), jnp.arange(12.0).reshape(T, 4)
     run_dense = jax.jit(lambda v, xs: dense(jnp.zeros((T, 4)), v, xs))
     assert (" while(" in run_dense.lower(v, xs).compile().as_text()) == (unroll is not True)
+
+
+# -- audit 36: arguments that were silently misread or failed with raw errors ------------------------------------
+
+
+def test_trunk_heads_list_params_give_list_gradients_and_mask():
+    """params = [trunk, heads] (a list, which parts() accepts) used to come back as a tuple, so the mask and
+    the gradients did not have the parameters' structure (fused init blamed the user's mask)."""
+    params, _, trunk_fn, head_fns, x = _problem()
+    spec = dbmtl_jax.TrunkHeads(trunk_fn, head_fns)
+    as_list = [params["trunk"], list(params["heads"])]
+    _, grads = dbmtl_jax.value_and_task_grads(spec)(as_list, x)
+    assert jax.tree.structure(spec.shared_mask(as_list)) == jax.tree.structure(as_list)
+    assert jax.tree.structure(jax.tree.map(lambda g: g[0], grads)) == jax.tree.structure(as_list)
+    _, ref = dbmtl_jax.value_and_task_grads(spec)((params["trunk"], params["heads"]), x)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_trunk_heads_layout_errors_name_the_problem():
+    params, _, trunk_fn, head_fns, x = _problem()
+    spec = dbmtl_jax.TrunkHeads(trunk_fn, head_fns)
+    heads_dict = {f"task{t}": h for t, h in enumerate(params["heads"])}
+    with pytest.raises(ValueError, match="tuple or list of 3 head parameter trees.*got dict"):
+        dbmtl_jax.value_and_task_grads(spec)((params["trunk"], heads_dict), x)
+    split_only = spec._replace(split=lambda p: (p["trunk"], p["heads"]))
+    with pytest.raises(ValueError, match="split was given without join"):
+        dbmtl_jax.value_and_task_grads(split_only)(params, x)
+    with pytest.raises(ValueError, match="split was given without join"):
+        split_only.shared_mask(params)
+
+
+def test_argnums_negative_counts_from_the_end_and_bad_positions_are_named():
+    params, losses, *_ = _problem()
+
+    def two_args(batch_scale, p):
+        return losses(p) * batch_scale
+
+    ref = dbmtl_jax.value_and_task_grads(two_args, argnums=1)(2.0, params)
+    got = dbmtl_jax.value_and_task_grads(two_args, argnums=-1)(2.0, params)  # called loss_fn(x, p, x, p) before
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="argnums=2 needs at least 3 positional"):
+        dbmtl_jax.value_and_task_grads(two_args, argnums=2)(2.0, params)
+    with pytest.raises(ValueError, match="pass the parameters positionally"):
+        dbmtl_jax.value_and_task_grads(losses)(p=params)
+    with pytest.raises(TypeError, match="argnums must be a single int"):
+        dbmtl_jax.value_and_task_grads(losses, argnums=True)
+
+
+def test_has_aux_mix_ups_name_has_aux():
+    params, losses, *_ = _problem()
+    with pytest.raises(ValueError, match="pass has_aux=True"):
+        dbmtl_jax.value_and_task_grads(lambda p: (losses(p), {"a": 1.0}))(params)
+    with pytest.raises(ValueError, match="pass has_aux=True"):
+        dbmtl_jax.value_and_task_grads(lambda p: (losses(p), jnp.sum(losses(p))))(params)
+    with pytest.raises(ValueError, match=r"has_aux=True: loss_fn must return a pair \(losses, aux\)"):
+        dbmtl_jax.value_and_task_grads(losses, has_aux=True)(params)
+    # two scalar losses (T = 2) returned as a tuple are still a loss vector
+    got, _ = dbmtl_jax.value_and_task_grads(lambda p: (losses(p)[0], losses(p)[1]))(params)
+    np.testing.assert_allclose(got, losses(params)[:2])
+    with pytest.raises(ValueError, match="no task losses"):
+        dbmtl_jax.value_and_task_grads(lambda p: losses(p)[:0])(params)
+
+
+def test_an_overflowed_loss_gives_its_task_a_nan_gradient_and_dbmtl_keeps_its_state():
+    """ℓ = inf: 1/inf = 0 gave a finite all-zero row, so the bare chain applied the step and decayed that task's
+    EMA toward 0 (the fused step skipped it). Now the row is NaN, the other rows are exact, and dbmtl rejects."""
+    w = jnp.array([1.0, 2.0])
+
+    def fn(p):  # task 1's loss overflows float32 (3e38 + 3e38) while its derivative stays 1
+        return jnp.stack([jnp.sum(p**2) + 1.0, jnp.sum(p) + jnp.float32(3e38) + jnp.float32(3e38), jnp.sum(p) + 1.0])
+
+    losses, grads = dbmtl_jax.value_and_task_grads(fn)(w)
+    g = np.asarray(grads)
+    assert np.all(np.isnan(g[1]))
+    np.testing.assert_allclose(g[0], 2 * np.asarray(w) / 6.0, rtol=1e-6)
+    np.testing.assert_allclose(g[2], 1 / 4.0, rtol=1e-6)
+    tx = dbmtl_jax.dbmtl(3)
+    state = tx.init(w)
+    _, state = tx.update(dbmtl_jax.value_and_task_grads(lambda p: fn(p) * jnp.array([1.0, 0.0, 1.0]) + 1.0)(w)[1],
+                         state, w)
+    updates, new = tx.update(grads, state, w)
+    assert np.all(np.isnan(np.asarray(updates)))
+    for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(state)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_transform_losses_checks_eps_and_takes_a_list():
+    from dbmtl_jax.task_gradients import transform_losses
+
+    np.testing.assert_allclose(transform_losses([0.5, 2.0]), np.log(np.array([0.5, 2.0]) + 1e-8), rtol=1e-6)
+    for eps in (-1.0, 0.0, float("nan")):  # eps = -1 gave log(ℓ − 1) without a word
+        with pytest.raises(ValueError, match="transform_losses: eps must be a finite number > 0"):
+            transform_losses(jnp.ones(3), eps=eps)
+
+
+def test_chunk_size_is_validated_alike_in_both_paths():
+    params, losses, *_ = _problem()
+    ref = dbmtl_jax.value_and_task_grads(losses)(params)[1]
+    for good in (np.int64(2), 2):
+        got = dbmtl_jax.value_and_task_grads(losses, chunk_size=good)(params)[1]
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
+        _fold_task_grads(losses, lambda c, s, g: c, chunk_size=good)
+    for bad in (True, 0, 1.5):
+        with pytest.raises(ValueError, match="chunk_size must be a positive int"):
+            dbmtl_jax.value_and_task_grads(losses, chunk_size=bad)
+        with pytest.raises(ValueError, match="chunk_size must be a positive int"):
+            _fold_task_grads(losses, lambda c, s, g: c, chunk_size=bad)
+
+
+def test_integer_leaves_and_features_are_refused_by_name():
+    params, losses, trunk_fn, head_fns, x = _problem()
+    with_int = {**params, "step": jnp.zeros([], jnp.int32)}
+    with pytest.raises(TypeError, match=r"leaf \['step'\] has dtype int32"):  # float0 rows before
+        dbmtl_jax.value_and_task_grads(lambda p: losses(p))(with_int)
+    spec = dbmtl_jax.TrunkHeads(lambda p, b: (trunk_fn(p, b), jnp.arange(3)), [
+        (lambda t: lambda hp, z, b: head_fns[t](hp, z[0], b))(t) for t in range(T)])
+    with pytest.raises(TypeError, match="trunk_fn must return floating-point features"):
+        dbmtl_jax.value_and_task_grads(spec)((params["trunk"], params["heads"]), x)
