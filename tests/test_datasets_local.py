@@ -61,7 +61,8 @@ def test_nyuv2_lazy_items_and_batches(tmp_path):
     again = list(tr.iterate_batches(2, shuffle=True, seed=1))
     np.testing.assert_array_equal(again[0]["image"], batches[0]["image"])
     assert len(list(tr.iterate_batches(2, drop_last=True))) == 2
-    te = load_nyuv2(tmp_path, "test")  # alias of LibMTL's val
+    with pytest.warns(UserWarning, match="same files as split='val'.*select on the test images"):
+        te = load_nyuv2(tmp_path, "test")  # alias of LibMTL's val
     assert len(te) == 2 and te.root == tmp_path / "val"
     np.testing.assert_allclose(te[1]["image"], data[("val", 1)]["image"], rtol=1e-6)
 

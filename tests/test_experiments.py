@@ -1053,3 +1053,23 @@ def test_a_metric_that_takes_the_data_provider_is_built_from_the_run_s_own_data(
                                    rtol=1e-5)
     with pytest.raises(ValueError, match="takes the data provider"):
         tasks[0].make_metric()
+
+
+def test_cross_entropy_loss_skips_the_ignore_label():
+    """-1 (NYUv2's and Cityscapes' unlabelled pixels) was read by optax as the last class and trained; the loss
+    is now the mean over labelled positions (NumPy reference), and unchanged, bit for bit, without -1."""
+    from dbmtl_jax.experiments.builtin import cross_entropy_loss
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 5, 6, 13)).astype(np.float32)
+    labels = rng.integers(-1, 13, size=(2, 5, 6)).astype(np.int32)
+    assert (labels == -1).any()
+    z = logits - logits.max(-1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+    valid = labels >= 0
+    ref = -np.take_along_axis(logp, np.where(valid, labels, 0)[..., None], -1)[..., 0][valid].mean()
+    np.testing.assert_allclose(float(cross_entropy_loss(jnp.asarray(logits), jnp.asarray(labels))), ref, rtol=1e-6)
+    assert float(cross_entropy_loss(jnp.asarray(logits), jnp.full((2, 5, 6), -1, jnp.int32))) == 0.0
+    full = np.where(valid, labels, 3)
+    old = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(jnp.asarray(logits), jnp.asarray(full)))
+    assert float(jax.jit(cross_entropy_loss)(jnp.asarray(logits), jnp.asarray(full))) == float(jax.jit(lambda: old)())

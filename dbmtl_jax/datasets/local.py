@@ -18,7 +18,8 @@ CVPR 2019) that LibMTL's ``examples/nyu`` and ``examples/cityscapes`` read::
 
 Files are numbered ``0 .. n-1`` (n = number of ``.npy`` files in ``image/``).
 LibMTL evaluates on ``val`` (NYUv2: 795 train / 654 val; Cityscapes: 2,975 /
-500); ``split="test"`` is accepted as an alias of ``val``.  Returned items:
+500); ``split="test"`` is accepted as an alias of ``val``, with a warning (selecting on
+``val`` and reporting ``test`` would select on the test images).  Returned items:
 ``image`` float32, ``segmentation`` int32 (-1 ignore), ``depth`` float32
 ``[H, W, 1]``, ``normal`` float32 ``[H, W, 3]`` (NYUv2 only), unchanged
 otherwise.  Every item is checked on reading: real (integer or float) arrays
@@ -46,6 +47,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence, Union
 
@@ -186,6 +188,14 @@ class NpyDenseDataset:
 def _split_dir(root: Union[str, os.PathLike], split: str, name: str, how: str) -> Path:
     if split not in ("train", "val", "test"):
         raise ValueError(f"split must be 'train', 'val' or 'test' (alias of 'val'), got {split!r}.")
+    if split == "test":
+        warnings.warn(
+            f"{name}: split='test' reads the same files as split='val' (the MTAN/LibMTL copies have no separate "
+            "test split): selecting a model on 'val' and reporting 'test' would select on the test images. "
+            "Carve a validation set from 'train' instead.",
+            UserWarning,
+            stacklevel=3,
+        )
     base = Path(root).expanduser()
     d = base / ("val" if split == "test" else split)
     if not (d / "image").is_dir():

@@ -269,8 +269,12 @@ def adult_l1_benchmark() -> Benchmark:
 
 
 def cross_entropy_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Softmax cross-entropy with integer labels, mean over all positions (batch and pixels)."""
-    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels))
+    """Softmax cross-entropy with integer labels, mean over the positions (batch and pixels) whose label is not
+    the ignore label -1 (NYUv2's and Cityscapes' unlabelled pixels, as :class:`SegmentationMetric` skips them);
+    0 when there is none.  optax would read -1 as the last class (negative indices wrap)."""
+    valid = labels >= 0
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), jnp.where(valid, labels, 0))
+    return jnp.sum(jnp.where(valid, ce, 0.0)) / jnp.maximum(jnp.sum(valid).astype(jnp.float32), 1.0)
 
 
 @functools.lru_cache(maxsize=None)
