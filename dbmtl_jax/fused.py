@@ -76,7 +76,7 @@ class FusedDBMTL(NamedTuple):
     Attributes:
       init: ``init(params) -> (DBMTLState, opt_state)``, the state of
         ``optax.chain(dbmtl(T, shared=...), optimizer)``.
-      update: ``update(state, params, *args, **kwargs) -> (losses, updates,
+      update: ``update(state, params, /, *args, **kwargs) -> (losses, updates,
         state)``: losses are the raw ``ℓ_t`` (``(losses, aux)`` with
         ``has_aux``), updates go to ``optax.apply_updates``.
     """
@@ -277,7 +277,7 @@ def _fused_loss_fn(
     def init(params: PyTree) -> tuple:
         return db.init(params), optimizer.init(params)
 
-    def update(state: tuple, params: PyTree, *args: Any, **kwargs: Any) -> tuple:
+    def update(state: tuple, params: PyTree, /, *args: Any, **kwargs: Any) -> tuple:
         mask = ta.resolve_shared(shared, params)
         ema, acc, count, beta_k, opts_ok, treedef, p_heads = _prepare(state, params, mask, num_tasks, beta,
                                                                        beta_sigma, alpha, eps, ema_dtype)

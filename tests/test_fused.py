@@ -469,3 +469,20 @@ def test_errors():
         th.init(params)
     with pytest.raises(ValueError, match="trunk_params, head_params"):
         th.init((params["w"], (params["v"][0],)))
+
+
+def test_loss_fn_keywords_named_state_or_params_reach_the_loss():
+    """update(state, params, /, *args, **kwargs): a loss_fn keyword called `state` or `params` used to collide
+    with update's own parameters ("got multiple values for argument 'state'")."""
+    w = {"w": jnp.array([1.0, -2.0])}
+
+    def loss_fn(p, *, state, params):
+        return jnp.stack([jnp.sum((p["w"] - state) ** 2), jnp.sum((p["w"] * params) ** 2) + 1.0])
+
+    step = dbmtl_jax.fused_dbmtl(loss_fn, 2, optax.sgd(0.1))
+    s = step.init(w)
+    out = step.update(s, w, state=jnp.float32(0.5), params=jnp.float32(2.0))
+    ref = dbmtl_jax.fused_dbmtl(lambda p, a, b: loss_fn(p, state=a, params=b), 2, optax.sgd(0.1))
+    out_ref = ref.update(ref.init(w), w, jnp.float32(0.5), jnp.float32(2.0))
+    for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(out_ref)):
+        np.testing.assert_array_equal(a, b)
