@@ -288,13 +288,7 @@ def check_real(
     if arr.shape not in shapes:
         shown = " or ".join((["be a scalar"] if () in shapes else []) + ([f"have shape {arrays}"] if arrays else []))
         raise ValueError(f"{method}: {option} must {shown}, got shape {arr.shape}.")
-    x = arr.astype(np.float64)
-    ok = np.isfinite(x)
-    if lo is not None:
-        ok &= (x > lo) if lo_open else (x >= lo)
-    if hi is not None:
-        ok &= (x < hi) if hi_open else (x <= hi)
-    if not np.all(ok):
+    if not np.all(_in_range(arr.astype(np.float64), np.isfinite, lo, hi, lo_open, hi_open)):
         shown = repr(arr.item()) if arr.ndim == 0 else repr(arr.tolist())
         raise ValueError(f"{method}: {option} must be {what}, got {shown}{suffix}{low_precision_hint(arr)}.")
     return value
@@ -313,12 +307,19 @@ def nan_unless_in_range(
     x = jnp.asarray(value)
     if not jnp.issubdtype(x.dtype, jnp.floating):
         x = x.astype(jnp.float32)
-    ok = jnp.isfinite(x)
+    ok = _in_range(x, jnp.isfinite, lo, hi, lo_open, hi_open)
+    return jnp.where(jnp.all(ok), x, jnp.asarray(jnp.nan, x.dtype))
+
+
+def _in_range(x: Any, isfinite: Callable[[Any], Any], lo: Optional[float], hi: Optional[float], lo_open: bool,
+              hi_open: bool) -> Any:
+    """Entrywise: finite and within ``lo .. hi`` (NumPy or JAX, by ``isfinite``)."""
+    ok = isfinite(x)
     if lo is not None:
         ok &= (x > lo) if lo_open else (x >= lo)
     if hi is not None:
         ok &= (x < hi) if hi_open else (x <= hi)
-    return jnp.where(jnp.all(ok), x, jnp.asarray(jnp.nan, x.dtype))
+    return ok
 
 
 def check_bool(value: Any, option: str, method: str, *, type_error: type = TypeError) -> bool:
