@@ -1073,3 +1073,18 @@ def test_cross_entropy_loss_skips_the_ignore_label():
     full = np.where(valid, labels, 3)
     old = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(jnp.asarray(logits), jnp.asarray(full)))
     assert float(jax.jit(cross_entropy_loss)(jnp.asarray(logits), jnp.asarray(full))) == float(jax.jit(lambda: old)())
+
+
+def test_resume_refuses_records_of_a_model_that_changed_under_the_same_name(tmp_path):
+    """Editing a benchmark's model under the same name left the config hash unchanged, so its old records were
+    skipped as finished and mixed with the new model's in one table. A changed parameter count is an error now;
+    the STL record (T copies of the model) is checked against the STL model's count."""
+    bench = tiny_benchmark("model_drift", epochs=1)
+    out = tmp_path / "store"
+    ex.run_experiments(bench, [parse_method("ew"), parse_method("stl")], [0], out, progress=False)
+    assert ex.train.model_num_params(bench) == read_record(next((out / "model_drift").glob("*__ew__*")))["num_params"]
+    wider = dataclasses.replace(bench, model=lambda rngs: mlp_hps(4, (32,), 2, rngs=rngs))
+    for method in ("ew", "stl"):
+        with pytest.raises(ValueError, match=r"model of [\d,]+ parameters, benchmark 'model_drift' builds one of"):
+            ex.run_experiments(wider, [parse_method(method)], [0], out, progress=False)
+    ex.run_experiments(bench, [parse_method("ew")], [0], out, progress=False)  # the same model resumes as before

@@ -64,6 +64,7 @@ import optax
 import dbmtl_jax
 from dbmtl_jax import loss_weighting, task_axis
 from dbmtl_jax.guard import finite_flags
+from dbmtl_jax.datasets._cache import DatasetUnavailableError
 from dbmtl_jax.experiments.spec import Benchmark, Recipe, Task
 
 __all__ = [
@@ -831,6 +832,14 @@ def _nnx():
     return nnx
 
 
+def model_num_params(benchmark: Benchmark, stl: bool = False) -> int:
+    """The number of trainable (``nnx.Param``) entries of the benchmark's model (its STL model: T copies),
+    as the run records store it, from shapes only (``nnx.eval_shape``: nothing is initialised)."""
+    nnx = _nnx()
+    abstract = nnx.eval_shape(lambda: _stl_model(benchmark, nnx.Rngs(0)) if stl else benchmark.model(nnx.Rngs(0)))
+    return int(sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(nnx.state(abstract, nnx.Param))))
+
+
 def _stl_model(benchmark: Benchmark, rngs: Any) -> Any:
     """T independent copies of the benchmark's model; output ``t`` comes from copy ``t``."""
     nnx = _nnx()
@@ -1412,11 +1421,26 @@ def run_experiments(
             found = find_finished(path) if resume else None
             jobs.append((spec, hp, cfg, int(seed), path, found))
     now = task_semantics(tasks_block(benchmark))
+    sizes: dict[bool, Optional[int]] = {}
     for j in jobs:
-        if j[5] is not None and task_semantics(read_record(j[5]).get("tasks") or {}) != now:
+        if j[5] is None:
+            continue
+        old = read_record(j[5])
+        if task_semantics(old.get("tasks") or {}) != now:
             raise ValueError(f"{j[5]}: this finished run was made with other tasks (metrics, their directions or "
                              f"selection metrics) than benchmark {benchmark.name!r} has now, so resuming would "
                              "mix two definitions in one table; rerun with --no-resume (or move the old records).")
+        stl = j[0].name == "stl"
+        if stl not in sizes:
+            try:
+                sizes[stl] = model_num_params(benchmark, stl)
+            except DatasetUnavailableError:  # a model built from its data (dense's depth bias): nothing to check
+                sizes[stl] = None
+        if sizes[stl] is not None and "num_params" in old and int(old["num_params"]) != sizes[stl]:
+            raise ValueError(f"{j[5]}: this finished run was made with a model of {int(old['num_params']):,} "
+                             f"parameters, benchmark {benchmark.name!r} builds one of {sizes[stl]:,} now (its model "
+                             "changed under the same name), so resuming would mix two models in one table; rename "
+                             "the benchmark, use another --out, or rerun with --no-resume.")
     todo = [j for j in jobs if j[5] is None]
     done = [j[5] for j in jobs if j[5] is not None]
     if dry_run:
