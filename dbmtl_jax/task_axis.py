@@ -10,6 +10,7 @@ deciding which leaves are *shared* (trunk) and which are *task-specific*
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Callable, Optional, Union
 
 import jax
@@ -185,6 +186,10 @@ def resolve_shared(shared: SharedSpec, tree: PyTree) -> PyTree:
     returning ``True`` for shared leaves.  Flax NNX Variables in ``tree`` are
     treated as leaves, so the same callable works for ``init`` (Variables) and
     ``update`` (raw arrays).
+
+    A callable that selects no leaf warns (``UserWarning``, once per trace): with
+    no shared leaf every method is the plain sum Σ_t g_t, which is what a
+    mistyped path prefix gives (``"trunk"`` for an HPS model's ``"encoder/..."``).
     """
     flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_variable)
     if shared is None or shared is True or shared is False:
@@ -200,6 +205,14 @@ def resolve_shared(shared: SharedSpec, tree: PyTree) -> PyTree:
             if not isinstance(v, (bool, jnp.bool_)):
                 raise TypeError(f"shared(path) must return a bool; got {type(v).__name__} for '{p}'.")
             values.append(bool(v))
+        if flat and not any(values):
+            warnings.warn(
+                "the shared= predicate selects no leaf, so every leaf is task-specific and the multi-task method "
+                "reduces to the plain sum of the task gradients; the leaf paths it was called with are e.g. "
+                f"{', '.join(repr(_path_str(p)) for p, _ in flat[:3])}.",
+                UserWarning,
+                stacklevel=2,
+            )
         return jax.tree_util.tree_unflatten(treedef, values)
     mask_flat, mask_def = jax.tree_util.tree_flatten(shared)
     if mask_def.num_leaves != len(flat) or len(mask_flat) != len(flat):

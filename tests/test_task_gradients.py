@@ -321,3 +321,16 @@ def test_integer_leaves_and_features_are_refused_by_name():
         (lambda t: lambda hp, z, b: head_fns[t](hp, z[0], b))(t) for t in range(T)])
     with pytest.raises(TypeError, match="trunk_fn must return floating-point features"):
         dbmtl_jax.value_and_task_grads(spec)((params["trunk"], params["heads"]), x)
+
+
+def test_a_shared_predicate_that_selects_no_leaf_warns():
+    """A mistyped prefix (an HPS model's trunk is "encoder/...") made every leaf a head: DB-MTL silently became
+    the plain sum of the log-gradients. It still runs, with a warning naming some of the paths."""
+    p = {"trunk": jnp.zeros(2), "heads": jnp.zeros(2)}
+    with pytest.warns(UserWarning, match="selects no leaf.*'heads', 'trunk'"):
+        dbmtl_jax.dbmtl(2, shared=lambda path: path.startswith("encoder")).init(p)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dbmtl_jax.dbmtl(2, shared=lambda path: path.startswith("trunk")).init(p)
