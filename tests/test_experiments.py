@@ -1088,3 +1088,34 @@ def test_resume_refuses_records_of_a_model_that_changed_under_the_same_name(tmp_
         with pytest.raises(ValueError, match=r"model of [\d,]+ parameters, benchmark 'model_drift' builds one of"):
             ex.run_experiments(wider, [parse_method(method)], [0], out, progress=False)
     ex.run_experiments(bench, [parse_method("ew")], [0], out, progress=False)  # the same model resumes as before
+
+
+def test_model_output_mistakes_are_named():
+    """One concatenated [B, T] array gave "got LinearizeTracer"; a [B, 1] output against a [B] target trained on a
+    broadcast [B, B] loss and failed only in the metric, without the task's name."""
+    import warnings as _w
+
+    bench = tiny_benchmark("outputs", epochs=1)
+
+    class Concat(nnx.Module):
+        def __init__(self, rngs):
+            self.inner = mlp_hps(4, (16,), 2, rngs=rngs)
+
+        def __call__(self, x):
+            return jnp.stack(self.inner(x), axis=-1)
+
+    with pytest.raises(ValueError, match=r"tuple of 2 per-task outputs.*one array of shape \(16, 2\)"):
+        _run(dataclasses.replace(bench, model=Concat), "ew")
+
+    class Unsqueezed(nnx.Module):
+        def __init__(self, rngs):
+            self.inner = mlp_hps(4, (16,), 2, rngs=rngs)
+
+        def __call__(self, x):
+            return tuple(o[:, None] for o in self.inner(x))
+
+    with _w.catch_warnings(record=True) as caught:
+        _w.simplefilter("always")
+        with pytest.raises(ValueError, match=r"task 'a': .*shape"):
+            _run(dataclasses.replace(bench, model=Unsqueezed), "ew")
+    assert any("task 'a': the output has shape (16, 1) and the target (16,)" in str(w.message) for w in caught)

@@ -51,6 +51,7 @@ import math
 import os
 import platform
 import statistics
+import warnings
 import time
 import zlib
 from pathlib import Path
@@ -860,16 +861,32 @@ def _set_mode(model: Any, train: bool) -> None:
         fn()
 
 
-def _task_losses(tasks: Sequence[Task], outputs: Any, targets: Sequence[Any]) -> jax.Array:
+def _check_outputs(tasks: Sequence[Task], outputs: Any) -> None:
     if not isinstance(outputs, (tuple, list)) or len(outputs) != len(tasks):
+        got = (f"{type(outputs).__name__} of {len(outputs)}" if isinstance(outputs, (tuple, list))
+               else f"one array of shape {tuple(jnp.shape(outputs))}" if hasattr(outputs, "shape")
+               else type(outputs).__name__)
         raise ValueError(
-            f"the model must return a tuple of {len(tasks)} per-task outputs, got "
-            f"{type(outputs).__name__}{'' if not isinstance(outputs, (tuple, list)) else f' of {len(outputs)}'}."
+            f"the model must return a tuple of {len(tasks)} per-task outputs (in the order of the tasks), got "
+            f"{got}; a model that concatenates its heads can return tuple(out[..., t] for t in range(T))."
         )
+
+
+def _task_losses(tasks: Sequence[Task], outputs: Any, targets: Sequence[Any]) -> jax.Array:
+    _check_outputs(tasks, outputs)
     if len(targets) != len(tasks):
         raise ValueError(f"a batch holds {len(targets)} targets for {len(tasks)} tasks.")
     losses = []
     for task, out, y in zip(tasks, outputs, targets):
+        o_shape, y_shape = tuple(jnp.shape(out)), tuple(jnp.shape(y))
+        if len(o_shape) == len(y_shape) + 1 and o_shape[-1] == 1 and o_shape[:-1] == y_shape and y_shape:
+            warnings.warn(
+                f"task {task.name!r}: the output has shape {o_shape} and the target {y_shape}; an elementwise "
+                f"loss broadcasts them to {y_shape + y_shape[-1:]}: squeeze the output's last axis (e.g. "
+                "MLPHead(..., squeeze=True)) unless the loss handles it.",
+                UserWarning,
+                stacklevel=2,
+            )
         loss = jnp.asarray(task.loss(out, y))
         if loss.ndim != 0:
             raise ValueError(f"task {task.name!r}: loss must return a scalar, got shape {loss.shape}.")
@@ -1002,12 +1019,14 @@ class _Trainer:
         def step(params, rest, states, inputs, targets):
             model = nnx.merge(self.eval_graphdef, params, rest, copy=True)
             outputs = model(inputs)
-            if not isinstance(outputs, (tuple, list)) or len(outputs) != len(tasks):
-                raise ValueError(f"the model must return a tuple of {len(tasks)} per-task outputs.")
+            _check_outputs(tasks, outputs)
             new = []
             for task, metric, st, out, y in zip(tasks, metrics, states, outputs, targets):
                 args = task.metric_input(out, y)  # (pred, target) or (pred, target, mask)
-                new.append(metric.update(st, *args))
+                try:
+                    new.append(metric.update(st, *args))
+                except (ValueError, TypeError) as e:
+                    raise type(e)(f"task {task.name!r}: {e}") from e
             return tuple(new)
 
         return step
