@@ -51,8 +51,8 @@ import math
 import os
 import platform
 import statistics
-import warnings
 import time
+import warnings
 import zlib
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
@@ -64,8 +64,8 @@ import optax
 
 import dbmtl_jax
 from dbmtl_jax import loss_weighting, task_axis
-from dbmtl_jax.guard import finite_flags
 from dbmtl_jax.datasets._cache import DatasetUnavailableError
+from dbmtl_jax.guard import finite_flags
 from dbmtl_jax.experiments.spec import Benchmark, Recipe, Task
 
 __all__ = [
