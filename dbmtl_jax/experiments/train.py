@@ -958,8 +958,10 @@ class _Trainer:
         self.opt_state = self.tx.init(self.params)
         self.metrics = [t.make_metric(data) for t in benchmark.tasks]
         self.record_grads = spec.name != "stl" and not self.cheap
-        mask = task_axis.resolve_shared(benchmark.shared, self.params)
-        self.shared_flags = [bool(f) for f in jax.tree_util.tree_leaves(mask)]
+        self.shared_flags: list[bool] = []  # the gradient statistics' shared leaves (STL's model has none)
+        if self.record_grads:
+            mask = task_axis.resolve_shared(benchmark.shared, self.params)
+            self.shared_flags = [bool(f) for f in jax.tree_util.tree_leaves(mask)]
         self.train_step = jax.jit(self._make_train_step())
         self.eval_step = jax.jit(self._make_eval_step())
 
