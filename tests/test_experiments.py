@@ -1119,3 +1119,17 @@ def test_model_output_mistakes_are_named():
         with pytest.raises(ValueError, match=r"task 'a': .*shape"):
             _run(dataclasses.replace(bench, model=Unsqueezed), "ew")
     assert any("task 'a': the output has shape (16, 1) and the target (16,)" in str(w.message) for w in caught)
+
+
+def test_task_losses_take_pytree_targets_under_jit():
+    """QM9's targets are (values, graph_mask): the output-shape warning must not read a pytree as an array (it
+    did, and every QM9 run failed with TracerArrayConversionError)."""
+
+    def masked_mse(out, y):
+        values, mask = y
+        return jnp.sum(mask * (out - values) ** 2) / jnp.maximum(jnp.sum(mask), 1.0)
+
+    tasks = (ex.Task("a", masked_mse, MeanAbsoluteError, {"mae": False}),)
+    out, y = jnp.ones(4), (jnp.zeros(4), jnp.array([1.0, 1.0, 0.0, 0.0]))
+    loss = jax.jit(lambda o, t: ex.train._task_losses(tasks, (o,), (t,)))(out, y)
+    np.testing.assert_allclose(loss, [1.0])

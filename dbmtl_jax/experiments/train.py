@@ -878,8 +878,11 @@ def _task_losses(tasks: Sequence[Task], outputs: Any, targets: Sequence[Any]) ->
         raise ValueError(f"a batch holds {len(targets)} targets for {len(tasks)} tasks.")
     losses = []
     for task, out, y in zip(tasks, outputs, targets):
-        o_shape, y_shape = tuple(jnp.shape(out)), tuple(jnp.shape(y))
-        if len(o_shape) == len(y_shape) + 1 and o_shape[-1] == 1 and o_shape[:-1] == y_shape and y_shape:
+        # arrays only: outputs and targets may be pytrees (QM9's targets are (values, graph_mask))
+        o_shape = tuple(out.shape) if hasattr(out, "shape") else None
+        y_shape = tuple(y.shape) if hasattr(y, "shape") else None
+        if (o_shape is not None and y_shape and len(o_shape) == len(y_shape) + 1 and o_shape[-1] == 1
+                and o_shape[:-1] == y_shape):
             warnings.warn(
                 f"task {task.name!r}: the output has shape {o_shape} and the target {y_shape}; an elementwise "
                 f"loss broadcasts them to {y_shape + y_shape[-1:]}: squeeze the output's last axis (e.g. "
