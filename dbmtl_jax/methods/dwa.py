@@ -113,7 +113,8 @@ def dwa(
       An ``optax.GradientTransformationExtraArgs``; ``update`` requires ``losses=``.
     """
     nm.check_num_tasks(num_tasks, "dwa")
-    steps_per_epoch = nm.check_int(steps_per_epoch, "steps_per_epoch", "dwa", lo=1)
+    int_minimum = {"steps_per_epoch": 1}  # also checked per step when injected
+    steps_per_epoch = nm.check_int(steps_per_epoch, "steps_per_epoch", "dwa", lo=int_minimum["steps_per_epoch"])
     temperature = nm.check_real(temperature, "temperature", "dwa", lo=0, lo_open=True)
 
     def init_state() -> DWAState:
@@ -138,5 +139,5 @@ def dwa(
         grads=grads,
         weight_heads=weight_heads,
         shared=shared,
-        int_minimum={"steps_per_epoch": 1},
+        int_minimum=int_minimum,
     )

@@ -417,11 +417,11 @@ def igbv2(
       ``losses=`` and ``key=``.
     """
     nm.check_num_tasks(num_tasks, "igbv2")
-    steps_per_epoch = nm.check_int(steps_per_epoch, "steps_per_epoch", "igbv2", lo=1)
-    base_epoch = nm.check_int(base_epoch, "base_epoch", "igbv2", lo=0)
-    start_epoch = nm.check_int(start_epoch, "start_epoch", "igbv2", lo=0)
-    update_after = nm.check_int(update_after, "update_after", "igbv2", lo=0)
-    update_every = nm.check_int(update_every, "update_every", "igbv2", lo=1)
+    # the integer fields' smallest valid values: checked here, and per step when injected (make_loss_transform)
+    int_minimum = dict(steps_per_epoch=1, base_epoch=0, start_epoch=0, update_after=0, update_every=1)
+    int_hp = {k: nm.check_int(v, k, "igbv2", lo=int_minimum[k]) for k, v in dict(
+        steps_per_epoch=steps_per_epoch, base_epoch=base_epoch, start_epoch=start_epoch, update_after=update_after,
+        update_every=update_every).items()}
     buffer_size = nm.check_int(nm.check_static(buffer_size, "buffer_size", "igbv2", "it sizes the replay buffer"),
                                "buffer_size", "igbv2", lo=1)
     seed = nm.check_int(nm.check_static(seed, "seed", "igbv2", "NumPy draws the initial agent from it"),
@@ -439,8 +439,6 @@ def igbv2(
     reward_scale = nm.check_real(reward_scale, "reward_scale", "igbv2", lo=0, lo_open=True)
     eps = nm.check_real(eps, "eps", "igbv2", lo=0, lo_open=True)
     hp = dict(eps=eps, reward_scale=reward_scale, sac_lr=sac_lr, discount=discount, tau=tau)
-    int_hp = dict(steps_per_epoch=steps_per_epoch, base_epoch=base_epoch, start_epoch=start_epoch,
-                  update_after=update_after, update_every=update_every)
 
     def init_state() -> IGBv2State:
         sac = _init_sac(seed, init_alpha, num_tasks, sac_hidden)
@@ -470,5 +468,5 @@ def igbv2(
 
     return lc.make_loss_transform(
         num_tasks, "igbv2", init_state, {**hp, **int_hp}, grads=grads, weight_heads=weight_heads, shared=shared,
-        int_minimum=dict(steps_per_epoch=1, base_epoch=0, start_epoch=0, update_after=0, update_every=1),
+        int_minimum=int_minimum,
     )

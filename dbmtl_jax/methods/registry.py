@@ -60,7 +60,7 @@ METHOD_GROUPS: dict[str, str] = {name: _REGISTRY[name][0] for name in METHODS}
 # code reads (a branch, an index, a loop bound), each of which raises a ValueError naming it when traced, and
 # the values only init reads (an initial weight, a seed), which injected later would change nothing.
 _EXTRA_STATIC: dict[str, tuple[str, ...]] = {
-    "uw": ("init",),  # init-only: injected later it would change nothing
+    "uw": ("init",),
     "imtl_l": ("init",),
     "igbv2": ("buffer_size", "seed", "init_alpha"),  # the replay buffer's size and the agent's NumPy init
     "gradnorm": ("norm_leaves",),

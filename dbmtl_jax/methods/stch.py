@@ -158,8 +158,9 @@ def stch(
       An ``optax.GradientTransformationExtraArgs``; ``update`` requires ``losses=``.
     """
     nm.check_num_tasks(num_tasks, "stch")
-    steps_per_epoch = nm.check_int(steps_per_epoch, "steps_per_epoch", "stch", lo=1)
-    warmup_epochs = nm.check_int(warmup_epochs, "warmup_epochs", "stch", lo=0)
+    int_minimum = {"steps_per_epoch": 1, "warmup_epochs": 0}  # also checked per step when injected
+    steps_per_epoch = nm.check_int(steps_per_epoch, "steps_per_epoch", "stch", lo=int_minimum["steps_per_epoch"])
+    warmup_epochs = nm.check_int(warmup_epochs, "warmup_epochs", "stch", lo=int_minimum["warmup_epochs"])
     mu = nm.check_real(mu, "mu", "stch", lo=0, lo_open=True)
     eps = nm.check_real(eps, "eps", "stch", lo=0, lo_open=True)
     if nadir is not None:
@@ -190,5 +191,5 @@ def stch(
         grads=grads,
         weight_heads=weight_heads,
         shared=shared,
-        int_minimum={"steps_per_epoch": 1, "warmup_epochs": 0},
+        int_minimum=int_minimum,
     )
