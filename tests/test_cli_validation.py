@@ -244,3 +244,95 @@ def test_load_results_api_reports_skipped_files(tmp_path, good_runs):
     assert len(e.value.skipped) == len(bad) and not (tmp_path / "rep" / "report.md").exists()
     assert ex.report.check_record(read_record(good_runs[0])) is None
     assert ex.report.check_record({**read_record(good_runs[0]), "format": "dbmtl_jax.experiment/1"}) is None
+
+
+# --------------------------------------------------------------------------- audit 39: --import, --hp, errors
+
+_USER_BENCH = '''
+from dbmtl_jax.experiments import register_benchmark, get_benchmark
+import dataclasses
+
+@register_benchmark("{name}")
+def make():
+    from {helper} import DESCRIPTION
+    return dataclasses.replace(get_benchmark("toy"), name="{name}", description=DESCRIPTION)
+'''
+
+
+@pytest.fixture
+def clean_import_state(monkeypatch):
+    """sys.path, sys.modules and the benchmark registry are restored after the test."""
+    import sys
+
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".")])
+    before = set(sys.modules)
+    names = set(ex.BENCHMARKS)
+    yield
+    for m in set(sys.modules) - before:
+        del sys.modules[m]
+    for b in set(ex.BENCHMARKS) - names:
+        ex.BENCHMARKS.pop(b)
+
+
+@pytest.mark.parametrize("form", ["dotted", "file"])
+def test_import_finds_modules_beside_the_user_module(tmp_path, capsys, monkeypatch, clean_import_state, form):
+    # audit 39 #2: `dbmtl-jax run x --import x` from x's folder failed (python -m put cwd on sys.path, the script
+    # did not), as did a .py file importing a sibling module.
+    tag = form + str(abs(hash(str(tmp_path))) % 10**8)
+    (tmp_path / f"helper_{tag}.py").write_text('DESCRIPTION = "from the sibling module"\n')
+    (tmp_path / f"bench_{tag}.py").write_text(_USER_BENCH.format(name=f"b{tag}", helper=f"helper_{tag}"))
+    if form == "dotted":
+        monkeypatch.chdir(tmp_path)
+        spec = f"bench_{tag}"
+    else:
+        monkeypatch.chdir(tmp_path.parent)
+        spec = str(tmp_path / f"bench_{tag}.py")
+    assert main(["list", "--import", spec]) == 0
+    assert "from the sibling module" in capsys.readouterr().out
+
+
+def test_failing_import_exits_2_naming_the_module(tmp_path, capsys, monkeypatch, clean_import_state, no_training):
+    bad = tmp_path / "broken_bench.py"
+    bad.write_text("import no_such_module_for_dbmtl_tests\n")
+    for argv in (["list", "--import", str(bad)], ["run", "toy", "--import", str(bad), "--out", str(tmp_path)],
+                 ["list", "--import", str(tmp_path / "missing.py")]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: --import ") and ("no_such_module_for_dbmtl_tests" in err or "missing.py" in err)
+        assert "Traceback" not in err
+
+
+def test_unknown_benchmark_points_to_import(tmp_path, capsys, no_training):
+    assert main(["run", "no_such_bench", "--out", str(tmp_path), *NO_CACHE]) == 2
+    assert "--import" in capsys.readouterr().err
+
+
+def test_hp_shared_is_rejected(tmp_path, capsys, no_training):
+    # audit 39 #9: it silently replaced the benchmark's shared predicate by "every parameter shared".
+    assert _run_cli(tmp_path, "--methods", "dbmtl", "--hp", "dbmtl.shared=true") == 2
+    err = capsys.readouterr().err
+    assert "--hp dbmtl.shared=true" in err and "Benchmark.shared" in err
+
+
+def test_hp_equal_to_its_default_warns(tmp_path, capsys, no_training):
+    # audit 39 #8: an explicit default is its own configuration (config hash): say so.
+    with pytest.warns(UserWarning, match="equals the default of 'alpha'"):
+        assert _run_cli(tmp_path, "--methods", "dbmtl", "--hp", "dbmtl.alpha=max", "--dry-run") == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # another value, and β (normalised to one hash): no warning
+        assert _run_cli(tmp_path, "--methods", "dbmtl", "--hp", "dbmtl.alpha=mean", "--dry-run") == 0
+        assert _run_cli(tmp_path, "--methods", "dbmtl", "--hp", "dbmtl.beta=0.9", "--dry-run") == 0
+
+
+def test_stop_on_error_shows_the_traceback(tmp_path, capsys, monkeypatch):
+    # audit 39 #4: a failing run showed only "Type: message".
+    def fail(*a, **k):
+        raise IndexError("index 133 is out of bounds")
+
+    monkeypatch.setattr(ex.train, "train_run", fail)
+    assert _run_cli(tmp_path, "--methods", "ew") == 1
+    captured = capsys.readouterr()
+    assert "FAILED toy ew seed 0: IndexError" in captured.out + captured.err
+    with pytest.raises(IndexError, match="133"):
+        _run_cli(tmp_path, "--methods", "ew", "--stop-on-error")
+    assert not list(tmp_path.rglob("*.json*"))

@@ -11,7 +11,7 @@ Commands::
     dbmtl-jax select <dir> [--method dbmtl] [--print-grid-best]
     dbmtl-jax breakdown <dir> [<dir> ...]
     dbmtl-jax summary <prefix>              (e.g. results/dense_8ep: <prefix>_main, _beta, ...)
-    dbmtl-jax time <dir> [--out DIR] [--no-plot]
+    dbmtl-jax time <dir> [--out DIR] [--no-plots]
     dbmtl-jax index <dir> [--out FILE]
     dbmtl-jax list [--import my_module]
 """
@@ -24,6 +24,7 @@ import importlib
 import importlib.util
 import inspect
 import sys
+import traceback
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -31,22 +32,45 @@ __all__ = ["main", "build_parser"]
 
 
 def _import_user(specs: Sequence[str]) -> None:
-    """Imports modules (dotted names or .py files) that register benchmarks."""
+    """Imports modules (dotted names or .py files) that register benchmarks.
+
+    As ``python -m`` does, the current directory is searched for a dotted name,
+    and a ``.py`` file's own directory is searched for the modules it imports
+    (``from my_data import load`` beside ``my_bench.py``).  A module that
+    fails to import raises ``ValueError`` naming it and the cause (its
+    traceback chained).
+    """
     for spec in specs:
         path = Path(spec)
-        if spec.endswith(".py") or path.is_file():
-            if not path.is_file():
-                raise SystemExit(f"--import: {spec} does not exist.")
-            name = "dbmtl_jax_user_" + hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
-            if name in sys.modules:  # imported already (registering twice would fail)
-                continue
-            mod_spec = importlib.util.spec_from_file_location(name, path)
-            assert mod_spec is not None and mod_spec.loader is not None
-            module = importlib.util.module_from_spec(mod_spec)
-            sys.modules[name] = module
-            mod_spec.loader.exec_module(module)
-        else:
-            importlib.import_module(spec)
+        try:
+            if spec.endswith(".py") or path.is_file():
+                if not path.is_file():
+                    raise FileNotFoundError(f"no such file {str(path)!r}")
+                name = "dbmtl_jax_user_" + hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
+                if name in sys.modules:  # imported already (registering twice would fail)
+                    continue
+                _search_first(path.resolve().parent)
+                mod_spec = importlib.util.spec_from_file_location(name, path)
+                assert mod_spec is not None and mod_spec.loader is not None
+                module = importlib.util.module_from_spec(mod_spec)
+                sys.modules[name] = module
+                try:
+                    mod_spec.loader.exec_module(module)
+                except BaseException:
+                    del sys.modules[name]
+                    raise
+            else:
+                _search_first(Path.cwd())
+                importlib.import_module(spec)
+        except Exception as e:  # noqa: BLE001 - the user's module: name it and its error
+            raise ValueError(f"--import {spec}: {type(e).__name__}: {e}") from e
+
+
+def _search_first(directory: Path) -> None:
+    """Puts ``directory`` on ``sys.path`` (front) unless it is there already."""
+    text = str(directory)
+    if text not in sys.path and not (text == str(Path.cwd()) and "" in sys.path):
+        sys.path.insert(0, text)
 
 
 def _seeds(text: str) -> list[int]:
@@ -69,7 +93,8 @@ def _seeds(text: str) -> list[int]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: expected a count (3) or a list (0,3,7).") from None
     if n < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: the count of seeds must be >= 1 (or give a list like 0,3,7).")
+        raise argparse.ArgumentTypeError(f"{text!r}: the count of seeds must be >= 1 (a list names seeds: 0,3,7; "
+                                         f"one seed alone with a comma: {max(n, 0)},).")
     return list(range(n))
 
 
@@ -77,11 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dbmtl-jax", description="Multi-task learning experiments with dbmtl_jax.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    r = sub.add_parser("run", help="train methods on a benchmark (resumable; one JSON per run)")
+    r = sub.add_parser("run", help="train methods on a benchmark (resumable; one .json.gz record per run)")
     r.add_argument("benchmark", help="registered benchmark name (see `dbmtl-jax list`)")
     r.add_argument("--methods", default="stl,ew,dbmtl",
                    help="comma-separated: stl, registry names, NAME+log / NAME+nolog, or 'all' (default stl,ew,dbmtl)")
-    r.add_argument("--seeds", type=_seeds, default=[0], help="number of seeds (0..n-1) or a list like 0,3,7")
+    r.add_argument("--seeds", type=_seeds, default=[0],
+                   help="number of seeds (3: seeds 0, 1, 2) or a list like 0,3,7; one explicit seed: 5, (with the "
+                        "comma); default: seed 0")
     r.add_argument("--quick", action="store_true", help="the benchmark's quick recipe (under 2 minutes per run)")
     r.add_argument("--out", default="results",
                    help="record store: records go to OUT/<benchmark>/ (default results/)")
@@ -92,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print which runs are finished and which would run; train and write nothing")
     r.add_argument("--hp", action="append", default=[], metavar="METHOD.NAME=VALUE",
                    help="method hyperparameter, repeatable (e.g. dbmtl.beta=0.5)")
-    r.add_argument("--log", action="store_true", help="log-transform the losses of every method (Fig. 1)")
+    r.add_argument("--log", action="store_true", help="log-transform the losses of every method except STL (Fig. 1)")
     r.add_argument("--grad-stats", action="store_true",
                    help="per-task gradients for loss-weighting methods too, to record gradient norms/cosines")
     r.add_argument("--epochs", type=int, help="override the recipe's epochs")
@@ -112,7 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "cosine decay to 0 over all epochs, so that training ends where the updates vanish")
     r.add_argument("--test-curve", action="store_true",
                    help="also evaluate test after every epoch (diagnostic only, never used for selection)")
-    r.add_argument("--no-resume", action="store_true", help="rerun finished runs")
+    r.add_argument("--no-resume", action="store_true",
+                   help="rerun finished runs; unfinished runs start afresh (their checkpoints are discarded)")
+    r.add_argument("--stop-on-error", action="store_true",
+                   help="stop at the first failing run and show its traceback (default: report the failure in one "
+                        "line, go on with the other runs, exit with status 1 at the end)")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
     r.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
                    help="module or .py file that registers more benchmarks (repeatable)")
@@ -128,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help="markdown table, CSV and plots from a results directory")
     rp.add_argument("dir", help="results directory (searched recursively)")
     rp.add_argument("--out", help="where to write the report (default: the results directory)")
-    rp.add_argument("--no-plots", action="store_true")
+    rp.add_argument("--no-plots", action="store_true", help="write no PNG plots")
     rp.add_argument("--strict", action="store_true",
                     help="exit with status 1, writing nothing, when a JSON file cannot be read as a run "
                          "(default: report it on stderr, skip it and report the others)")
@@ -162,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "(time_per_epoch.csv / .md / .png)")
     tm.add_argument("dir", help="results directory or study folder (runs with default hyperparameters are used)")
     tm.add_argument("--out", help="where to write (default: DIR)")
-    tm.add_argument("--no-plot", action="store_true")
+    tm.add_argument("--no-plots", "--no-plot", dest="no_plot", action="store_true", help="write no PNG plot")
 
     pa = sub.add_parser("paired", help="paired per-seed Δp differences (95 %% t-intervals), rank ranges and "
                                        "convergence figures, one table per setting")
@@ -196,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     ix.add_argument("--out", help="write to this file instead of stdout")
 
     ls = sub.add_parser("list", help="list benchmarks and methods")
-    ls.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE")
+    ls.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                    help="module or .py file that registers more benchmarks (repeatable)")
     return p
 
 
@@ -243,8 +275,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     if not args.no_compile_cache:
         _enable_compile_cache()
-    _import_user(args.imports)
     try:
+        _import_user(args.imports)
         bench = ex.get_benchmark(args.benchmark)
         methods = ex.parse_methods(args.methods, force_log=args.log)
         hparams = ex.parse_hparams(args.hp)
@@ -267,18 +299,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
             bench, methods, args.seeds, args.out, quick=args.quick, recipe=recipe, hparams=hparams,
             grad_stats=args.grad_stats, test_curve=args.test_curve, resume=not args.no_resume,
             progress=not args.no_progress, optimizer=optimizer, study=args.study, dry_run=args.dry_run,
-            echo=print if args.dry_run else None,
+            echo=print if args.dry_run else None, stop_on_error=args.stop_on_error,
         )
     except ex.RunError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except ValueError as e:
+        if args.stop_on_error:
+            traceback.print_exception(e)
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.dry_run:
         return 0
     where = f"; listed in {Path(args.study) / 'runs.txt'}" if args.study else ""
-    print(f"{len(paths)} result file(s) under {Path(args.out) / bench.name}{where}; "
+    print(f"{len(paths)} run(s) finished (records in {Path(args.out) / bench.name}{where}); "
           f"`dbmtl-jax report {args.study or args.out}` summarises them.")
     return 0
 
@@ -531,7 +565,11 @@ def _cmd_list(args: argparse.Namespace) -> int:
     import dbmtl_jax
     from dbmtl_jax import experiments as ex
 
-    _import_user(args.imports)
+    try:
+        _import_user(args.imports)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print("Benchmarks:")
     for name in sorted(ex.BENCHMARKS):
         try:

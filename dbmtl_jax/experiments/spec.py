@@ -424,7 +424,9 @@ def register_benchmark(
 def get_benchmark(name: str) -> Benchmark:
     """Builds the registered benchmark ``name``."""
     if name not in BENCHMARKS:
-        raise ValueError(f"unknown benchmark {name!r}; registered: {', '.join(sorted(BENCHMARKS)) or 'none'}.")
+        raise ValueError(f"unknown benchmark {name!r}; registered: {', '.join(sorted(BENCHMARKS)) or 'none'} "
+                         "(a benchmark of your own is registered when its module is imported: on the command line "
+                         "pass --import my_bench.py or --import my_module).")
     bench = BENCHMARKS[name]()
     if not isinstance(bench, Benchmark):
         raise TypeError(f"the factory of benchmark {name!r} returned {type(bench).__name__}, not a Benchmark.")

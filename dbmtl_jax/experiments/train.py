@@ -412,6 +412,10 @@ def validate_hparams(
             raise ValueError(f"{opts}: stl takes no hyperparameters.")
         if key not in known:
             raise ValueError(f"{opts}: --hp names method(s) [{key!r}] that are not being run ({sorted(known)}).")
+        if "shared" in values:
+            raise ValueError(f"--hp {_hp_text(key, 'shared', values['shared'])}: which parameters are shared is the "
+                             "benchmark's (Benchmark.shared, used by every method alike), not a method "
+                             "hyperparameter; define it in the benchmark.")
     for spec in specs:
         if spec.name == "stl":
             continue
@@ -440,6 +444,12 @@ def validate_hparams(
                     f"it takes: {', '.join(params) or 'none'}."
                 )
             _check_hp_value(spec, params[name], value, source)
+            default = params[name].default
+            if (source.startswith("--hp") and name not in RECORDED_DEFAULTS.get(spec.name, ())
+                    and default is not inspect.Parameter.empty and _same_value(_jsonable(value), _jsonable(default))):
+                warnings.warn(f"{source} equals the default of {name!r}: it is recorded as an explicit setting, so "
+                              f"it is a configuration of its own (another config hash, trained again, a report row "
+                              f"labelled with it); leave it out to reuse the default runs.", stacklevel=2)
         built = dict(hp)
         if "shared" in params:
             built.setdefault("shared", benchmark.shared)
