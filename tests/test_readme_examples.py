@@ -77,14 +77,17 @@ def test_usage_example_runs_as_written():
 
 def test_fused_step_example_runs_and_matches_the_chain():
     ns = _context()
-    exec(compile(_block("step = dbmtl_jax.fused_dbmtl"), "README.md", "exec"), ns)  # noqa: S102
+    exec(compile(_block("import functools\n\ndef loss_fn"), "README.md", "exec"), ns)  # noqa: S102
     params, state = ns["params"], ns["state"]
+    rng = np.random.default_rng(1)
+    batch = (jnp.asarray(rng.normal(size=(16, 8)), jnp.float32),
+             tuple(jnp.asarray(rng.normal(size=16), jnp.float32) for _ in range(3)))
     chain = optax.chain(dbmtl_jax.dbmtl(3, shared=lambda path: path.startswith("trunk")), optax.adam(1e-4))
     c_params = jax.tree.map(jnp.array, ns["params"])  # a copy: the README's step donates its inputs
     c_state = chain.init(c_params)
     for _ in range(3):
-        params, state, losses = ns["train_step"](params, state, ns["batch"])
-        _, grads = dbmtl_jax.value_and_task_grads(ns["task_losses"])(c_params, ns["batch"])
+        params, state, losses = ns["train_step"](params, state, batch)
+        _, grads = dbmtl_jax.value_and_task_grads(ns["loss_fn"])(c_params, batch)
         updates, c_state = chain.update(grads, c_state, c_params)
         c_params = optax.apply_updates(c_params, updates)
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(c_params)):

@@ -92,5 +92,10 @@ def get_factory(name: str) -> Callable[..., optax.GradientTransformationExtraArg
 
 
 def get_method(name: str, num_tasks: int, **hyperparameters: Any) -> optax.GradientTransformationExtraArgs:
-    """Builds the method ``name`` for ``num_tasks`` tasks with the given hyperparameters."""
+    """Builds the method ``name`` (one of :data:`METHODS`) for ``num_tasks`` tasks with the given hyperparameters.
+
+    Same as ``get_factory(name)(num_tasks, **hyperparameters)``; the methods, their hyperparameters and
+    defaults are listed in docs/methods.md.  Raises ``ValueError`` for an unknown name (listing the
+    available ones) and whatever the factory raises for a hyperparameter it does not take or out of range.
+    """
     return get_factory(name)(num_tasks, **hyperparameters)
