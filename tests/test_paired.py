@@ -648,3 +648,25 @@ def test_late_selection_counts_the_last_ceil_fraction_epochs_as_the_loss_figures
             rec = _record("stl", 0, {}, (0.8, 0.8), e, [1.0] * epochs, epochs=epochs)
             assert pr.selected_late(rec, fraction) is late, (epochs, fraction, e)
             assert pr.late_task_selections(rec, fraction) == 2 * late
+
+
+def test_convergence_line_names_the_epoch_window_when_it_is_not_exactly_a_fifth():
+    # audit 39 #23: with 6 epochs "the last 20 %" is the last 2 (33 %); the footer now says so (10 epochs: exact).
+    def table(epochs):
+        recs = [_record(m, s, {}, (0.8 + 0.01 * s * (m == "ew"), 0.8), epochs, [1.0] * epochs, epochs=epochs)
+                for m in ("stl", "ew") for s in range(2)]
+        (st,) = summarize(recs)
+        rows = list(st.rows.values())
+        return pr.paired_table_markdown(st, rows, {}, loss_rows=[r for r in rows if r.method == "ew"])
+
+    six = table(6)
+    assert "last 20 % of training (the last 2 of 6 epochs):" in six
+    assert "last 20 % of epochs (the last 2 of 6 epochs):" in six
+    assert "epochs):" not in table(10)
+
+
+def test_signed_never_prints_minus_zero():
+    from dbmtl_jax.experiments.report import signed
+
+    assert [signed(x) for x in (-0.004, -0.0, 0.0, 0.004, -0.006, 1.234)] == \
+        ["+0.00", "+0.00", "+0.00", "+0.00", "-0.01", "+1.23"]

@@ -42,7 +42,7 @@ import numpy as np
 
 from dbmtl_jax.experiments.paired import borrow_stl, paired_interval, reference_stl
 from dbmtl_jax.experiments.report import (Row, Setting, device_text, load_results, optimizer_text, runs_delta_p,
-                                          schedule_text, setting_title, summarize, wall_time_by_device)
+                                          schedule_text, setting_title, signed, summarize, wall_time_by_device)
 from dbmtl_jax.experiments.train import (RECORDED_DEFAULTS, _factory, _jsonable, _same_value, canonical_hparams,
                                          method_defaults, resolved_hparams)
 from dbmtl_jax.metrics import delta_p
@@ -76,7 +76,7 @@ def mean_std(xs: Iterable[float]) -> str:
     if not finite:
         return "n/a"
     std = float(np.std(finite, ddof=1)) if len(finite) > 1 else float("nan")
-    text = f"{np.mean(finite):+.2f} ± {std:.2f}" if math.isfinite(std) else f"{np.mean(finite):+.2f}"
+    text = f"{signed(np.mean(finite))} ± {std:.2f}" if math.isfinite(std) else signed(np.mean(finite))
     return text if len(finite) == len(xs) else f"{text} ({len(finite)} of {len(xs)} finite)"
 
 
@@ -308,8 +308,8 @@ def breakdown_markdown(settings: Sequence[Setting]) -> str:
         out.append("| rank | row | " + " | ".join(f"{t} {m} (%)" for t, m in keys) + " | Δp (%) |")
         out.append("|---" * (len(keys) + 3) + "|")
         for i, (label, v) in enumerate(ranked, 1):
-            out.append(f"| {i} | {label} | " + " | ".join(f"{v[k]:+.2f}" for k in keys)
-                       + f" | {dp[label]:+.2f} |")
+            out.append(f"| {i} | {label} | " + " | ".join(signed(v[k]) for k in keys)
+                       + f" | {signed(dp[label])} |")
         out.append("")
     return "\n".join(out) + "\n"
 
@@ -361,7 +361,7 @@ def main_table(st: Setting) -> list[str]:
     for i, row in enumerate(rows, 1):
         ch = task_changes(st, row)
         name = f"**{row.label}**" if row.method == "dbmtl" else row.label
-        out.append(f"| {i} | {name} | " + " | ".join(f"{ch[t]:+.2f}" for t in tasks)
+        out.append(f"| {i} | {name} | " + " | ".join(signed(ch[t]) for t in tasks)
                    + f" | {mean_std(row.delta_p)} | {_nonfinite_runs(row)} |")
     return out
 
@@ -525,7 +525,8 @@ def time_rows(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     validation pass and the best-epoch snapshot), each as mean and std over
     seeds; ordered by group (stl, loss, gradient, hybrid, dbmtl), then time.
     A method run on two gradient paths (``config["grad_path"]``) gets a row per path.
-    The per-seed values are under ``per_seed``.
+    The per-run values are under ``per_seed``; ``seeds`` counts the runs, which for DB-MTL pools its β/σ
+    variants (the EMA's β does not change a step's cost), so it can exceed the number of seeds.
 
     ``ValueError`` when those runs span several settings (benchmarks, recipes, optimizers) or devices, whose
     times are not comparable: :func:`time_tables` gives one table per setting and device.
@@ -563,7 +564,7 @@ def _time_rows(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
 
 
 def time_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
-    lines = ["| method | group | gradient path | seeds | training time / epoch (s) | median step (ms) "
+    lines = ["| method | group | gradient path | runs | training time / epoch (s) | median step (ms) "
              "| epoch wall incl. validation (s) |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['method']} | {r['group']} | {r['grad_path']} | {r['seeds']} | "

@@ -33,7 +33,7 @@ import numpy as np
 
 from dbmtl_jax.experiments.reselect import last_epochs
 from dbmtl_jax.experiments.report import (Row, Setting, device_text, optimizer_text, rebase_delta_p, runs_delta_p,
-                                          schedule_text, setting_title, wall_time_by_device)
+                                          schedule_text, setting_title, signed, wall_time_by_device)
 
 __all__ = [
     "PairedInterval",
@@ -206,6 +206,13 @@ def _late_cell(row: Row) -> str:
     return f"{sum(selected_late(r) for r in selected)} of {len(selected)}" if selected else "—"
 
 
+def _window_text(runs: Sequence[Mapping[str, Any]], fraction: float = 0.2) -> str:
+    """`` (the last 2 of 6 epochs)`` where ``ceil(fraction·E)`` epochs are not exactly the fraction of E."""
+    epochs = sorted({int(r["config"]["recipe"]["epochs"]) for r in runs})
+    odd = [(last_epochs(e, fraction), e) for e in epochs if abs(last_epochs(e, fraction) - fraction * e) > 1e-9]
+    return " (" + ", ".join(f"the last {k} of {e} epochs" for k, e in odd) + ")" if odd else ""
+
+
 def convergence_line(st: Setting, rows: Sequence[Row], loss_rows: Sequence[Row]) -> str:
     """The convergence figures every table reports (see the module docstring)."""
     runs = [r for row in rows if row.method != "stl" for r in row.runs]
@@ -218,12 +225,13 @@ def convergence_line(st: Setting, rows: Sequence[Row], loss_rows: Sequence[Row])
         per_row = [sum(selected_late(r) for r in row.runs) / len(row.runs)
                    for row in rows if row.method != "stl" and row.runs]
         worst = max(per_row) if per_row else math.nan
-        parts = [f"selected epoch in the last 20 % of training: {late} of {len(runs)} multi-task runs "
+        parts = [f"selected epoch in the last 20 % of training{_window_text(runs)}: {late} of {len(runs)} "
+                 f"multi-task runs "
                  f"(worst row {worst:.0%})"]
     for row in loss_rows:
         ch = [loss_change_last_fifth(r) for r in row.runs]
         share = [loss_share_last_fifth(r) for r in row.runs]
-        parts.append(f"{row.label} training loss change over the last 20 % of epochs: "
+        parts.append(f"{row.label} training loss change over the last 20 % of epochs{_window_text(row.runs)}: "
                      + ", ".join(f"{100 * c:.1f} %" for c in ch)
                      + " (share of the run's whole decrease: " + ", ".join(f"{100 * c:.1f} %" for c in share) + ")")
     return "; ".join(parts) + "." if parts else ""
@@ -274,7 +282,7 @@ def paired_table_markdown(
         key = label(row)
         vals = [v for v in row.delta_p if math.isfinite(v)]
         sd = float(np.std(vals, ddof=1)) if len(vals) > 1 else math.nan
-        cell = f"{round(float(np.mean(vals)), 2) + 0.0:+.2f} ± {sd:.2f}" if vals else "—"  # no "-0.00"
+        cell = f"{signed(np.mean(vals))} ± {sd:.2f}" if vals else "—"
         rr = ranks.get(key)
         name = f"**{key}**" if rr is not None and rr[0] == 1 else key
         n_fin = len(vals)
@@ -539,7 +547,7 @@ def across_settings_report(
             iv = paired_interval(gains[lab], {s: 0.0 for s in gains[lab]})
             pairs = [s for s, g in gains[lab].items() if math.isfinite(g)]  # the seeds the gain is over
             means = [_finite_mean(v[s] for s in pairs) for v in scores[lab]]  # so that second − first = gain
-            cells = [lab, str(iv.n if iv else 0)] + [f"{round(m, 2) + 0.0:+.2f}" if m > -math.inf else "—" for m in means]
+            cells = [lab, str(iv.n if iv else 0)] + [signed(m) if m > -math.inf else "—" for m in means]
             cells.append("—" if iv is None else iv.text())
             for r in refs:
                 ix = None if r == lab else paired_interval(gains[lab], gains[r])

@@ -377,6 +377,11 @@ def summarize(records: Iterable[Mapping[str, Any]]) -> list[Setting]:
     return ordered
 
 
+def signed(x: float, digits: int = 2) -> str:
+    """``x`` with its sign and ``digits`` decimals; a value that rounds to zero is ``+0.00``, never ``-0.00``."""
+    return f"{round(float(x), digits) + 0.0:+.{digits}f}"
+
+
 def _fmt(x: Optional[float]) -> str:
     if x is None or not math.isfinite(x):
         return "—"
@@ -386,7 +391,7 @@ def _fmt(x: Optional[float]) -> str:
 def _cell(xs: Sequence[float], bold: bool, signed: bool = False) -> str:
     m, s = _mean(xs), _std(xs)
     if signed and math.isfinite(m):
-        text = f"{m:+.2f}"
+        text = signed(m)
         text += f" ± {s:.2f}" if math.isfinite(s) else ""
     else:
         text = _fmt(m) + (f" ± {s:.2g}" if math.isfinite(s) else "")
