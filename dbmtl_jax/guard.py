@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 from typing import Any, Callable, NamedTuple, Optional
 
 import chex
@@ -36,6 +37,20 @@ PyTree = Any
 
 class InvalidStepError(FloatingPointError):
     """Raised in ``debug=True`` mode when a step has invalid losses or gradients."""
+
+
+class _QuietInvalidStep(logging.Filter):
+    """Drops JAX's "jax.debug.callback failed" log record (with its whole host traceback) when the
+    callback's error is our :class:`InvalidStepError`: under ``jit`` the error reaches the caller anyway,
+    as ``JaxRuntimeError`` carrying the message (or as ``InvalidStepError`` through
+    :func:`reraise_invalid_step`).  Other callback failures are still logged."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, InvalidStepError)
+
+
+logging.getLogger("jax._src.debugging").addFilter(_QuietInvalidStep())
 
 
 class SkipState(NamedTuple):

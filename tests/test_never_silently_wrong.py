@@ -562,6 +562,38 @@ def test_debug_mode_raises_invalid_step_error_eagerly_and_under_jit():
     assert bool(jnp.all(jnp.isfinite(u["w"])))
 
 
+def test_debug_mode_under_jit_does_not_log_the_callback_traceback(caplog):
+    """JAX logged "jax.debug.callback failed" with the whole host traceback for every invalid step under jit,
+    on top of the error the caller gets (audit 39 #25); a callback's other errors are still logged."""
+    import logging
+
+    tx = dbmtl_jax.skip_invalid_steps(optax.chain(dbmtl_jax.dbmtl(2), optax.adam(1e-3)), debug=True)
+    params = {"w": jnp.zeros(3)}
+    state = tx.init(params)
+    with caplog.at_level(logging.ERROR), pytest.raises(InvalidStepError):
+        reraise_invalid_step(jax.jit(tx.update))({"w": jnp.asarray([[1.0, 1, 1], [np.nan] * 3])}, state, params)
+    assert not [r for r in caplog.records if "callback failed" in r.getMessage()]
+
+    def other_failure(x):
+        raise KeyError("not ours")
+
+    seen = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    logger = logging.getLogger("jax._src.debugging")
+    handler = Keep()
+    logger.addHandler(handler)
+    try:
+        with pytest.raises(Exception, match="not ours"):
+            jax.block_until_ready(jax.jit(lambda x: (jax.debug.callback(other_failure, x), x)[1])(1.0))
+    finally:
+        logger.removeHandler(handler)
+    assert "jax.debug.callback failed" in seen
+
+
 @pytest.mark.parametrize("dtype, what", [(jnp.complex64, "complex"), (jnp.int32, "int32")])
 @pytest.mark.parametrize("method", ["dbmtl", "pcgrad", "ew"])
 def test_complex_and_integer_leaves_are_rejected(dtype, what, method):
