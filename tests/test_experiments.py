@@ -450,6 +450,31 @@ def test_a_non_finite_first_validation_does_not_pin_the_selection_to_epoch_1():
     assert res["selected_epoch"] == {"a": best, "b": best} and best > 1
 
 
+def test_a_zero_reference_metric_is_named_not_silently_mixed_into_the_score():
+    """Audit 38 #5: a selection metric of exactly 0 at the reference epoch makes that task's term an absolute
+    change (a relative one is undefined), on another scale than the others': the run warns and its record's
+    ``selection`` names the task."""
+    calls = {"n": 0}
+
+    class ZeroOnceMAE(MeanAbsoluteError):
+        def compute(self, state):
+            calls["n"] += 1
+            out = super().compute(state)
+            return {k: 0.0 * v for k, v in out.items()} if calls["n"] == 1 else out  # task "a", epoch 1's val
+
+    bench = tiny_benchmark(epochs=3)
+    bench = dataclasses.replace(bench, tasks=(ex.Task("a", mse_loss, ZeroOnceMAE, {"mae": False}), bench.tasks[1]))
+    with pytest.warns(UserWarning, match=r"validation a mae of epoch 1, the selection score's reference, is exactly 0"):
+        res = _run(bench, "ew")
+    assert res["history"]["val"][0]["a"]["mae"] == 0.0
+    assert res["selection"] == ("mean signed relative change of select_metric on val vs epoch 1 "
+                                "(absolute change for a mae, whose reference value is 0)")
+    va, vb = ([v[t]["mae"] for v in res["history"]["val"]] for t in ("a", "b"))
+    expected = [(-(x - va[0]) - (y - vb[0]) / abs(vb[0])) / 2 for x, y in zip(va, vb)]  # MAE: lower is better
+    np.testing.assert_allclose(res["history"]["selection_score"], expected, rtol=1e-6)
+    assert _run(tiny_benchmark(epochs=2), "ew")["selection"].endswith("vs epoch 1")  # no zero: unchanged text
+
+
 def test_stl_task_without_a_finite_validation_epoch_keeps_epoch_1_as_multi_task_runs_do():
     """A task whose selection metric is never finite on val: the multi-task rule keeps epoch 1 (and says so);
     STL recorded "epoch 0" and took that copy's test metrics from the last epoch's parameters (its val metrics

@@ -1081,7 +1081,10 @@ def _signed_change(value: float, base: float, higher: bool) -> float:
 
 def selection_score(val: Mapping[str, Mapping[str, float]], first: Mapping[str, Mapping[str, float]],
                     tasks: Sequence[Task]) -> float:
-    """Mean over tasks of the signed relative change of ``select_metric`` w.r.t. the first epoch."""
+    """Mean over tasks of the signed relative change of ``select_metric`` w.r.t. the first epoch.
+
+    A task whose reference value is exactly 0 contributes its absolute change (a relative one is undefined);
+    the runner warns and the record's ``selection`` names it."""
     changes = [
         _signed_change(val[t.name][t.select_metric], first[t.name][t.select_metric], t.metrics[t.select_metric])
         for t in tasks
@@ -1106,8 +1109,16 @@ def _selection_text(val_curve: Sequence[Mapping[str, Mapping[str, float]]], task
     finite (epoch 1 unless a metric was NaN/inf there)."""
     for e, val in enumerate(val_curve, start=1):
         if _finite_selection(val, tasks):
-            return f"mean signed relative change of select_metric on val vs epoch {e}"
+            zero = _zero_reference(val, tasks)
+            return (f"mean signed relative change of select_metric on val vs epoch {e}"
+                    + (f" (absolute change for {', '.join(zero)}, whose reference value is 0)" if zero else ""))
     return "none: no epoch had a finite select_metric for every task; epoch 1 kept"
+
+
+def _zero_reference(val: Mapping[str, Mapping[str, float]], tasks: Sequence[Task]) -> list[str]:
+    """``task select_metric`` of the tasks whose selection metric in ``val`` is exactly 0: a relative change
+    against it is undefined, so :func:`selection_score` uses the absolute change for them."""
+    return [f"{t.name} {t.select_metric}" for t in tasks if val[t.name][t.select_metric] == 0]
 
 
 def _stl_selection_text(val_curve: Sequence[Mapping[str, Mapping[str, float]]], tasks: Sequence[Task]) -> str:
@@ -1309,6 +1320,12 @@ def train_run(
             val = evaluate(tr, data, "val", params, rest)
             if first_val is None and _finite_selection(val, tasks):
                 first_val = val  # the reference of the selection score: the first epoch with finite metrics
+                zero = _zero_reference(first_val, tasks)
+                if zero and spec.name != "stl":
+                    warnings.warn(f"{run or spec.label}: the validation {', '.join(zero)} of epoch {epoch}, the "
+                                  "selection score's reference, is exactly 0, so its term in the score is an "
+                                  "absolute change, on another scale than the other tasks' relative changes; the "
+                                  "record's `selection` says so.", stacklevel=2)
             if spec.name == "stl":
                 scores = []
                 for g, task in enumerate(tasks):
