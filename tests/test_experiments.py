@@ -11,6 +11,7 @@ import csv
 import dataclasses
 import json
 import math
+import os
 import re
 import textwrap
 import uuid
@@ -738,6 +739,7 @@ def test_byo_benchmark_through_cli_import(tmp_path, capsys):
         assert rec["method"] == "pcgrad+log" and rec["config"]["log"] is True
         assert rec["config"]["hparams"] == {"reduction": "mean"} and rec["config"]["grad_path"] == "per_task"
         assert set(rec["metrics"]["test"]) == {"reg", "clf"}
+        assert rec["cpu_cores"] == len(os.sched_getaffinity(0))  # 1 under `taskset -c N`
     finally:
         ex.BENCHMARKS.pop(name, None)
 

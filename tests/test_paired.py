@@ -136,14 +136,20 @@ def test_convergence_figures_and_table():
         assert [ln.split(" | ")[0] for ln in table.splitlines()[2:5]] == ["| stl", "| **dbmtl**", "| ew"]
     iv = pr.paired_interval(dict(zip(db.seeds, db.delta_p)), dict(zip(ew.seeds, ew.delta_p)))
     assert iv.mean == pytest.approx(1.25, abs=1e-9) and iv.separated
-    assert "Wall time of the runs in this table: 9 min (one CPU core each)." in md
+    # the core count is said only when every CPU run recorded it (audit 39 #21: unpinned runs were "one core each")
+    assert "Wall time of the runs in this table: 9 min (CPU)." in md
+    (st1,) = summarize([dict(r, cpu_cores=1) for r in recs])
+    md1 = pr.paired_table_markdown(st1, list(st1.rows.values()), {"EW": ew}, loss_rows=[ew])
+    assert "Wall time of the runs in this table: 9 min (one CPU core each)." in md1
+    (st2,) = summarize([dict(r, cpu_cores=1 if i else 2) for i, r in enumerate(recs)])
+    assert "9 min (CPU)." in pr.paired_table_markdown(st2, list(st2.rows.values()), {}, loss_rows=[])
     stl_only = pr.paired_table_markdown(st, [r for r in rows if r.method == "stl"], {})
     assert "multi-task runs" not in stl_only and "nan" not in stl_only and "\n\nWall time" in stl_only
     # runs trained on an accelerator are not counted as CPU-core time: the line says which device took how long
     gpu = [dict(r, device="gpu:NVIDIA H200", wall_time_s=120.0) for r in recs]
     (st_gpu,) = summarize(gpu[:3] + recs[3:])
     md_gpu = pr.paired_table_markdown(st_gpu, list(st_gpu.rows.values()), {}, loss_rows=[])
-    assert ("Wall time of the runs in this table: 6 min for 6 runs on one CPU core each; "
+    assert ("Wall time of the runs in this table: 6 min for 6 runs on CPU; "
             "6 min for 3 runs on NVIDIA H200.") in md_gpu
     # STL's tasks are separate networks: a run is late if any one is, and the count of late networks says how many
     recs[0]["selected_epoch"] = {"a": 10, "b": 2}

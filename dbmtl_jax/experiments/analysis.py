@@ -669,7 +669,7 @@ def index_markdown(root: os.PathLike, *, skipped: Optional[list] = None) -> str:
     lines = ["# Index of studies", "",
              f"Generated from the run records by `dbmtl-jax index {root.as_posix()}`; one row per study folder "
              "(a folder with a `runs.txt`). *Rows*: table rows (method and hyperparameter configuration); "
-             "*run time*: the summed `wall_time_s` of the study's runs, per device when not all ran on one CPU core "
+             "*run time*: the summed `wall_time_s` of the study's runs, per device when not all ran on CPU "
              "(a run shared by several studies counts in each).", "",
              "| study | benchmark | recipe | rows | methods | seeds | runs | run time (min) | pages |",
              "|---|---|---|---:|---|---|---:|---:|---|"]

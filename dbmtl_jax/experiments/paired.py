@@ -237,13 +237,21 @@ def convergence_line(st: Setting, rows: Sequence[Row], loss_rows: Sequence[Row])
     return "; ".join(parts) + "." if parts else ""
 
 
+def _cpu_text(runs: Sequence[Mapping[str, Any]]) -> str:
+    """``one CPU core each`` when every CPU run recorded that it could use one core only (``cpu_cores``,
+    e.g. pinned by ``taskset``), else ``CPU`` (older records do not say)."""
+    cores = {r.get("cpu_cores") for r in runs if str(r.get("device") or "cpu:cpu") == "cpu:cpu"}
+    return "one CPU core each" if cores == {1} else "CPU"
+
+
 def _wall_time_text(runs: Sequence[Mapping[str, Any]]) -> str:
     """The runs' summed wall time, per device (a record's ``device``: "cpu:cpu", "gpu:NVIDIA H200", ...)."""
     per = wall_time_by_device(runs)
+    cpu = _cpu_text(runs)
     if set(per) <= {"cpu:cpu"}:
-        return f"Wall time of the runs in this table: {sum(t for _, t in per.values()) / 60:.0f} min (one CPU core each)."
+        return f"Wall time of the runs in this table: {sum(t for _, t in per.values()) / 60:.0f} min ({cpu})."
     parts = [f"{t / 60:.0f} min for {n} run{'s' * (n != 1)} on "
-             + ("one CPU core each" if dev == "cpu:cpu" else device_text(dev)) for dev, (n, t) in per.items()]
+             + (cpu if dev == "cpu:cpu" else device_text(dev)) for dev, (n, t) in per.items()]
     return "Wall time of the runs in this table: " + "; ".join(parts) + "."
 
 

@@ -1402,6 +1402,14 @@ def _device() -> str:
     return f"{d.platform}:{getattr(d, 'device_kind', '')}".rstrip(":")
 
 
+def _cpu_cores() -> int:
+    """The CPU cores this process may run on (``taskset`` pins it to fewer than the machine has)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def run_experiments(
     benchmark: Benchmark,
     methods: Sequence[MethodSpec],
@@ -1548,6 +1556,7 @@ def run_experiments(
             "tasks": tasks_block(benchmark),
             "versions": package_versions(),
             "device": _device(),
+            "cpu_cores": _cpu_cores(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             **res,
         }
