@@ -45,7 +45,6 @@ from dbmtl_jax.experiments.report import (Row, Setting, device_text, load_result
                                           schedule_text, setting_title, signed, summarize, wall_time_by_device)
 from dbmtl_jax.experiments.train import (RECORDED_DEFAULTS, _factory, _jsonable, _same_value, canonical_hparams,
                                          method_defaults, resolved_hparams)
-from dbmtl_jax.metrics import delta_p
 
 __all__ = [
     "finite_mean", "mean_std", "load_settings",

@@ -23,7 +23,6 @@ import optax
 
 from dbmtl_jax import task_axis as ta
 from dbmtl_jax.methods import _numerics as nm
-from dbmtl_jax.methods._loss_common import _unalias
 from dbmtl_jax.methods._numerics import require_key
 
 PyTree = Any
@@ -167,7 +166,7 @@ def make_gradient_transform(
     def init_fn(params: PyTree) -> NamedTuple:
         # One buffer per leaf (init_state may reuse an array for several fields, as CAGrad's uniform
         # weights), so the state can be donated to a jitted step.
-        return _unalias(init_state(params))
+        return nm.unalias(init_state(params))
 
     def update_fn(
         updates: PyTree,

@@ -158,19 +158,6 @@ def adam_step(
     return params - step, InnerAdam(m=m, v=v, count=count)
 
 
-def _unalias(tree: PyTree) -> PyTree:
-    """Copies leaves that occur more than once in ``tree`` (the same array object)."""
-    seen: set[int] = set()
-
-    def f(x: Any) -> Any:
-        if id(x) in seen:
-            return jnp.copy(x)
-        seen.add(id(x))
-        return x
-
-    return jax.tree_util.tree_map(f, tree)
-
-
 def _check_plain_grads(updates: PyTree, params: Optional[PyTree], num_tasks: int, name: str) -> None:
     """In ``grads="weighted"`` mode the update leaves must not carry the task axis."""
     if params is None:
@@ -244,7 +231,7 @@ def make_loss_transform(
         del params
         # One buffer per leaf (init_state may reuse a zeros array for several fields), so the state
         # can be donated to a jitted step.
-        return _unalias(init_state())
+        return nm.unalias(init_state())
 
     def update_fn(
         updates: PyTree,

@@ -86,6 +86,7 @@ __all__ = [
     "conjoin",
     "reject_unless",
     "project_simplex",
+    "unalias",
 ]
 
 
@@ -662,3 +663,17 @@ def project_simplex(v: jax.Array) -> jax.Array:
     big = jnp.finfo(v.dtype).max / 4
     v = jnp.where(jnp.isnan(v), -big, jnp.clip(v, -big, big))
     return optax.projections.projection_simplex(v - jnp.max(v))
+
+
+def unalias(tree: PyTree) -> PyTree:
+    """Copies leaves that occur more than once in ``tree`` (the same array object), so that every state field
+    is its own buffer and the state can be donated to a jitted step (an ``init`` may reuse one zeros array)."""
+    seen: set[int] = set()
+
+    def f(x: Any) -> Any:
+        if id(x) in seen:
+            return jnp.copy(x)
+        seen.add(id(x))
+        return x
+
+    return jax.tree_util.tree_map(f, tree)
