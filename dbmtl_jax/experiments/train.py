@@ -1557,6 +1557,7 @@ def run_experiments(
             "versions": package_versions(),
             "device": _device(),
             "cpu_cores": _cpu_cores(),
+            "allocator": "tcmalloc" if "tcmalloc" in os.environ.get("LD_PRELOAD", "") else "default",
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             **res,
         }
