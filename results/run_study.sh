@@ -52,7 +52,7 @@
 # Resumable: finished runs are skipped. RUN_STUDY_DRY_RUN=1 lists what each table would train or reuse (nothing is
 # written). Pin it to a core on a shared machine, e.g. `taskset -c 1 bash results/run_study.sh qm9 beta`.
 # On CPU the runs use tcmalloc when it is installed (Debian `libtcmalloc-minimal4`; RUN_STUDY_MALLOC=glibc keeps
-# glibc's allocator): the same numbers, 1.3-1.4x faster steps here (results/README.md, "Run time"), as glibc's
+# glibc's allocator): the same numbers, 1.3-1.4x faster steps here (results/README.md, "Run time and the allocator"), as glibc's
 # allocator page-faults on the large buffers each step frees and allocates again (benchmarks/README.md).
 set -u
 cd "$(dirname "$0")/.."
