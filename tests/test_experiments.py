@@ -267,6 +267,8 @@ def test_report_table_csv_plots_and_delta_p(toy_results, tmp_path, capsys):
         best = (max if up else min)(means.values())
         for meth in METHODS:
             assert cells[meth][k].startswith("**") == (means[meth] == best), (t, m, meth)
+    stl_cell = cells["stl"][len(cols) + 1].strip("*")
+    assert stl_cell.startswith("+0.00 ± "), stl_cell  # STL's mean Δp is 0 up to rounding: never "-0.00" (audit 39)
 
     with open(tmp_path / "runs.csv") as f:
         assert len(list(csv.DictReader(f))) == len(recs) * 2 * 3  # runs x {val, test} x one metric per task

@@ -388,9 +388,9 @@ def _fmt(x: Optional[float]) -> str:
     return f"{x:.4g}"
 
 
-def _cell(xs: Sequence[float], bold: bool, signed: bool = False) -> str:
+def _cell(xs: Sequence[float], bold: bool, with_sign: bool = False) -> str:
     m, s = _mean(xs), _std(xs)
-    if signed and math.isfinite(m):
+    if with_sign and math.isfinite(m):
         text = signed(m)
         text += f" ± {s:.2f}" if math.isfinite(s) else ""
     else:
@@ -429,7 +429,7 @@ def markdown_table(st: Setting) -> str:
             xs = r.values(t, m)
             cells.append(_cell(xs, best[(t, m)] is not None and _mean(xs) == best[(t, m)]))
         if has_stl:
-            cells.append(_cell(r.delta_p, best_dp is not None and _mean(r.delta_p) == best_dp, signed=True))
+            cells.append(_cell(r.delta_p, best_dp is not None and _mean(r.delta_p) == best_dp, with_sign=True))
         else:
             cells.append("—")
         cells.append(",".join(str(s) for s in r.seeds))
