@@ -31,7 +31,7 @@
 #   sgd       (qm9_2k, multimnist320) EW and DB-MTL's three β rows with SGD with
 #             momentum at the pilot's rates, 5 seeds, into the optimizer table: paired.md, across.md (Adam → SGD gains)
 #   methods   (qm9_2k, multimnist320, adult120, adult120_l1) the 26-method main table under the finished protocol, 5 seeds: paired.md
-#   paper     (adult120, adult120_l1) the rest of the paper's tables under the finished protocol, 5 seeds: Table 5 (EW + log, DB-MTL
+#   paper     (adult120, adult120_l1, qm9_2k) the rest of the paper's tables under the finished protocol, 5 seeds: Table 5 (EW + log, DB-MTL
 #             without log), Fig. 1 (six gradient methods + log), Fig. 6 (α), Fig. 5 (β grid): paired.md
 #   strongest (multifashion320, dense60) STL, EW, DB-MTL and the 9 methods with the best mean Δp rank over the four
 #             short-budget main tables, under the finished protocol, 5 seeds: paired.md
@@ -255,23 +255,31 @@ for section in $SECTIONS; do
       run --methods graddrop,mtadam,moco,excessmtl --lr-schedule cosine --seeds $s, --test-curve --study $O
     done
     [ -n "$DRY" ] || dbmtl-jax paired $O --out $O/paired.md ;;
-  paper)  # (adult120, adult120_l1) issue 12 item 3: Table 5, Fig. 1, Fig. 6 and Fig. 5 under the finished protocol (cosine decay,
-    # 5 paired seeds, test curves), seed by seed. The base rows (STL, EW, DB-MTL at the default β, LibMTL's β, β = 0,
-    # and the six gradient methods without log) come from the methods and finished sections (listed, not rerun).
+  paper)  # (adult120, adult120_l1, qm9_2k) issue 12 item 3: Table 5, Fig. 1, Fig. 6 and Fig. 5 under the finished
+    # protocol (cosine decay, 5 paired seeds, test curves). The base rows (STL, EW, DB-MTL at the default β, LibMTL's β,
+    # β = 0, the six gradient methods without log, and Table 5's EW + log and DB-MTL without log) come from the methods,
+    # finished and table5 sections where those ran (listed, not rerun). Then, each block seed by seed (a partial block is
+    # still paired): Fig. 5's β grid first ("which β" comes first), then Fig. 1, then Fig. 6.
     for s in $SEEDS; do
       run --methods stl,ew,dbmtl,pcgrad,gradvac,imtl_g,cagrad,nash_mtl,aligned_mtl --lr-schedule cosine --seeds $s, \
         --test-curve --study $O
       run --methods dbmtl $LIBMTL --lr-schedule cosine --seeds $s, --test-curve --study $O
       run --methods dbmtl --hp dbmtl.beta=0.0 --lr-schedule cosine --seeds $s, --test-curve --study $O
-      run --methods ew+log,dbmtl+nolog --lr-schedule cosine --seeds $s, --test-curve --study $O   # Table 5
-      run --methods pcgrad+log,gradvac+log,imtl_g+log,cagrad+log,nash_mtl+log,aligned_mtl+log --lr-schedule cosine \
-        --seeds $s, --test-curve --study $O                                                       # Fig. 1
-      for a in "'min'" "'mean'" "'median'" 1.0; do                                                 # Fig. 6
-        run --methods dbmtl --hp "dbmtl.alpha=$a" --lr-schedule cosine --seeds $s, --test-curve --study $O
-      done
+      run --methods ew+log,dbmtl+nolog --grad-stats --lr-schedule cosine --seeds $s, --test-curve --study $O  # Table 5
+    done  # (--grad-stats: the committed EW + log rows ran on the per-task path; see table5)
+    for s in $SEEDS; do
       for hp in "0.1 0.0" "0.5 0.0" "0.1 0.5" "0.5 0.5"; do                                        # Fig. 5
         set -- $hp; run --methods dbmtl --hp dbmtl.beta=$1 --hp dbmtl.beta_sigma=$2 --lr-schedule cosine --seeds $s, \
           --test-curve --study $O
+      done
+    done
+    for s in $SEEDS; do
+      run --methods pcgrad+log,gradvac+log,imtl_g+log,cagrad+log,nash_mtl+log,aligned_mtl+log --lr-schedule cosine \
+        --seeds $s, --test-curve --study $O                                                       # Fig. 1
+    done
+    for s in $SEEDS; do
+      for a in "'min'" "'mean'" "'median'" 1.0; do                                                 # Fig. 6
+        run --methods dbmtl --hp "dbmtl.alpha=$a" --lr-schedule cosine --seeds $s, --test-curve --study $O
       done
     done
     [ -n "$DRY" ] || dbmtl-jax paired $O --out $O/paired.md ;;
@@ -290,7 +298,10 @@ for section in $SECTIONS; do
   table5)  # (qm9_2k) Table 5 under the finished protocol: is DB-MTL's lead over EW on qm9 (§18) the log transform, the
     # gradient balancing, or both? EW + log and DB-MTL without log beside the finished section's STL, EW and DB-MTL
     # (listed from the store), 5 seeds, the cheap EW + log rows first
-    run --methods stl,ew,dbmtl,ew+log --lr-schedule cosine --seeds 5 --test-curve --study $O
+    # (--grad-stats: the committed EW + log rows ran on the per-task path, before +log had the weighted-loss path;
+    # the same update, but another config hash, CHANGELOG 0.2.0: so this finds them instead of retraining them)
+    run --methods stl,ew,dbmtl --lr-schedule cosine --seeds 5 --test-curve --study $O
+    run --methods ew+log --grad-stats --lr-schedule cosine --seeds 5 --test-curve --study $O
     for s in $SEEDS; do run --methods dbmtl+nolog --lr-schedule cosine --seeds $s, --test-curve --study $O; done
     [ -n "$DRY" ] || dbmtl-jax paired $O --out $O/paired.md ;;
   sgdlr)  # (qm9_2k, multimnist320) the learning-rate pilot of item 4's third optimizer, SGD with momentum 0.9
