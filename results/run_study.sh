@@ -255,18 +255,23 @@ for section in $SECTIONS; do
       run --methods graddrop,mtadam,moco,excessmtl --lr-schedule cosine --seeds $s, --test-curve --study $O
     done
     [ -n "$DRY" ] || dbmtl-jax paired $O --out $O/paired.md ;;
-  paper)  # (adult120, adult120_l1, qm9_2k) issue 12 item 3: Table 5, Fig. 1, Fig. 6 and Fig. 5 under the finished
-    # protocol (cosine decay, 5 paired seeds, test curves). The base rows (STL, EW, DB-MTL at the default β, LibMTL's β,
-    # β = 0, the six gradient methods without log, and Table 5's EW + log and DB-MTL without log) come from the methods,
-    # finished and table5 sections where those ran (listed, not rerun). Then, each block seed by seed (a partial block is
-    # still paired): Fig. 5's β grid first ("which β" comes first), then Fig. 1, then Fig. 6.
+  paper)  # (adult120, adult120_l1, qm9_2k, multimnist320) issue 12 item 3: Table 5, Fig. 1, Fig. 6 and Fig. 5 under
+    # the finished protocol (cosine decay, 5 paired seeds, test curves). The base rows (STL, EW, DB-MTL at the default β,
+    # LibMTL's β, β = 0, the six gradient methods without log, and Table 5's EW + log and DB-MTL without log) come from
+    # the methods, finished, table5 and (multimnist320) cosine and stlcosine sections where those ran (listed, not
+    # rerun; on multimnist320 the β grid, α rows and Nash-MTL/CAGrad + log too). Then, each block seed by seed (a
+    # partial block is still paired): Fig. 5's β grid first ("which β" comes first), then Fig. 1, then Fig. 6.
+    # EW + log: the committed rows of adult120(_l1) and qm9_2k ran on the per-task path (before +log had the
+    # weighted-loss path; the same update, another config hash, CHANGELOG 0.2.0), multimnist320's on the weighted one.
+    EWLOG_PATH=--grad-stats; [ "$B" = multimnist ] && EWLOG_PATH=
     for s in $SEEDS; do
       run --methods stl,ew,dbmtl,pcgrad,gradvac,imtl_g,cagrad,nash_mtl,aligned_mtl --lr-schedule cosine --seeds $s, \
         --test-curve --study $O
       run --methods dbmtl $LIBMTL --lr-schedule cosine --seeds $s, --test-curve --study $O
       run --methods dbmtl --hp dbmtl.beta=0.0 --lr-schedule cosine --seeds $s, --test-curve --study $O
-      run --methods ew+log,dbmtl+nolog --grad-stats --lr-schedule cosine --seeds $s, --test-curve --study $O  # Table 5
-    done  # (--grad-stats: the committed EW + log rows ran on the per-task path; see table5)
+      run --methods ew+log $EWLOG_PATH --lr-schedule cosine --seeds $s, --test-curve --study $O     # Table 5
+      run --methods dbmtl+nolog --lr-schedule cosine --seeds $s, --test-curve --study $O
+    done
     for s in $SEEDS; do
       for hp in "0.1 0.0" "0.5 0.0" "0.1 0.5" "0.5 0.5"; do                                        # Fig. 5
         set -- $hp; run --methods dbmtl --hp dbmtl.beta=$1 --hp dbmtl.beta_sigma=$2 --lr-schedule cosine --seeds $s, \
