@@ -294,7 +294,8 @@ def test_import_finds_modules_beside_the_user_module(tmp_path, capsys, monkeypat
 def test_failing_import_exits_2_naming_the_module(tmp_path, capsys, monkeypatch, clean_import_state, no_training):
     bad = tmp_path / "broken_bench.py"
     bad.write_text("import no_such_module_for_dbmtl_tests\n")
-    for argv in (["list", "--import", str(bad)], ["run", "toy", "--import", str(bad), "--out", str(tmp_path), *NO_CACHE],
+    for argv in (["list", "--import", str(bad)],
+                 ["run", "toy", "--import", str(bad), "--out", str(tmp_path), *NO_CACHE],
                  ["list", "--import", str(tmp_path / "missing.py")]):
         assert main(argv) == 2
         err = capsys.readouterr().err

@@ -257,8 +257,9 @@ def check_real(
     ``shapes`` (default: a scalar); every entry must be finite and lie in the
     range ``lo .. hi`` (bounds excluded with ``lo_open`` / ``hi_open``).
     Raises ``type_error`` (default ``TypeError``) for a non-number and
-    ``ValueError`` (``"<method>: <option> must be ..."``) for a bad shape or value; ``note`` is appended to the message (why the
-    range).  ``interval=True`` writes the range as an interval (``in [0, inf)``)
+    ``ValueError`` (``"<method>: <option> must be ..."``) for a bad shape or
+    value; ``note`` is appended to the message (why the range).
+    ``interval=True`` writes the range as an interval (``in [0, inf)``)
     rather than as a comparison (``>= 0``).  A float16/bfloat16 value out of
     range gets :func:`low_precision_hint` appended.
 
