@@ -742,6 +742,7 @@ def test_byo_benchmark_through_cli_import(tmp_path, capsys):
         assert rec["config"]["hparams"] == {"reduction": "mean"} and rec["config"]["grad_path"] == "per_task"
         assert set(rec["metrics"]["test"]) == {"reg", "clf"}
         assert rec["cpu_cores"] == len(os.sched_getaffinity(0))  # 1 under `taskset -c N`
+        assert isinstance(rec["cpu_model"], str) and rec["cpu_model"] == ex.train._cpu_model()
         assert rec["allocator"] == ("tcmalloc" if "tcmalloc" in os.environ.get("LD_PRELOAD", "") else "default")
     finally:
         ex.BENCHMARKS.pop(name, None)

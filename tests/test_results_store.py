@@ -215,9 +215,10 @@ def test_merge_records_keeps_the_earlier_run_whatever_the_order(legacy_tree):
         assert [e["wall_time_s"] for e in m["reruns"]] == [a["wall_time_s"]]
     assert "reruns" not in record_store.merge_records(a, dict(a))
     # the cores and the allocator a run used are provenance too (a rerun with tcmalloc is the same run)
-    c = {**a, "created": "2030-01-01T00:00:00+0000", "cpu_cores": 1, "allocator": "tcmalloc"}
+    c = {**a, "created": "2030-01-01T00:00:00+0000", "cpu_cores": 1, "cpu_model": "Some CPU", "allocator": "tcmalloc"}
     m = record_store.merge_records(a, c)
     assert m["created"] == a["created"] and m["reruns"][0]["allocator"] == "tcmalloc"
+    assert m["reruns"][0]["cpu_model"] == "Some CPU"
 
 
 def test_run_study_script_parses():

@@ -1410,6 +1410,19 @@ def _cpu_cores() -> int:
         return os.cpu_count() or 1
 
 
+def _cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux, else ``platform.processor()``; ``""`` if unknown), so that
+    wall times from different machines can be told apart."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or ""
+
+
 def run_experiments(
     benchmark: Benchmark,
     methods: Sequence[MethodSpec],
@@ -1557,6 +1570,7 @@ def run_experiments(
             "versions": package_versions(),
             "device": _device(),
             "cpu_cores": _cpu_cores(),
+            "cpu_model": _cpu_model(),
             "allocator": "tcmalloc" if "tcmalloc" in os.environ.get("LD_PRELOAD", "") else "default",
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             **res,
