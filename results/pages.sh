@@ -54,6 +54,10 @@ $P $R/multimnist_320ep_methods $R/multimnist_320ep_stlcosine --average-last 0.2 
 $P $R/qm9_150ep_methods --out $R/qm9_150ep_methods/paired.md
 $P $R/qm9_150ep_methods --average-last 0.2 --out $R/qm9_150ep_methods/paired_no_selection.md
 python -m dbmtl_jax.experiments breakdown $R/qm9_150ep_methods > /dev/null  # writes breakdown.md itself
+# qm9's paper study (§32): Fig. 5's β grid with the default and β = 0 as references, then Fig. 1's and Fig. 6's rows
+$P $R/qm9_150ep_paper --ref dbmtl --ref 'dbmtl (beta=0.0)' --out $R/qm9_150ep_paper/paired.md
+$P $R/qm9_150ep_paper --ref dbmtl --ref 'dbmtl (beta=0.0)' --average-last 0.2 --out $R/qm9_150ep_paper/paired_no_selection.md
+python -m dbmtl_jax.experiments breakdown $R/qm9_150ep_paper > /dev/null  # writes breakdown.md itself
 # multimnist's cross-setting pages (each row's gain from one optimizer or schedule to another) and per-task breakdown
 $P $R/multimnist_320ep_cosine $R/multimnist_320ep_adam_b2 --across --ref ew --ref dbmtl --out $R/multimnist_320ep_adam_b2/across.md
 $P $R/multimnist_320ep_cosine $R/multimnist_320ep_adam_b2 --across --ref ew --ref dbmtl --average-last 0.2 --out $R/multimnist_320ep_adam_b2/across_no_selection.md
@@ -72,3 +76,4 @@ for d in adult_16ep_beta dense_8ep_beta multimnist_3ep_beta multimnist_12ep_beta
   python -m dbmtl_jax.experiments select $R/$d > /dev/null  # writes val_selection.md itself
 done
 python -m dbmtl_jax.experiments select $R/multimnist_320ep_cosine --vary beta,beta_sigma > /dev/null
+python -m dbmtl_jax.experiments select $R/qm9_150ep_paper --vary beta,beta_sigma > /dev/null
