@@ -50,8 +50,8 @@ from dbmtl_jax.experiments.train import (
 
 __all__ = ["TIMING_KEYS", "RecordConflict", "merge_records", "CompactResult", "compact_directory"]
 
-TIMING_KEYS = ("created", "versions", "device", "cpu_cores", "cpu_model", "allocator", "wall_time_s", "median_step_time_s",
-               "first_step_time_s")
+TIMING_KEYS = ("created", "versions", "device", "cpu_cores", "cpu_model", "allocator", "wall_time_s",
+               "median_step_time_s", "first_step_time_s")
 """What two records of the same run may differ in (with ``history.epoch_time_s``): when and where it ran."""
 
 
