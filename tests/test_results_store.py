@@ -214,7 +214,7 @@ def test_merge_records_keeps_the_earlier_run_whatever_the_order(legacy_tree):
         assert m["created"].startswith("1999") and m["wall_time_s"] == 1.0
         assert [e["wall_time_s"] for e in m["reruns"]] == [a["wall_time_s"]]
     assert "reruns" not in record_store.merge_records(a, dict(a))
-    # the cores and the allocator a run used are provenance too (a rerun with tcmalloc is the same run)
+    # the cores, CPU model and allocator a run used are provenance too (a rerun with tcmalloc is the same run)
     c = {**a, "created": "2030-01-01T00:00:00+0000", "cpu_cores": 1, "cpu_model": "Some CPU", "allocator": "tcmalloc"}
     m = record_store.merge_records(a, c)
     assert m["created"] == a["created"] and m["reruns"][0]["allocator"] == "tcmalloc"
