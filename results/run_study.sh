@@ -33,6 +33,8 @@
 #   methods   (qm9_2k, multimnist320, adult120, adult120_l1) the 26-method main table under the finished protocol, 5 seeds: paired.md
 #   paper     (adult120, adult120_l1, qm9_2k) the rest of the paper's tables under the finished protocol, 5 seeds: Table 5 (EW + log, DB-MTL
 #             without log), Fig. 1 (six gradient methods + log), Fig. 6 (α), Fig. 5 (β grid): paired.md
+#   grid      (multifashion320, dense60) Fig. 5's β grid under the finished protocol beside the finished section's
+#             rows, 5 seeds: paired.md, `dbmtl-jax select` for the paper's validation choice
 #   strongest (multifashion320, dense60) STL, EW, DB-MTL and the 9 methods with the best mean Δp rank over the four
 #             short-budget main tables, under the finished protocol, 5 seeds: paired.md
 #   stlcosine (multimnist320) STL with the cosine schedule, the same-protocol reference for the cosine section's rows: paired.md
@@ -105,6 +107,15 @@ LIBMTL="--hp dbmtl.beta=0.9 --hp dbmtl.beta_sigma=0.0"
 main_rows() {  # the main table's STL, LibMTL-setting DB-MTL and DB-MTL β = 0 rows, listed in table $1
   run --methods stl,dbmtl $LIBMTL --study "$1"
   run --methods dbmtl --hp dbmtl.beta=0.0 --study "$1"
+}
+fig5_grid() {  # Fig. 5's grid rows beyond default, LibMTL's β and β = 0, finished protocol, seed by seed, into $O
+  local s hp
+  for s in $SEEDS; do
+    for hp in "0.1 0.0" "0.5 0.0" "0.1 0.5" "0.5 0.5"; do
+      set -- $hp; run --methods dbmtl --hp dbmtl.beta=$1 --hp dbmtl.beta_sigma=$2 --lr-schedule cosine --seeds $s, \
+        --test-curve --study $O
+    done
+  done
 }
 for section in $SECTIONS; do
   O="$P"_$section
@@ -272,12 +283,7 @@ for section in $SECTIONS; do
       run --methods ew+log $EWLOG_PATH --lr-schedule cosine --seeds $s, --test-curve --study $O     # Table 5
       run --methods dbmtl+nolog --lr-schedule cosine --seeds $s, --test-curve --study $O
     done
-    for s in $SEEDS; do
-      for hp in "0.1 0.0" "0.5 0.0" "0.1 0.5" "0.5 0.5"; do                                        # Fig. 5
-        set -- $hp; run --methods dbmtl --hp dbmtl.beta=$1 --hp dbmtl.beta_sigma=$2 --lr-schedule cosine --seeds $s, \
-          --test-curve --study $O
-      done
-    done
+    fig5_grid                                                                                      # Fig. 5
     for s in $SEEDS; do
       run --methods pcgrad+log,gradvac+log,imtl_g+log,cagrad+log,nash_mtl+log,aligned_mtl+log --lr-schedule cosine \
         --seeds $s, --test-curve --study $O                                                       # Fig. 1
@@ -287,6 +293,16 @@ for section in $SECTIONS; do
         run --methods dbmtl --hp "dbmtl.alpha=$a" --lr-schedule cosine --seeds $s, --test-curve --study $O
       done
     done
+    [ -n "$DRY" ] || dbmtl-jax paired $O --out $O/paired.md ;;
+  grid)  # (multifashion320, dense60) issue 12 item 6, "which β": Fig. 5's grid under the finished protocol. The
+    # finished section's STL, EW, DB-MTL (default), LibMTL's β and β = 0 (listed from the store), then the grid's
+    # other four rows seed by seed. `dbmtl-jax select $O --vary beta,beta_sigma` is the paper's choice on validation.
+    for s in $SEEDS; do
+      run --methods dbmtl,stl,ew --lr-schedule cosine --seeds $s, --test-curve --study $O
+      run --methods dbmtl $LIBMTL --lr-schedule cosine --seeds $s, --test-curve --study $O
+      run --methods dbmtl --hp dbmtl.beta=0.0 --lr-schedule cosine --seeds $s, --test-curve --study $O
+    done
+    fig5_grid
     [ -n "$DRY" ] || dbmtl-jax paired $O --out $O/paired.md ;;
   strongest)  # (multifashion320, dense60) issue 12 item 3: "at least the 8 strongest methods of the short-budget
     # tables". Strongest = best mean rank by Δp over the four short-budget main tables (adult_16ep_main,
@@ -347,7 +363,7 @@ for section in $SECTIONS; do
     done
     [ -n "$DRY" ] || { dbmtl-jax paired $O --out $O/paired.md && dbmtl-jax paired $O --across --out $O/across.md; } ;;
   *) echo "unknown section $section (main beta ablation log alpha budget betaopt hurts converged cosine finished optimizer" \
-          "methods paper strongest table5 sgdlr sgd stlcosine)" >&2
+          "methods paper grid strongest table5 sgdlr sgd stlcosine)" >&2
      exit 2 ;;
   esac
 done
