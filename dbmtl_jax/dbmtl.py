@@ -343,6 +343,16 @@ def dbmtl(
         out_heads = [jnp.sum(g, axis=0) for g in g_heads]
         valid = functools.reduce(jnp.logical_and, [jnp.all(jnp.isfinite(h)) for h in out_heads], valid)
         new_ema = [jnp.where(valid, ema_step(m, g, beta_k), m) for g, m in zip(g_shared, ema_leaves)]
+        # An EMA narrower than its gradient (ema_dtype=float16 under float32 gradients) can overflow on a
+        # finite gradient (1e6 does not fit float16): such a step is invalid too, and its EMA is not kept
+        # (an inf in the EMA would make every later step NaN).  Same-dtype EMAs cannot overflow (a convex
+        # combination of finite values), so only then is the EMA read again.
+        narrow_ema = [jnp.finfo(m.dtype).max < jnp.finfo(g.dtype).max for g, m in zip(g_shared, ema_leaves)]
+        if any(narrow_ema):
+            ema_ok = functools.reduce(jnp.logical_and, [jnp.all(jnp.isfinite(e)) for e, n in
+                                                        zip(new_ema, narrow_ema) if n], jnp.asarray(True))
+            new_ema = [jnp.where(ema_ok, e, m) for e, m in zip(new_ema, ema_leaves)]
+            valid = valid & ema_ok
         if new_ema:
             norms, directions = dbmtl_direction(new_ema, alpha, eps, acc, valid=valid)
             out_shared = [d.astype(g.dtype) for g, d in zip(g_shared, directions)]

@@ -147,6 +147,25 @@ def test_dbmtl_float16_direction_that_overflows_is_rejected_and_the_state_kept(j
     assert int(new.count) == 1 and not _same(new.ema, state.ema)
 
 
+@pytest.mark.parametrize("jit", [False, True])
+def test_dbmtl_float16_ema_that_overflows_on_a_finite_gradient_is_rejected_and_the_state_kept(jit):
+    """ema_dtype=float16 under float32 gradients: 1e6 is finite in float32 but not in the float16 EMA. The step
+    is invalid (NaN update) and EMA, count and norms are kept, so the next finite step is exact (an inf used
+    to stay in the EMA and make every later update NaN)."""
+    params = {"w": jnp.zeros(3)}
+    tx = dbmtl_jax.dbmtl(2, beta=0.0, ema_dtype=jnp.float16)
+    update = jax.jit(tx.update) if jit else tx.update
+    state = tx.init(params)
+    big = jnp.asarray([[1e6, 0.0, 0.0], [0.0, 1.0, 0.0]], jnp.float32)
+    u, new = update({"w": big}, state, params)
+    assert np.isnan(np.asarray(u["w"])).all()
+    assert _same(new, state)
+    ok = jnp.asarray([[3.0, 0.0, 4.0], [0.0, 1.0, 0.0]], jnp.float32)
+    u, new = update({"w": ok}, new, params)
+    np.testing.assert_allclose(np.asarray(u["w"], np.float64), _numpy_dbmtl(ok, beta=0.0), rtol=1e-3)
+    assert int(new.count) == 1 and bool(jnp.all(jnp.isfinite(new.norms)))
+
+
 def test_dbmtl_invalid_head_gradient_keeps_the_ema():
     """A non-finite head sum (NaN, or float16 entries that overflow when summed over tasks) makes the step
     invalid: the shared update is NaN and the EMA, count and norms are kept, as for a bad shared gradient."""
