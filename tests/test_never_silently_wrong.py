@@ -473,6 +473,41 @@ def test_a_finite_step_that_overflows_a_methods_state_is_rejected_and_the_state_
     assert not bool(jnp.allclose(clean_state.weights, 1.0))  # the weights move (GradNorm's froze at 1 before)
 
 
+_GRADIENT_METHODS = sorted(m for m, g in dbmtl_jax.METHOD_GROUPS.items() if g in ("gradient", "hybrid"))
+
+
+@pytest.mark.parametrize("name", _GRADIENT_METHODS)
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_a_non_finite_gradient_step_leaves_every_gradient_methods_state_untouched(name, bad):
+    """One NaN/inf shared gradient: the update is NaN and the state is the old one, so a run with the bad step
+    inserted continues exactly as the clean run. GradVac's cosine targets became NaN (it then silently
+    returned the plain sum for the rest of the run), MetaBalance's moving norms and MoCo's y NaN (every later
+    update NaN), and the other methods advanced their count."""
+    params = {"w": jnp.zeros(4), "h": jnp.zeros(2)}
+    shared = lambda path: path == "w"  # noqa: E731
+    grads = [{"w": jnp.asarray(np.random.default_rng(i).standard_normal((3, 4)), jnp.float32),
+              "h": jnp.asarray(np.random.default_rng(50 + i).standard_normal((3, 2)), jnp.float32)} for i in range(6)]
+    losses = [jnp.array([1.0, 2.0, 3.0]) * (1 - 0.05 * i) for i in range(6)]
+    tx = dbmtl_jax.get_method(name, 3, shared=shared)
+    update = jax.jit(functools.partial(tx.update, key=jax.random.key(0)))
+
+    def run(bad_at):
+        state, outs = tx.init(params), []
+        for i, (g, l) in enumerate(zip(grads, losses)):
+            if i == bad_at:
+                before = state
+                u, state = update({"w": g["w"].at[1, 2].set(bad), "h": g["h"]}, state, params, losses=l)
+                assert bool(jnp.all(jnp.isnan(u["w"]))) and _same(state, before), name
+            u, state = update(g, state, params, losses=l)
+            outs.append(u)
+        return outs, state
+
+    clean, clean_state = run(None)
+    spiked, spiked_state = run(3)
+    assert _same(spiked, clean) and _same(spiked_state, clean_state), name
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(clean))
+
+
 def test_gradnorm_rejects_a_nan_loss_after_the_first_step():
     """A NaN loss made GradNorm's relative rates NaN, which ``where(mean > 0, ..)`` turned into 1 for
     every task: a finite update and an advanced state. Now the step is invalid and the state kept."""

@@ -15,6 +15,7 @@ only its weighting, its NamedTuple state and its docstring.  The numerics
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence, Union
 
 import jax
@@ -117,6 +118,8 @@ def make_gradient_transform(
     leaves into shared and head leaves (``shared``), form the Gram matrix of
     the shared task gradients, call ``weighting``, combine ``Σ_t w_t g_t`` over
     the shared leaves, give the heads their update, merge, and advance the state.
+    A step whose Gram matrix is not finite (a NaN or inf shared gradient) is
+    rejected: NaN update, old state (no NaN enters a method's state).
 
     Args:
       name: the method name (error messages).
@@ -185,16 +188,21 @@ def make_gradient_transform(
         if needs_key:
             key = require_key(key, name)
         fields: dict = {}
-        weights = None
+        weights, gram_ok = None, None
         if g_shared or not keep_when_no_shared:
 
-            def fresh(_: Any = None) -> tuple[jax.Array, Mapping[str, Any]]:
-                return weighting(form_gram(g_shared), state, losses=losses, key=key)
+            def fresh(_: Any = None) -> tuple[jax.Array, Mapping[str, Any], jax.Array]:
+                # A non-finite shared gradient makes the Gram matrix non-finite: such a step is rejected
+                # (NaN update, state kept) before it enters any state (GradVac's cosine targets, ...).
+                g = form_gram(g_shared)
+                finite = functools.reduce(jnp.logical_and, [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(g)])
+                return (*weighting(g, state, losses=losses, key=key), finite)
 
             if refresh is None:
-                weights, new = fresh()
+                weights, new, gram_ok = fresh()
             else:
-                weights, new = jax.lax.cond(refresh(state), fresh, lambda _: stale(state), None)
+                weights, new, gram_ok = jax.lax.cond(
+                    refresh(state), fresh, lambda _: (*stale(state), jnp.asarray(True)), None)
             fields.update(new)
         if weights is None:
             out_shared = []
@@ -217,6 +225,7 @@ def make_gradient_transform(
         out = ta.merge_shared(out_shared, out_heads, mask, treedef)
         new_state = state._replace(count=optax.safe_increment(state.count), **fields)
         accepted = None if accept is None or weights is None else accept(weights)
-        return nm.reject_unless(nm.conjoin(accepted, nm.injected_ok(hparams, int_minimum)), out, new_state, state)
+        ok = nm.conjoin(accepted, gram_ok if g_shared else None, nm.injected_ok(hparams, int_minimum))
+        return nm.reject_unless(ok, out, new_state, state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

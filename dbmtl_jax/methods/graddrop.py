@@ -99,6 +99,7 @@ def graddrop(
         out_shared = []
         kept = jnp.zeros([], jnp.float32)
         nonzero = jnp.zeros([], jnp.float32)
+        finite = jnp.asarray(True)  # a NaN/inf shared gradient (or a sum past the dtype's range): the step is invalid
         for l, g in enumerate(g_shared):
             acc = jnp.promote_types(g.dtype, jnp.float32)
             x = g.astype(acc)
@@ -109,11 +110,13 @@ def graddrop(
             lk = leak_arr.astype(acc).reshape((num_tasks,) + (1,) * (g.ndim - 1))
             factor = lk + (1 - lk) * keep.astype(acc)
             out_shared.append(jnp.sum(factor * x, axis=0).astype(g.dtype))
+            # The input sum too: under jit XLA turns ``0 · x`` of a dropped entry into 0, which hides a NaN.
+            finite = finite & jnp.all(jnp.isfinite(total)) & jnp.all(jnp.isfinite(out_shared[-1]))
             kept = kept + jnp.sum(keep).astype(jnp.float32)
             nonzero = nonzero + jnp.sum(x != 0).astype(jnp.float32)
         out = ta.merge_shared(out_shared, nm.sum_heads(g_heads), mask, treedef)
         frac = jnp.where(nonzero > 0, kept / jnp.maximum(nonzero, 1.0), 1.0)
         new_state = GradDropState(count=optax.safe_increment(state.count), kept_fraction=frac)
-        return nm.reject_unless(nm.injected_ok(leak), out, new_state, state)
+        return nm.reject_unless(nm.conjoin(finite, nm.injected_ok(leak)), out, new_state, state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -120,12 +120,13 @@ def metabalance(
                 f"metabalance: state.norms has shape {state.norms.shape} but the updates need "
                 f"{(groups, num_tasks)}; the shared mask or parameter structure changed since init."
             )
-        norms, factors, out_shared = state.norms, state.factors, []
+        norms, factors, out_shared, finite = state.norms, state.factors, [], None
         if g_shared:
             dt = nm.acc_dtype(g_shared)
             cur = nm.task_norms(g_shared, dt, per_leaf=granularity == "leaf")
             cur = cur[None] if granularity == "global" else cur
             m = beta * norms.astype(dt) + (1 - beta) * cur
+            finite = jnp.all(jnp.isfinite(m))  # a NaN/inf gradient never enters the moving norms
             m_main = m[:, main_task : main_task + 1]
             ratio = nm.safe_div(jnp.broadcast_to(m_main, m.shape), m)
             ratio = jnp.minimum(ratio, jnp.finfo(dt).max / 4)
@@ -142,6 +143,6 @@ def metabalance(
             norms, factors = m.astype(state.norms.dtype), f.astype(jnp.float32)
         out = ta.merge_shared(out_shared, nm.sum_heads(g_heads), mask, treedef)
         new_state = MetaBalanceState(count=optax.safe_increment(state.count), norms=norms, factors=factors)
-        return nm.reject_unless(nm.injected_ok((relax_factor, beta)), out, new_state, state)
+        return nm.reject_unless(nm.conjoin(finite, nm.injected_ok((relax_factor, beta))), out, new_state, state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

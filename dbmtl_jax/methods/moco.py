@@ -128,7 +128,7 @@ def moco(
         beta_k = jnp.asarray(beta, jnp.float32) / k ** jnp.asarray(beta_sigma, jnp.float32)
         gamma_k = jnp.asarray(gamma, jnp.float32) / k ** jnp.asarray(gamma_sigma, jnp.float32)
 
-        lambd, new_y, out_shared = state.lambd, [], []
+        lambd, new_y, out_shared, finite = state.lambd, [], [], None
         if g_shared:
             dt = nm.acc_dtype(list(g_shared) + list(y_l))
             h = [g.astype(dt) for g in g_shared]
@@ -138,6 +138,7 @@ def moco(
                 h = [x * c.reshape((num_tasks,) + (1,) * (x.ndim - 1)) for x in h]
             new_y = [y.astype(dt) - beta_k.astype(dt) * (y.astype(dt) - x) for y, x in zip(y_l, h)]
             gram, scale = nm.gram(new_y, num_tasks, dt)
+            finite = jnp.all(jnp.isfinite(gram)) & jnp.isfinite(scale)  # a NaN/inf gradient never enters y
             lam = state.lambd.astype(dt)
             gk = gamma_k.astype(dt)
             step = jnp.matmul(gram * scale + rho * jnp.eye(num_tasks, dtype=dt), lam, precision=nm.HIGHEST)
@@ -162,6 +163,7 @@ def moco(
         out = ta.merge_shared(out_shared, nm.sum_heads(g_heads), mask, treedef)
         y_tree = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(state.y), new_y)
         new_state = MoCoState(count=count, y=y_tree, lambd=lambd)
-        return nm.reject_unless(nm.injected_ok((beta, beta_sigma, gamma, gamma_sigma, rho)), out, new_state, state)
+        ok = nm.conjoin(finite, nm.injected_ok((beta, beta_sigma, gamma, gamma_sigma, rho)))
+        return nm.reject_unless(ok, out, new_state, state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
