@@ -48,7 +48,17 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 
-from dbmtl_jax.task_gradients import Model, TrunkHeads, _check_spec_call, _cotangent_scale, _scale_rows
+from dbmtl_jax.task_gradients import (
+    Model,
+    TrunkHeads,
+    _check_argnums,
+    _check_differentiable,
+    _check_spec_call,
+    _cotangent_scale,
+    _resolve_argnums,
+    _scale_rows,
+    _transform,
+)
 
 PyTree = Any
 
@@ -130,12 +140,20 @@ def weighted_loss(opt_state: PyTree, losses: jax.Array, key: Optional[jax.Array]
 
     With ``log=True`` the objective is ``Σ_t stop_gradient(w_t) log(ℓ_t + ε)`` (the weights still come from the
     raw losses), whose gradient is the weighted sum of the per-task gradients that
-    ``value_and_task_grads(log=True)`` returns: a method's ``+log`` variant in one backward pass."""
+    ``value_and_task_grads(log=True)`` returns: a method's ``+log`` variant in one backward pass (and, as there,
+    a loss with ``ℓ_t + ε ≤ 0`` gives a NaN gradient, not the finite, wrong-signed ``1/(ℓ_t + ε)``)."""
+    eps = _check_eps(eps, "weighted_loss")
     losses = jnp.asarray(losses)
     w = jax.lax.stop_gradient(loss_weights(opt_state, jax.lax.stop_gradient(losses), key))
     acc = jnp.promote_types(losses.dtype, jnp.float32)
-    objective = jnp.log(losses.astype(acc) + eps) if log else losses.astype(acc)
-    return jnp.sum(w.astype(acc) * objective)
+    return jnp.sum(w.astype(acc) * _transform(losses.astype(acc), log, eps))
+
+
+def _check_eps(eps: Any, where: str) -> Any:
+    from dbmtl_jax.methods import _numerics  # here, not at the top, as in task_gradients
+
+    # a negative eps would shift the log silently (∇ log(ℓ − 1) for eps = −1)
+    return _numerics.check_real(eps, "eps", where, lo=0, lo_open=True, note="the ε of log(ℓ_t + ε)")
 
 
 def observe_losses(opt_state: PyTree, next_losses: jax.Array) -> PyTree:
@@ -189,8 +207,8 @@ def value_and_weighted_grad(model: Model, argnums: int = 0, *, has_aux: bool = F
       consumed here and not passed to ``loss_fn``.  Feed ``grads`` and
       ``losses`` (and ``key``) to a transform built with ``grads="weighted"``.
     """
-    if not isinstance(argnums, int):
-        raise TypeError(f"argnums must be a single int, got {argnums!r}.")
+    argnums = _check_argnums(argnums)
+    eps = _check_eps(eps, "value_and_weighted_grad")
     if isinstance(model, TrunkHeads):
         _check_spec_call(argnums, has_aux)
         loss_fn = model.losses
@@ -198,10 +216,12 @@ def value_and_weighted_grad(model: Model, argnums: int = 0, *, has_aux: bool = F
         loss_fn = model
 
     def wrapped(opt_state: PyTree, *args: Any, key: Optional[jax.Array] = None, **kwargs: Any) -> Any:
+        i = _resolve_argnums(argnums, args)  # a negative argnums counts from the end, as in jax.grad
+        _check_differentiable(args[i], "value_and_weighted_grad")
         args = list(args)
 
         def f(p: PyTree) -> Any:
-            call_args = args[:argnums] + [p] + args[argnums + 1 :]
+            call_args = args[:i] + [p] + args[i + 1 :]
             out = loss_fn(*call_args, **kwargs)
             losses, aux = out if has_aux else (out, None)
             losses = jnp.asarray(losses)
@@ -217,7 +237,7 @@ def value_and_weighted_grad(model: Model, argnums: int = 0, *, has_aux: bool = F
             scale = _cotangent_scale(jnp.max(jnp.abs(cot)))
             return objective / scale, (losses, aux, scale)
 
-        grads, (losses, aux, scale) = jax.grad(f, has_aux=True)(args[argnums])
+        grads, (losses, aux, scale) = jax.grad(f, has_aux=True)(args[i])
         grads = grads if scale is None else _scale_rows(grads, scale)
         return ((losses, aux), grads) if has_aux else (losses, grads)
 

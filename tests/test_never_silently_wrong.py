@@ -431,6 +431,50 @@ def test_a_negative_loss_gives_nan_log_gradients_not_finite_wrong_ones():
     assert bool(jnp.all(jnp.isfinite(g_raw["w"])))
 
 
+def test_the_weighted_path_gives_a_negative_loss_a_nan_log_gradient_and_rejects_a_bad_eps():
+    """``value_and_weighted_grad(log=True)`` promises the per-task path's update: a loss with ℓ + ε ≤ 0 has no
+    log, so its gradient is NaN there too (``jnp.log``'s 1/x gave a finite, wrong-signed 1.83 and the step was
+    applied), and ``eps <= 0`` (which shifts the log) is refused as by ``value_and_task_grads``."""
+    def loss_fn(p, x):
+        return jnp.stack([p["w"] * x, (p["w"] - 1.0) ** 2 + 0.5])
+
+    params = {"w": jnp.array(2.0)}
+    tx = dbmtl_jax.get_method("ew", 2, grads="weighted")
+    state = tx.init(params)
+    losses, g = loss_weighting.value_and_weighted_grad(loss_fn, log=True)(state, params, jnp.array(-1.0))
+    assert float(losses[0]) == -2.0 and bool(jnp.isnan(g["w"]))
+    _, g_task = dbmtl_jax.value_and_task_grads(loss_fn, log=True)(params, jnp.array(-1.0))
+    assert bool(jnp.isnan(g_task["w"][0]))
+    u, _ = tx.update(g, state, params, losses=losses)
+    assert bool(jnp.isnan(u["w"]))
+    # a valid loss: the same gradient as the per-task path's summed rows
+    losses, g = loss_weighting.value_and_weighted_grad(loss_fn, log=True)(state, params, jnp.array(3.0))
+    _, g_task = dbmtl_jax.value_and_task_grads(loss_fn, log=True)(params, jnp.array(3.0))
+    np.testing.assert_allclose(float(g["w"]), float(jnp.sum(g_task["w"])), rtol=1e-6)
+    for bad in (-1.0, 0.0, float("nan")):
+        with pytest.raises(ValueError, match="eps"):
+            loss_weighting.value_and_weighted_grad(loss_fn, log=True, eps=bad)
+        with pytest.raises(ValueError, match="eps"):
+            loss_weighting.weighted_loss(state, losses, log=True, eps=bad)
+
+
+def test_the_weighted_path_resolves_argnums_as_the_per_task_path_does():
+    """A negative argnums called loss_fn with duplicated arguments, an out-of-range one was a bare IndexError and
+    a bool was taken for 1; now they behave as in ``value_and_task_grads`` (and ``jax.grad``)."""
+    def loss_b(x, p):
+        return jnp.stack([p["w"] * x, (p["w"] - 1.0) ** 2 + 0.5])
+
+    params, x = {"w": jnp.array(2.0)}, jnp.array(3.0)
+    state = dbmtl_jax.get_method("ew", 2, grads="weighted").init(params)
+    ref = loss_weighting.value_and_weighted_grad(loss_b, argnums=1)(state, x, params)
+    got = loss_weighting.value_and_weighted_grad(loss_b, argnums=-1)(state, x, params)
+    assert _same(got, ref)
+    with pytest.raises(ValueError, match="argnums=3 needs at least 4 positional"):
+        loss_weighting.value_and_weighted_grad(loss_b, argnums=3)(state, x, params)
+    with pytest.raises(TypeError, match="argnums must be a single int"):
+        loss_weighting.value_and_weighted_grad(loss_b, argnums=True)
+
+
 def test_task_multi_steps_rejects_a_wrong_task_axis():
     params = {"w": jnp.ones(4)}
     tx = dbmtl_jax.TaskMultiSteps(optax.chain(dbmtl_jax.dbmtl(3), optax.sgd(1.0)), num_tasks=3, every_k_schedule=2)
