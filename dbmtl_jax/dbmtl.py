@@ -84,6 +84,9 @@ def beta_at(beta: ScalarOrSchedule, beta_sigma: Union[float, jax.Array], count: 
     rejected: a rejected step advances inject_hyperparams' count, not DB-MTL's).
     """
     beta_k = beta(count - 1) if callable(beta) else beta
+    if jnp.shape(beta_k) != ():  # one β for every task and coordinate: a vector would broadcast over the parameters
+        what = "the beta schedule" if callable(beta) else "beta"
+        raise ValueError(f"DB-MTL: {what} must give a scalar β, got shape {jnp.shape(beta_k)}.")
     return jnp.asarray(beta_k, dtype) / count.astype(dtype) ** jnp.asarray(beta_sigma, dtype)
 
 

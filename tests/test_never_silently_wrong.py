@@ -369,6 +369,29 @@ def test_dbmtl_hyperparameter_edges_and_traced_values_are_accepted():
     assert bool(jnp.all(jnp.isfinite(u["w"])))
 
 
+@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_beta_schedule_that_returns_a_vector_is_refused(jit, fused):
+    """β is one number: a schedule returning one β per task was broadcast over the *parameter* axis under jit
+    (column 0 got 0.9, column 1 got 0) and turned the state's count into a vector; now it is a clear error."""
+    params = {"w": jnp.zeros(2)}
+    g = {"w": jnp.asarray([[1.0, 2.0], [3.0, 4.0]])}
+    schedule = lambda count: jnp.asarray([0.9, 0.0])  # noqa: E731
+    if fused:
+        def loss_fn(p, batch):
+            return jnp.stack([jnp.sum((p["w"] - batch) ** 2), jnp.sum((p["w"] + batch) ** 2)])
+
+        tx = dbmtl_jax.fused_dbmtl(loss_fn, num_tasks=2, optimizer=optax.sgd(0.1), beta=schedule, beta_sigma=0.0)
+        step = jax.jit(tx.update) if jit else tx.update
+        with pytest.raises(ValueError, match=r"beta schedule must give a scalar β, got shape \(2,\)"):
+            step(tx.init(params), params, 1.0)
+        return
+    tx = dbmtl_jax.dbmtl(2, beta=schedule, beta_sigma=0.0)
+    update = jax.jit(tx.update) if jit else tx.update
+    with pytest.raises(ValueError, match=r"beta schedule must give a scalar β, got shape \(2,\)"):
+        update(g, tx.init(params), params)
+
+
 def test_a_beta_schedule_or_injected_value_out_of_range_makes_the_step_invalid():
     """β_k ≥ 1 would freeze (= 1) or reverse (> 1) the EMA while every number stays finite."""
     params = {"w": jnp.zeros(2)}
