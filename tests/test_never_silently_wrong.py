@@ -663,6 +663,22 @@ def test_loss_weighting_rejects_a_non_finite_loss_and_keeps_its_state(name, bad)
     assert bool(jnp.all(jnp.isfinite(u["w"])))
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, 3e38])
+def test_imtl_rejects_a_bad_loss_and_keeps_its_loss_scales(bad):
+    """IMTL (hybrid) zeroed a non-finite scale gradient: a NaN/inf loss gave a finite update while its
+    loss-scale optimizer still stepped. Now such a step is invalid and the state kept, as IMTL-L's; so is a
+    finite loss that overflows the scale optimizer's state (3e38: Adam's second moment (e^s ℓ)² is inf)."""
+    params = {"w": jnp.zeros(4)}
+    g = {"w": jnp.asarray(np.random.default_rng(0).standard_normal((3, 4)), jnp.float32)}
+    tx = dbmtl_jax.get_method("imtl", 3)
+    update = jax.jit(tx.update)
+    _, state = update(g, tx.init(params), params, losses=jnp.array([1.0, 2.0, 3.0]))
+    u, new = update(g, state, params, losses=jnp.array([bad, 2.0, 3.0]))
+    assert bool(jnp.all(jnp.isnan(u["w"]))) and _same(new, state)
+    u, _ = update(g, state, params, losses=jnp.array([1.0, 2.0, 3.0]))
+    assert bool(jnp.all(jnp.isfinite(u["w"])))
+
+
 # -- item 6: debug under jit, complex and integer parameters -----------------------------------------
 
 

@@ -133,7 +133,8 @@ def make_gradient_transform(
         ``"leaf"``: one such matrix per shared leaf, ``[L, T, T]``;
         ``"cosine"``: ``(cos, norms)`` (:func:`dbmtl_jax.methods._numerics.task_cosine_gram`).
         ``losses`` is validated (``[T]``, float32 or wider) when
-        ``needs_losses``, else passed as given; ``key`` likewise with ``needs_key``.
+        ``needs_losses``, and a step with a non-finite loss is rejected (NaN
+        update, old state); else passed as given; ``key`` likewise with ``needs_key``.
       init_state: ``init_state(params)``, the initial NamedTuple state.
       shared: which leaves are shared (see :func:`dbmtl_jax.task_axis.resolve_shared`).
       heads: the head (task-specific) leaves get ``"sum"`` (``Σ_t g_t``),
@@ -145,7 +146,8 @@ def make_gradient_transform(
         traced bool) holds; otherwise ``stale(state)`` gives ``(weights,
         fields)`` and the Gram matrix is not formed (``lax.cond``).
       advance: ``advance(state, *, losses, key) -> fields``, a state update that
-        does not need the gradients (run on every update).
+        does not need the gradients (run on every update); a non-finite field
+        it returns makes the step invalid (NaN update, old state).
       postprocess: applied to the combined shared leaves (e.g. norm clipping).
       accept: ``accept(weights) -> bool`` (traced): a step whose weights fail it
         is rejected as a whole: every update leaf NaN and the *old* state kept
@@ -220,12 +222,20 @@ def make_gradient_transform(
             out_heads = nm.combine(g_heads, weights)
         else:
             out_heads = nm.combine(g_heads, heads(state))
+        advanced_ok = None
         if advance is not None:
-            fields.update(advance(state, losses=losses, key=key))
+            advanced = advance(state, losses=losses, key=key)
+            # guard what is produced: a finite input can still overflow the advanced fields (IMTL's e^s ℓ)
+            advanced_ok = functools.reduce(jnp.logical_and, [jnp.all(jnp.isfinite(x)) for x in
+                                                             jax.tree_util.tree_leaves(advanced)
+                                                             if jnp.issubdtype(x.dtype, jnp.inexact)], jnp.asarray(True))
+            fields.update(advanced)
         out = ta.merge_shared(out_shared, out_heads, mask, treedef)
         new_state = state._replace(count=optax.safe_increment(state.count), **fields)
         accepted = None if accept is None or weights is None else accept(weights)
-        ok = nm.conjoin(accepted, gram_ok if g_shared else None, nm.injected_ok(hparams, int_minimum))
+        losses_ok = jnp.all(jnp.isfinite(losses)) if needs_losses else None  # a NaN/inf loss: invalid step
+        ok = nm.conjoin(accepted, gram_ok if g_shared else None, losses_ok, advanced_ok,
+                        nm.injected_ok(hparams, int_minimum))
         return nm.reject_unless(ok, out, new_state, state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

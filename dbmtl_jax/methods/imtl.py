@@ -114,8 +114,9 @@ def imtl(
     def advance(state: IMTLState, *, losses: jax.Array, **_: Any) -> dict:
         # IMTL-L: one step of the inner optimizer on ∂/∂s (e^s ℓ − s) = e^s ℓ − 1
         s = state.log_scales
+        # A non-finite grad_s (a NaN/inf loss, or e^s ℓ past float32) is not zeroed: the step is invalid
+        # (make_gradient_transform rejects a non-finite loss and a non-finite advanced state).
         grad_s = (scales(state) * losses.astype(jnp.float32) - 1.0).astype(jnp.float32)
-        grad_s = jnp.where(jnp.isfinite(grad_s), grad_s, 0.0)
         step, inner_state = inner.update(grad_s, state.inner_state, s)
         new_s = jnp.clip(optax.apply_updates(s, step), -max_log_scale, max_log_scale).astype(jnp.float32)
         return dict(log_scales=new_s, inner_state=inner_state)
