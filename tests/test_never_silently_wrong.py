@@ -575,6 +575,21 @@ def test_a_non_finite_gradient_step_leaves_every_gradient_methods_state_untouche
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(clean))
 
 
+@pytest.mark.parametrize("name", ["nash_mtl", "fairgrad", "dbmtl", "mgda", "graddrop"])
+def test_a_zero_size_shared_leaf_contributes_nothing(name):
+    """A zero-size leaf (an empty bias, a layer of width 0) is part of no norm: a method gives the update it
+    gives without it (Nash-MTL and FairGrad failed with NumPy's "zero-size array to reduction operation"; every
+    other method passed this check when it was written for all 26, a 5-minute test kept to a sample)."""
+    params = {"a": jnp.ones(3), "z": jnp.zeros((0, 4))}
+    g = {"a": jnp.array([[1.0, 2.0, 3.0], [4.0, -5.0, 6.0]]), "z": jnp.zeros((2, 0, 4))}
+    tx = dbmtl_jax.get_method(name, 2)
+    kw = dict(losses=jnp.array([1.0, 2.0]), key=jax.random.key(0))
+    u, _ = tx.update(g, tx.init(params), params, **kw)
+    ref, _ = tx.update({"a": g["a"]}, tx.init({"a": params["a"]}), {"a": params["a"]}, **kw)
+    assert u["z"].shape == (0, 4)
+    np.testing.assert_allclose(np.asarray(u["a"]), np.asarray(ref["a"]), rtol=1e-6)
+
+
 def test_gradnorm_rejects_a_nan_loss_after_the_first_step():
     """A NaN loss made GradNorm's relative rates NaN, which ``where(mean > 0, ..)`` turned into 1 for
     every task: a finite update and an advanced state. Now the step is invalid and the state kept."""

@@ -562,15 +562,15 @@ def task_norms(tree: PyTree, dtype: Any = None, *, per_leaf: bool = False) -> ja
 
 
 def global_norm(leaves: Sequence[jax.Array], dtype: Any = jnp.float32) -> jax.Array:
-    """L2 norm over all ``leaves`` (no task axis), overflow-safe via :func:`max_abs` scaling."""
+    """L2 norm over all ``leaves`` (no task axis), overflow-safe via :func:`max_abs` scaling.
+
+    Zero-size leaves contribute nothing; a NaN entry gives NaN (not 0), an inf one inf."""
+    leaves = [x for x in leaves if x.size]
     if not leaves:
         return jnp.zeros([], dtype)
-    amax = jnp.zeros([], dtype)
-    for x in leaves:
-        amax = jnp.maximum(amax, jnp.max(jnp.abs(x)).astype(dtype))
     safe = max_abs(leaves, dtype)
     sq = sum(jnp.sum(jnp.square(x.astype(dtype) / safe)) for x in leaves)
-    return jnp.where(amax > 0, safe * jnp.sqrt(sq), jnp.zeros([], dtype))
+    return safe * jnp.sqrt(sq)
 
 
 # ----------------------------------------------------------------------------
