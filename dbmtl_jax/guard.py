@@ -62,9 +62,12 @@ class SkipState(NamedTuple):
         (kept so that the output check need not read the old state: a leaf that
         holds an ``inf`` by design, a sentinel, is not blamed on a step).
       step: steps seen, valid or not (int32).
-      num_skipped: total skipped steps (int32).
-      consecutive_skipped: skipped steps since the last valid one (int32).
-      last_valid: whether the last step was applied (bool).
+      num_skipped: total skipped steps (int32); an invalid step that
+        ``max_consecutive_skips`` applies is not counted.
+      consecutive_skipped: invalid steps since the last valid one (int32),
+        the applied ones included.
+      last_valid: whether the last step was valid (bool; an invalid step that
+        ``max_consecutive_skips`` applies is not).
     """
 
     inner_state: PyTree
@@ -388,7 +391,7 @@ def skip_invalid_steps(
             inner_state=new_inner,
             inner_finite=tuple(jnp.where(keep_new, n, o) for n, o in zip(new_flags, state.inner_finite)),
             step=step,
-            num_skipped=state.num_skipped + invalid.astype(jnp.int32),
+            num_skipped=state.num_skipped + (invalid & ~keep_new).astype(jnp.int32),  # not the forced ones
             consecutive_skipped=jnp.where(invalid, state.consecutive_skipped + 1, 0).astype(jnp.int32),
             last_valid=~invalid,
         )

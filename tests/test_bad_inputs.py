@@ -111,7 +111,8 @@ def test_max_consecutive_skips_lets_problem_surface():
         params, state = step(params, state, _corrupt("nan_loss"))
         assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(params))
     params, state = step(params, state, _corrupt("nan_loss"))
-    assert int(state.num_skipped) == 3
+    # applied, so not counted as skipped (it was: 3); still invalid and consecutive
+    assert int(state.num_skipped) == 2 and int(state.consecutive_skipped) == 3 and not bool(state.last_valid)
     # The third invalid step was applied: Adam counted it and the NaN reached the parameters,
     # while dbmtl still kept the NaN out of its EMA.
     assert int(state.inner_state[1][0].count) == 1
