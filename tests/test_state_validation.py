@@ -339,3 +339,21 @@ def test_consistent_ema_dtypes_still_run(fused):
             assert u["w"].dtype == params["w"].dtype and bool(jnp.all(jnp.isfinite(u["w"])))
             ema = state.ema["w"]
         assert ema.dtype == want and int((state[0] if fused else state).count) > 0
+
+
+@pytest.mark.parametrize("name", ["igbv2", "dbmtl"])
+def test_an_eager_update_accepts_a_state_restored_as_numpy_arrays(name):
+    """A checkpoint restored with ``flax.serialization.from_bytes`` or ``jax.device_get`` holds NumPy arrays:
+    the eager ``update`` continues from it exactly as from the device state (IGBv2 raised AttributeError: no
+    ``.at`` on a NumPy array)."""
+    params = {"w": jnp.zeros(4)}
+    g = {"w": jnp.asarray(np.random.default_rng(0).standard_normal((3, 4)), jnp.float32)}
+    tx = dbmtl_jax.get_method(name, 3)
+    kw = dict(losses=jnp.array([1.0, 2.0, 3.0]), key=jax.random.key(0))
+    _, state = tx.update(g, tx.init(params), params, **kw)
+    host = jax.tree.map(lambda x: np.asarray(x) if not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x,
+                        jax.device_get(state))
+    u_dev, s_dev = tx.update(g, state, params, **kw)
+    u_host, s_host = tx.update(g, host, params, **kw)
+    for a, b in zip(jax.tree.leaves((u_dev, s_dev)), jax.tree.leaves((u_host, s_host))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

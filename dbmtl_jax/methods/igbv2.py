@@ -180,6 +180,7 @@ class IGBv2State(NamedTuple):
         ptr = self.buf_ptr
 
         def put(buf: jax.Array, row: jax.Array) -> jax.Array:
+            buf = jnp.asarray(buf)  # a restored checkpoint may hold NumPy arrays (no .at)
             return buf.at[ptr].set(jnp.where(add, row, buf[ptr]))
 
         s = self._replace(
