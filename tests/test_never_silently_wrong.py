@@ -508,6 +508,20 @@ def test_task_multi_steps_rejects_a_wrong_task_axis():
         tx.update({"w": jnp.ones(4)}, state, params)
 
 
+def _run_with_a_bad_step(update, state, params, grads, losses, bad_at, corrupt):
+    """The updates and final state of a run over ``grads``; at step ``bad_at`` (None: never) ``corrupt(g)`` is fed
+    first, which must give a NaN shared update and leave the state as it was, and then ``g`` itself."""
+    outs = []
+    for i, (g, l) in enumerate(zip(grads, losses)):
+        if i == bad_at:
+            before = state
+            u, state = update(corrupt(g), state, params, losses=l)
+            assert bool(jnp.all(jnp.isnan(u["w"]))) and _same(state, before)
+        u, state = update(g, state, params, losses=l)
+        outs.append(u)
+    return outs, state
+
+
 @pytest.mark.parametrize("name", ["gradnorm", "excessmtl"])
 def test_a_finite_step_that_overflows_a_methods_state_is_rejected_and_the_state_kept(name):
     """GradNorm's Adam second moment and ExcessMTL's sums of squares overflow for gradients of ~1e20
@@ -521,20 +535,10 @@ def test_a_finite_step_that_overflows_a_methods_state_is_rejected_and_the_state_
     tx = dbmtl_jax.get_method(name, 3)
     update = jax.jit(tx.update)
 
-    def run(spike_at):
-        state, outs = tx.init(params), []
-        for i, (g, l) in enumerate(zip(grads, losses)):
-            if i == spike_at:
-                before = state
-                u, state = update(jax.tree.map(lambda x: x * 1e20, g), state, params, losses=l)
-                assert bool(jnp.all(jnp.isfinite(g["w"] * 1e20)))  # the input itself is finite
-                assert bool(jnp.all(jnp.isnan(u["w"]))) and _same(state, before), name
-            u, state = update(g, state, params, losses=l)
-            outs.append(u)
-        return outs, state
-
-    clean, clean_state = run(None)
-    spiked, spiked_state = run(10)
+    assert all(bool(jnp.all(jnp.isfinite(g["w"] * 1e20))) for g in grads)  # the input itself is finite
+    spike = lambda g: jax.tree.map(lambda x: x * 1e20, g)  # noqa: E731
+    clean, clean_state = _run_with_a_bad_step(update, tx.init(params), params, grads, losses, None, spike)
+    spiked, spiked_state = _run_with_a_bad_step(update, tx.init(params), params, grads, losses, 10, spike)
     assert _same(spiked, clean) and _same(spiked_state, clean_state)
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(clean_state) if x.dtype != jnp.int32)
     assert not bool(jnp.allclose(clean_state.weights, 1.0))  # the weights move (GradNorm's froze at 1 before)
@@ -558,19 +562,9 @@ def test_a_non_finite_gradient_step_leaves_every_gradient_methods_state_untouche
     tx = dbmtl_jax.get_method(name, 3, shared=shared)
     update = jax.jit(functools.partial(tx.update, key=jax.random.key(0)))
 
-    def run(bad_at):
-        state, outs = tx.init(params), []
-        for i, (g, l) in enumerate(zip(grads, losses)):
-            if i == bad_at:
-                before = state
-                u, state = update({"w": g["w"].at[1, 2].set(bad), "h": g["h"]}, state, params, losses=l)
-                assert bool(jnp.all(jnp.isnan(u["w"]))) and _same(state, before), name
-            u, state = update(g, state, params, losses=l)
-            outs.append(u)
-        return outs, state
-
-    clean, clean_state = run(None)
-    spiked, spiked_state = run(3)
+    corrupt = lambda g: {"w": g["w"].at[1, 2].set(bad), "h": g["h"]}  # noqa: E731
+    clean, clean_state = _run_with_a_bad_step(update, tx.init(params), params, grads, losses, None, corrupt)
+    spiked, spiked_state = _run_with_a_bad_step(update, tx.init(params), params, grads, losses, 3, corrupt)
     assert _same(spiked, clean) and _same(spiked_state, clean_state), name
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(clean))
 
