@@ -19,6 +19,8 @@ $P $R/dense_60ep_finished --out $R/dense_60ep_finished/paired.md
 $P $R/dense_60ep_finished --average-last 0.2 --out $R/dense_60ep_finished/paired_no_selection.md
 $P $R/multifashion_320ep_finished --out $R/multifashion_320ep_finished/paired.md
 $P $R/multifashion_320ep_finished --average-last 0.2 --out $R/multifashion_320ep_finished/paired_no_selection.md
+$P $R/multifashion_320ep_grid --ref dbmtl --ref 'dbmtl (beta=0.0)' --out $R/multifashion_320ep_grid/paired.md
+$P $R/multifashion_320ep_grid --ref dbmtl --ref 'dbmtl (beta=0.0)' --average-last 0.2 --out $R/multifashion_320ep_grid/paired_no_selection.md
 $P $R/multimnist_12ep_betaopt --out $R/multimnist_12ep_betaopt/paired.md
 $P $R/multimnist_12ep_betaopt --baseline ew --out $R/multimnist_12ep_betaopt/paired_vs_ew.md
 $P $R/multimnist_160ep_converged --out $R/multimnist_160ep_converged/paired.md
@@ -77,3 +79,4 @@ for d in adult_16ep_beta dense_8ep_beta multimnist_3ep_beta multimnist_12ep_beta
 done
 python -m dbmtl_jax.experiments select $R/multimnist_320ep_cosine --vary beta,beta_sigma > /dev/null
 python -m dbmtl_jax.experiments select $R/qm9_150ep_paper --vary beta,beta_sigma > /dev/null
+python -m dbmtl_jax.experiments select $R/multifashion_320ep_grid --vary beta,beta_sigma > /dev/null
