@@ -138,7 +138,9 @@ def moco(
                 h = [x * c.reshape((num_tasks,) + (1,) * (x.ndim - 1)) for x in h]
             new_y = [y.astype(dt) - beta_k.astype(dt) * (y.astype(dt) - x) for y, x in zip(y_l, h)]
             gram, scale = nm.gram(new_y, num_tasks, dt)
-            finite = jnp.all(jnp.isfinite(gram)) & jnp.isfinite(scale)  # a NaN/inf gradient never enters y
+            # A NaN/inf gradient never enters y: it makes the normalised Gram matrix non-finite (its scale
+            # may overflow legitimately, ‖y‖² past float32, which the λ step below handles).
+            finite = jnp.all(jnp.isfinite(gram))
             lam = state.lambd.astype(dt)
             gk = gamma_k.astype(dt)
             step = jnp.matmul(gram * scale + rho * jnp.eye(num_tasks, dtype=dt), lam, precision=nm.HIGHEST)
