@@ -15,7 +15,6 @@ only its weighting, its NamedTuple state and its docstring.  The numerics
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence, Union
 
 import jax
@@ -197,8 +196,7 @@ def make_gradient_transform(
                 # A non-finite shared gradient makes the Gram matrix non-finite: such a step is rejected
                 # (NaN update, state kept) before it enters any state (GradVac's cosine targets, ...).
                 g = form_gram(g_shared)
-                finite = functools.reduce(jnp.logical_and, [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(g)])
-                return (*weighting(g, state, losses=losses, key=key), finite)
+                return (*weighting(g, state, losses=losses, key=key), nm.all_finite(g))
 
             if refresh is None:
                 weights, new, gram_ok = fresh()
@@ -226,9 +224,7 @@ def make_gradient_transform(
         if advance is not None:
             advanced = advance(state, losses=losses, key=key)
             # guard what is produced: a finite input can still overflow the advanced fields (IMTL's e^s ℓ)
-            advanced_ok = functools.reduce(jnp.logical_and, [jnp.all(jnp.isfinite(x)) for x in
-                                                             jax.tree_util.tree_leaves(advanced)
-                                                             if jnp.issubdtype(x.dtype, jnp.inexact)], jnp.asarray(True))
+            advanced_ok = nm.all_finite(advanced)
             fields.update(advanced)
         out = ta.merge_shared(out_shared, out_heads, mask, treedef)
         new_state = state._replace(count=optax.safe_increment(state.count), **fields)
