@@ -53,6 +53,7 @@ from dbmtl_jax.task_gradients import (
     TrunkHeads,
     _check_argnums,
     _check_differentiable,
+    _check_eps,
     _check_spec_call,
     _cotangent_scale,
     _resolve_argnums,
@@ -148,12 +149,6 @@ def weighted_loss(opt_state: PyTree, losses: jax.Array, key: Optional[jax.Array]
     acc = jnp.promote_types(losses.dtype, jnp.float32)
     return jnp.sum(w.astype(acc) * _transform(losses.astype(acc), log, eps))
 
-
-def _check_eps(eps: Any, where: str) -> Any:
-    from dbmtl_jax.methods import _numerics  # here, not at the top, as in task_gradients
-
-    # a negative eps would shift the log silently (∇ log(ℓ − 1) for eps = −1)
-    return _numerics.check_real(eps, "eps", where, lo=0, lo_open=True, note="the ε of log(ℓ_t + ε)")
 
 
 def observe_losses(opt_state: PyTree, next_losses: jax.Array) -> PyTree:

@@ -148,10 +148,8 @@ def transform_losses(losses: jax.Array, *, log: bool = True, eps: float = 1e-8) 
     library's gradient functions (:func:`value_and_task_grads`, :func:`dbmtl_jax.fused_dbmtl`,
     :func:`dbmtl_jax.loss_weighting.value_and_weighted_grad`) rescale that cotangent and are exact for float16 losses.
     """
-    from dbmtl_jax.methods import _numerics  # here, not at the top, as in task_axis
-
     losses = jnp.asarray(losses)
-    eps = _numerics.check_real(eps, "eps", "transform_losses", lo=0, lo_open=True, note="the ε of log(ℓ_t + ε)")
+    eps = _check_eps(eps, "transform_losses")
     if log and jnp.dtype(losses.dtype) == jnp.float16:
         warnings.warn(
             "float16 task losses under the log transform: the gradient of log(ℓ + ε) carries 1/ℓ in float16, "
@@ -271,6 +269,14 @@ def _split_aux(out: Any, has_aux: bool) -> tuple[Any, Any]:
     return out, None
 
 
+def _check_eps(eps: Any, where: str) -> Any:
+    """``eps`` of ``log(ℓ_t + ε)`` checked finite and > 0 (a negative one would shift the log silently:
+    ∇ log(ℓ − 1) for eps = −1); ``where`` names the function in the error."""
+    from dbmtl_jax.methods import _numerics  # here, not at the top, as in task_axis
+
+    return _numerics.check_real(eps, "eps", where, lo=0, lo_open=True, note="the ε of log(ℓ_t + ε)")
+
+
 def _check_argnums(argnums: Any) -> int:
     if isinstance(argnums, (bool, np.bool_)) or not isinstance(argnums, numbers.Integral):
         raise TypeError(f"argnums must be a single int, got {argnums!r}.")
@@ -384,10 +390,7 @@ def value_and_task_grads(
     """
     argnums = _check_argnums(argnums)
     chunk_size = None if chunk_size is None else _check_chunk(chunk_size)
-    from dbmtl_jax.methods import _numerics  # here, not at the top, as in task_axis
-
-    # a negative eps would shift the log silently (∇ log(ℓ − 1) for eps = −1)
-    eps = _numerics.check_real(eps, "eps", "value_and_task_grads", lo=0, lo_open=True, note="the ε of log(ℓ_t + ε)")
+    eps = _check_eps(eps, "value_and_task_grads")
     strategy = _check_strategy(strategy, chunk_size)
     if isinstance(model, TrunkHeads):
         _check_spec_call(argnums, has_aux)

@@ -108,6 +108,15 @@ main_rows() {  # the main table's STL, LibMTL-setting DB-MTL and DB-MTL β = 0 r
   run --methods stl,dbmtl $LIBMTL --study "$1"
   run --methods dbmtl --hp dbmtl.beta=0.0 --study "$1"
 }
+finished_rows() {  # the finished section's rows into $O, seed by seed: STL, EW and DB-MTL, then DB-MTL at LibMTL's
+  # constant β = 0.9 and with β = 0 (no EMA), the other two β of issue 12 item 4
+  local s
+  for s in $SEEDS; do run --methods dbmtl,stl,ew --lr-schedule cosine --seeds $s, --test-curve --study $O; done
+  for s in $SEEDS; do
+    run --methods dbmtl $LIBMTL --lr-schedule cosine --seeds $s, --test-curve --study $O
+    run --methods dbmtl --hp dbmtl.beta=0.0 --lr-schedule cosine --seeds $s, --test-curve --study $O
+  done
+}
 fig5_grid() {  # Fig. 5's grid rows beyond default, LibMTL's β and β = 0, finished protocol, seed by seed, into $O
   local s hp
   for s in $SEEDS; do
@@ -224,12 +233,7 @@ for section in $SECTIONS; do
       && dbmtl-jax paired $O --average-last 0.2 --out $O/paired_no_selection.md \
       && dbmtl-jax paired "$P"_converged $O --across --out $O/across.md; } ;;
   finished)  # (qm9_2k, multifashion320, dense60) STL, EW and DB-MTL with the learning rate decayed to 0, seed by seed (a partial study is paired)
-    for s in $SEEDS; do run --methods dbmtl,stl,ew --lr-schedule cosine --seeds $s, --test-curve --study $O; done
-    # then DB-MTL at LibMTL's constant β = 0.9 and with β = 0 (no EMA), the other two β of issue 12 item 4
-    for s in $SEEDS; do
-      run --methods dbmtl $LIBMTL --lr-schedule cosine --seeds $s, --test-curve --study $O
-      run --methods dbmtl --hp dbmtl.beta=0.0 --lr-schedule cosine --seeds $s, --test-curve --study $O
-    done
+    finished_rows
     [ -n "$DRY" ] || dbmtl-jax paired $O --out $O/paired.md ;;
   optimizer)  # (qm9_2k, multimnist320) issue 12 item 4 under the finished protocol: is the constant β's deficit
     # double momentum? The finished (qm9) or cosine (multimnist) section's Adam (b1 = 0.9) rows (found in the store,
@@ -297,11 +301,7 @@ for section in $SECTIONS; do
   grid)  # (multifashion320, dense60) issue 12 item 6, "which β": Fig. 5's grid under the finished protocol. The
     # finished section's STL, EW, DB-MTL (default), LibMTL's β and β = 0 (listed from the store), then the grid's
     # other four rows seed by seed. `dbmtl-jax select $O --vary beta,beta_sigma` is the paper's choice on validation.
-    for s in $SEEDS; do
-      run --methods dbmtl,stl,ew --lr-schedule cosine --seeds $s, --test-curve --study $O
-      run --methods dbmtl $LIBMTL --lr-schedule cosine --seeds $s, --test-curve --study $O
-      run --methods dbmtl --hp dbmtl.beta=0.0 --lr-schedule cosine --seeds $s, --test-curve --study $O
-    done
+    finished_rows
     fig5_grid
     [ -n "$DRY" ] || dbmtl-jax paired $O --out $O/paired.md ;;
   strongest)  # (multifashion320, dense60) issue 12 item 3: "at least the 8 strongest methods of the short-budget

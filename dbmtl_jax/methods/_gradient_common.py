@@ -230,8 +230,7 @@ def make_gradient_transform(
         new_state = state._replace(count=optax.safe_increment(state.count), **fields)
         accepted = None if accept is None or weights is None else accept(weights)
         losses_ok = jnp.all(jnp.isfinite(losses)) if needs_losses else None  # a NaN/inf loss: invalid step
-        ok = nm.conjoin(accepted, gram_ok if g_shared else None, losses_ok, advanced_ok,
-                        nm.injected_ok(hparams, int_minimum))
+        ok = nm.conjoin(accepted, gram_ok, losses_ok, advanced_ok, nm.injected_ok(hparams, int_minimum))
         return nm.reject_unless(ok, out, new_state, state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
