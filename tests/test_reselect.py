@@ -50,7 +50,17 @@ def test_smoothing_prefers_a_plateau_to_a_lone_spike_in_either_direction():
     assert rs.smoothed_epoch([-v for v in curve], 3, higher=False) == rs.smoothed_epoch(curve, 3)
     assert rs.smoothed_epoch([1.0, 1.0, 1.0], 1) == 1  # first of ties, as the runner keeps the first best
     with pytest.raises(ValueError, match="no finite value"):
-        rs.smoothed_epoch([math.nan, math.nan], 3)
+        rs.smoothed_epoch([math.nan, math.nan], 1)
+
+
+def test_a_window_longer_than_the_curve_is_refused():
+    # Truncated at both ends, a window of >= 2E - 1 epochs averages the whole curve at every epoch: the curve is
+    # flat and the first epoch "wins" (audit 41: --smooth 301 on 150 epochs tabulated epoch-1 models).
+    curve = [0.0, 1.0, 2.0, 3.0, 9.0, 3.0, 2.0]
+    assert rs.smoothed_epoch(curve, 7) == int(np.argmax(_numpy_centred_mean(curve, 7))) + 1  # as long as the curve
+    for w in (9, 13):
+        with pytest.raises(ValueError, match=f"window {w} is longer than the curve's 7 epochs"):
+            rs.smoothed_epoch(curve, w)
 
 
 def _toy_runs(tmp_path, *extra):
@@ -116,6 +126,11 @@ def test_runs_without_a_test_curve_are_refused_or_skipped_and_the_cli(tmp_path, 
     assert main(["paired", str(out2), "--smooth", "3"]) == 0
     text = capsys.readouterr().out
     assert "3-epoch centred moving average" in text and "| ew |" in text.replace("**", "")
+    # a window longer than the runs' 6 epochs is an error naming it, not a table of first epochs
+    with pytest.raises(ValueError, match="window 7 is longer than .* 6 epochs"):
+        rs.reselect_all(load_results(out2), 7, skipped=[])
+    assert main(["paired", str(out2), "--smooth", "7"]) == 2
+    assert "window 7 is longer than" in capsys.readouterr().err
     # The report draws the per-epoch curves, with the test Δp panel when test curves were recorded.
     from dbmtl_jax.experiments.report import _epoch_plot, load_results as lr, summarize
 
@@ -189,3 +204,13 @@ def test_smoothing_never_selects_a_diverged_epoch_for_its_neighbours_scores():
         again = rs.reselect_smoothed(run, 3)
         assert again["selected_epoch"] == {"a": 3}
         assert again["metrics"]["test"] == {"a": {"acc": pytest.approx(0.69)}}
+
+
+def test_a_test_metric_missing_at_the_reselected_epoch_is_nan_not_a_crash():
+    # Validation finite everywhere, the test metric not recorded (None, a NaN as stored) at the epoch the smoothed
+    # curve picks: NaN there, so the table leaves the run out, as --average-last does (audit 41: a TypeError).
+    run = _curve_run("ew", [0.1, 0.5, 0.9, 0.2], [0.5, 0.6, 0.7, 0.4])
+    run["history"]["test"][2] = {"a": {"acc": None}}
+    again = rs.reselect_smoothed(run, 1)
+    assert again["selected_epoch"] == {"a": 3} and math.isnan(again["metrics"]["test"]["a"]["acc"])
+    assert again["metrics"]["val"] == {"a": {"acc": 0.7}}

@@ -30,9 +30,15 @@ __all__ = ["smooth_curve", "smoothed_epoch", "reselect_smoothed", "reselect_all"
            "last_epochs"]
 
 
-def _check_window(window: Any) -> None:
+def _check_window(window: Any, epochs: int | None = None, name: str = "the curve") -> None:
+    """``window`` must be an odd positive int and, given the curve's length, at most ``epochs``: a wider window
+    truncated at both ends flattens the curve (from 2·epochs − 1 on every epoch averages the whole curve and the
+    first epoch wins the tie), so the choice would say nothing about the validation curve."""
     if isinstance(window, bool) or not isinstance(window, int) or window < 1 or window % 2 == 0:
         raise ValueError(f"window must be an odd positive int (epochs), got {window!r}.")
+    if epochs is not None and window > epochs:
+        raise ValueError(f"window {window} is longer than {name}'s {epochs} epochs: a centred moving average wider "
+                         "than the curve flattens it; use a window of at most the number of epochs.")
 
 
 def smooth_curve(values: Sequence[float], window: int) -> np.ndarray:
@@ -55,6 +61,7 @@ def smooth_curve(values: Sequence[float], window: int) -> np.ndarray:
 def smoothed_epoch(scores: Sequence[float], window: int, higher: bool = True) -> int:
     """The 1-based epoch whose smoothed score is best (the first such epoch on ties), among the epochs whose own
     score is finite (a diverged epoch is never chosen for its neighbours' scores)."""
+    _check_window(window, len(scores))
     s = smooth_curve(scores, window)
     ok = np.isfinite(s) & np.isfinite(np.asarray(scores, np.float64))
     if not np.any(ok):
@@ -64,7 +71,9 @@ def smoothed_epoch(scores: Sequence[float], window: int, higher: bool = True) ->
 
 
 def _epoch_metrics(curve: Sequence[Mapping[str, Any]], epoch: int, task: str) -> dict[str, float]:
-    return {m: float(v) for m, v in curve[epoch - 1][task].items()}
+    """The task's metrics at a 1-based epoch; a metric not recorded there (``None``) is NaN, so the run's Δp is NaN
+    and the table leaves it out, as :func:`average_last` does."""
+    return {m: math.nan if v is None else float(v) for m, v in curve[epoch - 1][task].items()}
 
 
 def _curves(run: Mapping[str, Any], why: str) -> tuple[list, list]:
@@ -124,8 +133,13 @@ def _each(runs: Sequence[Mapping[str, Any]], fn: Callable[[Mapping[str, Any]], d
 def reselect_all(runs: Sequence[Mapping[str, Any]], window: int,
                  skipped: list | None = None) -> list[dict[str, Any]]:
     """:func:`reselect_smoothed` of every run; runs without a test curve go to ``skipped``
-    as ``(path, reason)`` (or raise when ``skipped`` is None).  A bad ``window`` always raises."""
+    as ``(path, reason)`` (or raise when ``skipped`` is None).  A bad ``window`` always raises, also one longer
+    than some run's curve."""
     _check_window(window)
+    for r in runs:
+        val = (r.get("history") or {}).get("val")
+        if val:
+            _check_window(window, len(val), str(r.get("_path") or f"{r.get('method')} seed {r.get('seed')}"))
     return _each(runs, lambda r: reselect_smoothed(r, window), skipped)
 
 
