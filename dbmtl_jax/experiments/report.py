@@ -242,10 +242,15 @@ class Row:
 
     @property
     def label(self) -> str:
+        from dbmtl_jax.experiments.train import SELF_OPTIMIZING
+
+        name = self.method
+        if self.config.get("base_method") in SELF_OPTIMIZING and "final" not in self.config:
+            name += " → adam"  # a run made before 0.3: its direction went through a second Adam (audit 42)
         hp = self.config.get("hparams") or {}
         if not hp:
-            return self.method
-        return f"{self.method} ({', '.join(f'{k}={v}' for k, v in sorted(hp.items()))})"
+            return name
+        return f"{name} ({', '.join(f'{k}={v}' for k, v in sorted(hp.items()))})"
 
     @property
     def seeds(self) -> list[int]:

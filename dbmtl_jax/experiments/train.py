@@ -80,6 +80,7 @@ __all__ = [
     "validate_hparams",
     "validate_seeds",
     "OPTIMIZERS",
+    "SELF_OPTIMIZING",
     "normalize_optimizer",
     "make_optimizer",
     "RunConfig",
@@ -536,6 +537,14 @@ def normalize_optimizer(optimizer: Any = None) -> Optional[dict[str, Any]]:
     return out
 
 
+SELF_OPTIMIZING: frozenset[str] = frozenset({"mtadam"})
+"""Methods that return an adaptive optimizer's direction themselves (MTAdam keeps Adam moments per task): the
+runner chains them with the learning rate only, ``optax.scale_by_learning_rate`` (weight decay, where the recipe has
+it, goes before that step, decoupled as in AdamW), never into another optimizer; ``--optimizer`` does not apply to
+them.  Their configs record it (``final``), so the runs made before dbmtl_jax 0.3, which chained MTAdam into Adam
+(audit 42), hash differently and are labelled ``mtadam → adam`` in reports."""
+
+
 def make_optimizer(optimizer: Any, learning_rate: Any) -> optax.GradientTransformation:
     """The final optimizer of the chain (``None``: ``optax.adam(learning_rate)``, the default)."""
     spec = normalize_optimizer(optimizer)
@@ -563,6 +572,7 @@ class RunConfig:
     grad_path: str
     optimizer: Optional[Mapping[str, Any]] = None  # None: Adam (b1 = 0.9), the key is then left out
     defaults: Optional[Mapping[str, Any]] = None  # RECORDED_DEFAULTS in force (None: not recorded, key left out)
+    final: Optional[str] = None  # "learning_rate" for SELF_OPTIMIZING methods (None: the optimizer, key left out)
 
     def to_dict(self) -> dict[str, Any]:
         out = {
@@ -579,6 +589,8 @@ class RunConfig:
             out["optimizer"] = dict(self.optimizer)
         if self.defaults is not None:
             out["defaults"] = dict(self.defaults)
+        if self.final is not None:
+            out["final"] = self.final
         return out
 
 
@@ -610,6 +622,13 @@ def make_config(
 ) -> RunConfig:
     grad_path = "stl" if spec.name == "stl" else ("weighted" if uses_cheap_path(spec, grad_stats) else "per_task")
     defaults = method_defaults(spec.name)
+    final = None
+    if spec.name in SELF_OPTIMIZING:
+        if normalize_optimizer(optimizer) is not None:
+            raise ValueError(f"method {spec.label!r} is itself an Adam-type optimizer: the runner applies its direction "
+                             f"with the learning rate only, so --optimizer {normalize_optimizer(optimizer)['name']} "
+                             "does not apply to it (run it without --optimizer).")
+        final = "learning_rate"
     return RunConfig(
         benchmark=benchmark.name,
         method=spec.label,
@@ -621,6 +640,7 @@ def make_config(
         grad_path=grad_path,
         optimizer=normalize_optimizer(optimizer),
         defaults=defaults or None,
+        final=final,
     )
 
 
@@ -950,7 +970,10 @@ class _Trainer:
                 recipe.learning_rate, {recipe.lr_decay_epoch * steps_per_epoch: recipe.lr_decay_factor}
             )
         tail = [optax.add_decayed_weights(recipe.weight_decay)] if recipe.weight_decay else []
-        tail.append(make_optimizer(optimizer, lr))
+        if spec.name in SELF_OPTIMIZING:  # its own moments: the learning rate only (make_config refused --optimizer)
+            tail.append(optax.scale_by_learning_rate(lr))
+        else:
+            tail.append(make_optimizer(optimizer, lr))
 
         self.cheap = uses_cheap_path(spec, grad_stats)
         if spec.name == "stl":
