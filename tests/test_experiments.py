@@ -401,14 +401,10 @@ def test_stl_equals_separate_single_task_training(opt):
         np.testing.assert_allclose(stl_losses[:, t], losses, rtol=2e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("opt", [None, "sgdm", "adam_b1_0", "adam_b2_09"])
-def test_dbmtl_step_matches_manual_optax_chain(opt):
-    bench = tiny_benchmark(epochs=2)
-    res = _run(bench, "dbmtl", hparams={"beta": 0.5}, optimizer=OPTIMIZER_SPECS[opt])
-    model = bench.model(nnx.Rngs(0))
-    graphdef, params = nnx.split(model, nnx.Param)
-    tx = optax.chain(dbmtl_jax.dbmtl(2, beta=0.5, shared=lambda p: p.startswith("encoder")),
-                     OPTIMIZERS[opt](bench.recipe.learning_rate))
+def _manual_losses(bench, tx, log: bool = True) -> np.ndarray:
+    """Training losses of ``tx`` on ``bench``'s model (seed 0) over the runner's batches, by hand: per-task
+    gradients (of log(ℓ_t + ε) when ``log``) into ``tx``, one jitted step per batch."""
+    graphdef, params = nnx.split(bench.model(nnx.Rngs(0)), nnx.Param)
     state = tx.init(params)
 
     @jax.jit
@@ -417,7 +413,7 @@ def test_dbmtl_step_matches_manual_optax_chain(opt):
             out = nnx.merge(graphdef, p)(x)
             return jnp.stack([mse_loss(out[t], y[t]) for t in range(2)])
 
-        ls, g = dbmtl_jax.value_and_task_grads(losses)(p)
+        ls, g = dbmtl_jax.value_and_task_grads(losses, log=log)(p)
         u, s = tx.update(g, s, p)
         return optax.apply_updates(p, u), s, ls
 
@@ -425,7 +421,16 @@ def test_dbmtl_step_matches_manual_optax_chain(opt):
     for x, y in _manual_batches(bench):
         params, state, ls = step(params, state, x, y)
         got.append(np.asarray(ls))
-    np.testing.assert_allclose(res["curve"]["train_loss"], got, rtol=2e-5, atol=1e-6)
+    return np.asarray(got)
+
+
+@pytest.mark.parametrize("opt", [None, "sgdm", "adam_b1_0", "adam_b2_09"])
+def test_dbmtl_step_matches_manual_optax_chain(opt):
+    bench = tiny_benchmark(epochs=2)
+    res = _run(bench, "dbmtl", hparams={"beta": 0.5}, optimizer=OPTIMIZER_SPECS[opt])
+    tx = optax.chain(dbmtl_jax.dbmtl(2, beta=0.5, shared=lambda p: p.startswith("encoder")),
+                     OPTIMIZERS[opt](bench.recipe.learning_rate))
+    np.testing.assert_allclose(res["curve"]["train_loss"], _manual_losses(bench, tx), rtol=2e-5, atol=1e-6)
 
 
 def test_mtadam_runs_with_the_learning_rate_only_not_into_a_second_adam():
@@ -434,32 +439,10 @@ def test_mtadam_runs_with_the_learning_rate_only_not_into_a_second_adam():
     bench = tiny_benchmark(epochs=2)
     res = _run(bench, "mtadam")
     lr = bench.recipe.learning_rate
-    shared = lambda p: p.startswith("encoder")  # noqa: E731 - tiny_benchmark's shared predicate
-
-    def manual(tx):
-        graphdef, params = nnx.split(bench.model(nnx.Rngs(0)), nnx.Param)
-        state = tx.init(params)
-
-        @jax.jit
-        def step(p, s, x, y):
-            def losses(p):
-                out = nnx.merge(graphdef, p)(x)
-                return jnp.stack([mse_loss(out[t], y[t]) for t in range(2)])
-
-            ls, g = dbmtl_jax.value_and_task_grads(losses, log=False)(p)  # MTAdam is on the raw losses
-            u, s = tx.update(g, s, p)
-            return optax.apply_updates(p, u), s, ls
-
-        got = []
-        for x, y in _manual_batches(bench):
-            params, state, ls = step(params, state, x, y)
-            got.append(np.asarray(ls))
-        return np.asarray(got)
-
-    mtadam = dbmtl_jax.get_method("mtadam", 2, shared=shared)
-    want = manual(optax.chain(mtadam, optax.scale_by_learning_rate(lr)))
+    mtadam = dbmtl_jax.get_method("mtadam", 2, shared=lambda p: p.startswith("encoder"))
+    want = _manual_losses(bench, optax.chain(mtadam, optax.scale_by_learning_rate(lr)), log=False)  # raw losses
     np.testing.assert_allclose(res["curve"]["train_loss"], want, rtol=2e-5, atol=1e-6)
-    old = manual(optax.chain(mtadam, optax.adam(lr)))  # the pre-fix chain trains differently: the check has teeth
+    old = _manual_losses(bench, optax.chain(mtadam, optax.adam(lr)), log=False)  # the pre-fix chain: the check has teeth
     assert np.max(np.abs(old[-1] - want[-1])) > 1e-3
     # the config records it (a new hash: the old records are other runs), and --optimizer does not apply
     spec = parse_method("mtadam")
