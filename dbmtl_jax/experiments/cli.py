@@ -210,9 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="no model selection: every run's metrics are the means of its recorded validation and test "
                          "curves over its last fraction F of epochs (e.g. 0.2; runs trained with --test-curve)")
     pa.add_argument("--smooth", type=int, default=None, metavar="W",
-                    help="re-select every run's epoch on the W-epoch (odd, at most the run's epochs) centred moving average of its validation "
-                         "curve, with test metrics from its recorded test curve (runs trained with --test-curve; "
-                         "others are left out)")
+                    help="re-select every run's epoch on the W-epoch (odd, at most the run's epochs) centred moving "
+                         "average of its validation curve, with test metrics from its recorded test curve (runs "
+                         "trained with --test-curve; others are left out)")
     pa.add_argument("--across", action="store_true",
                     help="compare settings instead of rows: for each pair of settings of one benchmark (e.g. two "
                          "optimizers or schedules) the per-seed gain of every shared row and its interaction with "
