@@ -56,6 +56,7 @@ $P $R/multimnist_320ep_methods $R/multimnist_320ep_stlcosine --average-last 0.2 
 $P $R/qm9_150ep_methods --out $R/qm9_150ep_methods/paired.md
 $P $R/qm9_150ep_methods --average-last 0.2 --out $R/qm9_150ep_methods/paired_no_selection.md
 python -m dbmtl_jax.experiments breakdown $R/qm9_150ep_methods > /dev/null  # writes breakdown.md itself
+$P $R/qm9_150ep_mtadam_chain --ref 'mtadam → adam' --out $R/qm9_150ep_mtadam_chain/paired.md
 # qm9's paper study (§32): Fig. 5's β grid with the default and β = 0 as references, then Fig. 1's and Fig. 6's rows
 $P $R/qm9_150ep_paper --ref dbmtl --ref 'dbmtl (beta=0.0)' --out $R/qm9_150ep_paper/paired.md
 $P $R/qm9_150ep_paper --ref dbmtl --ref 'dbmtl (beta=0.0)' --average-last 0.2 --out $R/qm9_150ep_paper/paired_no_selection.md
