@@ -150,7 +150,6 @@ def weighted_loss(opt_state: PyTree, losses: jax.Array, key: Optional[jax.Array]
     return jnp.sum(w.astype(acc) * _transform(losses.astype(acc), log, eps))
 
 
-
 def observe_losses(opt_state: PyTree, next_losses: jax.Array) -> PyTree:
     """Feeds the losses measured *after* the parameter update to the method (FAMO).
 

@@ -622,11 +622,12 @@ def make_config(
 ) -> RunConfig:
     grad_path = "stl" if spec.name == "stl" else ("weighted" if uses_cheap_path(spec, grad_stats) else "per_task")
     defaults = method_defaults(spec.name)
+    optimizer = normalize_optimizer(optimizer)
     final = None
     if spec.name in SELF_OPTIMIZING:
-        if normalize_optimizer(optimizer) is not None:
+        if optimizer is not None:
             raise ValueError(f"method {spec.label!r} is itself an Adam-type optimizer: the runner applies its direction "
-                             f"with the learning rate only, so --optimizer {normalize_optimizer(optimizer)['name']} "
+                             f"with the learning rate only, so --optimizer {optimizer['name']} "
                              "does not apply to it (run it without --optimizer).")
         final = "learning_rate"
     return RunConfig(
@@ -638,7 +639,7 @@ def make_config(
         recipe=_jsonable(recipe.to_dict()),
         quick=quick,
         grad_path=grad_path,
-        optimizer=normalize_optimizer(optimizer),
+        optimizer=optimizer,
         defaults=defaults or None,
         final=final,
     )
