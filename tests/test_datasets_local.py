@@ -128,6 +128,30 @@ def test_npy_items_with_wrong_shapes_or_labels_raise(tmp_path):
         load_cityscapes(tmp_path / "cs")[0]
 
 
+def test_npy_extra_files_empty_split_and_negative_depth_raise(tmp_path):
+    """Audit 43: these loaded silently. Files beyond the image folder's 0..n-1 (a truncated image copy) were
+    dropped, an empty split gave 0 items (metrics of an empty state read 0), and a negative depth (a -1
+    "invalid" marker of another preprocessing) was scored as a valid depth (the metrics skip only 0)."""
+    write_npy_tree(tmp_path, {"train": 3}, ("image", "label", "depth", "normal"))
+    os.remove(tmp_path / "train" / "image" / "2.npy")
+    with pytest.raises(ValueError, match=r"train/label has 1 \.npy file\(s\) beyond 0\.\.1\.npy \(first: 2\.npy\)"):
+        load_nyuv2(tmp_path)
+    for f in ("label", "depth", "normal"):
+        os.remove(tmp_path / "train" / f / "2.npy")
+    tr = load_nyuv2(tmp_path)
+    assert len(tr) == 2
+    depth = np.load(tmp_path / "train" / "depth" / "1.npy")
+    depth[2, 3, 0] = -1.0
+    np.save(tmp_path / "train" / "depth" / "1.npy", depth)
+    with pytest.raises(ValueError, match=r"depth/1\.npy: depth value -1\.0 is negative"):
+        tr[1]
+    tr[0]
+    for f in ("image", "label", "depth", "normal"):
+        (tmp_path / "empty" / "val" / f).mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"val/image holds no \.npy files"):
+        load_nyuv2(tmp_path / "empty", "val")
+
+
 def test_cityscapes_label_folders(tmp_path):
     data = write_npy_tree(tmp_path / "libmtl", {"train": 2, "val": 1}, ("image", "label", "depth"))
     cs = load_cityscapes(tmp_path / "libmtl", "val")
@@ -179,6 +203,8 @@ def write_office(root: Path, dataset: str = "office-31", list_dir: Path | None =
 
 
 @pytest.mark.parametrize("dataset", ["office-31", "office-home"])
+
+
 def test_office_lists_and_decoding(tmp_path, dataset):
     made = write_office(tmp_path, dataset)
     d = load_office(tmp_path, dataset, image_size=16)
@@ -267,6 +293,27 @@ def test_office_labels_disagreeing_within_a_class_folder_raise(tmp_path):
         load_office(tmp_path, "office-home")
 
 
+def test_office_empty_list_byte_order_mark_and_image_in_two_domains(tmp_path):
+    """Audit 43: an empty list loaded as an empty split (accuracy 0), a UTF-8 byte-order mark became part of
+    the first path (reported as a missing image), and one domain's training image in another domain's test
+    list (leakage through the shared encoder) was accepted."""
+    made = write_office(tmp_path, pil=False)
+    lists = tmp_path / "data_txt" / "office-31"
+    val = lists / "dslr_val.txt"
+    good = val.read_text()
+    val.write_bytes(b"\xef\xbb\xbf" + good.encode())
+    assert load_office(tmp_path).splits["dslr"]["val"].paths == tuple(p for p, _, _ in made["dslr"]["val"])
+    val.write_text("")
+    with pytest.raises(ValueError, match=r"dslr_val\.txt lists no image"):
+        load_office(tmp_path)
+    val.write_text(good)
+    test = lists / "webcam_test.txt"
+    path, label, _ = made["amazon"]["train"][0]
+    test.write_text(test.read_text() + f"{path} {label}\n")
+    with pytest.raises(ValueError, match=rf"webcam_test: {path} is also listed for domain amazon"):
+        load_office(tmp_path)
+
+
 def test_read_split_list_paths_with_spaces(tmp_path):
     p = tmp_path / "l.txt"
     p.write_text("Art/Alarm Clock/00001.jpg 62\n\nArt/Pan/00005.jpg 63\n")
@@ -305,6 +352,8 @@ def test_real_cityscapes():
 
 
 @pytest.mark.parametrize("var,dataset", [("DBMTL_JAX_OFFICE31", "office-31"), ("DBMTL_JAX_OFFICEHOME", "office-home")])
+
+
 def test_real_office(var, dataset):
     d = load_office(_env_root(var), dataset)
     s = d.splits[d.domains[0]]["test"]

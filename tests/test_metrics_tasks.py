@@ -214,6 +214,47 @@ def test_nan_scores_and_non_integer_targets_make_argmax_metrics_nan():
         assert np.isnan(run(acc, scores, bad_labels)["accuracy"])
 
 
+def test_infinite_float_targets_and_targets_outside_the_score_classes_make_argmax_metrics_nan():
+    """Audit 43: an inf float target was cast into an ignored label (mIoU) or a plausible wrong one (accuracy);
+    with scores over C classes, accuracy counted a target outside [0, C) (a -1 "ignore" label, or labels read
+    against one sigmoid logit per sample, where argmax is always 0) as a plain miss."""
+    rng = np.random.default_rng(15)
+    logits = rng.normal(size=(2, 4, 5, 3)).astype(np.float32)
+    target = rng.integers(0, 3, (2, 4, 5)).astype(np.float32)
+    seg = SegmentationMetric(3)
+    assert np.isfinite(run(seg, logits, target)["miou"])
+    for value in (np.inf, -np.inf):
+        bad = target.copy()
+        bad[1, 2, 3] = value
+        assert np.isnan(run(seg, logits, bad)["miou"])
+        keep = np.ones(target.shape, bool)
+        keep[1, 2, 3] = False
+        assert np.isfinite(run(seg, logits, bad, keep)["miou"])
+    acc = Accuracy()
+    scores, labels = logits[0, 0], target[0, 0].astype(np.int32)  # [5, 3], [5]
+    assert np.isfinite(run(acc, scores, labels)["accuracy"])
+    for value in (-1, 3):
+        bad = labels.copy()
+        bad[2] = value
+        assert np.isnan(run(acc, scores, bad)["accuracy"])
+        assert run(acc, scores, bad, np.arange(5) != 2)["accuracy"] == pytest.approx(
+            np.mean(scores.argmax(-1)[np.arange(5) != 2] == labels[np.arange(5) != 2]))
+        assert np.isfinite(run(acc, scores.argmax(-1), bad)["accuracy"])  # labels: no class count to check
+    assert np.isnan(run(acc, scores[:, :1], (labels > 0).astype(np.int32))["accuracy"])  # one logit per sample
+    bad = labels.astype(np.float32)
+    bad[0] = np.inf
+    assert np.isnan(run(acc, scores.argmax(-1), bad)["accuracy"])
+
+
+def test_segmentation_ignore_index_inside_the_classes_raises():
+    """Audit 43: ignore_index=0 with num_classes including 0 put class 0 (never a target, sometimes predicted)
+    into the mIoU with IoU 0."""
+    for ignore in (0, 2):
+        with pytest.raises(ValueError, match=f"ignore_index {ignore} is one of the 3 classes"):
+            SegmentationMetric(3, ignore_index=ignore)
+    for ignore in (-1, 3, 255):
+        SegmentationMetric(3, ignore_index=ignore)
+
 # --- depth --------------------------------------------------------------------------------------
 
 
@@ -299,6 +340,8 @@ def _normal_batch(rng, shape=(2, 5, 6), noise=0.4):
 
 
 @pytest.mark.parametrize("num_batches", [3, 4])  # odd and even total counts (median convention)
+
+
 def test_normals_streamed_matches_numpy(num_batches):
     rng = np.random.default_rng(5 + num_batches)
     batches = [_normal_batch(rng) for _ in range(num_batches)]
@@ -388,6 +431,19 @@ def test_normals_channel_first_and_mask():
         np.testing.assert_allclose(first[k], last[k], rtol=1e-6, err_msg=k)
     valid = np.any(target != 0, -1) & mask
     np.testing.assert_allclose(last["mean"], ref_angles(pred[valid], target[valid]).mean(), atol=2e-3)
+
+
+def test_normals_vector_axis_must_have_three_components():
+    """Audit 43: NCHW normals with the default axis=-1 gave angles between W-long vectors, without an error."""
+    rng = np.random.default_rng(16)
+    pred, target = _normal_batch(rng)
+    nchw = np.moveaxis(pred, -1, 1), np.moveaxis(target, -1, 1)
+    metric = NormalMetric()
+    with pytest.raises(ValueError, match=r"has 6 components on its vector axis -1; surface normals have 3"):
+        metric.update(metric.init(), *nchw)
+    with pytest.raises(ValueError, match="components on its vector axis"):
+        metric.update(metric.init(), pred[..., :2], target[..., :2])
+    assert run(NormalMetric(axis=1), *nchw)["mean"] == pytest.approx(run(metric, pred, target)["mean"], rel=1e-6)
 
 
 def test_normals_thresholds_are_checked():
@@ -529,6 +585,8 @@ def test_binary_auc_logit_range_and_clipping():
 
 
 @pytest.mark.parametrize("labels_dtype", [np.int32, np.float32])
+
+
 def test_binary_auc_takes_0_1_labels_and_is_nan_for_other_labels_or_nan_scores(labels_dtype):
     rng = np.random.default_rng(15)
     scores = rng.random(100).astype(np.float32)

@@ -16,7 +16,8 @@ CVPR 2019) that LibMTL's ``examples/nyu`` and ``examples/cityscapes`` read::
                 or MTAN's {label_7, label_19} folders instead of label
                 image [128, 256, 3]; label [128, 256], -1 = ignore; depth [128, 256, 1]
 
-Files are numbered ``0 .. n-1`` (n = number of ``.npy`` files in ``image/``).
+Files are numbered ``0 .. n-1`` (n = number of ``.npy`` files in ``image/``, at least 1); every
+folder of a split must hold exactly those files (a missing or an extra file is a ValueError).
 LibMTL evaluates on ``val`` (NYUv2: 795 train / 654 val; Cityscapes: 2,975 /
 500); ``split="test"`` is accepted as an alias of ``val``, with a warning (selecting on
 ``val`` and reporting ``test`` would select on the test images).  Returned items:
@@ -24,8 +25,8 @@ LibMTL evaluates on ``val`` (NYUv2: 795 train / 654 val; Cityscapes: 2,975 /
 ``[H, W, 1]``, ``normal`` float32 ``[H, W, 3]`` (NYUv2 only), unchanged
 otherwise.  Every item is checked on reading: real (integer or float) arrays
 of those shapes (an ``[H, W]`` depth or ``[H, W, 1]`` label is accepted), one
-``H, W`` for all of an item's arrays, and labels that are integers in
-``-1 .. num_classes - 1``; anything else raises a ValueError naming the file
+``H, W`` for all of an item's arrays, labels that are integers in
+``-1 .. num_classes - 1``, and depths ``>= 0``; anything else raises a ValueError naming the file
 (a channel-first image, or 19-class labels read as 7, would otherwise load).
 
 Office-31 (Saenko et al., 2010; domains amazon, dslr, webcam; 31 classes) and
@@ -107,12 +108,19 @@ class NpyDenseDataset:
         self.num_classes = num_classes
         files = {k: {f.name for f in (split_dir / d).glob("*.npy")} for k, d in self.folders.items()}
         n = len(files["image"])
+        if n == 0:
+            raise ValueError(f"{split_dir / self.folders['image']} holds no .npy files (an empty split).")
         want = {f"{i}.npy" for i in range(n)}
         for k, have in files.items():
             missing = sorted(want - have, key=lambda s: int(s[:-4]))
             if missing:
                 raise ValueError(f"{split_dir / self.folders[k]} lacks {len(missing)} of the files 0..{n - 1}.npy "
                                  f"(first: {missing[0]}); the image folder has {n} .npy files.")
+            extra = sorted(have - want)
+            if extra:  # e.g. a truncated image folder: its items would silently be dropped
+                raise ValueError(f"{split_dir / self.folders[k]} has {len(extra)} .npy file(s) beyond 0..{n - 1}.npy "
+                                 f"(first: {extra[0]}), but the image folder has {n}; the folders of a split must "
+                                 "hold the same items.")
         self._n = n
 
     def __len__(self) -> int:
@@ -144,6 +152,11 @@ class NpyDenseDataset:
                     )
                 if key == "depth" and a.ndim == 2:
                     a = a[..., None]
+                if key == "depth" and a.size and a.min() < 0:
+                    raise ValueError(
+                        f"{path}: depth value {a[a < 0][0]} is negative; these layouts mark missing depth with 0 "
+                        "(a -1 'invalid' marker, as other preprocessings use, would be scored as a valid depth)."
+                    )
                 channels = _CHANNELS.get(key)
                 if channels is not None and (a.ndim != 3 or a.shape[-1] != channels):
                     raise ValueError(f"{path}: shape {a.shape}; expected [H, W, {channels}] (channel-last).")
@@ -243,7 +256,8 @@ def read_split_list(path: Union[str, os.PathLike]) -> list[tuple[str, int]]:
     A path may contain spaces, but a line ending in two integer fields (``a.jpg 1 2``) is an error: it
     would otherwise read as the path ``a.jpg 1``."""
     out = []
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+    # utf-8-sig: a byte-order mark (lists saved by some Windows editors) is not part of the first path
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8-sig").splitlines(), 1):
         line = line.strip()
         if not line:
             continue
@@ -379,8 +393,9 @@ def load_office(root: Union[str, os.PathLike], dataset: str = "office-31", *,
 
     Raises:
       DatasetUnavailableError: ``root`` or a list file is missing.
-      ValueError: a list is malformed, a label is out of range, an image is listed twice in a
-        domain's train / val / test lists, or one class folder's images have different labels.
+      ValueError: a list is malformed or empty, a label is out of range, an image is listed twice in a
+        domain's train / val / test lists or in two domains' lists, or one class folder's images have
+        different labels.
     """
     if dataset not in OFFICE_DOMAINS:
         raise ValueError(f"dataset must be one of {sorted(OFFICE_DOMAINS)}, got {dataset!r}.")
@@ -400,9 +415,19 @@ def load_office(root: Union[str, os.PathLike], dataset: str = "office-31", *,
                                    f"{{{','.join(domains)}}}_{{train,val,test}}.txt.", how)
     n_cls = OFFICE_CLASSES[dataset]
     splits: dict[str, dict[str, ImageListDataset]] = {}
+    owner: dict[str, str] = {}  # image -> the first domain listing it
     for d in domains:
         entries = {m: read_split_list(lists / f"{d}_{m}.txt") for m in ("train", "val", "test")}
+        empty = [m for m, es in entries.items() if not es]
+        if empty:
+            raise ValueError(f"{lists / f'{d}_{empty[0]}.txt'} lists no image (an empty split would score 0).")
         _check_disjoint(d, entries)
+        for m, es in entries.items():
+            for path, _ in es:
+                key = os.path.normpath(path).replace("\\", "/")
+                if owner.setdefault(key, d) != d:  # one domain's training image in another's test set
+                    raise ValueError(f"{d}_{m}: {path} is also listed for domain {owner[key]}; each image belongs "
+                                     "to one domain.")
         entries["trval"] = entries["train"] + entries["val"]
         for m, es in entries.items():
             bad = [lb for _, lb in es if not 0 <= lb < n_cls]

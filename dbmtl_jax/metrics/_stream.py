@@ -146,11 +146,11 @@ def labels_from(
 
 
 def integer_targets(target: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``target`` as int32 labels, and True where a float target is not an integer (NaN, 2.7, ...).
+    """``target`` as int32 labels, and True where a float target is not an integer (NaN, ±inf, 2.7, ...).
 
     Casting would truncate such a value into a plausible class (NaN into class 0).
     """
     if jnp.issubdtype(target.dtype, jnp.inexact):
-        bad = target != jnp.round(target)
+        bad = ~jnp.isfinite(target) | (target != jnp.round(target))
         return jnp.where(bad, -1, target).astype(jnp.int32), bad
     return target.astype(jnp.int32), jnp.zeros(target.shape, bool)

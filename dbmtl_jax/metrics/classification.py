@@ -2,8 +2,10 @@
 
 Accuracy: ``correct / count`` over valid samples (Office-31 / Office-Home in the
 DB-MTL paper, Table 4); ``pred`` is either labels or scores with a class axis
-(argmax, first maximum on ties).  A valid sample whose scores hold a NaN, or whose
-float target is not an integer (NaN, 2.7), makes the accuracy NaN.
+(argmax, first maximum on ties).  A valid sample whose scores hold a NaN, whose
+float target is not an integer (NaN, ±inf, 2.7), or (with scores over C classes) whose
+target lies outside ``[0, C)`` (a -1 "ignore" label: use ``mask``; one sigmoid logit
+per sample: argmax is always 0) makes the accuracy NaN.
 
 Binary AUC (Mann–Whitney form, ties counted one half)::
 
@@ -69,13 +71,16 @@ class Accuracy(st.StreamingMetric):
         labels, nan_scores = st.labels_from(pred, target.ndim, self.class_axis)
         if labels.shape != target.shape:
             raise ValueError(f"pred labels have shape {labels.shape} but target has shape {target.shape}.")
-        t, fractional = st.integer_targets(target)
+        t, no_answer = st.integer_targets(target)
+        pred = jnp.asarray(pred)
+        if pred.ndim == target.ndim + 1:  # scores: no class outside [0, C) can be predicted
+            no_answer = no_answer | (t < 0) | (t >= pred.shape[self.class_axis])
         valid = st.valid_mask(mask, target.shape)
         hit = valid & (labels == t)
         return AccuracyState(
             correct=st.add_counts(state.correct, st.count(hit)),
             count=st.add_counts(state.count, st.count(valid)),
-            invalid=st.add_counts(state.invalid, st.count(valid & (nan_scores | fractional))),
+            invalid=st.add_counts(state.invalid, st.count(valid & (nan_scores | no_answer))),
         )
 
     def compute(self, state: AccuracyState) -> dict[str, jax.Array]:

@@ -135,8 +135,8 @@ class NormalMetric(st.StreamingMetric):
 
         Args:
           state: the running state.
-          pred: predicted normals, same shape as ``target`` (e.g. ``[N, H, W, 3]``),
-            not necessarily unit length.
+          pred: predicted normals, same shape as ``target`` (e.g. ``[N, H, W, 3]``; 3 components
+            on ``axis``), not necessarily unit length.
           target: ground-truth normals; the zero vector marks a missing value.
           mask: optional bool array broadcastable to the pixel shape (``target``'s
             shape without ``axis``); False skips a pixel.
@@ -147,6 +147,9 @@ class NormalMetric(st.StreamingMetric):
             raise ValueError(f"pred has shape {pred.shape} but target has shape {target.shape}.")
         if target.ndim == 0:
             raise ValueError("target must have a vector axis.")
+        if target.shape[self.axis] != 3:  # e.g. NCHW normals read with the default axis=-1: angles over W
+            raise ValueError(f"target of shape {target.shape} has {target.shape[self.axis]} components on its vector "
+                             f"axis {self.axis}; surface normals have 3 (NCHW normals need axis=1).")
         angle = angular_error(pred, target, self.axis)
         valid = jnp.any(target != 0, axis=self.axis) & jnp.all(jnp.isfinite(target), axis=self.axis)
         valid = valid & st.valid_mask(mask, angle.shape)

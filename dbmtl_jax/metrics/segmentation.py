@@ -22,7 +22,7 @@ when integer labels are passed) count as wrong: they add to the true class's
 row (a false negative) and to no class's column.
 
 Input that has no right answer makes every float value NaN (not a plausible
-number): a non-integer float target (NaN, 2.7: a cast would truncate it into a
+number): a non-integer float target (NaN, ±inf, 2.7: a cast would truncate it into a
 class) on a pixel ``mask`` keeps, or scores holding a NaN on a valid pixel
 (argmax would pick the NaN's class).  Scores must have ``num_classes`` entries on
 their class axis.
@@ -66,7 +66,8 @@ class SegmentationMetric(st.StreamingMetric):
     Attributes:
       num_classes: C (13 for NYUv2, 7 for the Cityscapes split of the paper).
       ignore_index: a target label to skip in addition to those outside ``[0, C)``
-        (default -1, LibMTL's NYUv2 padding value; 255 is common elsewhere).
+        (default -1, LibMTL's NYUv2 padding value; 255 is common elsewhere); it may not be
+        a class in ``[0, C)``.
       class_axis: the class axis of ``pred`` when it holds scores/logits
         (default -1, channels-last; LibMTL's NCHW layout is ``class_axis=1``).
     """
@@ -79,6 +80,9 @@ class SegmentationMetric(st.StreamingMetric):
         st.check_positive_int(self.num_classes, "num_classes")
         if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
             raise ValueError(f"ignore_index must be a Python int, got {self.ignore_index!r}.")
+        if 0 <= self.ignore_index < self.num_classes:  # that class could be predicted, never hit: IoU 0 in the mean
+            raise ValueError(f"ignore_index {self.ignore_index} is one of the {self.num_classes} classes; pass "
+                             "num_classes without the ignored label, e.g. labels 1..C shifted to 0..C-1.")
 
     def init(self) -> SegmentationState:
         c = self.num_classes
