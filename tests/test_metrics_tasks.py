@@ -110,7 +110,7 @@ def test_segmentation_streamed_matches_numpy_on_concatenation():
     assert got["iou"][2] == 0.0
 
 
-def test_segmentation_absent_classes_left_out_and_empty_is_zero():
+def test_segmentation_absent_classes_left_out_and_empty_is_nan():
     c = 5
     target = np.array([[0, 0, 1, 1], [1, 0, -1, -1]])
     pred = np.array([[0, 1, 1, 1], [1, 0, 3, 4]])  # predictions at ignored pixels do not count
@@ -121,11 +121,12 @@ def test_segmentation_absent_classes_left_out_and_empty_is_zero():
     assert got["pixel_accuracy"] == pytest.approx(5 / 6)
     as_float = run(SegmentationMetric(c), pred, target.astype(np.float32))  # LibMTL stores labels as floats
     assert as_float["miou"] == got["miou"]
+    # nothing seen is no score (it read 0, a worst score that looked like a result)
     empty = _np(_jitted(SegmentationMetric(c), "compute")(SegmentationMetric(c).init()))
-    assert _all_finite(empty)
-    assert empty["miou"] == empty["pixel_accuracy"] == empty["mean_class_accuracy"] == 0.0
+    assert np.isnan([empty["miou"], empty["pixel_accuracy"], empty["mean_class_accuracy"]]).all()
+    np.testing.assert_array_equal(empty["iou"], np.zeros(c))
     all_ignored = run(SegmentationMetric(c), pred, np.full_like(target, -1))
-    assert all_ignored["miou"] == 0.0 and all_ignored["pixel_accuracy"] == 0.0
+    assert np.isnan(all_ignored["miou"]) and np.isnan(all_ignored["pixel_accuracy"])
 
 
 def test_segmentation_perfect_prediction_nchw_and_out_of_range_labels():
@@ -310,8 +311,8 @@ def test_depth_mask_nan_targets_empty_and_scales():
     got = run(DepthMetric(), pred, t_nan, mask)
     want = ref_depth(pred, t_nan, mask)
     np.testing.assert_allclose([got["abs_err"], got["rel_err"]], [want["abs_err"], want["rel_err"]], rtol=1e-5)
-    empty = run(DepthMetric(), pred, np.zeros_like(target))
-    assert empty["abs_err"] == 0.0 and empty["rel_err"] == 0.0 and empty["count"] == 0
+    empty = run(DepthMetric(), pred, np.zeros_like(target))  # no valid pixel: no score, not a perfect 0
+    assert np.isnan(empty["abs_err"]) and np.isnan(empty["rel_err"]) and empty["count"] == 0
     base = run(DepthMetric(), pred, target)
     for scale in (1e-10, 1e10):
         s = run(DepthMetric(), pred * np.float32(scale), target * np.float32(scale))
@@ -395,8 +396,8 @@ def test_normals_properties_exact_zero_small_angles_and_scales():
         assert _all_finite(s)
         for k in base:
             np.testing.assert_allclose(s[k], base[k], rtol=1e-4, atol=1e-3, err_msg=k)
-    empty = run(metric, pred, np.zeros_like(target))
-    assert _all_finite(empty) and empty["count"] == 0 and empty["mean"] == 0.0 and empty["median"] == 0.0
+    empty = run(metric, pred, np.zeros_like(target))  # no valid pixel: no score, not a perfect 0
+    assert empty["count"] == 0 and all(np.isnan(v) for k, v in empty.items() if k != "count")
 
 
 def test_normals_nan_prediction_makes_every_value_nan():
@@ -476,7 +477,7 @@ def test_accuracy_streamed_matches_numpy_logits_labels_mask():
     labels = run(Accuracy(), pred, target, mask)
     assert labels["accuracy"] == got["accuracy"]
     empty = _np(_jitted(Accuracy(), "compute")(Accuracy().init()))
-    assert empty["accuracy"] == 0.0
+    assert np.isnan(empty["accuracy"]) and empty["count"] == 0
 
 
 # --- regression MAE -----------------------------------------------------------------------------
@@ -510,7 +511,9 @@ def test_mae_scalar_target_scales_empty_and_errors():
         assert _all_finite(got)
         np.testing.assert_allclose(got["mae"], np.abs(pred - target).mean() * s, rtol=1e-5)
     empty = _np(_jitted(MeanAbsoluteError((2,)), "compute")(MeanAbsoluteError((2,)).init()))
-    np.testing.assert_array_equal(empty["mae"], [0.0, 0.0])
+    assert np.isnan(empty["mae"]).all() and np.isnan(empty["mean_mae"])
+    one_empty = run(MeanAbsoluteError((2,)), pred[:, :2], np.stack([target[:, 0], np.full(2, np.nan)], 1))
+    assert np.isfinite(one_empty["mae"][0]) and np.isnan(one_empty["mae"][1]) and np.isnan(one_empty["mean_mae"])
     with pytest.raises(ValueError, match="target_shape"):
         MeanAbsoluteError((3,)).update(MeanAbsoluteError((3,)).init(), pred, target)
     with pytest.raises(ValueError, match="scale"):

@@ -65,7 +65,9 @@ def valid_mask(mask: Optional[Any], shape: tuple[int, ...], name: str = "mask") 
 
 
 def safe_ratio(num: jax.Array, den: jax.Array, empty: float = 0.0) -> jax.Array:
-    """``num / den`` in float32, with ``empty`` where ``den == 0`` (no NaN, no gradient trouble)."""
+    """``num / den`` in float32, with ``empty`` where ``den == 0`` (no 0/0 warning, no gradient trouble).
+
+    A metric's summary values pass ``empty=jnp.nan``: nothing seen is no score, not a perfect or a worst one."""
     num = jnp.asarray(num, ACC_DTYPE)
     den = jnp.asarray(den, ACC_DTYPE)
     ok = den != 0

@@ -84,9 +84,9 @@ class Accuracy(st.StreamingMetric):
         )
 
     def compute(self, state: AccuracyState) -> dict[str, jax.Array]:
-        """``accuracy`` (fraction in [0, 1], 0 when empty; NaN if ``state.invalid > 0`` or the count
+        """``accuracy`` (fraction in [0, 1]; NaN when empty, if ``state.invalid > 0`` or if the count
         overflowed int32) and ``count``."""
-        acc = st.safe_ratio(state.correct, state.count)
+        acc = st.safe_ratio(state.correct, state.count, empty=jnp.nan)
         bad = (state.invalid > 0) | st.saturated(state.count)
         return {"accuracy": jnp.where(bad, jnp.nan, acc), "count": state.count}
 

@@ -10,7 +10,7 @@ Valid pixels follow LibMTL's NYUv2 ``DepthMetric``: ground-truth depth ``!= 0``
 averages per-batch means weighted by the number of valid pixels in the batch,
 which is the same pixel-level mean.  Additions here: non-finite targets are also
 invalid, the relative error divides by ``|d|`` (identical for depths, which are
-positive), and an empty state gives 0 for both errors.
+positive), and an empty state (no valid pixel) gives NaN for both errors, not a perfect 0.
 """
 
 from __future__ import annotations
@@ -67,11 +67,11 @@ class DepthMetric(st.StreamingMetric):
         )
 
     def compute(self, state: DepthState) -> dict[str, jax.Array]:
-        """``abs_err`` and ``rel_err`` (0 when no valid pixel was seen; NaN if the count overflowed int32)
+        """``abs_err`` and ``rel_err`` (NaN when no valid pixel was seen or the count overflowed int32)
         and ``count``."""
         over = st.saturated(state.count)
         return {
-            "abs_err": jnp.where(over, jnp.nan, st.safe_ratio(state.abs_sum, state.count)),
-            "rel_err": jnp.where(over, jnp.nan, st.safe_ratio(state.rel_sum, state.count)),
+            "abs_err": jnp.where(over, jnp.nan, st.safe_ratio(state.abs_sum, state.count, empty=jnp.nan)),
+            "rel_err": jnp.where(over, jnp.nan, st.safe_ratio(state.rel_sum, state.count, empty=jnp.nan)),
             "count": state.count,
         }

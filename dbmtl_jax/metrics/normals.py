@@ -19,7 +19,7 @@ pixels are those whose ground-truth normal is non-zero (LibMTL tests that the
 components' *sum* is non-zero, which also drops the rare valid normals whose
 components cancel), intersected with an optional ``mask``; both vectors are
 normalised (LibMTL assumes a unit ground truth); a zero-length *prediction* on a
-valid pixel counts as 90° (LibMTL would produce NaN).  Empty state: all values 0.
+valid pixel counts as 90° (LibMTL would produce NaN).  Empty state (no valid pixel): every value NaN, ``count`` 0.
 A NaN or infinite component in a prediction on a valid pixel makes that pixel's
 angle NaN, and then every value NaN (the median and the fractions too, which a
 histogram and counts could not show on their own).
@@ -175,8 +175,8 @@ class NormalMetric(st.StreamingMetric):
 
     def compute(self, state: NormalState) -> dict[str, jax.Array]:
         """``mean``, ``median`` (degrees), ``within_<t>`` (fractions, e.g. ``within_11.25``), ``count``;
-        all but ``count`` NaN once a valid pixel's angle was NaN (its sum is then NaN) or the
-        count overflowed int32 (``count`` is then ``2**31 - 1``)."""
+        all but ``count`` NaN when no valid pixel was seen, once a valid pixel's angle was NaN (its sum is
+        then NaN) or the count overflowed int32 (``count`` is then ``2**31 - 1``)."""
         cum, over = st.cumulative_counts(state.hist)
         over = over | st.saturated(state.within)
         bad = jnp.isnan(state.angle_sum) | over
@@ -185,10 +185,10 @@ class NormalMetric(st.StreamingMetric):
         hi = jnp.maximum(n, 1) // 2
         median = 0.5 * (self._value_at_rank(cum, lo) + self._value_at_rank(cum, hi))
         out = {
-            "mean": jnp.where(over, jnp.nan, st.safe_ratio(state.angle_sum, n)),
-            "median": jnp.where(bad, jnp.nan, jnp.where(n > 0, median, 0.0)).astype(st.ACC_DTYPE),
+            "mean": jnp.where(over, jnp.nan, st.safe_ratio(state.angle_sum, n, empty=jnp.nan)),
+            "median": jnp.where(bad, jnp.nan, jnp.where(n > 0, median, jnp.nan)).astype(st.ACC_DTYPE),
         }
         for i, t in enumerate(self.thresholds):
-            out[f"within_{t:g}"] = jnp.where(bad, jnp.nan, st.safe_ratio(state.within[i], n))
+            out[f"within_{t:g}"] = jnp.where(bad, jnp.nan, st.safe_ratio(state.within[i], n, empty=jnp.nan))
         out["count"] = jnp.where(over, st.COUNT_MAX, n)
         return out

@@ -6,7 +6,7 @@ for LibMTL's QM9 protocol (targets standardised for training, MAE reported in
 original units, energies in meV) pass ``scale = std_j · 1000`` for the energy
 targets and ``std_j`` for the others, or de-standardise before ``update``.
 Each target keeps its own count, so a ``mask`` can mark missing labels per
-target.  Empty target: MAE 0.
+target.  A target with no valid entry: MAE NaN (and ``mean_mae`` NaN).
 """
 
 from __future__ import annotations
@@ -96,9 +96,9 @@ class MeanAbsoluteError(st.StreamingMetric):
         )
 
     def compute(self, state: MAEState) -> dict[str, jax.Array]:
-        """``mae`` (shape ``target_shape``, scaled; NaN for a target whose count overflowed int32),
-        ``mean_mae`` (mean over targets), ``count``."""
-        mae = jnp.where(state.count == st.COUNT_MAX, jnp.nan, st.safe_ratio(state.abs_sum, state.count))
+        """``mae`` (shape ``target_shape``, scaled; NaN for a target with no valid entry or whose count
+        overflowed int32), ``mean_mae`` (mean over targets: NaN if any is), ``count``."""
+        mae = jnp.where(state.count == st.COUNT_MAX, jnp.nan, st.safe_ratio(state.abs_sum, state.count, empty=jnp.nan))
         if self.scale is not None:
             mae = mae * jnp.asarray(self.scale, st.ACC_DTYPE)
         return {"mae": mae, "mean_mae": jnp.mean(mae), "count": state.count}

@@ -13,7 +13,7 @@ accuracy; the mean of per-class accuracies is returned as well, as
 ``mean_class_accuracy``).  Differences from LibMTL, all confined to degenerate
 cases where LibMTL returns NaN: classes absent from both prediction and ground
 truth are left out of the mean (LibMTL would average a NaN), and an empty
-state gives 0 for every value.
+state (no valid pixel) gives NaN for the three summary values (``iou`` stays 0 where undefined).
 
 Ignored pixels: targets outside ``[0, num_classes)`` (LibMTL's rule, which drops
 its ``-1`` padding), targets equal to ``ignore_index``, and pixels where
@@ -145,9 +145,9 @@ class SegmentationMetric(st.StreamingMetric):
             return jnp.where(bad, jnp.nan, x)
 
         return {
-            "miou": checked(st.safe_ratio(jnp.sum(iou), jnp.sum(present))),
-            "pixel_accuracy": checked(st.safe_ratio(jnp.sum(tp), jnp.sum(gt_total))),
-            "mean_class_accuracy": checked(st.safe_ratio(jnp.sum(class_acc), jnp.sum(in_gt))),
+            "miou": checked(st.safe_ratio(jnp.sum(iou), jnp.sum(present), empty=jnp.nan)),
+            "pixel_accuracy": checked(st.safe_ratio(jnp.sum(tp), jnp.sum(gt_total), empty=jnp.nan)),
+            "mean_class_accuracy": checked(st.safe_ratio(jnp.sum(class_acc), jnp.sum(in_gt), empty=jnp.nan)),
             "iou": checked(iou),
             "class_present": present,
         }
