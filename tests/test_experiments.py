@@ -461,6 +461,20 @@ def test_mtadam_runs_with_the_learning_rate_only_not_into_a_second_adam():
     assert Row("mtadam", "x", legacy).label == "mtadam → adam" and Row("mtadam", "y", cfg.to_dict()).label == "mtadam"
 
 
+def test_replay_steps_follows_the_runs_training_and_exposes_the_method_state():
+    """``replay_steps`` retraces a run (init, batches, keys, jitted step) so that what a record does not keep
+    (here DB-MTL's EMA norms) can be read; its losses are the run's, step by step."""
+    bench = tiny_benchmark(epochs=2)
+    res = _run(bench, "dbmtl", hparams={"beta": 0.5}, grad_stats=True)
+    steps = list(ex.replay_steps(bench, "dbmtl", bench.recipe, 0, hparams={"dbmtl": {"beta": 0.5}}))
+    np.testing.assert_allclose(res["curve"]["train_loss"], [np.asarray(s.losses) for s in steps], rtol=2e-5, atol=1e-6)
+    assert [s.step for s in steps] == list(range(1, len(steps) + 1)) and {s.epoch for s in steps} == {1, 2}
+    db = steps[-1].opt_state[0]
+    assert isinstance(db, dbmtl_jax.DBMTLState) and int(db.count) == len(steps) and np.all(np.asarray(db.norms) > 0)
+    other = list(ex.replay_steps(bench, "dbmtl", bench.recipe, 1, hparams={"dbmtl": {"beta": 0.5}}))
+    assert not np.allclose(np.asarray(other[0].losses), np.asarray(steps[0].losses))  # the seed matters
+
+
 def test_a_non_finite_first_validation_does_not_pin_the_selection_to_epoch_1():
     """If a task's selection metric is NaN at epoch 1 only (e.g. 0/0 before the model predicts anything),
     the selection score's reference is the first epoch where every task is finite; with epoch 1 as the

@@ -32,6 +32,8 @@ from dbmtl_jax.experiments.train import (
     parse_hparams,
     parse_method,
     parse_methods,
+    ReplayStep,
+    replay_steps,
     run_experiments,
     train_run,
 )
@@ -54,6 +56,8 @@ __all__ = [
     "parse_method",
     "parse_methods",
     "run_experiments",
+    "replay_steps",
+    "ReplayStep",
     "train_run",
     "load_results",
     "summarize",

@@ -55,7 +55,7 @@ import time
 import warnings
 import zlib
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -83,6 +83,8 @@ __all__ = [
     "SELF_OPTIMIZING",
     "normalize_optimizer",
     "make_optimizer",
+    "ReplayStep",
+    "replay_steps",
     "RunConfig",
     "make_config",
     "RECORDED_DEFAULTS",
@@ -1094,6 +1096,53 @@ def evaluate(trainer: _Trainer, data: Any, split: str, params: Any, rest: Any) -
             row[name] = float(v.reshape(()))
         out[task.name] = row
     return out
+
+
+class ReplayStep(NamedTuple):
+    """One training step of :func:`replay_steps`: the state after it and what it computed."""
+
+    epoch: int
+    step: int
+    params: Any
+    rest: Any
+    opt_state: Any
+    losses: jax.Array
+    stats: Mapping[str, jax.Array]
+
+
+def replay_steps(
+    benchmark: Benchmark,
+    method: Union[str, MethodSpec],
+    recipe: Recipe,
+    seed: int,
+    *,
+    hparams: Optional[Mapping[str, Mapping[str, Any]]] = None,
+    optimizer: Any = None,
+    grad_stats: bool = True,
+) -> Iterator[ReplayStep]:
+    """The training steps of one run as :func:`run_experiments` takes them (same initialisation, batch order,
+    PRNG keys and jitted step), yielded one by one: for reading what a record does not keep, such as a
+    method's state (its task weights) or the optimizer's moments.  Nothing is evaluated, selected or written.
+
+    ``hparams`` and ``optimizer`` are :func:`run_experiments`' (``{"method": {"name": value}}``); with
+    ``grad_stats`` (the studies' ``--grad-stats``) every method takes the per-task-gradient path, as the
+    recorded runs did.  A replay follows its record to float rounding: the two drift apart over many steps
+    as any two reruns do."""
+    spec = parse_method(method) if isinstance(method, str) else method
+    hp = method_hparams(spec, benchmark, hparams or {}) if spec.name != "stl" else {}
+    data = benchmark.data(recipe)
+    tr = _Trainer(benchmark, spec, recipe, hp, seed, int(data.steps_per_epoch), grad_stats,
+                  normalize_optimizer(optimizer), data=data)
+    params, rest, opt_state = tr.params, tr.rest, tr.opt_state
+    order_rng = np.random.default_rng(seed)  # as train_run: the batch order, then the step keys
+    base_key = jax.random.PRNGKey(seed)
+    step = 0
+    for epoch in range(1, recipe.epochs + 1):
+        for inputs, targets in data.train_batches(order_rng):
+            params, rest, opt_state, losses, stats = tr.train_step(
+                params, rest, opt_state, inputs, tuple(targets), base_key, jnp.asarray(step, jnp.int32))
+            step += 1
+            yield ReplayStep(epoch, step, params, rest, opt_state, losses, stats)
 
 
 def _signed_change(value: float, base: float, higher: bool) -> float:

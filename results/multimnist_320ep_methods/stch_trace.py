@@ -26,18 +26,9 @@ def run(seed: int, stop: int, out: str, hp_extra: dict) -> None:
     import optax
 
     from dbmtl_jax import experiments as ex
-    from dbmtl_jax.experiments import train as tr_mod
 
     bench = ex.get_benchmark("multimnist")
     recipe = bench.quick.replace(epochs=320, lr_schedule="cosine", lr_decay_epoch=None)
-    spec = ex.parse_methods("stch")[0]
-    hp = {**tr_mod.method_hparams(spec, bench, {}), **hp_extra}
-    data = bench.data(recipe)
-    spe = int(data.steps_per_epoch)
-    tr = tr_mod._Trainer(bench, spec, recipe, hp, seed, spe, True, None, data=data)
-    params, rest, st = tr.params, tr.rest, tr.opt_state
-    order_rng = np.random.default_rng(seed)  # the runner's batch order
-    base_key = jax.random.PRNGKey(seed)
     diff_norm = jax.jit(lambda a, b: optax.global_norm(jax.tree.map(jnp.subtract, a, b)))
 
     def adam_nu(state):
@@ -48,23 +39,21 @@ def run(seed: int, stop: int, out: str, hp_extra: dict) -> None:
 
     rec: dict[str, list] = {k: [] for k in ("epoch", "losses", "weights", "grad_norm", "update_norm", "nu_max",
                                             "nu_median")}
-    step = 0
-    for epoch in range(1, stop + 1):
-        for inputs, targets in data.train_batches(order_rng):
-            before, old = st[0], params
-            params, rest, st, losses, stats = tr.train_step(params, rest, st, inputs, tuple(targets), base_key,
-                                                            jnp.asarray(step, jnp.int32))
-            step += 1
-            if epoch > stop - WINDOW:
-                rec["epoch"].append(epoch)
-                rec["losses"].append(np.asarray(losses))
-                rec["weights"].append(np.asarray(before.loss_weights(losses)))
-                rec["grad_norm"].append(np.asarray(stats["grad_norm"]))
-                rec["update_norm"].append(float(diff_norm(params, old)))
-                big, med = adam_nu(st)
-                rec["nu_max"].append(big)
-                rec["nu_median"].append(med)
-        print(f"epoch {epoch}", flush=True)
+    steps = ex.replay_steps(bench, "stch", recipe, seed, hparams={"stch": hp_extra})
+    before = old = None  # STCH's state and the parameters before the step
+    for s in steps:
+        if s.epoch > stop:
+            break
+        if before is not None and s.epoch > stop - WINDOW:
+            rec["epoch"].append(s.epoch)
+            rec["losses"].append(np.asarray(s.losses))
+            rec["weights"].append(np.asarray(before.loss_weights(s.losses)))
+            rec["grad_norm"].append(np.asarray(s.stats["grad_norm"]))
+            rec["update_norm"].append(float(diff_norm(s.params, old)))
+            big, med = adam_nu(s.opt_state)
+            rec["nu_max"].append(big)
+            rec["nu_median"].append(med)
+        before, old = s.opt_state[0], s.params
     np.savez_compressed(out, seed=seed, hparams=json.dumps(hp_extra), **{k: np.asarray(v) for k, v in rec.items()})
 
 
