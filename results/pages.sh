@@ -11,10 +11,14 @@ R=results
 $P $R/adult_120ep_finished --out $R/adult_120ep_finished/paired.md
 $P $R/adult_120ep_methods --out $R/adult_120ep_methods/paired.md
 $P $R/adult_120ep_paper --out $R/adult_120ep_paper/paired.md
+$P $R/adult_120ep_paper --ref pcgrad --ref gradvac --ref imtl_g --ref cagrad --ref nash_mtl --ref aligned_mtl --out $R/adult_120ep_paper/fig1_paired.md
+$P $R/adult_120ep_paper --ref pcgrad --ref gradvac --ref imtl_g --ref cagrad --ref nash_mtl --ref aligned_mtl --average-last 0.2 --out $R/adult_120ep_paper/fig1_paired_no_selection.md
 $P $R/adult_16ep_budget --ref ew --ref 'dbmtl (beta_sigma=0.0)' --ref gradvac --ref stl --out $R/adult_16ep_budget/paired.md
 $P $R/adult_l1_120ep_finished --out $R/adult_l1_120ep_finished/paired.md
 $P $R/adult_l1_120ep_methods --out $R/adult_l1_120ep_methods/paired.md
 $P $R/adult_l1_120ep_paper --out $R/adult_l1_120ep_paper/paired.md
+$P $R/adult_l1_120ep_paper --ref pcgrad --ref gradvac --ref imtl_g --ref cagrad --ref nash_mtl --ref aligned_mtl --out $R/adult_l1_120ep_paper/fig1_paired.md
+$P $R/adult_l1_120ep_paper --ref pcgrad --ref gradvac --ref imtl_g --ref cagrad --ref nash_mtl --ref aligned_mtl --average-last 0.2 --out $R/adult_l1_120ep_paper/fig1_paired_no_selection.md
 $P $R/dense_60ep_finished --out $R/dense_60ep_finished/paired.md
 $P $R/dense_60ep_finished --average-last 0.2 --out $R/dense_60ep_finished/paired_no_selection.md
 $P $R/multifashion_320ep_finished --out $R/multifashion_320ep_finished/paired.md
