@@ -152,6 +152,27 @@ def test_npy_extra_files_empty_split_and_negative_depth_raise(tmp_path):
         load_nyuv2(tmp_path / "empty", "val")
 
 
+def test_npy_float_index_empty_batch_corrupt_file_and_float_class_count_raise(tmp_path):
+    """Bad input gets an error naming it: a float index was truncated (ds[1.7] read item 1), an empty batch
+    raised NumPy's "need at least one array to stack", a truncated .npy file gave NumPy's error without the
+    file, and num_classes=7.0 was accepted by load_cityscapes."""
+    write_npy_tree(tmp_path, {"train": 2}, ("image", "label", "depth", "normal"))
+    ds = load_nyuv2(tmp_path)
+    for bad in (1.7, "1", True):
+        with pytest.raises(TypeError, match="index must be an integer"):
+            ds[bad]
+    assert ds[np.int64(1)]["image"].shape == ds[1]["image"].shape
+    with pytest.raises(ValueError, match="at least one index"):
+        ds.get_batch([])
+    path = tmp_path / "train" / "depth" / "1.npy"
+    path.write_bytes(path.read_bytes()[:20])
+    with pytest.raises(ValueError, match=r"depth/1\.npy: not a readable \.npy array"):
+        ds[1]
+    write_npy_tree(tmp_path / "cs", {"train": 1}, ("image", "label", "depth"))
+    with pytest.raises(ValueError, match="the int 7 or 19"):
+        load_cityscapes(tmp_path / "cs", num_classes=7.0)
+
+
 def test_cityscapes_label_folders(tmp_path):
     data = write_npy_tree(tmp_path / "libmtl", {"train": 2, "val": 1}, ("image", "label", "depth"))
     cs = load_cityscapes(tmp_path / "libmtl", "val")

@@ -127,6 +127,8 @@ class NpyDenseDataset:
         return self._n
 
     def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        if isinstance(i, bool) or not isinstance(i, (int, np.integer)):  # int(1.7) would read item 1
+            raise TypeError(f"index must be an integer, got {type(i).__name__} {i!r}.")
         i = int(i)
         if not -self._n <= i < self._n:
             raise IndexError(f"index {i} out of range for {self._n} items.")
@@ -134,7 +136,10 @@ class NpyDenseDataset:
         out = {}
         for key, d in self.folders.items():
             path = self.root / d / f"{i}.npy"
-            a = np.load(path, allow_pickle=False)
+            try:
+                a = np.load(path, allow_pickle=False)
+            except (OSError, ValueError, EOFError) as e:  # a truncated or non-.npy file: say which one
+                raise ValueError(f"{path}: not a readable .npy array ({e}).") from e
             if not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)):
                 raise ValueError(f"{path}: dtype {a.dtype}; expected an integer or float array.")
             if key == "segmentation":
@@ -184,6 +189,8 @@ class NpyDenseDataset:
     def get_batch(self, indices: Sequence[int]) -> dict[str, np.ndarray]:
         """Items ``indices`` stacked along a new leading axis."""
         items = [self[i] for i in indices]
+        if not items:
+            raise ValueError("get_batch needs at least one index.")
         return {k: np.stack([it[k] for it in items]) for k in self.folders}
 
     def iterate_batches(self, batch_size: int, *, shuffle: bool = False, seed: int = 0,
@@ -233,8 +240,8 @@ def load_cityscapes(root: Union[str, os.PathLike], split: str = "train", *, num_
     The labels are read from ``label_<num_classes>/`` if present, else (7 classes only) from
     LibMTL's ``label/``.
     """
-    if num_classes not in (7, 19):
-        raise ValueError(f"num_classes must be 7 or 19, got {num_classes!r}.")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes not in (7, 19):
+        raise ValueError(f"num_classes must be the int 7 or 19, got {num_classes!r}.")
     how = _NPY_HOW.format(name="Cityscapes", dirs="image,label,depth", example="cityscapes")
     d = _split_dir(root, split, "Cityscapes", how)
     candidates = [f"label_{num_classes}"] + (["label"] if num_classes == 7 else [])
