@@ -6,16 +6,16 @@ records, at the end of every epoch, the epoch's mean task weights ``w_t`` (``Exc
 last excess-risk ratio ``e_t / e_t^(0)`` and the epoch's mean training losses; the losses are checked against the
 run's record (the replay must be the same run).  Then writes a page.
 
-    python results/qm9_150ep_methods/excessmtl_weights.py run SEED OUT.npz
-    python results/qm9_150ep_methods/excessmtl_weights.py page OUT.npz > excessmtl_weights.md
+    python results/qm9_150ep_methods/excessmtl_weights.py run SEED OUT.npz [STOP]   (STOP: the last epoch traced)
+    python results/qm9_150ep_methods/excessmtl_weights.py page OUT.npz > excessmtl_weights_seedN.md
 """
 
 from __future__ import annotations
 
-import glob
 import gzip
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -25,7 +25,7 @@ def _recipe(bench):
                                 lr_schedule="cosine", lr_decay_epoch=None)
 
 
-def run(seed: int, out: str) -> None:
+def run(seed: int, out: str, stop: int = 150) -> None:
     import jax
 
     from dbmtl_jax import experiments as ex
@@ -52,10 +52,13 @@ def run(seed: int, out: str) -> None:
     for s in ex.replay_steps(bench, "excessmtl", _recipe(bench), seed):
         if state is not None and s.epoch > len(rec["weights"]) + 1:
             end_epoch(state)
+            if len(rec["weights"]) == stop:  # the schedule still spans 150 epochs
+                break
         state = excess_state(s.opt_state)
         epoch["weights"].append(np.asarray(state.weights))
         epoch["losses"].append(np.asarray(s.losses))
-    end_epoch(state)
+    if len(rec["weights"]) < stop:
+        end_epoch(state)
     np.savez_compressed(out, seed=seed, tasks=np.asarray([t.name for t in bench.tasks]),
                         **{k: np.asarray(v) for k, v in rec.items()})
 
@@ -63,7 +66,9 @@ def run(seed: int, out: str) -> None:
 def page(path: str) -> str:
     d = np.load(path)
     seed, tasks, W, R, L = int(d["seed"]), [str(t) for t in d["tasks"]], d["weights"], d["ratio"], d["losses"]
-    (record,) = glob.glob(f"results/runs/qm9/qm9__excessmtl__seed{seed}__*.json.gz")
+    study = Path(__file__).resolve().parent  # the run listed by this study, not another recipe's record
+    (record,) = [study / line.strip() for line in (study / "runs.txt").read_text().splitlines()
+                 if f"__excessmtl__seed{seed}__" in line]
     hist = json.load(gzip.open(record))["history"]
     ref = np.asarray(hist["train_loss"])[: len(L)]
     rel = np.max(np.abs(L - ref) / np.maximum(np.abs(ref), 1e-12), axis=1)
@@ -76,7 +81,7 @@ def page(path: str) -> str:
         "(they sum to T = 11; EW is 1 for every task); e/e⁰: the last step's excess-risk estimate over its first.",
         "Replay check: the epochs' mean training losses match the run's record to its 4 significant digits for",
         f"epochs 1–{same} (largest relative difference {rel[:same].max():.1e}); then float rounding differences",
-        "grow, as between any two reruns (results/README.md, *Setup*): final summed training loss",
+        f"grow, as between any two reruns (results/README.md, *Setup*): summed training loss at epoch {len(L)}",
         f"{L[-1].sum():.4g} here, {ref[-1].sum():.4g} in the record.",
         "",
         "| epoch | " + " | ".join(tasks) + " |",
@@ -93,7 +98,7 @@ def page(path: str) -> str:
 
 if __name__ == "__main__":
     if sys.argv[1] == "run":
-        run(int(sys.argv[2]), sys.argv[3])
+        run(int(sys.argv[2]), sys.argv[3], *(int(a) for a in sys.argv[4:5]))
     elif sys.argv[1] == "page":
         print(page(sys.argv[2]))
     else:
