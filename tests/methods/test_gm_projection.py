@@ -67,7 +67,6 @@ def test_pcgrad_matches_numpy(reduction):
     grads = [_grads(rng, T, [1e-3, 1.0, 10.0, 1e3]) for _ in range(steps)]
     keys = [jax.random.key(10 + s) for s in range(steps)]
     outs, state = _run("pcgrad", T, grads, keys, reduction=reduction)
-    nproj = 0
     for g, k, out in zip(grads, keys, outs):
         G = _flat(g, T)
         orders = _orders(k, T)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import numbers
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +19,6 @@ import optax
 import pytest
 from test_hyperparameter_validation import BAD
 
-import dbmtl_jax
 from dbmtl_jax.methods import STATIC_ARGS, get_factory
 
 T = 3
