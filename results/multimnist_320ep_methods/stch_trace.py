@@ -40,7 +40,8 @@ def run(seed: int, stop: int, out: str, hp_extra: dict) -> None:
     rec: dict[str, list] = {k: [] for k in ("epoch", "losses", "weights", "grad_norm", "update_norm", "nu_max",
                                             "nu_median")}
     steps = ex.replay_steps(bench, "stch", recipe, seed, hparams={"stch": hp_extra})
-    before = old = None  # STCH's state and the parameters before the step
+    before = old = None  # STCH's state and the parameters before the step (none before step 1: a window
+    # that reaches epoch 1 starts at step 2)
     for s in steps:
         if s.epoch > stop:
             break

@@ -13,6 +13,7 @@ run's record (the replay must be the same run).  Then writes a page.
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -38,27 +39,20 @@ def run(seed: int, out: str, stop: int = 150) -> None:
                     if isinstance(x, ExcessMTLState))
 
     rec: dict[str, list] = {"weights": [], "ratio": [], "losses": []}
-    epoch: dict[str, list] = {"weights": [], "losses": []}
-
-    def end_epoch(state) -> None:  # the epoch's means, and the last step's excess ratio
-        rec["weights"].append(np.mean(epoch["weights"], axis=0))
-        rec["losses"].append(np.mean(epoch["losses"], axis=0))
+    for epoch, steps in itertools.groupby(ex.replay_steps(bench, "excessmtl", _recipe(bench), seed),
+                                          key=lambda s: s.epoch):
+        if epoch > stop:  # the schedule still spans 150 epochs
+            break
+        w, losses = [], []
+        for s in steps:
+            state = excess_state(s.opt_state)
+            w.append(np.asarray(state.weights))
+            losses.append(np.asarray(s.losses))
+        rec["weights"].append(np.mean(w, axis=0))  # the epoch's means, and the last step's excess ratio
+        rec["losses"].append(np.mean(losses, axis=0))
         e0 = np.asarray(state.initial_excess)
         rec["ratio"].append(np.asarray(state.excess) / np.where(e0 > 0, e0, np.nan))
-        epoch["weights"], epoch["losses"] = [], []
-        print(f"epoch {len(rec['weights'])}: w {np.round(rec['weights'][-1], 2)}", flush=True)
-
-    state = None
-    for s in ex.replay_steps(bench, "excessmtl", _recipe(bench), seed):
-        if state is not None and s.epoch > len(rec["weights"]) + 1:
-            end_epoch(state)
-            if len(rec["weights"]) == stop:  # the schedule still spans 150 epochs
-                break
-        state = excess_state(s.opt_state)
-        epoch["weights"].append(np.asarray(state.weights))
-        epoch["losses"].append(np.asarray(s.losses))
-    if len(rec["weights"]) < stop:
-        end_epoch(state)
+        print(f"epoch {epoch}: w {np.round(rec['weights'][-1], 2)}", flush=True)
     np.savez_compressed(out, seed=seed, tasks=np.asarray([t.name for t in bench.tasks]),
                         **{k: np.asarray(v) for k, v in rec.items()})
 
