@@ -651,9 +651,13 @@ def test_a_provider_whose_batches_disagree_with_steps_per_epoch_is_an_error(repo
         def eval_batches(self, split):
             return data.eval_batches(split)
 
-    with pytest.raises(ValueError, match="yielded more than 3 training batches in epoch 1, not the 3" if reported < 8
-                       else "yielded 8 training batches in epoch 1, not the 9"):
+    message = ("yielded more than 3 training batches in epoch 1, not the 3" if reported < 8
+               else "yielded 8 training batches in epoch 1, not the 9")
+    with pytest.raises(ValueError, match=message):
         _run(bench, "ew", data=Wrong(), recipe=recipe)
+    wrong = dataclasses.replace(bench, data=lambda r: Wrong())
+    with pytest.raises(ValueError, match=message):  # a replay checks it too
+        list(ex.replay_steps(wrong, "ew", recipe, 0))
 
 
 def test_lr_schedule_is_validated_and_hashed():

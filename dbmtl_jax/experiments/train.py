@@ -1131,14 +1131,15 @@ def replay_steps(
     spec = parse_method(method) if isinstance(method, str) else method
     hp = method_hparams(spec, benchmark, hparams or {}) if spec.name != "stl" else {}
     data = benchmark.data(recipe)
-    tr = _Trainer(benchmark, spec, recipe, hp, seed, int(data.steps_per_epoch), grad_stats,
+    steps_per_epoch = _steps_per_epoch(data)
+    tr = _Trainer(benchmark, spec, recipe, hp, seed, steps_per_epoch, grad_stats,
                   normalize_optimizer(optimizer), data=data)
     params, rest, opt_state = tr.params, tr.rest, tr.opt_state
     order_rng = np.random.default_rng(seed)  # as train_run: the batch order, then the step keys
     base_key = jax.random.PRNGKey(seed)
     step = 0
     for epoch in range(1, recipe.epochs + 1):
-        for inputs, targets in data.train_batches(order_rng):
+        for inputs, targets in _epoch_batches(data, order_rng, epoch, steps_per_epoch):
             params, rest, opt_state, losses, stats = tr.train_step(
                 params, rest, opt_state, inputs, tuple(targets), base_key, jnp.asarray(step, jnp.int32))
             step += 1
@@ -1163,6 +1164,28 @@ def selection_score(val: Mapping[str, Mapping[str, float]], first: Mapping[str, 
         for t in tasks
     ]
     return sum(changes) / len(changes)
+
+
+def _steps_per_epoch(data: Any) -> int:
+    """The data provider's ``steps_per_epoch``, at least 1."""
+    steps_per_epoch = int(data.steps_per_epoch)
+    if steps_per_epoch < 1:
+        raise ValueError("the data provider reports no training step per epoch.")
+    return steps_per_epoch
+
+
+def _epoch_batches(data: Any, order_rng: np.random.Generator, epoch: int, steps_per_epoch: int) -> Iterator[Any]:
+    """One epoch's ``(inputs, targets)`` training batches from ``data.train_batches(order_rng)``; an error
+    naming the problem if the epoch is not ``steps_per_epoch`` batches long (raised before a batch too many is
+    trained on: the learning-rate schedule, logging and checkpoints count on the length)."""
+    count = 0
+    for batch in data.train_batches(order_rng):
+        if count == steps_per_epoch:
+            raise _batch_count_error(epoch, f"more than {steps_per_epoch}", steps_per_epoch)
+        count += 1
+        yield batch
+    if count != steps_per_epoch:
+        raise _batch_count_error(epoch, str(count), steps_per_epoch)
 
 
 def _batch_count_error(epoch: int, yielded: str, steps_per_epoch: int) -> ValueError:
@@ -1296,9 +1319,7 @@ def train_run(
 
     from dbmtl_jax.experiments.checkpoint import CheckpointMismatch, load_checkpoint, save_checkpoint
 
-    steps_per_epoch = int(data.steps_per_epoch)
-    if steps_per_epoch < 1:
-        raise ValueError("the data provider reports no training step per epoch.")
+    steps_per_epoch = _steps_per_epoch(data)
     tr = _Trainer(benchmark, spec, recipe, hparams, seed, steps_per_epoch, grad_stats,
                   normalize_optimizer(optimizer), data=data)
     params, rest, opt_state = tr.params, tr.rest, tr.opt_state
@@ -1357,10 +1378,7 @@ def train_run(
             ep_stats: dict[str, list[np.ndarray]] = {"grad_norm": [], "raw_grad_norm": [], "grad_cosine": []}
             win_loss: list[np.ndarray] = []
             win_stats: dict[str, list[np.ndarray]] = {"grad_norm": [], "raw_grad_norm": [], "grad_cosine": []}
-            step_at_start = step
-            for inputs, targets in data.train_batches(order_rng):
-                if step - step_at_start == steps_per_epoch:  # stop before training on a batch too many
-                    raise _batch_count_error(epoch, f"more than {steps_per_epoch}", steps_per_epoch)
+            for inputs, targets in _epoch_batches(data, order_rng, epoch, steps_per_epoch):
                 t0 = time.perf_counter()
                 params, rest, opt_state, losses, stats = tr.train_step(
                     params, rest, opt_state, inputs, tuple(targets), base_key, jnp.asarray(step, jnp.int32)
@@ -1388,8 +1406,6 @@ def train_run(
                 bar.update()
                 if step % max(1, min(20, steps_per_epoch)) == 0 or step == total:
                     bar.set_postfix_str(f"ep {epoch} loss " + " ".join(f"{v:.3g}" for v in losses), refresh=False)
-            if step - step_at_start != steps_per_epoch:
-                raise _batch_count_error(epoch, str(step - step_at_start), steps_per_epoch)
             val = evaluate(tr, data, "val", params, rest)
             if first_val is None and _finite_selection(val, tasks):
                 first_val = val  # the reference of the selection score: the first epoch with finite metrics
