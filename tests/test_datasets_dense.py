@@ -190,6 +190,26 @@ def test_errors(tmp_path):
         _load(tmp_path / "fm", items_per_image=(1, 30), cache=False)  # 10 val items < 30
 
 
+def test_nonfinite_or_out_of_range_scene_options_raise(tmp_path):
+    """audit 45: these options built scenes without error but with wrong targets: ``mask_threshold`` NaN or >= 1
+    (every scene all background), ``relief`` NaN, inf or beyond float16's 65504 (NaN normals), ``size_ref`` <= 0
+    (every item clipped to 4 px), ``far`` inf (infinite background depth); NaN ``blur_sigma`` and float scene
+    counts failed without naming the option."""
+    write_solid_fashion(tmp_path / "fm")
+    nan, inf = float("nan"), float("inf")
+    cases = [("mask_threshold", nan), ("mask_threshold", 1.0), ("mask_threshold", -0.1), ("relief", nan),
+             ("relief", inf), ("relief", 1e5), ("relief", -1.0), ("size_ref", 0.0), ("size_ref", -1.0),
+             ("size_ref", nan), ("blur_sigma", nan), ("blur_sigma", -1.0), ("num_train", 2.5), ("num_val", True),
+             ("num_test", -1), ("image_size", 64.0)]
+    for name, bad in cases:
+        with pytest.raises(ValueError, match=name):
+            _load(tmp_path / "fm", cache=False, **{name: bad})
+    with pytest.raises(ValueError, match="finite 0 < near < far_item < far"):
+        _load(tmp_path / "fm", far=inf, cache=False)
+    ok = _load(tmp_path / "fm", relief=0.0, blur_sigma=0.0, mask_threshold=0.0, num_train=np.int64(2), cache=False)
+    assert len(ok.train) == 2 and np.isfinite(ok.train.normal).all()
+
+
 def test_exported():
     assert ds.load_dense_fashion is load_dense_fashion
 

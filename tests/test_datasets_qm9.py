@@ -404,6 +404,29 @@ def test_errors(tmp_path, csv_dir, monkeypatch):
     assert d.featurizer == "coordinates" and any("RDKit is not installed" in str(x.message) for x in w)
 
 
+def test_limit_must_be_a_positive_int(csv_dir, monkeypatch):
+    """audit 45: ``limit=True`` processed one molecule and ``limit=2.5`` three (each under a cache key of its own),
+    a string failed with a bare TypeError; the qm9 benchmark's ``limit`` data option (``--data-option``) is checked
+    before it keys the loader's cache (a list failed there as unhashable)."""
+    for bad in (True, 2.5, "7", [5]):
+        with pytest.raises(ValueError, match="limit must be an int >= 1"):
+            load_qm9(csv_dir, limit=bad, progress=False)
+    assert load_qm9(csv_dir, limit=np.int64(3), progress=False, cache=False).num_molecules == 3
+    pytest.importorskip("flax")
+    from dbmtl_jax.experiments import builtin, get_benchmark
+
+    def boom(limit):
+        raise AssertionError(f"_qm9 called with limit {limit!r}")
+
+    monkeypatch.setattr(builtin, "_qm9", boom)
+    bench = get_benchmark("qm9")
+    for bad in (True, 2.5, "13000", [5], 0):
+        with pytest.raises(ValueError, match="qm9 data option limit must be a positive int"):
+            bench.data(bench.quick.replace(data_options={"limit": bad}))
+    with pytest.raises(AssertionError, match="limit 13000"):
+        bench.data(bench.quick)  # the quick recipe's limit passes unchanged
+
+
 def test_bad_rows_raise_instead_of_loading(tmp_path, mols):
     """NaN / inf values, molecules read twice (they could sit in two splits), atom-less rows and
     empty part files raise naming the file and line instead of loading silently."""

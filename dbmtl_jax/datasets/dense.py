@@ -192,6 +192,17 @@ def _expand(c: dict, far: float) -> DenseSplit:
     )
 
 
+def _check_scene_option(name: str, value: float, low: float, high: float, expected: str, *,
+                        low_open: bool = False, high_open: bool = False) -> None:
+    """A ValueError naming ``name`` unless ``value`` is a finite number within ``[low, high]`` (an end excluded
+    when ``*_open``): a NaN or out-of-range scene option builds scenes without error but with wrong targets."""
+    ok = (not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating))
+          and np.isfinite(value) and (value > low if low_open else value >= low)
+          and (value < high if high_open else value <= high))
+    if not ok:
+        raise ValueError(f"{name} must be a finite number {expected}, got {value!r}.")
+
+
 def load_dense_fashion(
     path: Optional[Union[str, os.PathLike]] = None,
     *,
@@ -232,12 +243,19 @@ def load_dense_fashion(
     lo, hi = (int(v) for v in items_per_image)
     if not 1 <= lo <= hi or hi > 255:
         raise ValueError(f"items_per_image must be (min, max) with 1 <= min <= max <= 255, got {items_per_image!r}.")
-    if image_size < 28:
-        raise ValueError(f"image_size must be >= 28, got {image_size}.")
-    if not 0 < near < far_item < far:
-        raise ValueError(f"need 0 < near < far_item < far, got {near}, {far_item}, {far}.")
-    if min(num_train, num_val, num_test) < 0:
-        raise ValueError("num_train, num_val and num_test must be >= 0.")
+    for name, v, least in (("image_size", image_size, 28), ("num_train", num_train, 0), ("num_val", num_val, 0),
+                           ("num_test", num_test, 0)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < least:
+            raise ValueError(f"{name} must be an int >= {least}, got {v!r}.")
+    num_train, num_val, num_test = int(num_train), int(num_val), int(num_test)  # a NumPy int keys the cache as an int
+    if not (np.isfinite([near, far_item, far]).all() and 0 < near < far_item < far):  # far=inf: infinite depths
+        raise ValueError(f"need finite 0 < near < far_item < far, got {near}, {far_item}, {far}.")
+    _check_scene_option("size_ref", size_ref, 0.0, np.inf, "> 0", low_open=True)  # <= 0: every item 4 px wide
+    # >= 1 (or NaN): no pixel is ever covered and every scene is all background
+    _check_scene_option("mask_threshold", mask_threshold, 0.0, 1.0, "in [0, 1)", high_open=True)
+    # the height field is stored as float16 (max 65504): a larger relief overflows to inf, i.e. NaN normals
+    _check_scene_option("relief", relief, 0.0, 65504.0, "in [0, 65504]")
+    _check_scene_option("blur_sigma", blur_sigma, 0.0, np.inf, ">= 0")
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}.")
     cfg = dict(image_size=int(image_size), items_per_image=(lo, hi), near=float(near), far_item=float(far_item),

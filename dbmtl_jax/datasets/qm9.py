@@ -625,7 +625,7 @@ def load_qm9(
     Args:
       path: ``None``: the CSVs of the installed ``qm9pack==1.0.3``; else a qm9pack-style CSV file or
         a directory of ``qm9_part*.csv`` files.
-      limit: process only the first ``limit`` molecules (file order; quick runs).
+      limit: process only the first ``limit`` molecules (file order; quick runs); an int >= 1 or None.
       seed: seed of the random train / val / test split.
       featurizer: ``"auto"`` (RDKit if installed, else coordinates), ``"rdkit"`` (required) or
         ``"coordinates"`` (no RDKit: distance bonds, no bond orders / aromaticity / hybridisation).
@@ -638,8 +638,12 @@ def load_qm9(
     """
     if featurizer not in ("auto", "rdkit", "coordinates"):
         raise ValueError(f"featurizer must be 'auto', 'rdkit' or 'coordinates', got {featurizer!r}.")
-    if limit is not None and limit < 1:
-        raise ValueError(f"limit must be >= 1 or None, got {limit}.")
+    if limit is not None:
+        # a bool (True: one molecule), a float (2.5 read 3 molecules, under its own cache key) or a string (a bare
+        # TypeError) is refused; a NumPy integer becomes the int of the same cache key
+        if isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit < 1:
+            raise ValueError(f"limit must be an int >= 1 or None, got {limit!r}.")
+        limit = int(limit)
     files = _source_files(path)
     chem = None if featurizer == "coordinates" else _rdkit()
     if featurizer == "rdkit" and chem is None:

@@ -196,8 +196,8 @@ def _adult_fit(recipe: Recipe) -> Optional[str]:
     check_data_options(recipe, ("fit",))
     fit = recipe.data_options.get("fit")
     if fit is not None and fit not in ADULT_FIT_OPTIONS:
-        raise ValueError(f"adult data option fit={fit!r}: expected 'train' (fit the input standardisation and "
-                         "numeric standardisation on the training rows only); leave it out to fit it on all of "
+        raise ValueError(f"adult data option fit={fit!r}: expected 'train' (standardise the numeric inputs with "
+                         "the statistics of the training rows only); leave it out to take them from all of "
                          "adult.data, validation rows included, as the records made without it did.")
     return fit
 
@@ -516,7 +516,15 @@ class QM9Splits:
     Every batch has ``batch_size + 1`` graph slots (the last is padding) and
     node / edge budgets that fit any ``batch_size`` molecules of the split, so
     each step compiles once.  Targets are standardised with the training
-    statistics; task ``t``'s target is ``(values [G], graph_mask [G])``.
+    statistics (of the whole training split, not of a capped subset); task
+    ``t``'s target is ``(values [G], graph_mask [G])``.
+
+    ``max_train_examples`` / ``max_eval_examples`` take fixed subsets drawn, as
+    in :class:`~dbmtl_jax.experiments.spec.ArraySplits`, from one generator in
+    the order train, val, test: the val and test subsets also depend on whether
+    and how far the training split is capped (runs with other
+    ``max_train_examples`` are evaluated on other molecules even with the same
+    ``max_eval_examples``).
     """
 
     def __init__(self, data: Any, recipe: Recipe, *, subset_seed: int = 0) -> None:
@@ -581,6 +589,17 @@ def _qm9(limit: Any) -> Any:
     return load_qm9(limit=limit)
 
 
+def _qm9_limit(recipe: Recipe) -> Optional[int]:
+    """qm9's ``limit`` data option (``None`` when absent: all molecules), checked before it keys the loader's
+    cache: ``--data-option limit=true`` read one molecule, ``limit=2.5`` three, and a list failed unhashable."""
+    check_data_options(recipe, ("limit",))
+    limit = recipe.data_options.get("limit")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"qm9 data option limit must be a positive int (molecules to process, e.g. "
+                         f"{QM9_QUICK_LIMIT}), got {limit!r}.")
+    return limit
+
+
 def qm9_benchmark() -> Benchmark:
     """QM9, the paper's 11 regression tasks (:func:`dbmtl_jax.datasets.load_qm9`), MPNN HPS.
 
@@ -608,8 +627,7 @@ def qm9_benchmark() -> Benchmark:
     tasks = tuple(make_task(t, info) for t, info in enumerate(QM9_TASKS))
 
     def data(recipe: Recipe) -> QM9Splits:
-        check_data_options(recipe, ("limit",))
-        return QM9Splits(_qm9(recipe.data_options.get("limit")), recipe)
+        return QM9Splits(_qm9(_qm9_limit(recipe)), recipe)
 
     def model(rngs: Any) -> Any:
         enc = MPNN(11, 5, dim=32, edge_hidden=64, steps=3, aggregation="mean", readout="set2set", rngs=rngs)
