@@ -271,7 +271,8 @@ def test_cross_stitch_init_and_errors():
         CrossStitch([[nnx.Linear(2, 2, rngs=r)], []], [nnx.Linear(2, 1, rngs=r)] * 2)
     with pytest.raises(ValueError, match="heads"):
         CrossStitch([[nnx.Linear(2, 2, rngs=r)]] * 2, [nnx.Linear(2, 1, rngs=r)])
-    bad = CrossStitch([[nnx.Linear(2, 2, rngs=r)], [nnx.Linear(2, 3, rngs=r)]], [nnx.Linear(2, 1, rngs=r)] * 2)
+    bad = CrossStitch([[nnx.Linear(2, 2, rngs=r)], [nnx.Linear(2, 3, rngs=r)]],
+                      [nnx.Linear(2, 1, rngs=r) for _ in range(2)])
     with pytest.raises(ValueError, match="different output shapes"):
         bad(jnp.ones((1, 2)))
 
@@ -641,3 +642,157 @@ def test_segment_softmax_and_mpnn_errors():
     b = pack_graphs(_graphs())
     with pytest.raises(ValueError, match="num_graphs"):
         _mpnn()(b._replace(num_graphs=0))
+
+
+# ----------------------------------------------------------------------------- bad input (audit 44)
+
+
+def test_batch_norm_refuses_fewer_than_two_values_per_channel_in_training():
+    """One value per channel made the output the constant β (masks of 0.5), none wrote NaN into the
+    running statistics; both are errors in training mode, and fine with the running averages."""
+    r = _rngs(0)
+    enc = MLPEncoder(3, (4,), norm="batch", rngs=r)
+    with pytest.raises(ValueError, match="1 value\\(s\\) per channel"):
+        enc(jnp.ones((1, 3)))
+    with pytest.raises(ValueError, match="0 value\\(s\\) per channel"):
+        enc(jnp.ones((0, 3)))
+    assert np.all(np.isfinite(np.asarray(enc.norms[0].mean[...])))
+    model = mtan_mlp(3, (4, 4), [nnx.Linear(4, 1, rngs=r) for _ in range(2)], rngs=r)
+    with pytest.raises(ValueError, match="per channel"):
+        model(jnp.ones((1, 3)))
+    # Spatial positions count: one image of 2×2 pixels is a valid training batch.
+    assert ConvEncoderDecoder(1, (2,), rngs=r)(jnp.ones((1, 2, 2, 1))).shape == (1, 2, 2, 2)
+    enc.eval()
+    assert enc(jnp.ones((1, 3))).shape == (1, 4) and enc(jnp.ones((0, 3))).shape == (0, 4)
+    model.eval()
+    assert [o.shape for o in model(jnp.ones((1, 3)))] == [(1, 1)] * 2
+
+
+def test_parameters_shared_between_tasks_are_an_error():
+    """``[head] * T`` gave every task the same head (listed once by nnx.state, so the shared/task-specific
+    partition and hps_spec were wrong); a column reused for every task made cross-stitch a single network."""
+    r = _rngs(0)
+    head = nnx.Linear(4, 1, rngs=r)
+    enc = MLPEncoder(3, (4,), rngs=r)
+    with pytest.raises(ValueError, match=r"heads\[1\] and heads\[0\] share parameters"):
+        HPS(enc, [head] * 3)
+    with pytest.raises(ValueError, match=r"heads\[0\] and encoder share parameters"):
+        HPS(enc, [nnx.Sequential(enc.layers[0]), nnx.Linear(4, 1, rngs=r)])
+    column = [nnx.Linear(4, 3, rngs=r)]
+    with pytest.raises(ValueError, match=r"columns\[1\] and columns\[0\] share parameters"):
+        CrossStitch([column] * 2, [nnx.Linear(3, 1, rngs=r) for _ in range(2)])
+    with pytest.raises(ValueError, match=r"heads\[1\] and heads\[0\] share parameters"):
+        mtan_mlp(3, (4,), [head] * 2, rngs=r)
+    # Weight tying inside one part stays allowed.
+    HPS(MLPEncoder(3, (4,), rngs=r), [nnx.Sequential(head, head.__class__(1, 1, rngs=r)), nnx.Linear(4, 1, rngs=r)])
+
+
+def test_mtan_stage_outputs_must_match_the_declared_channels():
+    class Stage(nnx.Module):
+        def __init__(self, rngs):
+            self.dense = nnx.Linear(3, 4, rngs=rngs)
+
+        def __call__(self, x):
+            u = self.dense(x)
+            return u, u[:, :1]  # p narrower than u: the [B, 4] mask used to broadcast over it
+
+    r = _rngs(0)
+    model = MTAN([Stage(r)], (4,), [nnx.Linear(4, 1, rngs=r) for _ in range(2)], kind="mlp", norm="none", rngs=r)
+    with pytest.raises(ValueError, match="stage 0 returned u of shape \\(5, 4\\) and p of shape \\(5, 1\\)"):
+        model(jnp.ones((5, 3)))
+    model = mtan_mlp(3, (4,), [nnx.Linear(4, 1, rngs=r) for _ in range(2)], norm="none", rngs=r)
+    model.channels = (5,)
+    with pytest.raises(ValueError, match="channels\\[0\\] = 5"):
+        model(jnp.ones((2, 3)))
+
+
+def test_image_encoders_empty_batch_and_layout_errors():
+    r = _rngs(0)
+    lenet = LeNetEncoder(1, 28, rngs=r)
+    assert lenet(jnp.zeros((0, 28, 28))).shape == (0, 50)  # was a ZeroDivisionError in reshape(0, -1)
+    for bad in [(2, 1, 28, 28), (28, 28, 1), (2, 784), (2, 36, 36)]:
+        with pytest.raises(ValueError, match="LeNetEncoder expects NHWC images"):
+            lenet(jnp.zeros(bad))
+    with pytest.raises(ValueError, match="NCHW\\?"):
+        ConvEncoderDecoder(3, (4,), rngs=r)(jnp.zeros((2, 3, 8, 8)))
+    with pytest.raises(ValueError, match="DenseHead expects NHWC images with 4 channel"):
+        DenseHead(4, 2, rngs=r)(jnp.zeros((2, 8, 8)))
+
+
+def _nan_padded(b):
+    x = b.node_features.copy()
+    x[~b.node_mask] = np.nan
+    ef = b.edge_features.copy()
+    ef[~b.edge_mask] = np.nan
+    return b._replace(node_features=x, edge_features=ef)
+
+
+@pytest.mark.parametrize("readout", ["set2set", "sum"])
+def test_mpnn_nan_in_padding_features_does_not_leak(readout):
+    """Padding rows were multiplied by 0, and NaN · 0 = NaN reached every output and gradient."""
+    model = _mpnn(readout)
+    b = pack_graphs(_graphs(seed=6), max_nodes=20, max_edges=40, max_graphs=6)
+    clean = np.asarray(_apply(model, b))
+    np.testing.assert_array_equal(np.asarray(_apply(model, _nan_padded(b))), clean)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    grads = jax.jit(jax.grad(lambda p, g: jnp.sum(nnx.merge(graphdef, p, rest, copy=True)(g))))(params, _nan_padded(b))
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+
+
+def test_mpnn_out_of_range_indices_and_bad_shapes():
+    """Real edges and nodes with indices outside the batch were clipped onto node 0 / N−1 or graph G−1."""
+    model = _mpnn("sum")
+    b = pack_graphs(_graphs(seed=7), max_nodes=20, max_edges=40, max_graphs=6)
+    base = np.asarray(_apply(model, b))
+    k = int(np.flatnonzero(b.edge_mask)[0])
+    ei = b.edge_index.copy()
+    ei[0, k] = -1
+    with pytest.raises(ValueError, match=f"edge_index: sender -1 at position {k} is outside \\[0, 20\\)"):
+        model(b._replace(edge_index=ei))
+    assert np.all(np.isnan(np.asarray(_apply(model, b._replace(edge_index=ei)))))
+    ng = b.node_graph.copy()
+    ng[0] = 6
+    with pytest.raises(ValueError, match="node_graph: graph id 6 at position 0 is outside \\[0, 6\\)"):
+        model(b._replace(node_graph=ng))
+    assert np.all(np.isnan(np.asarray(_apply(model, b._replace(node_graph=ng)))))
+    # Padding entries may hold any index (e.g. -1), eagerly and under jit.
+    ei, ng = b.edge_index.copy(), b.node_graph.copy()
+    ei[:, ~b.edge_mask] = -1
+    ng[~b.node_mask] = -1
+    pad = b._replace(edge_index=ei, node_graph=ng)
+    np.testing.assert_allclose(np.asarray(model(pad)), base, rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(np.asarray(_apply(model, pad)), base)
+    for field, value, name in [("edge_index", b.edge_index.T, "edge_index must be \\[2, E\\]"),
+                               ("edge_mask", b.edge_mask[:1], "edge_mask must have shape \\(40,\\)"),
+                               ("node_mask", b.node_mask[:, None], "node_mask must have shape \\(20,\\)"),
+                               ("node_graph", b.node_graph[:, None], "node_graph must have shape \\(20,\\)"),
+                               ("edge_features", b.edge_features[:5], "edge_features must be \\[E, Fe\\]")]:
+        with pytest.raises(ValueError, match=name):
+            model(b._replace(**{field: value}))
+
+
+def test_mpnn_options_that_were_ignored_are_errors():
+    with pytest.raises(ValueError, match="out_features=16 needs project=True"):
+        _mpnn(project=False, out_features=16)
+    with pytest.raises(ValueError, match="set2set steps must be >= 1"):
+        _mpnn(set2set_steps=0)
+
+
+def test_non_integer_indices_and_counts_are_errors_not_truncations():
+    """pack_graphs cast a float edge_index into int32 (1.5 became node 1); a float num_graphs was truncated
+    by the pytree flatten under jit; cross-stitch cast its mix back to an integer stage output's dtype."""
+    x, ef = np.ones((3, 3), np.float32), np.ones((2, 2), np.float32)
+    with pytest.raises(ValueError, match="edge_index must hold integer node indices"):
+        pack_graphs([Graph(x, np.array([[0.0, 1.5], [1.0, 2.0]]), ef)])
+    b = pack_graphs([Graph(x, np.array([[0.0, 1.0], [1.0, 2.0]]), ef)])  # integral floats are fine
+    assert b.edge_index.tolist() == [[0, 1], [1, 2]]
+    b = pack_graphs([Graph(x, np.array([[0, 1], [1, 2]]), ef)] * 2)
+    with pytest.raises(ValueError, match="num_graphs must be a static int, got 1.7"):
+        _apply(_mpnn("sum"), b._replace(num_graphs=1.7, graph_mask=None))
+    ident = lambda: nnx.Sequential(lambda z: z)
+    model = CrossStitch([[ident()] for _ in range(2)], [ident() for _ in range(2)], diagonal=0.75)
+    outs = model(jnp.array([[4, 8]]))
+    np.testing.assert_allclose(outs[0], [[4.0, 8.0]], rtol=1e-6)  # 0.75·x + 0.25·x, not truncated
+    np.testing.assert_allclose(model.stitch(0, [jnp.array([1]), jnp.array([2])])[0], [1.25], rtol=1e-6)
+    with pytest.raises(ValueError, match="num_tasks must be >= 1"):
+        stitch_init(0)

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dbmtl_jax.architectures._layers import prefix_predicate
+from dbmtl_jax.architectures._layers import check_unshared, prefix_predicate
 
 __all__ = ["CrossStitch", "cross_stitch_shared", "stitch_init"]
 
@@ -50,6 +50,8 @@ cross_stitch_shared: Callable[[str], bool] = prefix_predicate("columns", "stitch
 def stitch_init(num_tasks: int, diagonal: float = 0.9, off_diagonal: Optional[float] = None) -> np.ndarray:
     """The initial ``[T, T]`` stitch matrix: ``diagonal`` on, ``(1 − diagonal)/(T − 1)`` off the diagonal."""
     t = int(num_tasks)
+    if t < 1:
+        raise ValueError(f"num_tasks must be >= 1, got {num_tasks!r}.")
     if t == 1:
         return np.ones((1, 1), np.float32)
     off = (1.0 - float(diagonal)) / (t - 1) if off_diagonal is None else float(off_diagonal)
@@ -73,6 +75,7 @@ class CrossStitch(nnx.Module):
         shape ``[T, T, C_l]``, one α per task pair and channel.
 
     Parameter paths: ``columns/<t>/<l>/…``, ``stitches/<l>``, ``heads/<t>/…``.
+    Columns or heads holding the same parameters (``[column] * T``) are an error.
     """
 
     is_shared = staticmethod(cross_stitch_shared)
@@ -97,6 +100,8 @@ class CrossStitch(nnx.Module):
             raise ValueError(f"every column must have the same, nonzero number of stages; got {[len(c) for c in columns]}.")
         if channels is not None and len(channels) != depth:
             raise ValueError(f"channels has {len(channels)} entries but the columns have {depth} stages.")
+        check_unshared([(f"columns[{i}]", c) for i, c in enumerate(columns)]
+                       + [(f"heads[{i}]", h) for i, h in enumerate(heads)])
         t = len(columns)
         base = stitch_init(t, diagonal, off_diagonal)
         if channels is None:
@@ -140,7 +145,9 @@ class CrossStitch(nnx.Module):
                     f"stitch unit {layer} has {alpha.shape[-1]} channels but stage {layer} outputs {y.shape[-1]}."
                 )
             mixed = jnp.einsum("tsc,s...c->t...c", alpha.astype(acc), y.astype(acc))
-        return [mixed[i].astype(y.dtype) for i in range(len(xs))]
+        # Back to a floating input's dtype (bf16 stays bf16); integer stage outputs are not truncated.
+        out = y.dtype if jnp.issubdtype(y.dtype, jnp.inexact) else acc
+        return [mixed[i].astype(out) for i in range(len(xs))]
 
     def features(self, x: jax.Array) -> list[jax.Array]:
         """The T stitched column outputs (the heads' inputs)."""

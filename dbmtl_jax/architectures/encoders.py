@@ -20,13 +20,14 @@ Layouts: dense inputs ``[batch, features]``; images ``NHWC``.
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dbmtl_jax.architectures._layers import ConvBlock, check_norm, make_norm, resize_to
+from dbmtl_jax.architectures._layers import ConvBlock, check_channels, check_norm, make_norm, resize_to
 
 __all__ = ["MLPEncoder", "MLPHead", "LeNetEncoder", "ConvEncoderDecoder", "DenseHead", "ASPPHead"]
 
@@ -105,6 +106,8 @@ class LeNetEncoder(nnx.Module):
     ``conv5×5(c_in→10) → maxpool 2 → ReLU → conv5×5(10→20) → maxpool 2 → ReLU →
     flatten → dense(→50) → ReLU`` with 'VALID' convolutions.  The flattened
     width follows from ``image_size``: 320 for 28×28 and 720 for 36×36 inputs.
+    Sener & Koltun's network also has channel dropout after the second
+    convolution (and dropout in its task heads); it is left out here.
 
     Args:
       in_channels: input channels (1 for MultiMNIST).
@@ -114,7 +117,9 @@ class LeNetEncoder(nnx.Module):
       kernel_size: the convolution size (default 5).
       rngs: ``nnx.Rngs``.
 
-    Inputs are ``[B, H, W, C]`` or, for one channel, ``[B, H, W]``.
+    Inputs are ``[B, H, W, C]`` or, for one channel, ``[B, H, W]``, with
+    ``(H, W) == image_size`` (anything else, e.g. ``NCHW``, is an error); ``B``
+    may be 0.
     """
 
     def __init__(
@@ -138,14 +143,21 @@ class LeNetEncoder(nnx.Module):
         self.conv2 = nnx.Conv(c1, c2, (k, k), padding="VALID", rngs=rngs)
         self.fc = nnx.Linear(h * w * c2, int(features), rngs=rngs)
         self.in_channels = int(in_channels)
+        self.image_size = _pair(image_size)
         self.out_features = int(features)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         if x.ndim == 3 and self.in_channels == 1:
             x = x[..., None]
+        if x.ndim != 4 or tuple(x.shape[1:]) != self.image_size + (self.in_channels,):
+            expected = ", ".join(map(str, self.image_size + (self.in_channels,)))
+            raise ValueError(f"LeNetEncoder expects NHWC images [B, {expected}]"
+                             + (" (or [B, H, W])" if self.in_channels == 1 else "")
+                             + f", got shape {tuple(x.shape)}.")
         x = jax.nn.relu(nnx.max_pool(self.conv1(x), (2, 2), strides=(2, 2)))
         x = jax.nn.relu(nnx.max_pool(self.conv2(x), (2, 2), strides=(2, 2)))
-        return jax.nn.relu(self.fc(x.reshape(x.shape[0], -1)))
+        # The explicit width keeps an empty batch (B = 0) valid, where reshape(B, -1) is ambiguous.
+        return jax.nn.relu(self.fc(x.reshape(x.shape[0], math.prod(x.shape[1:]))))
 
 
 class ConvEncoderDecoder(nnx.Module):
@@ -236,6 +248,7 @@ class DenseHead(nnx.Module):
         check_norm(norm)
         if kernel_size not in (1, 3):
             raise ValueError(f"kernel_size must be 1 or 3, got {kernel_size!r}.")
+        self.in_channels = int(in_channels)
         if hidden is None:
             self.hidden = None
             self.out = nnx.Conv(int(in_channels), int(out_channels), (kernel_size, kernel_size), rngs=rngs)
@@ -244,6 +257,7 @@ class DenseHead(nnx.Module):
             self.out = nnx.Conv(int(hidden), int(out_channels), (1, 1), rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        check_channels(x, self.in_channels, "DenseHead")
         if self.hidden is not None:
             x = self.hidden(x)
         return self.out(x)
@@ -285,7 +299,8 @@ class ASPPHead(nnx.Module):
       norm: ``"batch"`` (default, as DeepLab), ``"group"``, ``"layer"``, ``"none"``.
         With ``"batch"`` the image-pooling branch is normalised over the batch
         of pooled vectors, which is ill-conditioned for very small batches
-        (as in DeepLab); prefer ``"layer"`` there.
+        (as in DeepLab) and an error for a training batch of one; prefer
+        ``"layer"`` there.
       rngs: ``nnx.Rngs``.
     """
 

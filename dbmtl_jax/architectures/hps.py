@@ -27,7 +27,7 @@ from typing import Any, Callable, Optional, Sequence
 import jax
 from flax import nnx
 
-from dbmtl_jax.architectures._layers import prefix_predicate
+from dbmtl_jax.architectures._layers import check_unshared, prefix_predicate
 from dbmtl_jax.task_gradients import TrunkHeads, _deprecated, value_and_task_grads
 
 __all__ = ["HPS", "hps_shared", "hps_spec", "hps_task_grads"]  # the last deprecated (0.2.0)
@@ -46,7 +46,8 @@ class HPS(nnx.Module):
 
     Attributes ``encoder`` and ``heads`` (an ``nnx.List``) give parameter paths
     ``encoder/…`` and ``heads/<t>/…``; :attr:`is_shared` (= :data:`hps_shared`)
-    marks the encoder leaves as shared.
+    marks the encoder leaves as shared.  Heads holding the same parameters
+    (``[head] * T``), or a head sharing the encoder's, are an error.
     """
 
     is_shared = staticmethod(hps_shared)
@@ -55,6 +56,7 @@ class HPS(nnx.Module):
         heads = list(heads)
         if not heads:
             raise ValueError("heads is empty; give one head per task.")
+        check_unshared([("encoder", encoder)] + [(f"heads[{t}]", h) for t, h in enumerate(heads)])
         self.encoder = encoder
         self.heads = nnx.List(heads)
 

@@ -19,10 +19,15 @@ benchmark, used by DB-MTL, builds on: width 64, edge-network hidden 128,
 
 Graphs come as a :class:`GraphBatch`: all graphs' nodes and edges
 concatenated, padded to fixed sizes, with masks, so the model jits once per
-padded size.  Padding nodes, edges and graphs contribute nothing: messages
-along padding edges are zeroed, padding nodes are excluded from aggregation,
-degree counts and readout, and padding graphs' features are zero.
-Aggregations use ``jax.ops.segment_sum`` / ``segment_max``.
+padded size.  Padding nodes, edges and graphs contribute nothing, whatever
+their features (NaN included) and indices: their features are replaced by
+zeros, messages along padding edges are dropped, padding nodes are excluded
+from aggregation, degree counts and readout, and padding graphs' features are
+zero.  A *real* edge whose sender or receiver lies outside ``[0, N)``, or a
+real node whose graph id lies outside ``[0, G)``, is bad input: a
+``ValueError`` when the arrays are concrete, an all-NaN output under ``jit``
+(never a silent clip onto another node or graph).  Aggregations use
+``jax.ops.segment_sum`` / ``segment_max``.
 
 With :class:`~dbmtl_jax.architectures.HPS`, ``HPS(MPNN(...), [nnx.Linear(64, 1,
 rngs=rngs) for _ in range(11)])`` is the QM9 model (11 regression targets).
@@ -30,6 +35,7 @@ rngs=rngs) for _ in range(11)])`` is the QM9 model (11 regression targets).
 
 from __future__ import annotations
 
+import operator
 from typing import Any, Mapping, NamedTuple, Optional, Sequence, Union
 
 import jax
@@ -73,8 +79,16 @@ class GraphBatch(NamedTuple):
 _LEAF_FIELDS = ("node_features", "edge_index", "edge_features", "node_graph", "node_mask", "edge_mask", "graph_mask")
 
 
+def _static_num_graphs(g: GraphBatch) -> int:
+    # operator.index, not int: a float count (1.7) must not be truncated into the jit-static metadata.
+    try:
+        return operator.index(g.num_graphs)
+    except TypeError:
+        raise ValueError(f"graph.num_graphs must be a static int, got {g.num_graphs!r}.") from None
+
+
 def _graph_flatten_with_keys(g: GraphBatch) -> tuple:
-    return tuple((jax.tree_util.GetAttrKey(f), getattr(g, f)) for f in _LEAF_FIELDS), int(g.num_graphs)
+    return tuple((jax.tree_util.GetAttrKey(f), getattr(g, f)) for f in _LEAF_FIELDS), _static_num_graphs(g)
 
 
 def _graph_unflatten(num_graphs: int, children: Sequence[Any]) -> GraphBatch:
@@ -86,7 +100,7 @@ jax.tree_util.register_pytree_with_keys(
     GraphBatch,
     _graph_flatten_with_keys,
     _graph_unflatten,
-    flatten_func=lambda g: (tuple(getattr(g, f) for f in _LEAF_FIELDS), int(g.num_graphs)),
+    flatten_func=lambda g: (tuple(getattr(g, f) for f in _LEAF_FIELDS), _static_num_graphs(g)),
 )
 
 
@@ -117,6 +131,11 @@ def _as_graph(g: Union[Graph, Mapping[str, Any], Sequence[Any]], i: int) -> Grap
         ei = ei.reshape(2, 0)
     if ei.ndim != 2 or ei.shape[0] != 2:
         raise ValueError(f"graph {i}: edge_index must be [2, e], got shape {ei.shape}.")
+    if not np.issubdtype(ei.dtype, np.integer):
+        # Packing casts to int32, which would truncate 1.5 to node 1.
+        if not np.issubdtype(ei.dtype, np.number) or not np.all(np.isfinite(ei) & (ei == np.round(ei))):
+            raise ValueError(f"graph {i}: edge_index must hold integer node indices, got {ei.dtype} values.")
+        ei = ei.astype(np.int64)
     if ef.ndim != 2 or ef.shape[0] != ei.shape[1]:
         raise ValueError(f"graph {i}: edge_features must be [e, Fe] with e = {ei.shape[1]}, got shape {ef.shape}.")
     if ei.size and (ei.min() < 0 or ei.max() >= x.shape[0]):
@@ -186,8 +205,37 @@ def pack_graphs(
     return GraphBatch(x, ei, ef, node_graph, ng, node_mask, edge_mask, graph_mask)
 
 
-def _mask(mask: Any, size: int) -> jax.Array:
-    return jnp.ones((size,), bool) if mask is None else jnp.asarray(mask, bool)
+def _mask(mask: Any, size: int, name: str = "mask") -> jax.Array:
+    if mask is None:
+        return jnp.ones((size,), bool)
+    if tuple(jnp.shape(mask)) != (size,):
+        raise ValueError(f"{name} must have shape ({size},), got {tuple(jnp.shape(mask))}.")
+    return jnp.asarray(mask, bool)
+
+
+def _check_graph_shapes(graph: GraphBatch) -> tuple[int, int]:
+    """``(N, E)`` of ``graph``; raises ``ValueError`` naming the field whose shape does not fit."""
+    xs, eis = tuple(jnp.shape(graph.node_features)), tuple(jnp.shape(graph.edge_index))
+    efs, ngs = tuple(jnp.shape(graph.edge_features)), tuple(jnp.shape(graph.node_graph))
+    if len(xs) != 2:
+        raise ValueError(f"node_features must be [N, F], got shape {xs}.")
+    if len(eis) != 2 or eis[0] != 2:
+        raise ValueError(f"edge_index must be [2, E] (senders; receivers), got shape {eis}.")
+    n, e = xs[0], eis[1]
+    if len(efs) != 2 or efs[0] != e:
+        raise ValueError(f"edge_features must be [E, Fe] with E = {e} (edge_index's), got shape {efs}.")
+    if ngs != (n,):
+        raise ValueError(f"node_graph must have shape ({n},), got {ngs}.")
+    return n, e
+
+
+def _out_of_range(ids: jax.Array, real: jax.Array, size: int, what: str) -> jax.Array:
+    """Whether a real entry of ``ids`` lies outside ``[0, size)``; raises ``ValueError`` for concrete inputs."""
+    bad = real & ((ids < 0) | (ids >= size))
+    if not isinstance(bad, jax.core.Tracer) and bool(jnp.any(bad)):
+        k = int(jnp.argmax(bad))
+        raise ValueError(f"{what} {int(ids[k])} at position {k} is outside [0, {size}) and not masked as padding.")
+    return jnp.any(bad)
 
 
 def segment_softmax(logits: jax.Array, segment_ids: jax.Array, mask: jax.Array, num_segments: int) -> jax.Array:
@@ -205,6 +253,8 @@ class Set2Set(nnx.Module):
     """Set2set readout (Vinyals et al., ICLR 2016): ``steps`` LSTM-attention rounds, output ``[G, 2d]``."""
 
     def __init__(self, features: int, *, steps: int = 3, rngs: nnx.Rngs):
+        if int(steps) < 1:
+            raise ValueError(f"set2set steps must be >= 1, got {steps!r} (0 steps give an all-zero readout).")
         self.lstm = nnx.LSTMCell(2 * int(features), int(features), rngs=rngs)
         self.features = int(features)
         self.steps = int(steps)
@@ -241,7 +291,9 @@ class MPNN(nnx.Module):
       rngs: ``nnx.Rngs``.
 
     ``__call__(graph: GraphBatch) -> [G, out_features]`` (zero rows for padding
-    graph slots); :meth:`node_states` gives the ``[N, d]`` node states.
+    graph slots); :meth:`node_states` gives the ``[N, d]`` node states.  Array
+    shapes are checked (a ``ValueError`` names the field), and so are the
+    indices of real edges and nodes (see the module docstring).
     """
 
     def __init__(
@@ -265,6 +317,9 @@ class MPNN(nnx.Module):
             raise ValueError(f"unknown readout {readout!r}; expected one of {READOUTS}.")
         if int(steps) < 1:
             raise ValueError(f"steps must be >= 1, got {steps!r}.")
+        if not project and out_features is not None:
+            raise ValueError(f"out_features={out_features!r} needs project=True (without the projection the output "
+                             "is the readout itself).")
         d = int(dim)
         self.embed = nnx.Linear(int(node_features), d, rngs=rngs)
         self.edge_net = nnx.Sequential(
@@ -285,17 +340,29 @@ class MPNN(nnx.Module):
 
     def node_states(self, graph: GraphBatch) -> jax.Array:
         """The node states ``h^K`` ``[N, d]`` (zero for padding nodes)."""
-        x = jnp.asarray(graph.node_features)
-        n, e = x.shape[0], jnp.shape(graph.edge_index)[1]
-        node_mask = _mask(graph.node_mask, n)
-        edge_mask = _mask(graph.edge_mask, e)
-        senders = jnp.clip(jnp.asarray(graph.edge_index[0], jnp.int32), 0, n - 1)
-        receivers = jnp.clip(jnp.asarray(graph.edge_index[1], jnp.int32), 0, n - 1)
-        nm = node_mask[:, None].astype(x.dtype)
+        h, bad = self._node_states(graph)
+        return jnp.where(bad, jnp.nan, h)
+
+    def _node_states(self, graph: GraphBatch) -> tuple[jax.Array, jax.Array]:
+        """``(h^K, bad)``: the node states and whether a real edge has an end outside ``[0, N)``."""
+        n, e = _check_graph_shapes(graph)
+        node_mask = _mask(graph.node_mask, n, "node_mask")
+        edge_mask = _mask(graph.edge_mask, e, "edge_mask")
+        ei = jnp.asarray(graph.edge_index, jnp.int32)
+        bad = _out_of_range(ei[0], edge_mask, n, "edge_index: sender") | _out_of_range(
+            ei[1], edge_mask, n, "edge_index: receiver")
+        senders = jnp.clip(ei[0], 0, n - 1)  # padding edges may hold any index
+        receivers = jnp.clip(ei[1], 0, n - 1)
         # An edge carries a message only if it and both its ends are real.
         em = edge_mask & node_mask[senders] & node_mask[receivers]
+        # Padding features are replaced (not multiplied) by zeros: NaN · 0 would still be NaN.
+        x = jnp.asarray(graph.node_features)
+        x = jnp.where(node_mask[:, None], x, jnp.zeros((), x.dtype))
+        ef = jnp.asarray(graph.edge_features)
+        ef = jnp.where(em[:, None], ef, jnp.zeros((), ef.dtype))
+        nm = node_mask[:, None].astype(x.dtype)
         h = jax.nn.relu(self.embed(x)) * nm
-        a = self.edge_net(jnp.asarray(graph.edge_features)).reshape(e, self.dim, self.dim)
+        a = self.edge_net(ef).reshape(e, self.dim, self.dim)
         emf = em[:, None].astype(h.dtype)
         if self.aggregation == "mean":
             deg = jax.ops.segment_sum(em.astype(h.dtype), receivers, num_segments=n)
@@ -308,7 +375,7 @@ class MPNN(nnx.Module):
             m = jax.nn.relu(self.root(h) + agg)
             h, _ = self.gru(h, m)
             h = h * nm
-        return h
+        return h, bad
 
     def __call__(self, graph: GraphBatch) -> jax.Array:
         """Graph-level features ``[G, out_features]``."""
@@ -316,13 +383,15 @@ class MPNN(nnx.Module):
         if isinstance(g, bool) or not isinstance(g, (int, np.integer)) or g < 1:
             raise ValueError(f"graph.num_graphs must be a positive static int, got {g!r}.")
         g = int(g)
-        h = self.node_states(graph)
+        h, bad_edges = self._node_states(graph)
         n = h.shape[0]
-        node_mask = _mask(graph.node_mask, n)
-        graph_mask = _mask(graph.graph_mask, g)
-        if graph_mask.shape != (g,):
-            raise ValueError(f"graph_mask has shape {graph_mask.shape} but num_graphs is {g}.")
-        gid = jnp.clip(jnp.asarray(graph.node_graph, jnp.int32), 0, g - 1)
+        node_mask = _mask(graph.node_mask, n, "node_mask")
+        if graph.graph_mask is not None and tuple(jnp.shape(graph.graph_mask)) != (g,):
+            raise ValueError(f"graph_mask has shape {tuple(jnp.shape(graph.graph_mask))} but num_graphs is {g}.")
+        graph_mask = _mask(graph.graph_mask, g, "graph_mask")
+        gid = jnp.asarray(graph.node_graph, jnp.int32)
+        bad = bad_edges | _out_of_range(gid, node_mask, g, "node_graph: graph id")
+        gid = jnp.clip(gid, 0, g - 1)  # padding nodes may hold any id
         if self.readout == "set2set":
             r = self.set2set(h, gid, node_mask, g)
         else:
@@ -332,4 +401,4 @@ class MPNN(nnx.Module):
                 r = r / jnp.maximum(cnt, 1.0)[:, None]
         if self.out is not None:
             r = jax.nn.relu(self.out(r))
-        return r * graph_mask[:, None].astype(r.dtype)
+        return jnp.where(bad, jnp.nan, r * graph_mask[:, None].astype(r.dtype))

@@ -42,7 +42,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dbmtl_jax.architectures._layers import ConvBlock, check_norm, make_norm, prefix_predicate, resize_to
+from dbmtl_jax.architectures._layers import (
+    ConvBlock,
+    check_norm,
+    check_unshared,
+    make_norm,
+    prefix_predicate,
+    resize_to,
+)
 
 __all__ = [
     "AttentionMask",
@@ -118,6 +125,9 @@ class MTAN(nnx.Module):
 
     Parameter paths: ``backbone/…`` (shared), ``bridges/<j−1>/…`` (shared by
     the tasks), ``attention/<t>/<j>/…`` and ``heads/<t>/…`` (task-specific).
+    Heads holding the same parameters (``[head] * T``), or the backbone's, are
+    an error; so is a stage whose ``u_j`` and ``p_j`` differ in shape or do not
+    have ``channels[j]`` features (the mask would broadcast silently).
     """
 
     is_shared = staticmethod(mtan_shared)
@@ -143,6 +153,7 @@ class MTAN(nnx.Module):
             raise ValueError(f"channels has {len(ch)} entries but the backbone has {len(backbone)} stages.")
         if not heads:
             raise ValueError("heads is empty; give one head per task.")
+        check_unshared([("backbone", backbone)] + [(f"heads[{t}]", h) for t, h in enumerate(heads)])
         if kind == "conv":
             bridges = [ConvBlock(a, b, kernel_size=3, norm=norm, rngs=rngs) for a, b in zip(ch[:-1], ch[1:])]
         else:
@@ -167,8 +178,13 @@ class MTAN(nnx.Module):
     def shared_features(self, x: jax.Array) -> list[tuple[jax.Array, jax.Array]]:
         """The backbone's ``(u_j, p_j)`` for every stage."""
         out = []
-        for stage in self.backbone:
+        for j, stage in enumerate(self.backbone):
             u, p = _split_stage_output(stage(x))
+            if u.shape != p.shape or u.shape[-1:] != (self.channels[j],):
+                raise ValueError(
+                    f"MTAN stage {j} returned u of shape {tuple(u.shape)} and p of shape {tuple(p.shape)}; both must "
+                    f"have the same shape with channels[{j}] = {self.channels[j]} features on the last axis."
+                )
             out.append((u, p))
             x = p
         return out
