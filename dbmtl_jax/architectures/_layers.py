@@ -167,7 +167,8 @@ def resize_to(x: jax.Array, spatial: Sequence[int]) -> jax.Array:
 
     Unchanged when the sizes agree; a max-pool when both sizes shrink by the
     same integer factor (the down-sampling used between MTAN stages);
-    bilinear resizing otherwise.
+    bilinear resizing otherwise (``jax.image.resize``, which antialiases when
+    it shrinks, unlike PyTorch's ``F.interpolate``; upsampling is unaffected).
     """
     h, w = x.shape[-3], x.shape[-2]
     th, tw = int(spatial[0]), int(spatial[1])
