@@ -31,7 +31,7 @@
 #   sgd       (qm9_2k, multimnist320) EW and DB-MTL's three β rows with SGD with
 #             momentum at the pilot's rates, 5 seeds, into the optimizer table: paired.md, across.md (Adam → SGD gains)
 #   methods   (qm9_2k, multimnist320, adult120, adult120_l1) the 26-method main table under the finished protocol, 5 seeds: paired.md
-#   paper     (adult120, adult120_l1, qm9_2k) the rest of the paper's tables under the finished protocol, 5 seeds: Table 5 (EW + log, DB-MTL
+#   paper     (adult120, adult120_l1, qm9_2k, multimnist320, multifashion320) the rest of the paper's tables under the finished protocol, 5 seeds: Table 5 (EW + log, DB-MTL
 #             without log), Fig. 1 (six gradient methods + log), Fig. 6 (α), Fig. 5 (β grid): paired.md
 #   grid      (multifashion320, dense60) Fig. 5's β grid under the finished protocol beside the finished section's
 #             rows, 5 seeds: paired.md, `dbmtl-jax select` for the paper's validation choice
@@ -270,15 +270,16 @@ for section in $SECTIONS; do
       run --methods graddrop,mtadam,moco,excessmtl --lr-schedule cosine --seeds $s, --test-curve --study $O
     done
     [ -n "$DRY" ] || dbmtl-jax paired $O --out $O/paired.md ;;
-  paper)  # (adult120, adult120_l1, qm9_2k, multimnist320) issue 12 item 3: Table 5, Fig. 1, Fig. 6 and Fig. 5 under
+  paper)  # (adult120, adult120_l1, qm9_2k, multimnist320, multifashion320) issue 12 item 3: Table 5, Fig. 1, Fig. 6 and Fig. 5 under
     # the finished protocol (cosine decay, 5 paired seeds, test curves). The base rows (STL, EW, DB-MTL at the default β,
     # LibMTL's β, β = 0, the six gradient methods without log, and Table 5's EW + log and DB-MTL without log) come from
     # the methods, finished, table5 and (multimnist320) cosine and stlcosine sections where those ran (listed, not
     # rerun; on multimnist320 the β grid, α rows and Nash-MTL/CAGrad + log too). Then, each block seed by seed (a
     # partial block is still paired): Fig. 5's β grid first ("which β" comes first), then Fig. 1, then Fig. 6.
     # EW + log: the committed rows of adult120(_l1) and qm9_2k ran on the per-task path (before +log had the
-    # weighted-loss path; the same update, another config hash, CHANGELOG 0.2.0), multimnist320's on the weighted one.
-    EWLOG_PATH=--grad-stats; [ "$B" = multimnist ] && EWLOG_PATH=
+    # weighted-loss path; the same update, another config hash, CHANGELOG 0.2.0), multimnist320's and multifashion320's
+    # on the weighted one.
+    EWLOG_PATH=--grad-stats; case $B in multimnist|multifashion) EWLOG_PATH= ;; esac
     for s in $SEEDS; do
       run --methods stl,ew,dbmtl,pcgrad,gradvac,imtl_g,cagrad,nash_mtl,aligned_mtl --lr-schedule cosine --seeds $s, \
         --test-curve --study $O
