@@ -57,6 +57,9 @@ $P $R/qm9_150ep_table5 --out $R/qm9_150ep_table5/paired.md
 $P $R/qm9_150ep_table5 --average-last 0.2 --out $R/qm9_150ep_table5/paired_no_selection.md
 $P $R/multimnist_320ep_methods $R/multimnist_320ep_stlcosine --out $R/multimnist_320ep_methods/paired.md
 $P $R/multimnist_320ep_methods $R/multimnist_320ep_stlcosine --average-last 0.2 --out $R/multimnist_320ep_methods/paired_no_selection.md
+$P $R/multimnist_320ep_paper --out $R/multimnist_320ep_paper/paired.md
+$P $R/multimnist_320ep_paper --ref pcgrad --ref gradvac --ref imtl_g --ref cagrad --ref nash_mtl --ref aligned_mtl --out $R/multimnist_320ep_paper/fig1_paired.md
+$P $R/multimnist_320ep_paper --ref pcgrad --ref gradvac --ref imtl_g --ref cagrad --ref nash_mtl --ref aligned_mtl --average-last 0.2 --out $R/multimnist_320ep_paper/fig1_paired_no_selection.md
 $P $R/qm9_150ep_methods --out $R/qm9_150ep_methods/paired.md
 $P $R/qm9_150ep_methods --average-last 0.2 --out $R/qm9_150ep_methods/paired_no_selection.md
 python -m dbmtl_jax.experiments breakdown $R/qm9_150ep_methods > /dev/null  # writes breakdown.md itself
@@ -71,6 +74,7 @@ $P $R/multimnist_320ep_cosine $R/multimnist_320ep_adam_b2 --across --ref ew --re
 $P $R/multimnist_320ep_optimizer $R/multimnist_320ep_stlcosine --across --ref ew --ref dbmtl --ref 'dbmtl (beta=0.0)' --out $R/multimnist_320ep_optimizer/across.md
 $P $R/multimnist_320ep_cosine --across --ref ew --ref dbmtl --out $R/multimnist_320ep_cosine/across.md
 python -m dbmtl_jax.experiments breakdown $R/multimnist_320ep_cosine > /dev/null  # writes breakdown.md itself
+python -m dbmtl_jax.experiments breakdown $R/multimnist_320ep_paper > /dev/null
 # the other cross-setting pages: qm9's Adam b2 (§30) and optimizer (§21) studies, multimnist's short-budget optimizer study (§11)
 $P $R/qm9_150ep_table5 $R/qm9_150ep_adam_b2 --across --ref ew --ref dbmtl --out $R/qm9_150ep_adam_b2/across.md
 $P $R/qm9_150ep_table5 $R/qm9_150ep_adam_b2 --across --ref ew --ref dbmtl --average-last 0.2 --out $R/qm9_150ep_adam_b2/across_no_selection.md
