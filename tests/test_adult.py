@@ -383,7 +383,7 @@ def test_adult_benchmark_fit_option_standardises_on_the_training_rows_only(monke
         k = len(NUMERIC)
         perm = np.random.default_rng(0).permutation(101)
         val_idx, tr_idx = np.sort(perm[:10]), np.sort(perm[10:])
-        legacy, fitted = builtin._adult(None), builtin._adult("train")
+        legacy, fitted = builtin._adult(None, str(wheel)), builtin._adult("train", str(wheel))
         whole = load_adult(wheel)
         np.testing.assert_array_equal(legacy["train"][0], whole.x_train[tr_idx])  # as before the option
         np.testing.assert_array_equal(legacy["val"][0], whole.x_train[val_idx])
@@ -403,5 +403,30 @@ def test_adult_benchmark_fit_option_standardises_on_the_training_rows_only(monke
             bench.data(bench.quick.replace(data_options={"fit": "all"}))
         with pytest.raises(ValueError, match=r"unknown data option\(s\) \['limit'\].*takes: fit"):
             ex.get_benchmark("adult_l1").data(bench.quick.replace(data_options={"limit": 5}))
+    finally:
+        builtin._adult.cache_clear()
+
+
+def test_a_changed_adult_path_is_read_in_the_same_process(monkeypatch, tmp_path):
+    """The benchmark's in-process cache is keyed by ``$DBMTL_JAX_ADULT``: pointing it at another copy serves that
+    copy's rows (it served the first copy's arrays for the rest of the process)."""
+    from dbmtl_jax import experiments as ex
+    from dbmtl_jax.experiments import builtin
+
+    rng = np.random.default_rng(3)
+    wheels = [write_wheel(tmp_path / f"{k}.whl", _random_rows(rng, n), _random_rows(rng, 20))
+              for k, n in (("a", 101), ("b", 61))]
+    builtin._adult.cache_clear()
+    try:
+        bench = ex.get_benchmark("adult")
+        sizes = []
+        for wheel in wheels:
+            monkeypatch.setenv("DBMTL_JAX_ADULT", str(wheel))
+            splits = bench.data(bench.quick.replace(batch_size=8))
+            train_x, whole = splits._data["train"][0], load_adult(wheel).x_train
+            perm = np.random.default_rng(0).permutation(len(whole))  # the benchmark's fixed validation split
+            np.testing.assert_array_equal(train_x, whole[np.sort(perm[int(round(0.1 * len(perm))):])])
+            sizes.append(len(train_x))
+        assert sizes == [91, 55]
     finally:
         builtin._adult.cache_clear()

@@ -165,13 +165,20 @@ ADULT_VAL_FRACTION = 0.1
 ADULT_FIT_OPTIONS = ("train",)
 
 
-@functools.lru_cache(maxsize=None)
-def _adult(fit: Optional[str] = None) -> dict[str, Any]:
+def _adult_path() -> Optional[str]:
+    """``$DBMTL_JAX_ADULT`` (``None`` when unset or empty: the shipped copy), read at every call."""
     import os
 
+    return os.environ.get("DBMTL_JAX_ADULT") or None
+
+
+@functools.lru_cache(maxsize=None)
+def _adult(fit: Optional[str] = None, path: Optional[str] = None) -> dict[str, Any]:
+    """adult's splits from the copy at ``path`` (``None``: the shipped one); callers pass :func:`_adult_path`, so the
+    in-process cache is keyed by the copy (a changed ``$DBMTL_JAX_ADULT`` was served the first copy's arrays)."""
     from dbmtl_jax.datasets.adult import encode_adult, read_adult_rows
 
-    train_rows, test_rows = read_adult_rows(os.environ.get("DBMTL_JAX_ADULT") or None)
+    train_rows, test_rows = read_adult_rows(path)
     n = len(train_rows)
     perm = np.random.default_rng(0).permutation(n)  # fixed: the same validation rows for every run
     n_val = int(round(ADULT_VAL_FRACTION * n))
@@ -237,11 +244,11 @@ def adult_benchmark(regression_loss: str = "mse") -> Benchmark:
             tasks.append(Task(info.name, loss, MeanAbsoluteError, {"mae": False}, units={"mae": info.unit}))
 
     def data(recipe: Recipe) -> ArraySplits:
-        d = _adult(_adult_fit(recipe))
+        d = _adult(_adult_fit(recipe), _adult_path())
         return ArraySplits(d["train"], d["val"], d["test"], recipe)
 
     def model(rngs: Any) -> Any:
-        d = _adult()
+        d = _adult(None, _adult_path())
         head_bias = [0.0 if info.loss == "bce" else start(y) for info, y in zip(ADULT_TASKS, d["train"][1])]
         return mlp_hps(d["in_dim"], (128, 64), len(ADULT_TASKS), head_bias=head_bias, rngs=rngs)
 
