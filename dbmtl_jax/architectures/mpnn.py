@@ -386,9 +386,7 @@ class MPNN(nnx.Module):
         h, bad_edges = self._node_states(graph)
         n = h.shape[0]
         node_mask = _mask(graph.node_mask, n, "node_mask")
-        if graph.graph_mask is not None and tuple(jnp.shape(graph.graph_mask)) != (g,):
-            raise ValueError(f"graph_mask has shape {tuple(jnp.shape(graph.graph_mask))} but num_graphs is {g}.")
-        graph_mask = _mask(graph.graph_mask, g, "graph_mask")
+        graph_mask = _mask(graph.graph_mask, g, f"graph_mask (num_graphs = {g})")
         gid = jnp.asarray(graph.node_graph, jnp.int32)
         bad = bad_edges | _out_of_range(gid, node_mask, g, "node_graph: graph id")
         gid = jnp.clip(gid, 0, g - 1)  # padding nodes may hold any id

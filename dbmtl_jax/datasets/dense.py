@@ -60,6 +60,7 @@ from typing import Optional, Union
 import numpy as np
 
 from dbmtl_jax.datasets._cache import artefact_path, load_artefact, save_artefact
+from dbmtl_jax.datasets._checks import check_int
 from dbmtl_jax.datasets.adult import TaskInfo
 from dbmtl_jax.datasets.multimnist import FASHION_CLASSES, load_fashion_mnist, resize_bilinear
 
@@ -243,11 +244,9 @@ def load_dense_fashion(
     lo, hi = (int(v) for v in items_per_image)
     if not 1 <= lo <= hi or hi > 255:
         raise ValueError(f"items_per_image must be (min, max) with 1 <= min <= max <= 255, got {items_per_image!r}.")
-    for name, v, least in (("image_size", image_size, 28), ("num_train", num_train, 0), ("num_val", num_val, 0),
-                           ("num_test", num_test, 0)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < least:
-            raise ValueError(f"{name} must be an int >= {least}, got {v!r}.")
-    num_train, num_val, num_test = int(num_train), int(num_val), int(num_test)  # a NumPy int keys the cache as an int
+    image_size = check_int("image_size", image_size, 28)
+    num_train, num_val, num_test = (check_int(n, v, 0) for n, v in (("num_train", num_train), ("num_val", num_val),
+                                                                   ("num_test", num_test)))
     if not (np.isfinite([near, far_item, far]).all() and 0 < near < far_item < far):  # far=inf: infinite depths
         raise ValueError(f"need finite 0 < near < far_item < far, got {near}, {far_item}, {far}.")
     _check_scene_option("size_ref", size_ref, 0.0, np.inf, "> 0", low_open=True)  # <= 0: every item 4 px wide

