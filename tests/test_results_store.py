@@ -221,6 +221,21 @@ def test_merge_records_keeps_the_earlier_run_whatever_the_order(legacy_tree):
     assert m["reruns"][0]["cpu_model"] == "Some CPU"
 
 
+def test_merge_records_compares_data_summaries_within_their_tolerance(legacy_tree):
+    """A rerun on another machine may see last-bit differences in preprocessed data (same run); other data is a
+    conflict, not a rerun; a record from before summaries takes the other's."""
+    _, recs = legacy_tree
+    a = {k: v for k, v in ex.train.compact_record(recs["ew"]).items() if k != "data_summary"}
+    summ = {s: {"batches": 2, "rows": 32, "arrays": [[1.5, 20.25, 3.0]]} for s in ("train", "val", "test")}
+    near = {s: {**v, "arrays": [[1.5 * (1 + 1e-9), 20.25, 3.0]]} for s, v in summ.items()}
+    far = {**summ, "test": {**summ["test"], "arrays": [[1.6, 20.25, 3.0]]}}
+    with_s = {**a, "data_summary": summ, "created": "2030-01-01T00:00:00+0000"}
+    assert record_store.merge_records(a, with_s)["data_summary"] == summ
+    assert record_store.merge_records(with_s, {**with_s, "data_summary": near})["data_summary"] == summ
+    with pytest.raises(record_store.RecordConflict, match="other data .test split, array 0"):
+        record_store.merge_records(with_s, {**with_s, "data_summary": far})
+
+
 def test_run_study_script_parses():
     script = Path(__file__).resolve().parent.parent / "results" / "run_study.sh"
     bash = shutil.which("bash")

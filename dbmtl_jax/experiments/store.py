@@ -32,6 +32,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
+from dbmtl_jax.experiments.data_summary import summary_difference
 from dbmtl_jax.experiments.train import (
     LEGACY_SUFFIX,
     RESULT_SUFFIX,
@@ -60,8 +61,9 @@ class RecordConflict(ValueError):
 
 
 def _numbers(rec: Mapping[str, Any]) -> dict[str, Any]:
-    """A compacted record without timings, provenance and ``reruns``: what must agree."""
-    out = {k: v for k, v in rec.items() if k not in TIMING_KEYS and k not in ("reruns", "_path")}
+    """A compacted record without timings, provenance, ``reruns`` and the data summary (compared on its own,
+    within its tolerance): what must agree exactly."""
+    out = {k: v for k, v in rec.items() if k not in TIMING_KEYS and k not in ("reruns", "_path", "data_summary")}
     if isinstance(out.get("history"), dict):
         out["history"] = {k: v for k, v in out["history"].items() if k != "epoch_time_s"}
     return out
@@ -87,8 +89,10 @@ def merge_records(a: Mapping[str, Any], b: Mapping[str, Any], *, a_source: Optio
     :data:`TIMING_KEYS` and ``history.epoch_time_s`` (the same run trained
     twice, deterministically) give the earlier one (by ``created``) with the
     other's timings, versions, device, creation time and ``source`` file
-    appended to ``reruns``; nothing is lost.  Anything else raises
-    :class:`RecordConflict`.
+    appended to ``reruns``; nothing is lost.  Their data summaries must agree
+    within :func:`~dbmtl_jax.experiments.data_summary.summary_difference`'s
+    tolerance (a record without one, from before summaries, takes the other's).
+    Anything else raises :class:`RecordConflict`.
     """
     a, b = compact_record(a), compact_record(b)
     a.pop("_path", None)
@@ -97,12 +101,19 @@ def merge_records(a: Mapping[str, Any], b: Mapping[str, Any], *, a_source: Optio
         keys = sorted(k for k in set(_numbers(a)) | set(_numbers(b)) if _numbers(a).get(k) != _numbers(b).get(k))
         raise RecordConflict(f"two records of the run {a.get('benchmark')}/{a.get('method')}/seed {a.get('seed')}/"
                              f"{a.get('config_hash')} differ in {keys} (not only in timings).")
+    if a.get("data_summary") is not None and b.get("data_summary") is not None:
+        diff = summary_difference(a["data_summary"], b["data_summary"])
+        if diff is not None:
+            raise RecordConflict(f"two records of the run {a.get('benchmark')}/{a.get('method')}/seed {a.get('seed')}/"
+                                 f"{a.get('config_hash')} were made from other data ({diff}).")
     first, second = (a, b) if str(a.get("created")) <= str(b.get("created")) else (b, a)
     first_source, second_source = (a_source, b_source) if first is a else (b_source, a_source)
     entries = [*(a.get("reruns") or []), *(b.get("reruns") or [])]
     if not _same_timing(_timing(first, None), _timing(second, None)):
         entries.append(_timing(second, second_source))
     out = {k: v for k, v in first.items() if k != "reruns"}
+    if out.get("data_summary") is None and second.get("data_summary") is not None:  # an older record has none
+        out["data_summary"] = second["data_summary"]
     kept: list[dict[str, Any]] = []
     for e in sorted(entries, key=lambda e: str(e.get("created"))):
         if not _same_timing(e, _timing(first, first_source)) and not any(_same_timing(e, k) for k in kept):

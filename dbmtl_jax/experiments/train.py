@@ -36,7 +36,9 @@ parameters of the best epoch are kept in host memory and the test split is
 evaluated once, at the end, with them: test data never influences selection.
 
 Resumption: finished runs are skipped; an unfinished one continues from its
-mid-run checkpoint (:mod:`dbmtl_jax.experiments.checkpoint`).
+mid-run checkpoint (:mod:`dbmtl_jax.experiments.checkpoint`).  Records and
+checkpoints keep a summary of the data (:mod:`dbmtl_jax.experiments.data_summary`),
+checked before either is resumed.
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ import optax
 import dbmtl_jax
 from dbmtl_jax import loss_weighting, task_axis
 from dbmtl_jax.datasets._cache import DatasetUnavailableError
+from dbmtl_jax.experiments import data_summary as ds
 from dbmtl_jax.guard import finite_flags
 from dbmtl_jax.experiments.spec import Benchmark, Recipe, Task
 
@@ -1289,6 +1292,7 @@ def train_run(
     checkpoint: Optional[os.PathLike] = None,
     checkpoint_every_s: float = 60.0,
     run: str = "",
+    data_summary: Optional[Mapping[str, Any]] = None,
 ) -> dict[str, Any]:
     """Trains and evaluates one run; returns the result record (without config/file fields).
 
@@ -1314,6 +1318,8 @@ def train_run(
         ``checkpoint_every_s`` seconds (not after the last epoch).  A
         checkpoint of another run or of other arrays is an error.
       run: the run's id, stored in and checked against the checkpoint.
+      data_summary: :func:`~dbmtl_jax.experiments.data_summary.data_summary` of ``data``, stored in and
+        checked against the checkpoint (a checkpoint made from other data is a mismatch); ``None``: not checked.
     """
     from tqdm.auto import tqdm
 
@@ -1358,6 +1364,11 @@ def train_run(
         if list(ck.loop.get("tasks", semantics).items()) != list(semantics.items()):  # older ones: not checked
             raise CheckpointMismatch(f"{checkpoint}: written with other tasks (metrics, their directions or "
                                      "selection metrics) than the benchmark has now.")
+        old_summary = ck.loop.get("data_summary")  # older checkpoints, or runs without a summary: not checked
+        diff = (ds.summary_difference(old_summary, data_summary)
+                if old_summary is not None and data_summary is not None else None)
+        if diff is not None:
+            raise CheckpointMismatch(f"{checkpoint}: written while training on other data ({diff}).")
         params, rest, opt_state = ck.tree
         snaps.saved = ck.snapshots
         lp = ck.loop
@@ -1448,7 +1459,7 @@ def train_run(
                         "elapsed_s": elapsed_before + now - t_start, "step_times": step_times,
                         "best_score": best_score, "selected": selected, "first_val": first_val,
                         "history": hist, "curve": curve, "order_rng": order_rng.bit_generator.state,
-                        "tasks": semantics}
+                        "tasks": semantics, "data_summary": data_summary}
                 save_checkpoint(checkpoint, run=run, tree=(params, rest, opt_state), snapshots=snaps.saved,
                                 loop=loop)
                 t_saved = time.perf_counter()
@@ -1558,6 +1569,9 @@ def run_experiments(
     the optimizer (:func:`normalize_optimizer`; ``None`` is Adam with
     ``b1 = 0.9``, used by every method and STL) and every method's
     hyperparameters (:func:`validate_hparams`) are checked: ``ValueError``.
+    Before a finished record is skipped, its tasks, model size and data summary
+    (:func:`~dbmtl_jax.experiments.data_summary.data_summary`; the data is loaded
+    for it) must match the benchmark's now: ``ValueError`` naming the difference.
     """
     from tqdm.auto import tqdm
 
@@ -1583,10 +1597,13 @@ def run_experiments(
             jobs.append((spec, hp, cfg, int(seed), path, found))
     now = task_semantics(tasks_block(benchmark))
     sizes: dict[bool, Optional[int]] = {}
+    summaries = []  # (record, its data summary): compared with the data once it is loaded
     for j in jobs:
         if j[5] is None:
             continue
         old = read_record(j[5])
+        if "data_summary" in old:
+            summaries.append((j[5], old["data_summary"]))
         if task_semantics(old.get("tasks") or {}) != now:
             raise ValueError(f"{j[5]}: this finished run was made with other tasks (metrics, their directions or "
                              f"selection metrics) than benchmark {benchmark.name!r} has now, so resuming would "
@@ -1612,6 +1629,22 @@ def run_experiments(
                  + (f" (study {study})" if study is not None else ""))
         echo(f"{benchmark.name}: {len(done)} finished, {len(todo)} to run (dry run: nothing written).")
         return [j[5] or j[4] for j in jobs]
+    data = seen = None  # the data and its summary
+    if todo or summaries:
+        try:
+            data = benchmark.data(recipe)
+        except DatasetUnavailableError:
+            if todo:
+                raise
+            echo(f"{benchmark.name}: its data is not available here, so the finished runs were not checked against it.")
+        if data is not None:
+            seen = ds.data_summary(data)
+            for path, old_summary in summaries:
+                diff = ds.summary_difference(old_summary, seen)
+                if diff is not None:
+                    raise ValueError(f"{path}: this finished run was made with other data than benchmark "
+                                     f"{benchmark.name!r} gives now ({diff}), so resuming would mix two data sets in "
+                                     "one table; use another --out, or rerun with --no-resume.")
     if done:
         echo(f"{benchmark.name}: {len(done)} finished run(s) skipped (resume).")
         if study is not None:
@@ -1619,7 +1652,6 @@ def run_experiments(
     if not todo:
         return [j[5] for j in jobs]
 
-    data = benchmark.data(recipe)
     failures = []
     outer = tqdm(todo, desc=f"{benchmark.name} runs", unit="run", disable=not progress or len(todo) < 2,
                  dynamic_ncols=True)
@@ -1632,7 +1664,7 @@ def run_experiments(
             return train_run(benchmark, spec, seed, data, recipe, hparams=hp, grad_stats=grad_stats,
                              test_curve=test_curve, progress=progress, desc=f"{spec.label} s{seed}",
                              optimizer=optimizer, checkpoint=ckpt, checkpoint_every_s=checkpoint_every_s,
-                             run=path.name)
+                             run=path.name, data_summary=seen)
 
         try:
             try:
@@ -1662,6 +1694,7 @@ def run_experiments(
             "cpu_model": _cpu_model(),
             "allocator": "tcmalloc" if "tcmalloc" in os.environ.get("LD_PRELOAD", "") else "default",
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "data_summary": seen,
             **res,
         }
         write_record(path, record)

@@ -1,0 +1,152 @@
+"""The data summary kept in records and checkpoints (dbmtl_jax.experiments.data_summary): a finished run or a
+checkpoint made from other data is not resumed into a table as if it were this data's."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from dbmtl_jax import experiments as ex
+from dbmtl_jax.datasets._cache import DatasetUnavailableError
+from dbmtl_jax.experiments import train as tr
+from dbmtl_jax.experiments.data_summary import data_summary, summary_difference
+from dbmtl_jax.experiments.train import parse_methods, read_record, write_record
+
+
+def _splits(scale_val: float = 1.0, n: int = 128):
+    rng = np.random.default_rng(3)
+    make = lambda k: (rng.normal(size=(k, 4)).astype(np.float32),  # noqa: E731
+                      (rng.normal(size=k).astype(np.float32), rng.integers(0, 3, size=k).astype(np.int32)))
+    train, val, test = make(n), make(40), make(40)
+    val = (val[0], (val[1][0] * np.float32(scale_val), val[1][1]))
+    return train, val, test
+
+
+def test_summary_matches_numpy_sums_over_one_epoch_and_the_evaluation_splits():
+    train, val, test = _splits()
+    recipe = ex.Recipe(learning_rate=0.1, batch_size=24, epochs=1, eval_batch_size=16)
+    s = data_summary(ex.ArraySplits(train, val, test, recipe))
+    rows = np.random.default_rng(0).permutation(128)[: (128 // 24) * 24]  # the epoch drawn with rng 0
+    for split, (x, (y, c)), idx in (("train", train, rows), ("val", val, None), ("test", test, None)):
+        arrays = [a if idx is None else a[idx] for a in (x, y, c)]
+        assert s[split]["rows"] == len(arrays[0])
+        assert s[split]["batches"] == (5 if split == "train" else 3)
+        for got, a in zip(s[split]["arrays"], arrays):
+            a = a.astype(np.float64)
+            np.testing.assert_allclose(got, [a.sum(), (a * a).sum(), np.abs(a).sum()], rtol=1e-9)
+
+
+def test_difference_ignores_rounding_but_names_a_changed_value_split_and_array():
+    recipe = ex.Recipe(learning_rate=0.1, batch_size=16, epochs=1)
+    base = _splits()
+    s = data_summary(ex.ArraySplits(*base, recipe))
+    assert summary_difference(s, s) is None
+    train, val, test = base
+    nudged = (train[0] * np.float32(1 + 2 ** -22), train[1])  # last-bit differences (another CPU's preprocessing)
+    assert summary_difference(s, data_summary(ex.ArraySplits(nudged, val, test, recipe))) is None
+    x = test[0].copy()
+    x[7, 2] += 0.5  # one value of 160
+    msg = summary_difference(s, data_summary(ex.ArraySplits(train, val, (x, test[1]), recipe)))
+    assert msg is not None and msg.startswith("test split, array 0: sum")
+    msg = summary_difference(s, data_summary(ex.ArraySplits(*_splits(scale_val=2.0), recipe)))
+    assert msg is not None and msg.startswith("val split, array 1")
+    fewer = ex.Recipe(learning_rate=0.1, batch_size=16, epochs=1, max_eval_examples=32)
+    assert summary_difference(s, data_summary(ex.ArraySplits(*base, fewer))) == "val split: 3 batches then, 2 now"
+    perm = np.random.default_rng(1).permutation(40)  # a permutation within a split: the documented blind spot
+    shuffled = (test[0][perm], tuple(t[perm] for t in test[1]))
+    assert summary_difference(s, data_summary(ex.ArraySplits(train, val, shuffled, recipe))) is None
+
+
+def _bench(name: str, scale: dict):
+    """A two-task benchmark whose val targets are scaled by ``scale['val']`` at load time (same config hash)."""
+    from dbmtl_jax.experiments.builtin import encoder_shared, mlp_hps, mse_loss
+    from dbmtl_jax.metrics import MeanAbsoluteError
+
+    def data(recipe):
+        rng = np.random.default_rng(0)
+        make = lambda k: (rng.normal(size=(k, 4)).astype(np.float32),  # noqa: E731
+                          tuple(rng.normal(size=k).astype(np.float32) for _ in range(2)))
+        train, val, test = make(64), make(32), make(32)
+        val = (val[0], tuple(t * np.float32(scale["val"]) for t in val[1]))
+        return ex.ArraySplits(train, val, test, recipe)
+
+    tasks = tuple(ex.Task(t, mse_loss, MeanAbsoluteError, {"mae": False}) for t in ("a", "b"))
+    recipe = ex.Recipe(learning_rate=0.01, batch_size=16, epochs=4)
+    return ex.Benchmark(name=name, tasks=tasks, data=data, model=lambda rngs: mlp_hps(4, (8,), 2, rngs=rngs),
+                        shared=encoder_shared, recipe=recipe, quick=recipe)
+
+
+def test_resume_refuses_a_finished_run_made_from_other_data(tmp_path):
+    """Another copy of a local data set gave the same config hash, and its finished records were skipped as done
+    and mixed into one table with runs on this copy. Records keep the data summary; a mismatch is an error."""
+    scale = {"val": 1.0}
+    bench = _bench("data_drift", scale)
+    out = tmp_path / "store"
+    path, second = ex.run_experiments(bench, parse_methods("ew"), [0, 1], out, progress=False, echo=lambda s: None)
+    for p in (path, second):  # every run of an invocation keeps it
+        assert summary_difference(read_record(p)["data_summary"], data_summary(bench.data(bench.recipe))) is None
+    scale["val"] = 1.01
+    with pytest.raises(ValueError, match=r"made with other data than benchmark 'data_drift' gives now \(val split"):
+        ex.run_experiments(bench, parse_methods("ew,stl"), [0], out, progress=False, echo=lambda s: None)
+    assert not list((out / "data_drift").glob("*__stl__*"))  # refused before anything ran
+    second.unlink()
+    scale["val"] = 1.0
+    ex.run_experiments(bench, parse_methods("ew"), [0], out, progress=False, echo=lambda s: None)  # same data: skipped
+    old = read_record(path)
+    del old["data_summary"]  # a record from before summaries: nothing to compare, skipped as before
+    write_record(path, old)
+    scale["val"] = 1.01
+    messages: list[str] = []
+    ex.run_experiments(bench, parse_methods("ew"), [0], out, progress=False, echo=messages.append)
+    assert any("1 finished run(s) skipped" in m for m in messages)
+
+
+def test_finished_runs_are_skipped_with_a_note_when_the_data_is_not_available(tmp_path):
+    scale = {"val": 1.0}
+    bench = _bench("data_gone", scale)
+    out = tmp_path / "store"
+    ex.run_experiments(bench, parse_methods("ew"), [0], out, progress=False, echo=lambda s: None)
+
+    def gone(recipe):
+        raise DatasetUnavailableError("the files are gone")
+
+    messages: list[str] = []
+    ex.run_experiments(dataclasses.replace(bench, data=gone), parse_methods("ew"), [0], out, progress=False,
+                       echo=messages.append)
+    assert any("not checked against it" in m for m in messages) and any("skipped" in m for m in messages)
+    with pytest.raises(DatasetUnavailableError):  # a run to do still needs the data
+        ex.run_experiments(dataclasses.replace(bench, data=gone), parse_methods("ew"), [1], out, progress=False,
+                           echo=lambda s: None)
+
+
+def test_a_checkpoint_of_other_data_with_the_same_epoch_length_is_discarded(tmp_path, monkeypatch):
+    """The checkpoint check compared only the steps per epoch: a run stopped part-way continued on other data of
+    the same size. Its record now equals an uninterrupted run on the new data."""
+    scale = {"val": 1.0}
+    bench = _bench("ckpt_drift", scale)
+    stop_at, real = {"n": 3, "calls": 0}, tr.evaluate
+
+    def stopping(trainer, data, split, params, rest):
+        if split == "val":
+            stop_at["calls"] += 1
+            if stop_at["calls"] == stop_at["n"]:
+                raise KeyboardInterrupt
+        return real(trainer, data, split, params, rest)
+
+    monkeypatch.setattr(tr, "evaluate", stopping)
+    with pytest.raises(KeyboardInterrupt):
+        ex.run_experiments(bench, parse_methods("dbmtl"), [0], tmp_path / "cut", progress=False,
+                           echo=lambda s: None, checkpoint_every_s=0.0)
+    monkeypatch.setattr(tr, "evaluate", real)
+    assert next((tmp_path / "cut").rglob("*.ckpt.npz")).is_file()
+    scale["val"] = 3.0
+    messages: list[str] = []
+    (cut,) = ex.run_experiments(bench, parse_methods("dbmtl"), [0], tmp_path / "cut", progress=False,
+                                echo=messages.append, checkpoint_every_s=0.0)
+    assert any("discarding the checkpoint" in m and "other data" in m for m in messages), messages
+    (ref,) = ex.run_experiments(bench, parse_methods("dbmtl"), [0], tmp_path / "ref", progress=False,
+                                echo=lambda s: None)
+    a, b = read_record(cut), read_record(ref)
+    assert a["metrics"] == b["metrics"] and a["history"]["val"] == b["history"]["val"]
