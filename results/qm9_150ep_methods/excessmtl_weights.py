@@ -27,31 +27,24 @@ def _recipe(bench):
 
 
 def run(seed: int, out: str, stop: int = 150) -> None:
-    import jax
+    from optax.tree_utils import tree_get
 
     from dbmtl_jax import experiments as ex
-    from dbmtl_jax.methods.excessmtl import ExcessMTLState
 
     bench = ex.get_benchmark("qm9")
-
-    def excess_state(state):
-        return next(x for x in jax.tree_util.tree_leaves(state, is_leaf=lambda x: isinstance(x, ExcessMTLState))
-                    if isinstance(x, ExcessMTLState))
-
     rec: dict[str, list] = {"weights": [], "ratio": [], "losses": []}
     for epoch, steps in itertools.groupby(ex.replay_steps(bench, "excessmtl", _recipe(bench), seed),
                                           key=lambda s: s.epoch):
         if epoch > stop:  # the schedule still spans 150 epochs
             break
         w, losses = [], []
-        for s in steps:
-            state = excess_state(s.opt_state)
-            w.append(np.asarray(state.weights))
+        for s in steps:  # ExcessMTLState's fields
+            w.append(np.asarray(tree_get(s.opt_state, "weights")))
             losses.append(np.asarray(s.losses))
         rec["weights"].append(np.mean(w, axis=0))  # the epoch's means, and the last step's excess ratio
         rec["losses"].append(np.mean(losses, axis=0))
-        e0 = np.asarray(state.initial_excess)
-        rec["ratio"].append(np.asarray(state.excess) / np.where(e0 > 0, e0, np.nan))
+        e0 = np.asarray(tree_get(s.opt_state, "initial_excess"))
+        rec["ratio"].append(np.asarray(tree_get(s.opt_state, "excess")) / np.where(e0 > 0, e0, np.nan))
         print(f"epoch {epoch}: w {np.round(rec['weights'][-1], 2)}", flush=True)
     np.savez_compressed(out, seed=seed, tasks=np.asarray([t.name for t in bench.tasks]),
                         **{k: np.asarray(v) for k, v in rec.items()})
