@@ -150,3 +150,22 @@ def test_a_checkpoint_of_other_data_with_the_same_epoch_length_is_discarded(tmp_
                                 echo=lambda s: None)
     a, b = read_record(cut), read_record(ref)
     assert a["metrics"] == b["metrics"] and a["history"]["val"] == b["history"]["val"]
+
+
+def test_a_table_refuses_runs_of_one_setting_made_from_other_data(tmp_path):
+    """Records copied together from two stores (or two machines with other copies of a data set) were averaged
+    into one row. `summarize` (every report and paired page) now refuses to mix them; records without a summary
+    are not compared."""
+    from dbmtl_jax.experiments.report import summarize
+
+    scale = {"val": 1.0}
+    bench = _bench("table_drift", scale)
+    a = ex.run_experiments(bench, parse_methods("stl,ew"), [0], tmp_path / "a", progress=False, echo=lambda s: None)
+    scale["val"] = 1.5
+    (b,) = ex.run_experiments(bench, parse_methods("ew"), [1], tmp_path / "b", progress=False, echo=lambda s: None)
+    recs = [read_record(p) for p in (*a, b)]
+    assert len(summarize(recs[:2])[0].rows) == 2
+    with pytest.raises(ValueError, match=r"ew seed 1: made from other data than stl seed 0 \(val split, array 1: sum [\d.]+ there, [\d.]+ here"):
+        summarize(recs)
+    del recs[2]["data_summary"]
+    assert len(summarize(recs)[0].rows[("ew", recs[1]["config_hash"])].runs) == 2

@@ -61,21 +61,24 @@ def data_summary(data: Any) -> dict[str, dict[str, Any]]:
     return out
 
 
-def summary_difference(old: Mapping[str, Any], new: Mapping[str, Any]) -> Optional[str]:
-    """``None`` if two summaries agree (within a relative ``1e-6``), else what differs first, in words."""
+def summary_difference(old: Mapping[str, Any], new: Mapping[str, Any], *,
+                       labels: tuple[str, str] = ("then", "now")) -> Optional[str]:
+    """``None`` if two summaries agree (within a relative ``1e-6``), else what differs first, in words
+    (``labels`` name the two sides in the message)."""
+    was, now = labels
     for split in SPLITS:
         a, b = old.get(split), new.get(split)
         if a is None or b is None:
             return f"the {split} split is missing from a summary"
         for key in ("batches", "rows"):
             if int(a[key]) != int(b[key]):
-                return f"{split} split: {a[key]} {key} then, {b[key]} now"
+                return f"{split} split: {a[key]} {key} {was}, {b[key]} {now}"
         if len(a["arrays"]) != len(b["arrays"]):
-            return f"{split} split: {len(a['arrays'])} arrays per batch then, {len(b['arrays'])} now"
+            return f"{split} split: {len(a['arrays'])} arrays per batch {was}, {len(b['arrays'])} {now}"
         for i, (x, y) in enumerate(zip(a["arrays"], b["arrays"])):
             scale = max(abs(x[2]), abs(y[2]))  # a sum is compared on the scale of its sum of |x|
             if not (np.isclose(x[0], y[0], rtol=0.0, atol=RTOL * scale, equal_nan=True)
                     and np.allclose(x[1:], y[1:], rtol=RTOL, atol=0.0, equal_nan=True)):
-                return (f"{split} split, array {i}: sum {x[0]:.9g} then, {y[0]:.9g} now "
+                return (f"{split} split, array {i}: sum {x[0]:.9g} {was}, {y[0]:.9g} {now} "
                         f"(sum of squares {x[1]:.9g} / {y[1]:.9g})")
     return None

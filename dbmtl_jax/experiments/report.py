@@ -337,12 +337,15 @@ def summarize(records: Iterable[Mapping[str, Any]]) -> list[Setting]:
     """Groups run records into settings and rows and computes Δp against each setting's STL row.
 
     Raises ``ValueError`` when two records are the same run (method, config and seed), when runs of
-    one setting disagree on their tasks' metrics, directions or selection metrics, or when a setting
+    one setting disagree on their tasks' metrics, directions or selection metrics or on their data
+    (records that carry a data summary, :mod:`~dbmtl_jax.experiments.data_summary`), or when a setting
     holds two STL configurations (which of them Δp is measured against would be a guess).
     """
+    from dbmtl_jax.experiments.data_summary import summary_difference
     from dbmtl_jax.experiments.train import task_semantics
 
     settings: dict[str, Setting] = {}
+    seen_data: dict[str, tuple[Mapping[str, Any], str]] = {}  # setting -> (a data summary, whose)
     for rec in records:
         key = _setting_key(rec)
         cfg = rec["config"]
@@ -355,6 +358,13 @@ def summarize(records: Iterable[Mapping[str, Any]]) -> list[Setting]:
             raise ValueError(f"{where}: its tasks (metrics, directions, selection metrics) differ from those of the "
                              f"other runs of setting {key}; the benchmark's tasks changed between runs, so they "
                              "cannot share a table (rerun them with --no-resume).")
+        if rec.get("data_summary") is not None:
+            first = seen_data.setdefault(key, (rec["data_summary"], where))
+            diff = summary_difference(first[0], rec["data_summary"], labels=("there", "here"))
+            if diff is not None:
+                raise ValueError(f"{where}: made from other data than {first[1]} ({diff}), though both are runs of "
+                                 f"setting {key}; runs on two data sets cannot share a table (report them from "
+                                 "separate folders, or rerun one set with --no-resume).")
         rk = (rec["method"], rec["config_hash"])
         row = st.rows.get(rk)
         if row is None:

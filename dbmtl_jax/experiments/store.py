@@ -102,7 +102,7 @@ def merge_records(a: Mapping[str, Any], b: Mapping[str, Any], *, a_source: Optio
         raise RecordConflict(f"two records of the run {a.get('benchmark')}/{a.get('method')}/seed {a.get('seed')}/"
                              f"{a.get('config_hash')} differ in {keys} (not only in timings).")
     if a.get("data_summary") is not None and b.get("data_summary") is not None:
-        diff = summary_difference(a["data_summary"], b["data_summary"])
+        diff = summary_difference(a["data_summary"], b["data_summary"], labels=("in one", "in the other"))
         if diff is not None:
             raise RecordConflict(f"two records of the run {a.get('benchmark')}/{a.get('method')}/seed {a.get('seed')}/"
                                  f"{a.get('config_hash')} were made from other data ({diff}).")

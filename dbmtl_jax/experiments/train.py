@@ -1129,8 +1129,8 @@ def replay_steps(
 
     ``hparams`` and ``optimizer`` are :func:`run_experiments`' (``{"method": {"name": value}}``); with
     ``grad_stats`` (the studies' ``--grad-stats``) every method takes the per-task-gradient path, as the
-    recorded runs did.  A replay follows its record to float rounding: the two drift apart over many steps
-    as any two reruns do."""
+    recorded runs did.  A replay follows its record to float rounding: the two drift apart as any two reruns
+    do, after many steps or, where training amplifies rounding, within a few epochs."""
     spec = parse_method(method) if isinstance(method, str) else method
     hp = method_hparams(spec, benchmark, hparams or {}) if spec.name != "stl" else {}
     data = benchmark.data(recipe)
