@@ -67,6 +67,8 @@ $P $R/qm9_150ep_mtadam_chain --ref 'mtadam → adam' --out $R/qm9_150ep_mtadam_c
 # qm9's paper study (§32): Fig. 5's β grid with the default and β = 0 as references, then Fig. 1's and Fig. 6's rows
 $P $R/qm9_150ep_paper --ref dbmtl --ref 'dbmtl (beta=0.0)' --out $R/qm9_150ep_paper/paired.md
 $P $R/qm9_150ep_paper --ref dbmtl --ref 'dbmtl (beta=0.0)' --average-last 0.2 --out $R/qm9_150ep_paper/paired_no_selection.md
+$P $R/qm9_150ep_paper --ref pcgrad --ref gradvac --ref imtl_g --ref cagrad --ref nash_mtl --ref aligned_mtl --out $R/qm9_150ep_paper/fig1_paired.md
+$P $R/qm9_150ep_paper --ref pcgrad --ref gradvac --ref imtl_g --ref cagrad --ref nash_mtl --ref aligned_mtl --average-last 0.2 --out $R/qm9_150ep_paper/fig1_paired_no_selection.md
 python -m dbmtl_jax.experiments breakdown $R/qm9_150ep_paper > /dev/null  # writes breakdown.md itself
 # multimnist's cross-setting pages (each row's gain from one optimizer or schedule to another) and per-task breakdown
 $P $R/multimnist_320ep_cosine $R/multimnist_320ep_adam_b2 --across --ref ew --ref dbmtl --out $R/multimnist_320ep_adam_b2/across.md
