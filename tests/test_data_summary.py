@@ -54,6 +54,8 @@ def test_difference_ignores_rounding_but_names_a_changed_value_split_and_array()
     assert msg is not None and msg.startswith("val split, array 1")
     fewer = ex.Recipe(learning_rate=0.1, batch_size=16, epochs=1, max_eval_examples=32)
     assert summary_difference(s, data_summary(ex.ArraySplits(*base, fewer))) == "val split: 3 batches then, 2 now"
+    assert summary_difference(s, {**s, "val": {"rows": 40}}) == "the val split is missing from a summary, or malformed"
+    assert summary_difference(s, "garbage") == "a summary is not a mapping (a malformed record?)"
     perm = np.random.default_rng(1).permutation(40)  # a permutation within a split: the documented blind spot
     shuffled = (test[0][perm], tuple(t[perm] for t in test[1]))
     assert summary_difference(s, data_summary(ex.ArraySplits(train, val, shuffled, recipe))) is None

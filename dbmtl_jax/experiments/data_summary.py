@@ -16,7 +16,8 @@ data that differ only by a permutation within a split have the same summary.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any, Optional
 
 import jax
 import numpy as np
@@ -66,10 +67,12 @@ def summary_difference(old: Mapping[str, Any], new: Mapping[str, Any], *,
     """``None`` if two summaries agree (within a relative ``1e-6``), else what differs first, in words
     (``labels`` name the two sides in the message)."""
     was, now = labels
+    if not isinstance(old, Mapping) or not isinstance(new, Mapping):
+        return "a summary is not a mapping (a malformed record?)"
     for split in SPLITS:
         a, b = old.get(split), new.get(split)
-        if a is None or b is None:
-            return f"the {split} split is missing from a summary"
+        if not all(isinstance(x, Mapping) and {"batches", "rows", "arrays"} <= set(x) for x in (a, b)):
+            return f"the {split} split is missing from a summary, or malformed"
         for key in ("batches", "rows"):
             if int(a[key]) != int(b[key]):
                 return f"{split} split: {a[key]} {key} {was}, {b[key]} {now}"

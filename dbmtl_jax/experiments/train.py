@@ -1602,7 +1602,7 @@ def run_experiments(
         if j[5] is None:
             continue
         old = read_record(j[5])
-        if "data_summary" in old:
+        if old.get("data_summary") is not None:
             summaries.append((j[5], old["data_summary"]))
         if task_semantics(old.get("tasks") or {}) != now:
             raise ValueError(f"{j[5]}: this finished run was made with other tasks (metrics, their directions or "
