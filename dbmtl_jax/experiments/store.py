@@ -97,15 +97,14 @@ def merge_records(a: Mapping[str, Any], b: Mapping[str, Any], *, a_source: Optio
     a, b = compact_record(a), compact_record(b)
     a.pop("_path", None)
     b.pop("_path", None)
+    run = f"two records of the run {a.get('benchmark')}/{a.get('method')}/seed {a.get('seed')}/{a.get('config_hash')}"
     if _numbers(a) != _numbers(b):
         keys = sorted(k for k in set(_numbers(a)) | set(_numbers(b)) if _numbers(a).get(k) != _numbers(b).get(k))
-        raise RecordConflict(f"two records of the run {a.get('benchmark')}/{a.get('method')}/seed {a.get('seed')}/"
-                             f"{a.get('config_hash')} differ in {keys} (not only in timings).")
+        raise RecordConflict(f"{run} differ in {keys} (not only in timings).")
     if a.get("data_summary") is not None and b.get("data_summary") is not None:
         diff = summary_difference(a["data_summary"], b["data_summary"], labels=("in one", "in the other"))
         if diff is not None:
-            raise RecordConflict(f"two records of the run {a.get('benchmark')}/{a.get('method')}/seed {a.get('seed')}/"
-                                 f"{a.get('config_hash')} were made from other data ({diff}).")
+            raise RecordConflict(f"{run} were made from other data ({diff}).")
     first, second = (a, b) if str(a.get("created")) <= str(b.get("created")) else (b, a)
     first_source, second_source = (a_source, b_source) if first is a else (b_source, a_source)
     entries = [*(a.get("reruns") or []), *(b.get("reruns") or [])]
