@@ -171,3 +171,119 @@ def test_a_table_refuses_runs_of_one_setting_made_from_other_data(tmp_path):
         summarize(recs)
     del recs[2]["data_summary"]
     assert len(summarize(recs)[0].rows[("ew", recs[1]["config_hash"])].runs) == 2
+
+
+def _nonfinite_splits():
+    """Splits whose train and test inputs hold NaN and inf (a missing value, a log of 0)."""
+    train, val, test = _splits()
+    x, xt = train[0].copy(), test[0].copy()
+    x[3, 1], x[9, 0], xt[5, 2], xt[6, 3] = np.nan, np.inf, np.nan, -np.inf
+    return (x, train[1]), val, (xt, test[1])
+
+
+def test_nan_and_inf_in_the_data_survive_a_record_and_still_let_a_change_be_seen(tmp_path):
+    """NaN / inf values made the sums NaN / inf: a record stores them as null / "inf", and the next resume
+    stopped with a TypeError (abs(None)); and a NaN sum compared equal to any other NaN sum, so any change of
+    an array holding one NaN passed. The sums now cover the finite values and the non-finite ones are counted."""
+    recipe = ex.Recipe(learning_rate=0.1, batch_size=128, epochs=1)
+    train, val, test = _nonfinite_splits()
+    s = data_summary(ex.ArraySplits(train, val, test, recipe))
+    path = write_record(tmp_path / "r.json.gz", {"status": "done", "data_summary": s})
+    stored = read_record(path)["data_summary"]
+    assert summary_difference(stored, s) is None and summary_difference(s, stored) is None
+    assert stored["test"]["nonfinite"][0] == [1, 0, 1] and stored["train"]["nonfinite"][0] == [1, 1, 0]
+    assert "nonfinite" not in stored["val"]  # finite splits are stored as before
+    xt = test[0].copy()
+    xt[0, 0] += 0.5  # a finite value of the array holding NaN
+    msg = summary_difference(stored, data_summary(ex.ArraySplits(train, val, (xt, test[1]), recipe)))
+    assert msg is not None and msg.startswith("test split, array 0: sum")
+    xt = test[0].copy()
+    xt[5, 2] = 0.0  # the NaN filled in
+    msg = summary_difference(stored, data_summary(ex.ArraySplits(train, val, (xt, test[1]), recipe)))
+    assert msg == "test split, array 0: 1 NaN, 0 +inf, 1 -inf values then, 0 NaN, 0 +inf, 1 -inf now"
+
+
+def test_a_summary_written_with_nan_sums_is_not_compared_on_that_array():
+    """A record written before non-finite values were counted holds null (NaN) sums for such an array: they say
+    nothing about the data, so that array is not compared (the others are), instead of a crash or a refusal."""
+    recipe = ex.Recipe(learning_rate=0.1, batch_size=128, epochs=1)
+    s = data_summary(ex.ArraySplits(*_nonfinite_splits(), recipe))
+    old = {k: {"batches": v["batches"], "rows": v["rows"], "arrays": [list(r) for r in v["arrays"]]}
+           for k, v in s.items()}
+    old["test"]["arrays"][0] = [None, None, None]
+    old["train"]["arrays"][0] = [None, "inf", "inf"]
+    assert summary_difference(old, s) is None and summary_difference(s, old) is None
+    old["test"]["arrays"][1][0] += 1.0
+    assert summary_difference(old, s).startswith("test split, array 1: sum")
+
+
+def test_resume_of_a_finished_run_on_data_with_nan(tmp_path):
+    """The same data with a NaN: the second invocation skips the finished run (it stopped with a TypeError)."""
+    from dbmtl_jax.experiments.builtin import encoder_shared, mlp_hps, mse_loss
+    from dbmtl_jax.metrics import MeanAbsoluteError
+
+    def data(recipe):
+        rng = np.random.default_rng(0)
+        make = lambda k: (rng.normal(size=(k, 4)).astype(np.float32),  # noqa: E731
+                          tuple(rng.normal(size=k).astype(np.float32) for _ in range(2)))
+        train, val, test = make(64), make(32), make(32)
+        test[1][0][3] = np.nan  # a missing label of the test split
+        return ex.ArraySplits(train, val, test, recipe)
+
+    tasks = tuple(ex.Task(t, mse_loss, MeanAbsoluteError, {"mae": False}) for t in ("a", "b"))
+    recipe = ex.Recipe(learning_rate=0.01, batch_size=16, epochs=1)
+    bench = ex.Benchmark(name="nan_data", tasks=tasks, data=data, model=lambda rngs: mlp_hps(4, (8,), 2, rngs=rngs),
+                         shared=encoder_shared, recipe=recipe, quick=recipe)
+    ex.run_experiments(bench, parse_methods("ew"), [0], tmp_path, progress=False, echo=lambda s: None)
+    messages: list[str] = []
+    ex.run_experiments(bench, parse_methods("ew"), [0], tmp_path, progress=False, echo=messages.append)
+    assert any("1 finished run(s) skipped" in m for m in messages)
+
+
+@pytest.mark.parametrize("bad, what", [
+    ({"batches": None, "rows": 5, "arrays": []}, "batches"),
+    ({"batches": 5, "rows": 128, "arrays": 3}, "arrays"),
+    ({"batches": 5, "rows": 128, "arrays": [[1.0, 2.0]] * 3}, "arrays"),
+    ({"batches": 5, "rows": 128, "arrays": [[1.0, "x", 2.0]] * 3}, "arrays"),
+    ({"batches": 5, "rows": 128, "arrays": [[1.0, 1.0, 1.0]] * 3, "nonfinite": [[1, 0]] * 3}, "nonfinite"),
+])
+def test_a_malformed_summary_is_named_not_a_crash(bad, what):
+    """A hand-edited or truncated summary stopped the runner, a report or compact with a bare TypeError."""
+    recipe = ex.Recipe(learning_rate=0.1, batch_size=24, epochs=1)
+    s = data_summary(ex.ArraySplits(*_splits(), recipe))
+    for a, b in (({**s, "train": bad}, s), (s, {**s, "train": bad})):
+        assert summary_difference(a, b) == f"the train split of a summary is malformed ({what})"
+
+
+def test_bfloat16_arrays_are_summarised():
+    """bfloat16 / float8 arrays (numpy dtype kind 'V') were left out of the summary: a change was not seen."""
+    import jax.numpy as jnp
+
+    recipe = ex.Recipe(learning_rate=0.1, batch_size=24, epochs=1)
+    train, val, test = _splits()
+    half = lambda split: (split[0].astype(jnp.bfloat16), split[1])  # noqa: E731
+    s = data_summary(ex.ArraySplits(half(train), half(val), half(test), recipe))
+    assert len(s["val"]["arrays"]) == 3
+    np.testing.assert_allclose(s["val"]["arrays"][0][0], val[0].astype(jnp.bfloat16).astype(np.float64).sum())
+    x = val[0].copy()
+    x[0, 0] += 4.0
+    changed = data_summary(ex.ArraySplits(half(train), half((x, val[1])), half(test), recipe))
+    assert summary_difference(s, changed).startswith("val split, array 0: sum")
+
+
+def test_a_provider_yielding_too_many_training_batches_is_an_error_not_a_hang():
+    """The runner refuses an epoch longer than ``steps_per_epoch`` (an endless generator of one's own); the
+    summary, taken before training, iterated it for ever."""
+
+    class Endless:
+        steps_per_epoch = 3
+
+        def train_batches(self, rng):
+            while True:
+                yield rng.normal(size=(4, 2)), (rng.normal(size=4),)
+
+        def eval_batches(self, split):
+            yield np.ones((4, 2)), (np.ones(4),)
+
+    with pytest.raises(ValueError, match="more than 3 training batches"):
+        data_summary(Endless())
