@@ -287,3 +287,18 @@ def test_a_provider_yielding_too_many_training_batches_is_an_error_not_a_hang():
 
     with pytest.raises(ValueError, match="more than 3 training batches"):
         data_summary(Endless())
+
+
+def test_a_difference_in_the_training_split_alone_says_that_the_shuffle_may_be_the_cause():
+    """The training epoch is drawn with NumPy's shuffle: when only it differs, the message names that cause too."""
+    old = {"train": {"batches": 2, "rows": 8, "arrays": [[1.0, 2.0, 3.0]]},
+           "val": {"batches": 1, "rows": 4, "arrays": [[0.5, 1.0, 1.5]]},
+           "test": {"batches": 1, "rows": 4, "arrays": [[0.5, 1.0, 1.5]]}}
+    new = {**old, "train": {"batches": 2, "rows": 8, "arrays": [[1.5, 2.0, 3.0]]}}
+    msg = summary_difference(old, new)
+    assert msg.startswith("train split, array 0: sum 1 then, 1.5 now")
+    assert "validation and test splits agree" in msg and "NumPy" in msg
+    test_changed = {**new, "test": {"batches": 1, "rows": 4, "arrays": [[0.0, 1.0, 1.5]]}}
+    msg = summary_difference(old, test_changed)
+    assert msg.startswith("train split, array 0") and "NumPy" not in msg
+    assert summary_difference(old, {**old}) is None

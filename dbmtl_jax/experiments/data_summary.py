@@ -135,36 +135,50 @@ def _read_split(x: Mapping[str, Any]) -> tuple[int, int, list[list[float]], list
     return batches, rows, arrays, [[_count(v, "nonfinite") for v in r] for r in nonfinite]
 
 
+def _split_difference(split: str, a: Any, b: Any, was: str, now: str) -> Optional[str]:
+    """What differs first between two summaries of one split, in words; ``None`` if they agree.  Raises
+    :class:`_Malformed` with the message when a summary of the split is missing or malformed."""
+    if not all(isinstance(x, Mapping) and {"batches", "rows", "arrays"} <= set(x) for x in (a, b)):
+        raise _Malformed(f"the {split} split is missing from a summary, or malformed")
+    try:
+        a, b = _read_split(a), _read_split(b)
+    except _Malformed as e:
+        raise _Malformed(f"the {split} split of a summary is malformed ({e})") from None
+    for k, key in enumerate(("batches", "rows")):
+        if a[k] != b[k]:
+            return f"{split} split: {a[k]} {key} {was}, {b[k]} {now}"
+    if len(a[2]) != len(b[2]):
+        return f"{split} split: {len(a[2])} arrays per batch {was}, {len(b[2])} {now}"
+    for i, (x, y, cx, cy) in enumerate(zip(a[2], b[2], a[3], b[3])):
+        if not all(math.isfinite(v) for v in (*x, *y)):
+            continue
+        if cx != cy:
+            return (f"{split} split, array {i}: {cx[0]} NaN, {cx[1]} +inf, {cx[2]} -inf values {was}, "
+                    f"{cy[0]} NaN, {cy[1]} +inf, {cy[2]} -inf {now}")
+        scale = max(abs(x[2]), abs(y[2]))  # a sum is compared on the scale of its sum of |x|
+        if not (np.isclose(x[0], y[0], rtol=0.0, atol=RTOL * scale)
+                and np.allclose(x[1:], y[1:], rtol=RTOL, atol=0.0)):
+            return (f"{split} split, array {i}: sum {x[0]:.9g} {was}, {y[0]:.9g} {now} "
+                    f"(sum of squares {x[1]:.9g} / {y[1]:.9g})")
+    return None
+
+
 def summary_difference(old: Mapping[str, Any], new: Mapping[str, Any], *,
                        labels: tuple[str, str] = ("then", "now")) -> Optional[str]:
     """``None`` if two summaries agree (within a relative ``1e-6``), else what differs first, in words
     (``labels`` name the two sides in the message).  An array whose stored sums are not finite (a summary
-    written before non-finite values were counted, or an overflow) is not compared: they say nothing."""
-    was, now = labels
+    written before non-finite values were counted, or an overflow) is not compared: they say nothing.
+    Where only the training split differs, the message says so: the sampled epoch also depends on NumPy's
+    shuffle, so the same examples shuffled by another NumPy version differ there too."""
     if not isinstance(old, Mapping) or not isinstance(new, Mapping):
         return "a summary is not a mapping (a malformed record?)"
-    for split in SPLITS:
-        a, b = old.get(split), new.get(split)
-        if not all(isinstance(x, Mapping) and {"batches", "rows", "arrays"} <= set(x) for x in (a, b)):
-            return f"the {split} split is missing from a summary, or malformed"
-        try:
-            a, b = _read_split(a), _read_split(b)
-        except _Malformed as e:
-            return f"the {split} split of a summary is malformed ({e})"
-        for k, key in enumerate(("batches", "rows")):
-            if a[k] != b[k]:
-                return f"{split} split: {a[k]} {key} {was}, {b[k]} {now}"
-        if len(a[2]) != len(b[2]):
-            return f"{split} split: {len(a[2])} arrays per batch {was}, {len(b[2])} {now}"
-        for i, (x, y, cx, cy) in enumerate(zip(a[2], b[2], a[3], b[3])):
-            if not all(math.isfinite(v) for v in (*x, *y)):
-                continue
-            if cx != cy:
-                return (f"{split} split, array {i}: {cx[0]} NaN, {cx[1]} +inf, {cx[2]} -inf values {was}, "
-                        f"{cy[0]} NaN, {cy[1]} +inf, {cy[2]} -inf {now}")
-            scale = max(abs(x[2]), abs(y[2]))  # a sum is compared on the scale of its sum of |x|
-            if not (np.isclose(x[0], y[0], rtol=0.0, atol=RTOL * scale)
-                    and np.allclose(x[1:], y[1:], rtol=RTOL, atol=0.0)):
-                return (f"{split} split, array {i}: sum {x[0]:.9g} {was}, {y[0]:.9g} {now} "
-                        f"(sum of squares {x[1]:.9g} / {y[1]:.9g})")
-    return None
+    try:
+        diffs = {split: _split_difference(split, old.get(split), new.get(split), *labels) for split in SPLITS}
+    except _Malformed as e:
+        return str(e)
+    first = next((d for d in diffs.values() if d is not None), None)
+    if first is not None and all(diffs[s] is None for s in SPLITS if s != "train"):
+        first += ("; the validation and test splits agree: another training set, or the same one shuffled "
+                  "otherwise (the epoch summarised is drawn with NumPy's default_rng(0); another NumPy version "
+                  "may shuffle differently, and so would the run's batches)")
+    return first
