@@ -37,6 +37,8 @@ $P $R/multimnist_320ep_converged --smooth 21 --out $R/multimnist_320ep_converged
 $P $R/multimnist_320ep_converged --smooth 9 --out $R/multimnist_320ep_converged/paired_smooth9.md
 $P $R/multimnist_320ep_cosine --ref ew --ref dbmtl --ref 'dbmtl (beta=0.0)' --out $R/multimnist_320ep_cosine/paired.md
 $P $R/multimnist_320ep_cosine --ref ew --ref dbmtl --ref 'dbmtl (beta=0.0)' --average-last 0.2 --out $R/multimnist_320ep_cosine/paired_no_selection.md
+$P $R/multimnist_320ep_cosine --ref stl --out $R/multimnist_320ep_cosine/paired_vs_stl.md
+$P $R/multimnist_320ep_cosine --ref stl --average-last 0.2 --out $R/multimnist_320ep_cosine/paired_vs_stl_no_selection.md
 $P $R/multimnist_320ep_stlcosine --out $R/multimnist_320ep_stlcosine/paired.md
 $P $R/multimnist_320ep_stlcosine --average-last 0.2 --out $R/multimnist_320ep_stlcosine/paired_no_selection.md
 $P $R/multimnist_320ep_converged $R/multimnist_320ep_stlcosine --across --out $R/multimnist_320ep_stlcosine/across.md
