@@ -67,8 +67,8 @@ $P $R/qm9_150ep_methods --average-last 0.2 --out $R/qm9_150ep_methods/paired_no_
 python -m dbmtl_jax.experiments breakdown $R/qm9_150ep_methods > /dev/null  # writes breakdown.md itself
 $P $R/qm9_150ep_mtadam_chain --ref 'mtadam → adam' --out $R/qm9_150ep_mtadam_chain/paired.md
 # qm9's paper study (§32): Fig. 5's β grid with the default and β = 0 as references, then Fig. 1's and Fig. 6's rows
-$P $R/qm9_150ep_paper --ref dbmtl --ref 'dbmtl (beta=0.0)' --out $R/qm9_150ep_paper/paired.md
-$P $R/qm9_150ep_paper --ref dbmtl --ref 'dbmtl (beta=0.0)' --average-last 0.2 --out $R/qm9_150ep_paper/paired_no_selection.md
+$P $R/qm9_150ep_paper --ref dbmtl --ref 'dbmtl (beta=0.0)' --ref ew --out $R/qm9_150ep_paper/paired.md
+$P $R/qm9_150ep_paper --ref dbmtl --ref 'dbmtl (beta=0.0)' --ref ew --average-last 0.2 --out $R/qm9_150ep_paper/paired_no_selection.md
 $P $R/qm9_150ep_paper --ref pcgrad --ref gradvac --ref imtl_g --ref cagrad --ref nash_mtl --ref aligned_mtl --out $R/qm9_150ep_paper/fig1_paired.md
 $P $R/qm9_150ep_paper --ref pcgrad --ref gradvac --ref imtl_g --ref cagrad --ref nash_mtl --ref aligned_mtl --average-last 0.2 --out $R/qm9_150ep_paper/fig1_paired_no_selection.md
 python -m dbmtl_jax.experiments breakdown $R/qm9_150ep_paper > /dev/null  # writes breakdown.md itself
@@ -85,6 +85,10 @@ $P $R/qm9_150ep_table5 $R/qm9_150ep_adam_b2 --across --ref ew --ref dbmtl --aver
 $P $R/qm9_150ep_optimizer --across --ref ew --ref dbmtl --ref 'dbmtl (beta=0.0)' --out $R/qm9_150ep_optimizer/across.md
 $P $R/multimnist_12ep_betaopt --across --out $R/multimnist_12ep_betaopt/across.md
 $P $R/multimnist_80ep_betaopt --across --out $R/multimnist_80ep_betaopt/across.md
+# the short-budget β grids against the default β/√k (§13's table: the `Δp − dbmtl` column)
+for d in adult_16ep_beta dense_8ep_beta multimnist_12ep_beta qm9_10ep_beta; do
+  $P $R/$d --ref dbmtl --out $R/$d/paired.md
+done
 # validation selection of DB-MTL's β (Fig. 5's protocol): the β-grid folders, and the multimnist cosine study's β rows
 # (that folder also holds Fig. 6's α rows, which --vary leaves out)
 for d in adult_16ep_beta dense_8ep_beta multimnist_3ep_beta multimnist_12ep_beta qm9_10ep_beta; do
