@@ -25,6 +25,8 @@ $P $R/multifashion_320ep_finished --out $R/multifashion_320ep_finished/paired.md
 $P $R/multifashion_320ep_finished --average-last 0.2 --out $R/multifashion_320ep_finished/paired_no_selection.md
 $P $R/multifashion_320ep_grid --ref dbmtl --ref 'dbmtl (beta=0.0)' --out $R/multifashion_320ep_grid/paired.md
 $P $R/multifashion_320ep_grid --ref dbmtl --ref 'dbmtl (beta=0.0)' --average-last 0.2 --out $R/multifashion_320ep_grid/paired_no_selection.md
+$P $R/multifashion_320ep_paper --ref ew --ref dbmtl --out $R/multifashion_320ep_paper/paired.md
+$P $R/multifashion_320ep_paper --ref ew --ref dbmtl --average-last 0.2 --out $R/multifashion_320ep_paper/paired_no_selection.md
 $P $R/multimnist_12ep_betaopt --out $R/multimnist_12ep_betaopt/paired.md
 $P $R/multimnist_12ep_betaopt --baseline ew --out $R/multimnist_12ep_betaopt/paired_vs_ew.md
 $P $R/multimnist_160ep_converged --out $R/multimnist_160ep_converged/paired.md
@@ -71,6 +73,7 @@ $P $R/qm9_150ep_paper --ref dbmtl --ref 'dbmtl (beta=0.0)' --ref ew --out $R/qm9
 $P $R/qm9_150ep_paper --ref dbmtl --ref 'dbmtl (beta=0.0)' --ref ew --average-last 0.2 --out $R/qm9_150ep_paper/paired_no_selection.md
 $P $R/qm9_150ep_paper --ref pcgrad --ref gradvac --ref imtl_g --ref cagrad --ref nash_mtl --ref aligned_mtl --out $R/qm9_150ep_paper/fig1_paired.md
 $P $R/qm9_150ep_paper --ref pcgrad --ref gradvac --ref imtl_g --ref cagrad --ref nash_mtl --ref aligned_mtl --average-last 0.2 --out $R/qm9_150ep_paper/fig1_paired_no_selection.md
+python -m dbmtl_jax.experiments breakdown $R/multifashion_320ep_paper > /dev/null
 python -m dbmtl_jax.experiments breakdown $R/qm9_150ep_paper > /dev/null  # writes breakdown.md itself
 # multimnist's cross-setting pages (each row's gain from one optimizer or schedule to another) and per-task breakdown
 $P $R/multimnist_320ep_cosine $R/multimnist_320ep_adam_b2 --across --ref ew --ref dbmtl --out $R/multimnist_320ep_adam_b2/across.md
