@@ -16,12 +16,14 @@
 # Back come records.tgz (the new records and one runs.txt per run), partial.tar.* (the checkpoints of runs cut
 # off) and logs.tgz; from the folder A they come back to, with E the epochs:
 #   tar xzf A/records.tgz; cat A/partial.tar.* | tar xf -
-#   mkdir -p results/dense_${E}ep_finished; cat results/dense_${E}ep_finished_*/runs.txt | grep -v '^#' | sort -u \
-#     >> results/dense_${E}ep_finished/runs.txt; rm -r results/dense_${E}ep_finished_*   (then drop duplicate lines)
+#   X=finished (or the SECTION run); mkdir -p results/dense_${E}ep_$X; cat results/dense_${E}ep_${X}_*/runs.txt | grep -v '^#' \
+#     | sort -u >> results/dense_${E}ep_$X/runs.txt; rm -r results/dense_${E}ep_${X}_*   (then drop duplicate lines)
 # (each run writes its own study file: processes appending to one are not safe). Records already in the repository
 # travel with it, so finished runs are skipped; carry results/runs/dense/.partial when resuming cut-off runs.
 # Measured on an H200 (2026-12-04), 10 runs at once: a 60-epoch run takes 100-130 s (EW) to 300-330 s (DB-MTL,
 # STL), so the 25 runs need about 13 min of device time (one 8-min call and a resumed 3.5-min call).
+# Not measured, estimated from those: SECTION=grid (20 DB-MTL runs) about 11 min, SECTION=strongest (45 runs of
+# gradient and loss-weighting methods, per-task gradients like DB-MTL's) 25-30 min: two or three calls, resumed.
 # The 120-epoch study (`run_study.sh dense120`: 1,000 validation and 1,000 test scenes, since 500 left STL's seed sd
 # at 2.16) is EPOCHS=120 ROWS=core DATA_OPTS="num_val=1000 num_test=1000" (STL, EW, DB-MTL: 15 runs, roughly
 # 20-25 min of device time: two sessions, resume as above); build and carry its scenes first (the loader call above
@@ -42,13 +44,30 @@ if [ "$(ls $DBMTL_JAX_CACHE/dense_fashion | wc -l)" != "$n0" ]; then echo "the c
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > $OUT/logs/gpu.txt 2>&1
 python3 -c "import jax, optax, flax, chex; print(jax.__version__, optax.__version__, flax.__version__, chex.__version__, jax.devices())" >> $OUT/logs/gpu.txt 2>&1
 touch /tmp/marker
-E=${EPOCHS:-60}; S=results/dense_${E}ep_finished; ROWS=${ROWS:-all}
+# SECTION (default finished): finished, or run_study.sh's grid (Fig. 5's four other β rows, 20 runs) or strongest (the
+# 9 strongest methods of the short-budget tables, 45 runs); both also list the finished section's rows they compare
+# with (already in the store: skipped, listed).
+E=${EPOCHS:-60}; SECTION=${SECTION:-finished}; S=results/dense_${E}ep_$SECTION; ROWS=${ROWS:-all}
+case $SECTION in finished|grid|strongest) ;; *) echo "unknown SECTION $SECTION (finished, grid or strongest)" >&2; exit 2 ;; esac
 R="python3 -m dbmtl_jax.experiments.cli run dense --epochs $E --no-progress --out results/runs --lr-schedule cosine --test-curve$DATA"
 LIB="--hp dbmtl.beta=0.9 --hp dbmtl.beta_sigma=0.0"
 T=${T:-480}
 END=$(( $(date +%s) + T ))
 left() { echo $(( END - $(date +%s) > 1 ? END - $(date +%s) : 1 )); }
 jobs() {  # one run per line: a tag (its log and study file) and its arguments; long runs first, EW last
+  case $SECTION in
+  grid)
+    for s in 0 1 2 3 4; do for hp in "0.1 0.0" "0.5 0.0" "0.1 0.5" "0.5 0.5"; do set -- $hp
+      echo "b$1s$2_$s --seeds $s, --methods dbmtl --hp dbmtl.beta=$1 --hp dbmtl.beta_sigma=$2"; done; done
+    for s in 0 1 2 3 4; do echo "fin$s --seeds $s, --methods dbmtl,stl,ew"; echo "lib$s --seeds $s, --methods dbmtl $LIB"
+      echo "z$s --seeds $s, --methods dbmtl --hp dbmtl.beta=0.0"; done
+    return ;;
+  strongest)
+    for s in 0 1 2 3 4; do for m in metabalance gradvac cagrad pcgrad aligned_mtl stch imtl_l dwa gradnorm; do
+      echo "$m$s --seeds $s, --methods $m"; done; done
+    for s in 0 1 2 3 4; do echo "fin$s --seeds $s, --methods stl,ew,dbmtl"; done
+    return ;;
+  esac
   for s in 0 1 2 3 4; do echo "stl$s --seeds $s, --methods stl"; echo "db$s --seeds $s, --methods dbmtl"; done
   if [ "$ROWS" != core ]; then
     for s in 0 1 2 3 4; do echo "lib$s --seeds $s, --methods dbmtl $LIB"; echo "z$s --seeds $s, --methods dbmtl --hp dbmtl.beta=0.0"; done
