@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # dense's finished section (STL, EW, DB-MTL at the default β, LibMTL's β = 0.9 and β = 0; cosine decay; 5 seeds;
-# at EPOCHS=60 the same runs as `bash results/run_study.sh dense60 finished`; ROWS=core: STL, EW and DB-MTL only) in
+# at EPOCHS=60 the same runs as `bash results/run_study.sh dense60 finished`; ROWS=core: STL, EW and DB-MTL only; with
+# SECTION=grid or SECTION=strongest, that script's dense60 grid or strongest section instead) in
 # one call of a lent GPU machine, STREAMS (10) runs at a time, stopping T seconds after the start (a run cut off
 # leaves its checkpoint in results/runs/dense/.partial, which comes back too, so that a later call resumes it). On
 # one CPU core a 60-epoch run takes 40-90 min; that is why.
