@@ -271,6 +271,18 @@ def test_bfloat16_arrays_are_summarised():
     assert summary_difference(s, changed).startswith("val split, array 0: sum")
 
 
+def test_complex_arrays_are_summarised():
+    """Complex arrays (dtype kind 'c') were left out of the summary: a change of their imaginary part was not seen."""
+    recipe = ex.Recipe(learning_rate=0.1, batch_size=24, epochs=1)
+    train, val, test = _splits()
+    cplx = lambda split, im=1.0: (split[0] + im * 1j * split[0], split[1])  # noqa: E731
+    s = data_summary(ex.ArraySplits(cplx(train), cplx(val), cplx(test), recipe))
+    assert len(s["val"]["arrays"]) == 3
+    np.testing.assert_allclose(s["val"]["arrays"][0][0], 2 * val[0].astype(np.float64).sum(), rtol=1e-6)
+    changed = data_summary(ex.ArraySplits(cplx(train), cplx(val, 2.0), cplx(test), recipe))
+    assert summary_difference(s, changed).startswith("val split, array 0: sum")
+
+
 def test_a_provider_yielding_too_many_training_batches_is_an_error_not_a_hang():
     """The runner refuses an epoch longer than ``steps_per_epoch`` (an endless generator of one's own); the
     summary, taken before training, iterated it for ever."""

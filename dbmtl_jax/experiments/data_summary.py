@@ -46,10 +46,13 @@ def _batches(data: Any, split: str) -> Iterator[Any]:
 
 
 def _numeric(x: Any) -> Optional[np.ndarray]:
-    """``x`` as a NumPy array if it holds numbers (bool, int, float; bfloat16 / float8 as float32), else ``None``."""
+    """``x`` as a NumPy array if it holds numbers (bool, int, float; bfloat16 / float8 as float32; complex as its
+    real and imaginary parts side by side), else ``None``."""
     a = np.asarray(x)
     if a.dtype.kind in "biuf":
         return a
+    if a.dtype.kind == "c":
+        return np.stack([a.real, a.imag], axis=-1)
     if a.dtype.kind == "V" and jnp.issubdtype(a.dtype, jnp.floating):  # ml_dtypes' floats
         return a.astype(np.float32)
     return None
