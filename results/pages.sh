@@ -74,6 +74,8 @@ $P $R/qm9_150ep_paper --ref dbmtl --ref 'dbmtl (beta=0.0)' --ref ew --average-la
 $P $R/qm9_150ep_paper --ref pcgrad --ref gradvac --ref imtl_g --ref cagrad --ref nash_mtl --ref aligned_mtl --out $R/qm9_150ep_paper/fig1_paired.md
 $P $R/qm9_150ep_paper --ref pcgrad --ref gradvac --ref imtl_g --ref cagrad --ref nash_mtl --ref aligned_mtl --average-last 0.2 --out $R/qm9_150ep_paper/fig1_paired_no_selection.md
 python -m dbmtl_jax.experiments breakdown $R/multifashion_320ep_paper > /dev/null
+$P $R/qm9_150ep_paper --ref 'dbmtl (beta=0.5, beta_sigma=0.0)' --ref 'dbmtl (beta_sigma=0.0)' --out $R/qm9_150ep_paper/fig5_paired.md
+$P $R/qm9_150ep_paper --ref 'dbmtl (beta=0.5, beta_sigma=0.0)' --ref 'dbmtl (beta_sigma=0.0)' --average-last 0.2 --out $R/qm9_150ep_paper/fig5_paired_no_selection.md
 python -m dbmtl_jax.experiments breakdown $R/qm9_150ep_paper > /dev/null  # writes breakdown.md itself
 # multimnist's cross-setting pages (each row's gain from one optimizer or schedule to another) and per-task breakdown
 $P $R/multimnist_320ep_cosine $R/multimnist_320ep_adam_b2 --across --ref ew --ref dbmtl --out $R/multimnist_320ep_adam_b2/across.md
