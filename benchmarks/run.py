@@ -36,7 +36,7 @@ import shlex
 import subprocess
 import sys
 import time
-from typing import Any, Optional
+from typing import Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
