@@ -27,6 +27,7 @@ $P $R/multifashion_320ep_grid --ref dbmtl --ref 'dbmtl (beta=0.0)' --out $R/mult
 $P $R/multifashion_320ep_grid --ref dbmtl --ref 'dbmtl (beta=0.0)' --average-last 0.2 --out $R/multifashion_320ep_grid/paired_no_selection.md
 $P $R/multifashion_320ep_paper --ref ew --ref dbmtl --out $R/multifashion_320ep_paper/paired.md
 $P $R/multifashion_320ep_paper --ref ew --ref dbmtl --average-last 0.2 --out $R/multifashion_320ep_paper/paired_no_selection.md
+python -m dbmtl_jax.experiments breakdown $R/multifashion_320ep_paper > /dev/null  # writes breakdown.md itself
 $P $R/multimnist_12ep_betaopt --out $R/multimnist_12ep_betaopt/paired.md
 $P $R/multimnist_12ep_betaopt --baseline ew --out $R/multimnist_12ep_betaopt/paired_vs_ew.md
 $P $R/multimnist_160ep_converged --out $R/multimnist_160ep_converged/paired.md
@@ -73,7 +74,6 @@ $P $R/qm9_150ep_paper --ref dbmtl --ref 'dbmtl (beta=0.0)' --ref ew --out $R/qm9
 $P $R/qm9_150ep_paper --ref dbmtl --ref 'dbmtl (beta=0.0)' --ref ew --average-last 0.2 --out $R/qm9_150ep_paper/paired_no_selection.md
 $P $R/qm9_150ep_paper --ref pcgrad --ref gradvac --ref imtl_g --ref cagrad --ref nash_mtl --ref aligned_mtl --out $R/qm9_150ep_paper/fig1_paired.md
 $P $R/qm9_150ep_paper --ref pcgrad --ref gradvac --ref imtl_g --ref cagrad --ref nash_mtl --ref aligned_mtl --average-last 0.2 --out $R/qm9_150ep_paper/fig1_paired_no_selection.md
-python -m dbmtl_jax.experiments breakdown $R/multifashion_320ep_paper > /dev/null
 $P $R/qm9_150ep_paper --ref 'dbmtl (beta=0.5, beta_sigma=0.0)' --ref 'dbmtl (beta_sigma=0.0)' --out $R/qm9_150ep_paper/fig5_paired.md
 $P $R/qm9_150ep_paper --ref 'dbmtl (beta=0.5, beta_sigma=0.0)' --ref 'dbmtl (beta_sigma=0.0)' --average-last 0.2 --out $R/qm9_150ep_paper/fig5_paired_no_selection.md
 python -m dbmtl_jax.experiments breakdown $R/qm9_150ep_paper > /dev/null  # writes breakdown.md itself
