@@ -12,6 +12,8 @@ Commands::
     dbmtl-jax breakdown <dir> [<dir> ...]
     dbmtl-jax summary <prefix>              (e.g. results/dense_8ep: <prefix>_main, _beta, ...)
     dbmtl-jax time <dir> [--out DIR] [--no-plots]
+    dbmtl-jax paired <dir> [<dir> ...] [--ref METHOD ...] [--average-last F | --smooth W] [--across] [--out FILE]
+    dbmtl-jax curves <dir> [<dir> ...] [--ref ew] [--smooth W] [--split test|val] [--out FILE]
     dbmtl-jax index <dir> [--out FILE]
     dbmtl-jax list [--import my_module]
 """
@@ -221,6 +223,20 @@ def build_parser() -> argparse.ArgumentParser:
                     help="Δp on the test split (default, the result) or on the validation split (the selection split: "
                          "for choosing a hyperparameter, e.g. a learning rate, from a pilot)")
     pa.add_argument("--out", help="write to this file instead of stdout")
+
+    cu = sub.add_parser("curves", help="how each row ends training: final training loss against EW's and the test "
+                                       "curve's peak and fall after it (overfitting), one table per setting")
+    cu.add_argument("dirs", nargs="+", metavar="dir",
+                    help="results directories or study folders, read as one set of runs (as paired reads them)")
+    cu.add_argument("--ref", default=None, metavar="METHOD",
+                    help="the row the final training loss is divided by: a row label or method name "
+                         "(default: ew where present)")
+    cu.add_argument("--smooth", type=int, default=None, metavar="W",
+                    help="centred moving-average window (odd, epochs) the peak is found on (default: 2*(E//30)+1, "
+                         "21 for 320 epochs)")
+    cu.add_argument("--split", choices=("test", "val"), default="test",
+                    help="the curve of the test split (default) or of the validation split")
+    cu.add_argument("--out", help="write to this file instead of stdout")
 
     ix = sub.add_parser("index", help="a markdown index of the study folders (folders with runs.txt) under DIR")
     ix.add_argument("dir", help="results root, e.g. results/")
@@ -546,6 +562,35 @@ def _cmd_paired(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_curves(args: argparse.Namespace) -> int:
+    from dbmtl_jax.experiments.curves import curves_report
+    from dbmtl_jax.experiments.report import load_results, summarize
+
+    if not _dirs_exist(*args.dirs):
+        return 2
+    skipped: list = []
+    records = load_results(args.dirs, skipped=skipped)
+    _report_skipped(skipped)
+    where = " ".join(args.dirs)
+    if not records:
+        print(f"error: no run records under {where}.", file=sys.stderr)
+        return 1
+    settings = summarize(records)  # a ValueError here (records that cannot share a table) exits 1 in main
+    try:
+        text = curves_report(settings, args.ref, window=args.smooth, split=args.split)
+    except ValueError as e:  # a --ref that names no row, a bad --smooth
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not text.strip():
+        print(f"error: {where}: no table: no setting has an STL row to measure Δp against.", file=sys.stderr)
+        return 1
+    if args.out:
+        Path(args.out).write_text(text)
+    else:
+        _print(text)
+    return 0
+
+
 def _cmd_index(args: argparse.Namespace) -> int:
     from dbmtl_jax.experiments import analysis as an
 
@@ -589,7 +634,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command == "compact":
         return _cmd_compact(args)
     commands = {"report": _cmd_report, "select": _cmd_select, "breakdown": _cmd_breakdown, "summary": _cmd_summary,
-                "time": _cmd_time, "index": _cmd_index, "paired": _cmd_paired}
+                "time": _cmd_time, "index": _cmd_index, "paired": _cmd_paired, "curves": _cmd_curves}
     if args.command in commands:
         try:
             return commands[args.command](args)

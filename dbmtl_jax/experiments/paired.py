@@ -43,6 +43,7 @@ __all__ = [
     "rank_text",
     "selected_late",
     "late_task_selections",
+    "summed_train_loss",
     "loss_change_last_fifth",
     "loss_share_last_fifth",
     "convergence_line",
@@ -157,13 +158,18 @@ def late_task_selections(run: Mapping[str, Any], fraction: float = 0.2) -> int:
     return sum(int(e) > start for e in run["selected_epoch"].values() if e is not None)
 
 
+def summed_train_loss(run: Mapping[str, Any]) -> list[float]:
+    """The run's training loss per epoch, summed over its tasks (``history.train_loss``; empty without one); a
+    loss the record stores as null or "inf" is NaN or inf."""
+    losses = (run.get("history") or {}).get("train_loss") or []
+    return [float(np.sum([math.nan if v is None else float(v) for v in np.ravel(np.asarray(x, object))]))
+            for x in losses]
+
+
 def _loss_ends(run: Mapping[str, Any], fraction: float) -> Optional[tuple[float, float, float]]:
     """Summed training loss at epoch 1, at ``e₀ = E − last_epochs(E, fraction)`` (the epochs after e₀ are the
-    last ``ceil(fraction·E)``, at least one, as in the late-selection count) and at the last epoch E; a loss
-    the record stores as null or "inf" is NaN or inf."""
-    losses = run.get("history", {}).get("train_loss") or []
-    totals = [float(np.sum([math.nan if v is None else float(v) for v in np.ravel(np.asarray(x, object))]))
-              for x in losses]
+    last ``ceil(fraction·E)``, at least one, as in the late-selection count) and at the last epoch E."""
+    totals = summed_train_loss(run)
     if len(totals) < 2:
         return None
     e0 = len(totals) - last_epochs(len(totals), fraction)

@@ -1,0 +1,185 @@
+"""How each row ends its training: its fit of the training set, and its test curve after the peak.
+
+A table's Δp is read at one epoch per run (the validation-selected one).  Two
+rows with the same Δp can still end differently: one still rising, one past its
+peak and falling because it memorised its training set.  For every row of a
+study this page gives
+
+* **final training loss / the reference's**: the run's summed per-task training
+  loss at its last epoch over the reference row's (EW by default) on the same
+  seed (seeds are paired): below 1, the row fits its training set tighter;
+* **the test curve** (runs trained with ``--test-curve``): each epoch's Δp
+  (Lin et al., Eq. 3–4) against the STL row's mean metrics at its selected
+  epochs (the table's reference), averaged over the row's seeds, then smoothed
+  by a centred moving average (:func:`dbmtl_jax.experiments.reselect.smooth_curve`).
+  Its *peak* (value and epoch); its mean over the last 20 % of epochs, unsmoothed
+  (against the same STL metrics as the peak; ``dbmtl-jax paired --average-last 0.2``
+  averages STL's curve too, so its Δp are shifted, while differences between rows
+  agree closely); and the *fall* from the peak to that mean.  A fall beside a
+  tighter training fit is the signature of overfitting.
+
+The peak is read on the test curve, so it is a description of the curve, not a
+model selection (selection stays on validation; ``split="val"`` gives the same
+page for the validation curve).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, NamedTuple, Optional, Sequence
+
+import numpy as np
+
+from dbmtl_jax.experiments.paired import _check_split, find_row, reference_stl, summed_train_loss
+from dbmtl_jax.experiments.report import Row, Setting, setting_title, signed
+from dbmtl_jax.experiments.reselect import _check_window, last_epochs, smooth_curve
+from dbmtl_jax.metrics import delta_p
+
+__all__ = ["CurveFacts", "default_window", "epoch_delta_p", "row_curve_facts", "curves_markdown", "curves_report"]
+
+
+class CurveFacts(NamedTuple):
+    """One row's curve figures (NaN / None where the records lack them)."""
+
+    peak: float  # the smoothed seed-mean Δp curve's maximum
+    peak_epoch: Optional[int]  # its 1-based epoch (the first on ties)
+    last: float  # the unsmoothed seed-mean Δp over the last ``fraction`` of epochs
+    runs: int  # the runs with a curve (those of the row's most common length)
+    window: Optional[int] = None  # the smoothing window used (epochs)
+
+    @property
+    def fall(self) -> float:
+        """Peak minus the last-fraction mean, in Δp points (≥ 0 up to the smoothing)."""
+        return self.peak - self.last
+
+
+def default_window(epochs: int) -> int:
+    """The smoothing window for a curve of ``epochs`` epochs: ``2·⌊E/30⌋ + 1`` (21 for 320 epochs, 11 for 150,
+    1 below 30), about a fifteenth of the run."""
+    return 2 * (int(epochs) // 30) + 1
+
+
+def epoch_delta_p(run: Mapping[str, Any], base: Mapping[str, Mapping[str, float]],
+                  hib: Mapping[str, Mapping[str, bool]], split: str = "test") -> Optional[np.ndarray]:
+    """The run's Δp at every recorded epoch of its ``split`` curve against the metrics ``base`` (NaN where a
+    metric is missing or non-finite); ``None`` without a recorded curve."""
+    curve = (run.get("history") or {}).get(split)
+    if not curve:
+        return None
+    out = np.full(len(curve), np.nan)
+    for i, epoch in enumerate(curve):
+        metrics = {t: {m: math.nan if v is None else float(v) for m, v in ms.items()} for t, ms in epoch.items()}
+        try:
+            out[i] = delta_p(metrics, base, hib)
+        except (ValueError, KeyError):  # a task or metric missing at this epoch
+            pass
+    return out
+
+
+def row_curve_facts(row: Row, base: Mapping[str, Mapping[str, float]], hib: Mapping[str, Mapping[str, bool]], *,
+                    window: Optional[int] = None, fraction: float = 0.2, split: str = "test") -> CurveFacts:
+    """The row's seed-mean Δp curve's peak (smoothed over ``window`` epochs, default :func:`default_window`), its
+    unsmoothed mean over the last ``fraction`` of epochs, and how many runs it averages.  Runs whose curve has
+    another length than the row's most common one (a record of another budget) are left out."""
+    curves = [c for r in row.runs if (c := epoch_delta_p(r, base, hib, split)) is not None and len(c)]
+    if not curves:
+        return CurveFacts(math.nan, None, math.nan, 0)
+    lengths = [len(c) for c in curves]
+    n = max(set(lengths), key=lengths.count)
+    curves = [c for c in curves if len(c) == n]
+    w = default_window(n) if window is None else window
+    _check_window(w, n, f"{row.label}'s {split} curve")
+    mean = np.mean(curves, axis=0)  # a diverged epoch of one seed is NaN for the row
+    smooth = smooth_curve(mean, w)
+    last = float(np.mean(mean[-last_epochs(n, fraction):]))
+    if not np.any(np.isfinite(smooth)):
+        return CurveFacts(math.nan, None, last, len(curves), w)
+    i = int(np.nanargmax(smooth))
+    return CurveFacts(float(smooth[i]), i + 1, last, len(curves), w)
+
+
+def _final_loss_ratio(row: Row, ref: Row) -> Optional[tuple[float, float, float]]:
+    """Mean, min and max over paired seeds of the row's final summed training loss over ``ref``'s."""
+    ref_final = {r["seed"]: t[-1] for r in ref.runs if (t := summed_train_loss(r))}
+    ratios = [t[-1] / ref_final[r["seed"]] for r in row.runs
+              if (t := summed_train_loss(r)) and r["seed"] in ref_final and ref_final[r["seed"]] > 0]
+    ratios = [x for x in ratios if math.isfinite(x)]
+    return (float(np.mean(ratios)), min(ratios), max(ratios)) if ratios else None
+
+
+def _selected_cell(row: Row) -> str:
+    epochs = [int(e) for r in row.runs for e in r["selected_epoch"].values() if e is not None]
+    return "—" if not epochs else (str(epochs[0]) if min(epochs) == max(epochs) else f"{min(epochs)}–{max(epochs)}")
+
+
+def curves_markdown(st: Setting, stl: Row, ref: Optional[Row], *, window: Optional[int] = None,
+                    fraction: float = 0.2, split: str = "test") -> str:
+    """The curve table of one setting: Δp against ``stl``'s mean metrics on ``split``, training loss against
+    ``ref`` (no such column when ``None``).  Rows are listed STL first, then by their table Δp (best first)."""
+    hib = st.higher_is_better
+    base = stl.mean_metrics(hib, split)
+    rows = list(st.rows.values())
+    if stl not in rows:
+        rows.insert(0, stl)
+
+    def order(r: Row) -> tuple:
+        vals = [v for v in r.delta_p if math.isfinite(v)]
+        return (r.method != "stl", not vals, -float(np.mean(vals)) if vals else 0.0, r.label)
+
+    pct = f"{100 * fraction:g} %"
+    head = ["row", "seeds", "selected epochs"]
+    if ref is not None:
+        head.append(f"final training loss / {ref.label}'s (paired seeds)")
+    head += [f"{split} Δp peak (epoch)", f"{split} Δp, last {pct}", "fall after the peak"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    windows = set()
+    for row in sorted(rows, key=order):
+        cells = [row.label, str(len(row.runs)), _selected_cell(row)]
+        if ref is not None:
+            lr = None if row is ref else _final_loss_ratio(row, ref)
+            cells.append("1" if row is ref else "—" if lr is None else f"{lr[0]:.2f} ({lr[1]:.2f}–{lr[2]:.2f})")
+        f = row_curve_facts(row, base, hib, window=window, fraction=fraction, split=split)
+        if f.window is not None:
+            windows.add(f.window)
+        some = "" if f.runs in (0, len(row.runs)) else f" ({f.runs} runs)"
+        cells += ["—" if f.peak_epoch is None else f"{signed(f.peak)} ({f.peak_epoch}){some}",
+                  "—" if not math.isfinite(f.last) else signed(f.last),
+                  "—" if not (f.peak_epoch and math.isfinite(f.last)) else f"{f.fall:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    w = ", ".join(str(x) for x in sorted(windows)) or "—"
+    note = (f"Curve: each epoch's {split} Δp against STL's mean metrics at its selected epochs, averaged over the "
+            f"row's seeds; peak on its {w}-epoch centred moving average; last {pct}: the unsmoothed mean over the "
+            f"last {pct} of epochs against the same STL metrics (`paired --average-last` averages STL too: its Δp are "
+            "shifted, differences between rows agree closely); fall: peak − that mean, in Δp points. The peak is read on the curve, not selected (selection stays on validation).")
+    if ref is not None:
+        note += (f" Training loss: the summed per-task training loss of the last epoch over {ref.label}'s on the "
+                 "same seed (mean, min–max).")
+    return "\n".join(lines) + "\n\n" + note + "\n"
+
+
+def curves_report(settings: Sequence[Setting], reference: Optional[str] = None, *, window: Optional[int] = None,
+                  fraction: float = 0.2, split: str = "test") -> str:
+    """One curve table per setting with an STL row (its own or borrowed, as ``dbmtl-jax paired`` does).
+    ``reference``: the row the training loss is compared with (a row label or method name, see
+    :func:`~dbmtl_jax.experiments.paired.find_row`; a name no setting has is an error); ``None``: EW where a
+    setting has it (no such column where it has not).  Settings without an STL row are named at the end."""
+    _check_split(split)
+    last_epochs(1, fraction)  # a bad fraction raises here
+    if reference is not None and settings and not any(find_row(list(st.rows.values()), reference)
+                                                      for st in settings):
+        labels = sorted({r.label for st in settings for r in st.rows.values()})
+        raise ValueError(f"no row {reference!r} in these results; rows: {', '.join(labels)}.")
+    reference = reference or "ew"
+    out, left_out = [], []
+    for st in settings:
+        stl = reference_stl(settings, st)
+        if stl is None:
+            left_out.append(st)
+            continue
+        ref = find_row(list(st.rows.values()), reference)
+        out.append(f"### {setting_title(st)}\n\n"
+                   + curves_markdown(st, stl, ref, window=window, fraction=fraction, split=split))
+    if out and left_out:
+        out.append("Not shown, for want of an STL row: "
+                   + "; ".join(f"{st.benchmark} {st.key}" for st in left_out) + ".\n")
+    return "\n".join(out)
