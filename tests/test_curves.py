@@ -85,6 +85,9 @@ def test_peak_fall_and_loss_ratio_match_numpy():
         assert f.runs == 3 and f.window == 3 and f.peak_epoch == epoch
         assert f.peak == pytest.approx(peak, abs=1e-9) and f.last == pytest.approx(last, abs=1e-9)
         assert f.fall == pytest.approx(peak - last, abs=1e-9)
+        for r, c in zip(rows[method].runs, curves):  # each seed's own fall, paired by seed
+            p1, _, l1 = _reference_facts([c], (0.80, 0.80), 3, k)
+            assert f.seed_falls[r["seed"]] == pytest.approx(p1 - l1, abs=1e-9)
     # the falling row: peak near epoch 15, a fall of about 100 · 0.04 / 0.8 = 5 points; EW still at its peak
     f_db = cv.row_curve_facts(rows["dbmtl"], base, st.higher_is_better)
     f_ew = cv.row_curve_facts(rows["ew"], base, st.higher_is_better)
@@ -97,9 +100,13 @@ def test_peak_fall_and_loss_ratio_match_numpy():
     md = cv.curves_markdown(st, stl, rows["ew"])
     # final loss over EW's on the same seed: (1 + 0.5 s) / (2 + s) = 0.5 on every seed
     assert "| dbmtl | 3 | 15 | 0.50 (0.50–0.50) |" in md and "| ew | 3 | 10 | 1 |" in md
+    assert [cv._ratio(x) for x in (0.5, 0.123, 0.0043, 0.0)] == ["0.50", "0.12", "0.0043", "0.00"]
     lines = [ln for ln in md.splitlines() if ln.startswith("| ")]
     assert [ln.split(" | ")[0] for ln in lines] == ["| row", "| stl", "| dbmtl", "| ew"]  # STL, then by Δp
     assert f"| {f_db.fall:.2f} |" in md and "3-epoch centred moving average" in md
+    d = np.array([f_db.seed_falls[s] - f_ew.seed_falls[s] for s in range(3)])
+    half = 4.30265 * d.std(ddof=1) / np.sqrt(3)  # t_{0.975, 2}
+    assert f"| {d.mean():+.2f} [{d.mean() - half:+.2f}, {d.mean() + half:+.2f}] |" in md
 
 
 def test_loss_ratio_pairs_seeds_and_rows_without_curves_show_dashes():
@@ -162,4 +169,5 @@ def test_report_and_cli(tmp_path, capsys):
     assert "odd positive int" in capsys.readouterr().err
     # validation curves: none recorded here, so every curve cell is a dash
     assert main(["curves", str(tmp_path), "--split", "val"]) == 0
-    assert "| ew | 3 | 10 | 1 | — | — | — |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| ew | 3 | 10 | 1 | — | — | — |" in printed and "No run has a recorded val curve" in printed

@@ -30,7 +30,7 @@ from typing import Any, Mapping, NamedTuple, Optional, Sequence
 
 import numpy as np
 
-from dbmtl_jax.experiments.paired import _check_split, find_row, reference_stl, summed_train_loss
+from dbmtl_jax.experiments.paired import _check_split, find_row, paired_interval, reference_stl, summed_train_loss
 from dbmtl_jax.experiments.report import Row, Setting, setting_title, signed
 from dbmtl_jax.experiments.reselect import _check_window, last_epochs, smooth_curve
 from dbmtl_jax.metrics import delta_p
@@ -46,6 +46,7 @@ class CurveFacts(NamedTuple):
     last: float  # the unsmoothed seed-mean Δp over the last ``fraction`` of epochs
     runs: int  # the runs with a curve (those of the row's most common length)
     window: Optional[int] = None  # the smoothing window used (epochs)
+    seed_falls: Mapping[int, float] = {}  # per seed: its own smoothed curve's peak minus its last-fraction mean
 
     @property
     def fall(self) -> float:
@@ -81,21 +82,30 @@ def row_curve_facts(row: Row, base: Mapping[str, Mapping[str, float]], hib: Mapp
     """The row's seed-mean Δp curve's peak (smoothed over ``window`` epochs, default :func:`default_window`), its
     unsmoothed mean over the last ``fraction`` of epochs, and how many runs it averages.  Runs whose curve has
     another length than the row's most common one (a record of another budget) are left out."""
-    curves = [c for r in row.runs if (c := epoch_delta_p(r, base, hib, split)) is not None and len(c)]
-    if not curves:
+    seeded = [(r["seed"], c) for r in row.runs if (c := epoch_delta_p(r, base, hib, split)) is not None and len(c)]
+    if not seeded:
         return CurveFacts(math.nan, None, math.nan, 0)
-    lengths = [len(c) for c in curves]
+    lengths = [len(c) for _, c in seeded]
     n = max(set(lengths), key=lengths.count)
-    curves = [c for c in curves if len(c) == n]
+    seeded = [(s, c) for s, c in seeded if len(c) == n]
     w = default_window(n) if window is None else window
     _check_window(w, n, f"{row.label}'s {split} curve")
-    mean = np.mean(curves, axis=0)  # a diverged epoch of one seed is NaN for the row
-    smooth = smooth_curve(mean, w)
-    last = float(np.mean(mean[-last_epochs(n, fraction):]))
-    if not np.any(np.isfinite(smooth)):
-        return CurveFacts(math.nan, None, last, len(curves), w)
-    i = int(np.nanargmax(smooth))
-    return CurveFacts(float(smooth[i]), i + 1, last, len(curves), w)
+    k = last_epochs(n, fraction)
+
+    def peak_and_last(curve: np.ndarray) -> tuple[float, Optional[int], float]:
+        smooth = smooth_curve(curve, w)
+        last = float(np.mean(curve[-k:]))
+        if not np.any(np.isfinite(smooth)):
+            return math.nan, None, last
+        i = int(np.nanargmax(smooth))
+        return float(smooth[i]), i + 1, last
+
+    falls = {}
+    for seed, c in seeded:
+        p, _, lst = peak_and_last(c)
+        falls[int(seed)] = p - lst
+    peak, epoch, last = peak_and_last(np.mean([c for _, c in seeded], axis=0))  # a diverged epoch is NaN for all
+    return CurveFacts(peak, epoch, last, len(seeded), w, falls)
 
 
 def _final_loss_ratio(row: Row, ref: Row) -> Optional[tuple[float, float, float]]:
@@ -105,6 +115,11 @@ def _final_loss_ratio(row: Row, ref: Row) -> Optional[tuple[float, float, float]
               if (t := summed_train_loss(r)) and r["seed"] in ref_final and ref_final[r["seed"]] > 0]
     ratios = [x for x in ratios if math.isfinite(x)]
     return (float(np.mean(ratios)), min(ratios), max(ratios)) if ratios else None
+
+
+def _ratio(x: float) -> str:
+    """Two decimals, or two significant digits below 0.1 (a memorising row's 0.0043 is not "0.00")."""
+    return f"{x:.2f}" if abs(x) >= 0.1 or x == 0 else f"{x:.2g}"
 
 
 def _selected_cell(row: Row) -> str:
@@ -131,13 +146,16 @@ def curves_markdown(st: Setting, stl: Row, ref: Optional[Row], *, window: Option
     if ref is not None:
         head.append(f"final training loss / {ref.label}'s (paired seeds)")
     head += [f"{split} Δp peak (epoch)", f"{split} Δp, last {pct}", "fall after the peak"]
+    if ref is not None:
+        head.append(f"per-seed fall − {ref.label}'s [95 % CI]")
+    ref_falls = row_curve_facts(ref, base, hib, window=window, fraction=fraction, split=split).seed_falls if ref else {}
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     windows = set()
     for row in sorted(rows, key=order):
         cells = [row.label, str(len(row.runs)), _selected_cell(row)]
         if ref is not None:
             lr = None if row is ref else _final_loss_ratio(row, ref)
-            cells.append("1" if row is ref else "—" if lr is None else f"{lr[0]:.2f} ({lr[1]:.2f}–{lr[2]:.2f})")
+            cells.append("1" if row is ref else "—" if lr is None else f"{_ratio(lr[0])} ({_ratio(lr[1])}–{_ratio(lr[2])})")
         f = row_curve_facts(row, base, hib, window=window, fraction=fraction, split=split)
         if f.window is not None:
             windows.add(f.window)
@@ -145,15 +163,23 @@ def curves_markdown(st: Setting, stl: Row, ref: Optional[Row], *, window: Option
         cells += ["—" if f.peak_epoch is None else f"{signed(f.peak)} ({f.peak_epoch}){some}",
                   "—" if not math.isfinite(f.last) else signed(f.last),
                   "—" if not (f.peak_epoch and math.isfinite(f.last)) else f"{f.fall:.2f}"]
+        if ref is not None:
+            iv = None if row is ref else paired_interval(f.seed_falls, ref_falls)
+            cells.append("—" if iv is None else iv.text())
         lines.append("| " + " | ".join(cells) + " |")
-    w = ", ".join(str(x) for x in sorted(windows)) or "—"
-    note = (f"Curve: each epoch's {split} Δp against STL's mean metrics at its selected epochs, averaged over the "
+    w = ", ".join(str(x) for x in sorted(windows))
+    note = (f"No run has a recorded {split} curve (`dbmtl-jax run --test-curve` records the test curve). " if not w else
+            f"Curve: each epoch's {split} Δp against STL's mean metrics at its selected epochs, averaged over the "
             f"row's seeds; peak on its {w}-epoch centred moving average; last {pct}: the unsmoothed mean over the "
             f"last {pct} of epochs against the same STL metrics (`paired --average-last` averages STL too: its Δp are "
-            "shifted, differences between rows agree closely); fall: peak − that mean, in Δp points. The peak is read on the curve, not selected (selection stays on validation).")
+            "shifted, differences between rows agree closely); fall: peak − that mean, in Δp points. The peak is "
+            "read on the curve, not selected (selection stays on validation); on a noisy curve it can lie below the "
+            "table's Δp, whose selected epochs are each run's good ones.")
     if ref is not None:
         note += (f" Training loss: the summed per-task training loss of the last epoch over {ref.label}'s on the "
-                 "same seed (mean, min–max).")
+                 f"same seed (mean, min–max). Per-seed fall: each run's own smoothed peak minus its last-{pct} mean, "
+                 f"paired with {ref.label}'s on the same seed (a single run's peak is the maximum of a noisy curve, "
+                 "so per-seed falls run larger than the seed-mean curve's; the difference of two rows is the figure).")
     return "\n".join(lines) + "\n\n" + note + "\n"
 
 
