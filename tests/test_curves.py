@@ -38,8 +38,11 @@ def _record(method, seed, test_curve, final_loss, selected=10, hp=None):
 
 
 def _rise_then_fall(peak_epoch, height, drop, seed):
-    """Accuracy rising linearly to ``height`` at ``peak_epoch``, then falling linearly by ``drop`` at the end."""
+    """Accuracy rising linearly to ``height`` at ``peak_epoch``, then falling linearly by ``drop`` at the end;
+    the seed changes the peak epoch and the drop (so that seeds differ in their falls, not only by an offset)."""
     e = np.arange(1, E + 1)
+    peak_epoch = peak_epoch + 2 * seed
+    drop = drop * (1 + seed * seed / 4)
     up = 0.5 + (height - 0.5) * np.minimum(e, peak_epoch) / peak_epoch
     down = drop * np.clip((e - peak_epoch) / (E - peak_epoch), 0, 1)
     acc = up - down + 0.001 * seed
@@ -62,7 +65,7 @@ def _toy(seeds=(0, 1, 2)):
     for s in seeds:
         flat = [(0.80, 0.80)] * E
         recs.append(_record("stl", s, flat, 0.5))
-        recs.append(_record("ew", s, _rise_then_fall(30, 0.78, 0.0, s), 2.0 + s))
+        recs.append(_record("ew", s, _rise_then_fall(30, 0.78, 0.01, s), 2.0 + s))
         recs.append(_record("dbmtl", s, _rise_then_fall(15, 0.80, 0.04, s), 1.0 + 0.5 * s, selected=15))
     return recs
 
@@ -81,21 +84,21 @@ def test_peak_fall_and_loss_ratio_match_numpy():
     for method in ("ew", "dbmtl"):
         curves = [[(h["a"]["acc"], h["b"]["acc"]) for h in r["history"]["test"]] for r in rows[method].runs]
         peak, epoch, last = _reference_facts(curves, (0.80, 0.80), 3, k)
-        f = cv.row_curve_facts(rows[method], base, st.higher_is_better)
+        f = cv.row_curve_facts(rows[method], base, st.higher_is_better, epochs=E)
         assert f.runs == 3 and f.window == 3 and f.peak_epoch == epoch
         assert f.peak == pytest.approx(peak, abs=1e-9) and f.last == pytest.approx(last, abs=1e-9)
         assert f.fall == pytest.approx(peak - last, abs=1e-9)
         for r, c in zip(rows[method].runs, curves):  # each seed's own fall, paired by seed
             p1, _, l1 = _reference_facts([c], (0.80, 0.80), 3, k)
             assert f.seed_falls[r["seed"]] == pytest.approx(p1 - l1, abs=1e-9)
-    # the falling row: peak near epoch 15, a fall of about 100 · 0.04 / 0.8 = 5 points; EW still at its peak
-    f_db = cv.row_curve_facts(rows["dbmtl"], base, st.higher_is_better)
-    f_ew = cv.row_curve_facts(rows["ew"], base, st.higher_is_better)
-    assert 14 <= f_db.peak_epoch <= 16 and f_db.fall > 4.0 and f_ew.fall < 0.5
+    # the falling row: a fall of 5 points and more (100 · 0.04 · (1 + s²/4) / 0.8); EW falls a quarter as much
+    f_db = cv.row_curve_facts(rows["dbmtl"], base, st.higher_is_better, epochs=E)
+    f_ew = cv.row_curve_facts(rows["ew"], base, st.higher_is_better, epochs=E)
+    assert 15 <= f_db.peak_epoch <= 19 and f_db.fall > 4.0 and f_ew.fall < 2.0  # seeds peak at 15, 17, 19
     # a wider window: still the reference's answer
     peak, epoch, last = _reference_facts(
         [[(h["a"]["acc"], h["b"]["acc"]) for h in r["history"]["test"]] for r in rows["dbmtl"].runs], (0.8, 0.8), 9, k)
-    f9 = cv.row_curve_facts(rows["dbmtl"], base, st.higher_is_better, window=9)
+    f9 = cv.row_curve_facts(rows["dbmtl"], base, st.higher_is_better, epochs=E, window=9)
     assert (f9.peak_epoch, f9.window) == (epoch, 9) and f9.peak == pytest.approx(peak, abs=1e-9)
     md = cv.curves_markdown(st, stl, rows["ew"])
     # final loss over EW's on the same seed: (1 + 0.5 s) / (2 + s) = 0.5 on every seed
@@ -105,6 +108,7 @@ def test_peak_fall_and_loss_ratio_match_numpy():
     assert [ln.split(" | ")[0] for ln in lines] == ["| row", "| stl", "| dbmtl", "| ew"]  # STL, then by Δp
     assert f"| {f_db.fall:.2f} |" in md and "3-epoch centred moving average" in md
     d = np.array([f_db.seed_falls[s] - f_ew.seed_falls[s] for s in range(3)])
+    assert d.std() > 0.1  # the seeds differ: pairing by position or the wrong t-quantile would show
     half = 4.30265 * d.std(ddof=1) / np.sqrt(3)  # t_{0.975, 2}
     assert f"| {d.mean():+.2f} [{d.mean() - half:+.2f}, {d.mean() + half:+.2f}] |" in md
 
@@ -118,7 +122,12 @@ def test_loss_ratio_pairs_seeds_and_rows_without_curves_show_dashes():
     rows = {r.method: r for r in st.rows.values()}
     md = cv.curves_markdown(st, st.stl, rows["ew"])
     assert "| dbmtl | 2 | 15 | 0.50 (0.50–0.50) |" in md
-    assert "| pcgrad | 2 | 10 | 3.00 (3.00–3.00) | — | — | — |" in md  # seed 0 only: 6 / 2
+    assert "| pcgrad | 2 | 10 | 3.00 (3.00–3.00) (n=1 of 2) | — | — | — |" in md  # seed 0 only: 6 / 2, and said
+    # a diverged final loss is counted, not dropped silently
+    recs[-2]["history"]["train_loss"][-1] = [None, 1.0]
+    (st,) = summarize(recs)
+    md = cv.curves_markdown(st, st.stl, {r.method: r for r in st.rows.values()}["ew"])
+    assert "| pcgrad | 2 | 10 | — (1 diverged, n=0 of 2) |" in md
     # without a reference row there is no training-loss column
     no_ref = cv.curves_markdown(st, st.stl, None)
     assert "training loss" not in no_ref and "| pcgrad | 2 | 10 | — | — | — |" in no_ref
@@ -131,7 +140,7 @@ def test_a_diverged_epoch_and_a_run_of_another_length():
     (st,) = summarize(recs)
     rows = {r.method: r for r in st.rows.values()}
     base = st.stl.mean_metrics(st.higher_is_better, "test")
-    f = cv.row_curve_facts(rows["dbmtl"], base, st.higher_is_better)
+    f = cv.row_curve_facts(rows["dbmtl"], base, st.higher_is_better, epochs=E)
     assert f.peak_epoch is not None and math.isfinite(f.peak) and math.isfinite(f.last)
     curve = cv.epoch_delta_p(bad, base, st.higher_is_better)
     assert np.isnan(curve[20]) and np.isfinite(curve[19])
@@ -141,7 +150,36 @@ def test_a_diverged_epoch_and_a_run_of_another_length():
     md = cv.curves_markdown(st, st.stl, None)
     assert "(2 runs)" in md
     with pytest.raises(ValueError, match="window 41 is longer"):
-        cv.row_curve_facts(st.rows[next(iter(st.rows))], base, st.higher_is_better, window=41)
+        cv.row_curve_facts(st.rows[next(iter(st.rows))], base, st.higher_is_better, epochs=E, window=41)
+    # a run of another length is left out of the loss ratio too (the setting's epochs decide, for every column)
+    short["history"]["train_loss"] = short["history"]["train_loss"][:20]
+    (st,) = summarize(recs)
+    rows = {r.method: r for r in st.rows.values()}
+    assert set(cv.final_losses(rows["ew"], E)) == {0, 1}
+    assert "| dbmtl | 3 | 15 | 0.50 (0.50–0.50) (n=2 of 3) |" in cv.curves_markdown(st, st.stl, rows["ew"])
+
+
+def test_the_peak_is_never_a_diverged_epoch():
+    curve = np.array([0.0, 1.0, 2.0, np.nan, 2.5, 0.0, 0.0])  # smoothed: epoch 4 (NaN) would lead with 2.25
+    peak, epoch, last = cv._peak_and_last(curve, 3, 2)
+    assert epoch == 3 and peak == pytest.approx(1.5) and last == 0.0
+    assert cv._peak_and_last(np.array([np.nan, np.nan]), 1, 1)[1] is None
+
+
+def test_a_borrowed_stl_is_said_and_gets_no_loss_ratio():
+    recs = _toy()
+    other = [dict(r, config=dict(r["config"], recipe={"epochs": E, "learning_rate": 0.1}), config_hash=r["config_hash"] + "lr")
+             for r in recs if r["method"] != "stl"]
+    text = cv.curves_report(summarize(recs + other))
+    tables = text.split("### ")[1:]
+    assert len(tables) == 2
+    borrowed = next(t for t in tables if "Δp against the STL row trained with" in t)
+    assert "| stl | 3 | 10 | — |" in borrowed and "| ew | 3 | 10 | 1 |" in borrowed
+    rows = [ln.split(" | ")[0] for ln in borrowed.splitlines() if ln.startswith("| ") and "---" not in ln]
+    assert rows == ["| row", "| stl", "| dbmtl", "| ew"]  # ordered by Δp against the borrowed STL, not by label
+    # a --ref row that one setting lacks: said under that setting's title
+    no_db = cv.curves_report(summarize(recs + [r for r in other if r["method"] != "dbmtl"]), "dbmtl")
+    assert "this setting has no dbmtl row" in no_db
 
 
 def test_report_and_cli(tmp_path, capsys):

@@ -30,23 +30,25 @@ from typing import Any, Mapping, NamedTuple, Optional, Sequence
 
 import numpy as np
 
-from dbmtl_jax.experiments.paired import _check_split, find_row, paired_interval, reference_stl, summed_train_loss
-from dbmtl_jax.experiments.report import Row, Setting, setting_title, signed
-from dbmtl_jax.experiments.reselect import _check_window, last_epochs, smooth_curve
+from dbmtl_jax.experiments.paired import (borrow_stl, check_split, find_row, paired_interval, reference_stl,
+                                          summed_train_loss)
+from dbmtl_jax.experiments.report import Row, Setting, runs_delta_p, setting_title, signed
+from dbmtl_jax.experiments.reselect import check_window, last_epochs, smooth_curve
 from dbmtl_jax.metrics import delta_p
 
-__all__ = ["CurveFacts", "default_window", "epoch_delta_p", "row_curve_facts", "curves_markdown", "curves_report"]
+__all__ = ["CurveFacts", "default_window", "epoch_delta_p", "row_curve_facts", "final_losses", "curves_markdown",
+           "curves_report"]
 
 
 class CurveFacts(NamedTuple):
     """One row's curve figures (NaN / None where the records lack them)."""
 
-    peak: float  # the smoothed seed-mean Δp curve's maximum
+    peak: float  # the smoothed seed-mean Δp curve's maximum (over epochs whose own value is finite)
     peak_epoch: Optional[int]  # its 1-based epoch (the first on ties)
     last: float  # the unsmoothed seed-mean Δp over the last ``fraction`` of epochs
-    runs: int  # the runs with a curve (those of the row's most common length)
-    window: Optional[int] = None  # the smoothing window used (epochs)
-    seed_falls: Mapping[int, float] = {}  # per seed: its own smoothed curve's peak minus its last-fraction mean
+    runs: int  # the runs with a full-length curve, the ones averaged
+    window: Optional[int]  # the smoothing window used (epochs)
+    seed_falls: Mapping[int, float]  # per seed: its own smoothed curve's peak minus its last-fraction mean
 
     @property
     def fall(self) -> float:
@@ -77,44 +79,57 @@ def epoch_delta_p(run: Mapping[str, Any], base: Mapping[str, Mapping[str, float]
     return out
 
 
+def _peak_and_last(curve: np.ndarray, window: int, k: int) -> tuple[float, Optional[int], float]:
+    """The smoothed curve's maximum and its 1-based epoch, among epochs whose own value is finite (a diverged
+    epoch is never the peak for its neighbours' sake), and the unsmoothed mean of the last ``k`` epochs."""
+    smooth = smooth_curve(curve, window)
+    last = float(np.mean(curve[-k:]))
+    ok = np.isfinite(smooth) & np.isfinite(curve)
+    if not np.any(ok):
+        return math.nan, None, last
+    i = int(np.argmax(np.where(ok, smooth, -np.inf)))
+    return float(smooth[i]), i + 1, last
+
+
 def row_curve_facts(row: Row, base: Mapping[str, Mapping[str, float]], hib: Mapping[str, Mapping[str, bool]], *,
-                    window: Optional[int] = None, fraction: float = 0.2, split: str = "test") -> CurveFacts:
-    """The row's seed-mean Δp curve's peak (smoothed over ``window`` epochs, default :func:`default_window`), its
-    unsmoothed mean over the last ``fraction`` of epochs, and how many runs it averages.  Runs whose curve has
-    another length than the row's most common one (a record of another budget) are left out."""
-    seeded = [(r["seed"], c) for r in row.runs if (c := epoch_delta_p(r, base, hib, split)) is not None and len(c)]
+                    epochs: int, window: Optional[int] = None, fraction: float = 0.2,
+                    split: str = "test") -> CurveFacts:
+    """The row's curve figures over its runs whose ``split`` curve has ``epochs`` epochs (the setting's budget;
+    others are left out and the count says so): the seed-mean Δp curve's peak on a centred moving average over
+    ``window`` epochs (default :func:`default_window`) and its unsmoothed mean over the last ``fraction`` of
+    epochs, and each seed's own fall (its smoothed peak minus its last-fraction mean)."""
+    w = default_window(epochs) if window is None else window
+    check_window(w, epochs, f"{row.label}'s {split} curve")
+    k = last_epochs(epochs, fraction)
+    seeded = [(int(r["seed"]), c) for r in row.runs
+              if (c := epoch_delta_p(r, base, hib, split)) is not None and len(c) == epochs]
     if not seeded:
-        return CurveFacts(math.nan, None, math.nan, 0)
-    lengths = [len(c) for _, c in seeded]
-    n = max(set(lengths), key=lengths.count)
-    seeded = [(s, c) for s, c in seeded if len(c) == n]
-    w = default_window(n) if window is None else window
-    _check_window(w, n, f"{row.label}'s {split} curve")
-    k = last_epochs(n, fraction)
-
-    def peak_and_last(curve: np.ndarray) -> tuple[float, Optional[int], float]:
-        smooth = smooth_curve(curve, w)
-        last = float(np.mean(curve[-k:]))
-        if not np.any(np.isfinite(smooth)):
-            return math.nan, None, last
-        i = int(np.nanargmax(smooth))
-        return float(smooth[i]), i + 1, last
-
-    falls = {}
+        return CurveFacts(math.nan, None, math.nan, 0, w, {})
+    falls: dict[int, float] = {}
     for seed, c in seeded:
-        p, _, lst = peak_and_last(c)
-        falls[int(seed)] = p - lst
-    peak, epoch, last = peak_and_last(np.mean([c for _, c in seeded], axis=0))  # a diverged epoch is NaN for all
+        p, _, lst = _peak_and_last(c, w, k)
+        falls[seed] = p - lst
+    peak, epoch, last = _peak_and_last(np.mean([c for _, c in seeded], axis=0), w, k)  # NaN epochs stay NaN
     return CurveFacts(peak, epoch, last, len(seeded), w, falls)
 
 
-def _final_loss_ratio(row: Row, ref: Row) -> Optional[tuple[float, float, float]]:
-    """Mean, min and max over paired seeds of the row's final summed training loss over ``ref``'s."""
-    ref_final = {r["seed"]: t[-1] for r in ref.runs if (t := summed_train_loss(r))}
-    ratios = [t[-1] / ref_final[r["seed"]] for r in row.runs
-              if (t := summed_train_loss(r)) and r["seed"] in ref_final and ref_final[r["seed"]] > 0]
-    ratios = [x for x in ratios if math.isfinite(x)]
-    return (float(np.mean(ratios)), min(ratios), max(ratios)) if ratios else None
+def final_losses(row: Row, epochs: int) -> dict[int, float]:
+    """Per seed, the summed training loss of the row's run at its last epoch, for runs that trained ``epochs``
+    epochs (NaN for a run whose loss diverged)."""
+    return {int(r["seed"]): t[-1] for r in row.runs if len(t := summed_train_loss(r)) == epochs}
+
+
+def _loss_ratio_cell(row: Row, ref: Row, epochs: int) -> str:
+    """Mean (min–max) over paired seeds of the row's final training loss over ``ref``'s; the seeds used when
+    fewer than the row's runs, and the diverged ones (a non-finite loss in either row) by count."""
+    mine, theirs = final_losses(row, epochs), final_losses(ref, epochs)
+    shared = sorted(set(mine) & set(theirs))
+    bad = [s for s in shared if not (math.isfinite(mine[s]) and math.isfinite(theirs[s]))]
+    ratios = [mine[s] / theirs[s] for s in shared if s not in bad and theirs[s] > 0]
+    notes = ([f"{len(bad)} diverged"] if bad else []) + ([f"n={len(ratios)} of {len(row.runs)}"]
+                                                        if len(ratios) < len(row.runs) else [])
+    text = "—" if not ratios else f"{_ratio(float(np.mean(ratios)))} ({_ratio(min(ratios))}–{_ratio(max(ratios))})"
+    return text + (f" ({', '.join(notes)})" if notes else "")
 
 
 def _ratio(x: float) -> str:
@@ -123,22 +138,28 @@ def _ratio(x: float) -> str:
 
 
 def _selected_cell(row: Row) -> str:
+    """The range of the row's validation-selected epochs over its runs and tasks ("—" if none was selected)."""
     epochs = [int(e) for r in row.runs for e in r["selected_epoch"].values() if e is not None]
     return "—" if not epochs else (str(epochs[0]) if min(epochs) == max(epochs) else f"{min(epochs)}–{max(epochs)}")
 
 
 def curves_markdown(st: Setting, stl: Row, ref: Optional[Row], *, window: Optional[int] = None,
                     fraction: float = 0.2, split: str = "test") -> str:
-    """The curve table of one setting: Δp against ``stl``'s mean metrics on ``split``, training loss against
-    ``ref`` (no such column when ``None``).  Rows are listed STL first, then by their table Δp (best first)."""
+    """The curve table of one setting: Δp against ``stl``'s mean metrics on ``split`` (``stl`` may be borrowed
+    from another setting: it gets no training-loss cell then), training loss against ``ref`` (no such columns
+    when ``None``).  Runs that did not train the setting's epochs are left out of every figure.  Rows are
+    listed STL first, then by their Δp on ``split`` (best first)."""
     hib = st.higher_is_better
     base = stl.mean_metrics(hib, split)
+    epochs = int(st.recipe["epochs"])
     rows = list(st.rows.values())
-    if stl not in rows:
+    own_stl = stl in rows
+    if not own_stl:
         rows.insert(0, stl)
+    score = {id(r): [v for v in runs_delta_p(r, base, hib, split) if math.isfinite(v)] for r in rows}
 
     def order(r: Row) -> tuple:
-        vals = [v for v in r.delta_p if math.isfinite(v)]
+        vals = score[id(r)]
         return (r.method != "stl", not vals, -float(np.mean(vals)) if vals else 0.0, r.label)
 
     pct = f"{100 * fraction:g} %"
@@ -148,16 +169,17 @@ def curves_markdown(st: Setting, stl: Row, ref: Optional[Row], *, window: Option
     head += [f"{split} Δp peak (epoch)", f"{split} Δp, last {pct}", "fall after the peak"]
     if ref is not None:
         head.append(f"per-seed fall − {ref.label}'s [95 % CI]")
-    ref_falls = row_curve_facts(ref, base, hib, window=window, fraction=fraction, split=split).seed_falls if ref else {}
+        ref_falls = row_curve_facts(ref, base, hib, epochs=epochs, window=window, fraction=fraction,
+                                    split=split).seed_falls
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     windows = set()
     for row in sorted(rows, key=order):
         cells = [row.label, str(len(row.runs)), _selected_cell(row)]
         if ref is not None:
-            lr = None if row is ref else _final_loss_ratio(row, ref)
-            cells.append("1" if row is ref else "—" if lr is None else f"{_ratio(lr[0])} ({_ratio(lr[1])}–{_ratio(lr[2])})")
-        f = row_curve_facts(row, base, hib, window=window, fraction=fraction, split=split)
-        if f.window is not None:
+            borrowed = row is stl and not own_stl
+            cells.append("1" if row is ref else "—" if borrowed else _loss_ratio_cell(row, ref, epochs))
+        f = row_curve_facts(row, base, hib, epochs=epochs, window=window, fraction=fraction, split=split)
+        if f.runs:
             windows.add(f.window)
         some = "" if f.runs in (0, len(row.runs)) else f" ({f.runs} runs)"
         cells += ["—" if f.peak_epoch is None else f"{signed(f.peak)} ({f.peak_epoch}){some}",
@@ -165,16 +187,21 @@ def curves_markdown(st: Setting, stl: Row, ref: Optional[Row], *, window: Option
                   "—" if not (f.peak_epoch and math.isfinite(f.last)) else f"{f.fall:.2f}"]
         if ref is not None:
             iv = None if row is ref else paired_interval(f.seed_falls, ref_falls)
-            cells.append("—" if iv is None else iv.text())
+            short = iv is not None and iv.n < min(len(row.runs), len(ref.runs))
+            cells.append("—" if iv is None else iv.text() + (f" (n={iv.n})" if short else ""))
         lines.append("| " + " | ".join(cells) + " |")
-    w = ", ".join(str(x) for x in sorted(windows))
-    note = (f"No run has a recorded {split} curve (`dbmtl-jax run --test-curve` records the test curve). " if not w else
-            f"Curve: each epoch's {split} Δp against STL's mean metrics at its selected epochs, averaged over the "
-            f"row's seeds; peak on its {w}-epoch centred moving average; last {pct}: the unsmoothed mean over the "
-            f"last {pct} of epochs against the same STL metrics (`paired --average-last` averages STL too: its Δp are "
-            "shifted, differences between rows agree closely); fall: peak − that mean, in Δp points. The peak is "
-            "read on the curve, not selected (selection stays on validation); on a noisy curve it can lie below the "
-            "table's Δp, whose selected epochs are each run's good ones.")
+    if not windows:
+        note = f"No run has a recorded {split} curve (`dbmtl-jax run --test-curve` records the test curve). "
+    else:
+        what = ("The peak is read on the curve, not selected (selection stays on validation)" if split == "test" else
+                "The validation curve is the selection split's: STL's reference is its own selected epochs, so "
+                "every row sits below it")
+        note = (f"Curve: each epoch's {split} Δp against STL's mean {split} metrics at its selected epochs, averaged "
+                f"over the row's seeds; peak on its {', '.join(map(str, sorted(windows)))}-epoch centred moving "
+                f"average; last {pct}: the unsmoothed mean over the last {pct} of epochs against the same STL metrics "
+                "(`paired --average-last` averages STL too: its Δp are shifted, differences between rows agree "
+                f"closely); fall: peak − that mean, in Δp points. {what}; on a noisy curve the peak can lie below "
+                "the table's Δp, whose selected epochs are each run's good ones.")
     if ref is not None:
         note += (f" Training loss: the summed per-task training loss of the last epoch over {ref.label}'s on the "
                  f"same seed (mean, min–max). Per-seed fall: each run's own smoothed peak minus its last-{pct} mean, "
@@ -185,17 +212,19 @@ def curves_markdown(st: Setting, stl: Row, ref: Optional[Row], *, window: Option
 
 def curves_report(settings: Sequence[Setting], reference: Optional[str] = None, *, window: Optional[int] = None,
                   fraction: float = 0.2, split: str = "test") -> str:
-    """One curve table per setting with an STL row (its own or borrowed, as ``dbmtl-jax paired`` does).
-    ``reference``: the row the training loss is compared with (a row label or method name, see
-    :func:`~dbmtl_jax.experiments.paired.find_row`; a name no setting has is an error); ``None``: EW where a
-    setting has it (no such column where it has not).  Settings without an STL row are named at the end."""
-    _check_split(split)
+    """One curve table per setting with an STL row (its own or borrowed, as ``dbmtl-jax paired`` does, and
+    said under the title).  ``reference``: the row the training loss and falls are compared with (a row label
+    or method name, see :func:`~dbmtl_jax.experiments.paired.find_row`; a name no setting has is an error, a
+    setting without it says so); ``None``: EW where a setting has it.  Settings without an STL row are named
+    at the end."""
+    check_split(split)
     last_epochs(1, fraction)  # a bad fraction raises here
-    if reference is not None and settings and not any(find_row(list(st.rows.values()), reference)
-                                                      for st in settings):
+    explicit = reference is not None
+    if explicit and settings and not any(find_row(list(st.rows.values()), reference) for st in settings):
         labels = sorted({r.label for st in settings for r in st.rows.values()})
         raise ValueError(f"no row {reference!r} in these results; rows: {', '.join(labels)}.")
     reference = reference or "ew"
+    notes = borrow_stl(settings, split)
     out, left_out = [], []
     for st in settings:
         stl = reference_stl(settings, st)
@@ -203,7 +232,11 @@ def curves_report(settings: Sequence[Setting], reference: Optional[str] = None, 
             left_out.append(st)
             continue
         ref = find_row(list(st.rows.values()), reference)
-        out.append(f"### {setting_title(st)}\n\n"
+        said = [notes[st.key]] if st.key in notes else []
+        if ref is None and explicit:
+            said.append(f"this setting has no {reference} row: no training-loss or per-seed fall columns")
+        note = "".join(f"\n\n{n}." for n in said)
+        out.append(f"### {setting_title(st)}{note}\n\n"
                    + curves_markdown(st, stl, ref, window=window, fraction=fraction, split=split))
     if out and left_out:
         out.append("Not shown, for want of an STL row: "

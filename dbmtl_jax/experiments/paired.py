@@ -52,6 +52,7 @@ __all__ = [
     "stl_donor",
     "reference_stl",
     "find_row",
+    "check_split",
     "paired_report",
     "across_settings_report",
 ]
@@ -383,7 +384,8 @@ def borrow_stl(settings: Sequence[Setting], split: str = "test") -> dict[str, st
     return notes
 
 
-def _check_split(split: str) -> None:
+def check_split(split: str) -> None:
+    """``split`` must be ``"test"`` or ``"val"`` (``ValueError`` naming it)."""
     if split not in ("test", "val"):
         raise ValueError(f"split must be 'test' or 'val', got {split!r}.")
 
@@ -415,7 +417,7 @@ def paired_report(
     studies without STL runs.  ``split``: ``"test"`` (the reported result) or ``"val"`` (the selection
     split's Δp, for choosing a hyperparameter such as a learning rate).
     """
-    _check_split(split)
+    check_split(split)
     explicit = references is not None
     references = tuple(references) if explicit else ("ew", "dbmtl")
     wanted = (list(references) if explicit else []) + ([baseline] if baseline != "stl" else [])
@@ -512,7 +514,7 @@ def across_settings_report(
     them); a name that no pair of settings shares is an error (``ValueError`` listing the shared rows).
     ``split``: as in :func:`paired_report`.
     """
-    _check_split(split)
+    check_split(split)
     settings = sorted(settings, key=_reference_order)
     pairs = [(a, b) for i, a in enumerate(settings) for b in settings[i + 1:]
              if a.benchmark == b.benchmark and a.higher_is_better == b.higher_is_better

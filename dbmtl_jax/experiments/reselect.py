@@ -26,11 +26,11 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["smooth_curve", "smoothed_epoch", "reselect_smoothed", "reselect_all", "average_last", "average_all",
+__all__ = ["check_window", "smooth_curve", "smoothed_epoch", "reselect_smoothed", "reselect_all", "average_last", "average_all",
            "last_epochs"]
 
 
-def _check_window(window: Any, epochs: int | None = None, name: str = "the curve") -> None:
+def check_window(window: Any, epochs: int | None = None, name: str = "the curve") -> None:
     """``window`` must be an odd positive int and, given the curve's length, at most ``epochs``: a wider window
     truncated at both ends flattens the curve (from 2·epochs − 1 on every epoch averages the whole curve and the
     first epoch wins the tie), so the choice would say nothing about the validation curve."""
@@ -46,7 +46,7 @@ def smooth_curve(values: Sequence[float], window: int) -> np.ndarray:
 
     Non-finite values are left out of each mean; a window with no finite value gives NaN.
     """
-    _check_window(window)
+    check_window(window)
     x = np.asarray(values, np.float64)
     half = window // 2
     out = np.full(x.shape, np.nan)
@@ -61,7 +61,7 @@ def smooth_curve(values: Sequence[float], window: int) -> np.ndarray:
 def smoothed_epoch(scores: Sequence[float], window: int, higher: bool = True) -> int:
     """The 1-based epoch whose smoothed score is best (the first such epoch on ties), among the epochs whose own
     score is finite (a diverged epoch is never chosen for its neighbours' scores)."""
-    _check_window(window, len(scores))
+    check_window(window, len(scores))
     s = smooth_curve(scores, window)
     ok = np.isfinite(s) & np.isfinite(np.asarray(scores, np.float64))
     if not np.any(ok):
@@ -135,11 +135,11 @@ def reselect_all(runs: Sequence[Mapping[str, Any]], window: int,
     """:func:`reselect_smoothed` of every run; runs without a test curve go to ``skipped``
     as ``(path, reason)`` (or raise when ``skipped`` is None).  A bad ``window`` always raises, also one longer
     than some run's curve."""
-    _check_window(window)
+    check_window(window)
     for r in runs:
         val = (r.get("history") or {}).get("val")
         if val:
-            _check_window(window, len(val), str(r.get("_path") or f"{r.get('method')} seed {r.get('seed')}"))
+            check_window(window, len(val), str(r.get("_path") or f"{r.get('method')} seed {r.get('seed')}"))
     return _each(runs, lambda r: reselect_smoothed(r, window), skipped)
 
 
