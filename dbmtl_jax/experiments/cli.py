@@ -399,6 +399,15 @@ def _print(text: str) -> None:
         sys.stderr.close()
 
 
+def _write_or_print(text: str, out: Optional[str]) -> int:
+    """Writes the page to ``out`` (``--out``) or prints it; exit status 0."""
+    if out:
+        Path(out).write_text(text)
+    else:
+        _print(text)
+    return 0
+
+
 def _dirs_exist(*dirs: str) -> bool:
     missing = [d for d in dirs if not Path(d).is_dir()]
     for d in missing:
@@ -555,11 +564,7 @@ def _cmd_paired(args: argparse.Namespace) -> int:
         print(f"error: {where}: no table: no setting has an STL row with finite metrics to measure Δp against "
               "(give --baseline ROW, e.g. --baseline ew).", file=sys.stderr)
         return 1
-    if args.out:
-        Path(args.out).write_text(text)
-    else:
-        _print(text)
-    return 0
+    return _write_or_print(text, args.out)
 
 
 def _cmd_curves(args: argparse.Namespace) -> int:
@@ -584,11 +589,7 @@ def _cmd_curves(args: argparse.Namespace) -> int:
     if not text.strip():
         print(f"error: {where}: no table: no setting has an STL row to measure Δp against.", file=sys.stderr)
         return 1
-    if args.out:
-        Path(args.out).write_text(text)
-    else:
-        _print(text)
-    return 0
+    return _write_or_print(text, args.out)
 
 
 def _cmd_index(args: argparse.Namespace) -> int:
@@ -599,11 +600,7 @@ def _cmd_index(args: argparse.Namespace) -> int:
     skipped: list = []
     text = an.index_markdown(args.dir, skipped=skipped)
     _report_skipped(skipped)
-    if args.out:
-        Path(args.out).write_text(text)
-    else:
-        _print(text)
-    return 0
+    return _write_or_print(text, args.out)
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
