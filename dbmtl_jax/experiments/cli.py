@@ -229,8 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     cu.add_argument("dirs", nargs="+", metavar="dir",
                     help="results directories or study folders, read as one set of runs (as paired reads them)")
     cu.add_argument("--ref", default=None, metavar="METHOD",
-                    help="the row the final training loss is divided by: a row label or method name "
-                         "(default: ew where present)")
+                    help="the row the final training loss and each seed's fall are compared with: a row label or "
+                         "method name (default: ew where present)")
     cu.add_argument("--smooth", type=int, default=None, metavar="W",
                     help="centred moving-average window (odd, epochs) the peak is found on (default: 2*(E//30)+1, "
                          "21 for 320 epochs)")

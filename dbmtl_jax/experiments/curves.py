@@ -16,7 +16,11 @@ study this page gives
   (against the same STL metrics as the peak; ``dbmtl-jax paired --average-last 0.2``
   averages STL's curve too, so its Δp are shifted, while differences between rows
   agree closely); and the *fall* from the peak to that mean.  A fall beside a
-  tighter training fit is the signature of overfitting.
+  tighter training fit is the signature of overfitting.  Each seed's own fall is
+  paired with the reference row's on the same seed (95 % t-interval).
+
+Runs that did not train the setting's epochs are left out of every figure;
+fewer seeds than a row has, or diverged losses, are counted in the cell.
 
 The peak is read on the test curve, so it is a description of the curve, not a
 model selection (selection stays on validation; ``split="val"`` gives the same
