@@ -34,10 +34,10 @@ from typing import Any, Mapping, NamedTuple, Optional, Sequence
 
 import numpy as np
 
-from dbmtl_jax.experiments.paired import (borrow_stl, check_split, find_row, paired_interval, reference_stl,
-                                          summed_train_loss)
+from dbmtl_jax.experiments.paired import (borrow_stl, check_split, find_row, order_rows, paired_interval, rank_text,
+                                          reference_stl, summed_train_loss)
 from dbmtl_jax.experiments.report import Row, Setting, runs_delta_p, setting_title, signed
-from dbmtl_jax.experiments.reselect import check_window, last_epochs, smooth_curve
+from dbmtl_jax.experiments.reselect import best_smoothed_epoch, check_window, last_epochs, smooth_curve
 from dbmtl_jax.metrics import delta_p
 
 __all__ = ["CurveFacts", "default_window", "epoch_delta_p", "row_curve_facts", "final_losses", "curves_markdown",
@@ -88,11 +88,8 @@ def _peak_and_last(curve: np.ndarray, window: int, k: int) -> tuple[float, Optio
     epoch is never the peak for its neighbours' sake), and the unsmoothed mean of the last ``k`` epochs."""
     smooth = smooth_curve(curve, window)
     last = float(np.mean(curve[-k:]))
-    ok = np.isfinite(smooth) & np.isfinite(curve)
-    if not np.any(ok):
-        return math.nan, None, last
-    i = int(np.argmax(np.where(ok, smooth, -np.inf)))
-    return float(smooth[i]), i + 1, last
+    e = best_smoothed_epoch(curve, smooth)
+    return (math.nan, None, last) if e is None else (float(smooth[e - 1]), e, last)
 
 
 def row_curve_facts(row: Row, base: Mapping[str, Mapping[str, float]], hib: Mapping[str, Mapping[str, bool]], *,
@@ -144,7 +141,7 @@ def _ratio(x: float) -> str:
 def _selected_cell(row: Row) -> str:
     """The range of the row's validation-selected epochs over its runs and tasks ("—" if none was selected)."""
     epochs = [int(e) for r in row.runs for e in r["selected_epoch"].values() if e is not None]
-    return "—" if not epochs else (str(epochs[0]) if min(epochs) == max(epochs) else f"{min(epochs)}–{max(epochs)}")
+    return "—" if not epochs else rank_text((min(epochs), max(epochs)))
 
 
 def curves_markdown(st: Setting, stl: Row, ref: Optional[Row], *, window: Optional[int] = None,
@@ -160,11 +157,6 @@ def curves_markdown(st: Setting, stl: Row, ref: Optional[Row], *, window: Option
     own_stl = stl in rows
     if not own_stl:
         rows.insert(0, stl)
-    score = {id(r): [v for v in runs_delta_p(r, base, hib, split) if math.isfinite(v)] for r in rows}
-
-    def order(r: Row) -> tuple:
-        vals = score[id(r)]
-        return (r.method != "stl", not vals, -float(np.mean(vals)) if vals else 0.0, r.label)
 
     pct = f"{100 * fraction:g} %"
     head = ["row", "seeds", "selected epochs"]
@@ -177,7 +169,7 @@ def curves_markdown(st: Setting, stl: Row, ref: Optional[Row], *, window: Option
                                     split=split).seed_falls
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     windows = set()
-    for row in sorted(rows, key=order):
+    for row in order_rows(rows, lambda r: runs_delta_p(r, base, hib, split)):
         cells = [row.label, str(len(row.runs)), _selected_cell(row)]
         if ref is not None:
             borrowed = row is stl and not own_stl

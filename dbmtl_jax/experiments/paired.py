@@ -40,6 +40,7 @@ __all__ = [
     "t_quantile_975",
     "paired_interval",
     "rank_ranges",
+    "order_rows",
     "rank_text",
     "selected_late",
     "late_task_selections",
@@ -137,6 +138,16 @@ def rank_ranges(scores: Mapping[str, Mapping[int, float]]) -> dict[str, tuple[in
             below[ahead] += 1
     n = len(rows)
     return {k: (1 + above[k], n - below[k]) for k in rows}
+
+
+def order_rows(rows: Iterable[Row], scores: Callable[[Row], Sequence[float]],
+               label: Callable[[Row], str] = lambda r: r.label) -> list[Row]:
+    """The table order: STL first, then by the mean of each row's finite ``scores`` (best first), rows without
+    a finite score last, ties by label."""
+    def key(r: Row) -> tuple:
+        vals = [v for v in scores(r) if math.isfinite(v)]
+        return (r.method != "stl", not vals, -float(np.mean(vals)) if vals else 0.0, label(r))
+    return sorted(rows, key=key)
 
 
 def rank_text(r: tuple[int, int]) -> str:
@@ -285,11 +296,7 @@ def paired_table_markdown(
     scores = {label(r): _seed_scores(r) for r in rows if r.method != "stl"}
     ranks = rank_ranges(scores)
 
-    def order(r: Row) -> tuple:  # STL first, then by mean Δp (best first); rows without a finite Δp last
-        vals = [v for v in r.delta_p if math.isfinite(v)]
-        return (r.method != "stl", not vals, -float(np.mean(vals)) if vals else 0.0, label(r))
-
-    rows = sorted(rows, key=order)
+    rows = order_rows(rows, lambda r: r.delta_p, label)
     head = (["method", "seeds", "Δp % (mean ± sd)"] + [f"Δp − {k} [95 % CI]" for k in references]
             + ["rank range", "selected in the last 20 %"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

@@ -26,7 +26,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["check_window", "smooth_curve", "smoothed_epoch", "reselect_smoothed", "reselect_all", "average_last", "average_all",
+__all__ = ["check_window", "smooth_curve", "smoothed_epoch", "best_smoothed_epoch", "reselect_smoothed", "reselect_all", "average_last", "average_all",
            "last_epochs"]
 
 
@@ -62,12 +62,19 @@ def smoothed_epoch(scores: Sequence[float], window: int, higher: bool = True) ->
     """The 1-based epoch whose smoothed score is best (the first such epoch on ties), among the epochs whose own
     score is finite (a diverged epoch is never chosen for its neighbours' scores)."""
     check_window(window, len(scores))
-    s = smooth_curve(scores, window)
-    ok = np.isfinite(s) & np.isfinite(np.asarray(scores, np.float64))
-    if not np.any(ok):
+    e = best_smoothed_epoch(scores, smooth_curve(scores, window), higher)
+    if e is None:
         raise ValueError("the validation curve has no finite value to select on.")
-    s = np.where(ok, s if higher else -s, -np.inf)
-    return int(np.argmax(s)) + 1
+    return e
+
+
+def best_smoothed_epoch(scores: Sequence[float], smooth: np.ndarray, higher: bool = True) -> int | None:
+    """The 1-based epoch of the best value of ``smooth`` (the first on ties) among the epochs where both it and
+    the raw ``scores`` are finite; ``None`` when there is none."""
+    ok = np.isfinite(smooth) & np.isfinite(np.asarray(scores, np.float64))
+    if not np.any(ok):
+        return None
+    return int(np.argmax(np.where(ok, smooth if higher else -smooth, -np.inf))) + 1
 
 
 def _epoch_metrics(curve: Sequence[Mapping[str, Any]], epoch: int, task: str) -> dict[str, float]:
