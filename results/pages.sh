@@ -33,6 +33,8 @@ $P $R/multifashion_320ep_grid --ref dbmtl --ref 'dbmtl (beta=0.0)' --average-las
 python -m dbmtl_jax.experiments curves $R/multifashion_320ep_grid --ref dbmtl --out $R/multifashion_320ep_grid/curves.md
 $P $R/multifashion_320ep_paper --ref ew --ref dbmtl --out $R/multifashion_320ep_paper/paired.md
 $P $R/multifashion_320ep_paper --ref ew --ref dbmtl --average-last 0.2 --out $R/multifashion_320ep_paper/paired_no_selection.md
+$P $R/multifashion_320ep_paper --ref pcgrad --ref gradvac --ref imtl_g --ref cagrad --ref nash_mtl --ref aligned_mtl --out $R/multifashion_320ep_paper/fig1_paired.md
+$P $R/multifashion_320ep_paper --ref pcgrad --ref gradvac --ref imtl_g --ref cagrad --ref nash_mtl --ref aligned_mtl --average-last 0.2 --out $R/multifashion_320ep_paper/fig1_paired_no_selection.md
 python -m dbmtl_jax.experiments breakdown $R/multifashion_320ep_paper > /dev/null  # writes breakdown.md itself
 python -m dbmtl_jax.experiments curves $R/multifashion_320ep_paper --out $R/multifashion_320ep_paper/curves.md
 $P $R/multifashion_320ep_strongest --ref ew --ref dbmtl --out $R/multifashion_320ep_strongest/paired.md
