@@ -26,8 +26,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["check_window", "smooth_curve", "smoothed_epoch", "best_smoothed_epoch", "reselect_smoothed", "reselect_all", "average_last", "average_all",
-           "last_epochs"]
+__all__ = ["check_window", "smooth_curve", "smoothed_epoch", "best_smoothed_epoch", "reselect_smoothed", "reselect_all",
+           "average_last", "average_all", "last_epochs"]
 
 
 def check_window(window: Any, epochs: int | None = None, name: str = "the curve") -> None:
