@@ -183,6 +183,39 @@ def test_average_last_is_the_mean_of_the_last_epochs_of_each_curve(capsys, curve
         rs.average_last(plain[0], 0.2)
 
 
+def test_average_epochs_is_the_mean_over_a_stretch_and_refuses_bad_ranges(capsys, curve_runs):
+    out, runs = curve_runs
+    for run in runs:
+        avg = rs.average_epochs(run, 2, 4)  # epochs 2, 3, 4 (1-based): indices 1..3
+        for split in ("val", "test"):
+            curve = run["history"][split]
+            for t in run["tasks"]:
+                for m in curve[0][t]:
+                    want = np.mean([float(curve[i][t][m]) for i in (1, 2, 3)])
+                    assert avg["metrics"][split][t][m] == pytest.approx(want, rel=1e-12)
+        assert set(avg["selected_epoch"].values()) == {None} and "epochs 2-4 of 6" in avg["selection"]
+        assert rs.average_epochs(run, 4, 6)["metrics"] == rs.average_last(run, 0.5)["metrics"]  # the last 3 of 6
+        one = rs.average_epochs(run, 5, 5)["metrics"]["test"]
+        assert one == {t: {m: float(v) for m, v in run["history"]["test"][4][t].items()} for t in run["tasks"]}
+    for first, last, match in ((0, 3, "1 <= first"), (4, 3, "1 <= first"), (1.0, 3, "ints"), (True, 3, "ints")):
+        with pytest.raises(ValueError, match=match):
+            rs.average_epochs_all(runs, first, last, skipped=[])
+    with pytest.raises(ValueError, match="reach past its 6 recorded epochs"):  # raised, not skipped: a typo
+        rs.average_epochs_all(runs, 2, 7, skipped=[])
+    # The CLI: the range is parsed, checked, and exclusive with the other two.
+    assert main(["paired", str(out), "--average-epochs", "2-4"]) == 0
+    text = capsys.readouterr().out
+    assert "over epochs 2-4" in text and "no epoch selected" in text
+    assert main(["paired", str(out), "--average-epochs", "2-7"]) == 2  # past the runs' curves
+    assert "reach past its 6 recorded epochs" in capsys.readouterr().err
+    for bad in ("4-2", "0-3", "2", "a-b", "2-4-6"):  # refused by the parser
+        with pytest.raises(SystemExit):
+            main(["paired", str(out), "--average-epochs", bad])
+        assert "--average-epochs" in capsys.readouterr().err
+    assert main(["paired", str(out), "--average-epochs", "2-4", "--average-last", "0.5"]) == 2
+    assert "give one of them" in capsys.readouterr().err
+
+
 def _curve_run(method, scores, accs):
     """A minimal record with per-epoch validation / test curves of one task "a" (accuracy; None: NaN, as stored)."""
     val = [{"a": {"acc": v}} for v in accs]

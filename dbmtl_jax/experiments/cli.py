@@ -12,7 +12,8 @@ Commands::
     dbmtl-jax breakdown <dir> [<dir> ...]
     dbmtl-jax summary <prefix>              (e.g. results/dense_8ep: <prefix>_main, _beta, ...)
     dbmtl-jax time <dir> [--out DIR] [--no-plots]
-    dbmtl-jax paired <dir> [<dir> ...] [--ref METHOD ...] [--average-last F | --smooth W] [--across] [--out FILE]
+    dbmtl-jax paired <dir> [<dir> ...] [--ref METHOD ...] [--average-last F | --average-epochs A-B | --smooth W]
+                            [--across] [--out FILE]
     dbmtl-jax curves <dir> [<dir> ...] [--ref ew] [--smooth W] [--split test|val] [--out FILE]
     dbmtl-jax index <dir> [--out FILE]
     dbmtl-jax list [--import my_module]
@@ -73,6 +74,22 @@ def _search_first(directory: Path) -> None:
     text = str(directory)
     if text not in sys.path and not (text == str(Path.cwd()) and "" in sys.path):
         sys.path.insert(0, text)
+
+
+def _epoch_range(text: str) -> tuple[int, int]:
+    """``41-160`` -> (41, 160): 1-based epochs, inclusive, first <= last."""
+    from dbmtl_jax.experiments.reselect import check_epoch_range
+
+    parts = text.strip().split("-")
+    try:
+        first, last = (int(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give the epochs as A-B, e.g. 41-160.") from None
+    try:
+        check_epoch_range(first, last)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
+    return first, last
 
 
 def _seeds(text: str) -> list[int]:
@@ -211,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     pa.add_argument("--average-last", type=float, default=None, metavar="F",
                     help="no model selection: every run's metrics are the means of its recorded validation and test "
                          "curves over its last fraction F of epochs (e.g. 0.2; runs trained with --test-curve)")
+    pa.add_argument("--average-epochs", type=_epoch_range, default=None, metavar="A-B",
+                    help="no model selection, as --average-last, over the 1-based epochs A to B inclusive (e.g. "
+                         "41-160: a stretch of training before its end)")
     pa.add_argument("--smooth", type=int, default=None, metavar="W",
                     help="re-select every run's epoch on the W-epoch (odd, at most the run's epochs) centred moving "
                          "average of its validation curve, with test metrics from its recorded test curve (runs "
@@ -522,24 +542,32 @@ def _cmd_paired(args: argparse.Namespace) -> int:
     where = " ".join(args.dirs)
     found = bool(records)
     head = ""
-    if args.smooth is not None and args.average_last is not None:
-        print("error: --smooth re-selects an epoch, --average-last selects none: give one of them.", file=sys.stderr)
+    given = [f for f, v in (("--smooth", args.smooth), ("--average-last", args.average_last),
+                            ("--average-epochs", args.average_epochs)) if v is not None]
+    if len(given) > 1:
+        print(f"error: {' and '.join(given)}: --smooth re-selects an epoch, --average-last and --average-epochs "
+              "select none: give one of them.", file=sys.stderr)
         return 2
-    if found and (args.smooth is not None or args.average_last is not None):
+    if found and given:
         from dbmtl_jax.experiments import reselect as rs
 
-        if args.smooth is not None:
-            flag, redo = "--smooth", lambda: rs.reselect_all(records, args.smooth, skipped=skipped)
-            head = (f"Selection re-made after training on the {args.smooth}-epoch centred moving average of each "
-                    "run's validation curve; test metrics at that epoch from the run's recorded test curve.\n\n")
-        else:
-            flag, redo = "--average-last", lambda: rs.average_all(records, args.average_last, skipped=skipped)
-            head = (f"No model selection: every metric is the mean of the run's recorded curve over its last "
-                    f"{args.average_last:g} of epochs (STL's too).\n\n")
         try:
-            records = redo()
-        except ValueError as e:  # a bad window or fraction
-            print(f"error: {flag}: {e}", file=sys.stderr)
+            if args.smooth is not None:
+                head = (f"Selection re-made after training on the {args.smooth}-epoch centred moving average of "
+                        "each run's validation curve; test metrics at that epoch from the run's recorded test curve."
+                        "\n\n")
+                records = rs.reselect_all(records, args.smooth, skipped=skipped)
+            elif args.average_last is not None:
+                head = (f"No model selection: every metric is the mean of the run's recorded curve over its last "
+                        f"{args.average_last:g} of epochs (STL's too).\n\n")
+                records = rs.average_all(records, args.average_last, skipped=skipped)
+            else:
+                first, last = args.average_epochs
+                head = (f"No model selection: every metric is the mean of the run's recorded curve over epochs "
+                        f"{first}-{last} (STL's too).\n\n")
+                records = rs.average_epochs_all(records, first, last, skipped=skipped)
+        except ValueError as e:  # a bad window, fraction or range
+            print(f"error: {given[0]}: {e}", file=sys.stderr)
             return 2
     _report_skipped(skipped)
     if not records:

@@ -214,7 +214,7 @@ def _seed_scores(row: Row) -> dict[int, float]:
 
 
 def _selected_runs(row: Row) -> list:
-    """The row's runs that selected an epoch (none do under ``--average-last``)."""
+    """The row's runs that selected an epoch (none do under ``--average-last`` or ``--average-epochs``)."""
     return [r for r in row.runs if all(e is not None for e in r["selected_epoch"].values())]
 
 
@@ -234,8 +234,9 @@ def _window_text(runs: Sequence[Mapping[str, Any]], fraction: float = 0.2) -> st
 def convergence_line(st: Setting, rows: Sequence[Row], loss_rows: Sequence[Row]) -> str:
     """The convergence figures every table reports (see the module docstring)."""
     runs = [r for row in rows if row.method != "stl" for r in row.runs]
-    if any(e is None for r in runs for e in r["selected_epoch"].values()):  # average_last: nothing selected
-        parts = ["no epoch selected (metrics averaged over the last epochs of each run)"]
+    if any(e is None for r in runs for e in r["selected_epoch"].values()):  # averaged curves: nothing selected
+        over = sorted({str(r.get("averaged_over", "the last epochs of each run")) for r in runs})
+        parts = [f"no epoch selected (metrics averaged over {', '.join(over)})"]
     elif not runs:  # an STL-only table: its late selections are in its row
         parts = []
     else:

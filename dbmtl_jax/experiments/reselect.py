@@ -15,7 +15,8 @@ choice is the runner's own (up to the rounding of the recorded curves).
 
 :func:`average_last` goes without selection: each metric is the mean of the
 run's recorded curve over its last epochs (the level of the plateau that
-training ended on), so no choice of epoch, noisy or not, enters the comparison.
+training ended on), so no choice of epoch, noisy or not, enters the comparison;
+:func:`average_epochs` does the same over any stretch of epochs.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 __all__ = ["check_window", "smooth_curve", "smoothed_epoch", "best_smoothed_epoch", "reselect_smoothed", "reselect_all",
-           "average_last", "average_all", "last_epochs"]
+           "average_last", "average_all", "average_epochs", "average_epochs_all", "check_epoch_range", "last_epochs"]
 
 
 def check_window(window: Any, epochs: int | None = None, name: str = "the curve") -> None:
@@ -165,19 +166,51 @@ def average_last(run: Mapping[str, Any], fraction: float) -> dict[str, Any]:
     selected).  Raises ``ValueError`` without a test curve."""
     val, test = _curves(run, " to average")
     k = last_epochs(len(test), fraction)
+    return _averaged(run, val, test, len(test) - k + 1, len(test),
+                     f"none: metrics averaged over the last {k} of {len(test)} epochs", "the last epochs of each run")
 
+
+def average_epochs(run: Mapping[str, Any], first: int, last: int) -> dict[str, Any]:
+    """:func:`average_last` over the 1-based epochs ``first`` … ``last`` (inclusive) instead of the last ones: the
+    level of a stretch of training, e.g. before a late gap opens.  ``ValueError`` when the stretch is empty or
+    reaches past the run's curve."""
+    check_epoch_range(first, last)
+    val, test = _curves(run, " to average")
+    if last > len(test):
+        name = run.get("_path") or f"{run.get('benchmark')} {run.get('method')} seed {run.get('seed')}"
+        raise ValueError(f"{name}: epochs {first}-{last} reach past its {len(test)} recorded epochs.")
+    return _averaged(run, val, test, first, last,
+                     f"none: metrics averaged over epochs {first}-{last} of {len(test)}", f"epochs {first}-{last}")
+
+
+def check_epoch_range(first: Any, last: Any) -> None:
+    """``first`` and ``last`` must be ints with ``1 <= first <= last`` (1-based, inclusive)."""
+    for x in (first, last):
+        if isinstance(x, bool) or not isinstance(x, int):
+            raise ValueError(f"epochs must be ints, got {first!r}-{last!r}.")
+    if not 1 <= first <= last:
+        raise ValueError(f"epochs {first}-{last}: need 1 <= first <= last (1-based, inclusive).")
+
+
+def _averaged(run: Mapping[str, Any], val: Sequence, test: Sequence, first: int, last: int,
+              selection: str, over: str) -> dict[str, Any]:
+    """The run with every metric the mean of its curve over epochs ``first`` … ``last`` (1-based, inclusive);
+    a metric non-finite in any of them is NaN (a diverged epoch is not hidden).  ``selection`` says so in the
+    record's words, ``over`` (key ``averaged_over``) in a table's."""
     def mean(curve: Sequence[Mapping[str, Any]], task: str) -> dict[str, float]:
         out = {}
         for m in curve[-1][task]:
-            xs = np.array([np.nan if e[task][m] is None else float(e[task][m]) for e in curve[-k:]], np.float64)
-            out[m] = float(np.mean(xs)) if np.all(np.isfinite(xs)) else math.nan  # a diverged epoch is not hidden
+            xs = np.array([np.nan if e[task][m] is None else float(e[task][m]) for e in curve[first - 1:last]],
+                          np.float64)
+            out[m] = float(np.mean(xs)) if np.all(np.isfinite(xs)) else math.nan
         return out
 
     out = copy.copy(run)
     tasks = run["tasks"]
     out["selected_epoch"] = {t: None for t in tasks}
     out["metrics"] = {"val": {t: mean(val, t) for t in tasks}, "test": {t: mean(test, t) for t in tasks}}
-    out["selection"] = f"none: metrics averaged over the last {k} of {len(test)} epochs"
+    out["selection"] = selection
+    out["averaged_over"] = over
     return out
 
 
@@ -187,3 +220,15 @@ def average_all(runs: Sequence[Mapping[str, Any]], fraction: float,
     ``skipped`` is None).  A bad ``fraction`` always raises."""
     last_epochs(1, fraction)
     return _each(runs, lambda r: average_last(r, fraction), skipped)
+
+
+def average_epochs_all(runs: Sequence[Mapping[str, Any]], first: int, last: int,
+                       skipped: list | None = None) -> list[dict[str, Any]]:
+    """:func:`average_epochs` of every run; runs without a test curve go to ``skipped`` (or raise when ``skipped``
+    is None).  A bad range always raises, also one that reaches past some run's curve."""
+    check_epoch_range(first, last)
+    for r in runs:
+        test = (r.get("history") or {}).get("test")
+        if test and last > len(test):
+            average_epochs(r, first, last)  # raises, naming the run
+    return _each(runs, lambda r: average_epochs(r, first, last), skipped)
