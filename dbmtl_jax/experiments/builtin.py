@@ -599,12 +599,15 @@ def _qm9(limit: Any) -> Any:
 def _qm9_limit(recipe: Recipe) -> Optional[int]:
     """qm9's ``limit`` data option (``None`` when absent: all molecules), checked before it keys the loader's
     cache: ``--data-option limit=true`` read one molecule, ``limit=2.5`` three, and a list failed unhashable."""
+    from dbmtl_jax.datasets._checks import check_int
+
     check_data_options(recipe, ("limit",))
     limit = recipe.data_options.get("limit")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+    try:
+        return None if limit is None else check_int("limit", limit)
+    except ValueError:
         raise ValueError(f"qm9 data option limit must be a positive int (molecules to process, e.g. "
-                         f"{QM9_QUICK_LIMIT}), got {limit!r}.")
-    return limit
+                         f"{QM9_QUICK_LIMIT}), got {limit!r}.") from None
 
 
 def qm9_benchmark() -> Benchmark:
