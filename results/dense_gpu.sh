@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # dense's finished section (STL, EW, DB-MTL at the default β, LibMTL's β = 0.9 and β = 0; cosine decay; 5 seeds;
 # at EPOCHS=60 the same runs as `bash results/run_study.sh dense60 finished`; ROWS=core: STL, EW and DB-MTL only; with
-# SECTION=grid or SECTION=strongest, that script's dense60 grid or strongest section instead) in
+# SECTION=grid, strongest or table5, that script's dense60 section of that name instead) in
 # one call of a lent GPU machine, STREAMS (10) runs at a time, stopping T seconds after the start (a run cut off
 # leaves its checkpoint in results/runs/dense/.partial, which comes back too, so that a later call resumes it). On
 # one CPU core a 60-epoch run takes 40-90 min; that is why.
@@ -45,11 +45,11 @@ if [ "$(ls $DBMTL_JAX_CACHE/dense_fashion | wc -l)" != "$n0" ]; then echo "the c
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > $OUT/logs/gpu.txt 2>&1
 python3 -c "import jax, optax, flax, chex; print(jax.__version__, optax.__version__, flax.__version__, chex.__version__, jax.devices())" >> $OUT/logs/gpu.txt 2>&1
 touch /tmp/marker
-# SECTION (default finished): finished, or run_study.sh's grid (Fig. 5's four other β rows, 20 runs) or strongest (the
-# 9 strongest methods of the short-budget tables, 45 runs); both also list the finished section's rows they compare
-# with (already in the store: skipped, listed).
+# SECTION (default finished): finished, or run_study.sh's grid (Fig. 5's four other β rows, 20 runs), strongest (the
+# 9 strongest methods of the short-budget tables, 45 runs) or table5 (EW + log and DB-MTL without log, 10 runs); each
+# also lists the finished section's rows it compares with (already in the store: skipped, listed).
 E=${EPOCHS:-60}; SECTION=${SECTION:-finished}; S=results/dense_${E}ep_$SECTION; ROWS=${ROWS:-all}
-case $SECTION in finished|grid|strongest) ;; *) echo "unknown SECTION $SECTION (finished, grid or strongest)" >&2; exit 2 ;; esac
+case $SECTION in finished|grid|strongest|table5) ;; *) echo "unknown SECTION $SECTION (finished, grid, strongest or table5)" >&2; exit 2 ;; esac
 R="python3 -m dbmtl_jax.experiments.cli run dense --epochs $E --no-progress --out results/runs --lr-schedule cosine --test-curve$DATA"
 LIB="--hp dbmtl.beta=0.9 --hp dbmtl.beta_sigma=0.0"
 T=${T:-480}
@@ -62,6 +62,10 @@ jobs() {  # one run per line: a tag (its log and study file) and its arguments; 
       echo "b$1s$2_$s --seeds $s, --methods dbmtl --hp dbmtl.beta=$1 --hp dbmtl.beta_sigma=$2"; done; done
     for s in 0 1 2 3 4; do echo "fin$s --seeds $s, --methods dbmtl,stl,ew"; echo "lib$s --seeds $s, --methods dbmtl $LIB"
       echo "z$s --seeds $s, --methods dbmtl --hp dbmtl.beta=0.0"; done
+    return ;;
+  table5)
+    for s in 0 1 2 3 4; do echo "nolog$s --seeds $s, --methods dbmtl+nolog"; echo "ewlog$s --seeds $s, --methods ew+log"; done
+    for s in 0 1 2 3 4; do echo "fin$s --seeds $s, --methods stl,ew,dbmtl"; done
     return ;;
   strongest)
     for s in 0 1 2 3 4; do for m in metabalance gradvac cagrad pcgrad aligned_mtl stch imtl_l dwa gradnorm; do

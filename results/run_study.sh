@@ -25,7 +25,7 @@
 #             β = 0, 5 seeds: paired.md
 #   optimizer (qm9_2k, multimnist320) the finished (cosine) section's DB-MTL β rows and EW again with Adam b1 = 0
 #             (double momentum?): paired.md, across.md
-#   table5    (qm9_2k) Table 5's EW + log and DB-MTL without log under the finished protocol, 5 seeds: paired.md
+#   table5    (qm9_2k, dense60) Table 5's EW + log and DB-MTL without log under the finished protocol, 5 seeds: paired.md
 #   sgdlr     (qm9_2k, multimnist320) the SGD-with-momentum learning-rate pilot of item 4 (EW, DB-MTL; seed 0;
 #             grids per benchmark)
 #   sgd       (qm9_2k, multimnist320) EW and DB-MTL's three β rows with SGD with
@@ -320,13 +320,15 @@ for section in $SECTIONS; do
         --study $O
     done
     [ -n "$DRY" ] || dbmtl-jax paired $O --out $O/paired.md ;;
-  table5)  # (qm9_2k) Table 5 under the finished protocol: is DB-MTL's lead over EW on qm9 (§18) the log transform, the
-    # gradient balancing, or both? EW + log and DB-MTL without log beside the finished section's STL, EW and DB-MTL
-    # (listed from the store), 5 seeds, the cheap EW + log rows first
-    # (--grad-stats: the committed EW + log rows ran on the per-task path, before +log had the weighted-loss path;
-    # the same update, but another config hash, CHANGELOG 0.2.0: so this finds them instead of retraining them)
+  table5)  # (qm9_2k, dense60) Table 5 under the finished protocol: is DB-MTL's lead over EW on qm9 (§18) or dense
+    # (§25) the log transform, the gradient balancing, or both? EW + log and DB-MTL without log beside the finished
+    # section's STL, EW and DB-MTL (listed from the store), 5 seeds, the cheap EW + log rows first
+    # (qm9: --grad-stats: the committed EW + log rows ran on the per-task path, before +log had the weighted-loss path;
+    # the same update, but another config hash, CHANGELOG 0.2.0: so this finds them instead of retraining them;
+    # dense's run on the weighted-loss path, as multimnist's and multifashion's)
+    EWLOG_PATH=--grad-stats; [ "$B" = dense ] && EWLOG_PATH=
     run --methods stl,ew,dbmtl --lr-schedule cosine --seeds 5 --test-curve --study $O
-    run --methods ew+log --grad-stats --lr-schedule cosine --seeds 5 --test-curve --study $O
+    run --methods ew+log $EWLOG_PATH --lr-schedule cosine --seeds 5 --test-curve --study $O
     for s in $SEEDS; do run --methods dbmtl+nolog --lr-schedule cosine --seeds $s, --test-curve --study $O; done
     [ -n "$DRY" ] || dbmtl-jax paired $O --out $O/paired.md ;;
   sgdlr)  # (qm9_2k, multimnist320) the learning-rate pilot of item 4's third optimizer, SGD with momentum 0.9
