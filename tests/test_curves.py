@@ -209,3 +209,20 @@ def test_report_and_cli(tmp_path, capsys):
     assert main(["curves", str(tmp_path), "--split", "val"]) == 0
     printed = capsys.readouterr().out
     assert "| ew | 3 | 10 | 1 | — | — | — |" in printed and "No run has a recorded val curve" in printed
+
+
+def test_a_peak_inside_the_last_fifth_is_flagged_not_read_as_a_fall():
+    recs = _toy()
+    for s in range(3):  # still rising at the end: its "fall" is the rise within the last fifth
+        recs.append(_record("rlw", s, _rise_then_fall(E + 5, 0.79, 0.0, s), 2.0))
+    (st,) = summarize(recs)
+    rows = {r.method: r for r in st.rows.values()}
+    md = cv.curves_markdown(st, st.stl, rows["ew"])
+    cells = {ln.split(" | ")[0][2:]: ln.split(" | ") for ln in md.splitlines() if ln.startswith("| ")}
+    base = st.stl.mean_metrics(st.higher_is_better, "test")
+    f_rise = cv.row_curve_facts(rows["rlw"], base, st.higher_is_better, epochs=E)
+    assert f_rise.peak_epoch > E - math.ceil(0.2 * E) and f_rise.fall > 0.5  # a rise, not a fall
+    assert cells["rlw"][6] == f"{f_rise.fall:.2f} (peak in the last 20 %)"
+    f_db = cv.row_curve_facts(rows["dbmtl"], base, st.higher_is_better, epochs=E)
+    assert cells["dbmtl"][6] == f"{f_db.fall:.2f}"  # a mid-run peak: a fall, unflagged
+    assert "a peak inside the last 20 % is flagged" in md

@@ -144,6 +144,13 @@ def _selected_cell(row: Row) -> str:
     return "—" if not epochs else rank_text((min(epochs), max(epochs)))
 
 
+def _fall_cell(f: CurveFacts, epochs: int, fraction: float) -> str:
+    """The fall, flagged when the peak lies in the last ``fraction`` of epochs: the curve was still rising (or
+    level) at the end, and the figure is its spread inside that stretch, not a fall after a peak."""
+    late = f.peak_epoch is not None and f.peak_epoch > epochs - last_epochs(epochs, fraction)
+    return f"{f.fall:.2f}" + (f" (peak in the last {100 * fraction:g} %)" if late else "")
+
+
 def curves_markdown(st: Setting, stl: Row, ref: Optional[Row], *, window: Optional[int] = None,
                     fraction: float = 0.2, split: str = "test") -> str:
     """The curve table of one setting: Δp against ``stl``'s mean metrics on ``split`` (``stl`` may be borrowed
@@ -180,7 +187,7 @@ def curves_markdown(st: Setting, stl: Row, ref: Optional[Row], *, window: Option
         some = "" if f.runs in (0, len(row.runs)) else f" ({f.runs} runs)"
         cells += ["—" if f.peak_epoch is None else f"{signed(f.peak)} ({f.peak_epoch}){some}",
                   "—" if not math.isfinite(f.last) else signed(f.last),
-                  "—" if not (f.peak_epoch and math.isfinite(f.last)) else f"{f.fall:.2f}"]
+                  "—" if not (f.peak_epoch and math.isfinite(f.last)) else _fall_cell(f, epochs, fraction)]
         if ref is not None:
             iv = None if row is ref else paired_interval(f.seed_falls, ref_falls)
             short = iv is not None and iv.n < min(len(row.runs), len(ref.runs))
@@ -196,7 +203,9 @@ def curves_markdown(st: Setting, stl: Row, ref: Optional[Row], *, window: Option
                 f"over the row's seeds; peak on its {', '.join(map(str, sorted(windows)))}-epoch centred moving "
                 f"average; last {pct}: the unsmoothed mean over the last {pct} of epochs against the same STL metrics "
                 "(`paired --average-last` averages STL too: its Δp are shifted, differences between rows agree "
-                f"closely); fall: peak − that mean, in Δp points. {what}; on a noisy curve the peak can lie below "
+                f"closely); fall: peak − that mean, in Δp points (a peak inside the last {pct} is flagged: the curve "
+                "had not fallen by the end, and the figure is its rise within that stretch). "
+                f"{what}; on a noisy curve the peak can lie below "
                 "the table's Δp, whose selected epochs are each run's good ones.")
     if ref is not None:
         note += (f" Training loss: the summed per-task training loss of the last epoch over {ref.label}'s on the "
