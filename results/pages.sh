@@ -25,6 +25,7 @@ $P $R/adult_l1_120ep_paper --ref pcgrad --ref gradvac --ref imtl_g --ref cagrad 
 python -m dbmtl_jax.experiments curves $R/adult_l1_120ep_paper --out $R/adult_l1_120ep_paper/curves.md
 $P $R/dense_60ep_finished --out $R/dense_60ep_finished/paired.md
 $P $R/dense_60ep_finished --average-last 0.2 --out $R/dense_60ep_finished/paired_no_selection.md
+python -m dbmtl_jax.experiments curves $R/dense_60ep_finished --out $R/dense_60ep_finished/curves.md
 $P $R/multifashion_320ep_finished --out $R/multifashion_320ep_finished/paired.md
 $P $R/multifashion_320ep_finished --average-last 0.2 --out $R/multifashion_320ep_finished/paired_no_selection.md
 python -m dbmtl_jax.experiments curves $R/multifashion_320ep_finished --out $R/multifashion_320ep_finished/curves.md
