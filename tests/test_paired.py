@@ -145,6 +145,10 @@ def test_convergence_figures_and_table():
     assert "9 min (CPU)." in pr.paired_table_markdown(st2, list(st2.rows.values()), {}, loss_rows=[])
     stl_only = pr.paired_table_markdown(st, [r for r in rows if r.method == "stl"], {})
     assert "multi-task runs" not in stl_only and "nan" not in stl_only and "\n\nWall time" in stl_only
+    # a row of one seed has no spread: said, not printed as "± nan"
+    (st_one,) = summarize(recs + [_record("rlw", 0, {}, (0.81, 0.80), 4, flat)])
+    one = pr.paired_table_markdown(st_one, list(st_one.rows.values()), {"EW": ew}, loss_rows=[ew])
+    assert "| rlw | 1 | +0.62 (one seed) |" in one.replace("**", "") and "nan" not in one
     # runs trained on an accelerator are not counted as CPU-core time: the line says which device took how long
     gpu = [dict(r, device="gpu:NVIDIA H200", wall_time_s=120.0) for r in recs]
     (st_gpu,) = summarize(gpu[:3] + recs[3:])

@@ -305,7 +305,7 @@ def paired_table_markdown(
         key = label(row)
         vals = [v for v in row.delta_p if math.isfinite(v)]
         sd = float(np.std(vals, ddof=1)) if len(vals) > 1 else math.nan
-        cell = f"{signed(np.mean(vals))} ± {sd:.2f}" if vals else "—"
+        cell = "—" if not vals else signed(np.mean(vals)) + (f" ± {sd:.2f}" if len(vals) > 1 else " (one seed)")
         rr = ranks.get(key)
         name = f"**{key}**" if rr is not None and rr[0] == 1 else key
         n_fin = len(vals)
