@@ -26,6 +26,11 @@ python -m dbmtl_jax.experiments curves $R/adult_l1_120ep_paper --out $R/adult_l1
 $P $R/dense_60ep_finished --out $R/dense_60ep_finished/paired.md
 $P $R/dense_60ep_finished --average-last 0.2 --out $R/dense_60ep_finished/paired_no_selection.md
 python -m dbmtl_jax.experiments curves $R/dense_60ep_finished --out $R/dense_60ep_finished/curves.md
+python -m dbmtl_jax.experiments breakdown $R/dense_60ep_finished > /dev/null  # writes breakdown.md itself
+$P $R/dense_60ep_table5 --out $R/dense_60ep_table5/paired.md
+$P $R/dense_60ep_table5 --average-last 0.2 --out $R/dense_60ep_table5/paired_no_selection.md
+python -m dbmtl_jax.experiments curves $R/dense_60ep_table5 --out $R/dense_60ep_table5/curves.md
+python -m dbmtl_jax.experiments breakdown $R/dense_60ep_table5 > /dev/null
 $P $R/multifashion_320ep_finished --out $R/multifashion_320ep_finished/paired.md
 $P $R/multifashion_320ep_finished --average-last 0.2 --out $R/multifashion_320ep_finished/paired_no_selection.md
 python -m dbmtl_jax.experiments curves $R/multifashion_320ep_finished --out $R/multifashion_320ep_finished/curves.md
