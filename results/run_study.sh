@@ -95,6 +95,10 @@ STORE=results/runs           # the record store
 SECTIONS="${*:-main beta ablation log alpha budget}"
 DRY=${RUN_STUDY_DRY_RUN:+--dry-run}
 SEEDS=${RUN_STUDY_SEEDS:-0 1 2 3 4}
+# EW + log (the paper and table5 sections): the committed rows of adult120(_l1) and qm9_2k ran on the per-task path
+# (before +log had the weighted-loss path: the same update, another config hash, CHANGELOG 0.2.0), so --grad-stats
+# finds them instead of retraining them; multimnist320's, multifashion320's and dense60's ran on the weighted one.
+EWLOG_PATH=--grad-stats; case $B in multimnist|multifashion|dense) EWLOG_PATH= ;; esac
 run() { dbmtl-jax run "$B" $QUICK $DATA --epochs "$EPOCHS" --seeds 3 --no-progress --out "$STORE" $DRY "$@"; }
 report() { [ -n "$DRY" ] || { dbmtl-jax report "$1" > /dev/null && dbmtl-jax breakdown "$1" > /dev/null; }; }
 selected_beta() {  # "--hp dbmtl.beta=B --hp dbmtl.beta_sigma=S" of the validation-selected grid row
@@ -276,10 +280,6 @@ for section in $SECTIONS; do
     # the methods, finished, table5 and (multimnist320) cosine and stlcosine sections where those ran (listed, not
     # rerun; on multimnist320 the β grid, α rows and Nash-MTL/CAGrad + log too). Then, each block seed by seed (a
     # partial block is still paired): Fig. 5's β grid first ("which β" comes first), then Fig. 1, then Fig. 6.
-    # EW + log: the committed rows of adult120(_l1) and qm9_2k ran on the per-task path (before +log had the
-    # weighted-loss path; the same update, another config hash, CHANGELOG 0.2.0), multimnist320's and multifashion320's
-    # on the weighted one.
-    EWLOG_PATH=--grad-stats; case $B in multimnist|multifashion) EWLOG_PATH= ;; esac
     for s in $SEEDS; do
       run --methods stl,ew,dbmtl,pcgrad,gradvac,imtl_g,cagrad,nash_mtl,aligned_mtl --lr-schedule cosine --seeds $s, \
         --test-curve --study $O
@@ -323,10 +323,7 @@ for section in $SECTIONS; do
   table5)  # (qm9_2k, dense60) Table 5 under the finished protocol: is DB-MTL's lead over EW on qm9 (§18) or dense
     # (§25) the log transform, the gradient balancing, or both? EW + log and DB-MTL without log beside the finished
     # section's STL, EW and DB-MTL (listed from the store), 5 seeds, the cheap EW + log rows first
-    # (qm9: --grad-stats: the committed EW + log rows ran on the per-task path, before +log had the weighted-loss path;
-    # the same update, but another config hash, CHANGELOG 0.2.0: so this finds them instead of retraining them;
-    # dense's run on the weighted-loss path, as multimnist's and multifashion's)
-    EWLOG_PATH=--grad-stats; [ "$B" = dense ] && EWLOG_PATH=
+    # (EW + log's path: EWLOG_PATH above)
     run --methods stl,ew,dbmtl --lr-schedule cosine --seeds 5 --test-curve --study $O
     run --methods ew+log $EWLOG_PATH --lr-schedule cosine --seeds 5 --test-curve --study $O
     for s in $SEEDS; do run --methods dbmtl+nolog --lr-schedule cosine --seeds $s, --test-curve --study $O; done
