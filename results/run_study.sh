@@ -77,7 +77,7 @@ case $B in
   multifashion320)   B=multifashion; EPOCHS=320 ;;              # the same 5,120 steps on MultiFashion; section finished
   adult120)          B=adult; EPOCHS=120; QUICK= ;;              # 120 epochs = 13,680 steps; sections methods, finished
   adult120_l1)       B=adult_l1; EPOCHS=120; QUICK= ;;           # the same with L1-trained regressions (§22); finished, methods
-  # dense at its full recipe (2,000 / 500 / 500 scenes, batch 32): 60 epochs = 3,780 steps; section finished. On one
+  # dense at its full recipe (2,000 / 500 / 500 scenes, batch 32): 60 epochs = 3,720 steps; section finished. On one
   # CPU core ≈ 40 min (EW) to 90 min (STL) per run: meant for a GPU session (results/dense_gpu.sh runs it there)
   dense60)           B=dense; EPOCHS=60; QUICK= ;;
   # §25's 60 epochs still rose at the end: twice the steps, and 1,000 validation / 1,000 test scenes (500 left STL's
